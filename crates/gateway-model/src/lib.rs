@@ -11,5 +11,5 @@ pub mod status;
 
 pub use api::*;
 pub use limits::{format_memory, parse_memory, ClusterResources, ResourceLimits};
-pub use options::{OptionField, OptionKind, OptionsError, SelectChoice};
+pub use options::{validate_options, OptionField, OptionKind, OptionsError, SelectChoice};
 pub use status::{ClusterStatus, UnknownStatus};

@@ -2,7 +2,7 @@
 //! (`GET /api/v1/options`), and how user input is validated (wire-protocol section 6).
 
 use crate::api::py_repr;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 /// One exposed option, as declared in the server configuration.

@@ -1,0 +1,348 @@
+//! Launching Dask schedulers and workers as local processes (wire-protocol section 9).
+
+use crate::credentials::ClusterCredentials;
+use crate::process::{watch_adopted, ProcessExit, ProcessId, ProcessRole};
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::sync::mpsc;
+
+/// Environment variables passed through from the gateway to Dask processes.
+const PASS_THROUGH_ENV: &[&str] = &[
+    "PATH", "PYTHONPATH", "CONDA_ROOT", "CONDA_DEFAULT_ENV", "VIRTUAL_ENV", "LANG", "LC_ALL", "HOME", "TMPDIR",
+];
+
+/// How this backend launches Dask.
+#[derive(Clone, Debug)]
+pub struct LocalConfig {
+    /// Parent of the per-cluster working directories.
+    pub work_root: PathBuf,
+    /// The `dask` command (a path, or a name looked up on `PATH`).
+    pub dask_command: PathBuf,
+    /// Directory put first on the processes' `PATH` (e.g. a venv's `bin`).
+    pub path_prefix: Option<PathBuf>,
+    /// `DASK_GATEWAY_API_URL` given to schedulers (ends in `/api`).
+    pub api_url: String,
+    /// Host schedulers and workers bind to.
+    pub bind_host: String,
+    /// `--dg-heartbeat-period` in seconds.
+    pub heartbeat_period: f64,
+    /// `--dg-adaptive-period` in seconds.
+    pub adaptive_period: f64,
+}
+
+/// Everything needed to start one cluster's scheduler.
+#[derive(Clone, Debug)]
+pub struct SchedulerSpec<'a> {
+    /// Cluster name (`[a-z0-9]` only; used in paths).
+    pub cluster: &'a str,
+    /// Owner; becomes `USER` of the processes.
+    pub owner: &'a str,
+    /// The cluster's API token.
+    pub token: &'a str,
+    /// `--dg-idle-timeout` in seconds (0 = never).
+    pub idle_timeout: f64,
+    /// Extra environment (operator config merged with user options).
+    pub environment: &'a BTreeMap<String, String>,
+}
+
+/// Everything needed to start one worker.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec<'a> {
+    /// Cluster name.
+    pub cluster: &'a str,
+    /// Owner; becomes `USER` of the process.
+    pub owner: &'a str,
+    /// The worker's `--name`, shared with the scheduler's heartbeats.
+    pub worker: &'a str,
+    /// The scheduler's `tls://host:port`.
+    pub scheduler_address: &'a str,
+    /// `--nthreads`.
+    pub threads: u32,
+    /// `--memory-limit` in bytes.
+    pub memory_limit: u64,
+    /// Extra environment.
+    pub environment: &'a BTreeMap<String, String>,
+}
+
+/// Failures of the local backend.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// A name that is not safe to use in a path.
+    #[error("invalid name {0:?}")]
+    BadName(String),
+    /// Creating the working directory or credential files failed.
+    #[error("preparing {path}: {source}")]
+    Prepare {
+        /// What was being written.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The Dask command could not be started.
+    #[error("starting {command}: {source}")]
+    Spawn {
+        /// The command.
+        command: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+fn safe_name(name: &str) -> Result<&str, LocalError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.starts_with('-');
+    ok.then_some(name).ok_or_else(|| LocalError::BadName(name.to_string()))
+}
+
+/// Starts and stops Dask processes; reports every exit on the channel given to [`LocalBackend::new`].
+#[derive(Clone, Debug)]
+pub struct LocalBackend {
+    config: LocalConfig,
+    events: mpsc::UnboundedSender<ProcessExit>,
+}
+
+impl LocalBackend {
+    /// A backend reporting process exits on `events`.
+    pub fn new(config: LocalConfig, events: mpsc::UnboundedSender<ProcessExit>) -> Self {
+        LocalBackend { config, events }
+    }
+
+    /// The backend's configuration.
+    pub fn config(&self) -> &LocalConfig {
+        &self.config
+    }
+
+    /// The cluster's private working directory.
+    pub fn cluster_dir(&self, cluster: &str) -> PathBuf {
+        self.config.work_root.join(cluster)
+    }
+
+    fn certs_dir(&self, cluster: &str) -> PathBuf {
+        self.cluster_dir(cluster).join(".certs")
+    }
+
+    /// Creates the working directory (mode 0700) with `.certs/dask.crt` and `.certs/dask.pem`
+    /// (mode 0600) and `logs/`.
+    pub fn prepare(&self, cluster: &str, creds: &ClusterCredentials) -> Result<(), LocalError> {
+        safe_name(cluster)?;
+        let dir = self.cluster_dir(cluster);
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LocalError::Prepare { path, source }
+        };
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.config.work_root).map_err(err(&dir))?;
+        for sub in [dir.clone(), self.certs_dir(cluster), dir.join("logs")] {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&sub).map_err(err(&sub))?;
+            fs::set_permissions(&sub, fs::Permissions::from_mode(0o700)).map_err(err(&sub))?;
+        }
+        for (file, text) in [("dask.crt", &creds.cert_pem), ("dask.pem", &creds.key_pem)] {
+            let path = self.certs_dir(cluster).join(file);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(err(&path))?;
+            f.write_all(text.as_bytes()).map_err(err(&path))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the cluster's working directory (credentials and logs).
+    pub fn remove_dir(&self, cluster: &str) {
+        if safe_name(cluster).is_ok() {
+            let _ = fs::remove_dir_all(self.cluster_dir(cluster));
+        }
+    }
+
+    /// The environment shared by scheduler and workers (wire-protocol 9.2).
+    fn base_env(&self, cluster: &str, owner: &str, extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        for key in PASS_THROUGH_ENV {
+            if let Ok(v) = std::env::var(key) {
+                env.insert(key.to_string(), v);
+            }
+        }
+        if let Some(prefix) = &self.config.path_prefix {
+            let path = env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+            env.insert("PATH".into(), format!("{}:{path}", prefix.display()));
+        }
+        env.insert("USER".into(), owner.into());
+        for (k, v) in extra {
+            env.insert(k.clone(), v.clone());
+        }
+        let certs = self.certs_dir(cluster);
+        let crt = certs.join("dask.crt").display().to_string();
+        let key = certs.join("dask.pem").display().to_string();
+        env.insert("DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION".into(), "True".into());
+        env.insert("DASK_DISTRIBUTED__COMM__TLS__CA_FILE".into(), crt.clone());
+        env.insert("DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT".into(), crt.clone());
+        env.insert("DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY".into(), key.clone());
+        env.insert("DASK_DISTRIBUTED__COMM__TLS__WORKER__CERT".into(), crt);
+        env.insert("DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY".into(), key);
+        env
+    }
+
+    fn spawn(
+        &self,
+        cluster: &str,
+        role: ProcessRole,
+        args: Vec<String>,
+        env: BTreeMap<String, String>,
+        log_name: &str,
+    ) -> Result<ProcessId, LocalError> {
+        let dir = self.cluster_dir(cluster);
+        let log_path = dir.join("logs").join(log_name);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(|source| LocalError::Prepare { path: log_path.clone(), source })?;
+        let log2 = log.try_clone().map_err(|source| LocalError::Prepare { path: log_path, source })?;
+        let command = self.config.dask_command.display().to_string();
+        let mut cmd = tokio::process::Command::new(&self.config.dask_command);
+        cmd.args(&args)
+            .env_clear()
+            .envs(&env)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|source| LocalError::Spawn { command, source })?;
+        let pid = child.id().unwrap_or(0);
+        // Read the start time right away; the child cannot be reaped before we wait on it.
+        let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_ticks: 0 });
+        let events = self.events.clone();
+        let cluster = cluster.to_string();
+        tokio::spawn(async move {
+            let code = child.wait().await.ok().and_then(|s| s.code());
+            let _ = events.send(ProcessExit { cluster, role, id, code });
+        });
+        Ok(id)
+    }
+
+    /// Starts `dask scheduler` with the gateway preload.
+    pub fn start_scheduler(&self, spec: &SchedulerSpec<'_>) -> Result<ProcessId, LocalError> {
+        safe_name(spec.cluster)?;
+        let h = &self.config.bind_host;
+        let mut env = self.base_env(spec.cluster, spec.owner, spec.environment);
+        env.insert("DASK_GATEWAY_API_URL".into(), self.config.api_url.clone());
+        env.insert("DASK_GATEWAY_API_TOKEN".into(), spec.token.into());
+        env.insert("DASK_GATEWAY_CLUSTER_NAME".into(), spec.cluster.into());
+        let args = vec![
+            "scheduler".into(),
+            "--protocol".into(),
+            "tls".into(),
+            "--port".into(),
+            "0".into(),
+            "--host".into(),
+            h.clone(),
+            "--dashboard-address".into(),
+            format!("{h}:0"),
+            "--preload".into(),
+            "dask_gateway.scheduler_preload".into(),
+            "--dg-api-address".into(),
+            format!("{h}:0"),
+            "--dg-heartbeat-period".into(),
+            self.config.heartbeat_period.to_string(),
+            "--dg-adaptive-period".into(),
+            self.config.adaptive_period.to_string(),
+            "--dg-idle-timeout".into(),
+            spec.idle_timeout.to_string(),
+        ];
+        self.spawn(spec.cluster, ProcessRole::Scheduler, args, env, "scheduler.log")
+    }
+
+    /// Starts one `dask worker` connected directly to the scheduler.
+    pub fn start_worker(&self, spec: &WorkerSpec<'_>) -> Result<ProcessId, LocalError> {
+        safe_name(spec.cluster)?;
+        safe_name(spec.worker)?;
+        let h = &self.config.bind_host;
+        let env = self.base_env(spec.cluster, spec.owner, spec.environment);
+        let args = vec![
+            "worker".into(),
+            spec.scheduler_address.into(),
+            "--dashboard-address".into(),
+            format!("{h}:0"),
+            "--host".into(),
+            h.clone(),
+            "--name".into(),
+            spec.worker.into(),
+            "--nthreads".into(),
+            spec.threads.max(1).to_string(),
+            "--memory-limit".into(),
+            spec.memory_limit.to_string(),
+        ];
+        let log = format!("worker-{}.log", spec.worker);
+        self.spawn(spec.cluster, ProcessRole::Worker(spec.worker.into()), args, env, &log)
+    }
+
+    /// Watches a process started by an earlier gateway run; its exit is reported like any other.
+    pub fn adopt(&self, cluster: &str, role: ProcessRole, id: ProcessId) {
+        watch_adopted(cluster.to_string(), role, id, self.events.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_be_path_safe() {
+        assert!(safe_name("abc123").is_ok());
+        for bad in ["", "../x", "a/b", "-rf", "a b", "x.y"] {
+            assert!(safe_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn prepares_private_directory_and_reports_exits() {
+        let root = std::env::temp_dir().join(format!("dgrs-local-test-{}", std::process::id()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let backend = LocalBackend::new(
+            LocalConfig {
+                work_root: root.clone(),
+                dask_command: "/bin/sh".into(),
+                path_prefix: None,
+                api_url: "http://127.0.0.1:1/api".into(),
+                bind_host: "127.0.0.1".into(),
+                heartbeat_period: 15.0,
+                adaptive_period: 3.0,
+            },
+            tx,
+        );
+        let creds = ClusterCredentials::generate("c1").unwrap();
+        backend.prepare("c1", &creds).unwrap();
+        let dir_mode = fs::metadata(backend.cluster_dir("c1")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
+        let key_mode = fs::metadata(backend.certs_dir("c1").join("dask.pem")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(key_mode, 0o600);
+        // "/bin/sh scheduler ..." fails at once: the exit must still be reported with its code.
+        let id = backend
+            .start_scheduler(&SchedulerSpec {
+                cluster: "c1",
+                owner: "alice",
+                token: "t",
+                idle_timeout: 0.0,
+                environment: &BTreeMap::new(),
+            })
+            .unwrap();
+        let exit = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(exit.id, id);
+        assert_eq!(exit.role, ProcessRole::Scheduler);
+        assert!(exit.code.is_some_and(|c| c != 0));
+        backend.remove_dir("c1");
+        assert!(!backend.cluster_dir("c1").exists());
+        let _ = fs::remove_dir_all(root);
+    }
+}

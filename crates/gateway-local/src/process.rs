@@ -1,0 +1,140 @@
+//! Process identity, signalling and exit watching (Linux `/proc`).
+
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// A process we started: its pid plus its start time in clock ticks since boot, which together
+/// survive pid reuse (a different process with the same pid has a different start time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    /// Kernel process id (also the process-group id: each runs in its own group).
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`.
+    pub start_ticks: u64,
+}
+
+/// Which part of a cluster a process is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ProcessRole {
+    /// The Dask scheduler.
+    Scheduler,
+    /// A Dask worker, by its `--name`.
+    Worker(String),
+}
+
+/// Reported once when a watched process has exited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessExit {
+    /// Cluster name.
+    pub cluster: String,
+    /// Scheduler or which worker.
+    pub role: ProcessRole,
+    /// The process.
+    pub id: ProcessId,
+    /// Exit code when known (our own children); `None` for adopted processes or signals.
+    pub code: Option<i32>,
+}
+
+/// Reads state and start time of `pid` from `/proc`; `None` if there is no such process.
+fn stat(pid: u32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?; // field 22 overall
+    Some((state, start))
+}
+
+impl ProcessId {
+    /// Identifies a running process by pid (reads its start time).
+    pub fn of(pid: u32) -> Option<ProcessId> {
+        stat(pid).map(|(_, start_ticks)| ProcessId { pid, start_ticks })
+    }
+
+    /// True while this exact process exists and is not a zombie.
+    pub fn is_alive(&self) -> bool {
+        matches!(stat(self.pid), Some((state, start)) if start == self.start_ticks && state != 'Z' && state != 'X')
+    }
+
+    /// Sends `signal` to the process group this process leads (only if it is still ours).
+    pub fn signal_group(&self, signal: i32) {
+        if self.is_alive() {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(-(self.pid as i32), signal);
+                libc::kill(self.pid as i32, signal);
+            }
+        }
+    }
+
+    /// SIGTERM to the group, then SIGKILL after `grace` if it is still alive.
+    pub async fn terminate(&self, grace: Duration) {
+        self.signal_group(libc::SIGTERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.is_alive() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.is_alive() {
+            self.signal_group(libc::SIGKILL);
+        } else {
+            // The leader is gone; make sure helpers it left in its group go too.
+            // SAFETY: as above; a group that no longer exists gives ESRCH, which is fine.
+            unsafe {
+                libc::kill(-(self.pid as i32), libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Watches a process that is not our child (adopted after a gateway restart) by polling
+/// `/proc`, and reports its exit once on `events`.
+pub fn watch_adopted(cluster: String, role: ProcessRole, id: ProcessId, events: mpsc::UnboundedSender<ProcessExit>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            if events.is_closed() {
+                return;
+            }
+            if !id.is_alive() {
+                let _ = events.send(ProcessExit { cluster, role, id, code: None });
+                return;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn identifies_and_terminates_a_process_group() {
+        let mut child = tokio::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let id = ProcessId::of(child.id().unwrap()).unwrap();
+        assert!(id.is_alive());
+        let forged = ProcessId { pid: id.pid, start_ticks: id.start_ticks + 1 };
+        assert!(!forged.is_alive(), "a different start time is a different process");
+        id.terminate(Duration::from_secs(5)).await;
+        let status = child.wait().await.unwrap();
+        assert!(!status.success());
+        assert!(!id.is_alive());
+    }
+
+    #[tokio::test]
+    async fn adopted_exit_is_reported() {
+        let mut child = tokio::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let id = ProcessId::of(child.id().unwrap()).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        watch_adopted("c".into(), ProcessRole::Scheduler, id, tx);
+        child.wait().await.unwrap();
+        let exit = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(exit.role, ProcessRole::Scheduler);
+        assert_eq!(exit.cluster, "c");
+    }
+}
