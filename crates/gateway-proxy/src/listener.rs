@@ -1,0 +1,350 @@
+//! Accept loops for the public port(s): first-byte / SNI demultiplexing, TCP splicing of
+//! scheduler TLS, and hyper serving of HTTP(S) with an axum `Router`.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use crate::rewind::Rewind;
+use crate::routes::RouteTable;
+use crate::sni::{self, SniError, Sniff};
+use crate::{cluster_from_sni, DIAL_TIMEOUT, HTTP_HEADER_TIMEOUT, SNIFF_TIMEOUT};
+
+/// The HTTP/2 connection preface a prior-knowledge h2 client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Pause after an accept error that is not specific to one connection (e.g. `EMFILE`).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(200);
+
+/// Interval of HTTP/2 keep-alive pings (a peer that does not answer is dropped).
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Facts about the client connection a request arrived on, inserted as a request extension
+/// (next to `axum::extract::ConnectInfo<SocketAddr>`) by [`serve_shared`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnMeta {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Whether the connection is HTTPS (TLS terminated by this proxy).
+    pub tls: bool,
+}
+
+/// What the first bytes of a connection turned out to be.
+enum Sniffed {
+    /// The peer closed, went silent past the deadline, or errored before saying enough.
+    Gone(&'static str),
+    /// Not TLS; `h2` when it starts with the HTTP/2 prior-knowledge preface.
+    Plain { h2: bool },
+    /// A complete ClientHello.
+    Tls { sni: Option<String> },
+    /// Starts like TLS but is not an acceptable ClientHello.
+    BadTls(SniError),
+}
+
+/// Read from `stream` into `buf` until the first bytes can be classified, within
+/// [`SNIFF_TIMEOUT`] and [`sni::MAX_SNIFF_BYTES`].
+async fn sniff_stream(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Sniffed {
+    let deadline = Instant::now() + SNIFF_TIMEOUT;
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match sni::sniff(buf) {
+            Ok(Sniff::Tls { sni }) => return Sniffed::Tls { sni },
+            Err(e) => return Sniffed::BadTls(e),
+            Ok(Sniff::NotTls) => {
+                let maybe_h2 = buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf);
+                if !maybe_h2 {
+                    return Sniffed::Plain {
+                        h2: buf.starts_with(H2_PREFACE),
+                    };
+                }
+            }
+            Ok(Sniff::Incomplete) => {}
+        }
+        let room = sni::MAX_SNIFF_BYTES
+            .saturating_sub(buf.len())
+            .min(chunk.len());
+        if room == 0 {
+            // Unreachable by construction of `sniff`, but never loop forever.
+            return Sniffed::BadTls(SniError::TooLarge);
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..room])).await {
+            Err(_) => return Sniffed::Gone("timed out before the protocol could be determined"),
+            Ok(Err(_)) => {
+                return Sniffed::Gone("read error before the protocol could be determined")
+            }
+            Ok(Ok(0)) => return Sniffed::Gone("closed before the protocol could be determined"),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Accept errors that concern one connection only and need no pause.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Run an accept loop, spawning `handle` per connection, until `shutdown` resolves. The
+/// returned receiver side of the shutdown signal is handed to each connection.
+async fn accept_loop<H, Fut>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    handle: H,
+) where
+    H: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let local = listener.local_addr().ok();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer, stop_rx.clone()));
+            }
+            Err(e) if is_connection_error(&e) => {
+                tracing::debug!(error = %e, "accept: connection error");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, listen = ?local, "accept failed; pausing");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+    tracing::debug!(listen = ?local, "accept loop stopped");
+    let _ = stop_tx.send(true);
+}
+
+/// Accept loop for the public port shared by HTTP(S) and scheduler TLS.
+///
+/// Each connection is classified by its first bytes (read with [`SNIFF_TIMEOUT`]):
+/// TLS with SNI `daskgateway-<name>` is spliced to the cluster's scheduler (no route or dial
+/// failure → silent close); other TLS is served as HTTPS with `http_tls` if given (closed
+/// otherwise); everything else is served as HTTP by hyper with `app`, the sniffed bytes replayed
+/// first. Requests carry `ConnectInfo<SocketAddr>` and [`ConnMeta`] extensions.
+///
+/// Runs until `shutdown` resolves; HTTP connections then shut down gracefully, spliced scheduler
+/// connections are left running.
+pub async fn serve_shared(
+    listener: TcpListener,
+    routes: RouteTable,
+    app: Router,
+    http_tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let acceptor = http_tls.map(tokio_rustls::TlsAcceptor::from);
+    accept_loop(listener, shutdown, move |stream, peer, stop| {
+        handle_shared(
+            stream,
+            peer,
+            routes.clone(),
+            app.clone(),
+            acceptor.clone(),
+            stop,
+        )
+    })
+    .await
+}
+
+/// Accept loop for a dedicated scheduler port: only `daskgateway-*` TLS is routed; anything
+/// else is closed.
+pub async fn serve_scheduler(
+    listener: TcpListener,
+    routes: RouteTable,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    accept_loop(listener, shutdown, move |mut stream, peer, _stop| {
+        let routes = routes.clone();
+        async move {
+            let mut buf = Vec::with_capacity(4096);
+            match sniff_stream(&mut stream, &mut buf).await {
+                Sniffed::Tls { sni: Some(sni) } => match cluster_from_sni(&sni) {
+                    Some(cluster) => splice(stream, buf, cluster, &routes, peer).await,
+                    None => tracing::debug!(%peer, sni = %sni, "scheduler port: non-gateway SNI; closing"),
+                },
+                Sniffed::Tls { sni: None } => {
+                    tracing::debug!(%peer, "scheduler port: TLS without SNI; closing")
+                }
+                Sniffed::Plain { .. } => tracing::debug!(%peer, "scheduler port: not TLS; closing"),
+                Sniffed::BadTls(e) => {
+                    tracing::debug!(%peer, error = %e, "scheduler port: bad ClientHello; closing")
+                }
+                Sniffed::Gone(why) => tracing::debug!(%peer, "scheduler port: {why}"),
+            }
+        }
+    })
+    .await
+}
+
+async fn handle_shared(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    routes: RouteTable,
+    app: Router,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut buf = Vec::with_capacity(4096);
+    match sniff_stream(&mut stream, &mut buf).await {
+        Sniffed::Tls { sni } => {
+            if let Some(cluster) = sni.as_deref().and_then(cluster_from_sni) {
+                splice(stream, buf, cluster, &routes, peer).await;
+                return;
+            }
+            let Some(acceptor) = acceptor else {
+                tracing::debug!(%peer, sni = ?sni, "TLS for the HTTP side but HTTPS is not configured; closing");
+                return;
+            };
+            let io = Rewind::new(buf, stream);
+            let tls = match tokio::time::timeout(SNIFF_TIMEOUT, acceptor.accept(io)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "HTTPS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "HTTPS handshake timed out");
+                    return;
+                }
+            };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            serve_http(tls, h2, ConnMeta { peer, tls: true }, app, stop).await;
+        }
+        Sniffed::Plain { h2 } => {
+            let io = Rewind::new(buf, stream);
+            serve_http(io, h2, ConnMeta { peer, tls: false }, app, stop).await;
+        }
+        Sniffed::BadTls(e) => {
+            tracing::debug!(%peer, error = %e, "malformed TLS ClientHello; closing");
+        }
+        Sniffed::Gone(why) => tracing::debug!(%peer, "{why}"),
+    }
+}
+
+/// Resolve once the accept loop has signalled shutdown (or is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serve one HTTP connection with hyper and the axum `app`, until it ends; on shutdown, ask it
+/// to finish gracefully.
+async fn serve_http<I>(
+    io: I,
+    h2: bool,
+    meta: ConnMeta,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(meta.peer));
+        req.extensions_mut().insert(meta);
+        app.clone().oneshot(req)
+    });
+    let io = TokioIo::new(io);
+    let peer = meta.peer;
+
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                res = conn.as_mut() => res,
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        }};
+    }
+
+    if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(H2_KEEPALIVE))
+            .keep_alive_timeout(Duration::from_secs(20));
+        drive!(builder.serve_connection(io, service));
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HTTP_HEADER_TIMEOUT);
+        drive!(builder.serve_connection(io, service).with_upgrades());
+    }
+}
+
+/// Splice a scheduler TLS connection to its cluster's scheduler: dial, replay `prefix`, copy
+/// both ways until both directions are done. Routing failures close the client silently.
+async fn splice(
+    mut client: TcpStream,
+    prefix: Vec<u8>,
+    cluster: &str,
+    routes: &RouteTable,
+    peer: SocketAddr,
+) {
+    let Some(route) = routes.get(cluster) else {
+        tracing::info!(cluster = %cluster, %peer, "no route for cluster; closing scheduler connection");
+        return;
+    };
+    let target = route.scheduler;
+    let mut upstream = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&target)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(cluster = %cluster, %peer, target = %target, error = %e, "cannot reach scheduler; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(cluster = %cluster, %peer, target = %target, "timed out dialling scheduler; closing");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    if let Err(e) = upstream.write_all(&prefix).await {
+        tracing::warn!(cluster = %cluster, %peer, target = %target, error = %e, "scheduler closed before the ClientHello was sent");
+        return;
+    }
+    drop(prefix);
+    tracing::debug!(cluster = %cluster, %peer, target = %target, "scheduler connection spliced");
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => {
+            tracing::debug!(cluster = %cluster, %peer, bytes_up = up, bytes_down = down, "scheduler connection closed")
+        }
+        Err(e) => {
+            tracing::debug!(cluster = %cluster, %peer, error = %e, "scheduler connection ended with an error")
+        }
+    }
+}
