@@ -1,0 +1,729 @@
+"""Shared fixtures for the end-to-end suite.
+
+Every test talks to a real `gateway-server` process started from a generated YAML config in a
+temporary directory, and drives it with the stock `dask_gateway` client (or raw HTTP/TLS where
+the client cannot express a check).
+
+- `GatewayServer` starts/stops/restarts one server and knows how to clean up after it: it stops
+  every cluster it saw through the API, terminates the server, then kills any process left that
+  refers to its data directory (the server's default is to leave clusters running).
+- The server's stderr goes to `<tmp>/server.log`; for every test the part written during the
+  test is copied to `tests/e2e/logs/<test>.<server>.log`, and its tail is attached to the report
+  of a failing test.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import copy
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import warnings
+from base64 import b64encode
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+import dask_gateway
+from dask_gateway import BasicAuth, Gateway
+
+REPO = Path(__file__).resolve().parents[2]
+LOG_DIR = Path(os.environ.get("E2E_LOG_DIR", REPO / "tests" / "e2e" / "logs"))
+PYTHON_ENV = sys.prefix  # the venv this suite runs in also runs schedulers and workers
+
+
+def server_binary() -> Path:
+    explicit = os.environ.get("GATEWAY_SERVER_BIN")
+    if explicit:
+        return Path(explicit)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    return target / "debug" / "gateway-server"
+
+
+GIB = 1024**3
+MIB = 1024**2
+
+# Exposed cluster options used by every server unless a test overrides them: one field of each
+# type, some with and some without `label`/`target`.
+OPTIONS_CONFIG = [
+    {
+        "field": "worker_cores",
+        "label": "Worker Cores",
+        "type": "int",
+        "default": 1,
+        "min": 1,
+        "max": 4,
+        "target": "worker_cores",
+    },
+    {
+        "field": "worker_memory",
+        "label": "Worker Memory (GiB)",
+        "type": "float",
+        "default": 0.5,
+        "min": 0.25,
+        "max": 8,
+        "target": "worker_memory",
+    },
+    {"field": "image", "type": "string", "default": "none"},
+    {
+        "field": "profile",
+        "label": "Profile",
+        "type": "select",
+        "default": "small",
+        "options": [{"key": "small", "value": 1}, {"key": "large", "value": 2}],
+        "target": "worker_threads",
+    },
+    {"field": "debug", "type": "bool", "default": False},
+    {
+        "field": "environment",
+        "label": "Environment",
+        "type": "mapping",
+        "default": {},
+        "target": "environment",
+    },
+]
+
+# What the client should see for OPTIONS_CONFIG: field -> (label, type, default, extra spec)
+EXPECTED_OPTIONS = {
+    "worker_cores": ("Worker Cores", "int", 1, {"min": 1, "max": 4}),
+    "worker_memory": ("Worker Memory (GiB)", "float", 0.5, {"min": 0.25, "max": 8}),
+    "image": ("image", "string", "none", {}),
+    "profile": ("Profile", "select", "small", {"options": ["small", "large"]}),
+    "debug": ("debug", "bool", False, {}),
+    "environment": ("Environment", "mapping", {}, {}),
+}
+FIELD_CLASSES = {"int": "Integer", "float": "Float", "string": "String", "select": "Select",
+                 "bool": "Bool", "mapping": "Mapping"}
+
+
+def check_options(opts):
+    """The client's `Options` equal EXPECTED_OPTIONS: order, labels, types, defaults, bounds."""
+    assert list(opts) == list(EXPECTED_OPTIONS)
+    for field, (label, typ, default, extra) in EXPECTED_OPTIONS.items():
+        f = opts._fields[field]
+        assert type(f).__name__ == FIELD_CLASSES[typ], (field, type(f))
+        assert f.label == label, field
+        assert f.value == default and type(f.value) is type(default), (field, f.value)
+        for k, v in extra.items():
+            got = getattr(f, k)
+            assert (list(got) if k == "options" else got) == v, (field, k, got)
+    # the Options object validates like the server's spec says
+    with pytest.raises((TypeError, ValueError)):
+        opts.worker_cores = 5
+    opts.worker_cores = 2
+    assert dict(opts)["worker_cores"] == 2
+
+
+DEFAULT_OPTIONS = {k: v[2] for k, v in EXPECTED_OPTIONS.items()}
+CONFIG_ENV = {"E2E_FROM_CONFIG": "config-value"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "environment":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def wait_for(predicate, timeout, interval=0.5, what="condition"):
+    """Poll `predicate` until it returns a truthy value (returned); fail after `timeout` s.
+
+    Exceptions raised by the predicate count as "not yet" and are reported on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+            last = value
+        except Exception as e:  # noqa: BLE001 - reported below
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
+
+
+class HttpResponse:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers  # http.client.HTTPMessage (case-insensitive, multi-valued)
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def content_type(self):
+        return self.headers.get("Content-Type", "")
+
+    def __repr__(self):
+        return f"<HTTP {self.status} {self.content_type!r} {self.body[:300]!r}>"
+
+
+def basic_auth_header(user, password=""):
+    return "Basic " + b64encode(f"{user}:{password}".encode("latin1")).decode()
+
+
+# Registry of running servers, for per-test log slices.
+_RUNNING: list[GatewayServer] = []
+
+
+class GatewayServer:
+    """One `gateway-server` process with its own config, port(s) and data directory."""
+
+    def __init__(self, name, base_dir: Path, password=None, admin_users=(), **overrides):
+        self.name = name
+        self.base_dir = Path(base_dir)
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = self.base_dir / "data"
+        self.log_path = self.base_dir / "server.log"
+        self.config_path = self.base_dir / "config.yaml"
+        self.port = free_port()
+        self.password = password
+        self.proc: subprocess.Popen | None = None
+        self._gateways: list[Gateway] = []
+        self._users: set[str] = set()
+        config = {
+            "address": f"127.0.0.1:{self.port}",
+            "data_dir": str(self.data_dir),
+            "auth": {
+                "type": "simple",
+                "password": password,
+                "admin_users": list(admin_users),
+            },
+            "dask": {"python_env": PYTHON_ENV},
+            "cluster": {
+                "idle_timeout": 0,
+                "heartbeat_period": 2,
+                "adaptive_period": 1,
+                "start_timeout": 90,
+                "scheduler_cores": 1,
+                "scheduler_memory": "1G",
+                "worker_cores": 1,
+                "worker_memory": "512M",
+                "environment": dict(CONFIG_ENV),
+                "options": OPTIONS_CONFIG,
+            },
+        }
+        self.config = deep_merge(config, overrides)
+        self.prefix = (self.config.get("prefix") or "").rstrip("/")
+        self.users_for_cleanup = set(admin_users)
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def host(self):
+        return "127.0.0.1"
+
+    @property
+    def url(self):
+        """The gateway address a user gives to `Gateway(...)` (includes any prefix)."""
+        return f"http://127.0.0.1:{self.port}{self.prefix}"
+
+    @property
+    def scheduler_port(self):
+        addr = self.config.get("scheduler_address")
+        return int(addr.rsplit(":", 1)[1]) if addr else self.port
+
+    # -- process control -------------------------------------------------------------------
+    def start(self, timeout=60):
+        binary = server_binary()
+        if not binary.exists():
+            pytest.fail(f"gateway-server binary not found at {binary} (set GATEWAY_SERVER_BIN)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", os.environ.get("E2E_RUST_LOG", "info"))
+        env.setdefault("RUST_BACKTRACE", "1")
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== e2e: starting {binary} --config {self.config_path} =====\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(
+            [str(binary), "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=self.base_dir,
+            start_new_session=True,
+        )
+        log.close()
+        if self not in _RUNNING:
+            _RUNNING.append(self)
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"gateway-server exited with {self.proc.returncode} during start-up; "
+                    f"log tail:\n{self.log_tail()}"
+                )
+            try:
+                r = self.health()
+                if r.status == 200 and r.json() == {"status": "pass"}:
+                    return self
+                last = r
+            except Exception as e:  # noqa: BLE001
+                last = e
+            time.sleep(0.2)
+        pytest.fail(f"gateway-server not healthy after {timeout}s (last: {last!r}); log:\n{self.log_tail()}")
+
+    def health(self):
+        # The health endpoint lives under the prefix like every other API path; fall back to the
+        # bare path if the prefixed one is not served.
+        r = self.http("GET", "/api/health", timeout=5)
+        if r.status == 404 and self.prefix:
+            r = self.http("GET", "/api/health", timeout=5, raw_path=True)
+        return r
+
+    def is_alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self):
+        """SIGKILL the server process only (its clusters are not told)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def terminate(self, timeout=30):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    # -- clients ---------------------------------------------------------------------------
+    def gateway(self, user, password=None, **kwargs) -> Gateway:
+        if password is None:
+            password = self.password or ""
+        self._users.add(user)
+        gw = Gateway(self.url, auth=BasicAuth(user, password), **kwargs)
+        self._gateways.append(gw)
+        return gw
+
+    def http(self, method, path, *, user=None, password=None, headers=None, body=None,
+             timeout=30, raw_path=False):
+        """One raw HTTP/1.1 request (no redirects, no retries). `path` is below the prefix."""
+        hdrs = dict(headers or {})
+        if user is not None:
+            hdrs["Authorization"] = basic_auth_header(
+                user, self.password or "" if password is None else password
+            )
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, path if raw_path else self.prefix + path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            return HttpResponse(resp.status, resp.headers, resp.read())
+        finally:
+            conn.close()
+
+    # -- inspection ------------------------------------------------------------------------
+    def log_size(self):
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_text(self, start=0):
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines=80, start=0):
+        return "\n".join(self.log_text(start).splitlines()[-lines:])
+
+    def processes(self):
+        """Live processes (other than the server) that refer to this server's data dir."""
+        needle = str(self.data_dir)
+        me = os.getpid()
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+            if p.pid == me or (self.proc is not None and p.pid == self.proc.pid):
+                continue
+            try:
+                info = p.info
+                hit = any(needle in a for a in (info.get("cmdline") or []))
+                hit = hit or (info.get("cwd") or "").startswith(needle)
+                if not hit:
+                    env = p.environ()
+                    hit = any(needle in v for v in env.values())
+                if hit and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    def cluster_processes(self, cluster_name, role=None):
+        """Scheduler/worker processes of one cluster (found via DASK_GATEWAY_CLUSTER_NAME or
+        the cluster name on the command line / in the working directory)."""
+        out = []
+        for p in self.processes():
+            try:
+                cmd = " ".join(p.cmdline())
+                env = p.environ()
+                cwd = p.cwd()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            if not (
+                env.get("DASK_GATEWAY_CLUSTER_NAME") == cluster_name
+                or cluster_name in cmd
+                or cluster_name in cwd
+            ):
+                continue
+            is_sched = re.search(r"\bscheduler\b|dask-scheduler", cmd) is not None
+            is_worker = re.search(r"\bworker\b|dask-worker", cmd) is not None
+            if role == "scheduler" and not (is_sched and not is_worker):
+                continue
+            if role == "worker" and not is_worker:
+                continue
+            out.append(p)
+        return out
+
+    # -- cleanup ---------------------------------------------------------------------------
+    def stop_all_clusters(self, timeout=45):
+        """Stop, through the API, every active cluster of every user this fixture has seen."""
+        if not self.is_alive():
+            return
+        users = set(self._users) | set(self.users_for_cleanup)
+        names = {}
+        for user in users:
+            try:
+                r = self.http("GET", "/api/v1/clusters/", user=user, timeout=10)
+                if r.status == 200:
+                    for name in r.json():
+                        names[name] = user
+            except Exception:  # noqa: BLE001
+                pass
+        for name, user in names.items():
+            with contextlib.suppress(Exception):
+                self.http("DELETE", f"/api/v1/clusters/{name}", user=user, timeout=10)
+
+        def all_stopped():
+            for name, user in names.items():
+                r = self.http("GET", f"/api/v1/clusters/{name}", user=user, timeout=10)
+                if r.status == 200 and r.json()["status"] in ("PENDING", "RUNNING", "STOPPING"):
+                    return False
+            return True
+
+        with contextlib.suppress(Exception):
+            wait_for(all_stopped, timeout, what="clusters to stop")
+
+    def close_clients(self):
+        for gw in self._gateways:
+            with contextlib.suppress(Exception):
+                gw.close()
+        self._gateways.clear()
+
+    def kill_leftovers(self):
+        procs = self.processes()
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        return procs
+
+    def shutdown(self):
+        try:
+            self.stop_all_clusters()
+            self.close_clients()
+            self.terminate()
+        finally:
+            leftovers = self.kill_leftovers()
+            if self in _RUNNING:
+                _RUNNING.remove(self)
+            if leftovers:
+                with open(self.log_path, "a") as f:
+                    f.write(f"\n===== e2e: killed leftover processes: "
+                            f"{[p.pid for p in leftovers]} =====\n")
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory):
+    """Start servers with custom settings; all are shut down at the end of the requesting scope
+    when used through `make_server` fixtures below (or at session end)."""
+    started = []
+
+    def make(name, **kwargs):
+        srv = GatewayServer(name, tmp_path_factory.mktemp(name), **kwargs)
+        started.append(srv)
+        srv.start()
+        return srv
+
+    yield make
+    for srv in started:
+        srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def module_servers(tmp_path_factory):
+    """A per-module factory: servers it starts are shut down when the module ends."""
+    started = []
+
+    def make(name, **kwargs):
+        srv = GatewayServer(name, tmp_path_factory.mktemp(name), **kwargs)
+        started.append(srv)
+        srv.start()
+        return srv
+
+    yield make
+    for srv in reversed(started):
+        srv.shutdown()
+
+
+SHARED_PASSWORD = "s3cret pass:word"
+
+
+@pytest.fixture(scope="session")
+def shared_server(server_factory):
+    """One server for the protocol, multi-user and bad-input modules. Each module uses its own
+    user names, so their clusters never meet. Shared password, one admin, max 2 workers."""
+    return server_factory(
+        "shared",
+        password=SHARED_PASSWORD,
+        admin_users=["root-admin"],
+        cluster={"max_workers": 2},
+    )
+
+
+# -- cluster helpers -----------------------------------------------------------------------
+
+_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="e2e-new-cluster")
+
+
+def new_cluster(gateway: Gateway, timeout=120, **options):
+    """`gateway.new_cluster(**options)`, but failing the test after `timeout` seconds instead of
+    letting the client poll forever for a cluster that never starts."""
+    fut = _pool.submit(gateway.new_cluster, **options)
+    try:
+        return fut.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        states = {}
+        with contextlib.suppress(Exception):
+            states = {c.name: c.status.name for c in gateway.list_clusters()}
+        raise AssertionError(
+            f"new_cluster({options}) did not return within {timeout}s; clusters: {states}"
+        ) from None
+
+
+def connect(gateway: Gateway, name, timeout=90, **kwargs):
+    fut = _pool.submit(gateway.connect, name, **kwargs)
+    try:
+        return fut.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        raise AssertionError(f"connect({name}) did not return within {timeout}s") from None
+
+
+def n_workers(client):
+    return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def wait_workers(client, n, timeout=90, exact=True):
+    """Wait until the scheduler reports `n` workers (exactly, or at least)."""
+
+    def check():
+        k = n_workers(client)
+        return (k == n) if exact else (k >= n)
+
+    wait_for(check, timeout, what=f"{'exactly' if exact else 'at least'} {n} workers "
+             f"(have {n_workers(client)})")
+
+
+def cluster_status(gateway: Gateway, name):
+    return gateway.get_cluster(name).status.name
+
+
+def wait_status(gateway: Gateway, name, status, timeout=60):
+    statuses = {status} if isinstance(status, str) else set(status)
+    seen = []
+
+    def check():
+        s = cluster_status(gateway, name)
+        if not seen or seen[-1] != s:
+            seen.append(s)
+        return s in statuses
+
+    wait_for(check, timeout, what=f"cluster {name} to reach {statuses} (seen {seen})")
+    return seen[-1]
+
+
+# -- per-test server log slices -----------------------------------------------------------
+
+
+def _safe(nodeid):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-150:]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item._e2e_log_marks = {id(s): s.log_size() for s in _RUNNING}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "setup" and rep.passed:
+        return
+    marks = getattr(item, "_e2e_log_marks", {})
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    for srv in list(_RUNNING):
+        start = marks.get(id(srv), 0)
+        text = srv.log_text(start)
+        if rep.when == "call":
+            (LOG_DIR / f"{_safe(item.nodeid)}.{srv.name}.log").write_text(text)
+        if rep.failed:
+            tail = "\n".join(text.splitlines()[-60:])
+            rep.sections.append(
+                (f"gateway-server '{srv.name}' log during test (tail; full: {srv.log_path})", tail)
+            )
+
+
+def pytest_configure(config):
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Make sure no user dask-gateway config leaks into the tests.
+    import dask
+
+    dask.config.set({"gateway.address": None, "gateway.proxy-address": None,
+                     "gateway.public-address": None, "gateway.cluster.options": {}})
+    assert dask_gateway.__version__
+
+
+# -- raw TLS -------------------------------------------------------------------------------
+
+
+class TlsProbe:
+    def __init__(self):
+        self.handshake_ok = False
+        self.peer_der = None
+        self.received = b""
+        self.eof = False
+        self.error = None
+        self.timed_out = False
+
+    def __repr__(self):
+        return (f"<TlsProbe ok={self.handshake_ok} eof={self.eof} error={self.error!r} "
+                f"timeout={self.timed_out} received={self.received[:60]!r}>")
+
+
+def insecure_context():
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def tls_probe(port, sni, ctx=None, first_chunk=None, delay=0.0, timeout=15):
+    """Run a TLS client handshake over a raw socket (MemoryBIO), so that exactly what the server
+    sends back is visible. `first_chunk`: send the ClientHello in pieces of that many bytes, with
+    `delay` seconds between pieces."""
+    ctx = ctx or insecure_context()
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_side=False, server_hostname=sni)
+    res = TlsProbe()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        hello = out.read()
+        if first_chunk:
+            for i in range(0, len(hello), first_chunk):
+                sock.sendall(hello[i:i + first_chunk])
+                time.sleep(delay)
+        else:
+            sock.sendall(hello)
+        while True:
+            try:
+                data = sock.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                res.eof = True
+                return res
+            except socket.timeout:
+                res.timed_out = True
+                return res
+            if not data:
+                res.eof = True
+                return res
+            res.received += data
+            inc.write(data)
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pending = out.read()
+                if pending:
+                    sock.sendall(pending)
+                continue
+            except ssl.SSLError as e:
+                res.error = e
+                return res
+            pending = out.read()
+            if pending:
+                sock.sendall(pending)
+            res.handshake_ok = True
+            res.peer_der = obj.getpeercert(binary_form=True)
+            return res
+    finally:
+        sock.close()
+
+
+def raw_exchange(port, payload: bytes, timeout=15):
+    """Send bytes on a plain TCP connection and half-close it; return everything received until
+    EOF/timeout and whether the server closed the connection."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    received = b""
+    closed = False
+    try:
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            return received, True
+        while True:
+            try:
+                data = sock.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+                break
+            except socket.timeout:
+                break
+            if not data:
+                closed = True
+                break
+            received += data
+    finally:
+        sock.close()
+    return received, closed

@@ -1,0 +1,160 @@
+"""Durability: the gateway dies (kill -9) and comes back on the same config and data_dir; its
+clusters are re-adopted. And the opposite failure: a cluster's scheduler dies while the gateway
+lives, and the cluster ends FAILED with its workers cleaned up.
+"""
+
+import os
+import signal
+
+import psutil
+import pytest
+
+from conftest import connect, new_cluster, wait_for, wait_status, wait_workers
+
+USER = "restart-user"
+
+
+@pytest.fixture(scope="module")
+def server(module_servers):
+    # heartbeat period 2 s -> a dead scheduler is noticed within a few seconds
+    return module_servers("restart", cluster={"heartbeat_period": 2})
+
+
+def compute_on(cluster, n):
+    with cluster.get_client(set_as_default=False) as client:
+        wait_workers(client, n, timeout=90)
+        futs = client.map(lambda x: x * 2, range(20), pure=False)
+        assert client.gather(futs) == [x * 2 for x in range(20)]
+
+
+def test_clusters_survive_gateway_kill9(server):
+    gw = server.gateway(USER)
+    a = new_cluster(gw, shutdown_on_close=False)
+    b = new_cluster(gw, shutdown_on_close=False)
+    a.scale(1)
+    compute_on(a, 1)
+    a_sched = server.cluster_processes(a.name, "scheduler")
+    b_sched = server.cluster_processes(b.name, "scheduler")
+    assert len(a_sched) == 1 and len(b_sched) == 1, (a_sched, b_sched)
+    a.close()
+    b.close()
+    gw.close()
+
+    server.kill9()
+    assert server.proc.returncode == -signal.SIGKILL
+    # the clusters' processes do not depend on the gateway process
+    assert all(p.is_running() for p in a_sched + b_sched)
+
+    server.start()
+    gw2 = server.gateway(USER)
+    wait_for(
+        lambda: {c.name: c.status.name for c in gw2.list_clusters()}
+        == {a.name: "RUNNING", b.name: "RUNNING"},
+        60,
+        what="both clusters listed RUNNING after restart",
+    )
+    # same scheduler processes, not new ones
+    assert [p.pid for p in server.cluster_processes(a.name, "scheduler")] == [a_sched[0].pid]
+    assert [p.pid for p in server.cluster_processes(b.name, "scheduler")] == [b_sched[0].pid]
+
+    a2 = connect(gw2, a.name)
+    b2 = connect(gw2, b.name)
+    try:
+        compute_on(a2, 1)  # the worker started before the restart is still there
+        b2.scale(1)
+        compute_on(b2, 1)
+        a2.scale(2)
+        compute_on(a2, 2)
+        a2.scale(1)
+        with a2.get_client(set_as_default=False) as client:
+            wait_workers(client, 1, timeout=90)
+    finally:
+        a2.close()
+        b2.close()
+    gw2.stop_cluster(a.name)
+    gw2.stop_cluster(b.name)
+    wait_status(gw2, a.name, "STOPPED")
+    wait_status(gw2, b.name, "STOPPED")
+    wait_for(lambda: not server.cluster_processes(a.name) and not server.cluster_processes(b.name),
+             60, what="re-adopted clusters' processes to exit after stop")
+
+
+def test_cluster_stopped_while_gateway_down_is_failed_after_restart(server):
+    # A scheduler that dies while nobody watches is noticed after the restart.
+    gw = server.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    c.close()
+    sched = server.cluster_processes(name, "scheduler")
+    assert len(sched) == 1
+    server.kill9()
+    for p in server.cluster_processes(name):
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(sched, timeout=30)
+    server.start()
+    gw2 = server.gateway(USER)
+    wait_status(gw2, name, "FAILED", timeout=90)
+    assert gw2.get_cluster(name).stop_time is not None
+    assert name not in [x.name for x in gw2.list_clusters()]
+
+
+def test_scheduler_death_marks_cluster_failed(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    c.scale(1)
+    compute_on(c, 1)
+    c.close()
+    sched = server.cluster_processes(name, "scheduler")
+    workers = server.cluster_processes(name, "worker")
+    assert len(sched) == 1 and workers, (sched, workers)
+
+    os.kill(sched[0].pid, signal.SIGKILL)
+    # heartbeat timeout = 2 x 2 s; generous deadline
+    seen = wait_status(gw, name, ("FAILED", "STOPPED"), timeout=60)
+    assert seen == "FAILED"
+    report = gw.get_cluster(name)
+    assert report.stop_time is not None
+    assert report.tls_cert is None and report.dashboard_link is None
+    assert name not in [x.name for x in gw.list_clusters()]
+    assert name in [x.name for x in gw.list_clusters(status="failed")]
+    # the orphaned workers are cleaned up by the gateway
+    wait_for(lambda: not server.cluster_processes(name), 60,
+             what="workers of the failed cluster to be stopped")
+
+
+def test_sigterm_keeps_clusters_by_default(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    c.close()
+    sched = server.cluster_processes(name, "scheduler")
+    server.terminate()
+    assert server.proc.returncode is not None
+    assert all(p.is_running() for p in sched)
+    server.start()
+    gw2 = server.gateway(USER)
+    wait_status(gw2, name, "RUNNING", timeout=60)
+    c2 = connect(gw2, name, shutdown_on_close=True)
+    c2.scale(1)
+    compute_on(c2, 1)
+    c2.close()
+    wait_status(gw2, name, "STOPPED")
+
+
+def test_sigterm_with_stop_clusters_on_shutdown(module_servers):
+    srv = module_servers("stop-on-shutdown", stop_clusters_on_shutdown=True)
+    gw = srv.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    c.close()
+    procs = srv.cluster_processes(name)
+    assert procs
+    srv.terminate(timeout=60)
+    gone, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, f"cluster processes survived a shutdown with stop_clusters_on_shutdown: {alive}"
+    srv.start()
+    gw2 = srv.gateway(USER)
+    status = gw2.get_cluster(name).status.name
+    assert status in ("STOPPED", "FAILED"), status
+    assert name not in [x.name for x in gw2.list_clusters()]
