@@ -12,7 +12,15 @@ use tokio::sync::mpsc;
 
 /// Environment variables passed through from the gateway to Dask processes.
 const PASS_THROUGH_ENV: &[&str] = &[
-    "PATH", "PYTHONPATH", "CONDA_ROOT", "CONDA_DEFAULT_ENV", "VIRTUAL_ENV", "LANG", "LC_ALL", "HOME", "TMPDIR",
+    "PATH",
+    "PYTHONPATH",
+    "CONDA_ROOT",
+    "CONDA_DEFAULT_ENV",
+    "VIRTUAL_ENV",
+    "LANG",
+    "LC_ALL",
+    "HOME",
+    "TMPDIR",
 ];
 
 /// How this backend launches Dask.
@@ -95,9 +103,12 @@ pub enum LocalError {
 fn safe_name(name: &str) -> Result<&str, LocalError> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         && !name.starts_with('-');
-    ok.then_some(name).ok_or_else(|| LocalError::BadName(name.to_string()))
+    ok.then_some(name)
+        .ok_or_else(|| LocalError::BadName(name.to_string()))
 }
 
 /// Starts and stops Dask processes; reports every exit on the channel given to [`LocalBackend::new`].
@@ -136,9 +147,17 @@ impl LocalBackend {
             let path = path.to_path_buf();
             move |source| LocalError::Prepare { path, source }
         };
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.config.work_root).map_err(err(&dir))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.config.work_root)
+            .map_err(err(&dir))?;
         for sub in [dir.clone(), self.certs_dir(cluster), dir.join("logs")] {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(&sub).map_err(err(&sub))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&sub)
+                .map_err(err(&sub))?;
             fs::set_permissions(&sub, fs::Permissions::from_mode(0o700)).map_err(err(&sub))?;
         }
         for (file, text) in [("dask.crt", &creds.cert_pem), ("dask.pem", &creds.key_pem)] {
@@ -162,8 +181,20 @@ impl LocalBackend {
         }
     }
 
+    /// Deletes the cluster's credential files, keeping its logs for diagnosis.
+    pub fn remove_credentials(&self, cluster: &str) {
+        if safe_name(cluster).is_ok() {
+            let _ = fs::remove_dir_all(self.certs_dir(cluster));
+        }
+    }
+
     /// The environment shared by scheduler and workers (wire-protocol 9.2).
-    fn base_env(&self, cluster: &str, owner: &str, extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    fn base_env(
+        &self,
+        cluster: &str,
+        owner: &str,
+        extra: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
         for key in PASS_THROUGH_ENV {
             if let Ok(v) = std::env::var(key) {
@@ -171,7 +202,10 @@ impl LocalBackend {
             }
         }
         if let Some(prefix) = &self.config.path_prefix {
-            let path = env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+            let path = env
+                .get("PATH")
+                .cloned()
+                .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
             env.insert("PATH".into(), format!("{}:{path}", prefix.display()));
         }
         env.insert("USER".into(), owner.into());
@@ -181,10 +215,19 @@ impl LocalBackend {
         let certs = self.certs_dir(cluster);
         let crt = certs.join("dask.crt").display().to_string();
         let key = certs.join("dask.pem").display().to_string();
-        env.insert("DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION".into(), "True".into());
+        env.insert(
+            "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION".into(),
+            "True".into(),
+        );
         env.insert("DASK_DISTRIBUTED__COMM__TLS__CA_FILE".into(), crt.clone());
-        env.insert("DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT".into(), crt.clone());
-        env.insert("DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY".into(), key.clone());
+        env.insert(
+            "DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT".into(),
+            crt.clone(),
+        );
+        env.insert(
+            "DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY".into(),
+            key.clone(),
+        );
         env.insert("DASK_DISTRIBUTED__COMM__TLS__WORKER__CERT".into(), crt);
         env.insert("DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY".into(), key);
         env
@@ -205,8 +248,14 @@ impl LocalBackend {
             .append(true)
             .mode(0o600)
             .open(&log_path)
-            .map_err(|source| LocalError::Prepare { path: log_path.clone(), source })?;
-        let log2 = log.try_clone().map_err(|source| LocalError::Prepare { path: log_path, source })?;
+            .map_err(|source| LocalError::Prepare {
+                path: log_path.clone(),
+                source,
+            })?;
+        let log2 = log.try_clone().map_err(|source| LocalError::Prepare {
+            path: log_path,
+            source,
+        })?;
         let command = self.config.dask_command.display().to_string();
         let mut cmd = tokio::process::Command::new(&self.config.dask_command);
         cmd.args(&args)
@@ -218,15 +267,25 @@ impl LocalBackend {
             .stderr(log2)
             .process_group(0)
             .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|source| LocalError::Spawn { command, source })?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| LocalError::Spawn { command, source })?;
         let pid = child.id().unwrap_or(0);
         // Read the start time right away; the child cannot be reaped before we wait on it.
-        let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_ticks: 0 });
+        let id = ProcessId::of(pid).unwrap_or(ProcessId {
+            pid,
+            start_ticks: 0,
+        });
         let events = self.events.clone();
         let cluster = cluster.to_string();
         tokio::spawn(async move {
             let code = child.wait().await.ok().and_then(|s| s.code());
-            let _ = events.send(ProcessExit { cluster, role, id, code });
+            let _ = events.send(ProcessExit {
+                cluster,
+                role,
+                id,
+                code,
+            });
         });
         Ok(id)
     }
@@ -260,7 +319,13 @@ impl LocalBackend {
             "--dg-idle-timeout".into(),
             spec.idle_timeout.to_string(),
         ];
-        self.spawn(spec.cluster, ProcessRole::Scheduler, args, env, "scheduler.log")
+        self.spawn(
+            spec.cluster,
+            ProcessRole::Scheduler,
+            args,
+            env,
+            "scheduler.log",
+        )
     }
 
     /// Starts one `dask worker` connected directly to the scheduler.
@@ -284,7 +349,13 @@ impl LocalBackend {
             spec.memory_limit.to_string(),
         ];
         let log = format!("worker-{}.log", spec.worker);
-        self.spawn(spec.cluster, ProcessRole::Worker(spec.worker.into()), args, env, &log)
+        self.spawn(
+            spec.cluster,
+            ProcessRole::Worker(spec.worker.into()),
+            args,
+            env,
+            &log,
+        )
     }
 
     /// Watches a process started by an earlier gateway run; its exit is reported like any other.
@@ -323,9 +394,17 @@ mod tests {
         );
         let creds = ClusterCredentials::generate("c1").unwrap();
         backend.prepare("c1", &creds).unwrap();
-        let dir_mode = fs::metadata(backend.cluster_dir("c1")).unwrap().permissions().mode() & 0o777;
+        let dir_mode = fs::metadata(backend.cluster_dir("c1"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dir_mode, 0o700);
-        let key_mode = fs::metadata(backend.certs_dir("c1").join("dask.pem")).unwrap().permissions().mode() & 0o777;
+        let key_mode = fs::metadata(backend.certs_dir("c1").join("dask.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(key_mode, 0o600);
         // "/bin/sh scheduler ..." fails at once: the exit must still be reported with its code.
         let id = backend
@@ -337,7 +416,10 @@ mod tests {
                 environment: &BTreeMap::new(),
             })
             .unwrap();
-        let exit = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        let exit = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(exit.id, id);
         assert_eq!(exit.role, ProcessRole::Scheduler);
         assert!(exit.code.is_some_and(|c| c != 0));

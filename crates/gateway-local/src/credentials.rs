@@ -34,7 +34,10 @@ impl ClusterCredentials {
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
-        Ok(ClusterCredentials { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(ClusterCredentials {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 
@@ -63,7 +66,9 @@ mod tests {
     fn tokens_are_hex() {
         let t = new_api_token();
         assert_eq!(t.len(), 32);
-        assert!(t.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(t
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(t, new_api_token());
     }
 }

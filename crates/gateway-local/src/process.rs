@@ -89,7 +89,12 @@ impl ProcessId {
 
 /// Watches a process that is not our child (adopted after a gateway restart) by polling
 /// `/proc`, and reports its exit once on `events`.
-pub fn watch_adopted(cluster: String, role: ProcessRole, id: ProcessId, events: mpsc::UnboundedSender<ProcessExit>) {
+pub fn watch_adopted(
+    cluster: String,
+    role: ProcessRole,
+    id: ProcessId,
+    events: mpsc::UnboundedSender<ProcessExit>,
+) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
@@ -98,7 +103,12 @@ pub fn watch_adopted(cluster: String, role: ProcessRole, id: ProcessId, events: 
                 return;
             }
             if !id.is_alive() {
-                let _ = events.send(ProcessExit { cluster, role, id, code: None });
+                let _ = events.send(ProcessExit {
+                    cluster,
+                    role,
+                    id,
+                    code: None,
+                });
                 return;
             }
         }
@@ -118,8 +128,14 @@ mod tests {
             .unwrap();
         let id = ProcessId::of(child.id().unwrap()).unwrap();
         assert!(id.is_alive());
-        let forged = ProcessId { pid: id.pid, start_ticks: id.start_ticks + 1 };
-        assert!(!forged.is_alive(), "a different start time is a different process");
+        let forged = ProcessId {
+            pid: id.pid,
+            start_ticks: id.start_ticks + 1,
+        };
+        assert!(
+            !forged.is_alive(),
+            "a different start time is a different process"
+        );
         id.terminate(Duration::from_secs(5)).await;
         let status = child.wait().await.unwrap();
         assert!(!status.success());
@@ -128,12 +144,18 @@ mod tests {
 
     #[tokio::test]
     async fn adopted_exit_is_reported() {
-        let mut child = tokio::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let mut child = tokio::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
         let id = ProcessId::of(child.id().unwrap()).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         watch_adopted("c".into(), ProcessRole::Scheduler, id, tx);
         child.wait().await.unwrap();
-        let exit = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        let exit = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(exit.role, ProcessRole::Scheduler);
         assert_eq!(exit.cluster, "c");
     }

@@ -132,9 +132,11 @@ pub struct ErrorBody {
 /// Parses a JSON value as a non-negative integer (accepting integral floats such as `2.0`).
 pub fn as_count(v: &Value) -> Option<u64> {
     match v {
-        Value::Number(n) => n
-            .as_u64()
-            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 1e15).map(|f| f as u64)),
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 1e15)
+                .map(|f| f as u64)
+        }),
         _ => None,
     }
 }
@@ -146,7 +148,10 @@ pub fn py_repr(v: &Value) -> String {
         Value::Bool(true) => "True".into(),
         Value::Bool(false) => "False".into(),
         Value::String(s) => format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'")),
-        Value::Array(items) => format!("[{}]", items.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(py_repr).collect::<Vec<_>>().join(", ")
+        ),
         Value::Object(map) => format!(
             "{{{}}}",
             map.iter()
@@ -180,7 +185,16 @@ mod tests {
         keys.sort();
         assert_eq!(
             keys,
-            ["dashboard_route", "name", "options", "start_time", "status", "stop_time", "tls_cert", "tls_key"]
+            [
+                "dashboard_route",
+                "name",
+                "options",
+                "start_time",
+                "status",
+                "stop_time",
+                "tls_cert",
+                "tls_key"
+            ]
         );
     }
 
@@ -201,7 +215,12 @@ mod tests {
             json!({"op": "scale", "count": 2})
         );
         assert_eq!(
-            serde_json::to_value(SchedulerMessage::Adapt { minimum: None, maximum: Some(3), active: true }).unwrap(),
+            serde_json::to_value(SchedulerMessage::Adapt {
+                minimum: None,
+                maximum: Some(3),
+                active: true
+            })
+            .unwrap(),
             json!({"op": "adapt", "minimum": null, "maximum": 3, "active": true})
         );
     }

@@ -34,12 +34,16 @@ impl ResourceLimits {
         let mut tighten = |c: u64| cap = Some(cap.map_or(c, |old| old.min(c)));
         if let Some(max_cores) = self.max_cores {
             if r.worker_cores > 0.0 {
-                tighten(((max_cores - r.scheduler_cores) / r.worker_cores).floor().max(0.0) as u64);
+                tighten(
+                    ((max_cores - r.scheduler_cores) / r.worker_cores)
+                        .floor()
+                        .max(0.0) as u64,
+                );
             }
         }
         if let Some(max_mem) = self.max_memory {
-            if r.worker_memory > 0 {
-                tighten(max_mem.saturating_sub(r.scheduler_memory) / r.worker_memory);
+            if let Some(n) = max_mem.saturating_sub(r.scheduler_memory).checked_div(r.worker_memory) {
+                tighten(n);
             }
         }
         cap
@@ -111,7 +115,9 @@ pub struct BadMemory(pub String);
 /// Parses `2G`, `512 MiB`, `1.5g`, `1073741824` into bytes (suffixes are powers of 1024).
 pub fn parse_memory(s: &str) -> Result<u64, BadMemory> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let num: f64 = num.parse().map_err(|_| BadMemory(s.into()))?;
     let unit = unit.trim().to_ascii_uppercase();
@@ -153,23 +159,67 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     fn res() -> ClusterResources {
-        ClusterResources { scheduler_cores: 1.0, scheduler_memory: 2 * GIB, worker_cores: 1.0, worker_memory: 2 * GIB }
+        ClusterResources {
+            scheduler_cores: 1.0,
+            scheduler_memory: 2 * GIB,
+            worker_cores: 1.0,
+            worker_memory: 2 * GIB,
+        }
     }
 
     #[test]
     fn cap_is_the_tightest_limit() {
         let r = res();
         assert_eq!(ResourceLimits::default().worker_cap(&r), None);
-        assert_eq!(ResourceLimits { max_workers: Some(5), ..Default::default() }.worker_cap(&r), Some(5));
-        assert_eq!(ResourceLimits { max_workers: Some(5), max_cores: Some(3.5), ..Default::default() }.worker_cap(&r), Some(2));
-        assert_eq!(ResourceLimits { max_memory: Some(7 * GIB), ..Default::default() }.worker_cap(&r), Some(2));
-        assert_eq!(ResourceLimits { max_memory: Some(GIB), ..Default::default() }.worker_cap(&r), Some(0));
-        assert_eq!(ResourceLimits { max_cores: Some(0.5), ..Default::default() }.worker_cap(&r), Some(0));
+        assert_eq!(
+            ResourceLimits {
+                max_workers: Some(5),
+                ..Default::default()
+            }
+            .worker_cap(&r),
+            Some(5)
+        );
+        assert_eq!(
+            ResourceLimits {
+                max_workers: Some(5),
+                max_cores: Some(3.5),
+                ..Default::default()
+            }
+            .worker_cap(&r),
+            Some(2)
+        );
+        assert_eq!(
+            ResourceLimits {
+                max_memory: Some(7 * GIB),
+                ..Default::default()
+            }
+            .worker_cap(&r),
+            Some(2)
+        );
+        assert_eq!(
+            ResourceLimits {
+                max_memory: Some(GIB),
+                ..Default::default()
+            }
+            .worker_cap(&r),
+            Some(0)
+        );
+        assert_eq!(
+            ResourceLimits {
+                max_cores: Some(0.5),
+                ..Default::default()
+            }
+            .worker_cap(&r),
+            Some(0)
+        );
     }
 
     #[test]
     fn scale_clipping_message() {
-        let l = ResourceLimits { max_workers: Some(2), ..Default::default() };
+        let l = ResourceLimits {
+            max_workers: Some(2),
+            ..Default::default()
+        };
         assert_eq!(l.clip_scale(&res(), 2), (2, None));
         let (n, msg) = l.clip_scale(&res(), 3);
         assert_eq!(n, 2);
@@ -181,17 +231,28 @@ mod tests {
 
     #[test]
     fn adapt_clipping_message() {
-        let l = ResourceLimits { max_workers: Some(2), ..Default::default() };
+        let l = ResourceLimits {
+            max_workers: Some(2),
+            ..Default::default()
+        };
         assert_eq!(l.clip_adapt(&res(), None, None), (Some(0), Some(2), None));
         let (min, max, msg) = l.clip_adapt(&res(), None, Some(3));
         assert_eq!((min, max), (Some(0), Some(2)));
-        assert!(msg.unwrap().contains("Using `maximum=2, minimum=0` instead"));
-        assert_eq!(ResourceLimits::default().clip_adapt(&res(), None, Some(9)), (None, Some(9), None));
+        assert!(msg
+            .unwrap()
+            .contains("Using `maximum=2, minimum=0` instead"));
+        assert_eq!(
+            ResourceLimits::default().clip_adapt(&res(), None, Some(9)),
+            (None, Some(9), None)
+        );
     }
 
     #[test]
     fn scheduler_must_fit() {
-        let l = ResourceLimits { max_memory: Some(GIB * 3 / 2), ..Default::default() };
+        let l = ResourceLimits {
+            max_memory: Some(GIB * 3 / 2),
+            ..Default::default()
+        };
         assert_eq!(
             l.check_scheduler(&res()).unwrap_err(),
             "Scheduler memory request of 2.00 GiB exceeds cluster memory limit of 1.50 GiB"

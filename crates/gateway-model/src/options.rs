@@ -118,19 +118,23 @@ impl OptionField {
     /// The field spec in the exact wire form of `GET /api/v1/options`.
     pub fn to_wire(&self) -> Value {
         let (default, spec) = match &self.kind {
-            OptionKind::Int { default, min, max } => {
-                (json!(default), json!({"type": "int", "min": min, "max": max}))
-            }
-            OptionKind::Float { default, min, max } => {
-                (json!(default), json!({"type": "float", "min": min, "max": max}))
-            }
+            OptionKind::Int { default, min, max } => (
+                json!(default),
+                json!({"type": "int", "min": min, "max": max}),
+            ),
+            OptionKind::Float { default, min, max } => (
+                json!(default),
+                json!({"type": "float", "min": min, "max": max}),
+            ),
             OptionKind::String { default } => (json!(default), json!({"type": "string"})),
             OptionKind::Bool { default } => (json!(default), json!({"type": "bool"})),
             OptionKind::Select { default, options } => (
                 json!(default),
                 json!({"type": "select", "options": options.iter().map(|o| o.key()).collect::<Vec<_>>()}),
             ),
-            OptionKind::Mapping { default } => (Value::Object(default.clone()), json!({"type": "mapping"})),
+            OptionKind::Mapping { default } => {
+                (Value::Object(default.clone()), json!({"type": "mapping"}))
+            }
         };
         json!({"field": self.field, "label": self.label(), "default": default, "spec": spec})
     }
@@ -142,11 +146,15 @@ impl OptionField {
             && !f.starts_with(|c: char| c.is_ascii_digit())
             && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ident {
-            return Err(OptionsError(format!("option field {f:?} is not a valid identifier")));
+            return Err(OptionsError(format!(
+                "option field {f:?} is not a valid identifier"
+            )));
         }
         if let OptionKind::Select { options, .. } = &self.kind {
             if options.is_empty() {
-                return Err(OptionsError(format!("select option {f} needs at least one choice")));
+                return Err(OptionsError(format!(
+                    "select option {f} needs at least one choice"
+                )));
             }
         }
         if let OptionKind::Float { default, .. } = &self.kind {
@@ -229,7 +237,10 @@ impl OptionField {
 /// Validates a request's `cluster_options` against the exposed fields (wire-protocol 6.3):
 /// unknown keys are refused, missing ones take their defaults, every value is type- and
 /// bounds-checked. Returns the full validated set, in declaration order.
-pub fn validate_options(fields: &[OptionField], input: Option<&Value>) -> Result<Map<String, Value>, OptionsError> {
+pub fn validate_options(
+    fields: &[OptionField],
+    input: Option<&Value>,
+) -> Result<Map<String, Value>, OptionsError> {
     let empty = Map::new();
     let given = match input {
         None | Some(Value::Null) => &empty,
@@ -242,7 +253,9 @@ pub fn validate_options(fields: &[OptionField], input: Option<&Value>) -> Result
                 Value::Number(n) if n.is_f64() => "float",
                 _ => "int",
             };
-            return Err(OptionsError(format!("options must be a dict, got '{kind}'")));
+            return Err(OptionsError(format!(
+                "options must be a dict, got '{kind}'"
+            )));
         }
     };
     let mut unknown: Vec<&str> = given
@@ -252,7 +265,11 @@ pub fn validate_options(fields: &[OptionField], input: Option<&Value>) -> Result
         .collect();
     if !unknown.is_empty() {
         unknown.sort_unstable();
-        let list = unknown.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
+        let list = unknown
+            .iter()
+            .map(|k| format!("'{k}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
         return Err(OptionsError(format!("Unknown fields [{list}]")));
     }
     let mut out = Map::new();
@@ -299,7 +316,10 @@ mod tests {
         assert_eq!(f[1].to_wire()["default"], json!(1.0));
         assert_eq!(f[1].to_wire()["label"], json!("worker_memory"));
         assert_eq!(f[2].to_wire()["spec"], json!({"type": "string"}));
-        assert_eq!(f[3].to_wire()["spec"], json!({"type": "select", "options": ["small", "large"]}));
+        assert_eq!(
+            f[3].to_wire()["spec"],
+            json!({"type": "select", "options": ["small", "large"]})
+        );
         assert_eq!(f[5].to_wire()["default"], json!({}));
     }
 
@@ -320,11 +340,26 @@ mod tests {
             assert!(e.0.contains(msg), "{} does not contain {}", e.0, msg);
         };
         check(json!({"foo": 1, "bar": 2}), "Unknown fields ['bar', 'foo']");
-        check(json!({"worker_cores": "2"}), "worker_cores must be an integer, got '2'");
-        check(json!({"worker_cores": 2.5}), "worker_cores must be an integer");
-        check(json!({"worker_cores": true}), "worker_cores must be an integer");
-        check(json!({"worker_cores": 0}), "worker_cores must be >= 1, got 0");
-        check(json!({"worker_cores": 8}), "worker_cores must be <= 4, got 8");
+        check(
+            json!({"worker_cores": "2"}),
+            "worker_cores must be an integer, got '2'",
+        );
+        check(
+            json!({"worker_cores": 2.5}),
+            "worker_cores must be an integer",
+        );
+        check(
+            json!({"worker_cores": true}),
+            "worker_cores must be an integer",
+        );
+        check(
+            json!({"worker_cores": 0}),
+            "worker_cores must be >= 1, got 0",
+        );
+        check(
+            json!({"worker_cores": 8}),
+            "worker_cores must be <= 4, got 8",
+        );
         check(json!({"worker_memory": 9}), "worker_memory must be <= 8");
         check(json!({"image": 3}), "image must be a string, got 3");
         check(json!({"gpu": 1}), "gpu must be a bool");

@@ -104,8 +104,14 @@ mod tests {
 
     #[test]
     fn parses_case_insensitively() {
-        assert_eq!("running".parse::<ClusterStatus>(), Ok(ClusterStatus::Running));
-        assert_eq!("Stopped".parse::<ClusterStatus>(), Ok(ClusterStatus::Stopped));
+        assert_eq!(
+            "running".parse::<ClusterStatus>(),
+            Ok(ClusterStatus::Running)
+        );
+        assert_eq!(
+            "Stopped".parse::<ClusterStatus>(),
+            Ok(ClusterStatus::Stopped)
+        );
         assert_eq!(
             ClusterStatus::parse_filter("RUNNING,pending").unwrap(),
             vec![ClusterStatus::Running, ClusterStatus::Pending]
@@ -139,6 +145,9 @@ mod tests {
 
     #[test]
     fn serialises_upper_case() {
-        assert_eq!(serde_json::to_string(&ClusterStatus::Running).unwrap(), "\"RUNNING\"");
+        assert_eq!(
+            serde_json::to_string(&ClusterStatus::Running).unwrap(),
+            "\"RUNNING\""
+        );
     }
 }

@@ -1,0 +1,411 @@
+//! The REST API (wire-protocol sections 2–4) and the dashboard routes, as one axum Router.
+
+use crate::auth::{cluster_token, AuthError, Authenticator, User, CHALLENGE};
+use crate::manager::{Manager, ManagerError, Requester};
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Extension, Json, Router};
+use gateway_model::{
+    AdaptRequest, ClusterStatus, CreateClusterRequest, CreateClusterResponse, Heartbeat,
+    ScaleRequest,
+};
+use gateway_proxy::{HttpForwarder, RouteTable};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// Shared state of all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The cluster manager.
+    pub manager: Arc<Manager>,
+    /// User authentication.
+    pub auth: Arc<Authenticator>,
+    /// Live routes (dashboards).
+    pub routes: RouteTable,
+    /// Dashboard reverse proxy.
+    pub forwarder: HttpForwarder,
+    /// Require owner credentials for dashboards.
+    pub dashboard_auth: bool,
+}
+
+/// An error answered as `{"error": "..."}` with a JSON content type.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    challenge: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            challenge: None,
+        }
+    }
+
+    fn unauthorized(message: &str, scheme: &'static str) -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            challenge: Some(scheme),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if let Some(scheme) = self.challenge {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
+        }
+        resp
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        let status = match &e {
+            ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ManagerError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ManagerError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ManagerError::NotRunning(_) => StatusCode::CONFLICT,
+            ManagerError::BadToken => return ApiError::unauthorized("Unauthorized", "token"),
+            ManagerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::unauthorized(&e.to_string(), CHALLENGE)
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Parses a JSON request body; anything unparsable is a 422 with a clear message.
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return serde_json::from_str("{}")
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("Invalid request body: {e}"),
+        )
+    })
+}
+
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// `?wait` semantics: absent → false; empty → true; otherwise a non-zero integer.
+fn wait_flag(query: Option<&str>) -> bool {
+    match query_param(query, "wait") {
+        None => false,
+        Some("") => true,
+        Some(v) => v.parse::<i64>().is_ok_and(|n| n != 0),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| Some(hex(bytes[i + 1])? * 16 + hex(bytes[i + 2])?))
+            .flatten();
+        match (decoded, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Middleware for user routes: authenticates, stores the [`User`] as an extension and sets the
+/// session cookie on successful responses.
+async fn require_user(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let auth = match state.auth.authenticate(req.headers()) {
+        Ok(a) => a,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    req.extensions_mut().insert(auth.user);
+    let mut resp = next.run(req).await;
+    if let Some(cookie) = auth.set_cookie {
+        if resp.status().as_u16() < 400 {
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+    }
+    resp
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let _ = state.manager.counts();
+    Json(json!({"status": "pass"})).into_response()
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+async fn options(State(state): State<AppState>) -> Json<Value> {
+    Json(state.manager.options_wire())
+}
+
+async fn list_clusters(
+    State(state): State<AppState>,
+    Extension(user): Extension<User>,
+    req: Request,
+) -> ApiResult<Json<Value>> {
+    let statuses = match query_param(req.uri().query(), "status") {
+        None => None,
+        Some(raw) => Some(
+            ClusterStatus::parse_filter(&percent_decode(raw))
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?,
+        ),
+    };
+    let models = state.manager.list(&user, statuses.as_deref());
+    let mut map = Map::new();
+    for m in models {
+        map.insert(
+            m.name.clone(),
+            serde_json::to_value(m).expect("model serialises"),
+        );
+    }
+    Ok(Json(Value::Object(map)))
+}
+
+async fn create_cluster(
+    State(state): State<AppState>,
+    Extension(user): Extension<User>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: Value = parse_body(&body)?;
+    if !req.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "The request body must be a JSON object",
+        ));
+    }
+    let req: CreateClusterRequest = serde_json::from_value(req).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("Invalid request body: {e}"),
+        )
+    })?;
+    let name = state.manager.create(&user, req.cluster_options.as_ref())?;
+    Ok((StatusCode::CREATED, Json(CreateClusterResponse { name })).into_response())
+}
+
+async fn get_cluster(
+    State(state): State<AppState>,
+    Extension(user): Extension<User>,
+    Path(name): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let wait = wait_flag(req.uri().query());
+    Ok(Json(state.manager.get(&user, &name, wait).await?).into_response())
+}
+
+async fn delete_cluster(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    if let Some(token) = cluster_token(&headers) {
+        if state.manager.token_is_valid(&name, token) {
+            state.manager.stop(&name, Requester::Token(token))?;
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+    let auth = state.auth.authenticate(&headers)?;
+    state.manager.stop(&name, Requester::User(&auth.user))?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Some(cookie) = auth.set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    Ok(resp)
+}
+
+async fn scale_cluster(
+    State(state): State<AppState>,
+    Extension(user): Extension<User>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: ScaleRequest = parse_body(&body)?;
+    Ok(Json(state.manager.scale(&user, &name, &req.count).await?).into_response())
+}
+
+async fn adapt_cluster(
+    State(state): State<AppState>,
+    Extension(user): Extension<User>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: AdaptRequest = parse_body(&body)?;
+    Ok(Json(
+        state
+            .manager
+            .adapt(&user, &name, &req.minimum, &req.maximum, req.active)
+            .await?,
+    )
+    .into_response())
+}
+
+async fn heartbeat(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let Some(token) = cluster_token(&headers) else {
+        return Err(ApiError::unauthorized("Unauthorized", "token"));
+    };
+    if !state.manager.token_is_valid(&name, token) {
+        return Err(ApiError::unauthorized("Unauthorized", "token"));
+    }
+    let hb: Heartbeat = parse_body(&body)?;
+    state.manager.heartbeat(&name, token, &hb)?;
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn dashboard_root(
+    state: State<AppState>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    dashboard(state, name, String::new(), req).await
+}
+
+async fn dashboard_path(
+    state: State<AppState>,
+    Path((name, rest)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    dashboard(state, name, rest, req).await
+}
+
+async fn dashboard(
+    State(state): State<AppState>,
+    name: String,
+    rest: String,
+    req: Request,
+) -> Response {
+    let not_found = || (StatusCode::NOT_FOUND, "404: Not Found").into_response();
+    let Some(target) = state.routes.get(&name).and_then(|r| r.dashboard) else {
+        return not_found();
+    };
+    if state.dashboard_auth {
+        match state.auth.authenticate(req.headers()) {
+            Ok(a) if state.manager.owner_allows(&name, &a.user) => {}
+            Ok(_) => return not_found(),
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    }
+    // Keep the raw (still percent-encoded) remainder of the path.
+    let raw_path = req.uri().path();
+    let marker = format!("/clusters/{name}");
+    let remainder = raw_path
+        .find(&marker)
+        .map(|i| &raw_path[i + marker.len()..])
+        .unwrap_or("");
+    let remainder = if remainder.is_empty() && !rest.is_empty() {
+        format!("/{rest}")
+    } else {
+        remainder.to_string()
+    };
+    let mut path = if remainder.is_empty() {
+        "/".to_string()
+    } else {
+        remainder
+    };
+    if let Some(q) = req.uri().query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    state.forwarder.forward(req, &target, &path).await
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "404: Not Found").into_response()
+}
+
+/// The complete HTTP application, mounted under `prefix` (empty or `/something`).
+pub fn router(state: AppState, prefix: &str) -> Router {
+    let user_routes = Router::new()
+        .route("/api/v1/options", get(options))
+        .route("/api/v1/clusters/", get(list_clusters).post(create_cluster))
+        .route("/api/v1/clusters", get(list_clusters).post(create_cluster))
+        .route("/api/v1/clusters/{name}", get(get_cluster))
+        .route("/api/v1/clusters/{name}/scale", post(scale_cluster))
+        .route("/api/v1/clusters/{name}/adapt", post(adapt_cluster))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_user));
+    let open_routes = Router::new()
+        .route("/api/health", get(health))
+        .route("/api/version", get(version))
+        .route(
+            "/api/v1/clusters/{name}",
+            axum::routing::delete(delete_cluster),
+        )
+        .route("/api/v1/clusters/{name}/heartbeat", post(heartbeat))
+        .route("/clusters/{name}", any(dashboard_root))
+        .route("/clusters/{name}/", any(dashboard_root))
+        .route("/clusters/{name}/{*rest}", any(dashboard_path));
+    let app = user_routes
+        .merge(open_routes)
+        .fallback(not_found)
+        .with_state(state);
+    if prefix.is_empty() {
+        app
+    } else {
+        Router::new().nest(prefix, app).fallback(not_found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_flag_follows_the_protocol() {
+        assert!(!wait_flag(None));
+        assert!(wait_flag(Some("wait")));
+        assert!(wait_flag(Some("wait=")));
+        assert!(wait_flag(Some("wait=1")));
+        assert!(!wait_flag(Some("wait=0")));
+        assert!(!wait_flag(Some("wait=true")));
+        assert!(wait_flag(Some("x=1&wait")));
+    }
+
+    #[test]
+    fn decodes_status_filters() {
+        assert_eq!(percent_decode("RUNNING%2CPENDING"), "RUNNING,PENDING");
+        assert_eq!(percent_decode("a%zz"), "a%zz");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%é%4"), "%é%4");
+    }
+}

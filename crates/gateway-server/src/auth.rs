@@ -1,0 +1,297 @@
+//! User authentication: the 401 challenge, HTTP Basic with an optional shared password,
+//! and session cookies (wire-protocol section 3).
+
+use crate::config::AuthConfig;
+use base64::Engine;
+use http::header::{AUTHORIZATION, COOKIE};
+use http::{HeaderMap, HeaderValue};
+use rand::RngCore;
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+/// An authenticated user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// The name that owns clusters.
+    pub name: String,
+    /// Admins see and act on every cluster.
+    pub admin: bool,
+}
+
+impl User {
+    /// Whether this user may see and act on a cluster owned by `owner`.
+    pub fn may_access(&self, owner: &str) -> bool {
+        self.admin || self.name == owner
+    }
+}
+
+/// Why a request was not authenticated.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No usable credentials: answer 401 with the challenge so the client retries.
+    #[error("Authentication required")]
+    Required,
+    /// Credentials were given but are wrong.
+    #[error("Invalid credentials")]
+    Invalid,
+}
+
+/// Successful authentication, and the cookie to set when it came from credentials.
+#[derive(Clone, Debug)]
+pub struct Authenticated {
+    /// The user.
+    pub user: User,
+    /// `Set-Cookie` value to add to the response.
+    pub set_cookie: Option<HeaderValue>,
+}
+
+struct Session {
+    user: String,
+    expires: Instant,
+}
+
+/// The simple authenticator plus the session cache.
+pub struct Authenticator {
+    password: Option<String>,
+    admins: Vec<String>,
+    cookie_name: String,
+    max_age: Duration,
+    sessions: RwLock<Sessions>,
+}
+
+#[derive(Default)]
+struct Sessions {
+    by_token: HashMap<String, Session>,
+    by_user: HashMap<String, String>,
+}
+
+/// The challenge scheme sent in `WWW-Authenticate`.
+pub const CHALLENGE: &str = "Basic";
+
+fn random_hex() -> String {
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Compares secrets without an early exit on the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= (*x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0)) as usize;
+    }
+    diff == 0
+}
+
+impl Authenticator {
+    /// An authenticator for `config`.
+    pub fn new(config: &AuthConfig) -> Self {
+        Authenticator {
+            password: config.password.clone(),
+            admins: config.admin_users.clone(),
+            cookie_name: config
+                .cookie_name
+                .clone()
+                .unwrap_or_else(|| format!("dask-gateway-{}", random_hex())),
+            max_age: Duration::from_secs(config.cookie_max_age.max(1)),
+            sessions: RwLock::new(Sessions::default()),
+        }
+    }
+
+    fn user(&self, name: String) -> User {
+        let admin = self.admins.contains(&name);
+        User { name, admin }
+    }
+
+    /// Authenticates a request: a valid session cookie wins; otherwise `Authorization: Basic`.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Authenticated, AuthError> {
+        if let Some(user) = self.session_user(headers) {
+            return Ok(Authenticated {
+                user: self.user(user),
+                set_cookie: None,
+            });
+        }
+        let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+            return Err(AuthError::Required);
+        };
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return Err(AuthError::Required);
+        }
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .map_err(|_| AuthError::Invalid)?;
+        // The client encodes latin-1; every byte maps to the same code point.
+        let text: String = decoded.iter().map(|&b| b as char).collect();
+        let (name, password) = text.split_once(':').unwrap_or((&text, ""));
+        if let Some(expected) = &self.password {
+            if !constant_time_eq(password.as_bytes(), expected.as_bytes()) {
+                return Err(AuthError::Invalid);
+            }
+        }
+        if name.is_empty() {
+            return Err(AuthError::Invalid);
+        }
+        let token = self.session_for(name);
+        let cookie = format!(
+            "{}={}; Max-Age={}; Path=/",
+            self.cookie_name,
+            token,
+            self.max_age.as_secs() * 2
+        );
+        Ok(Authenticated {
+            user: self.user(name.to_string()),
+            set_cookie: HeaderValue::from_str(&cookie).ok(),
+        })
+    }
+
+    fn session_user(&self, headers: &HeaderMap) -> Option<String> {
+        let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+        for header in headers.get_all(COOKIE) {
+            let Ok(text) = header.to_str() else { continue };
+            for pair in text.split(';') {
+                let Some((k, v)) = pair.trim().split_once('=') else {
+                    continue;
+                };
+                if k == self.cookie_name {
+                    if let Some(s) = sessions.by_token.get(v.trim()) {
+                        if s.expires > Instant::now() {
+                            return Some(s.user.clone());
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The user's current session token, creating one if none is valid.
+    fn session_for(&self, user: &str) -> String {
+        let now = Instant::now();
+        let mut s = self.sessions.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(token) = s.by_user.get(user) {
+            if s.by_token.get(token).is_some_and(|sess| sess.expires > now) {
+                return token.clone();
+            }
+        }
+        if s.by_token.len() > 1024 {
+            s.by_token.retain(|_, sess| sess.expires > now);
+            let Sessions { by_token, by_user } = &mut *s;
+            by_user.retain(|_, t| by_token.contains_key(t));
+        }
+        let token = random_hex();
+        s.by_token.insert(
+            token.clone(),
+            Session {
+                user: user.to_string(),
+                expires: now + self.max_age,
+            },
+        );
+        s.by_user.insert(user.to_string(), token.clone());
+        token
+    }
+}
+
+/// Extracts the token of `Authorization: token <t>`.
+pub fn cluster_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("token").then(|| token.trim())
+}
+
+/// Whether `given` equals the cluster's `expected` token (constant time).
+pub fn token_matches(given: &str, expected: &str) -> bool {
+    !expected.is_empty() && constant_time_eq(given.as_bytes(), expected.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(user: &str, pw: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let v = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"));
+        h.insert(AUTHORIZATION, format!("Basic {v}").parse().unwrap());
+        h
+    }
+
+    fn auth(password: Option<&str>) -> Authenticator {
+        Authenticator::new(&AuthConfig {
+            password: password.map(Into::into),
+            admin_users: vec!["root".into()],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn no_credentials_means_challenge() {
+        assert_eq!(
+            auth(None).authenticate(&HeaderMap::new()).unwrap_err(),
+            AuthError::Required
+        );
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, "Bearer x".parse().unwrap());
+        assert_eq!(
+            auth(None).authenticate(&h).unwrap_err(),
+            AuthError::Required
+        );
+    }
+
+    #[test]
+    fn basic_with_shared_password() {
+        let a = auth(Some("pw"));
+        assert_eq!(
+            a.authenticate(&basic("alice@x y", "pw")).unwrap().user.name,
+            "alice@x y"
+        );
+        assert_eq!(
+            a.authenticate(&basic("alice", "nope")).unwrap_err(),
+            AuthError::Invalid
+        );
+        assert_eq!(
+            a.authenticate(&basic("alice", "")).unwrap_err(),
+            AuthError::Invalid
+        );
+        assert!(auth(None).authenticate(&basic("bob", "anything")).is_ok());
+        assert!(a.authenticate(&basic("root", "pw")).unwrap().user.admin);
+    }
+
+    #[test]
+    fn cookie_replay_and_reuse() {
+        let a = auth(None);
+        let first = a.authenticate(&basic("alice", "")).unwrap();
+        let cookie = first.set_cookie.unwrap().to_str().unwrap().to_string();
+        assert!(cookie.contains("Max-Age=600; Path=/"));
+        let pair = cookie.split(';').next().unwrap().to_string();
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, format!("other=1; {pair}").parse().unwrap());
+        let again = a.authenticate(&h).unwrap();
+        assert_eq!(again.user.name, "alice");
+        assert!(again.set_cookie.is_none());
+        // The same session value is reused while valid.
+        let second = a
+            .authenticate(&basic("alice", ""))
+            .unwrap()
+            .set_cookie
+            .unwrap();
+        assert_eq!(second.to_str().unwrap(), cookie);
+        let mut bad = HeaderMap::new();
+        bad.insert(
+            COOKIE,
+            format!("{}=deadbeef", a.cookie_name).parse().unwrap(),
+        );
+        assert_eq!(a.authenticate(&bad).unwrap_err(), AuthError::Required);
+    }
+
+    #[test]
+    fn tokens() {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, "token abc".parse().unwrap());
+        assert_eq!(cluster_token(&h), Some("abc"));
+        assert!(token_matches("abc", "abc"));
+        assert!(!token_matches("abd", "abc"));
+        assert!(!token_matches("", ""));
+        assert!(!constant_time_eq(b"ab", b"abc"));
+    }
+}

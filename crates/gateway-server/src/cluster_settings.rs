@@ -1,0 +1,209 @@
+//! Turning validated user options into one cluster's resolved settings.
+
+use crate::config::ClusterConfig;
+use gateway_model::{parse_memory, ClusterResources, OptionField, ResourceLimits};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Cluster settings an option may target.
+pub const TARGETS: &[&str] = &[
+    "worker_cores",
+    "worker_memory",
+    "worker_threads",
+    "scheduler_cores",
+    "scheduler_memory",
+    "idle_timeout",
+    "environment",
+];
+
+/// Everything that decides how one cluster runs, fixed at creation and stored with it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// Cores and memory of scheduler and workers.
+    pub resources: ClusterResources,
+    /// `--nthreads` of each worker.
+    pub worker_threads: u32,
+    /// Per-cluster caps.
+    pub limits: ResourceLimits,
+    /// `--dg-idle-timeout`.
+    pub idle_timeout: f64,
+    /// Environment of scheduler and workers.
+    pub environment: BTreeMap<String, String>,
+}
+
+fn number(field: &str, v: &Value) -> Result<f64, String> {
+    v.as_f64()
+        .filter(|f| f.is_finite())
+        .ok_or_else(|| format!("{field} must be a number"))
+}
+
+fn memory(field: &str, v: &Value) -> Result<u64, String> {
+    match v {
+        // Numbers given through options are GiB.
+        Value::Number(_) => {
+            let gib = number(field, v)?;
+            if gib <= 0.0 {
+                return Err(format!("{field} must be positive"));
+            }
+            Ok((gib * (1u64 << 30) as f64).round() as u64)
+        }
+        Value::String(s) => parse_memory(s).map_err(|e| format!("{field}: {e}")),
+        _ => Err(format!(
+            "{field} must be a number of GiB or a size such as '2G'"
+        )),
+    }
+}
+
+/// Applies the validated `options` to the operator's defaults and checks the result against
+/// the cluster limits. Errors are user-facing (422).
+pub fn resolve(
+    base: &ClusterConfig,
+    fields: &[OptionField],
+    options: &Map<String, Value>,
+) -> Result<ClusterSettings, String> {
+    let mut cfg = base.clone();
+    let mut env = base.environment.clone();
+    let mut threads_set = false;
+    for field in fields {
+        let (Some(target), Some(value)) = (&field.target, options.get(&field.field)) else {
+            continue;
+        };
+        let v = field.target_value(value);
+        let name = &field.field;
+        match target.as_str() {
+            "worker_cores" => cfg.worker_cores = number(name, &v)?,
+            "scheduler_cores" => cfg.scheduler_cores = number(name, &v)?,
+            "worker_memory" => cfg.worker_memory = memory(name, &v)?,
+            "scheduler_memory" => cfg.scheduler_memory = memory(name, &v)?,
+            "idle_timeout" => cfg.idle_timeout = number(name, &v)?,
+            "worker_threads" => {
+                let t = v
+                    .as_u64()
+                    .filter(|t| (1..=1024).contains(t))
+                    .ok_or_else(|| format!("{name} must give 1 to 1024 threads"))?;
+                cfg.worker_threads = Some(t as u32);
+                threads_set = true;
+            }
+            "environment" => {
+                let Value::Object(map) = &v else {
+                    return Err(format!("{name} must be a mapping"));
+                };
+                for (k, val) in map {
+                    let valid_key = !k.is_empty() && !k.contains(['=', '\0']);
+                    let text = match val {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        Value::Bool(b) => {
+                            if *b {
+                                "True".into()
+                            } else {
+                                "False".into()
+                            }
+                        }
+                        _ => return Err(format!("{name}: value of {k} must be a string")),
+                    };
+                    if !valid_key || text.contains('\0') {
+                        return Err(format!("{name}: invalid environment variable {k:?}"));
+                    }
+                    if k.starts_with("DASK_GATEWAY_") {
+                        return Err(format!(
+                            "{name}: {k} is set by the gateway and cannot be overridden"
+                        ));
+                    }
+                    env.insert(k.clone(), text);
+                }
+            }
+            other => return Err(format!("option {name} has unknown target {other}")),
+        }
+    }
+    if cfg.worker_cores <= 0.0 || cfg.scheduler_cores <= 0.0 {
+        return Err("cores must be positive".into());
+    }
+    if cfg.idle_timeout < 0.0 {
+        return Err("idle_timeout must not be negative".into());
+    }
+    if !threads_set && base.worker_threads.is_none() {
+        cfg.worker_threads = None;
+    }
+    let settings = ClusterSettings {
+        resources: cfg.resources(),
+        worker_threads: cfg.threads(),
+        limits: cfg.limits(),
+        idle_timeout: cfg.idle_timeout,
+        environment: env,
+    };
+    settings.limits.check_scheduler(&settings.resources)?;
+    Ok(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_model::validate_options;
+    use serde_json::json;
+
+    fn setup() -> (ClusterConfig, Vec<OptionField>) {
+        let cfg: ClusterConfig = serde_yaml::from_str(
+            r#"
+max_memory: 3G
+environment: {A: "1"}
+options:
+  - {field: worker_cores, type: int, default: 1, min: 1, max: 4, target: worker_cores}
+  - {field: worker_memory, type: float, default: 0.5, min: 0.25, max: 8, target: worker_memory}
+  - {field: profile, type: select, default: small, options: [small, {key: large, value: 3}], target: worker_threads}
+  - {field: env, type: mapping, target: environment}
+  - {field: note, type: string, default: ""}
+"#,
+        )
+        .unwrap();
+        let fields = cfg.options.clone();
+        (cfg, fields)
+    }
+
+    #[test]
+    fn options_reach_their_targets() {
+        let (cfg, fields) = setup();
+        let opts = validate_options(
+            &fields,
+            Some(&json!({"worker_cores": 2, "profile": "large", "env": {"B": "x", "N": 3}})),
+        )
+        .unwrap();
+        let s = resolve(&cfg, &fields, &opts).unwrap();
+        assert_eq!(s.resources.worker_cores, 2.0);
+        assert_eq!(s.resources.worker_memory, 512 << 20);
+        assert_eq!(s.worker_threads, 3);
+        assert_eq!(s.environment.get("A").map(String::as_str), Some("1"));
+        assert_eq!(s.environment.get("B").map(String::as_str), Some("x"));
+        assert_eq!(s.environment.get("N").map(String::as_str), Some("3"));
+        let opts = validate_options(&fields, Some(&json!({"worker_cores": 2}))).unwrap();
+        assert_eq!(resolve(&cfg, &fields, &opts).unwrap().worker_threads, 2);
+    }
+
+    #[test]
+    fn refuses_gateway_variables_and_nested_values() {
+        let (cfg, fields) = setup();
+        for env in [
+            json!({"DASK_GATEWAY_API_TOKEN": "x"}),
+            json!({"X": {"y": 1}}),
+            json!({"": "v"}),
+        ] {
+            let opts = validate_options(&fields, Some(&json!({ "env": env }))).unwrap();
+            assert!(resolve(&cfg, &fields, &opts).is_err());
+        }
+    }
+
+    #[test]
+    fn scheduler_must_fit_in_limits() {
+        let (mut cfg, fields) = setup();
+        cfg.scheduler_memory = 4 << 30;
+        let opts = validate_options(&fields, None).unwrap();
+        let e = resolve(&cfg, &fields, &opts).unwrap_err();
+        assert!(
+            e.contains(
+                "Scheduler memory request of 4.00 GiB exceeds cluster memory limit of 3.00 GiB"
+            ),
+            "{e}"
+        );
+    }
+}

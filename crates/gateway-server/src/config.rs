@@ -1,0 +1,458 @@
+//! The server configuration: one YAML file, every key optional, documented in
+//! `docs/configuration.md`.
+
+use gateway_model::limits::BadMemory;
+use gateway_model::{parse_memory, ClusterResources, OptionField, ResourceLimits};
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or has unknown/mistyped keys.
+    #[error("parsing {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_yaml::Error,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Top-level configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Public listen address: REST API, dashboards and (unless `scheduler_address` is set)
+    /// scheduler TLS, told apart by their first bytes.
+    pub address: SocketAddr,
+    /// Optional separate listen address for scheduler TLS only.
+    pub scheduler_address: Option<SocketAddr>,
+    /// URL path prefix of every HTTP route, e.g. `/gateway` (empty = none).
+    pub prefix: String,
+    /// Directory for the SQLite state and per-cluster working directories.
+    pub data_dir: Option<PathBuf>,
+    /// `DASK_GATEWAY_API_URL` given to schedulers (default `http://<address><prefix>/api`).
+    pub api_url: Option<String>,
+    /// Log output: `text` or `json`.
+    pub log_format: LogFormat,
+    /// Default log filter (overridden by `RUST_LOG`).
+    pub log_level: String,
+    /// Optional HTTPS on the public port.
+    pub tls: Option<TlsConfig>,
+    /// Stop all clusters when the gateway shuts down on SIGTERM/SIGINT. `false` keeps them
+    /// running so a restarted gateway re-adopts them.
+    pub stop_clusters_on_shutdown: bool,
+    /// Require the owner's credentials for dashboards (default: open, like the reference).
+    pub dashboard_auth: bool,
+    /// User authentication.
+    pub auth: AuthConfig,
+    /// How Dask is launched.
+    pub dask: DaskConfig,
+    /// Cluster defaults, limits and user options.
+    pub cluster: ClusterConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            address: "127.0.0.1:8000".parse().unwrap(),
+            scheduler_address: None,
+            prefix: String::new(),
+            data_dir: None,
+            api_url: None,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            tls: None,
+            stop_clusters_on_shutdown: false,
+            dashboard_auth: false,
+            auth: AuthConfig::default(),
+            dask: DaskConfig::default(),
+            cluster: ClusterConfig::default(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human readable.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// PEM files for HTTPS on the public port.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+/// Authenticator selection and settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `simple`: HTTP Basic, any user name, optional shared password.
+    #[serde(rename = "type")]
+    pub kind: AuthKind,
+    /// Shared password for `simple` (none = any password).
+    pub password: Option<String>,
+    /// Users who may see and act on every cluster.
+    pub admin_users: Vec<String>,
+    /// Seconds a session cookie stays valid on the server.
+    pub cookie_max_age: u64,
+    /// Session cookie name (default `dask-gateway-<random>` per process).
+    pub cookie_name: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            kind: AuthKind::Simple,
+            password: None,
+            admin_users: vec![],
+            cookie_max_age: 300,
+            cookie_name: None,
+        }
+    }
+}
+
+/// Supported authenticators.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthKind {
+    /// HTTP Basic with an optional shared password.
+    #[default]
+    Simple,
+}
+
+/// Where the `dask` command comes from.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaskConfig {
+    /// A venv or conda prefix: `<env>/bin/dask` is used and `<env>/bin` leads `PATH`.
+    pub python_env: Option<PathBuf>,
+    /// The command when `python_env` is unset (default `dask`, found on `PATH`).
+    pub command: Option<PathBuf>,
+}
+
+impl DaskConfig {
+    /// The `dask` executable and the directory to put first on `PATH`.
+    pub fn command_and_path(&self) -> (PathBuf, Option<PathBuf>) {
+        match (&self.python_env, &self.command) {
+            (_, Some(cmd)) => (cmd.clone(), self.python_env.as_ref().map(|e| e.join("bin"))),
+            (Some(env), None) => (env.join("bin").join("dask"), Some(env.join("bin"))),
+            (None, None) => ("dask".into(), None),
+        }
+    }
+}
+
+/// Cluster defaults, timing, limits and exposed options.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Seconds of idleness after which the scheduler asks to be stopped (0 = never).
+    pub idle_timeout: f64,
+    /// Seconds between scheduler heartbeats.
+    pub heartbeat_period: f64,
+    /// Seconds without heartbeat before a running cluster is FAILED (default 2 × period).
+    pub heartbeat_timeout: Option<f64>,
+    /// Seconds between the scheduler's adaptive-scaling decisions.
+    pub adaptive_period: f64,
+    /// Seconds a scheduler may take to start.
+    pub start_timeout: f64,
+    /// Consecutive worker start failures after which the cluster is FAILED.
+    pub worker_start_failure_limit: u32,
+    /// Scheduler cores.
+    pub scheduler_cores: f64,
+    /// Scheduler memory.
+    #[serde(deserialize_with = "memory")]
+    pub scheduler_memory: u64,
+    /// Cores per worker.
+    pub worker_cores: f64,
+    /// Memory per worker (`--memory-limit`).
+    #[serde(deserialize_with = "memory")]
+    pub worker_memory: u64,
+    /// Threads per worker (default: cores, at least 1).
+    pub worker_threads: Option<u32>,
+    /// Per-cluster worker cap.
+    pub max_workers: Option<u64>,
+    /// Per-cluster core cap (scheduler + workers).
+    pub max_cores: Option<f64>,
+    /// Per-cluster memory cap (scheduler + workers).
+    #[serde(deserialize_with = "opt_memory")]
+    pub max_memory: Option<u64>,
+    /// Active (PENDING or RUNNING) clusters one user may have (none = unlimited).
+    pub max_clusters_per_user: Option<u64>,
+    /// Environment of schedulers and workers.
+    pub environment: BTreeMap<String, String>,
+    /// Seconds finished clusters stay listable before they are forgotten.
+    pub retention: f64,
+    /// Options users may set, in display order.
+    pub options: Vec<OptionField>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            idle_timeout: 0.0,
+            heartbeat_period: 15.0,
+            heartbeat_timeout: None,
+            adaptive_period: 3.0,
+            start_timeout: 60.0,
+            worker_start_failure_limit: 3,
+            scheduler_cores: 1.0,
+            scheduler_memory: 2 << 30,
+            worker_cores: 1.0,
+            worker_memory: 2 << 30,
+            worker_threads: None,
+            max_workers: None,
+            max_cores: None,
+            max_memory: None,
+            max_clusters_per_user: None,
+            environment: BTreeMap::new(),
+            retention: 86400.0,
+            options: Vec::new(),
+        }
+    }
+}
+
+fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = serde_yaml::Value::deserialize(d)?;
+    memory_value(&v).map_err(serde::de::Error::custom)
+}
+
+fn opt_memory<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = serde_yaml::Value::deserialize(d)?;
+    if v.is_null() {
+        return Ok(None);
+    }
+    memory_value(&v).map(Some).map_err(serde::de::Error::custom)
+}
+
+fn memory_value(v: &serde_yaml::Value) -> Result<u64, BadMemory> {
+    match v {
+        serde_yaml::Value::Number(n) if n.as_u64().is_some() => Ok(n.as_u64().unwrap()),
+        serde_yaml::Value::String(s) => parse_memory(s),
+        other => Err(BadMemory(format!("{other:?}"))),
+    }
+}
+
+impl ClusterConfig {
+    /// Resources of a cluster with these settings.
+    pub fn resources(&self) -> ClusterResources {
+        ClusterResources {
+            scheduler_cores: self.scheduler_cores,
+            scheduler_memory: self.scheduler_memory,
+            worker_cores: self.worker_cores,
+            worker_memory: self.worker_memory,
+        }
+    }
+
+    /// Limits of a cluster with these settings.
+    pub fn limits(&self) -> ResourceLimits {
+        ResourceLimits {
+            max_workers: self.max_workers,
+            max_cores: self.max_cores,
+            max_memory: self.max_memory,
+        }
+    }
+
+    /// Worker threads: explicit, or the worker cores rounded down, at least 1.
+    pub fn threads(&self) -> u32 {
+        self.worker_threads
+            .unwrap_or_else(|| (self.worker_cores.floor() as u32).max(1))
+    }
+
+    /// Seconds without heartbeat before a running cluster is FAILED.
+    pub fn heartbeat_timeout(&self) -> f64 {
+        self.heartbeat_timeout
+            .unwrap_or(2.0 * self.heartbeat_period)
+            .max(1.0)
+    }
+}
+
+impl GatewayConfig {
+    /// Reads and validates a YAML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let config: GatewayConfig = if text.trim().is_empty() {
+            GatewayConfig::default()
+        } else {
+            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.into(),
+                source,
+            })?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: ranges, option declarations, the prefix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !self.prefix.is_empty() && !self.prefix.starts_with('/') {
+            return bad(format!("prefix {:?} must start with '/'", self.prefix));
+        }
+        if self.prefix.contains(['?', '#', ' ']) {
+            return bad(format!(
+                "prefix {:?} may not contain '?', '#' or spaces",
+                self.prefix
+            ));
+        }
+        let c = &self.cluster;
+        for (name, v) in [
+            ("cluster.heartbeat_period", c.heartbeat_period),
+            ("cluster.adaptive_period", c.adaptive_period),
+            ("cluster.start_timeout", c.start_timeout),
+            ("cluster.worker_cores", c.worker_cores),
+            ("cluster.scheduler_cores", c.scheduler_cores),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} must be a positive number, got {v}"));
+            }
+        }
+        for (name, v) in [
+            ("cluster.idle_timeout", c.idle_timeout),
+            ("cluster.retention", c.retention),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!("{name} must be a non-negative number, got {v}"));
+            }
+        }
+        if c.worker_memory == 0 {
+            return bad("cluster.worker_memory must be positive".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &c.options {
+            f.check_declaration()
+                .map_err(|e| ConfigError::Invalid(e.0))?;
+            if !seen.insert(&f.field) {
+                return bad(format!("option field {} is declared twice", f.field));
+            }
+            if let Some(t) = &f.target {
+                if !crate::cluster_settings::TARGETS.contains(&t.as_str()) {
+                    return bad(format!(
+                        "option {} has unknown target {t:?}; known targets: {}",
+                        f.field,
+                        crate::cluster_settings::TARGETS.join(", ")
+                    ));
+                }
+            }
+        }
+        c.limits()
+            .check_scheduler(&c.resources())
+            .map_err(ConfigError::Invalid)?;
+        Ok(())
+    }
+
+    /// The normalised URL prefix: empty or `/something` without a trailing slash.
+    pub fn prefix(&self) -> String {
+        self.prefix.trim_end_matches('/').to_string()
+    }
+
+    /// The data directory: configured, or `$XDG_DATA_HOME/dask-gateway-rs`, or
+    /// `~/.local/share/dask-gateway-rs`.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(d) = &self.data_dir {
+            return d.clone();
+        }
+        if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+            return PathBuf::from(x).join("dask-gateway-rs");
+        }
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
+        home.join(".local/share/dask-gateway-rs")
+    }
+
+    /// `DASK_GATEWAY_API_URL` for schedulers.
+    pub fn api_url(&self) -> String {
+        if let Some(u) = &self.api_url {
+            return u.trim_end_matches('/').to_string();
+        }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut addr = self.address;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("{scheme}://{addr}{}/api", self.prefix())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = GatewayConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.api_url(), "http://127.0.0.1:8000/api");
+        assert_eq!(c.cluster.threads(), 1);
+    }
+
+    #[test]
+    fn parses_full_example() {
+        let c: GatewayConfig = serde_yaml::from_str(
+            r#"
+address: 0.0.0.0:9000
+prefix: /gw/
+auth: {password: secret, admin_users: [root]}
+cluster:
+  worker_memory: 512M
+  max_memory: 4G
+  options:
+    - {field: worker_cores, type: int, default: 1, min: 1, max: 4, target: worker_cores}
+    - {field: size, type: select, default: small, options: [small, {key: large, value: 4}], target: worker_threads}
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.prefix(), "/gw");
+        assert_eq!(c.api_url(), "http://127.0.0.1:9000/gw/api");
+        assert_eq!(c.cluster.worker_memory, 512 << 20);
+        assert_eq!(c.cluster.max_memory, Some(4 << 30));
+    }
+
+    #[test]
+    fn rejects_typos_and_bad_values() {
+        assert!(serde_yaml::from_str::<GatewayConfig>("adress: x").is_err());
+        assert!(serde_yaml::from_str::<GatewayConfig>("cluster: {worker_memory: lots}").is_err());
+        let c: GatewayConfig = serde_yaml::from_str("cluster: {heartbeat_period: 0}").unwrap();
+        assert!(c.validate().is_err());
+        let c: GatewayConfig = serde_yaml::from_str(
+            "cluster: {options: [{field: x, type: int, default: 1, target: nope}]}",
+        )
+        .unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown target"));
+        let c: GatewayConfig = serde_yaml::from_str("prefix: gw").unwrap();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,406 @@
+//! Durable state of the local backend: one SQLite file in the data directory.
+//!
+//! Every change of a cluster's persistent record is written through before it becomes
+//! visible, so a gateway killed at any moment restarts with what it had promised.
+
+use crate::cluster_settings::ClusterSettings;
+use gateway_local::ProcessId;
+use gateway_model::ClusterStatus;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{Map, Value};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored row could not be decoded.
+    #[error("state database holds a bad record for {name}: {what}")]
+    Corrupt {
+        /// Cluster name.
+        name: String,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// The persistent part of a cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterRecord {
+    /// Cluster name.
+    pub name: String,
+    /// Owner's user name.
+    pub owner: String,
+    /// Current status.
+    pub status: ClusterStatus,
+    /// Why it failed or was stopped, for operators.
+    pub reason: Option<String>,
+    /// Status to reach when a STOPPING cluster has been torn down.
+    pub final_status: Option<ClusterStatus>,
+    /// Validated options as reported to the user.
+    pub options: Map<String, Value>,
+    /// Resolved settings.
+    pub settings: ClusterSettings,
+    /// Cluster API token.
+    pub token: String,
+    /// PEM certificate.
+    pub tls_cert: String,
+    /// PEM key.
+    pub tls_key: String,
+    /// The scheduler process, once started.
+    pub scheduler: Option<ProcessId>,
+    /// `tls://host:port` from the first heartbeat.
+    pub scheduler_address: Option<String>,
+    /// Dashboard `http://host:port`, if any.
+    pub dashboard_address: Option<String>,
+    /// Preload API `http://host:port`.
+    pub api_address: Option<String>,
+    /// Worker count the scheduler last asked for (clipped).
+    pub target: u64,
+    /// Creation time in ms.
+    pub start_time: i64,
+    /// Terminal time in ms.
+    pub stop_time: Option<i64>,
+}
+
+/// A stored worker process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerRecord {
+    /// Cluster name.
+    pub cluster: String,
+    /// Worker `--name`.
+    pub name: String,
+    /// Its process.
+    pub process: ProcessId,
+}
+
+/// The SQLite store (one connection; every call is short).
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS clusters (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    final_status TEXT,
+    options TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    token TEXT NOT NULL,
+    tls_cert TEXT NOT NULL,
+    tls_key TEXT NOT NULL,
+    scheduler_pid INTEGER,
+    scheduler_ticks INTEGER,
+    scheduler_address TEXT,
+    dashboard_address TEXT,
+    api_address TEXT,
+    target INTEGER NOT NULL DEFAULT 0,
+    start_time INTEGER NOT NULL,
+    stop_time INTEGER
+);
+CREATE TABLE IF NOT EXISTS workers (
+    cluster TEXT NOT NULL,
+    name TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    ticks INTEGER NOT NULL,
+    PRIMARY KEY (cluster, name)
+);
+";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, readable only by its owner.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// An in-memory store (tests).
+    pub fn in_memory() -> Result<Store, StoreError> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Inserts or replaces a cluster record.
+    pub fn put_cluster(&self, c: &ClusterRecord) -> Result<(), StoreError> {
+        let options = serde_json::to_string(&c.options).expect("options serialise");
+        let settings = serde_json::to_string(&c.settings).expect("settings serialise");
+        self.conn().execute(
+            "INSERT OR REPLACE INTO clusters (name, owner, status, reason, final_status, options, settings, token,
+                tls_cert, tls_key, scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address,
+                api_address, target, start_time, stop_time)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            params![
+                c.name,
+                c.owner,
+                c.status.as_str(),
+                c.reason,
+                c.final_status.map(|s| s.as_str()),
+                options,
+                settings,
+                c.token,
+                c.tls_cert,
+                c.tls_key,
+                c.scheduler.map(|p| p.pid as i64),
+                c.scheduler.map(|p| p.start_ticks as i64),
+                c.scheduler_address,
+                c.dashboard_address,
+                c.api_address,
+                c.target as i64,
+                c.start_time,
+                c.stop_time,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a cluster and its workers.
+    pub fn delete_cluster(&self, name: &str) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute("DELETE FROM workers WHERE cluster = ?1", params![name])?;
+        conn.execute("DELETE FROM clusters WHERE name = ?1", params![name])?;
+        Ok(())
+    }
+
+    /// Records a started worker process.
+    pub fn put_worker(&self, w: &WorkerRecord) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO workers (cluster, name, pid, ticks) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                w.cluster,
+                w.name,
+                w.process.pid as i64,
+                w.process.start_ticks as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a worker process.
+    pub fn delete_worker(&self, cluster: &str, name: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "DELETE FROM workers WHERE cluster = ?1 AND name = ?2",
+            params![cluster, name],
+        )?;
+        Ok(())
+    }
+
+    /// Every stored cluster.
+    pub fn load_clusters(&self) -> Result<Vec<ClusterRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, owner, status, reason, final_status, options, settings, token, tls_cert, tls_key,
+                    scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address, api_address,
+                    target, start_time, stop_time FROM clusters ORDER BY start_time",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                (
+                    r.get::<_, String>(7)?,
+                    r.get::<_, String>(8)?,
+                    r.get::<_, String>(9)?,
+                ),
+                (r.get::<_, Option<i64>>(10)?, r.get::<_, Option<i64>>(11)?),
+                (
+                    r.get::<_, Option<String>>(12)?,
+                    r.get::<_, Option<String>>(13)?,
+                    r.get::<_, Option<String>>(14)?,
+                ),
+                (
+                    r.get::<_, i64>(15)?,
+                    r.get::<_, i64>(16)?,
+                    r.get::<_, Option<i64>>(17)?,
+                ),
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (
+                name,
+                owner,
+                status,
+                reason,
+                final_status,
+                options,
+                settings,
+                secrets,
+                pid,
+                addrs,
+                nums,
+            ) = row?;
+            let corrupt = |what: String| StoreError::Corrupt {
+                name: name.clone(),
+                what,
+            };
+            let status = status
+                .parse()
+                .map_err(|e: gateway_model::UnknownStatus| corrupt(e.to_string()))?;
+            let final_status = match final_status {
+                Some(s) => Some(
+                    s.parse()
+                        .map_err(|e: gateway_model::UnknownStatus| corrupt(e.to_string()))?,
+                ),
+                None => None,
+            };
+            let options =
+                serde_json::from_str(&options).map_err(|e| corrupt(format!("options: {e}")))?;
+            let settings =
+                serde_json::from_str(&settings).map_err(|e| corrupt(format!("settings: {e}")))?;
+            let scheduler = match pid {
+                (Some(pid), Some(ticks)) => Some(ProcessId {
+                    pid: pid as u32,
+                    start_ticks: ticks as u64,
+                }),
+                _ => None,
+            };
+            out.push(ClusterRecord {
+                name: name.clone(),
+                owner,
+                status,
+                reason,
+                final_status,
+                options,
+                settings,
+                token: secrets.0,
+                tls_cert: secrets.1,
+                tls_key: secrets.2,
+                scheduler,
+                scheduler_address: addrs.0,
+                dashboard_address: addrs.1,
+                api_address: addrs.2,
+                target: nums.0.max(0) as u64,
+                start_time: nums.1,
+                stop_time: nums.2,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stored workers of one cluster.
+    pub fn load_workers(&self, cluster: &str) -> Result<Vec<WorkerRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, pid, ticks FROM workers WHERE cluster = ?1")?;
+        let rows = stmt.query_map(params![cluster], |r| {
+            Ok(WorkerRecord {
+                cluster: cluster.to_string(),
+                name: r.get(0)?,
+                process: ProcessId {
+                    pid: r.get::<_, i64>(1)? as u32,
+                    start_ticks: r.get::<_, i64>(2)? as u64,
+                },
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether a cluster is stored (tests and diagnostics).
+    pub fn has_cluster(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM clusters WHERE name = ?1",
+                params![name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_model::{ClusterResources, ResourceLimits};
+
+    pub(crate) fn record(name: &str) -> ClusterRecord {
+        ClusterRecord {
+            name: name.into(),
+            owner: "alice@example.com".into(),
+            status: ClusterStatus::Pending,
+            reason: None,
+            final_status: None,
+            options: Map::new(),
+            settings: ClusterSettings {
+                resources: ClusterResources {
+                    scheduler_cores: 1.0,
+                    scheduler_memory: 1,
+                    worker_cores: 1.0,
+                    worker_memory: 1,
+                },
+                worker_threads: 1,
+                limits: ResourceLimits::default(),
+                idle_timeout: 0.0,
+                environment: Default::default(),
+            },
+            token: "t".into(),
+            tls_cert: "c".into(),
+            tls_key: "k".into(),
+            scheduler: None,
+            scheduler_address: None,
+            dashboard_address: None,
+            api_address: None,
+            target: 0,
+            start_time: 5,
+            stop_time: None,
+        }
+    }
+
+    #[test]
+    fn round_trips_clusters_and_workers() {
+        let store = Store::in_memory().unwrap();
+        let mut c = record("a");
+        store.put_cluster(&c).unwrap();
+        c.status = ClusterStatus::Running;
+        c.scheduler = Some(ProcessId {
+            pid: 42,
+            start_ticks: 7,
+        });
+        c.scheduler_address = Some("tls://127.0.0.1:1".into());
+        c.target = 3;
+        store.put_cluster(&c).unwrap();
+        assert_eq!(store.load_clusters().unwrap(), vec![c.clone()]);
+        let w = WorkerRecord {
+            cluster: "a".into(),
+            name: "w1".into(),
+            process: ProcessId {
+                pid: 43,
+                start_ticks: 8,
+            },
+        };
+        store.put_worker(&w).unwrap();
+        assert_eq!(store.load_workers("a").unwrap(), vec![w]);
+        store.delete_worker("a", "w1").unwrap();
+        assert!(store.load_workers("a").unwrap().is_empty());
+        store.delete_cluster("a").unwrap();
+        assert!(!store.has_cluster("a").unwrap());
+    }
+}
