@@ -76,7 +76,7 @@ pub enum OptionKind {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum SelectChoice {
-    /// Key only; the value applied to the target is the key itself.
+    /// Key only; choosing it leaves the target at its default.
     Key(String),
     /// Key shown to users and the value applied to the target.
     Valued {
@@ -92,14 +92,6 @@ impl SelectChoice {
     pub fn key(&self) -> &str {
         match self {
             SelectChoice::Key(k) | SelectChoice::Valued { key: k, .. } => k,
-        }
-    }
-
-    /// The value applied to the target.
-    pub fn value(&self) -> Value {
-        match self {
-            SelectChoice::Key(k) => Value::String(k.clone()),
-            SelectChoice::Valued { value, .. } => value.clone(),
         }
     }
 }
@@ -220,16 +212,16 @@ impl OptionField {
         }
     }
 
-    /// The value this option applies to its target for a validated user value: the select
-    /// choice's value for `select`, the value itself otherwise.
-    pub fn target_value(&self, validated: &Value) -> Value {
+    /// The value this option applies to its target for a validated user value: the chosen
+    /// choice's value for `select` (`None` for a bare key: the target keeps its default),
+    /// the value itself otherwise.
+    pub fn target_value(&self, validated: &Value) -> Option<Value> {
         match &self.kind {
-            OptionKind::Select { options, .. } => options
-                .iter()
-                .find(|o| Some(o.key()) == validated.as_str())
-                .map(SelectChoice::value)
-                .unwrap_or(Value::Null),
-            _ => validated.clone(),
+            OptionKind::Select { options, .. } => match options.iter().find(|o| Some(o.key()) == validated.as_str()) {
+                Some(SelectChoice::Valued { value, .. }) => Some(value.clone()),
+                _ => None,
+            },
+            _ => Some(validated.clone()),
         }
     }
 }
@@ -374,8 +366,8 @@ mod tests {
         let f = fields();
         let v = validate_options(&f, Some(&json!({"worker_memory": 2, "size": "large"}))).unwrap();
         assert_eq!(v["worker_memory"], json!(2.0));
-        assert_eq!(f[3].target_value(&v["size"]), json!(4));
-        assert_eq!(f[3].target_value(&json!("small")), json!("small"));
+        assert_eq!(f[3].target_value(&v["size"]), Some(json!(4)));
+        assert_eq!(f[3].target_value(&json!("small")), None);
     }
 
     #[test]

@@ -55,6 +55,24 @@ fn memory(field: &str, v: &Value) -> Result<u64, String> {
     }
 }
 
+/// Checks at start-up that every value an option can give its target is usable: each
+/// valued `select` choice, and the default of every other targeted option.
+pub fn check_targets(base: &ClusterConfig) -> Result<(), String> {
+    let fields = &base.options;
+    let defaults = gateway_model::validate_options(fields, None).map_err(|e| e.0)?;
+    resolve(base, fields, &defaults).map_err(|e| format!("with the option defaults: {e}"))?;
+    for f in fields.iter().filter(|f| f.target.is_some()) {
+        if let gateway_model::OptionKind::Select { options, .. } = &f.kind {
+            for choice in options {
+                let mut opts = defaults.clone();
+                opts.insert(f.field.clone(), Value::String(choice.key().to_string()));
+                resolve(base, fields, &opts).map_err(|e| format!("option {} choice {}: {e}", f.field, choice.key()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies the validated `options` to the operator's defaults and checks the result against
 /// the cluster limits. Errors are user-facing (422).
 pub fn resolve(
@@ -69,7 +87,7 @@ pub fn resolve(
         let (Some(target), Some(value)) = (&field.target, options.get(&field.field)) else {
             continue;
         };
-        let v = field.target_value(value);
+        let Some(v) = field.target_value(value) else { continue };
         let name = &field.field;
         match target.as_str() {
             "worker_cores" => cfg.worker_cores = number(name, &v)?,

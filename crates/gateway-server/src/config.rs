@@ -454,5 +454,10 @@ cluster:
             .contains("unknown target"));
         let c: GatewayConfig = serde_yaml::from_str("prefix: gw").unwrap();
         assert!(c.validate().is_err());
+        let c: GatewayConfig = serde_yaml::from_str(
+            "cluster: {options: [{field: m, type: select, default: a, options: [a, {key: b, value: lots}], target: worker_memory}]}",
+        )
+        .unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("choice b"));
     }
 }
