@@ -66,7 +66,8 @@ pub fn check_targets(base: &ClusterConfig) -> Result<(), String> {
             for choice in options {
                 let mut opts = defaults.clone();
                 opts.insert(f.field.clone(), Value::String(choice.key().to_string()));
-                resolve(base, fields, &opts).map_err(|e| format!("option {} choice {}: {e}", f.field, choice.key()))?;
+                resolve(base, fields, &opts)
+                    .map_err(|e| format!("option {} choice {}: {e}", f.field, choice.key()))?;
             }
         }
     }
@@ -87,7 +88,9 @@ pub fn resolve(
         let (Some(target), Some(value)) = (&field.target, options.get(&field.field)) else {
             continue;
         };
-        let Some(v) = field.target_value(value) else { continue };
+        let Some(v) = field.target_value(value) else {
+            continue;
+        };
         let name = &field.field;
         match target.as_str() {
             "worker_cores" => cfg.worker_cores = number(name, &v)?,

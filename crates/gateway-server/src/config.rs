@@ -365,6 +365,7 @@ impl GatewayConfig {
         c.limits()
             .check_scheduler(&c.resources())
             .map_err(ConfigError::Invalid)?;
+        crate::cluster_settings::check_targets(c).map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
