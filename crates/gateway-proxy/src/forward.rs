@@ -204,6 +204,8 @@ async fn forward_upgrade(
     let backend_upgrade = hyper::upgrade::on(&mut resp);
     let target_owned = target.to_string();
     tokio::spawn(async move {
+        // Keep the backend connection's request handle alive until the upgrade completes.
+        let _sender = sender;
         let (client_io, backend_io) = match tokio::try_join!(client_upgrade, backend_upgrade) {
             Ok(pair) => pair,
             Err(e) => {
