@@ -130,7 +130,8 @@ impl Authenticator {
                 return Err(AuthError::Invalid);
             }
         }
-        if name.is_empty() {
+        // User names become process environment (USER) and log fields: refuse control characters.
+        if name.is_empty() || name.chars().any(char::is_control) {
             return Err(AuthError::Invalid);
         }
         let token = self.session_for(name);
@@ -255,6 +256,14 @@ mod tests {
         );
         assert!(auth(None).authenticate(&basic("bob", "anything")).is_ok());
         assert!(a.authenticate(&basic("root", "pw")).unwrap().user.admin);
+        assert_eq!(
+            a.authenticate(&basic("a\u{0}b", "pw")).unwrap_err(),
+            AuthError::Invalid
+        );
+        assert_eq!(
+            a.authenticate(&basic("a\nb", "pw")).unwrap_err(),
+            AuthError::Invalid
+        );
     }
 
     #[test]

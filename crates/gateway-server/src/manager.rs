@@ -287,7 +287,7 @@ impl Manager {
             Ok(pid) => {
                 cluster.rec.scheduler = Some(pid);
                 self.store.put_cluster(&cluster.rec)?;
-                info!(cluster = %name, user = %user.name, pid = pid.pid, "cluster created, scheduler starting");
+                info!(cluster = %name, user = ?user.name, pid = pid.pid, "cluster created, scheduler starting");
                 Ok(name)
             }
             Err(e) => {
@@ -386,7 +386,7 @@ impl Manager {
         };
         if c.rec.status.is_active() {
             info!(cluster = %name, reason = %by, "stopping cluster");
-            self.begin_stop(c, ClusterStatus::Stopped, by).run();
+            self.begin_stop(c, ClusterStatus::Stopped, by);
         }
         drop(clusters);
         self.spawn_teardown_if_needed(name);
@@ -407,9 +407,9 @@ impl Manager {
             .is_some_and(|c| token_matches(token, &c.rec.token))
     }
 
-    /// Moves an active cluster to STOPPING (persisted), drops its routes and returns the
-    /// processes to terminate. The final status is reached by [`Manager::spawn_teardown_if_needed`].
-    fn begin_stop(&self, c: &mut Cluster, final_status: ClusterStatus, reason: String) -> Kills {
+    /// Moves an active cluster to STOPPING (persisted) and drops its routes. Its processes are
+    /// terminated and the final status reached by [`Manager::spawn_teardown_if_needed`].
+    fn begin_stop(&self, c: &mut Cluster, final_status: ClusterStatus, reason: String) {
         c.set_status(ClusterStatus::Stopping);
         c.rec.final_status = Some(final_status);
         c.rec.reason = Some(reason);
@@ -417,13 +417,9 @@ impl Manager {
         if let Err(e) = self.store.put_cluster(&c.rec) {
             error!(cluster = %c.rec.name, "persisting stop: {e}");
         }
-        let mut kills = Kills::default();
-        kills.0.extend(c.rec.scheduler);
         for w in c.workers.values_mut() {
             w.state = WorkerState::Stopping;
-            kills.0.push(w.process);
         }
-        kills
     }
 
     /// For a STOPPING cluster: waits until its processes are gone, then records the final status.
@@ -476,7 +472,7 @@ impl Manager {
         info!(cluster = %name, status = %final_status, reason = c.rec.reason.as_deref().unwrap_or(""), "cluster finished");
     }
 
-    fn fail(&self, c: &mut Cluster, reason: String) -> Kills {
+    fn fail(&self, c: &mut Cluster, reason: String) {
         warn!(cluster = %c.rec.name, %reason, "cluster failed");
         self.begin_stop(c, ClusterStatus::Failed, reason)
     }
@@ -600,16 +596,13 @@ impl Manager {
             }
             warn!(cluster = %name, attempt = attempt + 1, error = %last_error, "forwarding to scheduler failed");
         }
-        let kills = {
-            let mut clusters = self.lock();
-            match clusters.get_mut(name) {
-                Some(c) if c.rec.status.is_active() => {
-                    self.fail(c, format!("could not reach the scheduler: {last_error}"))
-                }
-                _ => Kills::default(),
-            }
-        };
-        kills.run();
+        if let Some(c) = self
+            .lock()
+            .get_mut(name)
+            .filter(|c| c.rec.status.is_active())
+        {
+            self.fail(c, format!("could not reach the scheduler: {last_error}"));
+        }
         self.spawn_teardown_if_needed(name);
         Err(ManagerError::NotRunning(name.into()))
     }
@@ -702,7 +695,7 @@ impl Manager {
             self.store.put_cluster(&c.rec)?;
         }
         if c.rec.status == ClusterStatus::Running {
-            self.start_missing_workers(c, kills);
+            self.start_missing_workers(c);
         }
         Ok(())
     }
@@ -723,7 +716,7 @@ impl Manager {
     }
 
     /// Starts workers until the live count reaches the target.
-    fn start_missing_workers(&self, c: &mut Cluster, kills: &mut Kills) {
+    fn start_missing_workers(&self, c: &mut Cluster) {
         let Some(address) = c.rec.scheduler_address.clone() else {
             return;
         };
@@ -762,14 +755,11 @@ impl Manager {
                     c.worker_failures += 1;
                     error!(cluster = %c.rec.name, "starting worker: {e}");
                     if c.worker_failures >= limit {
-                        let k = self.fail(
-                            c,
-                            format!(
-                                "{} consecutive worker start failures: {e}",
-                                c.worker_failures
-                            ),
+                        let reason = format!(
+                            "{} consecutive worker start failures: {e}",
+                            c.worker_failures
                         );
-                        kills.0.extend(k.0);
+                        self.fail(c, reason);
                     }
                     return;
                 }
@@ -779,7 +769,6 @@ impl Manager {
 
     /// Handles the exit of a scheduler or worker process.
     pub fn on_exit(self: &Arc<Self>, exit: ProcessExit) {
-        let mut kills = Kills::default();
         {
             let mut clusters = self.lock();
             let Some(c) = clusters.get_mut(&exit.cluster) else {
@@ -789,7 +778,7 @@ impl Manager {
             match &exit.role {
                 ProcessRole::Scheduler => {
                     if c.rec.scheduler == Some(exit.id) && c.rec.status.is_active() {
-                        kills = self.fail(c, format!("the scheduler exited (exit code {code})"));
+                        self.fail(c, format!("the scheduler exited (exit code {code})"));
                     }
                 }
                 ProcessRole::Worker(wname) => {
@@ -813,15 +802,14 @@ impl Manager {
                                 "{} workers in a row exited unexpectedly",
                                 c.worker_failures
                             );
-                            kills = self.fail(c, reason);
+                            self.fail(c, reason);
                         } else if c.rec.status == ClusterStatus::Running {
-                            self.start_missing_workers(c, &mut kills);
+                            self.start_missing_workers(c);
                         }
                     }
                 }
             }
         }
-        kills.run();
         self.spawn_teardown_if_needed(&exit.cluster);
     }
 
@@ -854,7 +842,7 @@ impl Manager {
                     _ => None,
                 };
                 if let Some(reason) = reason {
-                    self.fail(c, reason).run();
+                    self.fail(c, reason);
                     stopping.push(c.rec.name.clone());
                 }
                 if c.rec.status.is_terminal()
@@ -913,11 +901,8 @@ impl Manager {
                         info!(cluster = %name, status = %c.rec.status, workers = c.workers.len(), "re-adopted cluster");
                     }
                     _ => {
-                        self.fail(
-                            &mut c,
-                            "the scheduler process was gone when the gateway restarted".into(),
-                        )
-                        .run();
+                        let reason = "the scheduler process was gone when the gateway restarted";
+                        self.fail(&mut c, reason.into());
                     }
                 }
             }
@@ -942,8 +927,7 @@ impl Manager {
             let mut clusters = self.lock();
             let mut names = Vec::new();
             for c in clusters.values_mut().filter(|c| c.rec.status.is_active()) {
-                self.begin_stop(c, ClusterStatus::Stopped, reason.to_string())
-                    .run();
+                self.begin_stop(c, ClusterStatus::Stopped, reason.to_string());
                 names.push(c.rec.name.clone());
             }
             names
