@@ -42,7 +42,10 @@ impl ResourceLimits {
             }
         }
         if let Some(max_mem) = self.max_memory {
-            if let Some(n) = max_mem.saturating_sub(r.scheduler_memory).checked_div(r.worker_memory) {
+            if let Some(n) = max_mem
+                .saturating_sub(r.scheduler_memory)
+                .checked_div(r.worker_memory)
+            {
                 tighten(n);
             }
         }

@@ -217,10 +217,12 @@ impl OptionField {
     /// the value itself otherwise.
     pub fn target_value(&self, validated: &Value) -> Option<Value> {
         match &self.kind {
-            OptionKind::Select { options, .. } => match options.iter().find(|o| Some(o.key()) == validated.as_str()) {
-                Some(SelectChoice::Valued { value, .. }) => Some(value.clone()),
-                _ => None,
-            },
+            OptionKind::Select { options, .. } => {
+                match options.iter().find(|o| Some(o.key()) == validated.as_str()) {
+                    Some(SelectChoice::Valued { value, .. }) => Some(value.clone()),
+                    _ => None,
+                }
+            }
             _ => Some(validated.clone()),
         }
     }
