@@ -394,12 +394,13 @@ impl GatewayConfig {
         if let Some(u) = &self.api_url {
             return u.trim_end_matches('/').to_string();
         }
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        // Plain HTTP even with `tls`: the shared port also serves HTTP, and the preload would
+        // not trust an operator certificate unless the scheduler host does.
         let mut addr = self.address;
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        format!("{scheme}://{addr}{}/api", self.prefix())
+        format!("http://{addr}{}/api", self.prefix())
     }
 }
 

@@ -1,0 +1,391 @@
+//! In-process tests of the REST API paths that need no running Dask: authentication, input
+//! validation, ownership of errors, and a scheduler that cannot be started.
+//! (Everything with real Dask is in tests/e2e, driven by the stock Python client.)
+
+use gateway_server::config::GatewayConfig;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+struct Gateway {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), gateway_server::StartError>>,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start(yaml: &str) -> Gateway {
+    let dir = std::env::temp_dir().join(format!(
+        "dgrs-api-test-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let port = free_port();
+    let mut config: GatewayConfig = serde_yaml::from_str(yaml).unwrap();
+    config.address = format!("127.0.0.1:{port}").parse().unwrap();
+    config.data_dir = Some(dir.clone());
+    config.validate().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(gateway_server::run(config, async move {
+        let _ = rx.await;
+    }));
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if reqwest::get(format!("{base}/api/health")).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Gateway {
+        base,
+        stop: Some(tx),
+        task,
+        _dir: TempDir(dir),
+    }
+}
+
+impl Gateway {
+    fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder().no_proxy().build().unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+fn basic(user: &str, pw: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+    )
+}
+
+const CONFIG: &str = r#"
+auth: {password: pw}
+dask: {command: /bin/false}
+cluster:
+  options:
+    - {field: worker_cores, type: int, default: 1, min: 1, max: 4, target: worker_cores}
+    - {field: size, type: select, default: small, options: [small, large]}
+"#;
+
+#[tokio::test]
+async fn health_version_and_challenge() {
+    let gw = start(CONFIG).await;
+    let c = gw.client();
+    let r = c.get(gw.url("/api/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "pass"}));
+    let v: Value = c
+        .get(gw.url("/api/version"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["version"].is_string());
+
+    let r = c.get(gw.url("/api/v1/clusters/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Basic");
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "Authentication required"})
+    );
+
+    let r = c
+        .get(gw.url("/api/v1/clusters/"))
+        .header("Authorization", basic("alice", "bad"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let r = c
+        .get(gw.url("/api/v1/clusters/"))
+        .header("Authorization", basic("alice", "pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({}));
+    // The cookie alone authenticates.
+    let r = c
+        .get(gw.url("/api/v1/clusters/"))
+        .header("Cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_422_and_changes_nothing() {
+    let gw = start(CONFIG).await;
+    let c = gw.client();
+    let auth = basic("alice", "pw");
+    let post = |body: &'static str| {
+        c.post(gw.url("/api/v1/clusters/"))
+            .header("Authorization", &auth)
+            .header("Content-Type", "application/json")
+            .body(body)
+    };
+    for (body, needle) in [
+        ("{not json", "Invalid request body"),
+        ("[1, 2]", "must be a JSON object"),
+        (
+            r#"{"cluster_options": {"nope": 1}}"#,
+            "Unknown fields ['nope']",
+        ),
+        (
+            r#"{"cluster_options": {"worker_cores": "2"}}"#,
+            "worker_cores must be an integer",
+        ),
+        (
+            r#"{"cluster_options": {"worker_cores": 9}}"#,
+            "worker_cores must be <= 4",
+        ),
+        (
+            r#"{"cluster_options": {"size": "xl"}}"#,
+            "'xl' is not a valid option for size",
+        ),
+        (r#"{"cluster_options": [1]}"#, "options must be a dict"),
+    ] {
+        let r = post(body).send().await.unwrap();
+        assert_eq!(r.status(), 422, "{body}");
+        let e: Value = r.json().await.unwrap();
+        assert!(e["error"].as_str().unwrap().contains(needle), "{body}: {e}");
+    }
+    let r = c
+        .get(gw.url("/api/v1/clusters/?status=bogus"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "'bogus' is not a valid ClusterStatus"
+    );
+    let r = c
+        .get(gw.url("/api/v1/clusters/?status=stopped,failed,pending,running,stopping"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({}),
+        "nothing was created"
+    );
+
+    let r = c
+        .get(gw.url("/api/v1/clusters/nope"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "Cluster nope not found"
+    );
+    let r = c
+        .post(gw.url("/api/v1/clusters/nope/scale"))
+        .header("Authorization", &auth)
+        .json(&json!({"count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c
+        .delete(gw.url("/api/v1/clusters/nope"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = c
+        .post(gw.url("/api/v1/clusters/nope/heartbeat"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "token");
+    let r = c
+        .get(gw.url("/api/v1/nothing-here"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn options_are_served_in_wire_form() {
+    let gw = start(CONFIG).await;
+    let r = gw
+        .client()
+        .get(gw.url("/api/v1/options"))
+        .header("Authorization", basic("bob", "pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"cluster_options": [
+            {"field": "worker_cores", "label": "worker_cores", "default": 1, "spec": {"type": "int", "min": 1, "max": 4}},
+            {"field": "size", "label": "size", "default": "small", "spec": {"type": "select", "options": ["small", "large"]}}
+        ]})
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_scheduler_that_cannot_start_fails_the_cluster() {
+    let gw = start(
+        r#"
+dask: {command: /nonexistent/dask}
+cluster: {start_timeout: 5}
+"#,
+    )
+    .await;
+    let c = gw.client();
+    let auth = basic("alice", "");
+    let r = c
+        .post(gw.url("/api/v1/clusters/"))
+        .header("Authorization", &auth)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert!(r.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("could not start the Dask scheduler"));
+    let list: Value = c
+        .get(gw.url("/api/v1/clusters/?status=failed"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let clusters = list.as_object().unwrap();
+    assert_eq!(clusters.len(), 1);
+    let model = clusters.values().next().unwrap();
+    assert_eq!(model["status"], "FAILED");
+    assert!(model["stop_time"].is_i64());
+    assert!(model["tls_cert"].is_null());
+    let active: Value = c
+        .get(gw.url("/api/v1/clusters/"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(active, json!({}));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_scheduler_that_exits_fails_the_cluster() {
+    // `/bin/false scheduler ...` starts and exits 1 at once: PENDING then FAILED, never RUNNING.
+    let gw = start(CONFIG).await;
+    let c = gw.client();
+    let auth = basic("alice", "pw");
+    let r = c
+        .post(gw.url("/api/v1/clusters/"))
+        .header("Authorization", &auth)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let name = r.json::<Value>().await.unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut status = String::new();
+    for _ in 0..100 {
+        let m: Value = c
+            .get(gw.url(&format!("/api/v1/clusters/{name}?wait")))
+            .header("Authorization", &auth)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status = m["status"].as_str().unwrap().to_string();
+        if status == "FAILED" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, "FAILED");
+    // Another user cannot see it.
+    let r = c
+        .get(gw.url(&format!("/api/v1/clusters/{name}")))
+        .header("Authorization", basic("mallory", "pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_gateway_per_data_directory() {
+    let gw = start(CONFIG).await;
+    let mut second: GatewayConfig = serde_yaml::from_str(CONFIG).unwrap();
+    second.address = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    second.data_dir = Some(gw._dir.0.clone());
+    let err = gateway_server::run(second, async {}).await.unwrap_err();
+    assert!(
+        err.to_string().contains("already using the data directory"),
+        "{err}"
+    );
+    gw.shutdown().await;
+}
