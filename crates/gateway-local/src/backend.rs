@@ -358,6 +358,18 @@ impl LocalBackend {
         )
     }
 
+    /// Processes of this backend (by working directory) that are not in `known`: leftovers of
+    /// a crash between starting a process and recording it.
+    pub fn unknown_processes(
+        &self,
+        known: &std::collections::HashSet<ProcessId>,
+    ) -> Vec<(String, ProcessId)> {
+        crate::process::group_leaders_under(&self.config.work_root)
+            .into_iter()
+            .filter(|(_, id)| !known.contains(id))
+            .collect()
+    }
+
     /// Watches a process started by an earlier gateway run; its exit is reported like any other.
     pub fn adopt(&self, cluster: &str, role: ProcessRole, id: ProcessId) {
         watch_adopted(cluster.to_string(), role, id, self.events.clone());

@@ -16,4 +16,4 @@ pub mod process;
 
 pub use backend::{LocalBackend, LocalConfig, LocalError, SchedulerSpec, WorkerSpec};
 pub use credentials::{new_api_token, ClusterCredentials};
-pub use process::{ProcessExit, ProcessId, ProcessRole};
+pub use process::{group_leaders_under, ProcessExit, ProcessId, ProcessRole};

@@ -37,13 +37,19 @@ pub struct ProcessExit {
 
 /// Reads state and start time of `pid` from `/proc`; `None` if there is no such process.
 fn stat(pid: u32) -> Option<(char, u64)> {
+    stat_fields(pid).map(|(state, _, start)| (state, start))
+}
+
+/// State, process group and start time of `pid`.
+fn stat_fields(pid: u32) -> Option<(char, u32, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let state = fields.first()?.chars().next()?;
+    let group = fields.get(2)?.parse().ok()?; // field 5 overall
     let start = fields.get(19)?.parse().ok()?; // field 22 overall
-    Some((state, start))
+    Some((state, group, start))
 }
 
 impl ProcessId {
@@ -85,6 +91,47 @@ impl ProcessId {
             }
         }
     }
+}
+
+/// Live process-group leaders whose working directory is inside `root/<cluster>/`, with the
+/// cluster name: every scheduler and worker this backend starts is one. Used after a restart to
+/// find processes the state store does not know (e.g. started just before a crash).
+pub fn group_leaders_under(root: &std::path::Path) -> Vec<(String, ProcessId)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue;
+        };
+        let Ok(rel) = cwd.strip_prefix(root) else {
+            continue;
+        };
+        let Some(cluster) = rel.components().next().and_then(|c| c.as_os_str().to_str()) else {
+            continue;
+        };
+        match stat_fields(pid) {
+            Some((state, group, start)) if group == pid && state != 'Z' && state != 'X' => {
+                found.push((
+                    cluster.to_string(),
+                    ProcessId {
+                        pid,
+                        start_ticks: start,
+                    },
+                ));
+            }
+            _ => {}
+        }
+    }
+    found
 }
 
 /// Watches a process that is not our child (adopted after a gateway restart) by polling
@@ -140,6 +187,25 @@ mod tests {
         let status = child.wait().await.unwrap();
         assert!(!status.success());
         assert!(!id.is_alive());
+    }
+
+    #[tokio::test]
+    async fn finds_group_leaders_by_working_directory() {
+        let root = std::env::temp_dir().join(format!("dgrs-leaders-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("c9")).unwrap();
+        let mut child = tokio::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(root.join("c9"))
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let id = ProcessId::of(child.id().unwrap()).unwrap();
+        let found = group_leaders_under(&root);
+        assert_eq!(found, vec![("c9".to_string(), id)]);
+        id.terminate(Duration::from_secs(5)).await;
+        child.wait().await.unwrap();
+        assert!(group_leaders_under(&root).is_empty());
+        let _ = std::fs::remove_dir_all(root);
     }
 
     #[tokio::test]

@@ -26,6 +26,8 @@ use tracing::{error, info, warn};
 
 /// How long `?wait` holds a request.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Workers started per heartbeat, exit or tick.
+const START_BATCH: usize = 16;
 /// Grace period between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -715,13 +717,16 @@ impl Manager {
         }
     }
 
-    /// Starts workers until the live count reaches the target.
+    /// Starts workers until the live count reaches the target, at most [`START_BATCH`] per call
+    /// (the one-second tick continues a large scale-up without holding the lock for long).
     fn start_missing_workers(&self, c: &mut Cluster) {
         let Some(address) = c.rec.scheduler_address.clone() else {
             return;
         };
         let limit = self.config.cluster.worker_start_failure_limit.max(1);
-        while c.live_workers() < c.rec.target as usize {
+        let mut started = 0;
+        while c.live_workers() < c.rec.target as usize && started < START_BATCH {
+            started += 1;
             let wname = new_name();
             let spec = WorkerSpec {
                 cluster: &c.rec.name,
@@ -844,6 +849,8 @@ impl Manager {
                 if let Some(reason) = reason {
                     self.fail(c, reason);
                     stopping.push(c.rec.name.clone());
+                } else if c.rec.status == ClusterStatus::Running && c.worker_failures == 0 {
+                    self.start_missing_workers(c);
                 }
                 if c.rec.status.is_terminal()
                     && c.rec.stop_time.is_some_and(|t| now_ms() - t > retention_ms)
@@ -913,6 +920,22 @@ impl Manager {
                 resume.push(name.clone());
             }
             clusters.insert(name, c);
+        }
+        // Processes in a cluster directory that no record accounts for (a crash between starting
+        // a process and storing it) would otherwise run forever: stop them.
+        let known: HashSet<ProcessId> = clusters
+            .values()
+            .filter(|c| !c.rec.status.is_terminal())
+            .flat_map(|c| {
+                c.rec
+                    .scheduler
+                    .into_iter()
+                    .chain(c.workers.values().map(|w| w.process))
+            })
+            .collect();
+        for (cluster, id) in self.backend.unknown_processes(&known) {
+            warn!(cluster = %cluster, pid = id.pid, "terminating a process no cluster record accounts for");
+            tokio::spawn(async move { id.terminate(STOP_GRACE).await });
         }
         drop(clusters);
         for name in resume {
