@@ -375,6 +375,20 @@ func (rt *podRT) supervise(c *ctr) {
 // runOnce starts the container's process and waits for it; it returns the exit code.
 func (rt *podRT) runOnce(c *ctr) int32 {
 	cmd, err := rt.buildCmd(c)
+	for err != nil {
+		if _, permanent := err.(permanentError); permanent {
+			break
+		}
+		// A missing Secret/ConfigMap: wait for it, as the kubelet does.
+		rt.mu.Lock()
+		c.state = waiting("CreateContainerConfigError", err.Error())
+		rt.mu.Unlock()
+		rt.markDirty()
+		if !rt.sleep(2 * time.Second) {
+			return 137
+		}
+		cmd, err = rt.buildCmd(c)
+	}
 	if err != nil {
 		rt.logf("container %s: %v", c.spec.Name, err)
 		now := metav1.Now()
@@ -538,7 +552,7 @@ func (rt *podRT) buildCmd(c *ctr) (*exec.Cmd, error) {
 	argv := append([]string{}, c.spec.Command...)
 	argv = append(argv, c.spec.Args...)
 	if len(argv) == 0 {
-		return nil, fmt.Errorf("no command: the process kubelet ignores images, so command or args must be set")
+		return nil, permanentError{fmt.Errorf("no command: the process kubelet ignores images, so command or args must be set")}
 	}
 	for i := range argv {
 		argv[i] = expand(argv[i], lookup)
@@ -577,6 +591,9 @@ func (rt *podRT) buildCmd(c *ctr) (*exec.Cmd, error) {
 	// The log file is closed by the GC after the process exits; the child keeps its own fd.
 	return cmd, nil
 }
+
+// permanentError is a container start failure that retrying cannot fix.
+type permanentError struct{ error }
 
 // expand replaces $(VAR) with its value when VAR is defined; $$ escapes a dollar sign.
 func expand(s string, vars map[string]string) string {
