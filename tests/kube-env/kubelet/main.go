@@ -48,6 +48,7 @@ type config struct {
 	memory      string
 	maxPods     string
 	version     string
+	services    bool
 }
 
 // kubelet is the state shared by all pods of the node.
@@ -79,6 +80,7 @@ func main() {
 	flag.StringVar(&c.memory, "memory", "32Gi", "node memory capacity")
 	flag.StringVar(&c.maxPods, "max-pods", "110", "node pod capacity")
 	flag.StringVar(&c.version, "kubelet-version", "v0.0.0", "version reported in the node info")
+	flag.BoolVar(&c.services, "services", true, "serve ClusterIP services (userspace proxy on the bridge) and cluster DNS on the bridge address")
 	flag.Parse()
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 
@@ -127,6 +129,11 @@ func main() {
 		},
 	})
 	factory.Start(ctx.Done())
+	if c.services {
+		all := informers.NewSharedInformerFactory(cs, 0)
+		k.startServices(ctx, all)
+		all.Start(ctx.Done())
+	}
 	log.Printf("node %s ready; pods get addresses in %s via bridge %s", c.nodeName, c.podCIDR, c.bridge)
 
 	sig := make(chan os.Signal, 1)

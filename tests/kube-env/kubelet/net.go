@@ -78,8 +78,9 @@ func run(args ...string) error {
 }
 
 // setupNetns creates network namespace ns with eth0 = ip on the bridge, a default route via the
-// bridge address, and /etc/netns/<ns>/hosts so the pod's hostname resolves to its IP.
-func (k *kubelet) setupNetns(ns, hostVeth, ip, hostname string) error {
+// bridge address, /etc/netns/<ns>/hosts so the pod's hostname resolves to its IP, and a
+// resolv.conf pointing at the cluster DNS of the kubelet.
+func (k *kubelet) setupNetns(ns, hostVeth, ip, hostname, podNamespace string) error {
 	peer := "tmp" + hostVeth
 	if len(peer) > 15 {
 		peer = peer[:15]
@@ -105,7 +106,15 @@ func (k *kubelet) setupNetns(ns, hostVeth, ip, hostname string) error {
 		return err
 	}
 	hosts := fmt.Sprintf("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n%s\t%s\n", ip, hostname)
-	return os.WriteFile(filepath.Join(etc, "hosts"), []byte(hosts), 0o644)
+	if err := os.WriteFile(filepath.Join(etc, "hosts"), []byte(hosts), 0o644); err != nil {
+		return err
+	}
+	if !k.cfg.services {
+		return nil
+	}
+	// `ip netns exec` bind-mounts this over /etc/resolv.conf: cluster DNS on the bridge address.
+	resolv := fmt.Sprintf("search %s.svc.cluster.local svc.cluster.local cluster.local\nnameserver %s\noptions ndots:5\n", podNamespace, k.hostIP)
+	return os.WriteFile(filepath.Join(etc, "resolv.conf"), []byte(resolv), 0o644)
 }
 
 // netnsPids lists the processes that live in network namespace ns.

@@ -211,7 +211,7 @@ func (rt *podRT) startSandbox() bool {
 			if h := rt.pod.Spec.Hostname; h != "" {
 				hostname = h
 			}
-			err = rt.k.setupNetns(rt.netns, rt.hostVeth, ip, hostname)
+			err = rt.k.setupNetns(rt.netns, rt.hostVeth, ip, hostname, rt.ns)
 			if err != nil {
 				rt.k.ipam.release(ip)
 			} else {

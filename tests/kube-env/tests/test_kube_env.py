@@ -320,21 +320,50 @@ d = "/var/run/secrets/kubernetes.io/serviceaccount/"
 tok = open(d + "token").read()
 ctx = ssl.create_default_context(cafile=d + "ca.crt")
 base = "https://%s:%s" % (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"])
-def get(path):
+def get(path, base=base):
     req = urllib.request.Request(base + path, headers={"Authorization": "Bearer " + tok})
     try:
         with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
-print(json.dumps({"version": get("/version"), "pods": get("/api/v1/namespaces/%s/pods" % open(d + "namespace").read())}))
+print(json.dumps({"version": get("/version"), "pods": get("/api/v1/namespaces/%s/pods" % open(d + "namespace").read()),
+                  "via_service": get("/version", "https://kubernetes.default.svc")}))
 """
     apply(pod("incluster", ["python3", "-c", script], restartPolicy="Never"), ns)
     wait("incluster finished", lambda: phase("incluster", ns) in ("Succeeded", "Failed"))
     log = container_log("incluster", ns)
     assert phase("incluster", ns) == "Succeeded", log
     # Authenticated (version readable) but the default ServiceAccount may not list pods.
-    assert json.loads(log.strip().splitlines()[-1]) == {"version": 200, "pods": 403}
+    assert json.loads(log.strip().splitlines()[-1]) == {"version": 200, "pods": 403, "via_service": 200}
+
+
+def test_service_by_cluster_ip_and_dns_name(ns):
+    apply(pod("backend", WEB) | {"metadata": {"name": "backend", "labels": {"app": "backend"}}}, ns)
+    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": {
+        "selector": {"app": "backend"}, "ports": [{"name": "http", "port": 80, "targetPort": 8000}]}}, ns)
+    ready_pod("backend", ns)
+    ip = get("service", "web", ns)["spec"]["clusterIP"]
+    # From the host, by ClusterIP (once the endpoints are ready).
+    status, _ = wait("service via ClusterIP", lambda: _try_get(f"http://{ip}:80/"), timeout=30)
+    assert status == 200
+    # From a pod, by short name, namespaced name and full name.
+    script = (
+        "import urllib.request, socket\n"
+        f"for host in ['web', 'web.{ns}', 'web.{ns}.svc.cluster.local']:\n"
+        "    assert urllib.request.urlopen(f'http://{host}/', timeout=5).status == 200, host\n"
+        "try:\n"
+        "    socket.gethostbyname('nope.example.com')\n"
+        "    raise SystemExit('resolved an outside name')\n"
+        "except socket.gaierror:\n"
+        "    pass\n"
+        "print('services ok')\n"
+    )
+    apply(pod("svc-client", ["python3", "-c", script], restartPolicy="Never"), ns)
+    wait("svc-client finished", lambda: phase("svc-client", ns) in ("Succeeded", "Failed"))
+    log = container_log("svc-client", ns)
+    assert phase("svc-client", ns) == "Succeeded", log
+    assert "services ok" in log
 
 
 def test_owner_reference_garbage_collection(ns):
