@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import gc
 import http.client
 import json
 import os
@@ -186,6 +187,8 @@ def basic_auth_header(user, password=""):
     return "Basic " + b64encode(f"{user}:{password}".encode("latin1")).decode()
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
 # Registry of running servers, for per-test log slices.
 _RUNNING: list[GatewayServer] = []
 
@@ -256,6 +259,7 @@ class GatewayServer:
         env = dict(os.environ)
         env.setdefault("RUST_LOG", os.environ.get("E2E_RUST_LOG", "info"))
         env.setdefault("RUST_BACKTRACE", "1")
+        env["NO_COLOR"] = "1"
         log = open(self.log_path, "ab")
         log.write(f"\n===== e2e: starting {binary} --config {self.config_path} =====\n".encode())
         log.flush()
@@ -355,7 +359,7 @@ class GatewayServer:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(start)
-                return f.read().decode("utf-8", "replace")
+                return ANSI.sub("", f.read().decode("utf-8", "replace"))
         except FileNotFoundError:
             return ""
 
@@ -588,6 +592,9 @@ def _safe(nodeid):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
+    # Automatic garbage collection is off for the session (see pytest_configure); collect here,
+    # where the main thread holds no lock.
+    gc.collect()
     item._e2e_log_marks = {id(s): s.log_size() for s in _RUNNING}
 
 
@@ -612,6 +619,11 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_configure(config):
+    # The stock client's finalizers (Gateway/GatewayCluster.__del__ -> close -> LoopRunner.stop)
+    # take distributed's global LoopRunner lock. If a GC pass runs them while the main thread is
+    # inside LoopRunner.start (e.g. creating a Client), the process deadlocks, beyond the reach
+    # of pytest-timeout. So: no automatic GC; collect between tests instead.
+    gc.disable()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # Make sure no user dask-gateway config leaks into the tests.
     import dask

@@ -15,6 +15,7 @@ from conftest import (
     raw_exchange,
     tls_probe,
     wait_status,
+    wait_workers,
 )
 from dask_gateway import GatewayClusterError
 
@@ -47,7 +48,14 @@ def snapshot(server):
 
 @pytest.fixture
 def unchanged(server, cluster):
-    """Asserts after the test that nothing changed for USER and the server is healthy."""
+    """Asserts after the test that nothing changed for USER and the server is healthy.
+
+    Setup resets the cluster to 0 wanted workers, so that a bad request that did scale it
+    (a failure of an earlier test) does not spill into the next test."""
+    with cluster.get_client(set_as_default=False) as client:
+        if n_workers(client):
+            cluster.scale(0)
+            wait_workers(client, 0, timeout=60)
     before = snapshot(server)
     assert before[cluster.name] == "RUNNING"
     yield
@@ -131,11 +139,18 @@ def test_scale_with_bad_count(server, cluster, unchanged, count):
     assert_json_error(r, 422, "non-negative integer")
 
 
-def test_scale_without_count_or_body(server, cluster, unchanged):
-    for body in (b"{}", b"not json", b"[3]"):
-        r = server.http("POST", f"/api/v1/clusters/{cluster.name}/scale", user=USER,
-                        body=body, headers={"Content-Type": "application/json"})
-        assert_json_error(r, 422)
+@pytest.mark.parametrize("body", [b"{}", b"not json", b"[3]", b"3", b""])
+def test_scale_with_bad_body(server, cluster, unchanged, body):
+    r = server.http("POST", f"/api/v1/clusters/{cluster.name}/scale", user=USER,
+                    body=body, headers={"Content-Type": "application/json"})
+    assert_json_error(r, 422)
+
+
+@pytest.mark.parametrize("body", [b"[0, 1, true]", b"not json", b"", b'{"minimum": 0, "maximum": 1, "active": "yes"}'])
+def test_adapt_with_bad_body(server, cluster, unchanged, body):
+    r = server.http("POST", f"/api/v1/clusters/{cluster.name}/adapt", user=USER,
+                    body=body, headers={"Content-Type": "application/json"})
+    assert_json_error(r, 422)
 
 
 def test_scale_negative_through_client(gw, cluster, unchanged):
