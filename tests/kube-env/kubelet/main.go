@@ -49,6 +49,10 @@ type config struct {
 	maxPods     string
 	version     string
 	services    bool
+	serveAddr   string
+	tlsCert     string
+	tlsKey      string
+	clientCA    string
 }
 
 // kubelet is the state shared by all pods of the node.
@@ -81,6 +85,10 @@ func main() {
 	flag.StringVar(&c.maxPods, "max-pods", "110", "node pod capacity")
 	flag.StringVar(&c.version, "kubelet-version", "v0.0.0", "version reported in the node info")
 	flag.BoolVar(&c.services, "services", true, "serve ClusterIP services (userspace proxy on the bridge) and cluster DNS on the bridge address")
+	flag.StringVar(&c.serveAddr, "serve-addr", "", "if set (e.g. 10.244.0.1:10250), serve container logs for the API server here (needs the three TLS flags)")
+	flag.StringVar(&c.tlsCert, "tls-cert-file", "", "serving certificate of the kubelet API")
+	flag.StringVar(&c.tlsKey, "tls-private-key-file", "", "key of --tls-cert-file")
+	flag.StringVar(&c.clientCA, "client-ca-file", "", "CA that signs the API server's kubelet client certificate")
 	flag.Parse()
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 
@@ -106,6 +114,9 @@ func main() {
 	ctx, cancel := context.WithCancel(context.Background())
 	if c.proxyListen != "" {
 		go k.apiProxy(ctx)
+	}
+	if c.serveAddr != "" {
+		go k.serveKubeletAPI(ctx)
 	}
 	if err := k.registerNode(ctx); err != nil {
 		log.Fatalf("register node: %v", err)
@@ -225,9 +236,14 @@ func (k *kubelet) nodeStatus() v1.NodeStatus {
 	cond := func(t v1.NodeConditionType, s v1.ConditionStatus, reason, msg string) v1.NodeCondition {
 		return v1.NodeCondition{Type: t, Status: s, Reason: reason, Message: msg, LastHeartbeatTime: now, LastTransitionTime: now}
 	}
+	port := int32(0)
+	if _, p, err := net.SplitHostPort(k.cfg.serveAddr); err == nil {
+		fmt.Sscan(p, &port)
+	}
 	return v1.NodeStatus{
-		Capacity:    res,
-		Allocatable: res,
+		DaemonEndpoints: v1.NodeDaemonEndpoints{KubeletEndpoint: v1.DaemonEndpoint{Port: port}},
+		Capacity:        res,
+		Allocatable:     res,
 		Conditions: []v1.NodeCondition{
 			cond(v1.NodeMemoryPressure, v1.ConditionFalse, "KubeletHasSufficientMemory", "process kubelet"),
 			cond(v1.NodeDiskPressure, v1.ConditionFalse, "KubeletHasNoDiskPressure", "process kubelet"),

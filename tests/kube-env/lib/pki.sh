@@ -56,6 +56,8 @@ make_pki() {
   cert controller-manager system:kube-controller-manager
   cert scheduler system:kube-scheduler
   cert kubelet "system:node:$NODE_NAME" system:nodes
+  cert kubelet-serving "system:node:$NODE_NAME" system:nodes "IP:$BRIDGE_IP,DNS:$NODE_NAME"
+  cert apiserver-kubelet-client kube-apiserver-kubelet-client
   if [ ! -f "$PKI/sa.key" ]; then
     openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
     openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null

@@ -224,6 +224,8 @@ print(json.dumps(out))
         "token": "tok", "secret_file": "s3cr3t", "secret_item": "s3cr3t", "cm_file": "a: 1\n",
         "sa_namespace": ns, "hostname": "envpod", "ips": [p["status"]["podIP"]],
     }
+    # `kubectl logs` goes API server -> process kubelet.
+    assert json.loads(kubectl("-n", ns, "logs", "envpod", "--tail=1").stdout) == out
     # The volumes were mounted in the pod's own mount namespace only.
     assert not Path("/etc/dgrs-test/secret/password").exists()
 
