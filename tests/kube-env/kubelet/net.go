@@ -23,6 +23,7 @@ type ipam struct {
 	prefix  int
 	gateway net.IP
 	used    map[uint32]string
+	next    uint32
 }
 
 func newIPAM(cidr string) (*ipam, error) {
@@ -46,13 +47,16 @@ func (p *ipam) ip(off uint32) net.IP {
 	return net.IP(b)
 }
 
-// allocate returns a free address for owner, round-robin style to avoid quick reuse.
+// allocate returns a free address for owner, round robin so a freed address is not reused at once.
 func (p *ipam) allocate(owner string) (string, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for off := uint32(2); off < p.size-1; off++ {
+	n := p.size - 3 // usable offsets are 2 .. size-2
+	for i := uint32(0); i < n; i++ {
+		off := 2 + (p.next+i)%n
 		if _, taken := p.used[off]; !taken {
 			p.used[off] = owner
+			p.next = off - 1 // the next search starts after this one
 			return p.ip(off).String(), nil
 		}
 	}

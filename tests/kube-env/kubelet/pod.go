@@ -75,6 +75,7 @@ type podRT struct {
 	terminated bool      // all processes are gone for good
 	stopCh     chan struct{}
 	dirty      chan struct{}
+	hostNet    bool // hostNetwork: no namespace, the pod IP is the host's
 }
 
 func newPodRT(k *kubelet, pod *v1.Pod) *podRT {
@@ -88,6 +89,7 @@ func newPodRT(k *kubelet, pod *v1.Pod) *podRT {
 		phase:    v1.PodPending,
 		stopCh:   make(chan struct{}),
 		dirty:    make(chan struct{}, 1),
+		hostNet:  pod.Spec.HostNetwork,
 	}
 	for _, c := range pod.Spec.InitContainers {
 		rt.inits = append(rt.inits, &ctr{spec: c, init: true, state: waiting("PodInitializing", "")})
@@ -201,6 +203,14 @@ func (rt *podRT) run() {
 
 // startSandbox allocates the pod IP and builds its network namespace.
 func (rt *podRT) startSandbox() bool {
+	if rt.hostNet {
+		now := metav1.Now()
+		rt.mu.Lock()
+		rt.ip, rt.sandbox, rt.startTime = rt.k.hostIP, true, &now
+		rt.mu.Unlock()
+		rt.markDirty()
+		return true
+	}
 	for {
 		if rt.stopped() {
 			return false
@@ -338,9 +348,16 @@ func (rt *podRT) finish() {
 	rt.mu.Lock()
 	rt.terminated = true
 	rt.mu.Unlock()
+	rt.teardownSandbox()
+	rt.markDirty()
+}
+
+func (rt *podRT) teardownSandbox() {
+	if rt.hostNet {
+		return
+	}
 	rt.k.teardownNetns(rt.netns, rt.hostVeth)
 	rt.k.ipam.release(rt.ip)
-	rt.markDirty()
 }
 
 // supervise runs c, restarting it per the pod's restartPolicy, until the pod stops.
@@ -492,8 +509,10 @@ func (rt *podRT) terminate() {
 				syscall.Kill(-p, syscall.SIGKILL)
 			}
 			// Anything that left the process group is still in the network namespace.
-			for _, p := range netnsPids(rt.netns) {
-				syscall.Kill(p, syscall.SIGKILL)
+			if !rt.hostNet {
+				for _, p := range netnsPids(rt.netns) {
+					syscall.Kill(p, syscall.SIGKILL)
+				}
 			}
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -518,8 +537,7 @@ func (rt *podRT) terminate() {
 		}
 	}
 	rt.mu.Unlock()
-	rt.k.teardownNetns(rt.netns, rt.hostVeth)
-	rt.k.ipam.release(rt.ip)
+	rt.teardownSandbox()
 }
 
 // shutdown is used when the kubelet itself stops: kill the pod without deleting its object.
@@ -576,11 +594,15 @@ func (rt *podRT) buildCmd(c *ctr) (*exec.Cmd, error) {
 	if h := rt.pod.Spec.Hostname; h != "" {
 		hostname = h
 	}
-	args := []string{"netns", "exec", rt.netns, "unshare", "--uts", "--", "/bin/sh", "-c", wrapper, "dgrs-wrap"}
+	args := []string{"ip", "netns", "exec", rt.netns, "unshare", "--uts"}
+	if rt.hostNet {
+		args = []string{"unshare", "--mount", "--propagation", "private", "--uts"}
+	}
+	args = append(args, "--", "/bin/sh", "-c", wrapper, "dgrs-wrap")
 	args = append(args, mounts...)
 	args = append(args, "--")
 	args = append(args, argv...)
-	cmd := exec.Command("ip", args...)
+	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Env = append(env, "DGRS_POD_HOSTNAME="+hostname, "DGRS_POD_WORKDIR="+workdir)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	logf, err := os.OpenFile(filepath.Join(rt.dir, c.spec.Name+".log"), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)

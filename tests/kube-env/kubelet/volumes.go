@@ -623,8 +623,15 @@ func (rt *podRT) probe(c *v1.Container, p *v1.Probe) bool {
 		if err != nil {
 			return false
 		}
-		args := append([]string{"netns", "exec", rt.netns}, p.Exec.Command...)
-		cmd := exec.CommandContext(ctx, "ip", args...)
+		args := append([]string{"ip", "netns", "exec", rt.netns}, p.Exec.Command...)
+		if rt.hostNet {
+			// Resolve the command with the pod's PATH, not the kubelet's.
+			args = append([]string{"/bin/sh", "-c", `exec "$@"`, "probe"}, p.Exec.Command...)
+		}
+		if len(args) == 0 {
+			return false
+		}
+		cmd := exec.CommandContext(ctx, args[0], args[1:]...)
 		cmd.Env = env
 		return cmd.Run() == nil
 	}

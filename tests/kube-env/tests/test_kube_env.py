@@ -379,3 +379,17 @@ def test_owner_reference_garbage_collection(ns):
     kubectl("-n", ns, "delete", "configmap", "owner")
     wait("owned pod collected", lambda: get("pod", "owned", ns) is None, timeout=60)
     wait("process gone", lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+
+
+def test_host_network_pod_with_exec_probe(ns):
+    port = "18765"
+    probe = ["python3", "-c", f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)"]
+    apply(pod("hostnet", ["python3", "-m", "http.server", port, "--bind", "127.0.0.1"], hostNetwork=True, container={
+        "readinessProbe": {"exec": {"command": probe}, "periodSeconds": 1},
+    }), ns)
+    p = ready_pod("hostnet", ns)
+    assert p["status"]["podIP"] == p["status"]["hostIP"]
+    status, _ = wait("host port", lambda: _try_get(f"http://127.0.0.1:{port}/"))
+    assert status == 200
+    kubectl("-n", ns, "delete", "pod", "hostnet", "--wait=true", "--timeout=60s")
+    assert _try_get(f"http://127.0.0.1:{port}/") is None
