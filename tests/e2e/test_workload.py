@@ -58,19 +58,26 @@ def client(cluster):
     cl.close()
 
 
-def square(x):
-    time.sleep(0.05)
-    return x**2
+def tutorial_functions():
+    """The tutorial's toy functions (with shorter sleeps). Defined in a closure so that they are
+    pickled by value: the workers cannot import this test module."""
+
+    def square(x):
+        time.sleep(0.05)
+        return x**2
+
+    def add(x, y):
+        time.sleep(0.05)
+        return x + y
+
+    def square_root(x):
+        time.sleep(0.05)
+        return x ** (1 / 2)
+
+    return square, add, square_root
 
 
-def add(x, y):
-    time.sleep(0.05)
-    return x + y
-
-
-def square_root(x):
-    time.sleep(0.05)
-    return x ** (1 / 2)
+square, add, square_root = tutorial_functions()
 
 
 def executed(client):
