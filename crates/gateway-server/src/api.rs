@@ -10,12 +10,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
 use gateway_model::{
-    AdaptRequest, ClusterStatus, CreateClusterRequest, CreateClusterResponse, Heartbeat,
-    ScaleRequest,
+    AdaptRequest, ClusterModel, ClusterStatus, CreateClusterRequest, CreateClusterResponse,
+    Heartbeat, ScaleRequest,
 };
 use gateway_proxy::{HttpForwarder, RouteTable};
 use serde::de::DeserializeOwned;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::sync::Arc;
 
 /// Shared state of all handlers.
@@ -179,7 +179,7 @@ async fn list_clusters(
     State(state): State<AppState>,
     Extension(user): Extension<User>,
     req: Request,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<std::collections::BTreeMap<String, ClusterModel>>> {
     let statuses = match query_param(req.uri().query(), "status") {
         None => None,
         Some(raw) => Some(
@@ -187,15 +187,14 @@ async fn list_clusters(
                 .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?,
         ),
     };
-    let models = state.manager.list(&user, statuses.as_deref());
-    let mut map = Map::new();
-    for m in models {
-        map.insert(
-            m.name.clone(),
-            serde_json::to_value(m).expect("model serialises"),
-        );
-    }
-    Ok(Json(Value::Object(map)))
+    // An object keyed by name (the client iterates its values), serialised straight from the models.
+    let models: std::collections::BTreeMap<String, ClusterModel> = state
+        .manager
+        .list(&user, statuses.as_deref())
+        .into_iter()
+        .map(|m| (m.name.clone(), m))
+        .collect();
+    Ok(Json(models))
 }
 
 async fn create_cluster(
