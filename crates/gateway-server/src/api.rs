@@ -18,6 +18,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
+/// How long a user's DELETE waits for the cluster's processes to exit before answering.
+const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Shared state of all handlers.
 #[derive(Clone)]
 pub struct AppState {
@@ -236,12 +239,14 @@ async fn delete_cluster(
 ) -> ApiResult<Response> {
     if let Some(token) = cluster_token(&headers) {
         if state.manager.token_is_valid(&name, token) {
+            // The scheduler asks for its own shutdown (idle timeout): answer at once.
             state.manager.stop(&name, Requester::Token(token))?;
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
     }
     let auth = state.auth.authenticate(&headers)?;
     state.manager.stop(&name, Requester::User(&auth.user))?;
+    state.manager.wait_finished(&name, DELETE_WAIT).await;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     if let Some(cookie) = auth.set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, cookie);

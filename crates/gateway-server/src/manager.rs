@@ -395,6 +395,15 @@ impl Manager {
         Ok(())
     }
 
+    /// Waits (at most `timeout`) until a stopping cluster has finished, so that a DELETE usually
+    /// answers with the processes already gone and the cluster already STOPPED.
+    pub async fn wait_finished(&self, name: &str, timeout: Duration) {
+        let rx = self.lock().get(name).map(|c| c.status_tx.subscribe());
+        if let Some(mut rx) = rx {
+            let _ = tokio::time::timeout(timeout, rx.wait_for(|s| s.is_terminal())).await;
+        }
+    }
+
     /// Whether `user` may access cluster `name` (false for unknown clusters).
     pub fn owner_allows(&self, name: &str, user: &User) -> bool {
         self.lock()
