@@ -1,0 +1,116 @@
+"""Per-cluster resource limits (wire-protocol 8.1): the worker cap derived from max_cores /
+max_memory and the cluster's own options, reported as GatewayWarnings on scale/adapt; a scheduler
+that alone exceeds a cap is refused at creation with 422.
+"""
+
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import OPTIONS_CONFIG, GatewayServer, new_cluster, server_binary, wait_workers
+from dask_gateway import GatewayWarning
+
+USER = "limited-user"
+
+
+@pytest.fixture(scope="module")
+def server(module_servers):
+    # cap = min(floor((3 - 1) / worker_cores), floor((3G - 0.5G) / worker_memory))
+    return module_servers(
+        "limits",
+        cluster={"max_cores": 3, "max_memory": "3G", "scheduler_cores": 1,
+                 "scheduler_memory": "512M"},
+    )
+
+
+def gateway_warnings(record):
+    return [str(w.message) for w in record if issubclass(w.category, GatewayWarning)]
+
+
+@pytest.mark.parametrize(
+    "options,cap",
+    [
+        ({}, 2),  # cores bound: (3 - 1) / 1
+        ({"worker_cores": 2}, 1),  # cores bound: (3 - 1) / 2
+        ({"worker_memory": 2.0}, 1),  # memory bound: (3 - 0.5) / 2
+    ],
+)
+def test_worker_cap_follows_cluster_options(server, options, cap):
+    gw = server.gateway(USER)
+    cluster = new_cluster(gw, **options)
+    try:
+        with pytest.warns(GatewayWarning) as rec:
+            cluster.scale(5)
+        assert (
+            f"Scale request of 5 workers would exceed resource limit of {cap} workers. "
+            f"Scaling to {cap} instead." in gateway_warnings(rec)
+        )
+        with cluster.get_client(set_as_default=False) as client:
+            wait_workers(client, cap, timeout=90)
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            wc = options.get("worker_cores", 1)
+            # worker_threads defaults to the profile (small -> 1), cores are a resource request
+            assert all(w["nthreads"] == 1 for w in workers)
+            wm = options.get("worker_memory", 0.5)
+            assert all(w["memory_limit"] == int(wm * 1024**3) for w in workers), (wc, workers)
+
+        with pytest.warns(GatewayWarning) as rec:
+            cluster.adapt(minimum=3, maximum=5)
+        assert (
+            f"Adapt with `maximum=5, minimum=3` workers would exceed resource limit of {cap} "
+            f"workers. Using `maximum={cap}, minimum={cap}` instead." in gateway_warnings(rec)
+        )
+    finally:
+        cluster.shutdown()
+
+
+def test_adapt_without_bounds_under_a_cap_does_not_warn(server, recwarn):
+    gw = server.gateway(USER)
+    cluster = new_cluster(gw)
+    try:
+        cluster.adapt()
+        cluster.adapt(minimum=1, maximum=2)
+        cluster.scale(2)
+        assert not gateway_warnings(recwarn)
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.parametrize(
+    "cluster_config,expected",
+    [
+        ({"max_memory": "1.5G", "scheduler_memory": "2G"},
+         "Scheduler memory request of 2.00 GiB exceeds cluster memory limit of 1.50 GiB"),
+        ({"max_cores": 0.5, "scheduler_cores": 1}, "Scheduler cores request of 1"),
+    ],
+)
+def test_static_config_over_the_cap_is_refused_at_startup(tmp_path, cluster_config, expected):
+    # A configuration in which no cluster could ever start is rejected up front.
+    srv = GatewayServer("limits-invalid", tmp_path, cluster=cluster_config)
+    srv.config_path.write_text(yaml.safe_dump(srv.config))
+    proc = subprocess.run([str(server_binary()), "--config", str(srv.config_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+
+
+def test_scheduler_option_over_the_cap_is_422(module_servers):
+    scheduler_option = {"field": "scheduler_memory", "type": "float", "default": 0.5,
+                        "min": 0.25, "max": 8, "target": "scheduler_memory"}
+    srv = module_servers("limits-refuse", cluster={
+        "max_memory": "1.5G",
+        "options": [*OPTIONS_CONFIG, scheduler_option],
+    })
+    gw = srv.gateway(USER)
+    with pytest.raises(ValueError) as e:
+        gw.submit(scheduler_memory=2.0)
+    assert "Scheduler memory request of 2.00 GiB exceeds cluster memory limit of 1.50 GiB" in str(
+        e.value)
+    assert gw.list_clusters() == []
+    # within the cap it is accepted (and reported back as an option)
+    name = gw.submit(scheduler_memory=1.0)
+    try:
+        assert gw.get_cluster(name).options["scheduler_memory"] == 1.0
+    finally:
+        gw.stop_cluster(name)
