@@ -334,6 +334,7 @@ class GatewayServer:
         """One raw HTTP/1.1 request (no redirects, no retries). `path` is below the prefix."""
         hdrs = dict(headers or {})
         if user is not None:
+            self._users.add(user)
             hdrs["Authorization"] = basic_auth_header(
                 user, self.password or "" if password is None else password
             )
