@@ -393,3 +393,31 @@ def test_host_network_pod_with_exec_probe(ns):
     assert status == 200
     kubectl("-n", ns, "delete", "pod", "hostnet", "--wait=true", "--timeout=60s")
     assert _try_get(f"http://127.0.0.1:{port}/") is None
+
+
+def _pod_path_has(cmd):
+    path = os.environ.get("KUBE_ENV_POD_PATH", "")
+    return any(os.access(os.path.join(d, cmd), os.X_OK) for d in path.split(":") if d)
+
+
+@pytest.mark.skipif(not _pod_path_has("dask"), reason="dask not on the pod PATH (KUBE_ENV_POD_PATH)")
+def test_dask_cluster_in_pods(ns):
+    # A scheduler behind a Service, a worker that finds it by DNS name, a client on the host.
+    distributed = pytest.importorskip("distributed")
+    apply(pod("sched", ["dask", "scheduler", "--port", "8786", "--no-dashboard"], container={
+        "readinessProbe": {"tcpSocket": {"port": 8786}, "periodSeconds": 1}}) |
+        {"metadata": {"name": "sched", "labels": {"app": "sched"}}}, ns)
+    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sched"}, "spec": {
+        "selector": {"app": "sched"}, "ports": [{"name": "tcp", "port": 8786, "targetPort": 8786}]}}, ns)
+    apply(pod("worker", ["dask", "worker", "tcp://sched:8786", "--nworkers", "1", "--nthreads", "1",
+                         "--no-dashboard", "--name", "$(POD_NAME)"], container={
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}), ns)
+    ready_pod("sched", ns)
+    ip = get("service", "sched", ns)["spec"]["clusterIP"]
+    with distributed.Client(f"tcp://{ip}:8786", timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        info = client.scheduler_info()
+        (worker,) = info["workers"].values()
+        assert worker["name"] == "worker"
+        assert worker["host"] == ready_pod("worker", ns)["status"]["podIP"]
+        assert client.submit(lambda x: x + 1, 41).result(timeout=30) == 42
