@@ -170,8 +170,11 @@ impl HttpForwarder {
 }
 
 /// Forward an upgrade request on its own backend connection and relay the upgraded streams.
+/// The request line carries only the path and query (origin form): a raw connection, unlike
+/// the pooled client, sends the URI as it is, and servers such as Tornado take an absolute URI
+/// for a path.
 async fn forward_upgrade(
-    req: Request,
+    mut req: Request,
     target: &str,
     client_upgrade: hyper::upgrade::OnUpgrade,
 ) -> Result<Response, ForwardError> {
@@ -194,6 +197,14 @@ async fn forward_upgrade(
         }
     });
 
+    let origin_form = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    *req.uri_mut() = origin_form
+        .parse()
+        .map_err(|_| ForwardError::InvalidTarget(origin_form.clone()))?;
     let mut resp = sender.send_request(req).await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let mut resp = resp.map(Body::new);

@@ -364,3 +364,31 @@ async fn upgrade_refused_by_backend_passes_response_through() {
     s.read_exact(&mut body).await.unwrap();
     assert_eq!(&body, b"method=GET");
 }
+
+/// Upgrade requests reach the backend in origin form (`GET /path?query HTTP/1.1`): Tornado,
+/// which serves the Bokeh dashboard, treats an absolute URI as a path and answers 404.
+#[tokio::test]
+async fn upgrade_request_line_is_origin_form() {
+    let raw = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raw_addr = raw.local_addr().unwrap();
+    let (line_tx, line_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let (mut s, _) = raw.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.unwrap();
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&buf).to_string();
+        let _ = line_tx.send(head.lines().next().unwrap_or("").to_string());
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = s.read(&mut byte).await;
+    });
+    let front = start_front(vec![("raw", raw_addr)]).await;
+    let (head, _s) = ws_handshake(front, "/clusters/raw/status/ws?bokeh=1").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(line_rx.await.unwrap(), "GET /status/ws?bokeh=1 HTTP/1.1");
+}

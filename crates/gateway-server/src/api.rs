@@ -95,18 +95,16 @@ impl From<AuthError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Parses a JSON request body; anything unparsable is a 422 with a clear message.
+/// Parses a JSON request body, which must be an object; anything else is a 422 with a clear
+/// message (serde would also read a struct from an array, which no client sends).
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return serde_json::from_str("{}")
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()));
+    let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("Invalid request body: {e}")))?;
+    if !value.is_object() {
+        return Err(invalid("The request body must be a JSON object".into()));
     }
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("Invalid request body: {e}"),
-        )
-    })
+    serde_json::from_value(value).map_err(|e| invalid(format!("Invalid request body: {e}")))
 }
 
 fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
@@ -205,19 +203,7 @@ async fn create_cluster(
     Extension(user): Extension<User>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let req: Value = parse_body(&body)?;
-    if !req.is_object() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "The request body must be a JSON object",
-        ));
-    }
-    let req: CreateClusterRequest = serde_json::from_value(req).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("Invalid request body: {e}"),
-        )
-    })?;
+    let req: CreateClusterRequest = parse_body(&body)?;
     let name = state.manager.create(&user, req.cluster_options.as_ref())?;
     Ok((StatusCode::CREATED, Json(CreateClusterResponse { name })).into_response())
 }

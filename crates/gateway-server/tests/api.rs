@@ -167,6 +167,8 @@ async fn bad_input_gets_422_and_changes_nothing() {
     for (body, needle) in [
         ("{not json", "Invalid request body"),
         ("[1, 2]", "must be a JSON object"),
+        ("", "Invalid request body"),
+        ("null", "must be a JSON object"),
         (
             r#"{"cluster_options": {"nope": 1}}"#,
             "Unknown fields ['nope']",
