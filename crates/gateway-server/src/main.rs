@@ -21,17 +21,21 @@ struct Cli {
     #[arg(short, long, env = "DASK_GATEWAY_CONFIG")]
     config: Option<PathBuf>,
     /// Public listen address (overrides `address`).
-    #[arg(long)]
+    #[arg(long, env = "GATEWAY_ADDRESS")]
     address: Option<SocketAddr>,
     /// Separate scheduler TLS address (overrides `scheduler_address`).
-    #[arg(long)]
+    #[arg(long, env = "GATEWAY_SCHEDULER_ADDRESS")]
     scheduler_address: Option<SocketAddr>,
     /// Data directory (overrides `data_dir`).
-    #[arg(long)]
+    #[arg(long, env = "GATEWAY_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Python environment with dask and dask-gateway (overrides `dask.python_env`).
-    #[arg(long)]
+    #[arg(long, env = "GATEWAY_PYTHON_ENV")]
     python_env: Option<PathBuf>,
+    /// Shared password of the simple authenticator (overrides `auth.password`; prefer the
+    /// environment variable, which keeps it out of the process list).
+    #[arg(long, env = "GATEWAY_AUTH_PASSWORD", hide_env_values = true)]
+    auth_password: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -82,6 +86,9 @@ fn main() -> ExitCode {
     }
     if let Some(p) = cli.python_env {
         config.dask.python_env = Some(p);
+    }
+    if let Some(p) = cli.auth_password {
+        config.auth.password = Some(p);
     }
     if let Err(e) = config.validate() {
         eprintln!("gateway-server: {e}");
