@@ -67,6 +67,16 @@ impl Gateway {
         format!("{}{}", self.base, path)
     }
 
+    /// `GET path` with the given `Authorization` header.
+    async fn get(&self, path: &str, auth: &str) -> reqwest::Response {
+        self.client()
+            .get(self.url(path))
+            .header("Authorization", auth)
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn shutdown(mut self) {
         let _ = self.stop.take().unwrap().send(());
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
@@ -119,20 +129,10 @@ async fn health_version_and_challenge() {
         json!({"error": "Authentication required"})
     );
 
-    let r = c
-        .get(gw.url("/api/v1/clusters/"))
-        .header("Authorization", basic("alice", "bad"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/api/v1/clusters/", &basic("alice", "bad")).await;
     assert_eq!(r.status(), 401);
 
-    let r = c
-        .get(gw.url("/api/v1/clusters/"))
-        .header("Authorization", basic("alice", "pw"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/api/v1/clusters/", &basic("alice", "pw")).await;
     assert_eq!(r.status(), 200);
     let cookie = r.headers()["set-cookie"]
         .to_str()
@@ -192,35 +192,25 @@ async fn bad_input_gets_422_and_changes_nothing() {
         let e: Value = r.json().await.unwrap();
         assert!(e["error"].as_str().unwrap().contains(needle), "{body}: {e}");
     }
-    let r = c
-        .get(gw.url("/api/v1/clusters/?status=bogus"))
-        .header("Authorization", &auth)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/api/v1/clusters/?status=bogus", &auth).await;
     assert_eq!(r.status(), 422);
     assert_eq!(
         r.json::<Value>().await.unwrap()["error"],
         "'bogus' is not a valid ClusterStatus"
     );
-    let r = c
-        .get(gw.url("/api/v1/clusters/?status=stopped,failed,pending,running,stopping"))
-        .header("Authorization", &auth)
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .get(
+            "/api/v1/clusters/?status=stopped,failed,pending,running,stopping",
+            &auth,
+        )
+        .await;
     assert_eq!(
         r.json::<Value>().await.unwrap(),
         json!({}),
         "nothing was created"
     );
 
-    let r = c
-        .get(gw.url("/api/v1/clusters/nope"))
-        .header("Authorization", &auth)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/api/v1/clusters/nope", &auth).await;
     assert_eq!(r.status(), 404);
     assert_eq!(
         r.json::<Value>().await.unwrap()["error"],
@@ -249,12 +239,7 @@ async fn bad_input_gets_422_and_changes_nothing() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["www-authenticate"], "token");
-    let r = c
-        .get(gw.url("/api/v1/nothing-here"))
-        .header("Authorization", &auth)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/api/v1/nothing-here", &auth).await;
     assert_eq!(r.status(), 404);
     gw.shutdown().await;
 }
@@ -262,13 +247,7 @@ async fn bad_input_gets_422_and_changes_nothing() {
 #[tokio::test]
 async fn options_are_served_in_wire_form() {
     let gw = start(CONFIG).await;
-    let r = gw
-        .client()
-        .get(gw.url("/api/v1/options"))
-        .header("Authorization", basic("bob", "pw"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/api/v1/options", &basic("bob", "pw")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.json::<Value>().await.unwrap(),
@@ -303,12 +282,9 @@ cluster: {start_timeout: 5}
         .as_str()
         .unwrap()
         .contains("could not start the Dask scheduler"));
-    let list: Value = c
-        .get(gw.url("/api/v1/clusters/?status=failed"))
-        .header("Authorization", &auth)
-        .send()
+    let list: Value = gw
+        .get("/api/v1/clusters/?status=failed", &auth)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -318,12 +294,9 @@ cluster: {start_timeout: 5}
     assert_eq!(model["status"], "FAILED");
     assert!(model["stop_time"].is_i64());
     assert!(model["tls_cert"].is_null());
-    let active: Value = c
-        .get(gw.url("/api/v1/clusters/"))
-        .header("Authorization", &auth)
-        .send()
+    let active: Value = gw
+        .get("/api/v1/clusters/", &auth)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -351,12 +324,9 @@ async fn a_scheduler_that_exits_fails_the_cluster() {
         .to_string();
     let mut status = String::new();
     for _ in 0..100 {
-        let m: Value = c
-            .get(gw.url(&format!("/api/v1/clusters/{name}?wait")))
-            .header("Authorization", &auth)
-            .send()
+        let m: Value = gw
+            .get(&format!("/api/v1/clusters/{name}?wait"), &auth)
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();
@@ -368,12 +338,9 @@ async fn a_scheduler_that_exits_fails_the_cluster() {
     }
     assert_eq!(status, "FAILED");
     // Another user cannot see it.
-    let r = c
-        .get(gw.url(&format!("/api/v1/clusters/{name}")))
-        .header("Authorization", basic("mallory", "pw"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .get(&format!("/api/v1/clusters/{name}"), &basic("mallory", "pw"))
+        .await;
     assert_eq!(r.status(), 403);
     gw.shutdown().await;
 }
