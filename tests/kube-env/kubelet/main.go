@@ -17,6 +17,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -64,6 +65,8 @@ type kubelet struct {
 
 	mu   sync.Mutex
 	pods map[types.UID]*podRT
+
+	stopping atomic.Bool // set on shutdown: no more pod status writes
 
 	mountsMu sync.Mutex
 	mounts   []string // mountpoints this kubelet created on the host fs
@@ -151,6 +154,7 @@ func main() {
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	<-sig
 	log.Printf("shutting down: stopping all pods")
+	k.stopping.Store(true)
 	cancel()
 	k.shutdown()
 }

@@ -421,6 +421,9 @@ func (rt *podRT) runOnce(c *ctr) int32 {
 		return 137
 	}
 	err = cmd.Start()
+	if f, ok := cmd.Stdout.(*os.File); ok {
+		f.Close() // the child has its own copy
+	}
 	start := metav1.Now()
 	if err != nil {
 		c.state = v1.ContainerState{Terminated: &v1.ContainerStateTerminated{ExitCode: 128, Reason: "StartError", Message: err.Error(), StartedAt: start, FinishedAt: start}}
@@ -610,7 +613,6 @@ func (rt *podRT) buildCmd(c *ctr) (*exec.Cmd, error) {
 		return nil, err
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
-	// The log file is closed by the GC after the process exits; the child keeps its own fd.
 	return cmd, nil
 }
 
@@ -667,6 +669,9 @@ func (rt *podRT) statusLoop(quit, done chan struct{}) {
 }
 
 func (rt *podRT) pushStatus() {
+	if rt.k.stopping.Load() {
+		return // the kubelet is going away: leave the pods as they were for the next one
+	}
 	pods := rt.k.cs.CoreV1().Pods(rt.ns)
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		cur, err := pods.Get(context.Background(), rt.name, metav1.GetOptions{})

@@ -421,3 +421,23 @@ def test_dask_cluster_in_pods(ns):
         assert worker["name"] == "worker"
         assert worker["host"] == ready_pod("worker", ns)["status"]["podIP"]
         assert client.submit(lambda x: x + 1, 41).result(timeout=30) == 42
+
+
+def test_deployment_scales_through_controllers(ns):
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "webs"}, "spec": {
+        "replicas": 2, "selector": {"matchLabels": {"app": "webs"}},
+        "template": {"metadata": {"labels": {"app": "webs"}}, "spec": {
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{"name": "web", "image": "ignored", "command": WEB}]}}}}
+    apply(dep, ns)
+
+    def ready_count():
+        d = get("deployment", "webs", ns)
+        return d["status"].get("readyReplicas", 0)
+    wait("2 ready replicas", lambda: ready_count() == 2)
+    pods = json.loads(kubectl("-n", ns, "get", "pods", "-l", "app=webs", "-o", "json").stdout)["items"]
+    pids = {pid_of(p) for p in pods}
+    assert len({p["status"]["podIP"] for p in pods}) == 2
+    kubectl("-n", ns, "scale", "deployment", "webs", "--replicas=0")
+    wait("pods gone", lambda: not json.loads(kubectl("-n", ns, "get", "pods", "-l", "app=webs", "-o", "json").stdout)["items"])
+    wait("processes gone", lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), timeout=10)
