@@ -441,3 +441,19 @@ def test_deployment_scales_through_controllers(ns):
     kubectl("-n", ns, "scale", "deployment", "webs", "--replicas=0")
     wait("pods gone", lambda: not json.loads(kubectl("-n", ns, "get", "pods", "-l", "app=webs", "-o", "json").stdout)["items"])
     wait("processes gone", lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), timeout=10)
+
+
+def test_init_container_and_empty_dir(ns):
+    spec = pod("withinit", None, restartPolicy="Never", containers=[{
+        "name": "main", "image": "ignored", "command": ["sh", "-c", "cat /dgrs-test-data/msg"],
+        "volumeMounts": [{"name": "data", "mountPath": "/dgrs-test-data"}],
+    }], initContainers=[{
+        "name": "prep", "image": "ignored", "command": ["sh", "-c", "echo from-init > /dgrs-test-data/msg"],
+        "volumeMounts": [{"name": "data", "mountPath": "/dgrs-test-data"}],
+    }], volumes=[{"name": "data", "emptyDir": {}}])
+    apply(spec, ns)
+    wait("withinit finished", lambda: phase("withinit", ns) in ("Succeeded", "Failed"))
+    assert phase("withinit", ns) == "Succeeded", container_log("withinit", ns)
+    p = get("pod", "withinit", ns)
+    assert p["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    assert kubectl("-n", ns, "logs", "withinit", "-c", "main").stdout == "from-init\n"
