@@ -457,3 +457,31 @@ def test_init_container_and_empty_dir(ns):
     p = get("pod", "withinit", ns)
     assert p["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
     assert kubectl("-n", ns, "logs", "withinit", "-c", "main").stdout == "from-init\n"
+
+
+def test_crd_schema_validation_and_resource_version_conflict(ns):
+    group = "kubeenv.dgrs.test"
+    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+           "metadata": {"name": f"widgets.{group}"}, "spec": {
+               "group": group, "scope": "Namespaced",
+               "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+               "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                   "type": "object", "properties": {"spec": {
+                       "type": "object", "required": ["size"],
+                       "properties": {"size": {"type": "integer", "minimum": 1}}}}}}}]}}
+    kubectl("apply", "-f", "-", input=json.dumps(crd))
+    kubectl("wait", "--for=condition=Established", f"crd/widgets.{group}", "--timeout=30s")
+    try:
+        w = {"apiVersion": f"{group}/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 2}}
+        wait("widget created", lambda: kubectl("-n", ns, "create", "-f", "-", input=json.dumps(w), check=False).returncode == 0, timeout=10)
+        bad = kubectl("-n", ns, "create", "-f", "-", check=False, input=json.dumps(
+            w | {"metadata": {"name": "bad"}, "spec": {"size": 0}}))
+        assert bad.returncode != 0 and "spec.size" in bad.stderr, bad.stderr
+        # Optimistic concurrency: an update carrying an old resourceVersion is a Conflict.
+        cur = get(f"widgets.{group}", "w", ns)
+        kubectl("-n", ns, "patch", f"widgets.{group}", "w", "--type=merge", "-p", '{"spec":{"size":3}}')
+        cur["spec"]["size"] = 4
+        stale = kubectl("-n", ns, "replace", "-f", "-", input=json.dumps(cur), check=False)
+        assert stale.returncode != 0 and "the object has been modified" in stale.stderr, stale.stderr
+    finally:
+        kubectl("delete", "crd", f"widgets.{group}", "--wait=false", check=False)
