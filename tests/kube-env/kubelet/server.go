@@ -110,7 +110,7 @@ func (k *kubelet) containerLogs(w http.ResponseWriter, r *http.Request) {
 	if q.Get("follow") != "true" {
 		return
 	}
-	// Follow: stream what gets appended until the client goes away or the file is removed.
+	// Follow: stream what gets appended until the client goes away or the container ends.
 	fl, _ := w.(http.Flusher)
 	rd := bufio.NewReader(f)
 	buf := make([]byte, 32*1024)
@@ -130,8 +130,35 @@ func (k *kubelet) containerLogs(w http.ResponseWriter, r *http.Request) {
 			return
 		case <-time.After(200 * time.Millisecond):
 		}
-		if _, err := os.Stat(p); err != nil {
+		if !k.containerRunning(parts[0], parts[1], parts[2]) {
+			// Drain what the process wrote before it exited, then end the stream.
+			if n, _ := rd.Read(buf); n > 0 {
+				w.Write(buf[:n])
+				continue
+			}
 			return
 		}
 	}
+}
+
+// containerRunning reports whether container c of pod ns/name runs (or will be restarted).
+func (k *kubelet) containerRunning(ns, name, c string) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, rt := range k.pods {
+		if rt.ns != ns || rt.name != name {
+			continue
+		}
+		rt.mu.Lock()
+		defer rt.mu.Unlock()
+		if rt.terminated || rt.stopping {
+			return false
+		}
+		for _, x := range append(append([]*ctr{}, rt.inits...), rt.ctrs...) {
+			if x.spec.Name == c {
+				return x.state.Terminated == nil
+			}
+		}
+	}
+	return false
 }
