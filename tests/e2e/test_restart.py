@@ -158,3 +158,33 @@ def test_sigterm_with_stop_clusters_on_shutdown(module_servers):
     status = gw2.get_cluster(name).status.name
     assert status in ("STOPPED", "FAILED"), status
     assert name not in [x.name for x in gw2.list_clusters()]
+
+
+def test_killed_worker_is_replaced_and_its_process_group_cleaned(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    try:
+        c.scale(1)
+        compute_on(c, 1)
+        # The `dask worker` nanny leads its own process group; its worker process is in it.
+        leaders = [p for p in server.cluster_processes(name, "worker") if os.getpgid(p.pid) == p.pid]
+        assert len(leaders) == 1, leaders
+        old_group = leaders[0].pid
+        os.kill(old_group, signal.SIGKILL)
+
+        def group_gone():
+            for p in psutil.process_iter(["pid"]):
+                try:
+                    if os.getpgid(p.pid) == old_group and p.status() != psutil.STATUS_ZOMBIE:
+                        return False
+                except (ProcessLookupError, psutil.NoSuchProcess):
+                    continue
+            return True
+
+        wait_for(group_gone, 30, what="every process of the killed worker's group to exit")
+        # The scheduler still wants one worker: the gateway starts a replacement.
+        compute_on(c, 1)
+        assert gw.get_cluster(name).status.name == "RUNNING"
+    finally:
+        gw.stop_cluster(name)

@@ -74,6 +74,18 @@ impl ProcessId {
         }
     }
 
+    /// After this process has exited: SIGKILL whatever is left in its process group (e.g. the
+    /// worker process of a `dask worker` nanny that was killed). Call it right after the exit
+    /// is seen, while the group id cannot have been reused.
+    pub fn kill_remnants(&self) {
+        if !self.is_alive() {
+            // SAFETY: kill(2) has no memory-safety preconditions; ESRCH for an empty group is fine.
+            unsafe {
+                libc::kill(-(self.pid as i32), libc::SIGKILL);
+            }
+        }
+    }
+
     /// SIGTERM to the group, then SIGKILL after `grace` if it is still alive.
     pub async fn terminate(&self, grace: Duration) {
         self.signal_group(libc::SIGTERM);
@@ -85,10 +97,7 @@ impl ProcessId {
             self.signal_group(libc::SIGKILL);
         } else {
             // The leader is gone; make sure helpers it left in its group go too.
-            // SAFETY: as above; a group that no longer exists gives ESRCH, which is fine.
-            unsafe {
-                libc::kill(-(self.pid as i32), libc::SIGKILL);
-            }
+            self.kill_remnants();
         }
     }
 }

@@ -783,6 +783,7 @@ impl Manager {
 
     /// Handles the exit of a scheduler or worker process.
     pub fn on_exit(self: &Arc<Self>, exit: ProcessExit) {
+        exit.id.kill_remnants();
         {
             let mut clusters = self.lock();
             let Some(c) = clusters.get_mut(&exit.cluster) else {
