@@ -24,11 +24,27 @@ import time
 import warnings
 
 from dask_gateway import BasicAuth, Gateway
+from dask_gateway.client import ClusterStatus
 from distributed.comm import connect
 from distributed.protocol import to_serialize
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LOG_LINE = re.compile(r"^(\S+Z)\s+\w+\s+\S+ (.*)$")
+
+
+# When the client's `GET /api/v1/clusters/<name>?wait` first answered RUNNING, per cluster.
+RUNNING_SEEN = {}
+_cluster_report = Gateway._cluster_report
+
+
+async def _observed_cluster_report(self, cluster_name, wait=False):
+    report = await _cluster_report(self, cluster_name, wait=wait)
+    if report.status is ClusterStatus.RUNNING:
+        RUNNING_SEEN.setdefault(cluster_name, time.time())
+    return report
+
+
+Gateway._cluster_report = _observed_cluster_report
 
 
 def log_events(path, message, cluster=None):
@@ -73,12 +89,22 @@ class Bench:
         self.gateway = Gateway(args.address, auth=BasicAuth(args.user))
         self.names = set()
         self.results = {}
+        # Every client-side object stays referenced until the process ends: a stock `Gateway`
+        # garbage-collected on the client's event-loop thread deadlocks in its __del__
+        # (close() -> sync() onto the very loop that is running it).
+        self.keep = []
 
     # -- helpers --------------------------------------------------------------------------
     def new_cluster(self):
         cluster = self.gateway.new_cluster(shutdown_on_close=True)
         self.names.add(cluster.name)
+        self.keep.append(cluster)
         return cluster
+
+    def client(self, cluster):
+        client = cluster.get_client(set_as_default=False)
+        self.keep.append(client)
+        return client
 
     def shutdown_all(self):
         for name in list(self.names):
@@ -110,7 +136,7 @@ class Bench:
             t0 = time.time()
             cluster = self.new_cluster()
             t1 = time.time()
-            client = cluster.get_client(set_as_default=False)
+            client = self.client(cluster)
             client.scheduler_info()  # a round trip through the proxy
             t2 = time.time()
             created = log_events(self.args.log, "cluster created", cluster.name)
@@ -120,16 +146,20 @@ class Bench:
                 "new_cluster_ms": ms(t1 - t0),
                 "get_client_ms": ms(t2 - t1),
             }
-            if created and running:
+            seen = RUNNING_SEEN.get(cluster.name)
+            if created and running and seen:
                 # request -> scheduler process spawned; spawn -> scheduler's first heartbeat
-                # (Dask start-up); heartbeat -> client saw RUNNING (the ?wait long-poll).
+                # (Dask start-up); heartbeat -> the client's ?wait long-poll answered RUNNING;
+                # that answer -> new_cluster() returned (client TLS context + first comm to the
+                # scheduler through the proxy).
                 row["gateway_spawn_ms"] = ms(created[0] - t0)
                 row["scheduler_boot_ms"] = ms(running[0] - created[0])
-                row["running_to_client_ms"] = ms(t1 - running[0])
+                row["running_to_wait_answer_ms"] = ms(seen - running[0])
+                row["client_setup_ms"] = ms(t1 - seen)
             rows.append(row)
             say(f"  create->connected round {i + 1}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
             client.close()
-            cluster.shutdown()
+            cluster.close(shutdown=True)
             self.wait_stopped(cluster.name)
             self.names.discard(cluster.name)
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
@@ -139,7 +169,8 @@ class Bench:
         if "gateway_spawn_ms" in med:
             line += (f"; of which gateway request->scheduler spawned {med['gateway_spawn_ms']:.0f} ms, "
                      f"Dask scheduler boot->first heartbeat {med['scheduler_boot_ms']:.0f} ms, "
-                     f"RUNNING->client notified {med['running_to_client_ms']:.0f} ms")
+                     f"heartbeat->?wait answered RUNNING {med['running_to_wait_answer_ms']:.1f} ms, "
+                     f"client-side setup {med['client_setup_ms']:.0f} ms")
         say("RESULT " + line)
 
     # -- scale 0 -> 8 ---------------------------------------------------------------------
@@ -147,7 +178,7 @@ class Bench:
         rows = []
         for i in range(rounds):
             cluster = self.new_cluster()
-            client = cluster.get_client(set_as_default=False)
+            client = self.client(cluster)
             t0 = time.time()
             cluster.scale(n)
             t1 = time.time()
@@ -164,9 +195,10 @@ class Bench:
             rows.append(row)
             say(f"  scale 0->{n} round {i + 1}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
             if i == rounds - 1:
-                self.proxy_throughput(cluster, client)
+                last = (cluster, client)
+                break
             client.close()
-            cluster.shutdown()
+            cluster.close(shutdown=True)
             self.wait_stopped(cluster.name)
             self.names.discard(cluster.name)
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
@@ -178,31 +210,82 @@ class Bench:
                      f"and worker {n} after {med['gateway_last_worker_spawned_ms']:.0f} ms "
                      f"(the rest is Dask worker start-up on {os.cpu_count()} cores)")
         say("RESULT " + line)
+        # The proxy measurement uses the last cluster, with its workers idle.
+        cluster, client = last
+        self.proxy_throughput(cluster, client)
+        client.close()
+        cluster.close(shutdown=True)
+        self.wait_stopped(cluster.name)
+        self.names.discard(cluster.name)
 
     # -- proxy throughput -----------------------------------------------------------------
     def proxy_throughput(self, cluster, client):
+        """MiB/s of the scheduler's `echo` handler over one TLS comm: through the gateway
+        (`gateway://`, spliced by SNI), directly to the scheduler's `tls://` address, and through
+        bare `gateway-bench splice` forwarders with 8 KiB and 64 KiB copy buffers."""
         direct = client.scheduler_info()["address"]
         via = cluster.scheduler_address
         conn_args = cluster.security.get_connection_args("client")
         size = self.args.payload_mib * 2**20
         payload = os.urandom(size)
         reps = self.args.echo_reps
+        paths = {"gateway": via, "direct": direct}
+        relayers = {"gateway": self.args.pid}  # path -> pid of the process relaying its bytes
+        splicers = []
+        try:
+            if self.args.bench_bin:
+                target = direct.split("://", 1)[1]
+                for kib in (8, 64):
+                    proc = subprocess.Popen(
+                        [self.args.bench_bin, "splice", "--target", target, "--buffer-kib", str(kib)],
+                        stdout=subprocess.PIPE, text=True,
+                    )
+                    splicers.append(proc)
+                    listen = proc.stdout.readline().split()[1]
+                    paths[f"splice_{kib}k"] = f"tls://{listen}"
+                    relayers[f"splice_{kib}k"] = proc.pid
+            r = asyncio.run(self._echo_all(paths, relayers, conn_args, payload, reps))
+        finally:
+            for proc in splicers:
+                proc.terminate()
+                proc.wait()
+        med = {k: statistics.median(v) for k, v in r["mib_s"].items()}
+        gw, di = med["gateway"], med["direct"]
+        res = {
+            "payload_mib": self.args.payload_mib,
+            "round_trips": reps,
+            "mib_s": {k: [round(x, 1) for x in v] for k, v in r["mib_s"].items()},
+            "median_mib_s": {k: round(v, 1) for k, v in med.items()},
+            "gateway_over_direct": round(gw / di, 3),
+            "relay_cpu_ms_per_gib": {k: round(v, 1) for k, v in r["cpu_ms_per_gib"].items()},
+            "connect_ms": {k: round(v, 2) for k, v in r["connect_ms"].items()},
+        }
+        self.results["proxy"] = res
+        say(f"RESULT proxy throughput (scheduler echo of {self.args.payload_mib} MiB x {reps} over "
+            f"TLS, bytes counted both ways, median of {self.args.echo_rounds}): via gateway {gw:.0f} "
+            f"MiB/s, direct {di:.0f} MiB/s, ratio {gw / di:.2f}; gateway CPU "
+            f"{r['cpu_ms_per_gib']['gateway']:.0f} ms per GiB relayed")
+        if len(med) > 2:
+            say("  bare gateway-bench splices to the same scheduler: " + ", ".join(
+                f"{k} {v:.0f} MiB/s ({r['cpu_ms_per_gib'][k]:.0f} ms CPU per GiB)"
+                for k, v in med.items() if k.startswith("splice")))
+        say("  TLS comm connect (median of 20): " + ", ".join(
+            f"{k} {v:.2f} ms" for k, v in r["connect_ms"].items()))
 
-        async def connect_ms(addr, n=20):
-            times = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                comm = await connect(addr, **conn_args)
-                times.append(time.perf_counter() - t0)
-                await comm.close()
-            return statistics.median(times) * 1000.0
+    async def _echo_all(self, paths, relayers, conn_args, payload, reps):
+        size = len(payload)
+        tick = os.sysconf("SC_CLK_TCK")
 
-        async def echo_mb_s(addr):
+        def cpu_s(pid):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+        async def echo_mib_s(addr):
             comm = await connect(addr, **conn_args)
             try:
-                msg = {"op": "echo", "data": to_serialize(payload), "reply": True}
-                await comm.write(msg)  # warm-up round
-                await comm.read()
+                await comm.write({"op": "echo", "data": to_serialize(payload), "reply": True})
+                await comm.read()  # warm-up round trip
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     await comm.write({"op": "echo", "data": to_serialize(payload), "reply": True})
@@ -214,33 +297,31 @@ class Bench:
                 await comm.close()
             return 2 * size * reps / t / 2**20
 
-        async def run():
-            out = {"gateway": [], "direct": []}
-            for _ in range(self.args.echo_rounds):  # alternate to share the noise
-                out["gateway"].append(await echo_mb_s(via))
-                out["direct"].append(await echo_mb_s(direct))
-            out["connect_gateway_ms"] = await connect_ms(via)
-            out["connect_direct_ms"] = await connect_ms(direct)
-            return out
+        async def connect_ms(addr, n=20):
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                comm = await connect(addr, **conn_args)
+                times.append(time.perf_counter() - t0)
+                await comm.close()
+            return statistics.median(times) * 1000.0
 
-        r = asyncio.run(run())
-        gw = statistics.median(r["gateway"])
-        di = statistics.median(r["direct"])
-        self.results["proxy"] = {
-            "payload_mib": self.args.payload_mib,
-            "round_trips": reps,
-            "gateway_mib_s": [round(x, 1) for x in r["gateway"]],
-            "direct_mib_s": [round(x, 1) for x in r["direct"]],
-            "gateway_median_mib_s": round(gw, 1),
-            "direct_median_mib_s": round(di, 1),
-            "ratio": round(gw / di, 3),
-            "connect_gateway_ms": round(r["connect_gateway_ms"], 2),
-            "connect_direct_ms": round(r["connect_direct_ms"], 2),
+        out = {k: [] for k in paths}
+        cpu = {k: 0.0 for k in relayers}
+        moved = 0
+        for _ in range(self.args.echo_rounds):  # interleave the paths so they share the noise
+            moved += 2 * size * (reps + 1)
+            for k, addr in paths.items():
+                c0 = cpu_s(relayers[k]) if k in relayers else 0.0
+                out[k].append(await echo_mib_s(addr))
+                if k in relayers:
+                    cpu[k] += cpu_s(relayers[k]) - c0
+        conn = {k: await connect_ms(addr) for k, addr in paths.items()}
+        return {
+            "mib_s": out,
+            "cpu_ms_per_gib": {k: v * 1000.0 / (moved / 2**30) for k, v in cpu.items()},
+            "connect_ms": conn,
         }
-        say(f"RESULT proxy throughput (TLS echo of {self.args.payload_mib} MiB x {reps}, both ways, "
-            f"median of {self.args.echo_rounds}): via gateway {gw:.0f} MiB/s, direct {di:.0f} MiB/s, "
-            f"ratio {gw / di:.2f}; TLS connect via gateway {r['connect_gateway_ms']:.2f} ms, "
-            f"direct {r['connect_direct_ms']:.2f} ms")
 
     # -- RSS with 10 clusters -------------------------------------------------------------
     def ten_clusters(self, n):
@@ -314,17 +395,26 @@ def main():
     args = p.parse_args()
     warnings.simplefilter("ignore")
     b = Bench(args)
+    rc = 0
     try:
         b.create_connect(args.rounds)
         b.scale(args.workers, args.rounds)
         b.ten_clusters(args.clusters)
+    except BaseException:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
     finally:
         b.shutdown_all()
-        b.gateway.close()
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(b.results, f, indent=2)
+    # Skip interpreter teardown: the stock client's finalizers can block on its loop thread.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -34,6 +34,23 @@ struct Cli {
 enum Cmd {
     /// Closed-loop GET load on one URL over keep-alive connections.
     Http(HttpArgs),
+    /// A bare TCP splice (accept, dial the target, copy both ways) with a chosen copy buffer
+    /// size: a yardstick for the gateway's scheduler proxy. Prints `listening <addr>` and serves
+    /// until killed.
+    Splice(SpliceArgs),
+}
+
+#[derive(Args, Clone)]
+struct SpliceArgs {
+    /// Where to listen (port 0 = any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Where to connect each accepted connection, `host:port`.
+    #[arg(long)]
+    target: String,
+    /// Copy buffer per direction, KiB (tokio's `copy_bidirectional` default is 8).
+    #[arg(long, default_value_t = 8)]
+    buffer_kib: usize,
 }
 
 #[derive(Args, Clone)]
@@ -82,6 +99,30 @@ fn main() -> Result<()> {
             };
             rt.block_on(http_load(args))
         }
+        Cmd::Splice(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(splice(args)),
+    }
+}
+
+async fn splice(args: SpliceArgs) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    println!("listening {}", listener.local_addr()?);
+    let size = args.buffer_kib.max(1) * 1024;
+    loop {
+        let (mut client, _) = listener.accept().await?;
+        let target = args.target.clone();
+        tokio::spawn(async move {
+            let _ = client.set_nodelay(true);
+            let Ok(mut upstream) = TcpStream::connect(&target).await else {
+                return;
+            };
+            let _ = upstream.set_nodelay(true);
+            let _ =
+                tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, size, size)
+                    .await;
+        });
     }
 }
 
