@@ -188,3 +188,30 @@ def test_killed_worker_is_replaced_and_its_process_group_cleaned(server):
         assert gw.get_cluster(name).status.name == "RUNNING"
     finally:
         gw.stop_cluster(name)
+
+
+def test_connected_client_survives_gateway_kill9(server):
+    """A user's open Client reconnects through the restarted gateway and keeps working."""
+    gw = server.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    try:
+        c.scale(1)
+        client = c.get_client(set_as_default=False)
+        wait_workers(client, 1, timeout=90)
+        assert client.submit(lambda x: x + 1, 1, pure=False).result(timeout=60) == 2
+
+        server.kill9()
+        server.start()
+
+        def computes():
+            try:
+                return client.submit(lambda x: x + 2, 1, pure=False).result(timeout=10) == 3
+            except Exception:
+                return False
+
+        wait_for(computes, 90, interval=1, what="the open client to compute after the restart")
+        client.close()
+    finally:
+        c.close()
+        server.gateway(USER).stop_cluster(name)
