@@ -164,8 +164,24 @@ async fn require_user(State(state): State<AppState>, mut req: Request, next: Nex
 }
 
 async fn health(State(state): State<AppState>) -> Response {
-    let _ = state.manager.counts();
-    Json(json!({"status": "pass"})).into_response()
+    if state.manager.store_ok() {
+        Json(json!({"status": "pass"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "fail"})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        state.manager.metrics_text(),
+    )
+        .into_response()
 }
 
 async fn version() -> Json<Value> {
@@ -357,6 +373,7 @@ pub fn router(state: AppState, prefix: &str) -> Router {
     let open_routes = Router::new()
         .route("/api/health", get(health))
         .route("/api/version", get(version))
+        .route("/metrics", get(metrics))
         .route(
             "/api/v1/clusters/{name}",
             axum::routing::delete(delete_cluster),

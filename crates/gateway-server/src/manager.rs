@@ -19,6 +19,7 @@ use gateway_model::{
 use gateway_proxy::{ClusterRoute, RouteTable};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -177,8 +178,17 @@ impl Kills {
     }
 }
 
+/// Event counters since start (exposed as Prometheus counters).
+#[derive(Default)]
+struct Counters {
+    clusters_created: AtomicU64,
+    clusters_failed: AtomicU64,
+    workers_started: AtomicU64,
+}
+
 /// The cluster manager (see the module docs).
 pub struct Manager {
+    counters: Counters,
     clusters: Mutex<HashMap<String, Cluster>>,
     store: Store,
     backend: LocalBackend,
@@ -201,6 +211,7 @@ impl Manager {
             .build()
             .expect("HTTP client");
         Arc::new(Manager {
+            counters: Counters::default(),
             clusters: Mutex::new(HashMap::new()),
             store,
             backend,
@@ -289,6 +300,9 @@ impl Manager {
             Ok(pid) => {
                 cluster.rec.scheduler = Some(pid);
                 self.store.put_cluster(&cluster.rec)?;
+                self.counters
+                    .clusters_created
+                    .fetch_add(1, Ordering::Relaxed);
                 info!(cluster = %name, user = ?user.name, pid = pid.pid, "cluster created, scheduler starting");
                 Ok(name)
             }
@@ -484,6 +498,9 @@ impl Manager {
     }
 
     fn fail(&self, c: &mut Cluster, reason: String) {
+        self.counters
+            .clusters_failed
+            .fetch_add(1, Ordering::Relaxed);
         warn!(cluster = %c.rec.name, %reason, "cluster failed");
         self.begin_stop(c, ClusterStatus::Failed, reason)
     }
@@ -756,6 +773,9 @@ impl Manager {
                     if let Err(e) = self.store.put_worker(&record) {
                         error!(cluster = %c.rec.name, "persisting worker: {e}");
                     }
+                    self.counters
+                        .workers_started
+                        .fetch_add(1, Ordering::Relaxed);
                     info!(cluster = %c.rec.name, worker = %wname, pid = process.pid, "worker starting");
                     c.workers.insert(
                         wname,
@@ -981,11 +1001,84 @@ impl Manager {
         }
     }
 
-    /// Number of clusters per status (metrics, health).
-    pub fn counts(&self) -> HashMap<ClusterStatus, usize> {
-        let mut out = HashMap::new();
-        for c in self.lock().values() {
-            *out.entry(c.rec.status).or_default() += 1;
+    /// Whether the state store answers (health checks).
+    pub fn store_ok(&self) -> bool {
+        self.store.ping().is_ok()
+    }
+
+    /// Prometheus text exposition of the gateway's state and counters.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut by_status: HashMap<ClusterStatus, usize> = HashMap::new();
+        let mut workers: HashMap<&'static str, usize> = HashMap::new();
+        {
+            let clusters = self.lock();
+            for c in clusters.values() {
+                *by_status.entry(c.rec.status).or_default() += 1;
+                for w in c.workers.values() {
+                    let state = match w.state {
+                        WorkerState::Starting => "starting",
+                        WorkerState::Running => "running",
+                        WorkerState::Closing => "closing",
+                        WorkerState::Stopping => "stopping",
+                    };
+                    *workers.entry(state).or_default() += 1;
+                }
+            }
+        }
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP dask_gateway_clusters Clusters known to the gateway, by status."
+        );
+        let _ = writeln!(out, "# TYPE dask_gateway_clusters gauge");
+        for st in ClusterStatus::ALL {
+            let n = by_status.get(&st).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "dask_gateway_clusters{{status=\"{}\"}} {n}",
+                st.as_str().to_ascii_lowercase()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dask_gateway_workers Worker processes, by state."
+        );
+        let _ = writeln!(out, "# TYPE dask_gateway_workers gauge");
+        for state in ["starting", "running", "closing", "stopping"] {
+            let n = workers.get(state).copied().unwrap_or(0);
+            let _ = writeln!(out, "dask_gateway_workers{{state=\"{state}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dask_gateway_routes Clusters reachable through the proxy."
+        );
+        let _ = writeln!(out, "# TYPE dask_gateway_routes gauge");
+        let _ = writeln!(out, "dask_gateway_routes {}", self.routes.len());
+        for (name, help, value) in [
+            (
+                "clusters_created",
+                "Clusters created since the gateway started.",
+                &self.counters.clusters_created,
+            ),
+            (
+                "clusters_failed",
+                "Clusters that ended FAILED since the gateway started.",
+                &self.counters.clusters_failed,
+            ),
+            (
+                "workers_started",
+                "Worker processes started since the gateway started.",
+                &self.counters.workers_started,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP dask_gateway_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE dask_gateway_{name}_total counter");
+            let _ = writeln!(
+                out,
+                "dask_gateway_{name}_total {}",
+                value.load(Ordering::Relaxed)
+            );
         }
         out
     }

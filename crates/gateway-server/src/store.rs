@@ -322,6 +322,12 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// A trivial query: does the database answer?
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.conn().query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+
     /// Whether a cluster is stored (tests and diagnostics).
     pub fn has_cluster(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self

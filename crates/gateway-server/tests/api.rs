@@ -337,6 +337,26 @@ async fn a_scheduler_that_exits_fails_the_cluster() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, "FAILED");
+    let metrics = c
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "dask_gateway_clusters{status=\"failed\"} 1",
+        "dask_gateway_clusters{status=\"running\"} 0",
+        "dask_gateway_clusters_created_total 1",
+        "dask_gateway_clusters_failed_total 1",
+        "dask_gateway_routes 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from\n{metrics}"
+        );
+    }
     // Another user cannot see it.
     let r = gw
         .get(&format!("/api/v1/clusters/{name}"), &basic("mallory", "pw"))
