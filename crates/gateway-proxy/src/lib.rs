@@ -34,6 +34,7 @@
 
 mod forward;
 mod listener;
+mod relay;
 mod rewind;
 mod routes;
 pub mod sni;

@@ -26,9 +26,6 @@ use crate::{cluster_from_sni, DIAL_TIMEOUT, HTTP_HEADER_TIMEOUT, SNIFF_TIMEOUT};
 /// The HTTP/2 connection preface a prior-knowledge h2 client starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Buffer size of each direction of a spliced scheduler connection.
-const SPLICE_BUFFER: usize = 64 * 1024;
-
 /// Pause after an accept error that is not specific to one connection (e.g. `EMFILE`).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(200);
 
@@ -313,7 +310,7 @@ async fn serve_http<I>(
 /// Splice a scheduler TLS connection to its cluster's scheduler: dial, replay `prefix`, copy
 /// both ways until both directions are done. Routing failures close the client silently.
 async fn splice(
-    mut client: TcpStream,
+    client: TcpStream,
     prefix: Vec<u8>,
     cluster: &str,
     routes: &RouteTable,
@@ -342,16 +339,8 @@ async fn splice(
     }
     drop(prefix);
     tracing::debug!(cluster = %cluster, %peer, target = %target, "scheduler connection spliced");
-    // 64 KiB buffers each way: about half the CPU per byte of the 8 KiB default (see
-    // docs/benchmarks.md), CPU that the Dask processes at both ends need on small machines.
-    match tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        SPLICE_BUFFER,
-        SPLICE_BUFFER,
-    )
-    .await
-    {
+    // Zero-copy through kernel pipes (see relay.rs).
+    match crate::relay::relay(client, upstream).await {
         Ok((up, down)) => {
             tracing::debug!(cluster = %cluster, %peer, bytes_up = up, bytes_down = down, "scheduler connection closed")
         }
