@@ -17,14 +17,16 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("state database: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// A stored row could not be decoded.
-    #[error("state database holds a bad record for {name}: {what}")]
-    Corrupt {
-        /// Cluster name.
-        name: String,
-        /// What was wrong.
-        what: String,
-    },
+}
+
+/// Maps a decoding failure of column `index` to SQLite's conversion error.
+fn decoded<T, E: std::error::Error + Send + Sync + 'static>(
+    index: usize,
+    value: Result<T, E>,
+) -> rusqlite::Result<T> {
+    value.map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 /// The persistent part of a cluster.
@@ -207,102 +209,44 @@ impl Store {
         Ok(())
     }
 
-    /// Every stored cluster.
+    /// Every stored cluster, oldest first.
     pub fn load_clusters(&self) -> Result<Vec<ClusterRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, owner, status, reason, final_status, options, settings, token, tls_cert, tls_key,
-                    scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address, api_address,
-                    target, start_time, stop_time FROM clusters ORDER BY start_time",
+            "SELECT name, owner, status, reason, final_status, options, settings, token, tls_cert,
+                    tls_key, scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address,
+                    api_address, target, start_time, stop_time FROM clusters ORDER BY start_time",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-                (
-                    r.get::<_, String>(7)?,
-                    r.get::<_, String>(8)?,
-                    r.get::<_, String>(9)?,
-                ),
-                (r.get::<_, Option<i64>>(10)?, r.get::<_, Option<i64>>(11)?),
-                (
-                    r.get::<_, Option<String>>(12)?,
-                    r.get::<_, Option<String>>(13)?,
-                    r.get::<_, Option<String>>(14)?,
-                ),
-                (
-                    r.get::<_, i64>(15)?,
-                    r.get::<_, i64>(16)?,
-                    r.get::<_, Option<i64>>(17)?,
-                ),
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (
-                name,
-                owner,
-                status,
-                reason,
-                final_status,
-                options,
-                settings,
-                secrets,
-                pid,
-                addrs,
-                nums,
-            ) = row?;
-            let corrupt = |what: String| StoreError::Corrupt {
-                name: name.clone(),
-                what,
-            };
-            let status = status
-                .parse()
-                .map_err(|e: gateway_model::UnknownStatus| corrupt(e.to_string()))?;
-            let final_status = match final_status {
-                Some(s) => Some(
-                    s.parse()
-                        .map_err(|e: gateway_model::UnknownStatus| corrupt(e.to_string()))?,
-                ),
-                None => None,
-            };
-            let options =
-                serde_json::from_str(&options).map_err(|e| corrupt(format!("options: {e}")))?;
-            let settings =
-                serde_json::from_str(&settings).map_err(|e| corrupt(format!("settings: {e}")))?;
-            let scheduler = match pid {
-                (Some(pid), Some(ticks)) => Some(ProcessId {
+            let pid: Option<i64> = r.get(10)?;
+            let ticks: Option<i64> = r.get(11)?;
+            Ok(ClusterRecord {
+                name: r.get(0)?,
+                owner: r.get(1)?,
+                status: decoded(2, r.get::<_, String>(2)?.parse::<ClusterStatus>())?,
+                reason: r.get(3)?,
+                final_status: r
+                    .get::<_, Option<String>>(4)?
+                    .map(|s| decoded(4, s.parse::<ClusterStatus>()))
+                    .transpose()?,
+                options: decoded(5, serde_json::from_str(&r.get::<_, String>(5)?))?,
+                settings: decoded(6, serde_json::from_str(&r.get::<_, String>(6)?))?,
+                token: r.get(7)?,
+                tls_cert: r.get(8)?,
+                tls_key: r.get(9)?,
+                scheduler: pid.zip(ticks).map(|(pid, ticks)| ProcessId {
                     pid: pid as u32,
                     start_ticks: ticks as u64,
                 }),
-                _ => None,
-            };
-            out.push(ClusterRecord {
-                name: name.clone(),
-                owner,
-                status,
-                reason,
-                final_status,
-                options,
-                settings,
-                token: secrets.0,
-                tls_cert: secrets.1,
-                tls_key: secrets.2,
-                scheduler,
-                scheduler_address: addrs.0,
-                dashboard_address: addrs.1,
-                api_address: addrs.2,
-                target: nums.0.max(0) as u64,
-                start_time: nums.1,
-                stop_time: nums.2,
-            });
-        }
-        Ok(out)
+                scheduler_address: r.get(12)?,
+                dashboard_address: r.get(13)?,
+                api_address: r.get(14)?,
+                target: r.get::<_, i64>(15)?.max(0) as u64,
+                start_time: r.get(16)?,
+                stop_time: r.get(17)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Stored workers of one cluster.
@@ -378,6 +322,21 @@ mod tests {
             start_time: 5,
             stop_time: None,
         }
+    }
+
+    #[test]
+    fn a_corrupt_row_is_an_error_not_a_panic() {
+        let store = Store::in_memory().unwrap();
+        store.put_cluster(&record("a")).unwrap();
+        store
+            .conn()
+            .execute("UPDATE clusters SET status = 'SIDEWAYS'", [])
+            .unwrap();
+        let err = store.load_clusters().unwrap_err().to_string();
+        assert!(
+            err.contains("'SIDEWAYS' is not a valid ClusterStatus"),
+            "{err}"
+        );
     }
 
     #[test]
