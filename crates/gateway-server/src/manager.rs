@@ -243,19 +243,7 @@ impl Manager {
         let options = validate_options(fields, options).map_err(|e| ManagerError::Invalid(e.0))?;
         let settings = cluster_settings::resolve(&self.config.cluster, fields, &options)
             .map_err(ManagerError::Invalid)?;
-        if let Some(max) = self.config.cluster.max_clusters_per_user {
-            let active = self
-                .lock()
-                .values()
-                .filter(|c| c.rec.owner == user.name && c.rec.status.is_active())
-                .count() as u64;
-            if active >= max {
-                return Err(ManagerError::Invalid(format!(
-                    "User {} already has {active} active clusters; the maximum per user is {max}",
-                    user.name
-                )));
-            }
-        }
+        self.check_cluster_quota(&self.lock(), user)?;
         let name = new_name();
         let creds = ClusterCredentials::generate(&name)
             .map_err(|e| ManagerError::Internal(format!("generating TLS credentials: {e}")))?;
@@ -281,11 +269,14 @@ impl Manager {
             start_time: now_ms(),
             stop_time: None,
         };
-        if let Err(e) = self.store.put_cluster(&rec) {
-            self.backend.remove_dir(&name);
-            return Err(e.into());
-        }
         let mut clusters = self.lock();
+        // Checked again under the lock that inserts: concurrent creates cannot pass the quota.
+        let admitted = self.check_cluster_quota(&clusters, user);
+        if let Err(e) = admitted.and_then(|()| Ok(self.store.put_cluster(&rec)?)) {
+            drop(clusters);
+            self.backend.remove_dir(&name);
+            return Err(e);
+        }
         let cluster = clusters
             .entry(name.clone())
             .or_insert_with(|| Cluster::new(rec));
@@ -317,6 +308,28 @@ impl Manager {
                 Err(ManagerError::Internal(msg))
             }
         }
+    }
+
+    /// Refuses a new cluster when `user` already has `max_clusters_per_user` active ones.
+    fn check_cluster_quota(
+        &self,
+        clusters: &HashMap<String, Cluster>,
+        user: &User,
+    ) -> Result<(), ManagerError> {
+        let Some(max) = self.config.cluster.max_clusters_per_user else {
+            return Ok(());
+        };
+        let active = clusters
+            .values()
+            .filter(|c| c.rec.owner == user.name && c.rec.status.is_active())
+            .count() as u64;
+        if active >= max {
+            return Err(ManagerError::Invalid(format!(
+                "User {} already has {active} active clusters; the maximum per user is {max}",
+                user.name
+            )));
+        }
+        Ok(())
     }
 
     fn check_access<'a>(

@@ -378,3 +378,44 @@ async fn one_gateway_per_data_directory() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_per_user_cluster_quota_is_enforced() {
+    // A "scheduler" that just stays alive keeps its cluster PENDING (active).
+    let script = std::env::temp_dir().join(format!("dgrs-idle-{}.sh", std::process::id()));
+    std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let gw = start(&format!(
+        "dask: {{command: {}}}\ncluster: {{max_clusters_per_user: 1}}\nstop_clusters_on_shutdown: true\n",
+        script.display()
+    ))
+    .await;
+    let c = gw.client();
+    let create = |user: &str| {
+        c.post(gw.url("/api/v1/clusters/"))
+            .header("Authorization", basic(user, ""))
+            .json(&json!({}))
+    };
+    assert_eq!(create("alice").send().await.unwrap().status(), 201);
+    let r = create("alice").send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("maximum per user is 1"),
+        "{e}"
+    );
+    // Another user has a quota of their own.
+    assert_eq!(create("bob").send().await.unwrap().status(), 201);
+    let listed: Value = gw
+        .get("/api/v1/clusters/", &basic("alice", ""))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_object().unwrap().len(), 1);
+    gw.shutdown().await;
+    let _ = std::fs::remove_file(script);
+}
