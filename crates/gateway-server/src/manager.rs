@@ -99,6 +99,8 @@ struct Cluster {
     last_heartbeat: Instant,
     pending_since: Instant,
     worker_failures: u32,
+    /// A teardown task is running (STOPPING); never start a second one.
+    tearing_down: bool,
     status_tx: watch::Sender<ClusterStatus>,
 }
 
@@ -111,6 +113,7 @@ impl Cluster {
             last_heartbeat: Instant::now(),
             pending_since: Instant::now(),
             worker_failures: 0,
+            tearing_down: false,
             status_tx,
         }
     }
@@ -463,13 +466,14 @@ impl Manager {
     /// For a STOPPING cluster: waits until its processes are gone, then records the final status.
     fn spawn_teardown_if_needed(self: &Arc<Self>, name: &str) {
         let procs: Vec<ProcessId> = {
-            let clusters = self.lock();
+            let mut clusters = self.lock();
             let Some(c) = clusters
-                .get(name)
-                .filter(|c| c.rec.status == ClusterStatus::Stopping)
+                .get_mut(name)
+                .filter(|c| c.rec.status == ClusterStatus::Stopping && !c.tearing_down)
             else {
                 return;
             };
+            c.tearing_down = true;
             c.rec
                 .scheduler
                 .into_iter()
