@@ -10,6 +10,8 @@
 //! Processes run in their own process group, so they outlive a gateway restart (even `kill -9`)
 //! and are re-adopted by pid afterwards; the gateway decides what to keep from its state store.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod credentials;
 pub mod process;

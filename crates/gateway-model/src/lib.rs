@@ -4,6 +4,8 @@
 //! machine ([`status`]), the JSON shapes of the REST API ([`api`]), the typed cluster options
 //! and their validation ([`options`]), and per-cluster resource limits ([`limits`]). No I/O.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod limits;
 pub mod options;

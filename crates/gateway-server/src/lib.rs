@@ -3,6 +3,8 @@
 //!
 //! The binary `gateway-server` calls [`run`]; tests can do the same in-process.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod auth;
 pub mod cluster_settings;
