@@ -250,9 +250,12 @@ impl Manager {
         let name = new_name();
         let creds = ClusterCredentials::generate(&name)
             .map_err(|e| ManagerError::Internal(format!("generating TLS credentials: {e}")))?;
-        self.backend
-            .prepare(&name, &creds)
-            .map_err(|e| ManagerError::Internal(format!("preparing cluster directory: {e}")))?;
+        if let Err(e) = self.backend.prepare(&name, &creds) {
+            self.backend.remove_dir(&name);
+            return Err(ManagerError::Internal(format!(
+                "preparing cluster directory: {e}"
+            )));
+        }
         let rec = ClusterRecord {
             name: name.clone(),
             owner: user.name.clone(),
