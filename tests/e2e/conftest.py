@@ -475,26 +475,9 @@ class GatewayServer:
                             f"{[p.pid for p in leftovers]} =====\n")
 
 
-@pytest.fixture(scope="session")
-def server_factory(tmp_path_factory):
-    """Start servers with custom settings; all are shut down at the end of the requesting scope
-    when used through `make_server` fixtures below (or at session end)."""
-    started = []
-
-    def make(name, **kwargs):
-        srv = GatewayServer(name, tmp_path_factory.mktemp(name), **kwargs)
-        started.append(srv)
-        srv.start()
-        return srv
-
-    yield make
-    for srv in started:
-        srv.shutdown()
-
-
-@pytest.fixture(scope="module")
-def module_servers(tmp_path_factory):
-    """A per-module factory: servers it starts are shut down when the module ends."""
+def _server_starter(tmp_path_factory):
+    """A generator fixture body: yields `make(name, **settings)`, which starts a GatewayServer;
+    every server it started is shut down (newest first) when the fixture's scope ends."""
     started = []
 
     def make(name, **kwargs):
@@ -506,6 +489,18 @@ def module_servers(tmp_path_factory):
     yield make
     for srv in reversed(started):
         srv.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory):
+    """Start servers with custom settings; shut down at the end of the session."""
+    yield from _server_starter(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def module_servers(tmp_path_factory):
+    """A per-module factory: servers it starts are shut down when the module ends."""
+    yield from _server_starter(tmp_path_factory)
 
 
 SHARED_PASSWORD = "s3cret pass:word"

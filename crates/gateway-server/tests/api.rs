@@ -67,6 +67,17 @@ impl Gateway {
         format!("{}{}", self.base, path)
     }
 
+    /// `POST path` of a JSON body with the given `Authorization` header.
+    async fn post(&self, path: &str, auth: &str, body: Value) -> reqwest::Response {
+        self.client()
+            .post(self.url(path))
+            .header("Authorization", auth)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// `GET path` with the given `Authorization` header.
     async fn get(&self, path: &str, auth: &str) -> reqwest::Response {
         self.client()
@@ -216,13 +227,9 @@ async fn bad_input_gets_422_and_changes_nothing() {
         r.json::<Value>().await.unwrap()["error"],
         "Cluster nope not found"
     );
-    let r = c
-        .post(gw.url("/api/v1/clusters/nope/scale"))
-        .header("Authorization", &auth)
-        .json(&json!({"count": 1}))
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .post("/api/v1/clusters/nope/scale", &auth, json!({"count": 1}))
+        .await;
     assert_eq!(r.status(), 404);
     let r = c
         .delete(gw.url("/api/v1/clusters/nope"))
@@ -268,15 +275,8 @@ cluster: {start_timeout: 5}
 "#,
     )
     .await;
-    let c = gw.client();
     let auth = basic("alice", "");
-    let r = c
-        .post(gw.url("/api/v1/clusters/"))
-        .header("Authorization", &auth)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.post("/api/v1/clusters/", &auth, json!({})).await;
     assert_eq!(r.status(), 500);
     assert!(r.json::<Value>().await.unwrap()["error"]
         .as_str()
@@ -310,13 +310,7 @@ async fn a_scheduler_that_exits_fails_the_cluster() {
     let gw = start(CONFIG).await;
     let c = gw.client();
     let auth = basic("alice", "pw");
-    let r = c
-        .post(gw.url("/api/v1/clusters/"))
-        .header("Authorization", &auth)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.post("/api/v1/clusters/", &auth, json!({})).await;
     assert_eq!(r.status(), 201);
     let name = r.json::<Value>().await.unwrap()["name"]
         .as_str()
