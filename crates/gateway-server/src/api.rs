@@ -34,6 +34,8 @@ pub struct AppState {
     pub forwarder: HttpForwarder,
     /// Require owner credentials for dashboards.
     pub dashboard_auth: bool,
+    /// Upper bound on one API request, reading its body included.
+    pub request_timeout: std::time::Duration,
 }
 
 /// An error answered as `{"error": "..."}` with a JSON content type.
@@ -161,6 +163,14 @@ async fn require_user(State(state): State<AppState>, mut req: Request, next: Nex
         }
     }
     resp
+}
+
+/// Bounds every API request (a client trickling its body cannot hold a task forever).
+async fn bounded(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(state.request_timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "Request timed out").into_response(),
+    }
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -370,7 +380,7 @@ pub fn router(state: AppState, prefix: &str) -> Router {
         .route("/api/v1/clusters/{name}/scale", post(scale_cluster))
         .route("/api/v1/clusters/{name}/adapt", post(adapt_cluster))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_user));
-    let open_routes = Router::new()
+    let api_routes = user_routes
         .route("/api/health", get(health))
         .route("/api/version", get(version))
         .route("/metrics", get(metrics))
@@ -379,11 +389,14 @@ pub fn router(state: AppState, prefix: &str) -> Router {
             axum::routing::delete(delete_cluster),
         )
         .route("/api/v1/clusters/{name}/heartbeat", post(heartbeat))
+        .route_layer(middleware::from_fn_with_state(state.clone(), bounded));
+    // Dashboards stream (WebSockets, long polls): no request bound.
+    let dashboard_routes = Router::new()
         .route("/clusters/{name}", any(dashboard_root))
         .route("/clusters/{name}/", any(dashboard_root))
         .route("/clusters/{name}/{*rest}", any(dashboard_path));
-    let app = user_routes
-        .merge(open_routes)
+    let app = api_routes
+        .merge(dashboard_routes)
         .fallback(not_found)
         .with_state(state);
     if prefix.is_empty() {

@@ -58,6 +58,8 @@ pub struct GatewayConfig {
     pub stop_clusters_on_shutdown: bool,
     /// Require the owner's credentials for dashboards (default: open, like the reference).
     pub dashboard_auth: bool,
+    /// Seconds one API request may take, reading its body included (408 after that).
+    pub request_timeout: f64,
     /// User authentication.
     pub auth: AuthConfig,
     /// How Dask is launched.
@@ -79,6 +81,7 @@ impl Default for GatewayConfig {
             tls: None,
             stop_clusters_on_shutdown: false,
             dashboard_auth: false,
+            request_timeout: 60.0,
             auth: AuthConfig::default(),
             dask: DaskConfig::default(),
             cluster: ClusterConfig::default(),
@@ -323,6 +326,12 @@ impl GatewayConfig {
             ));
         }
         let c = &self.cluster;
+        if !(self.request_timeout.is_finite() && self.request_timeout >= 25.0) {
+            return bad(format!(
+                "request_timeout must be at least 25 seconds (a ?wait request is held 20 s), got {}",
+                self.request_timeout
+            ));
+        }
         for (name, v) in [
             ("cluster.heartbeat_period", c.heartbeat_period),
             ("cluster.adaptive_period", c.adaptive_period),

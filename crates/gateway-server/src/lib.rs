@@ -159,6 +159,7 @@ pub async fn run(
         routes: routes.clone(),
         forwarder: HttpForwarder::new(),
         dashboard_auth: config.dashboard_auth,
+        request_timeout: Duration::from_secs_f64(config.request_timeout),
     };
     let app = api::router(state, &config.prefix());
 

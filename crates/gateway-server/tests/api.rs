@@ -29,6 +29,12 @@ fn free_port() -> u16 {
 }
 
 async fn start(yaml: &str) -> Gateway {
+    start_tweaked(yaml, |_| {}).await
+}
+
+/// Starts a gateway from validated `yaml`, then applies `tweak` (to set values below the
+/// operator minimums so a test stays fast).
+async fn start_tweaked(yaml: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Gateway {
     let dir = std::env::temp_dir().join(format!(
         "dgrs-api-test-{}-{}",
         std::process::id(),
@@ -39,6 +45,7 @@ async fn start(yaml: &str) -> Gateway {
     config.address = format!("127.0.0.1:{port}").parse().unwrap();
     config.data_dir = Some(dir.clone());
     config.validate().unwrap();
+    tweak(&mut config);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(gateway_server::run(config, async move {
         let _ = rx.await;
@@ -412,4 +419,35 @@ async fn the_per_user_cluster_quota_is_enforced() {
     assert_eq!(listed.as_object().unwrap().len(), 1);
     gw.shutdown().await;
     let _ = std::fs::remove_file(script);
+}
+
+#[tokio::test]
+async fn a_trickled_request_body_times_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = start_tweaked(CONFIG, |c| c.request_timeout = 1.0).await;
+    let addr = gw.base.trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let auth = basic("alice", "pw");
+    let head = format!(
+        "POST /api/v1/clusters/ HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // Never send the rest of the body: the request must be answered 408, not held forever.
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    // Nothing was created.
+    let listed: Value = gw
+        .get("/api/v1/clusters/?status=pending,running,failed", &auth)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed, json!({}));
+    gw.shutdown().await;
 }
