@@ -142,3 +142,23 @@ def test_bob_stop_did_not_stop_alice(alice, alice_cluster):
     # after every forbidden attempt above, alice's cluster is still hers and running
     assert [c.name for c in alice.list_clusters()] == [alice_cluster.name]
     assert_alice_ok(alice, alice_cluster)
+
+
+def test_dashboard_auth_keeps_dashboards_private(module_servers):
+    """With `dashboard_auth: true` only the owner (or an admin) sees a dashboard; by default
+    (the other tests) dashboards are open, as in the reference."""
+    srv = module_servers("dashauth", dashboard_auth=True, admin_users=[ADMIN])
+    gw = srv.gateway(ALICE)
+    c = new_cluster(gw)
+    try:
+        path = f"/clusters/{c.name}/status"
+        anonymous = srv.http("GET", path)
+        assert anonymous.status == 401
+        assert anonymous.headers["WWW-Authenticate"] == "Basic"
+        assert srv.http("GET", path, user=BOB).status == 404
+        for user in (ALICE, ADMIN):
+            r = srv.http("GET", path, user=user)
+            assert r.status == 200, (user, r)
+            assert b"Bokeh" in r.body
+    finally:
+        c.shutdown()
