@@ -366,14 +366,7 @@ func (k *kubelet) heartbeat(ctx context.Context) {
 // apiProxy forwards TCP from the bridge address to the loopback API server, so pods (which
 // cannot see the host's loopback) reach it at KUBERNETES_SERVICE_HOST.
 func (k *kubelet) apiProxy(ctx context.Context) {
-	var ln net.Listener
-	var err error
-	for i := 0; i < 30; i++ {
-		if ln, err = net.Listen("tcp", k.cfg.proxyListen); err == nil {
-			break
-		}
-		time.Sleep(time.Second)
-	}
+	ln, err := retry30(func() (net.Listener, error) { return net.Listen("tcp", k.cfg.proxyListen) })
 	if err != nil {
 		log.Printf("api proxy: %v", err)
 		return
@@ -455,4 +448,18 @@ func removeEmptyTree(p string) {
 	if ok && strings.HasPrefix(p, "/") && p != "/" {
 		os.RemoveAll(p)
 	}
+}
+
+// retry30 calls open once a second until it succeeds, at most 30 times (a bridge address may
+// appear a moment after start-up), and returns the last result.
+func retry30[T any](open func() (T, error)) (T, error) {
+	var v T
+	var err error
+	for i := 0; i < 30; i++ {
+		if v, err = open(); err == nil {
+			return v, nil
+		}
+		time.Sleep(time.Second)
+	}
+	return v, err
 }

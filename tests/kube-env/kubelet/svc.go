@@ -233,14 +233,9 @@ func (p *svcProxy) lookup(name string) (ips []net.IP, ok bool) {
 
 // serveDNS answers cluster names over UDP on the bridge address, port 53.
 func (p *svcProxy) serveDNS(ctx context.Context) {
-	var pc net.PacketConn
-	var err error
-	for i := 0; i < 30; i++ {
-		if pc, err = net.ListenPacket("udp", net.JoinHostPort(p.k.hostIP, "53")); err == nil {
-			break
-		}
-		time.Sleep(time.Second)
-	}
+	pc, err := retry30(func() (net.PacketConn, error) {
+		return net.ListenPacket("udp", net.JoinHostPort(p.k.hostIP, "53"))
+	})
 	if err != nil {
 		log.Printf("dns: %v", err)
 		return
