@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import errno
 import gc
 import http.client
 import json
@@ -720,6 +721,11 @@ def raw_exchange(port, payload: bytes, timeout=15):
             sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             return received, True
+        except OSError as e:
+            # ENOTCONN: the server already answered and closed (e.g. 431 for huge headers);
+            # what it sent may still be readable.
+            if e.errno != errno.ENOTCONN:
+                raise
         while True:
             try:
                 data = sock.recv(65536)

@@ -1,21 +1,29 @@
-//! The local process backend: Dask schedulers and workers as processes on this machine.
+//! The local backend: Dask schedulers and workers as processes on this machine.
 //!
-//! * [`credentials`] makes each cluster's self-signed TLS pair and API token.
-//! * [`process`] identifies processes robustly (pid + kernel start time, so a recycled pid is
-//!   never mistaken for ours), signals whole process groups and watches for exits.
-//! * [`LocalBackend`] lays out a private working directory per cluster and launches
-//!   `dask scheduler` (with the `dask_gateway.scheduler_preload`) and `dask worker` with the
-//!   environment and flags of wire-protocol section 9.
+//! * [`engine`]: [`LocalBackend`], the [`gateway_backend::ClusterBackend`] that owns every
+//!   cluster's lifecycle (heartbeat bookkeeping, timeouts, worker failures, teardown, recovery
+//!   after a restart) as one reconcile per cluster.
+//! * [`store`]: its durable state, one SQLite file in the data directory.
+//! * [`launch`]: [`Launcher`] lays out a private working directory per cluster (credentials
+//!   mode 0600) and launches `dask scheduler` (with `dask_gateway.scheduler_preload`) and
+//!   `dask worker` with the environment and flags of wire-protocol section 9; the engine uses it
+//!   through the [`Processes`] trait so its rules can be tested without processes.
+//! * [`process`]: process identity (pid + kernel start time, so a recycled pid is never
+//!   mistaken for ours), process-group signals and exit watching.
 //!
 //! Processes run in their own process group, so they outlive a gateway restart (even `kill -9`)
-//! and are re-adopted by pid afterwards; the gateway decides what to keep from its state store.
+//! and are re-adopted by pid afterwards.
 
 #![warn(missing_docs)]
 
-pub mod backend;
-pub mod credentials;
+pub mod engine;
+pub mod launch;
 pub mod process;
+pub mod store;
 
-pub use backend::{LocalBackend, LocalConfig, LocalError, SchedulerSpec, WorkerSpec};
-pub use credentials::{new_api_token, ClusterCredentials};
+pub use engine::{EngineConfig, LocalBackend};
+pub use launch::{
+    BoxFuture, LaunchConfig, Launcher, LocalError, Processes, SchedulerSpec, WorkerSpec,
+};
 pub use process::{group_leaders_under, ProcessExit, ProcessId, ProcessRole};
+pub use store::{Store, StoreError};

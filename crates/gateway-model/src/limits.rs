@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// What one cluster's scheduler and each of its workers ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ClusterResources {
     /// Scheduler cores.
     pub scheduler_cores: f64,
@@ -17,6 +18,7 @@ pub struct ClusterResources {
 
 /// Hard caps on one cluster (scheduler plus all workers). `None` = no cap.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResourceLimits {
     /// Maximum number of workers.
     pub max_workers: Option<u64>,

@@ -5,7 +5,7 @@
 //! * **SNI routing of scheduler TLS** ([`serve_shared`], [`serve_scheduler`]). The stock
 //!   `dask-gateway` client opens a TCP connection to the proxy and starts TLS with the server
 //!   name `daskgateway-<cluster>`. The proxy reads (never terminates) the ClientHello, extracts
-//!   the SNI with the parser in [`sni`], looks the cluster up in the shared [`RouteTable`], dials
+//!   the SNI with the parser in [`sni`], looks the cluster up in a [`RouteSource`], dials
 //!   the scheduler and splices bytes both ways, replaying what it already read. The end-to-end
 //!   TLS session (mutual TLS with the cluster's own certificate) is between client and scheduler.
 //! * **Demultiplexing on a shared port.** The first byte tells TLS (`0x16`) from anything else;
@@ -25,8 +25,8 @@
 //!   short pause, so a burst of file-descriptor exhaustion cannot kill the listener.
 //! * Routing failures on the TLS side close the connection silently: no TLS alert, nothing
 //!   written, exactly like the reference proxy.
-//! * The route table is an `Arc<RwLock<HashMap>>`: lookups happen once per new connection and
-//!   writes (cluster start/stop) are rare.
+//! * Routes come from a [`RouteSource`] (the gateway's cluster backend, or a [`RouteTable`]):
+//!   one lookup per new connection.
 //! * HTTP connections get a header-read timeout (which also bounds idle keep-alive time) and
 //!   HTTP/2 keep-alive pings, so garbage or abandoned connections never hang forever.
 
@@ -45,7 +45,7 @@ use std::time::Duration;
 pub use forward::HttpForwarder;
 pub use listener::{serve_scheduler, serve_shared, ConnMeta};
 pub use rewind::Rewind;
-pub use routes::{ClusterRoute, RouteTable};
+pub use routes::{ClusterRoute, RouteSource, RouteTable};
 pub use tls::load_server_tls;
 
 /// SNI prefix the stock client puts before the cluster name.

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::rewind::Rewind;
-use crate::routes::RouteTable;
+use crate::routes::RouteSource;
 use crate::sni::{self, SniError, Sniff};
 use crate::{cluster_from_sni, DIAL_TIMEOUT, HTTP_HEADER_TIMEOUT, SNIFF_TIMEOUT};
 
@@ -149,7 +149,7 @@ async fn accept_loop<H, Fut>(
 /// connections are left running.
 pub async fn serve_shared(
     listener: TcpListener,
-    routes: RouteTable,
+    routes: Arc<dyn RouteSource>,
     app: Router,
     http_tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -172,7 +172,7 @@ pub async fn serve_shared(
 /// else is closed.
 pub async fn serve_scheduler(
     listener: TcpListener,
-    routes: RouteTable,
+    routes: Arc<dyn RouteSource>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     accept_loop(listener, shutdown, move |mut stream, peer, _stop| {
@@ -201,7 +201,7 @@ pub async fn serve_scheduler(
 async fn handle_shared(
     mut stream: TcpStream,
     peer: SocketAddr,
-    routes: RouteTable,
+    routes: Arc<dyn RouteSource>,
     app: Router,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     stop: watch::Receiver<bool>,
@@ -313,10 +313,10 @@ async fn splice(
     client: TcpStream,
     prefix: Vec<u8>,
     cluster: &str,
-    routes: &RouteTable,
+    routes: &Arc<dyn RouteSource>,
     peer: SocketAddr,
 ) {
-    let Some(route) = routes.get(cluster) else {
+    let Some(route) = routes.route(cluster) else {
         tracing::info!(cluster = %cluster, %peer, "no route for cluster; closing scheduler connection");
         return;
     };

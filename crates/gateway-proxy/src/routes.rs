@@ -1,4 +1,5 @@
-//! The shared cluster route table.
+//! Where the proxy learns a cluster's addresses: the [`RouteSource`] trait, and a simple
+//! shared [`RouteTable`] implementing it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -44,6 +45,20 @@ fn strip(addr: &str, scheme: &str) -> String {
         _ => addr,
     };
     addr.trim_end_matches('/').to_string()
+}
+
+/// Answers "where does cluster X's scheduler listen?" once per new proxied connection or
+/// dashboard request. The gateway implements it over its cluster backend, so a cluster is
+/// routable exactly when the backend reports it RUNNING; [`RouteTable`] is a plain table.
+pub trait RouteSource: Send + Sync + 'static {
+    /// The route of `cluster`, if it is routable now.
+    fn route(&self, cluster: &str) -> Option<ClusterRoute>;
+}
+
+impl RouteSource for RouteTable {
+    fn route(&self, cluster: &str) -> Option<ClusterRoute> {
+        self.get(cluster)
+    }
 }
 
 /// Shared, cheaply cloneable route table (cluster name -> route).

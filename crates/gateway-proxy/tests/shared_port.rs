@@ -297,9 +297,13 @@ async fn dedicated_scheduler_port() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(gateway_proxy::serve_scheduler(listener, routes, async {
-        let _ = rx.await;
-    }));
+    let task = tokio::spawn(gateway_proxy::serve_scheduler(
+        listener,
+        std::sync::Arc::new(routes),
+        async {
+            let _ = rx.await;
+        },
+    ));
 
     let mut tls = gateway_tls(addr, &id, "daskgateway-abc").await.unwrap();
     tls.write_all(b"ping").await.unwrap();

@@ -1,7 +1,7 @@
 //! The REST API (wire-protocol sections 2–4) and the dashboard routes, as one axum Router.
 
 use crate::auth::{cluster_token, AuthError, Authenticator, User, CHALLENGE};
-use crate::manager::{Manager, ManagerError, Requester};
+use crate::clusters::{ClusterError, ClusterService, Requester};
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -13,7 +13,7 @@ use gateway_model::{
     AdaptRequest, ClusterModel, ClusterStatus, CreateClusterRequest, CreateClusterResponse,
     Heartbeat, ScaleRequest,
 };
-use gateway_proxy::{HttpForwarder, RouteTable};
+use gateway_proxy::{ClusterRoute, HttpForwarder};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -24,12 +24,10 @@ const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Shared state of all handlers.
 #[derive(Clone)]
 pub struct AppState {
-    /// The cluster manager.
-    pub manager: Arc<Manager>,
+    /// The cluster rules over the backend.
+    pub clusters: Arc<ClusterService>,
     /// User authentication.
     pub auth: Arc<Authenticator>,
-    /// Live routes (dashboards).
-    pub routes: RouteTable,
     /// Dashboard reverse proxy.
     pub forwarder: HttpForwarder,
     /// Require owner credentials for dashboards.
@@ -75,15 +73,16 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<ManagerError> for ApiError {
-    fn from(e: ManagerError) -> Self {
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
         let status = match &e {
-            ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
-            ManagerError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            ManagerError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ManagerError::NotRunning(_) => StatusCode::CONFLICT,
-            ManagerError::BadToken => return ApiError::unauthorized("Unauthorized", "token"),
-            ManagerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
+            ClusterError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ClusterError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ClusterError::NotRunning(_) | ClusterError::Conflict(_) => StatusCode::CONFLICT,
+            ClusterError::BadToken => return ApiError::unauthorized("Unauthorized", "token"),
+            ClusterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ClusterError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
     }
@@ -174,7 +173,7 @@ async fn bounded(State(state): State<AppState>, req: Request, next: Next) -> Res
 }
 
 async fn health(State(state): State<AppState>) -> Response {
-    if state.manager.store_ok() {
+    if state.clusters.healthy().await {
         Json(json!({"status": "pass"})).into_response()
     } else {
         (
@@ -189,7 +188,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     (
         [(header::CONTENT_TYPE, content_type)],
-        state.manager.metrics_text(),
+        state.clusters.metrics_text(),
     )
         .into_response()
 }
@@ -199,7 +198,7 @@ async fn version() -> Json<Value> {
 }
 
 async fn options(State(state): State<AppState>) -> Json<Value> {
-    Json(state.manager.options_wire())
+    Json(state.clusters.options_wire())
 }
 
 async fn list_clusters(
@@ -216,7 +215,7 @@ async fn list_clusters(
     };
     // An object keyed by name (the client iterates its values), serialised straight from the models.
     let models: std::collections::BTreeMap<String, ClusterModel> = state
-        .manager
+        .clusters
         .list(&user, statuses.as_deref())
         .into_iter()
         .map(|m| (m.name.clone(), m))
@@ -230,7 +229,10 @@ async fn create_cluster(
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: CreateClusterRequest = parse_body(&body)?;
-    let name = state.manager.create(&user, req.cluster_options.as_ref())?;
+    let name = state
+        .clusters
+        .create(&user, req.cluster_options.as_ref())
+        .await?;
     Ok((StatusCode::CREATED, Json(CreateClusterResponse { name })).into_response())
 }
 
@@ -241,7 +243,7 @@ async fn get_cluster(
     req: Request,
 ) -> ApiResult<Response> {
     let wait = wait_flag(req.uri().query());
-    Ok(Json(state.manager.get(&user, &name, wait).await?).into_response())
+    Ok(Json(state.clusters.get(&user, &name, wait).await?).into_response())
 }
 
 async fn delete_cluster(
@@ -250,15 +252,18 @@ async fn delete_cluster(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     if let Some(token) = cluster_token(&headers) {
-        if state.manager.token_is_valid(&name, token) {
+        if state.clusters.token_is_valid(&name, token) {
             // The scheduler asks for its own shutdown (idle timeout): answer at once.
-            state.manager.stop(&name, Requester::Token(token))?;
+            state.clusters.stop(&name, Requester::Token(token)).await?;
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
     }
     let auth = state.auth.authenticate(&headers)?;
-    state.manager.stop(&name, Requester::User(&auth.user))?;
-    state.manager.wait_finished(&name, DELETE_WAIT).await;
+    state
+        .clusters
+        .stop(&name, Requester::User(&auth.user))
+        .await?;
+    state.clusters.wait_finished(&name, DELETE_WAIT).await;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     if let Some(cookie) = auth.set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, cookie);
@@ -273,7 +278,7 @@ async fn scale_cluster(
     body: Bytes,
 ) -> ApiResult<Response> {
     let req: ScaleRequest = parse_body(&body)?;
-    Ok(Json(state.manager.scale(&user, &name, &req.count).await?).into_response())
+    Ok(Json(state.clusters.scale(&user, &name, &req.count).await?).into_response())
 }
 
 async fn adapt_cluster(
@@ -285,7 +290,7 @@ async fn adapt_cluster(
     let req: AdaptRequest = parse_body(&body)?;
     Ok(Json(
         state
-            .manager
+            .clusters
             .adapt(&user, &name, &req.minimum, &req.maximum, req.active)
             .await?,
     )
@@ -301,11 +306,11 @@ async fn heartbeat(
     let Some(token) = cluster_token(&headers) else {
         return Err(ApiError::unauthorized("Unauthorized", "token"));
     };
-    if !state.manager.token_is_valid(&name, token) {
+    if !state.clusters.token_is_valid(&name, token) {
         return Err(ApiError::unauthorized("Unauthorized", "token"));
     }
     let hb: Heartbeat = parse_body(&body)?;
-    state.manager.heartbeat(&name, token, &hb)?;
+    state.clusters.heartbeat(&name, token, &hb).await?;
     Ok(StatusCode::OK.into_response())
 }
 
@@ -332,12 +337,17 @@ async fn dashboard(
     req: Request,
 ) -> Response {
     let not_found = || (StatusCode::NOT_FOUND, "404: Not Found").into_response();
-    let Some(target) = state.routes.get(&name).and_then(|r| r.dashboard) else {
+    let route = state
+        .clusters
+        .backend()
+        .route(&name)
+        .map(|a| ClusterRoute::new(a.scheduler, a.dashboard).dashboard);
+    let Some(target) = route.flatten() else {
         return not_found();
     };
     if state.dashboard_auth {
         match state.auth.authenticate(req.headers()) {
-            Ok(a) if state.manager.owner_allows(&name, &a.user) => {}
+            Ok(a) if state.clusters.may_access(&a.user, &name) => {}
             Ok(_) => return not_found(),
             Err(e) => return ApiError::from(e).into_response(),
         }

@@ -197,6 +197,20 @@ pub struct ClusterConfig {
     pub worker_memory: u64,
     /// Threads per worker (default: cores, at least 1).
     pub worker_threads: Option<u32>,
+    /// CPU limit per worker container (Kubernetes; default none).
+    pub worker_cores_limit: Option<f64>,
+    /// Memory limit per worker container (default: the worker memory).
+    #[serde(deserialize_with = "opt_memory")]
+    pub worker_memory_limit: Option<u64>,
+    /// CPU limit of the scheduler container (Kubernetes; default none).
+    pub scheduler_cores_limit: Option<f64>,
+    /// Memory limit of the scheduler container (default: the scheduler memory).
+    #[serde(deserialize_with = "opt_memory")]
+    pub scheduler_memory_limit: Option<u64>,
+    /// Container image of scheduler and workers (Kubernetes; default from the backend section).
+    pub image: Option<String>,
+    /// Backend profile applied to every cluster unless an option picks another (Kubernetes).
+    pub profile: Option<String>,
     /// Per-cluster worker cap.
     pub max_workers: Option<u64>,
     /// Per-cluster core cap (scheduler + workers).
@@ -228,6 +242,12 @@ impl Default for ClusterConfig {
             worker_cores: 1.0,
             worker_memory: 2 << 30,
             worker_threads: None,
+            worker_cores_limit: None,
+            worker_memory_limit: None,
+            scheduler_cores_limit: None,
+            scheduler_memory_limit: None,
+            image: None,
+            profile: None,
             max_workers: None,
             max_cores: None,
             max_memory: None,
@@ -268,6 +288,16 @@ impl ClusterConfig {
             scheduler_memory: self.scheduler_memory,
             worker_cores: self.worker_cores,
             worker_memory: self.worker_memory,
+        }
+    }
+
+    /// Per-container ceilings of a cluster with these settings.
+    pub fn container_limits(&self) -> gateway_backend::ContainerLimits {
+        gateway_backend::ContainerLimits {
+            scheduler_cores: self.scheduler_cores_limit,
+            scheduler_memory: self.scheduler_memory_limit,
+            worker_cores: self.worker_cores_limit,
+            worker_memory: self.worker_memory_limit,
         }
     }
 
@@ -362,19 +392,15 @@ impl GatewayConfig {
                 return bad(format!("option field {} is declared twice", f.field));
             }
             if let Some(t) = &f.target {
-                if !crate::cluster_settings::TARGETS.contains(&t.as_str()) {
-                    return bad(format!(
-                        "option {} has unknown target {t:?}; known targets: {}",
-                        f.field,
-                        crate::cluster_settings::TARGETS.join(", ")
-                    ));
+                if let Err(e) = t.parse::<crate::settings::OptionTarget>() {
+                    return bad(format!("option {} has {e}", f.field));
                 }
             }
         }
         c.limits()
             .check_scheduler(&c.resources())
             .map_err(ConfigError::Invalid)?;
-        crate::cluster_settings::check_targets(c).map_err(ConfigError::Invalid)?;
+        crate::settings::check_targets(c).map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -1,5 +1,5 @@
-//! The Dask Gateway server: configuration, REST API, authentication, the cluster manager,
-//! its SQLite state store, and the wiring that puts them behind the public proxy.
+//! The Dask Gateway server: configuration, REST API, authentication, the rules shared by every
+//! backend ([`clusters`]), and the wiring that puts a backend behind the public proxy.
 //!
 //! The binary `gateway-server` calls [`run`]; tests can do the same in-process.
 
@@ -7,18 +7,17 @@
 
 pub mod api;
 pub mod auth;
-pub mod cluster_settings;
+pub mod clusters;
 pub mod config;
-pub mod manager;
-pub mod store;
+pub mod settings;
 
 use crate::api::AppState;
 use crate::auth::Authenticator;
+use crate::clusters::ClusterService;
 use crate::config::GatewayConfig;
-use crate::manager::Manager;
-use crate::store::Store;
-use gateway_local::{LocalBackend, LocalConfig};
-use gateway_proxy::{HttpForwarder, RouteTable};
+use gateway_backend::ClusterBackend;
+use gateway_local::{EngineConfig, LaunchConfig, Launcher, LocalBackend, Store};
+use gateway_proxy::{ClusterRoute, HttpForwarder, RouteSource};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -40,12 +39,9 @@ pub enum StartError {
     /// Another gateway already uses this data directory.
     #[error("another gateway-server is already using the data directory {0}")]
     Locked(std::path::PathBuf),
-    /// The state database failed.
+    /// The state database failed (opening it, or loading the stored clusters).
     #[error(transparent)]
-    Store(#[from] store::StoreError),
-    /// Re-adopting stored clusters failed.
-    #[error("recovering clusters: {0}")]
-    Recover(String),
+    Store(#[from] gateway_local::StoreError),
     /// A listen address could not be bound.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -80,12 +76,23 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
     Ok(file)
 }
 
-/// Runs the gateway until `shutdown` resolves.
-pub async fn run(
-    config: GatewayConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    let config = Arc::new(config);
+/// The proxy's routes, straight from the backend: a cluster is routable exactly while the
+/// backend reports it RUNNING.
+struct BackendRoutes(Arc<dyn ClusterBackend>);
+
+impl RouteSource for BackendRoutes {
+    fn route(&self, cluster: &str) -> Option<ClusterRoute> {
+        self.0
+            .route(cluster)
+            .map(|a| ClusterRoute::new(a.scheduler, a.dashboard))
+    }
+}
+
+/// Starts the local process backend: its data directory (locked against a second gateway),
+/// SQLite store, launcher and engine (which re-adopts the stored clusters).
+fn start_local_backend(
+    config: &GatewayConfig,
+) -> Result<(Arc<dyn ClusterBackend>, std::fs::File), StartError> {
     let data_dir = config.data_dir();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -95,13 +102,12 @@ pub async fn run(
             path: data_dir.clone(),
             source,
         })?;
-    let _lock = lock_data_dir(&data_dir)?;
+    let lock = lock_data_dir(&data_dir)?;
     let store = Store::open(&data_dir.join("gateway.sqlite"))?;
-
     let (dask_command, path_prefix) = config.dask.command_and_path();
-    let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel();
-    let backend = LocalBackend::new(
-        LocalConfig {
+    let (exit_tx, exit_rx) = tokio::sync::mpsc::unbounded_channel();
+    let launcher = Launcher::new(
+        LaunchConfig {
             work_root: data_dir.join("clusters"),
             dask_command,
             path_prefix,
@@ -112,11 +118,31 @@ pub async fn run(
         },
         exit_tx,
     );
-    let routes = RouteTable::new();
-    let manager = Manager::new(config.clone(), store, backend, routes.clone());
-    manager
-        .recover()
-        .map_err(|e| StartError::Recover(e.to_string()))?;
+    let c = &config.cluster;
+    let engine = EngineConfig {
+        start_timeout: Duration::from_secs_f64(c.start_timeout),
+        heartbeat_timeout: Duration::from_secs_f64(c.heartbeat_timeout()),
+        worker_start_failure_limit: c.worker_start_failure_limit,
+        retention: Duration::from_secs_f64(c.retention),
+        ..EngineConfig::default()
+    };
+    let backend = LocalBackend::start(engine, store, Arc::new(launcher), exit_rx)?;
+    info!(data_dir = %data_dir.display(), "local process backend ready");
+    Ok((backend, lock))
+}
+
+/// Runs the gateway until `shutdown` resolves.
+pub async fn run(
+    config: GatewayConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    let (backend, _data_dir_lock) = start_local_backend(&config)?;
+    let routes: Arc<dyn RouteSource> = Arc::new(BackendRoutes(backend.clone()));
+    let clusters = Arc::new(ClusterService::new(
+        backend.clone(),
+        Arc::new(config.cluster.clone()),
+    ));
 
     let http_tls = match &config.tls {
         Some(t) => Some(gateway_proxy::load_server_tls(&t.cert, &t.key)?),
@@ -137,26 +163,9 @@ pub async fn run(
         None => None,
     };
 
-    // Process exits and the periodic tick.
-    let m = manager.clone();
-    tokio::spawn(async move {
-        while let Some(exit) = exit_rx.recv().await {
-            m.on_exit(exit);
-        }
-    });
-    let m = manager.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            m.tick();
-        }
-    });
-
     let state = AppState {
-        manager: manager.clone(),
+        clusters,
         auth: Arc::new(Authenticator::new(&config.auth)),
-        routes: routes.clone(),
         forwarder: HttpForwarder::new(),
         dashboard_auth: config.dashboard_auth,
         request_timeout: Duration::from_secs_f64(config.request_timeout),
@@ -178,7 +187,7 @@ pub async fn run(
     }
     info!(
         address = %public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        data_dir = %data_dir.display(),
+        backend = backend.kind(),
         api_url = %config.api_url(),
         "gateway listening"
     );
@@ -193,11 +202,7 @@ pub async fn run(
     shutdown.await;
     info!("shutting down");
     let _ = stop_tx.send(true);
-    if config.stop_clusters_on_shutdown {
-        manager.stop_all("the gateway shut down").await;
-    } else {
-        warn!("leaving clusters running; a restarted gateway re-adopts them (stop_clusters_on_shutdown: false)");
-    }
+    backend.shutdown(config.stop_clusters_on_shutdown).await;
     for s in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
     }

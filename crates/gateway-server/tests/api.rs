@@ -285,10 +285,18 @@ cluster: {start_timeout: 5}
     let auth = basic("alice", "");
     let r = gw.post("/api/v1/clusters/", &auth, json!({})).await;
     assert_eq!(r.status(), 500);
-    assert!(r.json::<Value>().await.unwrap()["error"]
+    let error = r.json::<Value>().await.unwrap()["error"]
         .as_str()
         .unwrap()
-        .contains("could not start the Dask scheduler"));
+        .to_string();
+    assert!(
+        error.contains("Could not start the Dask scheduler"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("/nonexistent"),
+        "no server paths in user errors: {error}"
+    );
     let list: Value = gw
         .get("/api/v1/clusters/?status=failed", &auth)
         .await

@@ -84,7 +84,7 @@ pub async fn start_shared(
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(gateway_proxy::serve_shared(
         listener,
-        routes,
+        Arc::new(routes),
         app,
         http_tls,
         async {

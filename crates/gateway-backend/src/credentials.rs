@@ -41,11 +41,23 @@ impl ClusterCredentials {
     }
 }
 
-/// A new random API token: 32 lowercase hex characters (never contains `/`).
-pub fn new_api_token() -> String {
+/// 16 random bytes as 32 lowercase hex characters.
+fn random_hex32() -> String {
     let mut bytes = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut bytes);
     hex::encode(bytes)
+}
+
+/// A new random API token: 32 lowercase hex characters (never contains `/`, which the preload
+/// would read as a file path).
+pub fn new_api_token() -> String {
+    random_hex32()
+}
+
+/// A new random cluster (or worker) id: 32 lowercase hex characters, valid as a path component,
+/// a DNS label and a Kubernetes object name.
+pub fn new_cluster_id() -> String {
+    random_hex32()
 }
 
 #[cfg(test)]
@@ -70,5 +82,6 @@ mod tests {
             .chars()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(t, new_api_token());
+        assert_ne!(new_cluster_id(), new_cluster_id());
     }
 }

@@ -1,13 +1,17 @@
-//! Launching Dask schedulers and workers as local processes (wire-protocol section 9).
+//! Launching Dask schedulers and workers as local processes (wire-protocol section 9), and the
+//! [`Processes`] trait through which the engine uses them.
 
-use crate::credentials::ClusterCredentials;
 use crate::process::{watch_adopted, ProcessExit, ProcessId, ProcessRole};
-use std::collections::BTreeMap;
+use gateway_backend::{ClusterCredentials, ClusterSettings};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, OpenOptions};
+use std::future::Future;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Stdio;
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Environment variables passed through from the gateway to Dask processes.
@@ -23,9 +27,9 @@ const PASS_THROUGH_ENV: &[&str] = &[
     "TMPDIR",
 ];
 
-/// How this backend launches Dask.
+/// How Dask is launched on this machine.
 #[derive(Clone, Debug)]
-pub struct LocalConfig {
+pub struct LaunchConfig {
     /// Parent of the per-cluster working directories.
     pub work_root: PathBuf,
     /// The `dask` command (a path, or a name looked up on `PATH`).
@@ -51,10 +55,8 @@ pub struct SchedulerSpec<'a> {
     pub owner: &'a str,
     /// The cluster's API token.
     pub token: &'a str,
-    /// `--dg-idle-timeout` in seconds (0 = never).
-    pub idle_timeout: f64,
-    /// Extra environment (operator config merged with user options).
-    pub environment: &'a BTreeMap<String, String>,
+    /// The cluster's settings: idle timeout, environment, resources.
+    pub settings: &'a ClusterSettings,
 }
 
 /// Everything needed to start one worker.
@@ -68,12 +70,40 @@ pub struct WorkerSpec<'a> {
     pub worker: &'a str,
     /// The scheduler's `tls://host:port`.
     pub scheduler_address: &'a str,
-    /// `--nthreads`.
-    pub threads: u32,
-    /// `--memory-limit` in bytes.
-    pub memory_limit: u64,
-    /// Extra environment.
-    pub environment: &'a BTreeMap<String, String>,
+    /// The cluster's settings: threads (`--nthreads`), memory (`--memory-limit`), environment.
+    pub settings: &'a ClusterSettings,
+}
+
+/// A future the engine can spawn.
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// What the local engine needs from the operating system: cluster directories and processes.
+/// [`Launcher`] is the real implementation; tests use an in-memory one.
+///
+/// Exits of started and adopted processes are reported on the channel the implementation was
+/// made with, once each.
+pub trait Processes: Send + Sync + 'static {
+    /// Creates the cluster's private directory with its credentials.
+    fn prepare(&self, cluster: &str, credentials: &ClusterCredentials) -> Result<(), LocalError>;
+    /// Removes the cluster's directory (credentials and logs).
+    fn remove_dir(&self, cluster: &str);
+    /// Removes the cluster's credentials, keeping its logs.
+    fn remove_credentials(&self, cluster: &str);
+    /// Starts the scheduler.
+    fn start_scheduler(&self, spec: &SchedulerSpec<'_>) -> Result<ProcessId, LocalError>;
+    /// Starts one worker.
+    fn start_worker(&self, spec: &WorkerSpec<'_>) -> Result<ProcessId, LocalError>;
+    /// Whether this exact process still runs.
+    fn is_alive(&self, id: ProcessId) -> bool;
+    /// Watches a process started by an earlier gateway run, reporting its exit like any other.
+    fn adopt(&self, cluster: &str, role: ProcessRole, id: ProcessId);
+    /// Called once a process has exited: cleans up what it left (its process group).
+    fn reap(&self, id: ProcessId);
+    /// Terminates a process (and its group): SIGTERM, then SIGKILL after `grace`.
+    fn terminate(&self, id: ProcessId, grace: Duration) -> BoxFuture;
+    /// Live processes in cluster directories that are not in `known` (a crash between starting a
+    /// process and recording it leaves such orphans).
+    fn unknown_processes(&self, known: &HashSet<ProcessId>) -> Vec<(String, ProcessId)>;
 }
 
 /// Failures of the local backend.
@@ -111,22 +141,17 @@ fn safe_name(name: &str) -> Result<&str, LocalError> {
         .ok_or_else(|| LocalError::BadName(name.to_string()))
 }
 
-/// Starts and stops Dask processes; reports every exit on the channel given to [`LocalBackend::new`].
+/// Starts and stops Dask processes; reports every exit on the channel given to [`Launcher::new`].
 #[derive(Clone, Debug)]
-pub struct LocalBackend {
-    config: LocalConfig,
+pub struct Launcher {
+    config: LaunchConfig,
     events: mpsc::UnboundedSender<ProcessExit>,
 }
 
-impl LocalBackend {
-    /// A backend reporting process exits on `events`.
-    pub fn new(config: LocalConfig, events: mpsc::UnboundedSender<ProcessExit>) -> Self {
-        LocalBackend { config, events }
-    }
-
-    /// The backend's configuration.
-    pub fn config(&self) -> &LocalConfig {
-        &self.config
+impl Launcher {
+    /// A launcher reporting process exits on `events`.
+    pub fn new(config: LaunchConfig, events: mpsc::UnboundedSender<ProcessExit>) -> Self {
+        Launcher { config, events }
     }
 
     /// The cluster's private working directory.
@@ -294,7 +319,7 @@ impl LocalBackend {
     pub fn start_scheduler(&self, spec: &SchedulerSpec<'_>) -> Result<ProcessId, LocalError> {
         safe_name(spec.cluster)?;
         let h = &self.config.bind_host;
-        let mut env = self.base_env(spec.cluster, spec.owner, spec.environment);
+        let mut env = self.base_env(spec.cluster, spec.owner, &spec.settings.environment);
         env.insert("DASK_GATEWAY_API_URL".into(), self.config.api_url.clone());
         env.insert("DASK_GATEWAY_API_TOKEN".into(), spec.token.into());
         env.insert("DASK_GATEWAY_CLUSTER_NAME".into(), spec.cluster.into());
@@ -317,7 +342,7 @@ impl LocalBackend {
             "--dg-adaptive-period".into(),
             self.config.adaptive_period.to_string(),
             "--dg-idle-timeout".into(),
-            spec.idle_timeout.to_string(),
+            spec.settings.idle_timeout.to_string(),
         ];
         self.spawn(
             spec.cluster,
@@ -333,7 +358,7 @@ impl LocalBackend {
         safe_name(spec.cluster)?;
         safe_name(spec.worker)?;
         let h = &self.config.bind_host;
-        let env = self.base_env(spec.cluster, spec.owner, spec.environment);
+        let env = self.base_env(spec.cluster, spec.owner, &spec.settings.environment);
         let args = vec![
             "worker".into(),
             spec.scheduler_address.into(),
@@ -344,9 +369,9 @@ impl LocalBackend {
             "--name".into(),
             spec.worker.into(),
             "--nthreads".into(),
-            spec.threads.max(1).to_string(),
+            spec.settings.worker_threads.max(1).to_string(),
             "--memory-limit".into(),
-            spec.memory_limit.to_string(),
+            spec.settings.worker_memory_limit().to_string(),
         ];
         let log = format!("worker-{}.log", spec.worker);
         self.spawn(
@@ -357,22 +382,50 @@ impl LocalBackend {
             &log,
         )
     }
+}
 
-    /// Processes of this backend (by working directory) that are not in `known`: leftovers of
-    /// a crash between starting a process and recording it.
-    pub fn unknown_processes(
-        &self,
-        known: &std::collections::HashSet<ProcessId>,
-    ) -> Vec<(String, ProcessId)> {
+impl Processes for Launcher {
+    fn prepare(&self, cluster: &str, credentials: &ClusterCredentials) -> Result<(), LocalError> {
+        Launcher::prepare(self, cluster, credentials)
+    }
+
+    fn remove_dir(&self, cluster: &str) {
+        Launcher::remove_dir(self, cluster)
+    }
+
+    fn remove_credentials(&self, cluster: &str) {
+        Launcher::remove_credentials(self, cluster)
+    }
+
+    fn start_scheduler(&self, spec: &SchedulerSpec<'_>) -> Result<ProcessId, LocalError> {
+        Launcher::start_scheduler(self, spec)
+    }
+
+    fn start_worker(&self, spec: &WorkerSpec<'_>) -> Result<ProcessId, LocalError> {
+        Launcher::start_worker(self, spec)
+    }
+
+    fn is_alive(&self, id: ProcessId) -> bool {
+        id.is_alive()
+    }
+
+    fn adopt(&self, cluster: &str, role: ProcessRole, id: ProcessId) {
+        watch_adopted(cluster.to_string(), role, id, self.events.clone());
+    }
+
+    fn reap(&self, id: ProcessId) {
+        id.kill_remnants();
+    }
+
+    fn terminate(&self, id: ProcessId, grace: Duration) -> BoxFuture {
+        Box::pin(async move { id.terminate(grace).await })
+    }
+
+    fn unknown_processes(&self, known: &HashSet<ProcessId>) -> Vec<(String, ProcessId)> {
         crate::process::group_leaders_under(&self.config.work_root)
             .into_iter()
             .filter(|(_, id)| !known.contains(id))
             .collect()
-    }
-
-    /// Watches a process started by an earlier gateway run; its exit is reported like any other.
-    pub fn adopt(&self, cluster: &str, role: ProcessRole, id: ProcessId) {
-        watch_adopted(cluster.to_string(), role, id, self.events.clone());
     }
 }
 
@@ -392,8 +445,8 @@ mod tests {
     async fn prepares_private_directory_and_reports_exits() {
         let root = std::env::temp_dir().join(format!("dgrs-local-test-{}", std::process::id()));
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let backend = LocalBackend::new(
-            LocalConfig {
+        let backend = Launcher::new(
+            LaunchConfig {
                 work_root: root.clone(),
                 dask_command: "/bin/sh".into(),
                 path_prefix: None,
@@ -424,8 +477,7 @@ mod tests {
                 cluster: "c1",
                 owner: "alice",
                 token: "t",
-                idle_timeout: 0.0,
-                environment: &BTreeMap::new(),
+                settings: &ClusterSettings::example(),
             })
             .unwrap();
         let exit = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())

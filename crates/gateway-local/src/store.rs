@@ -1,12 +1,13 @@
 //! Durable state of the local backend: one SQLite file in the data directory.
+//! Cluster records (with the scheduler's process identity) and worker processes.
 //!
 //! Every change of a cluster's persistent record is written through before it becomes
 //! visible, so a gateway killed at any moment restarts with what it had promised.
 
-use crate::cluster_settings::ClusterSettings;
-use gateway_local::ProcessId;
+use crate::process::ProcessId;
+use gateway_backend::ClusterSettings;
 use gateway_model::ClusterStatus;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde_json::{Map, Value};
 use std::path::Path;
 use std::sync::Mutex;
@@ -61,7 +62,7 @@ pub struct ClusterRecord {
     /// Preload API `http://host:port`.
     pub api_address: Option<String>,
     /// Worker count the scheduler last asked for (clipped).
-    pub target: u64,
+    pub target_workers: u64,
     /// Creation time in ms.
     pub start_time: i64,
     /// Terminal time in ms.
@@ -170,7 +171,7 @@ impl Store {
                 c.scheduler_address,
                 c.dashboard_address,
                 c.api_address,
-                c.target as i64,
+                c.target_workers as i64,
                 c.start_time,
                 c.stop_time,
             ],
@@ -241,7 +242,7 @@ impl Store {
                 scheduler_address: r.get(12)?,
                 dashboard_address: r.get(13)?,
                 api_address: r.get(14)?,
-                target: r.get::<_, i64>(15)?.max(0) as u64,
+                target_workers: r.get::<_, i64>(15)?.max(0) as u64,
                 start_time: r.get(16)?,
                 stop_time: r.get(17)?,
             })
@@ -272,8 +273,10 @@ impl Store {
         Ok(())
     }
 
-    /// Whether a cluster is stored (tests and diagnostics).
-    pub fn has_cluster(&self, name: &str) -> Result<bool, StoreError> {
+    /// Whether a cluster is stored (tests).
+    #[cfg(test)]
+    fn has_cluster(&self, name: &str) -> Result<bool, StoreError> {
+        use rusqlite::OptionalExtension;
         Ok(self
             .conn()
             .query_row(
@@ -289,7 +292,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gateway_model::{ClusterResources, ResourceLimits};
 
     pub(crate) fn record(name: &str) -> ClusterRecord {
         ClusterRecord {
@@ -299,18 +301,7 @@ mod tests {
             reason: None,
             final_status: None,
             options: Map::new(),
-            settings: ClusterSettings {
-                resources: ClusterResources {
-                    scheduler_cores: 1.0,
-                    scheduler_memory: 1,
-                    worker_cores: 1.0,
-                    worker_memory: 1,
-                },
-                worker_threads: 1,
-                limits: ResourceLimits::default(),
-                idle_timeout: 0.0,
-                environment: Default::default(),
-            },
+            settings: ClusterSettings::example(),
             token: "t".into(),
             tls_cert: "c".into(),
             tls_key: "k".into(),
@@ -318,7 +309,7 @@ mod tests {
             scheduler_address: None,
             dashboard_address: None,
             api_address: None,
-            target: 0,
+            target_workers: 0,
             start_time: 5,
             stop_time: None,
         }
@@ -350,7 +341,7 @@ mod tests {
             start_ticks: 7,
         });
         c.scheduler_address = Some("tls://127.0.0.1:1".into());
-        c.target = 3;
+        c.target_workers = 3;
         store.put_cluster(&c).unwrap();
         assert_eq!(store.load_clusters().unwrap(), vec![c.clone()]);
         let w = WorkerRecord {

@@ -1,0 +1,254 @@
+//! An in-memory [`ClusterBackend`] for tests of everything above the seam (API rules, quotas,
+//! clipping, the `?wait` long-poll, token checks) without Dask or Kubernetes.
+//!
+//! It behaves like a well-mannered backend: a new cluster is PENDING, the first heartbeat that
+//! carries a scheduler address makes it RUNNING with those addresses, a stop ends it at once
+//! (STOPPED or FAILED). Tests can look at what it was asked to do.
+
+use crate::{
+    new_api_token, new_cluster_id, BackendError, ClusterBackend, ClusterView, NewCluster,
+    SchedulerAddresses, StopRequest, TlsPair,
+};
+use gateway_model::{ClusterStatus, Heartbeat};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+struct Entry {
+    view: ClusterView,
+    status_tx: watch::Sender<ClusterStatus>,
+    target_workers: u64,
+    heartbeats: usize,
+}
+
+/// The in-memory backend (see the module docs).
+#[derive(Default)]
+pub struct FakeBackend {
+    /// Clusters by name. A std mutex: never held across an `.await`.
+    clusters: Mutex<HashMap<String, Entry>>,
+    /// When set, the next `create` fails with this message.
+    fail_next_create: Mutex<Option<String>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl FakeBackend {
+    /// An empty backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.clusters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the next `create` fail with `message` (as an internal error).
+    pub fn fail_next_create(&self, message: &str) {
+        *self
+            .fail_next_create
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(message.into());
+    }
+
+    /// The worker target the last heartbeat set (after clipping by the caller).
+    pub fn target_workers(&self, name: &str) -> Option<u64> {
+        self.lock().get(name).map(|e| e.target_workers)
+    }
+
+    /// How many heartbeats the cluster received while active.
+    pub fn heartbeats(&self, name: &str) -> usize {
+        self.lock().get(name).map_or(0, |e| e.heartbeats)
+    }
+
+    /// Moves a cluster to RUNNING with these addresses, as a first heartbeat would.
+    pub fn make_running(&self, name: &str, addresses: SchedulerAddresses) {
+        if let Some(e) = self.lock().get_mut(name) {
+            e.view.addresses = Some(addresses);
+            e.view.status = ClusterStatus::Running;
+            e.status_tx.send_replace(ClusterStatus::Running);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ClusterBackend for FakeBackend {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn create(&self, request: NewCluster) -> Result<ClusterView, BackendError> {
+        if let Some(msg) = self
+            .fail_next_create
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            return Err(BackendError::Internal(msg));
+        }
+        let name = new_cluster_id();
+        let view = ClusterView {
+            name: name.clone(),
+            owner: request.owner,
+            status: ClusterStatus::Pending,
+            reason: None,
+            options: request.options,
+            settings: request.settings,
+            token: Some(new_api_token()),
+            tls: Some(TlsPair {
+                cert: format!("-----BEGIN CERTIFICATE-----\n{name}\n-----END CERTIFICATE-----\n"),
+                key: format!("-----BEGIN PRIVATE KEY-----\n{name}\n-----END PRIVATE KEY-----\n"),
+            }),
+            addresses: None,
+            start_time: now_ms(),
+            stop_time: None,
+        };
+        let (status_tx, _) = watch::channel(ClusterStatus::Pending);
+        self.lock().insert(
+            name,
+            Entry {
+                view: view.clone(),
+                status_tx,
+                target_workers: 0,
+                heartbeats: 0,
+            },
+        );
+        Ok(view)
+    }
+
+    fn get(&self, name: &str) -> Option<ClusterView> {
+        self.lock().get(name).map(|e| e.view.clone())
+    }
+
+    fn list(&self, owner: Option<&str>) -> Vec<ClusterView> {
+        let mut out: Vec<ClusterView> = self
+            .lock()
+            .values()
+            .filter(|e| owner.is_none_or(|o| e.view.owner == o))
+            .map(|e| e.view.clone())
+            .collect();
+        out.sort_by_key(|v| v.start_time);
+        out
+    }
+
+    fn route(&self, name: &str) -> Option<SchedulerAddresses> {
+        self.lock().get(name).and_then(|e| e.view.addresses.clone())
+    }
+
+    fn subscribe(&self, name: &str) -> Option<watch::Receiver<ClusterStatus>> {
+        self.lock().get(name).map(|e| e.status_tx.subscribe())
+    }
+
+    async fn heartbeat(
+        &self,
+        name: &str,
+        heartbeat: &Heartbeat,
+        target_workers: u64,
+    ) -> Result<(), BackendError> {
+        let mut clusters = self.lock();
+        let e = clusters
+            .get_mut(name)
+            .ok_or_else(|| BackendError::NotFound(name.into()))?;
+        if !e.view.status.is_active() {
+            return Ok(());
+        }
+        e.heartbeats += 1;
+        e.target_workers = target_workers;
+        if e.view.status == ClusterStatus::Pending && !heartbeat.scheduler_address.is_empty() {
+            e.view.addresses = Some(SchedulerAddresses {
+                scheduler: heartbeat.scheduler_address.clone(),
+                dashboard: Some(heartbeat.dashboard_address.clone()).filter(|d| !d.is_empty()),
+                api: heartbeat.api_address.clone(),
+            });
+            e.view.status = ClusterStatus::Running;
+            e.status_tx.send_replace(ClusterStatus::Running);
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str, request: StopRequest) -> Result<(), BackendError> {
+        if let Some(e) = self.lock().get_mut(name) {
+            if e.view.status.is_active() {
+                let end = if request.failed {
+                    ClusterStatus::Failed
+                } else {
+                    ClusterStatus::Stopped
+                };
+                e.view.status = end;
+                e.view.reason = Some(request.reason);
+                e.view.addresses = None;
+                e.view.stop_time = Some(now_ms());
+                e.status_tx.send_replace(end);
+            }
+        }
+        Ok(())
+    }
+
+    async fn healthy(&self) -> bool {
+        true
+    }
+
+    fn metrics(&self, _out: &mut String) {}
+
+    async fn shutdown(&self, stop_clusters: bool) {
+        if !stop_clusters {
+            return;
+        }
+        let names: Vec<String> = self.lock().keys().cloned().collect();
+        for name in names {
+            let _ = self
+                .stop(&name, StopRequest::stopped("the gateway shut down"))
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClusterSettings;
+
+    fn request(owner: &str) -> NewCluster {
+        NewCluster {
+            owner: owner.into(),
+            options: Default::default(),
+            settings: ClusterSettings::example(),
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle_through_heartbeat_and_stop() {
+        let b = FakeBackend::new();
+        let c = b.create(request("alice")).await.unwrap();
+        assert_eq!(c.status, ClusterStatus::Pending);
+        assert!(b.route(&c.name).is_none());
+        let mut rx = b.subscribe(&c.name).unwrap();
+        let hb = Heartbeat {
+            scheduler_address: "tls://127.0.0.1:1".into(),
+            api_address: "http://127.0.0.1:2".into(),
+            count: 3,
+            ..Default::default()
+        };
+        b.heartbeat(&c.name, &hb, 2).await.unwrap();
+        assert_eq!(*rx.borrow_and_update(), ClusterStatus::Running);
+        assert_eq!(b.target_workers(&c.name), Some(2));
+        assert_eq!(
+            b.route(&c.name).unwrap().scheduler,
+            "tls://127.0.0.1:1".to_string()
+        );
+        let model = b.get(&c.name).unwrap().model();
+        assert!(model.tls_key.is_some());
+        assert_eq!(model.dashboard_route, None);
+        b.stop(&c.name, StopRequest::failed("boom")).await.unwrap();
+        let v = b.get(&c.name).unwrap();
+        assert_eq!(v.status, ClusterStatus::Failed);
+        assert!(v.model().tls_key.is_none());
+        assert_eq!(b.list(Some("alice")).len(), 1);
+        assert!(b.list(Some("bob")).is_empty());
+    }
+}

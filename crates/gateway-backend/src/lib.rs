@@ -1,0 +1,207 @@
+//! The seam between the gateway's API and the places clusters run.
+//!
+//! Above the seam the server does what is the same everywhere: authentication, options and their
+//! validation, quotas, ownership, clipping of scale requests, forwarding to the scheduler's
+//! `/api/comm`, the `?wait` long-poll and the cluster JSON. Below it a [`ClusterBackend`] owns the
+//! lifecycle of its clusters and where their state is kept:
+//!
+//! * `gateway-local`: Dask processes on this machine, state in SQLite;
+//! * `gateway-kube`: `DaskCluster` objects reconciled into pods by a controller, no local state;
+//! * [`fake::FakeBackend`]: an in-memory backend for tests of the rules above the seam.
+//!
+//! Backends make the cluster's name and credentials, decide when a cluster is RUNNING (and only
+//! then report scheduler addresses, which the proxy routes to), and react to scheduler heartbeats
+//! by starting or removing workers. They never see users' credentials or HTTP.
+
+#![warn(missing_docs)]
+
+pub mod credentials;
+pub mod fake;
+pub mod settings;
+
+pub use credentials::{new_api_token, new_cluster_id, ClusterCredentials};
+pub use settings::{ClusterSettings, ContainerLimits};
+
+use gateway_model::{ClusterModel, ClusterStatus, Heartbeat};
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+/// What the API asks a backend to create: owner, validated options and resolved settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewCluster {
+    /// User name that owns the cluster (any string; never used raw in paths or labels).
+    pub owner: String,
+    /// The validated options, every exposed field filled in (reported back to the user).
+    pub options: Map<String, Value>,
+    /// The resolved settings.
+    pub settings: ClusterSettings,
+}
+
+/// Where a RUNNING cluster's scheduler listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchedulerAddresses {
+    /// Dask comm address, `tls://host:port`: the proxy's SNI route target.
+    pub scheduler: String,
+    /// Dashboard `http://host:port`, if the scheduler runs one.
+    pub dashboard: Option<String>,
+    /// The preload's HTTP API, `http://host:port` (scale/adapt go to `<api>/api/comm`).
+    pub api: String,
+}
+
+/// The cluster's TLS pair (PEM), given to its clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPair {
+    /// Self-signed certificate, also the cluster's only trust anchor.
+    pub cert: String,
+    /// PKCS#8 private key.
+    pub key: String,
+}
+
+/// A snapshot of one cluster, as a backend knows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterView {
+    /// Public cluster name (URL path segment, SNI suffix).
+    pub name: String,
+    /// Owning user.
+    pub owner: String,
+    /// Public status.
+    pub status: ClusterStatus,
+    /// Why it stopped or failed (for operators and the log), once known.
+    pub reason: Option<String>,
+    /// The validated options.
+    pub options: Map<String, Value>,
+    /// The resolved settings.
+    pub settings: ClusterSettings,
+    /// The cluster's API token, once it exists (authenticates heartbeats and `/api/comm`).
+    pub token: Option<String>,
+    /// The TLS pair, once it exists.
+    pub tls: Option<TlsPair>,
+    /// Scheduler addresses; set exactly when the cluster is RUNNING and routable.
+    pub addresses: Option<SchedulerAddresses>,
+    /// Creation time, ms since the Unix epoch.
+    pub start_time: i64,
+    /// When it reached STOPPED or FAILED, ms since the Unix epoch.
+    pub stop_time: Option<i64>,
+}
+
+impl ClusterView {
+    /// The cluster JSON of the REST API (wire-protocol section 5): credentials and the
+    /// dashboard route only while RUNNING.
+    pub fn model(&self) -> ClusterModel {
+        let running = self.status == ClusterStatus::Running;
+        let has_dashboard = self
+            .addresses
+            .as_ref()
+            .is_some_and(|a| a.dashboard.as_deref().is_some_and(|d| !d.is_empty()));
+        let tls = self.tls.as_ref().filter(|_| running);
+        ClusterModel {
+            name: self.name.clone(),
+            status: self.status,
+            dashboard_route: (running && has_dashboard)
+                .then(|| format!("/clusters/{}/status", self.name)),
+            start_time: self.start_time,
+            stop_time: self.stop_time,
+            options: self.options.clone(),
+            tls_cert: tls.map(|t| t.cert.clone()),
+            tls_key: tls.map(|t| t.key.clone()),
+        }
+    }
+}
+
+/// Why a cluster is being stopped, and which terminal status it should end in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StopRequest {
+    /// Human-readable reason, kept with the cluster and logged.
+    pub reason: String,
+    /// End as FAILED instead of STOPPED.
+    pub failed: bool,
+}
+
+impl StopRequest {
+    /// A normal stop (ends STOPPED).
+    pub fn stopped(reason: impl Into<String>) -> Self {
+        StopRequest {
+            reason: reason.into(),
+            failed: false,
+        }
+    }
+
+    /// A stop caused by a failure (ends FAILED).
+    pub fn failed(reason: impl Into<String>) -> Self {
+        StopRequest {
+            reason: reason.into(),
+            failed: true,
+        }
+    }
+}
+
+/// Failures a backend reports across the seam. The messages are shown to users, so they say
+/// what went wrong without internal paths or secrets; details go to the log.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// No such cluster.
+    #[error("Cluster {0} not found")]
+    NotFound(String),
+    /// The backend cannot run a cluster with these settings (e.g. an unknown profile).
+    #[error("{0}")]
+    Invalid(String),
+    /// The request cannot be carried out in the cluster's current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The backend's own store or platform is unreachable right now; retrying may work.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// One place where clusters run. Every method is cheap unless it says otherwise: reads come
+/// from memory (a map, or a watch cache), writes go to the backend's durable store before they
+/// are visible.
+#[async_trait::async_trait]
+pub trait ClusterBackend: Send + Sync + 'static {
+    /// Short name for logs and metrics (`local`, `kubernetes`, `fake`).
+    fn kind(&self) -> &'static str;
+
+    /// Creates a cluster (PENDING) and returns it. The backend picks the name, makes the
+    /// credentials and starts the scheduler (or asks its controller to). On error nothing of
+    /// the cluster is left behind.
+    async fn create(&self, request: NewCluster) -> Result<ClusterView, BackendError>;
+
+    /// One cluster, if known (terminal clusters stay known for the retention period).
+    fn get(&self, name: &str) -> Option<ClusterView>;
+
+    /// Every known cluster of `owner` (every cluster for `None`), oldest first.
+    fn list(&self, owner: Option<&str>) -> Vec<ClusterView>;
+
+    /// The scheduler addresses of a RUNNING cluster: the proxy's route. Called once per new
+    /// proxied connection, so it must be a map lookup.
+    fn route(&self, name: &str) -> Option<SchedulerAddresses>;
+
+    /// Status updates of one cluster, for `?wait` and for DELETE waiting on the teardown.
+    fn subscribe(&self, name: &str) -> Option<watch::Receiver<ClusterStatus>>;
+
+    /// Applies a scheduler heartbeat whose token the caller has checked. `target_workers` is
+    /// the heartbeat's `count` after the cluster's worker cap. Heartbeats for clusters that are
+    /// not active are accepted and ignored.
+    async fn heartbeat(
+        &self,
+        name: &str,
+        heartbeat: &Heartbeat,
+        target_workers: u64,
+    ) -> Result<(), BackendError>;
+
+    /// Starts stopping an active cluster; idempotent (unknown or finished clusters are fine).
+    async fn stop(&self, name: &str, request: StopRequest) -> Result<(), BackendError>;
+
+    /// Whether the backend's store or platform answers (health checks).
+    async fn healthy(&self) -> bool;
+
+    /// Backend-specific Prometheus lines (with their `# HELP`/`# TYPE` headers).
+    fn metrics(&self, out: &mut String);
+
+    /// Called once when the gateway shuts down: stop every active cluster (bounded wait) if
+    /// `stop_clusters` is true, then release what the backend holds.
+    async fn shutdown(&self, stop_clusters: bool);
+}

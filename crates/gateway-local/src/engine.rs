@@ -1,0 +1,936 @@
+//! The local backend's lifecycle engine: every cluster's scheduler and workers as processes on
+//! this machine, with their state in SQLite.
+//!
+//! Events only record what was observed: a heartbeat (addresses, wanted worker count, which
+//! workers the scheduler reports active, closing or gone), a process exit, a stop request, the
+//! passing of time. After each event one function, [`LocalBackend::reconcile`], compares what a
+//! cluster should be with what was observed and decides what to do: fail it on a timeout, start
+//! missing workers, terminate surplus or retired ones, tear a stopping cluster down. Work that
+//! waits (terminating processes) runs after the state lock is released.
+//!
+//! Every change of a cluster's durable record is written to the [`Store`] before the lock is
+//! released, so nothing becomes visible that a restarted gateway would not know.
+
+use crate::launch::{Processes, SchedulerSpec, WorkerSpec};
+use crate::process::{ProcessExit, ProcessId, ProcessRole};
+use crate::store::{ClusterRecord, Store, StoreError, WorkerRecord};
+use gateway_backend::{
+    new_api_token, new_cluster_id, BackendError, ClusterBackend, ClusterCredentials, ClusterView,
+    NewCluster, SchedulerAddresses, StopRequest, TlsPair,
+};
+use gateway_model::{ClusterStatus, Heartbeat};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+/// Workers started per reconcile (a large scale-up continues on the next sweep, so the state
+/// lock is never held for long).
+const START_BATCH: usize = 16;
+
+/// Timing and failure rules of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// A scheduler that has not sent its first heartbeat after this long fails the cluster.
+    pub start_timeout: Duration,
+    /// A RUNNING cluster without a heartbeat for this long fails.
+    pub heartbeat_timeout: Duration,
+    /// Consecutive worker failures (start errors or unexpected exits) that fail the cluster.
+    pub worker_start_failure_limit: u32,
+    /// How long finished clusters stay listable.
+    pub retention: Duration,
+    /// Grace between SIGTERM and SIGKILL when stopping processes.
+    pub stop_grace: Duration,
+    /// How often timeouts are checked and large scale-ups continued.
+    pub sweep_period: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            start_timeout: Duration::from_secs(60),
+            heartbeat_timeout: Duration::from_secs(30),
+            worker_start_failure_limit: 3,
+            retention: Duration::from_secs(86400),
+            stop_grace: Duration::from_secs(5),
+            sweep_period: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A worker process, as far as the gateway knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WorkerState {
+    /// Started, not yet reported active by the scheduler.
+    Starting,
+    /// Reported active.
+    Running,
+    /// Being retired by the scheduler; its exit is expected.
+    Closing,
+    /// The scheduler reports it gone; it still has to be terminated.
+    Retired,
+    /// Termination was issued; its exit is expected.
+    Stopping,
+}
+
+impl WorkerState {
+    /// Every state, for metrics.
+    const ALL: [WorkerState; 5] = [
+        WorkerState::Starting,
+        WorkerState::Running,
+        WorkerState::Closing,
+        WorkerState::Retired,
+        WorkerState::Stopping,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Running => "running",
+            WorkerState::Closing => "closing",
+            WorkerState::Retired => "retired",
+            WorkerState::Stopping => "stopping",
+        }
+    }
+
+    /// Counts towards the wanted number of workers.
+    fn is_live(self) -> bool {
+        matches!(self, WorkerState::Starting | WorkerState::Running)
+    }
+
+    /// Its exit is expected (not a failure).
+    fn exit_expected(self) -> bool {
+        matches!(
+            self,
+            WorkerState::Closing | WorkerState::Retired | WorkerState::Stopping
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Worker {
+    process: ProcessId,
+    state: WorkerState,
+}
+
+/// One cluster: its durable record plus what only this gateway run observes.
+struct Cluster {
+    record: ClusterRecord,
+    workers: HashMap<String, Worker>,
+    /// When the last heartbeat arrived (or the cluster was created or re-adopted).
+    last_heartbeat: Instant,
+    /// When the cluster was created (or re-adopted while PENDING).
+    pending_since: Instant,
+    /// Worker start failures and unexpected exits in a row.
+    worker_failures: u32,
+    /// A teardown task runs (STOPPING); never start a second one.
+    tearing_down: bool,
+    /// Status updates for `?wait` and DELETE.
+    status_tx: watch::Sender<ClusterStatus>,
+}
+
+impl Cluster {
+    fn new(record: ClusterRecord) -> Self {
+        let (status_tx, _) = watch::channel(record.status);
+        Cluster {
+            record,
+            workers: HashMap::new(),
+            last_heartbeat: Instant::now(),
+            pending_since: Instant::now(),
+            worker_failures: 0,
+            tearing_down: false,
+            status_tx,
+        }
+    }
+
+    fn set_status(&mut self, status: ClusterStatus) {
+        debug_assert!(
+            self.record.status.can_transition_to(status),
+            "{} -> {}",
+            self.record.status,
+            status
+        );
+        self.record.status = status;
+        self.status_tx.send_replace(status);
+    }
+
+    /// Publishes a status already written to the record and the store (final statuses, which
+    /// are stored before anyone may see them).
+    fn set_status_after_store(&mut self, status: ClusterStatus) {
+        self.status_tx.send_replace(status);
+    }
+
+    fn live_workers(&self) -> usize {
+        self.workers.values().filter(|w| w.state.is_live()).count()
+    }
+
+    /// The scheduler and every worker process.
+    fn processes(&self) -> Vec<ProcessId> {
+        self.record
+            .scheduler
+            .into_iter()
+            .chain(self.workers.values().map(|w| w.process))
+            .collect()
+    }
+
+    fn addresses(&self) -> Option<SchedulerAddresses> {
+        let r = &self.record;
+        if r.status != ClusterStatus::Running {
+            return None;
+        }
+        Some(SchedulerAddresses {
+            scheduler: r.scheduler_address.clone()?,
+            dashboard: r.dashboard_address.clone().filter(|d| !d.is_empty()),
+            api: r.api_address.clone().unwrap_or_default(),
+        })
+    }
+
+    fn view(&self) -> ClusterView {
+        let r = &self.record;
+        ClusterView {
+            name: r.name.clone(),
+            owner: r.owner.clone(),
+            status: r.status,
+            reason: r.reason.clone(),
+            options: r.options.clone(),
+            settings: r.settings.clone(),
+            token: Some(r.token.clone()),
+            tls: Some(TlsPair {
+                cert: r.tls_cert.clone(),
+                key: r.tls_key.clone(),
+            }),
+            addresses: self.addresses(),
+            start_time: r.start_time,
+            stop_time: r.stop_time,
+        }
+    }
+}
+
+/// Asynchronous work decided under the lock and carried out after it is released.
+#[derive(Default)]
+#[must_use]
+struct Effects {
+    /// Processes to terminate (each exit is reported back as an event).
+    terminate: Vec<ProcessId>,
+    /// Clusters whose processes must all go before they reach their final status.
+    teardown: Vec<(String, Vec<ProcessId>)>,
+}
+
+impl Effects {
+    fn merge(&mut self, other: Effects) {
+        self.terminate.extend(other.terminate);
+        self.teardown.extend(other.teardown);
+    }
+}
+
+/// Event counters since start (exposed as Prometheus counters).
+#[derive(Default)]
+struct Counters {
+    clusters_created: AtomicU64,
+    clusters_failed: AtomicU64,
+    workers_started: AtomicU64,
+    worker_failures: AtomicU64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn store_error(what: &str, e: StoreError) -> BackendError {
+    error!("{what}: {e}");
+    BackendError::Unavailable(format!("The gateway's state database failed while {what}"))
+}
+
+/// The local backend (see the module docs). Made by [`LocalBackend::start`].
+pub struct LocalBackend {
+    /// Every cluster known to this gateway run. A std mutex held only for short sections that
+    /// never `.await`; the slow parts (process termination) run afterwards as [`Effects`].
+    clusters: Mutex<HashMap<String, Cluster>>,
+    store: Store,
+    processes: Arc<dyn Processes>,
+    config: EngineConfig,
+    counters: Counters,
+    /// To hand `Arc<Self>` to the tasks it spawns.
+    me: Weak<LocalBackend>,
+}
+
+impl LocalBackend {
+    /// Loads the stored clusters (re-adopting live processes, failing clusters whose scheduler
+    /// is gone, finishing interrupted stops, terminating orphans) and starts the tasks that
+    /// consume process exits and sweep for timeouts.
+    pub fn start(
+        config: EngineConfig,
+        store: Store,
+        processes: Arc<dyn Processes>,
+        mut exits: mpsc::UnboundedReceiver<ProcessExit>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let backend = Arc::new_cyclic(|me| LocalBackend {
+            clusters: Mutex::new(HashMap::new()),
+            store,
+            processes,
+            config,
+            counters: Counters::default(),
+            me: me.clone(),
+        });
+        backend.recover()?;
+        let weak = Arc::downgrade(&backend);
+        tokio::spawn(async move {
+            while let Some(exit) = exits.recv().await {
+                let Some(backend) = weak.upgrade() else {
+                    return;
+                };
+                backend.on_exit(exit);
+            }
+        });
+        let weak = Arc::downgrade(&backend);
+        let period = backend.config.sweep_period;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(backend) = weak.upgrade() else {
+                    return;
+                };
+                backend.sweep();
+            }
+        });
+        Ok(backend)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Cluster>> {
+        self.clusters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn persist(&self, record: &ClusterRecord) {
+        if let Err(e) = self.store.put_cluster(record) {
+            error!(cluster = %record.name, "persisting cluster: {e}");
+        }
+    }
+
+    /// Moves an active cluster to STOPPING (persisted; its route disappears with RUNNING).
+    /// The next reconcile tears it down.
+    fn begin_stop(&self, c: &mut Cluster, request: StopRequest) {
+        if !c.record.status.is_active() {
+            return;
+        }
+        if request.failed {
+            self.counters
+                .clusters_failed
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(cluster = %c.record.name, reason = %request.reason, "cluster failed");
+        } else {
+            info!(cluster = %c.record.name, reason = %request.reason, "stopping cluster");
+        }
+        c.set_status(ClusterStatus::Stopping);
+        c.record.final_status = Some(if request.failed {
+            ClusterStatus::Failed
+        } else {
+            ClusterStatus::Stopped
+        });
+        c.record.reason = Some(request.reason);
+        for w in c.workers.values_mut() {
+            w.state = WorkerState::Stopping;
+        }
+        self.persist(&c.record);
+    }
+
+    /// Brings one cluster towards what it should be, from what was last observed: fails it on
+    /// a timeout or too many worker failures; while RUNNING terminates surplus and retired
+    /// workers and starts missing ones; once STOPPING starts its teardown (once).
+    fn reconcile(&self, c: &mut Cluster, now: Instant) -> Effects {
+        let mut fx = Effects::default();
+        let timeout = match c.record.status {
+            ClusterStatus::Pending
+                if now.duration_since(c.pending_since) > self.config.start_timeout =>
+            {
+                Some(format!(
+                    "the scheduler did not start within {} s",
+                    self.config.start_timeout.as_secs_f64()
+                ))
+            }
+            ClusterStatus::Running
+                if now.duration_since(c.last_heartbeat) > self.config.heartbeat_timeout =>
+            {
+                Some(format!(
+                    "no heartbeat from the scheduler for {} s",
+                    self.config.heartbeat_timeout.as_secs_f64()
+                ))
+            }
+            _ => None,
+        };
+        if let Some(reason) = timeout {
+            self.begin_stop(c, StopRequest::failed(reason));
+        }
+        if c.record.status == ClusterStatus::Running {
+            self.reconcile_workers(c, &mut fx);
+        }
+        if c.record.status == ClusterStatus::Stopping && !c.tearing_down {
+            c.tearing_down = true;
+            fx.teardown.push((c.record.name.clone(), c.processes()));
+        }
+        fx
+    }
+
+    /// RUNNING: surplus not-yet-joined workers and workers the scheduler reports gone are
+    /// terminated; missing workers are started (at most [`START_BATCH`] at a time).
+    fn reconcile_workers(&self, c: &mut Cluster, fx: &mut Effects) {
+        let target = c.record.target_workers as usize;
+        // Only workers that have not joined yet are cancelled: the scheduler itself retires
+        // running ones (it reports them closing), so the gateway never picks which to kill.
+        let mut surplus = c.live_workers().saturating_sub(target);
+        for w in c.workers.values_mut() {
+            if w.state == WorkerState::Retired {
+                w.state = WorkerState::Stopping;
+                fx.terminate.push(w.process);
+            } else if w.state == WorkerState::Starting && surplus > 0 {
+                surplus -= 1;
+                w.state = WorkerState::Stopping;
+                fx.terminate.push(w.process);
+            }
+        }
+        let limit = self.config.worker_start_failure_limit.max(1);
+        let Some(address) = c.record.scheduler_address.clone() else {
+            return;
+        };
+        let mut started = 0;
+        while c.live_workers() < target && started < START_BATCH && c.worker_failures < limit {
+            started += 1;
+            let worker = new_cluster_id();
+            let spec = WorkerSpec {
+                cluster: &c.record.name,
+                owner: &c.record.owner,
+                worker: &worker,
+                scheduler_address: &address,
+                settings: &c.record.settings,
+            };
+            match self.processes.start_worker(&spec) {
+                Ok(process) => {
+                    let record = WorkerRecord {
+                        cluster: c.record.name.clone(),
+                        name: worker.clone(),
+                        process,
+                    };
+                    if let Err(e) = self.store.put_worker(&record) {
+                        error!(cluster = %c.record.name, "persisting worker: {e}");
+                    }
+                    self.counters
+                        .workers_started
+                        .fetch_add(1, Ordering::Relaxed);
+                    info!(cluster = %c.record.name, worker = %worker, pid = process.pid, "worker starting");
+                    c.workers.insert(
+                        worker,
+                        Worker {
+                            process,
+                            state: WorkerState::Starting,
+                        },
+                    );
+                }
+                Err(e) => {
+                    c.worker_failures += 1;
+                    self.counters
+                        .worker_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    error!(cluster = %c.record.name, failures = c.worker_failures, "starting worker: {e}");
+                    if c.worker_failures >= limit {
+                        let reason = format!(
+                            "{} consecutive worker failures; the last: could not start a worker: {e}",
+                            c.worker_failures
+                        );
+                        self.begin_stop(c, StopRequest::failed(reason));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reconciles one cluster by name and carries out the effects.
+    fn reconcile_named(&self, name: &str) {
+        let fx = {
+            let mut clusters = self.lock();
+            match clusters.get_mut(name) {
+                Some(c) => self.reconcile(c, Instant::now()),
+                None => return,
+            }
+        };
+        self.apply(fx);
+    }
+
+    /// Carries out effects decided under the lock.
+    fn apply(&self, fx: Effects) {
+        let grace = self.config.stop_grace;
+        for id in fx.terminate {
+            tokio::spawn(self.processes.terminate(id, grace));
+        }
+        for (name, procs) in fx.teardown {
+            let Some(me) = self.me.upgrade() else { return };
+            tokio::spawn(async move {
+                let waits = procs.into_iter().map(|p| me.processes.terminate(p, grace));
+                futures_util::future::join_all(waits).await;
+                me.finish_stop(&name);
+            });
+        }
+    }
+
+    /// A STOPPING cluster whose processes are gone reaches its final status.
+    fn finish_stop(&self, name: &str) {
+        let mut clusters = self.lock();
+        let Some(c) = clusters.get_mut(name) else {
+            return;
+        };
+        if c.record.status != ClusterStatus::Stopping {
+            return;
+        }
+        let final_status = c.record.final_status.unwrap_or(ClusterStatus::Stopped);
+        c.record.stop_time = Some(now_ms());
+        c.record.target_workers = 0;
+        for w in c.workers.keys() {
+            if let Err(e) = self.store.delete_worker(name, w) {
+                error!(cluster = %name, "forgetting worker: {e}");
+            }
+        }
+        c.workers.clear();
+        c.record.status = final_status;
+        self.persist(&c.record);
+        c.set_status_after_store(final_status);
+        self.processes.remove_credentials(name);
+        info!(cluster = %name, status = %final_status, reason = c.record.reason.as_deref().unwrap_or(""), "cluster finished");
+    }
+
+    /// A scheduler or worker process exited.
+    fn on_exit(&self, exit: ProcessExit) {
+        self.processes.reap(exit.id);
+        {
+            let mut clusters = self.lock();
+            let Some(c) = clusters.get_mut(&exit.cluster) else {
+                return;
+            };
+            let code = exit.code.map_or("unknown".to_string(), |c| c.to_string());
+            match &exit.role {
+                ProcessRole::Scheduler => {
+                    if c.record.scheduler == Some(exit.id) && c.record.status.is_active() {
+                        let reason = format!("the scheduler exited (exit code {code})");
+                        self.begin_stop(c, StopRequest::failed(reason));
+                    }
+                }
+                ProcessRole::Worker(worker) => {
+                    let Some(w) = c.workers.get(worker).filter(|w| w.process == exit.id) else {
+                        return;
+                    };
+                    let expected = w.state.exit_expected();
+                    c.workers.remove(worker);
+                    if let Err(e) = self.store.delete_worker(&exit.cluster, worker) {
+                        error!(cluster = %exit.cluster, "forgetting worker: {e}");
+                    }
+                    if expected || !c.record.status.is_active() {
+                        info!(cluster = %exit.cluster, worker = %worker, "worker stopped");
+                    } else {
+                        c.worker_failures += 1;
+                        self.counters
+                            .worker_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(cluster = %exit.cluster, worker = %worker, exit_code = %code,
+                              failures = c.worker_failures, "worker exited unexpectedly");
+                        let limit = self.config.worker_start_failure_limit.max(1);
+                        if c.worker_failures >= limit {
+                            let reason = format!(
+                                "{} consecutive worker failures; the last: a worker exited unexpectedly (exit code {code})",
+                                c.worker_failures
+                            );
+                            self.begin_stop(c, StopRequest::failed(reason));
+                        }
+                    }
+                }
+            }
+        }
+        self.reconcile_named(&exit.cluster);
+    }
+
+    /// Periodic pass: timeouts, continued scale-ups, forgetting clusters past retention.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let retention_ms = self.config.retention.as_millis() as i64;
+        let mut fx = Effects::default();
+        let mut clusters = self.lock();
+        let mut forget = Vec::new();
+        for c in clusters.values_mut() {
+            fx.merge(self.reconcile(c, now));
+            if c.record.status.is_terminal()
+                && c.record
+                    .stop_time
+                    .is_some_and(|t| now_ms() - t > retention_ms)
+            {
+                forget.push(c.record.name.clone());
+            }
+        }
+        for name in forget {
+            clusters.remove(&name);
+            if let Err(e) = self.store.delete_cluster(&name) {
+                error!(cluster = %name, "forgetting cluster: {e}");
+            }
+            self.processes.remove_dir(&name);
+        }
+        drop(clusters);
+        self.apply(fx);
+    }
+
+    /// Loads the stored clusters after a (re)start (see [`LocalBackend::start`]).
+    fn recover(&self) -> Result<(), StoreError> {
+        let records = self.store.load_clusters()?;
+        let mut clusters = self.lock();
+        for record in records {
+            let name = record.name.clone();
+            let workers = self.store.load_workers(&name)?;
+            let mut c = Cluster::new(record);
+            if !c.record.status.is_terminal() {
+                for w in workers {
+                    if self.processes.is_alive(w.process) {
+                        self.processes
+                            .adopt(&name, ProcessRole::Worker(w.name.clone()), w.process);
+                        let state = if c.record.status == ClusterStatus::Stopping {
+                            WorkerState::Stopping
+                        } else {
+                            WorkerState::Running
+                        };
+                        c.workers.insert(
+                            w.name,
+                            Worker {
+                                process: w.process,
+                                state,
+                            },
+                        );
+                    } else if let Err(e) = self.store.delete_worker(&name, &w.name) {
+                        error!(cluster = %name, "forgetting worker: {e}");
+                    }
+                }
+            }
+            if c.record.status.is_active() {
+                match c.record.scheduler {
+                    Some(id) if self.processes.is_alive(id) => {
+                        self.processes.adopt(&name, ProcessRole::Scheduler, id);
+                        info!(cluster = %name, status = %c.record.status, workers = c.workers.len(), "re-adopted cluster");
+                    }
+                    _ => {
+                        let reason = "the scheduler process was gone when the gateway restarted";
+                        self.begin_stop(&mut c, StopRequest::failed(reason));
+                    }
+                }
+            }
+            clusters.insert(name, c);
+        }
+        // Processes in a cluster directory that no record accounts for would run forever.
+        let known: HashSet<ProcessId> = clusters
+            .values()
+            .filter(|c| !c.record.status.is_terminal())
+            .flat_map(|c| c.processes())
+            .collect();
+        for (cluster, id) in self.processes.unknown_processes(&known) {
+            warn!(cluster = %cluster, pid = id.pid, "terminating a process no cluster record accounts for");
+            tokio::spawn(self.processes.terminate(id, self.config.stop_grace));
+        }
+        let mut fx = Effects::default();
+        let now = Instant::now();
+        for c in clusters.values_mut() {
+            fx.merge(self.reconcile(c, now));
+        }
+        drop(clusters);
+        self.apply(fx);
+        Ok(())
+    }
+
+    /// Records a heartbeat's observations; see wire-protocol 9.4.
+    fn observe_heartbeat(
+        &self,
+        c: &mut Cluster,
+        hb: &Heartbeat,
+        target: u64,
+    ) -> Result<(), BackendError> {
+        c.last_heartbeat = Instant::now();
+        let mut dirty = false;
+        let mut now_running = false;
+        if c.record.status == ClusterStatus::Pending && !hb.scheduler_address.is_empty() {
+            c.record.scheduler_address = Some(hb.scheduler_address.clone());
+            c.record.dashboard_address =
+                Some(hb.dashboard_address.clone()).filter(|d| !d.is_empty());
+            c.record.api_address = Some(hb.api_address.clone()).filter(|a| !a.is_empty());
+            now_running = true;
+            dirty = true;
+        }
+        if target != c.record.target_workers {
+            c.record.target_workers = target;
+            dirty = true;
+        }
+        let active: HashSet<&str> = hb.active_workers.iter().map(String::as_str).collect();
+        let closing: HashSet<&str> = hb.closing_workers.iter().map(String::as_str).collect();
+        let closed: HashSet<&str> = hb.closed_workers.iter().map(String::as_str).collect();
+        for (name, w) in c.workers.iter_mut() {
+            let name = name.as_str();
+            if w.state == WorkerState::Stopping || w.state == WorkerState::Retired {
+                continue;
+            }
+            if closing.contains(name) {
+                w.state = WorkerState::Closing;
+            } else if active.contains(name) {
+                w.state = WorkerState::Running;
+                c.worker_failures = 0;
+            } else if closed.contains(name) {
+                w.state = WorkerState::Retired;
+            }
+        }
+        if dirty {
+            let mut record = c.record.clone();
+            if now_running {
+                record.status = ClusterStatus::Running;
+            }
+            self.store
+                .put_cluster(&record)
+                .map_err(|e| store_error("recording a heartbeat", e))?;
+        }
+        if now_running {
+            c.set_status(ClusterStatus::Running);
+            info!(cluster = %c.record.name, scheduler = %hb.scheduler_address, "cluster running");
+        }
+        Ok(())
+    }
+
+    fn metrics_text(&self, out: &mut String) {
+        use std::fmt::Write;
+        let mut by_state: HashMap<&'static str, usize> = HashMap::new();
+        for c in self.lock().values() {
+            for w in c.workers.values() {
+                *by_state.entry(w.state.as_str()).or_default() += 1;
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dask_gateway_workers Worker processes, by state."
+        );
+        let _ = writeln!(out, "# TYPE dask_gateway_workers gauge");
+        for state in WorkerState::ALL {
+            let n = by_state.get(state.as_str()).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "dask_gateway_workers{{state=\"{}\"}} {n}",
+                state.as_str()
+            );
+        }
+        for (name, help, value) in [
+            (
+                "clusters_created",
+                "Clusters created since the gateway started.",
+                &self.counters.clusters_created,
+            ),
+            (
+                "clusters_failed",
+                "Clusters that ended FAILED since the gateway started.",
+                &self.counters.clusters_failed,
+            ),
+            (
+                "workers_started",
+                "Worker processes started since the gateway started.",
+                &self.counters.workers_started,
+            ),
+            (
+                "worker_failures",
+                "Worker start failures and unexpected worker exits since the gateway started.",
+                &self.counters.worker_failures,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP dask_gateway_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE dask_gateway_{name}_total counter");
+            let _ = writeln!(
+                out,
+                "dask_gateway_{name}_total {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ClusterBackend for LocalBackend {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn create(&self, request: NewCluster) -> Result<ClusterView, BackendError> {
+        let name = new_cluster_id();
+        let creds = ClusterCredentials::generate(&name).map_err(|e| {
+            error!("generating TLS credentials: {e}");
+            BackendError::Internal("Could not generate the cluster's TLS credentials".into())
+        })?;
+        if let Err(e) = self.processes.prepare(&name, &creds) {
+            self.processes.remove_dir(&name);
+            error!(cluster = %name, "preparing the cluster directory: {e}");
+            return Err(BackendError::Internal(
+                "Could not prepare the cluster's working directory".into(),
+            ));
+        }
+        let record = ClusterRecord {
+            name: name.clone(),
+            owner: request.owner,
+            status: ClusterStatus::Pending,
+            reason: None,
+            final_status: None,
+            options: request.options,
+            settings: request.settings,
+            token: new_api_token(),
+            tls_cert: creds.cert_pem,
+            tls_key: creds.key_pem,
+            scheduler: None,
+            scheduler_address: None,
+            dashboard_address: None,
+            api_address: None,
+            target_workers: 0,
+            start_time: now_ms(),
+            stop_time: None,
+        };
+        let mut clusters = self.lock();
+        if let Err(e) = self.store.put_cluster(&record) {
+            drop(clusters);
+            self.processes.remove_dir(&name);
+            return Err(store_error("creating a cluster", e));
+        }
+        let c = clusters.entry(name.clone()).or_insert(Cluster::new(record));
+        let spec = SchedulerSpec {
+            cluster: &name,
+            owner: &c.record.owner,
+            token: &c.record.token,
+            settings: &c.record.settings,
+        };
+        match self.processes.start_scheduler(&spec) {
+            Ok(pid) => {
+                c.record.scheduler = Some(pid);
+                if let Err(e) = self.store.put_cluster(&c.record) {
+                    // The process is known to nobody durable: stop it and forget the cluster.
+                    clusters.remove(&name);
+                    drop(clusters);
+                    let _ = self.store.delete_cluster(&name);
+                    tokio::spawn(self.processes.terminate(pid, self.config.stop_grace));
+                    self.processes.remove_dir(&name);
+                    return Err(store_error("creating a cluster", e));
+                }
+                self.counters
+                    .clusters_created
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(cluster = %name, user = ?c.record.owner, pid = pid.pid, "cluster created, scheduler starting");
+                Ok(c.view())
+            }
+            Err(e) => {
+                error!(cluster = %name, "starting the scheduler: {e}");
+                c.record.reason = Some(format!("could not start the Dask scheduler: {e}"));
+                c.record.stop_time = Some(now_ms());
+                c.record.status = ClusterStatus::Failed;
+                self.persist(&c.record);
+                c.set_status_after_store(ClusterStatus::Failed);
+                self.counters
+                    .clusters_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                self.processes.remove_credentials(&name);
+                Err(BackendError::Internal(
+                    "Could not start the Dask scheduler; the gateway's log has the details".into(),
+                ))
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<ClusterView> {
+        self.lock().get(name).map(Cluster::view)
+    }
+
+    fn list(&self, owner: Option<&str>) -> Vec<ClusterView> {
+        let mut out: Vec<ClusterView> = self
+            .lock()
+            .values()
+            .filter(|c| owner.is_none_or(|o| c.record.owner == o))
+            .map(Cluster::view)
+            .collect();
+        out.sort_by(|a, b| (a.start_time, &a.name).cmp(&(b.start_time, &b.name)));
+        out
+    }
+
+    fn route(&self, name: &str) -> Option<SchedulerAddresses> {
+        self.lock().get(name).and_then(Cluster::addresses)
+    }
+
+    fn subscribe(&self, name: &str) -> Option<watch::Receiver<ClusterStatus>> {
+        self.lock().get(name).map(|c| c.status_tx.subscribe())
+    }
+
+    async fn heartbeat(
+        &self,
+        name: &str,
+        heartbeat: &Heartbeat,
+        target_workers: u64,
+    ) -> Result<(), BackendError> {
+        let fx = {
+            let mut clusters = self.lock();
+            let c = clusters
+                .get_mut(name)
+                .ok_or_else(|| BackendError::NotFound(name.into()))?;
+            if !c.record.status.is_active() {
+                return Ok(());
+            }
+            self.observe_heartbeat(c, heartbeat, target_workers)?;
+            self.reconcile(c, Instant::now())
+        };
+        self.apply(fx);
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str, request: StopRequest) -> Result<(), BackendError> {
+        let fx = {
+            let mut clusters = self.lock();
+            let Some(c) = clusters.get_mut(name) else {
+                return Ok(());
+            };
+            self.begin_stop(c, request);
+            self.reconcile(c, Instant::now())
+        };
+        self.apply(fx);
+        Ok(())
+    }
+
+    async fn healthy(&self) -> bool {
+        self.store.ping().is_ok()
+    }
+
+    fn metrics(&self, out: &mut String) {
+        self.metrics_text(out)
+    }
+
+    async fn shutdown(&self, stop_clusters: bool) {
+        if !stop_clusters {
+            warn!("leaving clusters running; a restarted gateway re-adopts them (stop_clusters_on_shutdown: false)");
+            return;
+        }
+        let fx = {
+            let mut clusters = self.lock();
+            let mut fx = Effects::default();
+            let now = Instant::now();
+            for c in clusters.values_mut() {
+                self.begin_stop(c, StopRequest::stopped("the gateway shut down"));
+                fx.merge(self.reconcile(c, now));
+            }
+            fx
+        };
+        self.apply(fx);
+        let deadline = Instant::now() + self.config.stop_grace + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let busy = self
+                .lock()
+                .values()
+                .any(|c| c.record.status == ClusterStatus::Stopping);
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -1,0 +1,500 @@
+//! The rules every backend shares, above the [`ClusterBackend`] seam: option validation and
+//! settings, the per-user cluster quota, ownership and admin checks, cluster-token checks,
+//! clipping of scale and adapt requests, forwarding them to the scheduler, the `?wait`
+//! long-poll, and the cluster JSON.
+
+use crate::auth::{token_matches, User};
+use crate::config::ClusterConfig;
+use crate::settings;
+use gateway_backend::{BackendError, ClusterBackend, ClusterView, NewCluster, StopRequest};
+use gateway_model::{
+    as_count, py_repr, validate_options, ClusterModel, ClusterStatus, Heartbeat, ScaleResponse,
+    SchedulerMessage,
+};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How long `?wait` holds a request.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Pauses between the three attempts to reach a scheduler's `/api/comm`.
+const FORWARD_PAUSES_MS: [u64; 3] = [0, 100, 200];
+
+/// Failures the API maps to status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// 404.
+    #[error("Cluster {0} not found")]
+    NotFound(String),
+    /// 403.
+    #[error("User {user} lacks permissions to {action} cluster {name}")]
+    Forbidden {
+        /// Who asked.
+        user: String,
+        /// What they tried.
+        action: &'static str,
+        /// Which cluster.
+        name: String,
+    },
+    /// 422: bad input.
+    #[error("{0}")]
+    Invalid(String),
+    /// 409: the cluster cannot take the request in its state.
+    #[error("cluster {0} is not running")]
+    NotRunning(String),
+    /// 409: the backend refused the request in the cluster's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// 401 on token-only routes.
+    #[error("Unauthorized")]
+    BadToken,
+    /// 503: the backend's store or platform does not answer.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<BackendError> for ClusterError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::NotFound(n) => ClusterError::NotFound(n),
+            BackendError::Invalid(m) => ClusterError::Invalid(m),
+            BackendError::Conflict(m) => ClusterError::Conflict(m),
+            BackendError::Unavailable(m) => ClusterError::Unavailable(m),
+            BackendError::Internal(m) => ClusterError::Internal(m),
+        }
+    }
+}
+
+/// Who asks to stop a cluster.
+pub enum Requester<'a> {
+    /// An authenticated user.
+    User(&'a User),
+    /// The cluster itself, by its token (the preload's idle timeout).
+    Token(&'a str),
+}
+
+/// Event counters of the API side (Prometheus counters).
+#[derive(Default)]
+struct Counters {
+    create_requests: AtomicU64,
+    create_refused: AtomicU64,
+    forward_failures: AtomicU64,
+}
+
+/// The shared rules over one backend (see the module docs).
+pub struct ClusterService {
+    backend: Arc<dyn ClusterBackend>,
+    config: Arc<ClusterConfig>,
+    /// Client for the schedulers' `/api/comm` (plain HTTP inside the cluster network).
+    http: reqwest::Client,
+    /// One lock per user, held while counting that user's clusters and creating one, so
+    /// concurrent creates cannot overshoot `max_clusters_per_user`. Entries nobody holds are
+    /// pruned as new users arrive.
+    admission: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    counters: Counters,
+}
+
+impl ClusterService {
+    /// The rules of `config` over `backend`.
+    pub fn new(backend: Arc<dyn ClusterBackend>, config: Arc<ClusterConfig>) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client without TLS roots always builds");
+        ClusterService {
+            backend,
+            config,
+            http,
+            admission: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The backend below the seam.
+    pub fn backend(&self) -> &Arc<dyn ClusterBackend> {
+        &self.backend
+    }
+
+    /// The cluster options as sent by `GET /api/v1/options`.
+    pub fn options_wire(&self) -> Value {
+        let fields: Vec<Value> = self.config.options.iter().map(|f| f.to_wire()).collect();
+        serde_json::json!({ "cluster_options": fields })
+    }
+
+    fn admission_lock(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.admission.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.len() > 1024 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(user.to_string()).or_default().clone()
+    }
+
+    /// Creates a cluster for `user` from the request's `cluster_options`; returns its name.
+    pub async fn create(
+        &self,
+        user: &User,
+        options: Option<&Value>,
+    ) -> Result<String, ClusterError> {
+        self.counters
+            .create_requests
+            .fetch_add(1, Ordering::Relaxed);
+        let fields = &self.config.options;
+        let options = validate_options(fields, options).map_err(|e| ClusterError::Invalid(e.0))?;
+        let settings =
+            settings::resolve(&self.config, fields, &options).map_err(ClusterError::Invalid)?;
+        let lock = self.admission_lock(&user.name);
+        let _admitted = lock.lock().await;
+        if let Some(max) = self.config.max_clusters_per_user {
+            let active = self
+                .backend
+                .list(Some(&user.name))
+                .iter()
+                .filter(|c| c.status.is_active())
+                .count() as u64;
+            if active >= max {
+                self.counters.create_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(ClusterError::Invalid(format!(
+                    "User {} already has {active} active clusters; the maximum per user is {max}",
+                    user.name
+                )));
+            }
+        }
+        let view = self
+            .backend
+            .create(NewCluster {
+                owner: user.name.clone(),
+                options,
+                settings,
+            })
+            .await?;
+        Ok(view.name)
+    }
+
+    /// The cluster `name` if `user` may act on it.
+    fn accessible(
+        &self,
+        user: &User,
+        name: &str,
+        action: &'static str,
+    ) -> Result<ClusterView, ClusterError> {
+        let view = self
+            .backend
+            .get(name)
+            .ok_or_else(|| ClusterError::NotFound(name.to_string()))?;
+        if !user.may_access(&view.owner) {
+            return Err(ClusterError::Forbidden {
+                user: user.name.clone(),
+                action,
+                name: name.to_string(),
+            });
+        }
+        Ok(view)
+    }
+
+    /// The cluster's model; with `wait`, first holds until it has left PENDING (at most 20 s).
+    pub async fn get(
+        &self,
+        user: &User,
+        name: &str,
+        wait: bool,
+    ) -> Result<ClusterModel, ClusterError> {
+        let view = self.accessible(user, name, "view")?;
+        if !wait || view.status != ClusterStatus::Pending {
+            return Ok(view.model());
+        }
+        if let Some(mut rx) = self.backend.subscribe(name) {
+            let _ =
+                tokio::time::timeout(WAIT_TIMEOUT, rx.wait_for(|s| *s != ClusterStatus::Pending))
+                    .await;
+        }
+        Ok(self.accessible(user, name, "view")?.model())
+    }
+
+    /// The user's clusters (every cluster for admins) with one of `statuses` (default: the
+    /// active ones), oldest first.
+    pub fn list(&self, user: &User, statuses: Option<&[ClusterStatus]>) -> Vec<ClusterModel> {
+        let owner = (!user.admin).then_some(user.name.as_str());
+        self.backend
+            .list(owner)
+            .iter()
+            .filter(|c| match statuses {
+                Some(list) => list.contains(&c.status),
+                None => c.status.is_active(),
+            })
+            .map(ClusterView::model)
+            .collect()
+    }
+
+    /// Stops a cluster (idempotent: unknown or finished clusters are fine).
+    pub async fn stop(&self, name: &str, who: Requester<'_>) -> Result<(), ClusterError> {
+        let Some(view) = self.backend.get(name) else {
+            return Ok(());
+        };
+        let reason = match who {
+            Requester::User(user) => {
+                if !user.may_access(&view.owner) {
+                    return Err(ClusterError::Forbidden {
+                        user: user.name.clone(),
+                        action: "stop",
+                        name: name.into(),
+                    });
+                }
+                format!("stopped by {}", user.name)
+            }
+            Requester::Token(token) => {
+                if !view
+                    .token
+                    .as_deref()
+                    .is_some_and(|t| token_matches(token, t))
+                {
+                    return Err(ClusterError::BadToken);
+                }
+                "stopped by its scheduler (idle timeout)".to_string()
+            }
+        };
+        if view.status.is_active() {
+            self.backend
+                .stop(name, StopRequest::stopped(reason))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits (at most `timeout`) until a stopping cluster has finished, so that a DELETE usually
+    /// answers with the cluster already STOPPED.
+    pub async fn wait_finished(&self, name: &str, timeout: Duration) {
+        if let Some(mut rx) = self.backend.subscribe(name) {
+            let _ = tokio::time::timeout(timeout, rx.wait_for(|s| s.is_terminal())).await;
+        }
+    }
+
+    /// Whether `user` may access cluster `name` (false for unknown clusters).
+    pub fn may_access(&self, user: &User, name: &str) -> bool {
+        self.backend
+            .get(name)
+            .is_some_and(|c| user.may_access(&c.owner))
+    }
+
+    /// Whether `token` is the token of cluster `name`.
+    pub fn token_is_valid(&self, name: &str, token: &str) -> bool {
+        self.backend
+            .get(name)
+            .and_then(|c| c.token)
+            .is_some_and(|t| token_matches(token, &t))
+    }
+
+    /// Handles a scheduler heartbeat (wire-protocol 9.4): checks the token, clips the wanted
+    /// worker count to the cluster's cap, hands the rest to the backend.
+    pub async fn heartbeat(
+        &self,
+        name: &str,
+        token: &str,
+        heartbeat: &Heartbeat,
+    ) -> Result<(), ClusterError> {
+        let view = self.backend.get(name).ok_or(ClusterError::BadToken)?;
+        if !view
+            .token
+            .as_deref()
+            .is_some_and(|t| token_matches(token, t))
+        {
+            return Err(ClusterError::BadToken);
+        }
+        let wanted = heartbeat.count.max(0) as u64;
+        let (target, _) = view
+            .settings
+            .limits
+            .clip_scale(&view.settings.resources, wanted);
+        self.backend.heartbeat(name, heartbeat, target).await?;
+        Ok(())
+    }
+
+    /// The cluster if `user` may `action` it and it is RUNNING with a scheduler API.
+    fn running(
+        &self,
+        user: &User,
+        name: &str,
+        action: &'static str,
+    ) -> Result<ClusterView, ClusterError> {
+        let view = self.accessible(user, name, action)?;
+        if view.status != ClusterStatus::Running || view.addresses.is_none() {
+            return Err(ClusterError::NotRunning(name.into()));
+        }
+        Ok(view)
+    }
+
+    /// Validates, clips and forwards a scale request; returns the clipping report.
+    pub async fn scale(
+        &self,
+        user: &User,
+        name: &str,
+        count: &Value,
+    ) -> Result<ScaleResponse, ClusterError> {
+        self.accessible(user, name, "scale")?;
+        let n = as_count(count).ok_or_else(|| {
+            ClusterError::Invalid(format!(
+                "Scale expects a non-negative integer, got {}",
+                py_repr(count)
+            ))
+        })?;
+        let view = self.running(user, name, "scale")?;
+        let (n, clipped) = view.settings.limits.clip_scale(&view.settings.resources, n);
+        self.forward(&view, &SchedulerMessage::Scale { count: n })
+            .await?;
+        Ok(ScaleResponse {
+            ok: clipped.is_none(),
+            msg: clipped,
+        })
+    }
+
+    /// Validates, clips and forwards an adapt request; returns the clipping report.
+    pub async fn adapt(
+        &self,
+        user: &User,
+        name: &str,
+        minimum: &Value,
+        maximum: &Value,
+        active: bool,
+    ) -> Result<ScaleResponse, ClusterError> {
+        let bound = |v: &Value, what: &str| -> Result<Option<u64>, ClusterError> {
+            if v.is_null() {
+                return Ok(None);
+            }
+            as_count(v).map(Some).ok_or_else(|| {
+                ClusterError::Invalid(format!(
+                    "Adapt expects a non-negative integer {what}, got {}",
+                    py_repr(v)
+                ))
+            })
+        };
+        self.accessible(user, name, "adapt")?;
+        let (min, max) = (bound(minimum, "minimum")?, bound(maximum, "maximum")?);
+        let view = self.running(user, name, "adapt")?;
+        let (min, max, clipped) =
+            view.settings
+                .limits
+                .clip_adapt(&view.settings.resources, min, max);
+        let msg = SchedulerMessage::Adapt {
+            minimum: min,
+            maximum: max,
+            active,
+        };
+        self.forward(&view, &msg).await?;
+        Ok(ScaleResponse {
+            ok: clipped.is_none(),
+            msg: clipped,
+        })
+    }
+
+    /// Sends a message to the scheduler's `/api/comm` (three attempts); if none gets through,
+    /// the cluster is stopped as FAILED and the caller gets 409.
+    async fn forward(
+        &self,
+        view: &ClusterView,
+        msg: &SchedulerMessage,
+    ) -> Result<(), ClusterError> {
+        let name = &view.name;
+        let (Some(addresses), Some(token)) = (&view.addresses, &view.token) else {
+            return Err(ClusterError::NotRunning(name.clone()));
+        };
+        let url = format!("{}/api/comm", addresses.api.trim_end_matches('/'));
+        let mut last_error = String::new();
+        for (attempt, pause) in FORWARD_PAUSES_MS.into_iter().enumerate() {
+            if pause > 0 {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            match self
+                .http
+                .post(&url)
+                .header("Authorization", format!("token {token}"))
+                .json(msg)
+                .send()
+                .await
+            {
+                Ok(resp) if resp.status().is_success() => return Ok(()),
+                Ok(resp) => last_error = format!("scheduler answered {}", resp.status()),
+                Err(e) => last_error = e.to_string(),
+            }
+            warn!(cluster = %name, attempt = attempt + 1, error = %last_error, "forwarding to scheduler failed");
+        }
+        self.counters
+            .forward_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let reason = format!("could not reach the scheduler: {last_error}");
+        info!(cluster = %name, %reason, "failing cluster");
+        if let Err(e) = self.backend.stop(name, StopRequest::failed(reason)).await {
+            warn!(cluster = %name, "could not stop the unreachable cluster: {e}");
+        }
+        Err(ClusterError::NotRunning(name.clone()))
+    }
+
+    /// Whether the backend answers (health checks).
+    pub async fn healthy(&self) -> bool {
+        self.backend.healthy().await
+    }
+
+    /// Prometheus text exposition: clusters by status, routes, API counters, then the
+    /// backend's own lines.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut by_status: HashMap<ClusterStatus, usize> = HashMap::new();
+        let mut routed = 0;
+        for c in self.backend.list(None) {
+            *by_status.entry(c.status).or_default() += 1;
+            routed += usize::from(c.addresses.is_some());
+        }
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP dask_gateway_clusters Clusters known to the gateway, by status."
+        );
+        let _ = writeln!(out, "# TYPE dask_gateway_clusters gauge");
+        for st in ClusterStatus::ALL {
+            let n = by_status.get(&st).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "dask_gateway_clusters{{status=\"{}\"}} {n}",
+                st.as_str().to_ascii_lowercase()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dask_gateway_routes Clusters reachable through the proxy."
+        );
+        let _ = writeln!(out, "# TYPE dask_gateway_routes gauge");
+        let _ = writeln!(out, "dask_gateway_routes {routed}");
+        for (name, help, value) in [
+            (
+                "create_requests",
+                "Cluster create requests since the gateway started.",
+                &self.counters.create_requests,
+            ),
+            (
+                "create_refused_quota",
+                "Cluster creates refused by the per-user quota.",
+                &self.counters.create_refused,
+            ),
+            (
+                "scheduler_forward_failures",
+                "Scale/adapt messages that never reached their scheduler.",
+                &self.counters.forward_failures,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP dask_gateway_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE dask_gateway_{name}_total counter");
+            let _ = writeln!(
+                out,
+                "dask_gateway_{name}_total {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+        self.backend.metrics(&mut out);
+        out
+    }
+}

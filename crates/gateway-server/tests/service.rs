@@ -1,0 +1,319 @@
+//! The rules above the backend seam (quota, ownership, tokens, clipping, forwarding, `?wait`),
+//! over the in-memory fake backend: no Dask, no processes.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::Router;
+use gateway_backend::fake::FakeBackend;
+use gateway_backend::{ClusterBackend, SchedulerAddresses};
+use gateway_model::{ClusterStatus, Heartbeat};
+use gateway_server::auth::User;
+use gateway_server::clusters::{ClusterError, ClusterService, Requester};
+use gateway_server::config::ClusterConfig;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn user(name: &str) -> User {
+    User {
+        name: name.into(),
+        admin: false,
+    }
+}
+
+fn service(yaml: &str) -> (ClusterService, Arc<FakeBackend>) {
+    let config: ClusterConfig = serde_yaml::from_str(yaml).unwrap();
+    let backend = Arc::new(FakeBackend::new());
+    let svc = ClusterService::new(backend.clone(), Arc::new(config));
+    (svc, backend)
+}
+
+/// A scheduler preload API that records what `/api/comm` receives.
+#[derive(Clone, Default)]
+struct Comm {
+    received: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+async fn comm(State(c): State<Comm>, headers: HeaderMap, body: String) -> &'static str {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    c.received
+        .lock()
+        .unwrap()
+        .push((auth, serde_json::from_str(&body).unwrap()));
+    ""
+}
+
+async fn fake_scheduler_api() -> (String, Comm) {
+    let c = Comm::default();
+    let app = Router::new()
+        .route("/api/comm", post(comm))
+        .with_state(c.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), c)
+}
+
+async fn running_cluster(svc: &ClusterService, b: &FakeBackend, owner: &str, api: &str) -> String {
+    let name = svc.create(&user(owner), None).await.unwrap();
+    b.make_running(
+        &name,
+        SchedulerAddresses {
+            scheduler: "tls://127.0.0.1:1".into(),
+            dashboard: None,
+            api: api.into(),
+        },
+    );
+    name
+}
+
+#[tokio::test]
+async fn bad_options_create_nothing() {
+    let (svc, b) = service(
+        "options: [{field: worker_cores, type: int, default: 1, min: 1, max: 4, target: worker_cores}]",
+    );
+    for bad in [json!({"nope": 1}), json!({"worker_cores": 9}), json!([1])] {
+        let e = svc.create(&user("alice"), Some(&bad)).await.unwrap_err();
+        assert!(matches!(e, ClusterError::Invalid(_)), "{e}");
+    }
+    assert!(b.list(None).is_empty());
+    let name = svc
+        .create(&user("alice"), Some(&json!({"worker_cores": 3})))
+        .await
+        .unwrap();
+    let v = b.get(&name).unwrap();
+    assert_eq!(v.settings.resources.worker_cores, 3.0);
+    assert_eq!(v.options["worker_cores"], json!(3));
+}
+
+#[tokio::test]
+async fn concurrent_creates_cannot_pass_the_per_user_quota() {
+    let (svc, b) = service("max_clusters_per_user: 2");
+    let svc = Arc::new(svc);
+    let tasks: Vec<_> = (0..12)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move { svc.create(&user("alice"), None).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert!(
+                e.to_string()
+                    .contains("already has 2 active clusters; the maximum per user is 2"),
+                "{e}"
+            ),
+        }
+    }
+    assert_eq!(ok, 2);
+    assert_eq!(b.list(Some("alice")).len(), 2);
+    // Another user has their own quota; a stopped cluster frees a place.
+    svc.create(&user("bob"), None).await.unwrap();
+    let first = b.list(Some("alice"))[0].name.clone();
+    svc.stop(&first, Requester::User(&user("alice")))
+        .await
+        .unwrap();
+    svc.create(&user("alice"), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn owners_and_admins() {
+    let (svc, _b) = service("{}");
+    let name = svc.create(&user("alice"), None).await.unwrap();
+    let bob = user("bob");
+    let e = svc.get(&bob, &name, false).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("User bob lacks permissions to view cluster {name}")
+    );
+    assert!(svc.list(&bob, None).is_empty());
+    let e = svc.stop(&name, Requester::User(&bob)).await.unwrap_err();
+    assert!(matches!(e, ClusterError::Forbidden { action: "stop", .. }));
+    let root = User {
+        name: "root".into(),
+        admin: true,
+    };
+    assert_eq!(svc.list(&root, None).len(), 1);
+    svc.get(&root, &name, false).await.unwrap();
+    assert!(matches!(
+        svc.get(&root, "nope", false).await.unwrap_err(),
+        ClusterError::NotFound(_)
+    ));
+    // Unknown clusters stop without error (DELETE is idempotent).
+    svc.stop("nope", Requester::User(&bob)).await.unwrap();
+}
+
+#[tokio::test]
+async fn wait_holds_until_the_cluster_runs() {
+    let (svc, b) = service("{}");
+    let name = svc.create(&user("alice"), None).await.unwrap();
+    assert_eq!(
+        svc.get(&user("alice"), &name, false).await.unwrap().status,
+        ClusterStatus::Pending
+    );
+    let b2 = b.clone();
+    let n2 = name.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        b2.make_running(
+            &n2,
+            SchedulerAddresses {
+                scheduler: "tls://h:1".into(),
+                dashboard: Some("http://h:2".into()),
+                api: "http://h:3".into(),
+            },
+        );
+    });
+    let started = std::time::Instant::now();
+    let m = svc.get(&user("alice"), &name, true).await.unwrap();
+    assert_eq!(m.status, ClusterStatus::Running);
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert!(m.tls_cert.is_some());
+    assert_eq!(m.dashboard_route, Some(format!("/clusters/{name}/status")));
+}
+
+#[tokio::test]
+async fn heartbeats_need_the_cluster_token_and_are_clipped() {
+    let (svc, b) = service("max_workers: 2");
+    let name = svc.create(&user("alice"), None).await.unwrap();
+    let token = b.get(&name).unwrap().token.unwrap();
+    let hb = Heartbeat {
+        scheduler_address: "tls://127.0.0.1:9".into(),
+        count: 5,
+        ..Default::default()
+    };
+    assert!(matches!(
+        svc.heartbeat(&name, "wrong", &hb).await.unwrap_err(),
+        ClusterError::BadToken
+    ));
+    assert!(matches!(
+        svc.heartbeat("other", &token, &hb).await.unwrap_err(),
+        ClusterError::BadToken
+    ));
+    assert_eq!(b.heartbeats(&name), 0);
+    svc.heartbeat(&name, &token, &hb).await.unwrap();
+    assert_eq!(b.target_workers(&name), Some(2));
+    assert!(svc.token_is_valid(&name, &token));
+    assert!(!svc.token_is_valid(&name, ""));
+}
+
+#[tokio::test]
+async fn the_cluster_token_may_stop_its_own_cluster_only() {
+    let (svc, b) = service("{}");
+    let a = svc.create(&user("alice"), None).await.unwrap();
+    let other = svc.create(&user("alice"), None).await.unwrap();
+    let token = b.get(&a).unwrap().token.unwrap();
+    assert!(matches!(
+        svc.stop(&other, Requester::Token(&token))
+            .await
+            .unwrap_err(),
+        ClusterError::BadToken
+    ));
+    svc.stop(&a, Requester::Token(&token)).await.unwrap();
+    let v = b.get(&a).unwrap();
+    assert_eq!(v.status, ClusterStatus::Stopped);
+    assert!(v.reason.unwrap().contains("idle timeout"));
+    assert_eq!(b.get(&other).unwrap().status, ClusterStatus::Pending);
+}
+
+#[tokio::test]
+async fn scale_and_adapt_are_checked_clipped_and_forwarded_with_the_token() {
+    let (svc, b) = service("max_workers: 2");
+    let (api, comm) = fake_scheduler_api().await;
+    let pending = svc.create(&user("alice"), None).await.unwrap();
+    assert!(matches!(
+        svc.scale(&user("alice"), &pending, &json!(1))
+            .await
+            .unwrap_err(),
+        ClusterError::NotRunning(_)
+    ));
+    let name = running_cluster(&svc, &b, "alice", &api).await;
+    let token = b.get(&name).unwrap().token.unwrap();
+    for bad in [json!(-1), json!("2"), json!(1.5), json!(null)] {
+        let e = svc.scale(&user("alice"), &name, &bad).await.unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("Scale expects a non-negative integer"));
+    }
+    assert!(matches!(
+        svc.scale(&user("bob"), &name, &json!(1)).await.unwrap_err(),
+        ClusterError::Forbidden { .. }
+    ));
+    let r = svc.scale(&user("alice"), &name, &json!(1)).await.unwrap();
+    assert!(r.ok && r.msg.is_none());
+    let r = svc.scale(&user("alice"), &name, &json!(3)).await.unwrap();
+    assert!(!r.ok);
+    assert!(r.msg.unwrap().contains("Scaling to 2 instead"));
+    let r = svc
+        .adapt(&user("alice"), &name, &json!(null), &json!(3), true)
+        .await
+        .unwrap();
+    assert!(r
+        .msg
+        .unwrap()
+        .contains("Using `maximum=2, minimum=0` instead"));
+    let got = comm.received.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got
+        .iter()
+        .all(|(auth, _)| *auth == format!("token {token}")));
+    assert_eq!(got[0].1, json!({"op": "scale", "count": 1}));
+    assert_eq!(got[1].1, json!({"op": "scale", "count": 2}));
+    assert_eq!(
+        got[2].1,
+        json!({"op": "adapt", "minimum": 0, "maximum": 2, "active": true})
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_scheduler_fails_its_cluster() {
+    let (svc, b) = service("{}");
+    // Nothing listens on port 9 of localhost.
+    let name = running_cluster(&svc, &b, "alice", "http://127.0.0.1:9").await;
+    let e = svc
+        .scale(&user("alice"), &name, &json!(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClusterError::NotRunning(_)));
+    let v = b.get(&name).unwrap();
+    assert_eq!(v.status, ClusterStatus::Failed);
+    assert!(v.reason.unwrap().contains("could not reach the scheduler"));
+}
+
+#[tokio::test]
+async fn listing_defaults_to_active_clusters() {
+    let (svc, _b) = service("{}");
+    let a = svc.create(&user("alice"), None).await.unwrap();
+    let s = svc.create(&user("alice"), None).await.unwrap();
+    svc.stop(&s, Requester::User(&user("alice"))).await.unwrap();
+    let names = |l: Vec<gateway_model::ClusterModel>| -> Vec<String> {
+        l.into_iter().map(|m| m.name).collect()
+    };
+    assert_eq!(names(svc.list(&user("alice"), None)), vec![a.clone()]);
+    assert_eq!(
+        names(svc.list(&user("alice"), Some(&[ClusterStatus::Stopped]))),
+        vec![s.clone()]
+    );
+    let text = svc.metrics_text();
+    assert!(
+        text.contains("dask_gateway_clusters{status=\"pending\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("dask_gateway_clusters{status=\"stopped\"} 1"));
+}
+
+#[tokio::test]
+async fn backend_failures_reach_the_caller_and_leave_nothing() {
+    let (svc, b) = service("{}");
+    b.fail_next_create("Could not start the Dask scheduler");
+    let e = svc.create(&user("alice"), None).await.unwrap_err();
+    assert!(matches!(e, ClusterError::Internal(_)));
+    assert!(b.list(None).is_empty());
+}
