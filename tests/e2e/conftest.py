@@ -10,6 +10,12 @@ the client cannot express a check).
 - The server's stderr goes to `<tmp>/server.log`; for every test the part written during the
   test is copied to `tests/e2e/logs/<test>.<server>.log`, and its tail is attached to the report
   of a failing test.
+- `E2E_BACKEND=kubernetes` runs the same tests on the Kubernetes backend: the control plane of
+  `tests/kube-env` (started by `KubeEnv`), one namespace per server with the least-privilege
+  RBAC of `manifests/gateway-rbac.yaml`, and the gateway running under that ServiceAccount's
+  kubeconfig. Pods there are host processes, so the process probes below work on both backends
+  (pods carry `E2E_NAMESPACE` in their environment). Tests marked `local_only` or `kube_only`
+  run on one backend.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ import dask_gateway
 from dask_gateway import BasicAuth, Gateway
 
 REPO = Path(__file__).resolve().parents[2]
+BACKEND = os.environ.get("E2E_BACKEND", "local")
+assert BACKEND in ("local", "kubernetes"), f"E2E_BACKEND must be local or kubernetes, not {BACKEND!r}"
+KUBE = BACKEND == "kubernetes"
 LOG_DIR = Path(os.environ.get("E2E_LOG_DIR", REPO / "tests" / "e2e" / "logs"))
 PYTHON_ENV = sys.prefix  # the venv this suite runs in also runs schedulers and workers
 
@@ -190,6 +199,65 @@ def basic_auth_header(user, password=""):
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
+
+class KubeEnv:
+    """The Kubernetes control plane of tests/kube-env, brought up once per session (its `up` is
+    idempotent), with the DaskCluster CRD applied. `namespace()` makes a namespace with the
+    gateway's RBAC and returns the kubeconfig of its ServiceAccount."""
+
+    HERE = REPO / "tests" / "kube-env"
+    BRIDGE_IP = os.environ.get("KUBE_ENV_BRIDGE_IP", "10.244.0.1")
+    _instance = None
+
+    @classmethod
+    def get(cls):
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self):
+        env = dict(os.environ)
+        env.setdefault("KUBE_ENV_POD_PATH", f"{PYTHON_ENV}/bin:/usr/local/bin:/usr/bin:/bin")
+        out = subprocess.run([str(self.HERE / "up")], env=env, check=True, text=True,
+                             stdout=subprocess.PIPE, stderr=sys.stderr, timeout=900)
+        self.admin_kubeconfig = out.stdout.strip().splitlines()[-1]
+        bin_dir = subprocess.run(
+            ["bash", "-c", f"source {self.HERE}/lib/common.sh; echo $BIN_DIR"],
+            check=True, text=True, stdout=subprocess.PIPE).stdout.strip()
+        self.kubectl_bin = f"{bin_dir}/kubectl"
+        self.kubectl("apply", "-f", str(REPO / "manifests" / "daskcluster-crd.yaml"))
+        self.kubectl("wait", "--for", "condition=Established", "--timeout=60s",
+                     "crd/daskclusters.gateway.dask.org")
+        self.namespaces = []
+
+    def kubectl(self, *args, input=None, check=True, timeout=120):
+        r = subprocess.run([self.kubectl_bin, "--kubeconfig", self.admin_kubeconfig, *args],
+                           input=input, text=True, capture_output=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {r.stderr}")
+        return r
+
+    def get_json(self, *args):
+        return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
+
+    def namespace(self, name):
+        ns = re.sub(r"[^a-z0-9-]", "-", f"e2e-{name}".lower())[:50].strip("-")
+        ns = f"{ns}-{os.urandom(3).hex()}"
+        self.kubectl("create", "namespace", ns)
+        docs = list(yaml.safe_load_all((REPO / "manifests" / "gateway-rbac.yaml").read_text()))
+        for d in docs:
+            if d["kind"] == "RoleBinding":
+                for subj in d["subjects"]:
+                    subj["namespace"] = ns
+        self.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
+        out = subprocess.run([str(self.HERE / "sa-kubeconfig"), ns, "dask-gateway"], check=True,
+                             text=True, stdout=subprocess.PIPE, stderr=sys.stderr, timeout=60)
+        self.namespaces.append(ns)
+        return ns, out.stdout.strip().splitlines()[-1]
+
+    def delete_namespace(self, ns):
+        self.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
 # Registry of running servers, for per-test log slices.
 _RUNNING: list[GatewayServer] = []
 
@@ -231,8 +299,32 @@ class GatewayServer:
                 "options": OPTIONS_CONFIG,
             },
         }
+        self.namespace = None
+        self.kubeconfig = None
+        self.owns_namespace = "kube_namespace" not in overrides
+        if KUBE:
+            kube = KubeEnv.get()
+            namespace = overrides.pop("kube_namespace", None)
+            if namespace is None:
+                namespace, kubeconfig = kube.namespace(name)
+            else:
+                kubeconfig = overrides.pop("kube_kubeconfig")
+            self.namespace, self.kubeconfig = namespace, kubeconfig
+            marker = [{"name": "E2E_NAMESPACE", "value": namespace}]
+            config["address"] = f"0.0.0.0:{self.port}"
+            config["backend"] = "kubernetes"
+            config["kubernetes"] = {
+                "namespace": namespace,
+                "instance": "e2e",
+                "image": "ignored-by-the-process-kubelet",
+                "termination_grace_period_seconds": 5,
+                "scheduler": {"env": marker},
+                "worker": {"env": marker},
+            }
         self.config = deep_merge(config, overrides)
         self.prefix = (self.config.get("prefix") or "").rstrip("/")
+        if KUBE and "api_url" not in overrides:
+            self.config["api_url"] = f"http://{KubeEnv.BRIDGE_IP}:{self.port}{self.prefix}/api"
         self.users_for_cleanup = set(admin_users)
 
     # -- addresses -------------------------------------------------------------------------
@@ -261,6 +353,8 @@ class GatewayServer:
         env.setdefault("RUST_LOG", os.environ.get("E2E_RUST_LOG", "info"))
         env.setdefault("RUST_BACKTRACE", "1")
         env["NO_COLOR"] = "1"
+        if self.kubeconfig:
+            env["KUBECONFIG"] = self.kubeconfig
         log = open(self.log_path, "ab")
         log.write(f"\n===== e2e: starting {binary} --config {self.config_path} =====\n".encode())
         log.flush()
@@ -369,7 +463,8 @@ class GatewayServer:
         return "\n".join(self.log_text(start).splitlines()[-lines:])
 
     def processes(self):
-        """Live processes (other than the server) that refer to this server's data dir."""
+        """Live processes (other than the server) of this server's clusters: referring to its
+        data dir (local), or pods of its namespace (Kubernetes)."""
         needle = str(self.data_dir)
         me = os.getpid()
         found = []
@@ -378,9 +473,12 @@ class GatewayServer:
                 continue
             try:
                 info = p.info
-                hit = any(needle in a for a in (info.get("cmdline") or []))
-                hit = hit or (info.get("cwd") or "").startswith(needle)
-                if not hit:
+                if self.namespace:
+                    hit = p.environ().get("E2E_NAMESPACE") == self.namespace
+                else:
+                    hit = any(needle in a for a in (info.get("cmdline") or []))
+                    hit = hit or (info.get("cwd") or "").startswith(needle)
+                if not hit and not self.namespace:
                     env = p.environ()
                     hit = any(needle in v for v in env.values())
                 if hit and p.status() != psutil.STATUS_ZOMBIE:
@@ -400,10 +498,12 @@ class GatewayServer:
                 cwd = p.cwd()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
+            object_id = cluster_name.rsplit(".", 1)[-1]
             if not (
                 env.get("DASK_GATEWAY_CLUSTER_NAME") == cluster_name
                 or cluster_name in cmd
                 or cluster_name in cwd
+                or (self.namespace and f"dask-worker-{object_id}-" in cmd)
             ):
                 continue
             is_sched = re.search(r"\bscheduler\b|dask-scheduler", cmd) is not None
@@ -414,6 +514,13 @@ class GatewayServer:
                 continue
             out.append(p)
         return out
+
+    def kube_objects(self, kind, cluster_name=None):
+        """Objects of `kind` in this server's namespace (of one cluster if given)."""
+        args = [kind, "-n", self.namespace]
+        if cluster_name:
+            args += ["-l", f"gateway.dask.org/cluster={cluster_name.rsplit('.', 1)[-1]}"]
+        return KubeEnv.get().get_json(*args)["items"]
 
     # -- cleanup ---------------------------------------------------------------------------
     def stop_all_clusters(self, timeout=45):
@@ -470,6 +577,8 @@ class GatewayServer:
             leftovers = self.kill_leftovers()
             if self in _RUNNING:
                 _RUNNING.remove(self)
+            if self.namespace and self.owns_namespace:
+                KubeEnv.get().delete_namespace(self.namespace)
             if leftovers:
                 with open(self.log_path, "a") as f:
                     f.write(f"\n===== e2e: killed leftover processes: "
@@ -615,7 +724,19 @@ def pytest_runtest_makereport(item, call):
             )
 
 
+def pytest_collection_modifyitems(config, items):
+    skip_local = pytest.mark.skip(reason="local backend only")
+    skip_kube = pytest.mark.skip(reason="Kubernetes backend only (E2E_BACKEND=kubernetes)")
+    for item in items:
+        if KUBE and item.get_closest_marker("local_only"):
+            item.add_marker(skip_local)
+        if not KUBE and item.get_closest_marker("kube_only"):
+            item.add_marker(skip_kube)
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "local_only: runs on the local backend only")
+    config.addinivalue_line("markers", "kube_only: runs on the Kubernetes backend only")
     # The stock client's finalizers (Gateway/GatewayCluster.__del__ -> close -> LoopRunner.stop)
     # take distributed's global LoopRunner lock. If a GC pass runs them while the main thread is
     # inside LoopRunner.start (e.g. creating a Client), the process deadlocks, beyond the reach

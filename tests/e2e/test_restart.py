@@ -160,6 +160,7 @@ def test_sigterm_with_stop_clusters_on_shutdown(module_servers):
     assert name not in [x.name for x in gw2.list_clusters()]
 
 
+@pytest.mark.local_only  # process groups of local workers; test_kube.py covers pods
 def test_killed_worker_is_replaced_and_its_process_group_cleaned(server):
     gw = server.gateway(USER)
     c = new_cluster(gw, shutdown_on_close=False)

@@ -34,6 +34,8 @@ pub struct AppState {
     pub dashboard_auth: bool,
     /// Upper bound on one API request, reading its body included.
     pub request_timeout: std::time::Duration,
+    /// The in-process DaskCluster controller, if any (its counters join `/metrics`).
+    pub controller: Option<gateway_kube::LiveContext>,
 }
 
 /// An error answered as `{"error": "..."}` with a JSON content type.
@@ -188,7 +190,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     (
         [(header::CONTENT_TYPE, content_type)],
-        state.clusters.metrics_text(),
+        state.clusters.metrics_text()
+            + &state
+                .controller
+                .as_ref()
+                .map(crate::controller_metrics)
+                .unwrap_or_default(),
     )
         .into_response()
 }

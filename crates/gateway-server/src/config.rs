@@ -62,8 +62,12 @@ pub struct GatewayConfig {
     pub request_timeout: f64,
     /// User authentication.
     pub auth: AuthConfig,
-    /// How Dask is launched.
+    /// Where clusters run: `local` (processes on this machine) or `kubernetes` (pods).
+    pub backend: BackendKind,
+    /// How Dask is launched (local backend).
     pub dask: DaskConfig,
+    /// The Kubernetes backend and its controller.
+    pub kubernetes: gateway_kube::KubeConfig,
     /// Cluster defaults, limits and user options.
     pub cluster: ClusterConfig,
 }
@@ -83,8 +87,35 @@ impl Default for GatewayConfig {
             dashboard_auth: false,
             request_timeout: 60.0,
             auth: AuthConfig::default(),
+            backend: BackendKind::Local,
             dask: DaskConfig::default(),
+            kubernetes: gateway_kube::KubeConfig::default(),
             cluster: ClusterConfig::default(),
+        }
+    }
+}
+
+/// Where clusters run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Dask processes on this machine, state in SQLite in the data directory.
+    #[default]
+    Local,
+    /// Pods on Kubernetes, state in DaskCluster objects.
+    Kubernetes,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" => Ok(BackendKind::Local),
+            "kubernetes" | "kube" | "k8s" => Ok(BackendKind::Kubernetes),
+            other => Err(format!(
+                "unknown backend {other:?}: use local or kubernetes"
+            )),
         }
     }
 }
@@ -400,6 +431,21 @@ impl GatewayConfig {
         c.limits()
             .check_scheduler(&c.resources())
             .map_err(ConfigError::Invalid)?;
+        if self.backend == BackendKind::Kubernetes {
+            self.kubernetes.validate().map_err(ConfigError::Invalid)?;
+            if self.api_url.is_none() {
+                return bad("the kubernetes backend needs api_url: the gateway API address scheduler pods reach (e.g. http://dask-gateway.<namespace>:8000/api)".into());
+            }
+        }
+        if let Some(u) = &self.api_url {
+            let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                && u.trim_end_matches('/').ends_with("/api");
+            if !ok {
+                return bad(format!(
+                    "api_url {u:?} must be an http(s) URL ending in /api"
+                ));
+            }
+        }
         crate::settings::check_targets(c).map_err(ConfigError::Invalid)?;
         Ok(())
     }

@@ -14,7 +14,7 @@ pub mod settings;
 use crate::api::AppState;
 use crate::auth::Authenticator;
 use crate::clusters::ClusterService;
-use crate::config::GatewayConfig;
+use crate::config::{BackendKind, GatewayConfig};
 use gateway_backend::ClusterBackend;
 use gateway_local::{EngineConfig, LaunchConfig, Launcher, LocalBackend, Store};
 use gateway_proxy::{ClusterRoute, HttpForwarder, RouteSource};
@@ -53,6 +53,12 @@ pub enum StartError {
     /// The HTTPS certificate or key could not be loaded.
     #[error(transparent)]
     Tls(#[from] gateway_proxy::ProxyError),
+    /// No Kubernetes configuration (neither `KUBECONFIG`/`~/.kube/config` nor in-cluster).
+    #[error("connecting to Kubernetes: {0}")]
+    Kube(String),
+    /// The controller cannot run (the CRD is missing, or RBAC refuses).
+    #[error(transparent)]
+    Controller(#[from] gateway_kube::ControllerError),
 }
 
 /// Takes an exclusive `flock` on `<data_dir>/gateway.lock` for the life of the process.
@@ -131,13 +137,181 @@ fn start_local_backend(
     Ok((backend, lock))
 }
 
+/// A Kubernetes client from `KUBECONFIG` (or `~/.kube/config`) or the in-cluster service
+/// account, and the namespace to manage (configured, else the client's default).
+async fn kube_client(config: &GatewayConfig) -> Result<(kube::Client, String), StartError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| StartError::Kube(e.to_string()))?;
+    let namespace = config
+        .kubernetes
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    Ok((client, namespace))
+}
+
+/// What pods need from the gateway's own configuration.
+fn gateway_runtime(config: &GatewayConfig) -> gateway_kube::GatewayRuntime {
+    gateway_kube::GatewayRuntime {
+        api_url: config.api_url(),
+        heartbeat_period: config.cluster.heartbeat_period,
+        adaptive_period: config.cluster.adaptive_period,
+        start_timeout: config.cluster.start_timeout,
+        worker_failure_limit: config.cluster.worker_start_failure_limit,
+    }
+}
+
+/// The controller's counters (of the current leadership term) as Prometheus text.
+pub(crate) fn controller_metrics(live: &gateway_kube::LiveContext) -> String {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let ctx = live.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP dask_gateway_controller_leading Whether this process runs the DaskCluster controller now.");
+    let _ = writeln!(out, "# TYPE dask_gateway_controller_leading gauge");
+    let _ = writeln!(
+        out,
+        "dask_gateway_controller_leading {}",
+        u8::from(ctx.is_some())
+    );
+    if let Some(ctx) = ctx {
+        let m = &ctx.metrics;
+        for (name, help, v) in [
+            (
+                "reconciles",
+                "Reconcile passes.",
+                m.reconciles.load(Relaxed),
+            ),
+            (
+                "reconcile_errors",
+                "Reconcile passes that failed (retried).",
+                m.reconcile_errors.load(Relaxed),
+            ),
+            (
+                "pods_created",
+                "Pods created by the controller.",
+                m.pods_created.load(Relaxed),
+            ),
+            (
+                "pods_deleted",
+                "Pods deleted by the controller.",
+                m.pods_deleted.load(Relaxed),
+            ),
+            (
+                "api_writes",
+                "Kubernetes API writes made by the controller.",
+                ctx.limiter.granted(),
+            ),
+            (
+                "clusters_running",
+                "Clusters that became Running.",
+                m.clusters_running.load(Relaxed),
+            ),
+            (
+                "clusters_failed",
+                "Clusters that failed.",
+                m.clusters_failed.load(Relaxed),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP dask_gateway_controller_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE dask_gateway_controller_{name}_total counter");
+            let _ = writeln!(out, "dask_gateway_controller_{name}_total {v}");
+        }
+    }
+    out
+}
+
+/// Runs only the DaskCluster controller (no API, no proxy) until `shutdown` resolves; metrics
+/// and health on `address` (`/metrics`, `/api/health`).
+pub async fn run_controller(
+    config: GatewayConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let (client, namespace) = kube_client(&config).await?;
+    let live: gateway_kube::LiveContext = Default::default();
+    let listener = TcpListener::bind(config.address)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.address,
+            source,
+        })?;
+    let live2 = live.clone();
+    let app = axum::Router::new()
+        .route(
+            "/api/health",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "pass"})) }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let live = live2.clone();
+                async move { controller_metrics(&live) }
+            }),
+        );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(async move {
+        let mut rx = stop_rx;
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|v| *v).await;
+            })
+            .await;
+    });
+    info!(namespace = %namespace, address = %config.address, "controller only: metrics and health listening");
+    let result =
+        gateway_kube::run_controller(client, config.kubernetes.clone(), namespace, live, shutdown)
+            .await;
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(result?)
+}
+
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(
     config: GatewayConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let config = Arc::new(config);
-    let (backend, _data_dir_lock) = start_local_backend(&config)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let (controller_stop_tx, controller_stop_rx) = tokio::sync::watch::channel(false);
+    let mut _data_dir_lock = None;
+    let mut controller_live: Option<gateway_kube::LiveContext> = None;
+    let mut controller_task = None;
+    let backend: Arc<dyn ClusterBackend> = match config.backend {
+        BackendKind::Local => {
+            let (backend, lock) = start_local_backend(&config)?;
+            _data_dir_lock = Some(lock);
+            backend
+        }
+        BackendKind::Kubernetes => {
+            let (client, namespace) = kube_client(&config).await?;
+            if config.kubernetes.controller {
+                let live: gateway_kube::LiveContext = Default::default();
+                controller_live = Some(live.clone());
+                let (client, kc, ns) =
+                    (client.clone(), config.kubernetes.clone(), namespace.clone());
+                // Stopped last, after the backend's shutdown (which may need it to stop clusters).
+                let stop = stopped(controller_stop_rx.clone());
+                controller_task = Some(tokio::spawn(async move {
+                    if let Err(e) = gateway_kube::run_controller(client, kc, ns, live, stop).await {
+                        tracing::error!("the DaskCluster controller could not run: {e}");
+                    }
+                }));
+            }
+            info!(namespace = %namespace, instance = %config.kubernetes.instance, controller = config.kubernetes.controller, "kubernetes backend");
+            gateway_kube::KubeBackend::start(
+                client,
+                config.kubernetes.clone(),
+                namespace,
+                gateway_runtime(&config),
+            )
+            .await
+        }
+    };
     let routes: Arc<dyn RouteSource> = Arc::new(BackendRoutes(backend.clone()));
     let clusters = Arc::new(ClusterService::new(
         backend.clone(),
@@ -169,13 +343,10 @@ pub async fn run(
         forwarder: HttpForwarder::new(),
         dashboard_auth: config.dashboard_auth,
         request_timeout: Duration::from_secs_f64(config.request_timeout),
+        controller: controller_live,
     };
     let app = api::router(state, &config.prefix());
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
     let mut servers = Vec::new();
     if let Some(listener) = scheduler_listener {
         info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "scheduler TLS port listening");
@@ -203,6 +374,10 @@ pub async fn run(
     info!("shutting down");
     let _ = stop_tx.send(true);
     backend.shutdown(config.stop_clusters_on_shutdown).await;
+    let _ = controller_stop_tx.send(true);
+    if let Some(task) = controller_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     for s in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
     }

@@ -2,9 +2,10 @@
 //!
 //! With no arguments it serves everything on 127.0.0.1:8000 with the local process backend and
 //! simple authentication; `--config gateway.yaml` sets the rest (see docs/configuration.md).
+//! `gateway-server controller` runs only the Kubernetes controller.
 
-use clap::Parser;
-use gateway_server::config::{GatewayConfig, LogFormat};
+use clap::{Parser, Subcommand};
+use gateway_server::config::{BackendKind, GatewayConfig, LogFormat};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,9 +15,13 @@ use std::process::ExitCode;
 #[command(
     name = "gateway-server",
     version,
-    about = "Dask Gateway server (local process backend)"
+    about = "Dask Gateway server: REST API, scheduler proxy and cluster backend in one binary",
+    after_help = "Examples:\n  gateway-server                                   # local processes on 127.0.0.1:8000\n  gateway-server --config gateway.yaml\n  gateway-server --backend kubernetes --namespace dask --config gateway.yaml\n  gateway-server controller --config gateway.yaml  # only the DaskCluster controller"
 )]
 struct Cli {
+    /// What to run (default: the gateway).
+    #[command(subcommand)]
+    command: Option<Command>,
     /// YAML configuration file.
     #[arg(short, long, env = "DASK_GATEWAY_CONFIG")]
     config: Option<PathBuf>,
@@ -36,9 +41,23 @@ struct Cli {
     /// environment variable, which keeps it out of the process list).
     #[arg(long, env = "GATEWAY_AUTH_PASSWORD", hide_env_values = true)]
     auth_password: Option<String>,
+    /// Where clusters run: local or kubernetes (overrides `backend`).
+    #[arg(long, env = "GATEWAY_BACKEND")]
+    backend: Option<BackendKind>,
+    /// Kubernetes namespace of the clusters (overrides `kubernetes.namespace`).
+    #[arg(long, env = "GATEWAY_NAMESPACE")]
+    namespace: Option<String>,
     /// Check the configuration and exit.
-    #[arg(long)]
+    #[arg(long, global = true)]
     check_config: bool,
+}
+
+/// Roles other than the gateway itself.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run only the DaskCluster controller (Kubernetes), with leader election; `/metrics` and
+    /// `/api/health` are served on `address`.
+    Controller,
 }
 
 fn init_logging(config: &GatewayConfig) {
@@ -90,6 +109,20 @@ fn main() -> ExitCode {
     if let Some(p) = cli.auth_password {
         config.auth.password = Some(p);
     }
+    if let Some(b) = cli.backend {
+        config.backend = b;
+    }
+    if let Some(ns) = cli.namespace {
+        config.kubernetes.namespace = Some(ns);
+    }
+    let controller_only = matches!(cli.command, Some(Command::Controller));
+    if controller_only {
+        config.backend = BackendKind::Kubernetes;
+        if config.api_url.is_none() {
+            // Only the gateway's pods use it; the controller copies it from each DaskCluster.
+            config.api_url = Some("http://unused.invalid/api".into());
+        }
+    }
     if let Err(e) = config.validate() {
         eprintln!("gateway-server: {e}");
         return ExitCode::from(2);
@@ -109,7 +142,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(gateway_server::run(config, shutdown_signal())) {
+    let result = if controller_only {
+        runtime.block_on(gateway_server::run_controller(config, shutdown_signal()))
+    } else {
+        runtime.block_on(gateway_server::run(config, shutdown_signal()))
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

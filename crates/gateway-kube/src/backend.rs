@@ -1,0 +1,721 @@
+//! The gateway side of the Kubernetes backend: [`KubeBackend`] keeps no state of its own. It
+//! creates DaskCluster objects, answers every read from a watch cache of DaskClusters and of
+//! their credentials Secrets, and turns heartbeats and stops into small patches of the spec.
+//! A restarted gateway (or a second replica) rebuilds the same view from the watches.
+
+use crate::config::KubeConfig;
+use crate::crd::{DaskCluster, DaskClusterSpec, Phase, PodTemplate, RuntimeSpec, StopSpec};
+use crate::names;
+use futures_util::StreamExt;
+use gateway_backend::{
+    new_cluster_id, BackendError, ClusterBackend, ClusterView, NewCluster, SchedulerAddresses,
+    StopRequest, TlsPair,
+};
+use gateway_model::{ClusterStatus, Heartbeat};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Names the gateway writes into `spec.retiredWorkers` at most (the controller deletes those
+/// pods if they still exist; older names belong to pods long gone).
+const MAX_RETIRED: usize = 256;
+/// How long a shutdown that stops clusters waits for them to finish.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(20);
+/// How long to wait for the first complete listing before serving anyway.
+const INITIAL_SYNC: Duration = Duration::from_secs(30);
+
+/// What the pods of every cluster run with, beyond the kubernetes section: from the gateway's
+/// own configuration.
+#[derive(Clone, Debug)]
+pub struct GatewayRuntime {
+    /// `DASK_GATEWAY_API_URL` for schedulers.
+    pub api_url: String,
+    /// `--dg-heartbeat-period`.
+    pub heartbeat_period: f64,
+    /// `--dg-adaptive-period`.
+    pub adaptive_period: f64,
+    /// Seconds the scheduler may take to become ready.
+    pub start_timeout: f64,
+    /// Worker pods failing in a row that fail the cluster.
+    pub worker_failure_limit: u32,
+}
+
+/// A cluster's credentials, from its Secret.
+#[derive(Clone, Debug)]
+struct Credentials {
+    token: String,
+    tls: TlsPair,
+}
+
+/// One cached DaskCluster and the status subscribers of its public status.
+struct Entry {
+    cluster: Arc<DaskCluster>,
+    status_tx: watch::Sender<ClusterStatus>,
+}
+
+#[derive(Default)]
+struct Cache {
+    /// By object name (the id).
+    clusters: HashMap<String, Entry>,
+    /// By Secret name.
+    secrets: HashMap<String, Credentials>,
+}
+
+#[derive(Default)]
+struct Counters {
+    creates: AtomicU64,
+    spec_patches: AtomicU64,
+    watch_errors: AtomicU64,
+}
+
+/// The gateway side of the Kubernetes backend (see the module docs).
+pub struct KubeBackend {
+    clusters_api: Api<DaskCluster>,
+    namespace: String,
+    config: KubeConfig,
+    runtime: GatewayRuntime,
+    /// The watch caches. A std mutex, never held across an `.await`.
+    cache: Mutex<Cache>,
+    /// Both watches have delivered a complete listing.
+    synced: [AtomicBool; 2],
+    counters: Counters,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// resourceVersion as a number, for "is this newer" (etcd revisions in practice).
+fn version(dc: &DaskCluster) -> Option<u64> {
+    dc.metadata.resource_version.as_deref()?.parse().ok()
+}
+
+fn api_error(what: &str, e: kube::Error) -> BackendError {
+    warn!("{what}: {e}");
+    match &e {
+        kube::Error::Api(s) if s.is_forbidden() => BackendError::Internal(format!(
+            "The gateway is not allowed to {what} (check its RBAC)"
+        )),
+        kube::Error::Api(s) if s.is_invalid() => {
+            BackendError::Invalid(format!("Kubernetes refused the cluster: {}", s.message))
+        }
+        kube::Error::Api(s) if s.code >= 500 || s.code == 429 => BackendError::Unavailable(
+            format!("Kubernetes is unavailable ({} {})", s.code, s.reason),
+        ),
+        kube::Error::Api(s) => {
+            BackendError::Internal(format!("Kubernetes answered {}: {}", s.code, s.message))
+        }
+        _ => BackendError::Unavailable("The Kubernetes API cannot be reached".into()),
+    }
+}
+
+impl KubeBackend {
+    /// Starts the watches and waits (bounded) for their first complete listing, so that a
+    /// restarted gateway knows every cluster before it answers.
+    pub async fn start(
+        client: Client,
+        config: KubeConfig,
+        namespace: String,
+        runtime: GatewayRuntime,
+    ) -> Arc<Self> {
+        let backend = Arc::new(KubeBackend {
+            clusters_api: Api::namespaced(client.clone(), &namespace),
+            namespace: namespace.clone(),
+            config,
+            runtime,
+            cache: Mutex::new(Cache::default()),
+            synced: [AtomicBool::new(false), AtomicBool::new(false)],
+            counters: Counters::default(),
+        });
+        let selector = names::instance_selector(&backend.config.instance);
+        let secrets_selector = format!(
+            "{selector},{}={}",
+            names::LABEL_COMPONENT,
+            names::COMPONENT_CREDENTIALS
+        );
+        let weak = Arc::downgrade(&backend);
+        let clusters = watcher::watcher(
+            Api::<DaskCluster>::namespaced(client.clone(), &namespace),
+            watcher::Config::default().labels(&selector),
+        );
+        tokio::spawn(async move {
+            let mut buffer = Vec::new();
+            let mut stream = clusters.default_backoff().boxed();
+            while let Some(event) = stream.next().await {
+                let Some(b) = weak.upgrade() else { return };
+                match event {
+                    Ok(ev) => b.on_cluster_event(ev, &mut buffer),
+                    Err(e) => {
+                        b.counters.watch_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!("watching DaskClusters: {e}");
+                    }
+                }
+            }
+        });
+        let weak = Arc::downgrade(&backend);
+        let secrets = watcher::watcher(
+            Api::<Secret>::namespaced(client, &namespace),
+            watcher::Config::default().labels(&secrets_selector),
+        );
+        tokio::spawn(async move {
+            let mut buffer = Vec::new();
+            let mut stream = secrets.default_backoff().boxed();
+            while let Some(event) = stream.next().await {
+                let Some(b) = weak.upgrade() else { return };
+                match event {
+                    Ok(ev) => b.on_secret_event(ev, &mut buffer),
+                    Err(e) => {
+                        b.counters.watch_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!("watching credentials Secrets: {e}");
+                    }
+                }
+            }
+        });
+        let deadline = tokio::time::Instant::now() + INITIAL_SYNC;
+        while !backend.is_synced() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if backend.is_synced() {
+            info!(namespace = %namespace, clusters = backend.lock().clusters.len(), "DaskCluster cache synced");
+        } else {
+            warn!(namespace = %namespace, "DaskCluster cache not synced yet; serving what is known");
+        }
+        backend
+    }
+
+    fn is_synced(&self) -> bool {
+        self.synced.iter().all(|s| s.load(Ordering::Acquire))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Inserts or updates one cluster unless the cache already has a newer version.
+    fn upsert(&self, cache: &mut Cache, dc: DaskCluster) {
+        let id = dc.name_any();
+        if let Some(e) = cache.clusters.get_mut(&id) {
+            if let (Some(old), Some(new)) = (version(&e.cluster), version(&dc)) {
+                if new < old {
+                    return;
+                }
+            }
+            e.cluster = Arc::new(dc);
+        } else {
+            let (status_tx, _) = watch::channel(ClusterStatus::Pending);
+            cache.clusters.insert(
+                id.clone(),
+                Entry {
+                    cluster: Arc::new(dc),
+                    status_tx,
+                },
+            );
+        }
+        Self::publish(cache, &id);
+    }
+
+    /// Recomputes the public status of `id` and tells subscribers.
+    fn publish(cache: &Cache, id: &str) {
+        if let Some(e) = cache.clusters.get(id) {
+            let status = public_status(&e.cluster, &cache.secrets);
+            e.status_tx.send_if_modified(|s| {
+                let changed = *s != status;
+                *s = status;
+                changed
+            });
+        }
+    }
+
+    fn on_cluster_event(&self, event: Event<DaskCluster>, buffer: &mut Vec<DaskCluster>) {
+        match event {
+            Event::Apply(dc) => {
+                let mut cache = self.lock();
+                self.upsert(&mut cache, dc);
+            }
+            Event::Delete(dc) => {
+                let mut cache = self.lock();
+                cache.clusters.remove(&dc.name_any());
+            }
+            Event::Init => buffer.clear(),
+            Event::InitApply(dc) => buffer.push(dc),
+            Event::InitDone => {
+                let mut cache = self.lock();
+                let listed: HashSet<String> = buffer.iter().map(|d| d.name_any()).collect();
+                // Objects gone while the watch was down; keep ones we created a moment ago.
+                let fresh = now_ms() - 10_000;
+                cache.clusters.retain(|id, e| {
+                    listed.contains(id) || created_ms(&e.cluster).is_some_and(|t| t > fresh)
+                });
+                for dc in buffer.drain(..) {
+                    self.upsert(&mut cache, dc);
+                }
+                self.synced[0].store(true, Ordering::Release);
+            }
+        }
+    }
+
+    fn on_secret_event(&self, event: Event<Secret>, buffer: &mut Vec<Secret>) {
+        let credentials = |s: &Secret| -> Option<Credentials> {
+            let data = s.data.as_ref()?;
+            let text = |k: &str| String::from_utf8(data.get(k)?.0.clone()).ok();
+            Some(Credentials {
+                token: text("api-token")?.trim().to_string(),
+                tls: TlsPair {
+                    cert: text("dask.crt")?,
+                    key: text("dask.pem")?,
+                },
+            })
+        };
+        let cluster_of = |s: &Secret| s.labels().get(names::LABEL_CLUSTER).cloned();
+        let mut touched = Vec::new();
+        let mut cache = self.lock();
+        match event {
+            Event::Apply(s) => {
+                if let Some(c) = credentials(&s) {
+                    cache.secrets.insert(s.name_any(), c);
+                }
+                touched.extend(cluster_of(&s));
+            }
+            Event::Delete(s) => {
+                cache.secrets.remove(&s.name_any());
+                touched.extend(cluster_of(&s));
+            }
+            Event::Init => buffer.clear(),
+            Event::InitApply(s) => buffer.push(s),
+            Event::InitDone => {
+                let listed: HashSet<String> = buffer.iter().map(|s| s.name_any()).collect();
+                cache.secrets.retain(|name, _| listed.contains(name));
+                for s in buffer.drain(..) {
+                    if let Some(c) = credentials(&s) {
+                        cache.secrets.insert(s.name_any(), c);
+                    }
+                }
+                touched.extend(cache.clusters.keys().cloned());
+                self.synced[1].store(true, Ordering::Release);
+            }
+        }
+        for id in touched {
+            Self::publish(&cache, &id);
+        }
+    }
+
+    fn id<'a>(&self, name: &'a str) -> Option<&'a str> {
+        names::object_id(&self.namespace, name)
+    }
+
+    fn view(&self, dc: &DaskCluster, secrets: &HashMap<String, Credentials>) -> ClusterView {
+        let id = dc.name_any();
+        let status = public_status(dc, secrets);
+        let st = dc.status.clone().unwrap_or_default();
+        let creds = secrets.get(
+            st.credentials
+                .as_deref()
+                .unwrap_or(&names::secret_name(&id)),
+        );
+        let addresses = st
+            .addresses
+            .clone()
+            .filter(|_| status == ClusterStatus::Running)
+            .map(|a| SchedulerAddresses {
+                scheduler: a.scheduler,
+                dashboard: Some(a.dashboard).filter(|d| !d.is_empty()),
+                api: a.api,
+            });
+        let reason = st
+            .reason
+            .clone()
+            .filter(|_| st.phase != Phase::Running)
+            .or_else(|| dc.spec.stop.as_ref().map(|s| s.reason.clone()));
+        ClusterView {
+            name: names::public_name(&self.namespace, &id),
+            owner: dc.spec.user.clone(),
+            status,
+            reason,
+            options: dc.spec.options.clone(),
+            settings: dc.spec.settings.clone(),
+            token: creds.map(|c| c.token.clone()),
+            tls: creds.map(|c| c.tls.clone()),
+            addresses,
+            start_time: created_ms(dc).unwrap_or(0),
+            stop_time: st
+                .completion_time
+                .as_deref()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .map(|t| t.as_millisecond())
+                .filter(|_| status.is_terminal()),
+        }
+    }
+
+    /// The DaskCluster object for a new cluster (templates and profile resolved now).
+    fn new_object(&self, id: &str, request: &NewCluster) -> Result<DaskCluster, BackendError> {
+        let settings = &request.settings;
+        let profile = match settings.profile.as_deref() {
+            None => None,
+            Some(p) => Some(self.config.profiles.get(p).ok_or_else(|| {
+                let known: Vec<&str> = self.config.profiles.keys().map(String::as_str).collect();
+                BackendError::Invalid(format!(
+                    "profile {p:?} is not configured; known profiles: {}",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })?),
+        };
+        let overlay = |base: &PodTemplate, pick: fn(&crate::config::Profile) -> &PodTemplate| {
+            profile.map_or_else(|| base.clone(), |p| base.overlaid(pick(p)))
+        };
+        let image = settings
+            .image
+            .clone()
+            .or_else(|| profile.and_then(|p| p.image.clone()))
+            .unwrap_or_else(|| self.config.image.clone());
+        let spec = DaskClusterSpec {
+            user: request.owner.clone(),
+            options: request.options.clone(),
+            settings: settings.clone(),
+            scheduler: overlay(&self.config.scheduler, |p| &p.scheduler),
+            worker: overlay(&self.config.worker, |p| &p.worker),
+            runtime: RuntimeSpec {
+                image,
+                image_pull_policy: self.config.image_pull_policy.clone(),
+                image_pull_secrets: self.config.image_pull_secrets.clone(),
+                service_account_name: self.config.service_account.clone(),
+                api_url: self.runtime.api_url.clone(),
+                heartbeat_period: self.runtime.heartbeat_period,
+                adaptive_period: self.runtime.adaptive_period,
+                start_timeout: self.runtime.start_timeout,
+                worker_failure_limit: self.runtime.worker_failure_limit.max(1),
+                termination_grace_period_seconds: self.config.termination_grace_period_seconds,
+            },
+            replicas: 0,
+            active: true,
+            retired_workers: Vec::new(),
+            stop: None,
+        };
+        let mut dc = DaskCluster::new(id, spec);
+        dc.metadata.namespace = Some(self.namespace.clone());
+        let mut labels = names::labels(&self.config.instance, id, &request.owner, "cluster");
+        labels.remove(names::LABEL_COMPONENT);
+        dc.metadata.labels = Some(labels);
+        dc.metadata.annotations = Some(BTreeMap::from([
+            (names::ANNOTATION_USER.to_string(), request.owner.clone()),
+            (
+                names::ANNOTATION_CREATED_MS.to_string(),
+                now_ms().to_string(),
+            ),
+        ]));
+        Ok(dc)
+    }
+
+    /// Merge-patches the spec of `id` and stores the answer in the cache.
+    async fn patch_spec(&self, id: &str, patch: serde_json::Value) -> Result<(), BackendError> {
+        self.counters.spec_patches.fetch_add(1, Ordering::Relaxed);
+        let updated = self
+            .clusters_api
+            .patch(
+                id,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "spec": patch })),
+            )
+            .await;
+        match updated {
+            Ok(dc) => {
+                let mut cache = self.lock();
+                self.upsert(&mut cache, dc);
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.is_not_found() => Err(BackendError::NotFound(
+                names::public_name(&self.namespace, id),
+            )),
+            Err(e) => Err(api_error("update a DaskCluster", e)),
+        }
+    }
+}
+
+fn created_ms(dc: &DaskCluster) -> Option<i64> {
+    dc.annotations()
+        .get(names::ANNOTATION_CREATED_MS)
+        .and_then(|t| t.parse().ok())
+        .or_else(|| {
+            dc.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_millisecond())
+        })
+}
+
+/// The public status of a DaskCluster. RUNNING needs the scheduler's address and the
+/// credentials (the cluster model hands them out); a cluster whose spec asks it to stop is
+/// STOPPING until the controller has finished it.
+fn public_status(dc: &DaskCluster, secrets: &HashMap<String, Credentials>) -> ClusterStatus {
+    let st = dc.status.clone().unwrap_or_default();
+    match st.phase {
+        Phase::Stopped => return ClusterStatus::Stopped,
+        Phase::Failed => return ClusterStatus::Failed,
+        Phase::Stopping => return ClusterStatus::Stopping,
+        _ => {}
+    }
+    if !dc.spec.active {
+        return ClusterStatus::Stopping;
+    }
+    let secret = st
+        .credentials
+        .clone()
+        .unwrap_or_else(|| names::secret_name(&dc.name_any()));
+    if st.phase == Phase::Running && st.addresses.is_some() && secrets.contains_key(&secret) {
+        ClusterStatus::Running
+    } else {
+        ClusterStatus::Pending
+    }
+}
+
+#[async_trait::async_trait]
+impl ClusterBackend for KubeBackend {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn create(&self, request: NewCluster) -> Result<ClusterView, BackendError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let id = new_cluster_id();
+            let dc = self.new_object(&id, &request)?;
+            match self.clusters_api.create(&PostParams::default(), &dc).await {
+                Ok(created) => {
+                    self.counters.creates.fetch_add(1, Ordering::Relaxed);
+                    info!(cluster = %names::public_name(&self.namespace, &id), user = ?request.owner, "DaskCluster created");
+                    let mut cache = self.lock();
+                    self.upsert(&mut cache, created);
+                    let e = &cache.clusters[&id];
+                    return Ok(self.view(&e.cluster, &cache.secrets));
+                }
+                // A random 128-bit name taken: astronomically unlikely, but retry.
+                Err(kube::Error::Api(s)) if s.is_already_exists() && attempts < 3 => continue,
+                Err(e) => return Err(api_error("create DaskClusters", e)),
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<ClusterView> {
+        let id = self.id(name)?;
+        let cache = self.lock();
+        let e = cache.clusters.get(id)?;
+        Some(self.view(&e.cluster, &cache.secrets))
+    }
+
+    fn list(&self, owner: Option<&str>) -> Vec<ClusterView> {
+        let cache = self.lock();
+        let mut out: Vec<ClusterView> = cache
+            .clusters
+            .values()
+            .filter(|e| owner.is_none_or(|o| e.cluster.spec.user == o))
+            .map(|e| self.view(&e.cluster, &cache.secrets))
+            .collect();
+        out.sort_by(|a, b| (a.start_time, &a.name).cmp(&(b.start_time, &b.name)));
+        out
+    }
+
+    fn route(&self, name: &str) -> Option<SchedulerAddresses> {
+        let id = self.id(name)?;
+        let cache = self.lock();
+        let e = cache.clusters.get(id)?;
+        if public_status(&e.cluster, &cache.secrets) != ClusterStatus::Running {
+            return None;
+        }
+        let a = e.cluster.status.as_ref()?.addresses.clone()?;
+        Some(SchedulerAddresses {
+            scheduler: a.scheduler,
+            dashboard: Some(a.dashboard).filter(|d| !d.is_empty()),
+            api: a.api,
+        })
+    }
+
+    fn subscribe(&self, name: &str) -> Option<watch::Receiver<ClusterStatus>> {
+        let id = self.id(name)?;
+        self.lock()
+            .clusters
+            .get(id)
+            .map(|e| e.status_tx.subscribe())
+    }
+
+    async fn heartbeat(
+        &self,
+        name: &str,
+        heartbeat: &Heartbeat,
+        target_workers: u64,
+    ) -> Result<(), BackendError> {
+        let id = self
+            .id(name)
+            .ok_or_else(|| BackendError::NotFound(name.into()))?;
+        let prefix = names::worker_pod_prefix(id);
+        let mut retired: Vec<String> = heartbeat
+            .closed_workers
+            .iter()
+            .filter(|w| w.starts_with(&prefix))
+            .cloned()
+            .collect();
+        retired.sort();
+        retired.dedup();
+        retired.truncate(MAX_RETIRED);
+        let replicas = target_workers.min(i32::MAX as u64) as i32;
+        let patch = {
+            let cache = self.lock();
+            let e = cache
+                .clusters
+                .get(id)
+                .ok_or_else(|| BackendError::NotFound(name.into()))?;
+            let spec = &e.cluster.spec;
+            let phase = e
+                .cluster
+                .status
+                .as_ref()
+                .map(|s| s.phase)
+                .unwrap_or_default();
+            if !spec.active || phase.is_terminal() || phase == Phase::Stopping {
+                return Ok(());
+            }
+            let mut patch = serde_json::Map::new();
+            if spec.replicas != replicas {
+                patch.insert("replicas".into(), json!(replicas));
+            }
+            if spec.retired_workers != retired {
+                patch.insert("retiredWorkers".into(), json!(retired));
+            }
+            patch
+        };
+        if patch.is_empty() {
+            return Ok(());
+        }
+        self.patch_spec(id, serde_json::Value::Object(patch)).await
+    }
+
+    async fn stop(&self, name: &str, request: StopRequest) -> Result<(), BackendError> {
+        let Some(id) = self.id(name) else {
+            return Ok(());
+        };
+        {
+            let cache = self.lock();
+            let Some(e) = cache.clusters.get(id) else {
+                return Ok(());
+            };
+            let phase = e
+                .cluster
+                .status
+                .as_ref()
+                .map(|s| s.phase)
+                .unwrap_or_default();
+            if !e.cluster.spec.active || phase.is_terminal() {
+                return Ok(());
+            }
+        }
+        info!(cluster = %name, reason = %request.reason, "stopping cluster");
+        let stop = StopSpec {
+            reason: request.reason,
+            failed: request.failed,
+        };
+        match self
+            .patch_spec(id, json!({"active": false, "stop": stop}))
+            .await
+        {
+            Err(BackendError::NotFound(_)) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn healthy(&self) -> bool {
+        self.is_synced()
+    }
+
+    fn metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let (clusters, secrets) = {
+            let c = self.lock();
+            (c.clusters.len(), c.secrets.len())
+        };
+        let _ = writeln!(
+            out,
+            "# HELP dask_gateway_kube_cached_objects Objects in the gateway's watch caches."
+        );
+        let _ = writeln!(out, "# TYPE dask_gateway_kube_cached_objects gauge");
+        let _ = writeln!(
+            out,
+            "dask_gateway_kube_cached_objects{{kind=\"daskcluster\"}} {clusters}"
+        );
+        let _ = writeln!(
+            out,
+            "dask_gateway_kube_cached_objects{{kind=\"secret\"}} {secrets}"
+        );
+        for (name, help, v) in [
+            (
+                "kube_creates",
+                "DaskClusters created by this gateway.",
+                &self.counters.creates,
+            ),
+            (
+                "kube_spec_patches",
+                "DaskCluster spec patches (heartbeats, stops).",
+                &self.counters.spec_patches,
+            ),
+            (
+                "kube_watch_errors",
+                "Errors of the DaskCluster and Secret watches.",
+                &self.counters.watch_errors,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP dask_gateway_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE dask_gateway_{name}_total counter");
+            let _ = writeln!(
+                out,
+                "dask_gateway_{name}_total {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+
+    async fn shutdown(&self, stop_clusters: bool) {
+        if !stop_clusters {
+            info!("leaving clusters running; their DaskCluster objects keep them (stop_clusters_on_shutdown: false)");
+            return;
+        }
+        let names: Vec<String> = self
+            .list(None)
+            .into_iter()
+            .filter(|c| c.status.is_active())
+            .map(|c| c.name)
+            .collect();
+        for name in &names {
+            if let Err(e) = self
+                .stop(name, StopRequest::stopped("the gateway shut down"))
+                .await
+            {
+                warn!(cluster = %name, "stopping at shutdown: {e}");
+            }
+        }
+        // Give a controller (ours, if it runs in this process) time to finish them.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let busy = names
+                .iter()
+                .any(|n| self.get(n).is_some_and(|c| !c.status.is_terminal()));
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The `kubernetes:` section of the gateway configuration.
+
+use crate::crd::PodTemplate;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Settings of the Kubernetes backend and its controller.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubeConfig {
+    /// Namespace of the DaskCluster objects and their pods (default: the namespace of the
+    /// in-cluster service account, else of the kubeconfig context, else `default`).
+    pub namespace: Option<String>,
+    /// Installation id: the `gateway.dask.org/instance` label on everything this gateway makes;
+    /// every watch selects on it, so several installations can share a namespace.
+    pub instance: String,
+    /// Image of scheduler and worker pods (Python with dask, distributed and dask-gateway).
+    pub image: String,
+    /// `imagePullPolicy` of the Dask containers.
+    pub image_pull_policy: Option<String>,
+    /// Image pull Secrets of the pods.
+    pub image_pull_secrets: Vec<String>,
+    /// ServiceAccount of the Dask pods (default: none, and no API token mounted).
+    pub service_account: Option<String>,
+    /// Scheduler pod template.
+    pub scheduler: PodTemplate,
+    /// Worker pod template.
+    pub worker: PodTemplate,
+    /// Named overrides picked by the `profile` setting (a cluster option can target it).
+    pub profiles: BTreeMap<String, Profile>,
+    /// Grace period of deleted Dask pods, in seconds.
+    pub termination_grace_period_seconds: i64,
+    /// Run the controller inside the gateway process (otherwise run `gateway-server controller`).
+    pub controller: bool,
+    /// Elect one controller among replicas with a Lease (always on in production; tests may
+    /// turn it off).
+    pub leader_election: bool,
+    /// Controller: API write requests per second (token bucket rate).
+    pub api_qps: f64,
+    /// Controller: API write burst (token bucket size).
+    pub api_burst: u32,
+    /// Controller: clusters reconciled at the same time.
+    pub reconcile_concurrency: u16,
+    /// Controller: worker pods created per reconcile of one cluster (one big scale-up then
+    /// proceeds in slices and never holds back other clusters).
+    pub worker_batch: usize,
+    /// Controller: seconds finished DaskClusters are kept before they are deleted.
+    pub completed_cluster_max_age: f64,
+}
+
+/// A named set of pod template overrides (for example a GPU profile).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Profile {
+    /// Image instead of the default one.
+    pub image: Option<String>,
+    /// Overrides of the scheduler template.
+    pub scheduler: PodTemplate,
+    /// Overrides of the worker template.
+    pub worker: PodTemplate,
+}
+
+impl Default for KubeConfig {
+    fn default() -> Self {
+        KubeConfig {
+            namespace: None,
+            instance: "dask-gateway".into(),
+            image: "ghcr.io/dask/dask-gateway:2025.4.0".into(),
+            image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
+            service_account: None,
+            scheduler: PodTemplate::default(),
+            worker: PodTemplate::default(),
+            profiles: BTreeMap::new(),
+            termination_grace_period_seconds: 10,
+            controller: true,
+            leader_election: true,
+            api_qps: 50.0,
+            api_burst: 100,
+            reconcile_concurrency: 16,
+            worker_batch: 50,
+            completed_cluster_max_age: 86400.0,
+        }
+    }
+}
+
+impl KubeConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        let label_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if !label_ok(&self.instance) {
+            return Err(format!(
+                "kubernetes.instance {:?} must be a valid label value (1-63 of [A-Za-z0-9._-], alphanumeric at both ends)",
+                self.instance
+            ));
+        }
+        if let Some(ns) = &self.namespace {
+            let ok = !ns.is_empty()
+                && ns.len() <= 63
+                && ns
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !ns.starts_with('-')
+                && !ns.ends_with('-');
+            if !ok {
+                return Err(format!(
+                    "kubernetes.namespace {ns:?} is not a valid namespace name"
+                ));
+            }
+        }
+        if self.image.trim().is_empty() {
+            return Err("kubernetes.image must not be empty".into());
+        }
+        if !(self.api_qps.is_finite() && self.api_qps > 0.0) || self.api_burst == 0 {
+            return Err("kubernetes.api_qps and api_burst must be positive".into());
+        }
+        if self.reconcile_concurrency == 0 || self.worker_batch == 0 {
+            return Err(
+                "kubernetes.reconcile_concurrency and worker_batch must be positive".into(),
+            );
+        }
+        if self.termination_grace_period_seconds < 0 {
+            return Err("kubernetes.termination_grace_period_seconds must not be negative".into());
+        }
+        if !(self.completed_cluster_max_age.is_finite() && self.completed_cluster_max_age >= 0.0) {
+            return Err("kubernetes.completed_cluster_max_age must not be negative".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_templates_and_profiles() {
+        let c: KubeConfig = serde_yaml::from_str(
+            r#"
+namespace: dask
+image: example.org/dask:1
+worker:
+  nodeSelector: {pool: workers}
+  tolerations: [{key: dedicated, operator: Equal, value: dask, effect: NoSchedule}]
+profiles:
+  gpu:
+    worker: {resources: {limits: {nvidia.com/gpu: 1}}}
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.worker.node_selector["pool"], "workers");
+        assert!(c.profiles["gpu"].worker.resources.is_some());
+        assert!(serde_yaml::from_str::<KubeConfig>("imag: x").is_err());
+        let bad: KubeConfig = serde_yaml::from_str("instance: 'a b'").unwrap();
+        assert!(bad.validate().is_err());
+        let bad: KubeConfig = serde_yaml::from_str("namespace: Dask").unwrap();
+        assert!(bad.validate().is_err());
+    }
+}

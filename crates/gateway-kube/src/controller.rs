@@ -1,0 +1,866 @@
+//! The DaskCluster controller: one level-triggered [`reconcile`] per cluster that compares the
+//! spec (what the gateway asked for) with the children that exist (from watch caches) and acts:
+//!
+//! * **Pending**: make the credentials Secret, the scheduler Pod and its Service; the cluster is
+//!   `Running` once the scheduler pod is ready (its preload answers `/api/health`), with the pod's
+//!   address in the status. A scheduler pod that ends, or that is not ready within the start
+//!   timeout, fails the cluster with a reason that names the cause (exit code and last log
+//!   lines, image pull errors, the scheduler's "Unschedulable" message...).
+//! * **Running**: keep `spec.replicas` worker pods. Finished workers (the scheduler retires
+//!   surplus workers itself; they exit 0) and workers named in `spec.retiredWorkers` are deleted;
+//!   failed workers are deleted and replaced until `workerFailureLimit` fail in a row; surplus
+//!   workers that are not running yet are deleted. At most `worker_batch` pods are created per
+//!   pass, concurrently, so a huge scale-up proceeds in slices and other clusters get their turn.
+//! * **Stopping** (`spec.active: false`, or a failure): delete every child, then `Stopped` or
+//!   `Failed` with the completion time. Finished DaskClusters are deleted after the retention.
+//!
+//! Writes go through a FIFO token bucket ([`RateLimiter`]). The watch caches lag behind our own
+//! writes, so creations and deletions made in a pass are remembered ([`Expectations`]) until the
+//! cache shows them; a second pass never creates the same workers twice. The status is written
+//! with the object's resourceVersion: a pass based on a stale object gets a conflict and is
+//! simply run again.
+
+use crate::build::{self, BuildError};
+use crate::crd::{Condition, DaskCluster, DaskClusterStatus, Phase, StatusAddresses};
+use crate::limiter::RateLimiter;
+use crate::names::{self, API_PORT, DASHBOARD_PORT, SCHEDULER_PORT};
+use futures_util::future::join_all;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::api::{Api, DeleteParams, LogParams, PostParams, PropagationPolicy};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// How long a stop waits for pods to disappear before the cluster is declared finished anyway
+/// (a node that is gone never confirms; garbage collection finishes the job).
+const STOP_WAIT: Duration = Duration::from_secs(30);
+/// How long our own creations and deletions are remembered while the cache catches up.
+const EXPECTATION_TTL: Duration = Duration::from_secs(60);
+/// A worker running this long proves the workers can run: the failure count resets.
+const WORKER_PROVEN_AFTER: Duration = Duration::from_secs(20);
+/// Log lines of a failed scheduler quoted in the cluster's reason.
+const LOG_LINES: i64 = 12;
+
+/// Why a reconcile pass failed; the error policy decides when to retry.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a request.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object is malformed (no namespace, name or uid).
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+impl Error {
+    /// A write based on a stale object: retry at once.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(s)) if s.is_conflict())
+    }
+
+    /// Short label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.is_conflict() => "conflict",
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "transport",
+            Error::Build(_) => "build",
+        }
+    }
+}
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct ControllerSettings {
+    /// Namespace it manages.
+    pub namespace: String,
+    /// Installation id (label selector of every watch).
+    pub instance: String,
+    /// Worker pods created per pass of one cluster.
+    pub worker_batch: usize,
+    /// How long finished DaskClusters are kept.
+    pub retention: Duration,
+}
+
+/// Creations and deletions made by earlier passes that the caches do not show yet.
+#[derive(Default)]
+pub struct Expectations {
+    created: HashMap<String, Instant>,
+    deleted: HashMap<String, Instant>,
+}
+
+/// Counters of the controller (Prometheus).
+#[derive(Default)]
+pub struct ControllerMetrics {
+    /// Reconcile passes.
+    pub reconciles: AtomicU64,
+    /// Passes that ended in an error.
+    pub reconcile_errors: AtomicU64,
+    /// Pods created.
+    pub pods_created: AtomicU64,
+    /// Pods deleted.
+    pub pods_deleted: AtomicU64,
+    /// Clusters that became Running.
+    pub clusters_running: AtomicU64,
+    /// Clusters that failed.
+    pub clusters_failed: AtomicU64,
+}
+
+/// What every reconcile pass shares.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Pods of this installation (watch cache).
+    pub pods: Store<Pod>,
+    /// Secrets of this installation (watch cache).
+    pub secrets: Store<Secret>,
+    /// Services of this installation (watch cache).
+    pub services: Store<Service>,
+    /// Paces every write.
+    pub limiter: RateLimiter,
+    /// Per cluster id: our writes the caches have not shown yet.
+    pub expectations: Mutex<HashMap<String, Expectations>>,
+    /// Settings.
+    pub settings: ControllerSettings,
+    /// Counters.
+    pub metrics: ControllerMetrics,
+}
+
+fn now_rfc3339() -> String {
+    format!("{:.3}", jiff::Timestamp::now())
+}
+
+fn age(ts: &str) -> Option<Duration> {
+    let t: jiff::Timestamp = ts.parse().ok()?;
+    let d = jiff::Timestamp::now().duration_since(t);
+    d.try_into().ok()
+}
+
+/// A pod's phase, from its status.
+fn pod_phase(pod: &Pod) -> &str {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending")
+}
+
+fn is_being_deleted(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// How long the pod's (first) container has been running.
+fn running_for(pod: &Pod) -> Option<Duration> {
+    let state = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?;
+    let started = state.running.as_ref()?.started_at.as_ref()?;
+    jiff::Timestamp::now()
+        .duration_since(started.0)
+        .try_into()
+        .ok()
+}
+
+/// The pod's container ended: `(exit code, reason, message)`.
+fn termination(pod: &Pod) -> Option<(i32, String, String)> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|cs| {
+        let t = cs.state.as_ref()?.terminated.as_ref()?;
+        Some((
+            t.exit_code,
+            t.reason.clone().unwrap_or_default(),
+            t.message.clone().unwrap_or_default(),
+        ))
+    })
+}
+
+/// Why a pod is not running yet, in a few words (scheduling or container waiting reasons).
+fn waiting_reason(pod: &Pod) -> Option<(String, String)> {
+    let status = pod.status.as_ref()?;
+    if let Some(c) = status.conditions.as_ref().and_then(|cs| {
+        cs.iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    }) {
+        return Some((
+            c.reason.clone().unwrap_or_else(|| "Unschedulable".into()),
+            c.message.clone().unwrap_or_default(),
+        ));
+    }
+    status.container_statuses.as_ref()?.iter().find_map(|cs| {
+        let w = cs.state.as_ref()?.waiting.as_ref()?;
+        Some((
+            w.reason.clone().unwrap_or_else(|| "Waiting".into()),
+            w.message.clone().unwrap_or_default(),
+        ))
+    })
+}
+
+/// A waiting reason that will not go away by itself.
+fn is_hopeless(reason: &str) -> bool {
+    matches!(reason, "InvalidImageName" | "ErrImageNeverPull")
+}
+
+/// What exists of one cluster, from the caches corrected by our expectations.
+struct Observed {
+    secret: bool,
+    scheduler: Option<Arc<Pod>>,
+    scheduler_expected: bool,
+    service: bool,
+    /// Worker pods not being deleted (by us or anyone).
+    workers: Vec<Arc<Pod>>,
+    /// Names of worker pods we created that the cache does not show yet.
+    workers_expected: Vec<String>,
+}
+
+impl Context {
+    /// A context over `client` and the three caches.
+    pub fn new(
+        client: Client,
+        pods: Store<Pod>,
+        secrets: Store<Secret>,
+        services: Store<Service>,
+        limiter: RateLimiter,
+        settings: ControllerSettings,
+    ) -> Self {
+        Context {
+            client,
+            pods,
+            secrets,
+            services,
+            limiter,
+            expectations: Mutex::new(HashMap::new()),
+            settings,
+            metrics: ControllerMetrics::default(),
+        }
+    }
+
+    /// Waits until the three caches have their first complete listing.
+    async fn caches_ready(&self) {
+        let _ = self.pods.wait_until_ready().await;
+        let _ = self.secrets.wait_until_ready().await;
+        let _ = self.services.wait_until_ready().await;
+    }
+
+    fn expect_created(&self, id: &str, name: &str) {
+        let mut e = self.expectations.lock().unwrap_or_else(|e| e.into_inner());
+        e.entry(id.to_string())
+            .or_default()
+            .created
+            .insert(name.to_string(), Instant::now());
+    }
+
+    fn expect_deleted(&self, id: &str, name: &str) {
+        let mut e = self.expectations.lock().unwrap_or_else(|e| e.into_inner());
+        e.entry(id.to_string())
+            .or_default()
+            .deleted
+            .insert(name.to_string(), Instant::now());
+    }
+
+    fn forget_expectations(&self, id: &str) {
+        self.expectations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    fn observe(&self, ns: &str, id: &str) -> Observed {
+        let in_store =
+            |name: &str| -> Option<Arc<Pod>> { self.pods.get(&ObjectRef::new(name).within(ns)) };
+        let mut workers: Vec<Arc<Pod>> = self
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| {
+                p.namespace().as_deref() == Some(ns)
+                    && p.labels().get(names::LABEL_CLUSTER).map(String::as_str) == Some(id)
+                    && p.labels().get(names::LABEL_COMPONENT).map(String::as_str)
+                        == Some(names::COMPONENT_WORKER)
+            })
+            .collect();
+        let scheduler_name = names::scheduler_pod_name(id);
+        let mut scheduler = in_store(&scheduler_name);
+        let secret = self
+            .secrets
+            .get(&ObjectRef::new(&names::secret_name(id)).within(ns))
+            .is_some();
+        let service = self
+            .services
+            .get(&ObjectRef::new(&names::service_name(id)).within(ns))
+            .is_some();
+        let mut all = self.expectations.lock().unwrap_or_else(|e| e.into_inner());
+        let exp = all.entry(id.to_string()).or_default();
+        let present: HashSet<String> = workers.iter().map(|p| p.name_any()).collect();
+        exp.created.retain(|name, at| {
+            let seen = present.contains(name)
+                || (name == &scheduler_name && scheduler.is_some())
+                || (name == &names::secret_name(id) && secret)
+                || (name == &names::service_name(id) && service);
+            !seen && at.elapsed() < EXPECTATION_TTL
+        });
+        exp.deleted.retain(|name, at| {
+            let still = workers
+                .iter()
+                .chain(scheduler.iter())
+                .any(|p| p.name_any() == *name && !is_being_deleted(p));
+            still && at.elapsed() < EXPECTATION_TTL
+        });
+        let deleted = exp.deleted.clone();
+        workers.retain(|p| !is_being_deleted(p) && !deleted.contains_key(&p.name_any()));
+        if scheduler
+            .as_ref()
+            .is_some_and(|p| deleted.contains_key(&p.name_any()))
+        {
+            scheduler = None;
+        }
+        let workers_expected = exp
+            .created
+            .keys()
+            .filter(|n| n.starts_with(&names::worker_pod_prefix(id)))
+            .cloned()
+            .collect();
+        Observed {
+            secret: secret || exp.created.contains_key(&names::secret_name(id)),
+            scheduler_expected: exp.created.contains_key(&scheduler_name),
+            scheduler,
+            service: service || exp.created.contains_key(&names::service_name(id)),
+            workers,
+            workers_expected,
+        }
+    }
+}
+
+/// Creates `obj` unless it exists already (rate limited).
+async fn create<K>(ctx: &Context, ns: &str, obj: &K) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    ctx.limiter.acquire().await;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    match api.create(&PostParams::default(), obj).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes object `name` (rate limited); a missing object is fine.
+async fn delete<K>(ctx: &Context, ns: &str, name: &str) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    ctx.limiter.acquire().await;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let dp = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete_pod(ctx: &Context, ns: &str, id: &str, name: &str) -> Result<(), Error> {
+    delete::<Pod>(ctx, ns, name).await?;
+    ctx.expect_deleted(id, name);
+    ctx.metrics.pods_deleted.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The last lines of a pod's log, for failure reasons (empty if unavailable).
+async fn last_log_lines(ctx: &Context, ns: &str, pod: &str, container: &str) -> String {
+    ctx.limiter.acquire().await;
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let lp = LogParams {
+        container: Some(container.into()),
+        tail_lines: Some(LOG_LINES),
+        ..LogParams::default()
+    };
+    match api.logs(pod, &lp).await {
+        Ok(text) => text.trim().to_string(),
+        Err(e) => {
+            debug!(pod, "no logs: {e}");
+            String::new()
+        }
+    }
+}
+
+/// Sets condition `type_` in `status`, keeping its transition time when `status` is unchanged.
+fn set_condition(
+    status: &mut DaskClusterStatus,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+) {
+    let value = if ok { "True" } else { "False" };
+    let time = match status.conditions.iter().find(|c| c.type_ == type_) {
+        Some(c) if c.status == value => c.last_transition_time.clone(),
+        _ => now_rfc3339(),
+    };
+    status.conditions.retain(|c| c.type_ != type_);
+    status.conditions.push(Condition {
+        type_: type_.into(),
+        status: value.into(),
+        reason: reason.into(),
+        message: message.chars().take(1024).collect(),
+        last_transition_time: time,
+    });
+    status.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+}
+
+/// Writes the status if it changed, with the object's resourceVersion as precondition.
+async fn write_status(
+    ctx: &Context,
+    dc: &DaskCluster,
+    next: &DaskClusterStatus,
+) -> Result<(), Error> {
+    if dc.status.as_ref() == Some(next) {
+        return Ok(());
+    }
+    let (ns, id) = build::identity(dc)?;
+    let mut obj = dc.clone();
+    obj.status = Some(next.clone());
+    obj.metadata.managed_fields = None;
+    ctx.limiter.acquire().await;
+    let api: Api<DaskCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    api.replace_status(&id, &PostParams::default(), &obj)
+        .await?;
+    Ok(())
+}
+
+/// Moves `next` to Stopping because of a failure (teardown follows in the same pass).
+fn fail(ctx: &Context, id: &str, next: &mut DaskClusterStatus, reason: String) {
+    warn!(cluster = %id, %reason, "cluster failed");
+    ctx.metrics.clusters_failed.fetch_add(1, Ordering::Relaxed);
+    next.phase = Phase::Stopping;
+    next.stop_failed = true;
+    next.reason = Some(reason);
+    next.addresses = None;
+    next.stopping_since.get_or_insert_with(now_rfc3339);
+}
+
+/// One pass over one DaskCluster (see the module docs).
+pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+    // Acting on half-filled caches would create children that exist already.
+    ctx.caches_ready().await;
+    let (ns, id) = build::identity(&dc)?;
+    let status = dc.status.clone().unwrap_or_default();
+    let mut next = status.clone();
+    let observed = ctx.observe(&ns, &id);
+
+    if status.phase.is_terminal() {
+        return finished(&dc, &ctx, &ns, &id, &observed).await;
+    }
+    if !dc.spec.active && next.phase != Phase::Stopping {
+        let stop = dc.spec.stop.clone();
+        next.phase = Phase::Stopping;
+        next.stop_failed = stop.as_ref().is_some_and(|s| s.failed);
+        next.reason = Some(stop.map_or_else(|| "stopped".to_string(), |s| s.reason));
+        next.addresses = None;
+        next.stopping_since = Some(now_rfc3339());
+        info!(cluster = %id, reason = next.reason.as_deref().unwrap_or(""), "stopping cluster");
+    }
+    if next.phase != Phase::Stopping {
+        if let Err(e) = bring_up(&dc, &ctx, &ns, &id, &observed, &mut next).await {
+            match e {
+                Error::Build(b) => fail(&ctx, &id, &mut next, b.to_string()),
+                other => return Err(other),
+            }
+        }
+    }
+    let action = if next.phase == Phase::Stopping {
+        tear_down(&ctx, &ns, &id, &observed, &mut next).await?
+    } else if next.phase == Phase::Pending {
+        let remaining =
+            Duration::from_secs_f64(dc.spec.runtime.start_timeout).saturating_sub(created_age(&dc));
+        Action::requeue(remaining.clamp(Duration::from_millis(500), Duration::from_secs(10)))
+    } else if next.replicas < dc.spec.replicas {
+        // More workers to create: continue soon, after other clusters had their turn.
+        Action::requeue(Duration::from_millis(200))
+    } else {
+        Action::requeue(Duration::from_secs(300))
+    };
+    write_status(&ctx, &dc, &next).await?;
+    Ok(action)
+}
+
+fn created_age(dc: &DaskCluster) -> Duration {
+    dc.metadata
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| jiff::Timestamp::now().duration_since(t.0).try_into().ok())
+        .unwrap_or_default()
+}
+
+/// Pending and Running: credentials, scheduler, service, then the workers.
+async fn bring_up(
+    dc: &DaskCluster,
+    ctx: &Context,
+    ns: &str,
+    id: &str,
+    observed: &Observed,
+    next: &mut DaskClusterStatus,
+) -> Result<(), Error> {
+    if !observed.secret {
+        create(ctx, ns, &build::secret(dc)?).await?;
+        ctx.expect_created(id, &names::secret_name(id));
+    }
+    next.credentials = Some(names::secret_name(id));
+    let scheduler_name = names::scheduler_pod_name(id);
+    let scheduler = match &observed.scheduler {
+        Some(pod) => pod.clone(),
+        None if observed.scheduler_expected => {
+            next.scheduler_pod = Some(scheduler_name);
+            return Ok(());
+        }
+        None if next.scheduler_pod.is_some() => {
+            fail(ctx, id, next, "the scheduler pod was deleted".into());
+            return Ok(());
+        }
+        None => {
+            create(ctx, ns, &build::scheduler_pod(dc)?).await?;
+            ctx.expect_created(id, &scheduler_name);
+            next.scheduler_pod = Some(scheduler_name);
+            set_condition(
+                next,
+                "SchedulerReady",
+                false,
+                "Created",
+                "the scheduler pod was created",
+            );
+            return Ok(());
+        }
+    };
+    if !observed.service {
+        create(ctx, ns, &build::service(dc)?).await?;
+        ctx.expect_created(id, &names::service_name(id));
+    }
+    next.service = Some(names::service_name(id));
+
+    // The scheduler ended: the cluster fails with what it said last.
+    if let Some((code, reason, message)) = termination(&scheduler).or_else(|| {
+        matches!(pod_phase(&scheduler), "Failed" | "Succeeded")
+            .then(|| (-1, String::new(), String::new()))
+    }) {
+        let logs = last_log_lines(ctx, ns, &scheduler.name_any(), "dask-scheduler").await;
+        let mut why = format!("the scheduler exited (exit code {code}");
+        if !reason.is_empty() {
+            why.push_str(&format!(", {reason}"));
+        }
+        why.push(')');
+        if !message.is_empty() {
+            why.push_str(&format!(": {message}"));
+        }
+        if !logs.is_empty() {
+            why.push_str(&format!("; last log lines:\n{logs}"));
+        }
+        set_condition(next, "SchedulerReady", false, "Terminated", &why);
+        fail(ctx, id, next, why);
+        return Ok(());
+    }
+
+    let pod_ip = scheduler.status.as_ref().and_then(|s| s.pod_ip.clone());
+    match pod_ip.filter(|_| pod_ready(&scheduler)) {
+        Some(ip) => {
+            if next.phase == Phase::Pending {
+                info!(cluster = %id, scheduler = %ip, "cluster running");
+                ctx.metrics.clusters_running.fetch_add(1, Ordering::Relaxed);
+                next.start_time = Some(now_rfc3339());
+            }
+            next.phase = Phase::Running;
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip
+            };
+            next.addresses = Some(StatusAddresses {
+                scheduler: format!("tls://{host}:{SCHEDULER_PORT}"),
+                dashboard: format!("http://{host}:{DASHBOARD_PORT}"),
+                api: format!("http://{host}:{API_PORT}"),
+            });
+            next.reason = None;
+            set_condition(next, "SchedulerReady", true, "Ready", "");
+        }
+        None if next.phase == Phase::Running => {
+            // Ready once, not now (probe failing): keep running; a real end shows as termination.
+            set_condition(
+                next,
+                "SchedulerReady",
+                false,
+                "NotReady",
+                "the scheduler's readiness probe fails",
+            );
+        }
+        None => {
+            let (reason, message) = waiting_reason(&scheduler)
+                .unwrap_or_else(|| ("Starting".into(), "the scheduler is starting".into()));
+            set_condition(next, "SchedulerReady", false, &reason, &message);
+            let timeout = Duration::from_secs_f64(dc.spec.runtime.start_timeout);
+            let waited = created_age(dc);
+            let detail = if message.is_empty() {
+                reason.clone()
+            } else {
+                format!("{reason}: {message}")
+            };
+            next.reason = Some(format!("waiting for the scheduler ({detail})"));
+            if is_hopeless(&reason) {
+                fail(
+                    ctx,
+                    id,
+                    next,
+                    format!("the scheduler cannot start: {detail}"),
+                );
+            } else if waited > timeout {
+                fail(
+                    ctx,
+                    id,
+                    next,
+                    format!(
+                        "the scheduler did not become ready within {} s ({detail})",
+                        timeout.as_secs_f64()
+                    ),
+                );
+            }
+            return Ok(());
+        }
+    }
+    let address = next
+        .addresses
+        .as_ref()
+        .map(|a| a.scheduler.clone())
+        .unwrap_or_default();
+    reconcile_workers(dc, ctx, ns, id, observed, next, &address).await
+}
+
+/// Running: make the worker pods match `spec.replicas` (see the module docs).
+async fn reconcile_workers(
+    dc: &DaskCluster,
+    ctx: &Context,
+    ns: &str,
+    id: &str,
+    observed: &Observed,
+    next: &mut DaskClusterStatus,
+    scheduler_address: &str,
+) -> Result<(), Error> {
+    let retired: HashSet<&str> = dc.spec.retired_workers.iter().map(String::as_str).collect();
+    let mut live: Vec<&Arc<Pod>> = Vec::new();
+    let mut last_failure = None;
+    for pod in &observed.workers {
+        let name = pod.name_any();
+        let phase = pod_phase(pod);
+        if retired.contains(name.as_str()) || phase == "Succeeded" {
+            if phase == "Succeeded" {
+                next.worker_failures = 0;
+            }
+            delete_pod(ctx, ns, id, &name).await?;
+        } else if phase == "Failed" {
+            let (code, reason, _) = termination(pod).unwrap_or((-1, String::new(), String::new()));
+            next.worker_failures += 1;
+            last_failure = Some(format!(
+                "worker pod {name} failed (exit code {code}{}{reason})",
+                if reason.is_empty() { "" } else { ", " }
+            ));
+            delete_pod(ctx, ns, id, &name).await?;
+        } else {
+            if running_for(pod).is_some_and(|d| d >= WORKER_PROVEN_AFTER) {
+                next.worker_failures = 0;
+            }
+            live.push(pod);
+        }
+    }
+    let limit = dc.spec.runtime.worker_failure_limit.max(1);
+    if next.worker_failures >= limit {
+        let last = last_failure.unwrap_or_else(|| "worker pods kept failing".into());
+        fail(
+            ctx,
+            id,
+            next,
+            format!(
+                "{} worker pods failed in a row; the last: {last}",
+                next.worker_failures
+            ),
+        );
+        return Ok(());
+    }
+    let wanted = dc.spec.replicas.max(0) as usize;
+    let mut count = live.len() + observed.workers_expected.len();
+    if count < wanted {
+        let n = (wanted - count).min(ctx.settings.worker_batch);
+        let mut pods = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = names::new_worker_pod_name(id);
+            pods.push((
+                name.clone(),
+                build::worker_pod(dc, &name, scheduler_address)?,
+            ));
+        }
+        let results = join_all(pods.iter().map(|(_, p)| create(ctx, ns, p))).await;
+        let mut first_error = None;
+        for ((name, _), r) in pods.iter().zip(results) {
+            match r {
+                Ok(()) => {
+                    ctx.expect_created(id, name);
+                    ctx.metrics.pods_created.fetch_add(1, Ordering::Relaxed);
+                    count += 1;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            // Quota refusals and the like: report what was created, retry later.
+            next.replicas = count as i32;
+            warn!(cluster = %id, "creating worker pods: {e}");
+            set_condition(next, "WorkersReady", false, "CreateFailed", &e.to_string());
+            return Err(e);
+        }
+    } else if count > wanted {
+        // Only workers that are not running yet are removed; the scheduler retires running ones.
+        let mut pending: Vec<&&Arc<Pod>> =
+            live.iter().filter(|p| pod_phase(p) == "Pending").collect();
+        pending.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
+        for pod in pending.into_iter().take(count - wanted) {
+            delete_pod(ctx, ns, id, &pod.name_any()).await?;
+            count -= 1;
+        }
+    }
+    next.replicas = count as i32;
+    next.ready_workers = live.iter().filter(|p| pod_ready(p)).count() as i32;
+    let ready = next.ready_workers as usize >= wanted;
+    set_condition(
+        next,
+        "WorkersReady",
+        ready,
+        if ready { "Ready" } else { "Scaling" },
+        &format!("{} of {wanted} workers ready", next.ready_workers),
+    );
+    Ok(())
+}
+
+/// Stopping: delete every child; finished once nothing is left (or after [`STOP_WAIT`]).
+async fn tear_down(
+    ctx: &Context,
+    ns: &str,
+    id: &str,
+    observed: &Observed,
+    next: &mut DaskClusterStatus,
+) -> Result<Action, Error> {
+    next.addresses = None;
+    for pod in &observed.workers {
+        delete_pod(ctx, ns, id, &pod.name_any()).await?;
+    }
+    if let Some(s) = &observed.scheduler {
+        delete_pod(ctx, ns, id, &s.name_any()).await?;
+    }
+    if observed.service {
+        delete::<Service>(ctx, ns, &names::service_name(id)).await?;
+    }
+    if observed.secret {
+        delete::<Secret>(ctx, ns, &names::secret_name(id)).await?;
+    }
+    // Pods stay in the cache until the kubelet has stopped them.
+    let remaining = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns)
+                && p.labels().get(names::LABEL_CLUSTER).map(String::as_str) == Some(id)
+        })
+        .count();
+    let since = next.stopping_since.get_or_insert_with(now_rfc3339).clone();
+    let waited = age(&since).unwrap_or_default();
+    if remaining == 0 || waited > STOP_WAIT {
+        next.phase = if next.stop_failed {
+            Phase::Failed
+        } else {
+            Phase::Stopped
+        };
+        next.completion_time = Some(now_rfc3339());
+        next.replicas = 0;
+        next.ready_workers = 0;
+        set_condition(next, "SchedulerReady", false, "Stopped", "");
+        set_condition(next, "WorkersReady", false, "Stopped", "");
+        info!(cluster = %id, phase = ?next.phase, "cluster finished");
+        return Ok(Action::requeue(
+            ctx.settings.retention.max(Duration::from_secs(1)),
+        ));
+    }
+    next.replicas = observed.workers.len() as i32;
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// Stopped or Failed: nothing may remain; past the retention the DaskCluster itself goes.
+async fn finished(
+    dc: &DaskCluster,
+    ctx: &Context,
+    ns: &str,
+    id: &str,
+    observed: &Observed,
+) -> Result<Action, Error> {
+    for pod in &observed.workers {
+        delete_pod(ctx, ns, id, &pod.name_any()).await?;
+    }
+    if let Some(s) = &observed.scheduler {
+        delete_pod(ctx, ns, id, &s.name_any()).await?;
+    }
+    let ended = dc
+        .status
+        .as_ref()
+        .and_then(|s| s.completion_time.as_deref())
+        .and_then(age)
+        .unwrap_or_default();
+    let retention = ctx.settings.retention;
+    if ended >= retention {
+        info!(cluster = %id, "deleting finished cluster past its retention");
+        delete::<DaskCluster>(ctx, ns, id).await?;
+        ctx.forget_expectations(id);
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(
+        (retention - ended).clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+    ))
+}
+
+/// When a failed pass is retried: conflicts at once, everything else after a pause.
+pub fn error_policy(dc: Arc<DaskCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+    if error.is_conflict() {
+        debug!(cluster = %dc.name_any(), "stale object; reconciling again");
+        return Action::requeue(Duration::from_millis(50));
+    }
+    warn!(cluster = %dc.name_any(), kind = error.metric_label(), "reconcile failed: {error}");
+    Action::requeue(Duration::from_secs(2))
+}
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;

@@ -1,0 +1,602 @@
+//! Reconcile passes against a mocked API server (a `tower_test` service): each test sets the
+//! watch caches, runs one pass, and checks exactly which requests the controller makes and the
+//! status it writes.
+
+use super::*;
+use crate::build::tests::cluster;
+use crate::crd::{DaskClusterStatus, Phase, StopSpec};
+use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, PodCondition,
+    PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::client::Body;
+use kube::runtime::reflector::{store, store::Writer};
+use kube::runtime::watcher::Event;
+use serde_json::{json, Value};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// The mocked API server: requests arrive in order; each gets an answer from the test.
+struct ApiServer(Handle);
+
+/// One request the controller made.
+struct Call {
+    method: Method,
+    path: String,
+    query: String,
+    body: Value,
+    respond: tower_test::mock::SendResponse<Response<Body>>,
+}
+
+impl Call {
+    fn ok(self, body: Value) {
+        self.respond.send_response(
+            Response::builder()
+                .status(200)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+
+    /// Answers with the request's own body (creations and updates accepted as sent).
+    fn echo(self) {
+        let body = self.body.clone();
+        self.ok(body)
+    }
+
+    fn text(self, text: &str) {
+        self.respond.send_response(
+            Response::builder()
+                .status(200)
+                .body(Body::from(text.as_bytes().to_vec()))
+                .unwrap(),
+        );
+    }
+
+    fn status(self, code: u16, reason: &str) {
+        let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                          "message": reason, "reason": reason, "code": code});
+        self.respond.send_response(
+            Response::builder()
+                .status(code)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+}
+
+impl ApiServer {
+    async fn next(&mut self) -> Call {
+        let (req, respond) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
+            .await
+            .expect("the controller made no further request")
+            .expect("the client was dropped");
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Call {
+            method,
+            path,
+            query,
+            body,
+            respond,
+        }
+    }
+
+    /// Asserts that no request arrives for a while.
+    async fn silent(&mut self) {
+        let r = tokio::time::timeout(Duration::from_millis(300), self.0.next_request()).await;
+        if let Ok(Some((req, _))) = r {
+            panic!("unexpected request {} {}", req.method(), req.uri());
+        }
+    }
+}
+
+struct Caches {
+    pods: Writer<Pod>,
+    secrets: Writer<Secret>,
+    services: Writer<Service>,
+}
+
+fn context(batch: usize) -> (Arc<Context>, ApiServer, Caches) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "dask");
+    let (pods, mut pod_writer) = store();
+    let (secrets, mut secret_writer) = store();
+    let (services, mut service_writer) = store();
+    // Each cache has had its first (empty) listing.
+    pod_writer.apply_watcher_event(&Event::InitDone);
+    secret_writer.apply_watcher_event(&Event::InitDone);
+    service_writer.apply_watcher_event(&Event::InitDone);
+    let ctx = Context::new(
+        client,
+        pods,
+        secrets,
+        services,
+        RateLimiter::new(1000.0, 1000),
+        ControllerSettings {
+            namespace: "dask".into(),
+            instance: "gw".into(),
+            worker_batch: batch,
+            retention: Duration::from_secs(3600),
+        },
+    );
+    (
+        Arc::new(ctx),
+        ApiServer(handle),
+        Caches {
+            pods: pod_writer,
+            secrets: secret_writer,
+            services: service_writer,
+        },
+    )
+}
+
+impl Caches {
+    fn pod(&mut self, pod: Pod) {
+        self.pods.apply_watcher_event(&Event::Apply(pod));
+    }
+    fn children_of(&mut self, dc: &DaskCluster) {
+        self.secrets
+            .apply_watcher_event(&Event::Apply(build::secret(dc).unwrap()));
+        self.services
+            .apply_watcher_event(&Event::Apply(build::service(dc).unwrap()));
+    }
+}
+
+const ID: &str = "0123456789abcdef0123456789abcdef";
+
+fn ready_scheduler(dc: &DaskCluster) -> Pod {
+    let mut pod = build::scheduler_pod(dc).unwrap();
+    pod.status = Some(PodStatus {
+        phase: Some("Running".into()),
+        pod_ip: Some("10.0.0.9".into()),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    pod
+}
+
+fn worker(dc: &DaskCluster, name: &str, phase: &str, exit: Option<i32>) -> Pod {
+    let mut pod = build::worker_pod(dc, name, "tls://10.0.0.9:8786").unwrap();
+    let state = match exit {
+        Some(code) => ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: code,
+                reason: Some(if code == 0 { "Completed" } else { "Error" }.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        None => ContainerState {
+            running: Some(ContainerStateRunning {
+                started_at: Some(Time(jiff::Timestamp::now())),
+            }),
+            ..Default::default()
+        },
+    };
+    pod.status = Some(PodStatus {
+        phase: Some(phase.into()),
+        container_statuses: Some(vec![ContainerStatus {
+            name: "dask-worker".into(),
+            state: Some(state),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    pod
+}
+
+fn with_status(mut dc: DaskCluster, phase: Phase) -> DaskCluster {
+    dc.metadata.resource_version = Some("7".into());
+    dc.metadata.creation_timestamp = Some(Time(jiff::Timestamp::now()));
+    dc.status = Some(DaskClusterStatus {
+        phase,
+        credentials: Some(names::secret_name(ID)),
+        scheduler_pod: Some(names::scheduler_pod_name(ID)),
+        service: Some(names::service_name(ID)),
+        ..Default::default()
+    });
+    dc
+}
+
+fn written_status(call: &Call) -> DaskClusterStatus {
+    assert_eq!(call.method, Method::PUT, "{}", call.path);
+    assert_eq!(
+        call.path,
+        format!("/apis/gateway.dask.org/v1alpha1/namespaces/dask/daskclusters/{ID}/status")
+    );
+    serde_json::from_value(call.body["status"].clone()).unwrap()
+}
+
+async fn run(
+    dc: DaskCluster,
+    ctx: &Arc<Context>,
+) -> tokio::task::JoinHandle<Result<Action, Error>> {
+    let ctx = ctx.clone();
+    tokio::spawn(async move { reconcile(Arc::new(dc), ctx).await })
+}
+
+#[tokio::test]
+async fn a_new_cluster_gets_credentials_and_a_scheduler_pod() {
+    let (ctx, mut api, _caches) = context(10);
+    let mut dc = cluster(ID);
+    dc.metadata.creation_timestamp = Some(Time(jiff::Timestamp::now()));
+    let pass = run(dc, &ctx).await;
+    let c = api.next().await;
+    assert_eq!(
+        (c.method.clone(), c.path.as_str()),
+        (Method::POST, "/api/v1/namespaces/dask/secrets")
+    );
+    assert!(c.body["data"]["api-token"].is_string());
+    c.echo();
+    let c = api.next().await;
+    assert_eq!(
+        (c.method.clone(), c.path.as_str()),
+        (Method::POST, "/api/v1/namespaces/dask/pods")
+    );
+    assert_eq!(c.body["metadata"]["name"], format!("dask-scheduler-{ID}"));
+    c.echo();
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!(st.phase, Phase::Pending);
+    assert_eq!(
+        st.credentials.as_deref(),
+        Some(names::secret_name(ID).as_str())
+    );
+    assert_eq!(
+        st.scheduler_pod.as_deref(),
+        Some(names::scheduler_pod_name(ID).as_str())
+    );
+    c.echo();
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_ready_scheduler_makes_the_cluster_running_and_workers_follow_once() {
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Pending);
+    dc.spec.replicas = 3;
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    let pass = run(dc.clone(), &ctx).await;
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        let c = api.next().await;
+        assert_eq!(c.method, Method::POST);
+        assert_eq!(c.path, "/api/v1/namespaces/dask/pods");
+        let name = c.body["metadata"]["name"].as_str().unwrap().to_string();
+        assert!(name.starts_with(&names::worker_pod_prefix(ID)));
+        let cmd = c.body["spec"]["containers"][0]["command"].clone();
+        assert_eq!(
+            cmd[2], "tls://10.0.0.9:8786",
+            "workers dial the scheduler pod"
+        );
+        created.push(name);
+        c.echo();
+    }
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!(st.phase, Phase::Running);
+    assert_eq!(st.replicas, 3);
+    let a = st.addresses.clone().unwrap();
+    assert_eq!(
+        (a.scheduler.as_str(), a.dashboard.as_str(), a.api.as_str()),
+        (
+            "tls://10.0.0.9:8786",
+            "http://10.0.0.9:8787",
+            "http://10.0.0.9:8788"
+        )
+    );
+    c.echo();
+    pass.await.unwrap().unwrap();
+    // The caches have not seen the new pods yet: a second pass must not create them again.
+    let mut dc2 = dc.clone();
+    dc2.status = Some(st);
+    let pass = run(dc2, &ctx).await;
+    api.silent().await;
+    pass.await.unwrap().unwrap();
+    created.sort();
+    created.dedup();
+    assert_eq!(created.len(), 3);
+}
+
+#[tokio::test]
+async fn big_scale_ups_proceed_in_batches() {
+    let (ctx, mut api, mut caches) = context(4);
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.spec.replicas = 10;
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    let pass = run(dc, &ctx).await;
+    for _ in 0..4 {
+        let c = api.next().await;
+        assert_eq!(c.method, Method::POST);
+        c.echo();
+    }
+    let c = api.next().await;
+    assert_eq!(written_status(&c).replicas, 4);
+    c.echo();
+    let action = pass.await.unwrap().unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_millis(200)));
+}
+
+#[tokio::test]
+async fn finished_retired_and_surplus_workers_are_deleted() {
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.spec.replicas = 1;
+    dc.spec.retired_workers = vec!["dask-worker-x-retired".into()];
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    caches.pod(worker(&dc, "dask-worker-x-running", "Running", None));
+    caches.pod(worker(&dc, "dask-worker-x-retired", "Running", None));
+    caches.pod(worker(&dc, "dask-worker-x-done", "Succeeded", Some(0)));
+    caches.pod(worker(&dc, "dask-worker-x-pending", "Pending", None));
+    let pass = run(dc, &ctx).await;
+    let mut deleted = Vec::new();
+    for _ in 0..3 {
+        let c = api.next().await;
+        assert_eq!(c.method, Method::DELETE);
+        deleted.push(c.path.rsplit('/').next().unwrap().to_string());
+        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    }
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        [
+            "dask-worker-x-done",
+            "dask-worker-x-pending",
+            "dask-worker-x-retired"
+        ]
+    );
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!(st.replicas, 1);
+    assert_eq!(st.worker_failures, 0);
+    c.echo();
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn failed_workers_are_replaced_until_the_limit() {
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.spec.replicas = 1;
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    caches.pod(worker(&dc, "dask-worker-x-a", "Failed", Some(1)));
+    let pass = run(dc.clone(), &ctx).await;
+    let c = api.next().await;
+    assert_eq!(
+        (c.method.clone(), c.path.as_str()),
+        (
+            Method::DELETE,
+            "/api/v1/namespaces/dask/pods/dask-worker-x-a"
+        )
+    );
+    c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    let c = api.next().await;
+    assert_eq!(c.method, Method::POST, "a replacement");
+    c.echo();
+    let c = api.next().await;
+    assert_eq!(written_status(&c).worker_failures, 1);
+    c.echo();
+    pass.await.unwrap().unwrap();
+
+    // Two failures already counted; the third fails the cluster and tears it down.
+    let (ctx, mut api, mut caches) = context(10);
+    let mut st = dc.status.clone().unwrap();
+    st.worker_failures = 2;
+    dc.status = Some(st);
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    caches.pod(worker(&dc, "dask-worker-x-b", "Failed", Some(137)));
+    let pass = run(dc, &ctx).await;
+    let mut paths = Vec::new();
+    loop {
+        let c = api.next().await;
+        if c.method == Method::PUT {
+            let st = written_status(&c);
+            assert_eq!(st.phase, Phase::Stopping);
+            assert!(st.stop_failed);
+            let reason = st.reason.unwrap();
+            assert!(reason.contains("3 worker pods failed in a row"), "{reason}");
+            assert!(reason.contains("exit code 137"), "{reason}");
+            c.echo();
+            break;
+        }
+        assert_eq!(c.method, Method::DELETE);
+        paths.push(c.path.clone());
+        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    }
+    assert!(paths
+        .iter()
+        .any(|p| p.ends_with(&names::scheduler_pod_name(ID))));
+    assert!(paths.iter().any(|p| p.ends_with(&names::secret_name(ID))));
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_scheduler_fails_the_cluster_with_its_last_log_lines() {
+    let (ctx, mut api, mut caches) = context(10);
+    let dc = with_status(cluster(ID), Phase::Running);
+    caches.children_of(&dc);
+    let mut sched = ready_scheduler(&dc);
+    sched.status.as_mut().unwrap().phase = Some("Failed".into());
+    sched.status.as_mut().unwrap().container_statuses = Some(vec![ContainerStatus {
+        name: "dask-scheduler".into(),
+        state: Some(ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: 1,
+                reason: Some("Error".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]);
+    caches.pod(sched);
+    let pass = run(dc, &ctx).await;
+    let c = api.next().await;
+    assert_eq!(c.method, Method::GET);
+    assert!(c
+        .path
+        .ends_with(&format!("pods/{}/log", names::scheduler_pod_name(ID))));
+    assert!(c.query.contains("tailLines=12"), "{}", c.query);
+    c.text("Traceback (most recent call last):\nValueError: no such preload\n");
+    let reason = loop {
+        let c = api.next().await;
+        if c.method == Method::PUT {
+            let st = written_status(&c);
+            assert_eq!(st.phase, Phase::Stopping);
+            assert!(st.addresses.is_none());
+            c.echo();
+            break st.reason.unwrap();
+        }
+        assert_eq!(c.method, Method::DELETE);
+        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    };
+    assert!(
+        reason.starts_with("the scheduler exited (exit code 1, Error)"),
+        "{reason}"
+    );
+    assert!(reason.contains("ValueError: no such preload"), "{reason}");
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_stop_deletes_every_child_then_ends_stopped() {
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.spec.active = false;
+    dc.spec.stop = Some(StopSpec {
+        reason: "stopped by alice".into(),
+        failed: false,
+    });
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    caches.pod(worker(&dc, "dask-worker-x-a", "Running", None));
+    let pass = run(dc.clone(), &ctx).await;
+    let mut deleted = Vec::new();
+    let st = loop {
+        let c = api.next().await;
+        if c.method == Method::PUT {
+            let st = written_status(&c);
+            c.echo();
+            break st;
+        }
+        assert_eq!(c.method, Method::DELETE);
+        deleted.push(c.path.clone());
+        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    };
+    assert_eq!(deleted.len(), 4, "{deleted:?}");
+    assert_eq!(st.phase, Phase::Stopping, "pods are still terminating");
+    assert_eq!(st.reason.as_deref(), Some("stopped by alice"));
+    pass.await.unwrap().unwrap();
+
+    // Once the caches show nothing left, the cluster is Stopped.
+    let (ctx, mut api, _caches) = context(10);
+    dc.status = Some(st);
+    let pass = run(dc, &ctx).await;
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!(st.phase, Phase::Stopped);
+    assert!(st.completion_time.is_some());
+    c.echo();
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_unschedulable_scheduler_fails_after_the_start_timeout() {
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Pending);
+    dc.spec.runtime.start_timeout = 5.0;
+    dc.metadata.creation_timestamp = Some(Time(
+        jiff::Timestamp::now() - jiff::SignedDuration::from_secs(10),
+    ));
+    caches.children_of(&dc);
+    let mut sched = build::scheduler_pod(&dc).unwrap();
+    sched.status = Some(PodStatus {
+        phase: Some("Pending".into()),
+        conditions: Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some(
+                "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."
+                    .into(),
+            ),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    caches.pod(sched);
+    let pass = run(dc, &ctx).await;
+    let reason = loop {
+        let c = api.next().await;
+        if c.method == Method::PUT {
+            let st = written_status(&c);
+            c.echo();
+            break st.reason.unwrap();
+        }
+        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    };
+    assert!(
+        reason.contains("did not become ready within 5 s"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("Unschedulable: 0/1 nodes are available"),
+        "{reason}"
+    );
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_stale_status_write_is_a_conflict_retried_at_once() {
+    let (ctx, mut api, mut caches) = context(10);
+    let dc = with_status(cluster(ID), Phase::Pending);
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    let pass = run(dc.clone(), &ctx).await;
+    let c = api.next().await;
+    assert_eq!(c.method, Method::PUT);
+    assert_eq!(
+        c.body["metadata"]["resourceVersion"], "7",
+        "the write carries its precondition"
+    );
+    c.status(409, "Conflict");
+    let err = pass.await.unwrap().unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    let action = error_policy(Arc::new(dc), &err, ctx.clone());
+    assert_eq!(action, Action::requeue(Duration::from_millis(50)));
+    assert_eq!(ctx.metrics.reconcile_errors.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn finished_clusters_are_deleted_after_the_retention() {
+    let (ctx, mut api, _caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Stopped);
+    dc.status.as_mut().unwrap().completion_time = Some(format!(
+        "{:.3}",
+        jiff::Timestamp::now() - jiff::SignedDuration::from_secs(7200)
+    ));
+    let pass = run(dc, &ctx).await;
+    let c = api.next().await;
+    assert_eq!(c.method, Method::DELETE);
+    assert_eq!(
+        c.path,
+        format!("/apis/gateway.dask.org/v1alpha1/namespaces/dask/daskclusters/{ID}")
+    );
+    c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    assert_eq!(pass.await.unwrap().unwrap(), Action::await_change());
+}

@@ -1,0 +1,30 @@
+//! The Kubernetes backend: every user's Dask cluster as pods.
+//!
+//! * [`crd`]: the `DaskCluster` custom resource (`gateway.dask.org/v1alpha1`), with a structural
+//!   schema generated from its Rust types (`crdgen` writes it to `manifests/`).
+//! * [`backend`]: [`KubeBackend`], the gateway side. No state of its own: it creates
+//!   DaskClusters, reads them (and their credentials) from watch caches, and patches the spec on
+//!   heartbeats (`replicas`, `retiredWorkers`) and stops (`active: false`).
+//! * [`controller`]: one level-triggered reconcile per DaskCluster that makes the credentials
+//!   Secret, the scheduler Pod and Service, and the worker Pods, and reports the status.
+//! * [`build`]: the pure builders of those objects; [`names`]: their names and labels.
+//! * [`runtime`]: the controller's watch caches and kube-runtime loop, under [`leader`] election
+//!   so that one replica reconciles; [`limiter`]: the FIFO token bucket pacing its writes.
+//! * [`config`]: the `kubernetes:` section of the gateway configuration.
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod build;
+pub mod config;
+pub mod controller;
+pub mod crd;
+pub mod leader;
+pub mod limiter;
+pub mod names;
+pub mod runtime;
+
+pub use backend::{GatewayRuntime, KubeBackend};
+pub use config::{KubeConfig, Profile};
+pub use crd::{DaskCluster, DaskClusterSpec, DaskClusterStatus, Phase, PodTemplate};
+pub use runtime::{run_controller, ControllerError, LiveContext};

@@ -1,0 +1,194 @@
+//! Names and labels of everything the backend creates.
+//!
+//! A cluster's object name is a random 32-hex id; its public name (URL path, SNI, the preload's
+//! `DASK_GATEWAY_CLUSTER_NAME`) is `<namespace>.<id>`, like the reference gateway. User names are
+//! arbitrary strings, so they are never used raw in names or label values.
+
+use std::collections::BTreeMap;
+
+/// Label: which gateway installation owns the object (watches select on it).
+pub const LABEL_INSTANCE: &str = "gateway.dask.org/instance";
+/// Label: the DaskCluster's object name (the id).
+pub const LABEL_CLUSTER: &str = "gateway.dask.org/cluster";
+/// Label: the owner, made label-safe (see [`user_label`]).
+pub const LABEL_USER: &str = "gateway.dask.org/user";
+/// Annotation: the owner's exact user name.
+pub const ANNOTATION_USER: &str = "gateway.dask.org/user";
+/// Annotation on a DaskCluster: creation time in milliseconds since the epoch (the API's
+/// `start_time`; `creationTimestamp` has only seconds).
+pub const ANNOTATION_CREATED_MS: &str = "gateway.dask.org/created-ms";
+/// Standard label: the role of the object.
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+/// Component of scheduler pods (and their Service).
+pub const COMPONENT_SCHEDULER: &str = "dask-scheduler";
+/// Component of worker pods.
+pub const COMPONENT_WORKER: &str = "dask-worker";
+/// Component of credentials Secrets.
+pub const COMPONENT_CREDENTIALS: &str = "credentials";
+
+/// Scheduler port (Dask comm, TLS).
+pub const SCHEDULER_PORT: i32 = 8786;
+/// Dashboard port (HTTP).
+pub const DASHBOARD_PORT: i32 = 8787;
+/// The preload's API port (HTTP).
+pub const API_PORT: i32 = 8788;
+/// Where the credentials Secret is mounted in pods.
+pub const CREDENTIALS_DIR: &str = "/etc/dask-credentials";
+
+/// Secret holding `dask.crt`, `dask.pem` and `api-token`.
+pub fn secret_name(id: &str) -> String {
+    format!("dask-credentials-{id}")
+}
+
+/// The scheduler pod.
+pub fn scheduler_pod_name(id: &str) -> String {
+    format!("dask-scheduler-{id}")
+}
+
+/// The scheduler's Service.
+pub fn service_name(id: &str) -> String {
+    format!("dask-{id}")
+}
+
+/// Prefix of worker pod names; each gets a random suffix.
+pub fn worker_pod_prefix(id: &str) -> String {
+    format!("dask-worker-{id}-")
+}
+
+/// A new worker pod name (also the worker's `--name`, shared with the scheduler).
+pub fn new_worker_pod_name(id: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::thread_rng();
+    let suffix: String = (0..6)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{}{suffix}", worker_pod_prefix(id))
+}
+
+/// The public cluster name of object `id` in `namespace`.
+pub fn public_name(namespace: &str, id: &str) -> String {
+    format!("{namespace}.{id}")
+}
+
+/// The object id of a public name, if it belongs to `namespace` and looks like one of ours.
+pub fn object_id<'a>(namespace: &str, public: &'a str) -> Option<&'a str> {
+    let id = public.strip_prefix(namespace)?.strip_prefix('.')?;
+    let valid = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    valid.then_some(id)
+}
+
+/// A label-safe form of a user name: at most 63 characters of `[A-Za-z0-9._-]`, starting and
+/// ending alphanumeric. Names that had to change get a short hash suffix so two different users
+/// never share a label value.
+pub fn user_label(user: &str) -> String {
+    let cleaned: String = user
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let trimmed = cleaned.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    if trimmed == user && !user.is_empty() && user.len() <= 63 {
+        return user.to_string();
+    }
+    let hash = fnv1a(user.as_bytes());
+    let head: String = trimmed.chars().take(50).collect();
+    let head = head.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    if head.is_empty() {
+        format!("u{hash:012x}")
+    } else {
+        format!("{head}-{hash:012x}")
+    }
+}
+
+/// 48 bits of FNV-1a: stable across releases (unlike `DefaultHasher`).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h & 0xffff_ffff_ffff
+}
+
+/// Labels every object of cluster `id` carries, plus its component.
+pub fn labels(instance: &str, id: &str, user: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "dask-gateway".into()),
+        ("app.kubernetes.io/part-of".into(), "dask-gateway".into()),
+        (
+            "app.kubernetes.io/managed-by".into(),
+            "dask-gateway-rs".into(),
+        ),
+        (LABEL_COMPONENT.into(), component.into()),
+        (LABEL_INSTANCE.into(), instance.into()),
+        (LABEL_CLUSTER.into(), id.into()),
+        (LABEL_USER.into(), user_label(user)),
+    ])
+}
+
+/// Label selector for everything of one installation.
+pub fn instance_selector(instance: &str) -> String {
+    format!("{LABEL_INSTANCE}={instance}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_names_round_trip() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let public = public_name("dask", id);
+        assert_eq!(public, format!("dask.{id}"));
+        assert_eq!(object_id("dask", &public), Some(id));
+        assert_eq!(object_id("other", &public), None);
+        assert_eq!(object_id("dask", "dask."), None);
+        assert_eq!(object_id("dask", "dask.UPPER"), None);
+        assert_eq!(object_id("dask", "dask.a/b"), None);
+        assert_eq!(object_id("da", &public), None);
+    }
+
+    #[test]
+    fn user_labels_are_valid_and_distinct() {
+        let valid = |s: &str| {
+            s.len() <= 63
+                && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        };
+        for u in [
+            "alice",
+            "alice@non-alpha.characters",
+            "a b",
+            "-x-",
+            "名前",
+            &"x".repeat(100),
+            "",
+        ] {
+            assert!(valid(&user_label(u)), "{u:?} -> {}", user_label(u));
+        }
+        assert_eq!(user_label("alice"), "alice");
+        assert_ne!(user_label("a b"), user_label("a-b"));
+        assert_ne!(user_label("a@b"), user_label("a#b"));
+    }
+
+    #[test]
+    fn worker_names_fit_dns_labels() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let n = new_worker_pod_name(id);
+        assert!(n.len() <= 63, "{n}");
+        assert!(n.starts_with(&worker_pod_prefix(id)));
+        assert_ne!(n, new_worker_pod_name(id));
+    }
+}

@@ -1,0 +1,169 @@
+//! Running the controller: watch caches of the cluster's children, the kube-runtime
+//! `Controller` over DaskClusters, and leader election around both.
+
+use crate::config::KubeConfig;
+use crate::controller::{error_policy, reconcile, Context, ControllerSettings};
+use crate::crd::DaskCluster;
+use crate::leader::LeaderElection;
+use crate::limiter::RateLimiter;
+use crate::names;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Client;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::info;
+
+/// Why the controller could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The DaskCluster CRD is not installed, or we may not list DaskClusters.
+    #[error("cannot list DaskClusters in namespace {namespace} (is the CRD installed and the RBAC granted?): {source}")]
+    Crd {
+        /// The namespace.
+        namespace: String,
+        /// The API error.
+        source: kube::Error,
+    },
+}
+
+/// A cache of objects of this installation and the stream of its changes: the controller
+/// consumes the stream (which also fills the cache) to trigger the owners of changed objects.
+fn cache<K>(
+    api: Api<K>,
+    selector: &str,
+) -> (
+    Store<K>,
+    impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default().labels(selector))
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    (reader, stream)
+}
+
+/// The controller's context of the current leadership term, for metrics.
+pub type LiveContext = Arc<Mutex<Option<Arc<Context>>>>;
+
+/// Runs the controller once (this process leads): caches, then reconciles until `shutdown`.
+async fn run_term(
+    client: Client,
+    config: KubeConfig,
+    namespace: String,
+    live: LiveContext,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let selector = names::instance_selector(&config.instance);
+    let (pods, pod_events) = cache(
+        Api::<Pod>::namespaced(client.clone(), &namespace),
+        &selector,
+    );
+    let (secrets, secret_events) = cache(
+        Api::<Secret>::namespaced(client.clone(), &namespace),
+        &selector,
+    );
+    let (services, service_events) = cache(
+        Api::<Service>::namespaced(client.clone(), &namespace),
+        &selector,
+    );
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        pods,
+        secrets,
+        services,
+        RateLimiter::new(config.api_qps, config.api_burst),
+        ControllerSettings {
+            namespace: namespace.clone(),
+            instance: config.instance.clone(),
+            worker_batch: config.worker_batch,
+            retention: Duration::from_secs_f64(config.completed_cluster_max_age),
+        },
+    ));
+    *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctx.clone());
+    info!(namespace = %namespace, instance = %config.instance, "DaskCluster controller started");
+    Controller::new(
+        Api::<DaskCluster>::namespaced(client, &namespace),
+        watcher::Config::default().labels(&selector),
+    )
+    .owns_stream(pod_events)
+    .owns_stream(secret_events)
+    .owns_stream(service_events)
+    .with_config(ControllerConfig::default().concurrency(config.reconcile_concurrency))
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|_| async {})
+    .await;
+    *live.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    info!("DaskCluster controller stopped");
+}
+
+/// Runs the controller for `namespace` until `shutdown` resolves: checks that DaskClusters
+/// can be listed, then (with leader election unless disabled) runs terms of leadership.
+pub async fn run_controller(
+    client: Client,
+    config: KubeConfig,
+    namespace: String,
+    live: LiveContext,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ControllerError> {
+    Api::<DaskCluster>::namespaced(client.clone(), &namespace)
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(|source| ControllerError::Crd {
+            namespace: namespace.clone(),
+            source,
+        })?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    };
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    tokio::pin!(shutdown);
+    if !config.leader_election {
+        tokio::select! {
+            _ = run_term(client, config, namespace, live, stopped()) => {}
+            _ = &mut shutdown => {}
+        }
+        return Ok(());
+    }
+    let identity = format!(
+        "{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()),
+        gateway_backend::new_cluster_id().get(..8).unwrap_or("0")
+    );
+    let lease = format!("{}-controller", config.instance);
+    let election = LeaderElection::new(client.clone(), &namespace, &lease, &identity);
+    let term = || {
+        run_term(
+            client.clone(),
+            config.clone(),
+            namespace.clone(),
+            live.clone(),
+            stopped(),
+        )
+    };
+    election.run(term, shutdown).await;
+    Ok(())
+}

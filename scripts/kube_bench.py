@@ -1,0 +1,243 @@
+"""Kubernetes backend benchmark, driven by scripts/bench-kube (not a test: it prints numbers).
+
+Against the control plane of tests/kube-env, with the gateway running under the least-privilege
+ServiceAccount of manifests/gateway-rbac.yaml:
+
+1. create -> scheduler reachable: `Gateway.new_cluster()` until a `distributed.Client`
+   through the proxy has answered (median of several clusters), with the gateway's share.
+2. 0 -> N worker pods created and Running after one `cluster.scale(N)`, with the controller's
+   API writes for that scale-up (from /metrics). Worker pods run a no-op stand-in for
+   `dask worker` (a PATH shim): this measures the gateway, controller, API server and kubelet,
+   not Python imports of 100 Dask workers on 2 cores. Then a scale-up of real Dask workers
+   until they have joined the scheduler.
+3. Gateway RSS with M DaskCluster objects in its watch cache (a second gateway with the
+   controller off, so the objects stay PENDING and no pods start), and list latency.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+KUBE_ENV = REPO / "tests" / "kube-env"
+BRIDGE_IP = os.environ.get("KUBE_ENV_BRIDGE_IP", "10.244.0.1")
+
+
+def sh(*args, input=None, check=True):
+    r = subprocess.run(args, input=input, text=True, capture_output=True)
+    if check and r.returncode:
+        sys.exit(f"{' '.join(args)} failed: {r.stderr}")
+    return r.stdout
+
+
+class Kube:
+    def __init__(self, kubeconfig, kubectl):
+        self.kubeconfig, self.kubectl_bin = kubeconfig, kubectl
+
+    def kubectl(self, *args, input=None, check=True):
+        return sh(self.kubectl_bin, "--kubeconfig", self.kubeconfig, *args, input=input, check=check)
+
+    def namespace(self, name):
+        ns = f"bench-{name}-{os.urandom(3).hex()}"
+        self.kubectl("create", "namespace", ns)
+        docs = list(yaml.safe_load_all((REPO / "manifests" / "gateway-rbac.yaml").read_text()))
+        for d in docs:
+            for s in d.get("subjects", []):
+                s["namespace"] = ns
+        self.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
+        kc = sh(str(KUBE_ENV / "sa-kubeconfig"), ns, "dask-gateway").strip().splitlines()[-1]
+        return ns, kc
+
+    def pods(self, ns, selector):
+        return json.loads(self.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json"))["items"]
+
+
+class Gateway:
+    def __init__(self, binary, workdir, kubeconfig, namespace, port, extra=None):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        cfg = {
+            "address": f"0.0.0.0:{port}",
+            "api_url": f"http://{BRIDGE_IP}:{port}/api",
+            "backend": "kubernetes",
+            "log_level": "warn",
+            "kubernetes": {"namespace": namespace, "instance": "bench", "image": "ignored"},
+            "cluster": {"heartbeat_period": 5, "scheduler_memory": "1G", "worker_memory": "256M"},
+        }
+        for k, v in (extra or {}).items():
+            if isinstance(v, dict):
+                cfg.setdefault(k, {}).update(v)
+            else:
+                cfg[k] = v
+        path = Path(workdir) / f"gateway-{port}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = dict(os.environ, KUBECONFIG=kubeconfig)
+        self.log = open(Path(workdir) / f"gateway-{port}.log", "w")
+        self.proc = subprocess.Popen([binary, "--config", str(path)], env=env,
+                                     stdout=self.log, stderr=self.log)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(self.url + "/api/health", timeout=2).status == 200:
+                    return
+            except Exception:
+                time.sleep(0.2)
+        sys.exit(f"gateway on {port} did not become healthy")
+
+    def metric(self, name):
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=10).read().decode()
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    def rss_mib(self):
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def auth_headers(user):
+    return {"Authorization": "Basic " + b64encode(f"{user}:".encode()).decode()}
+
+
+def bench_create(gw, n):
+    from dask_gateway import BasicAuth
+    from dask_gateway import Gateway as StockGateway
+    g = StockGateway(gw.url, auth=BasicAuth("bench-create", ""))
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        c = g.new_cluster()
+        with c.get_client(set_as_default=False) as client:
+            client.scheduler_info()
+        times.append(time.perf_counter() - t)
+        c.shutdown()
+    g.close()
+    return times
+
+
+def bench_scale(kube, ns, gw, n, real_workers):
+    from dask_gateway import BasicAuth
+    from dask_gateway import Gateway as StockGateway
+    g = StockGateway(gw.url, auth=BasicAuth("bench-scale", ""))
+    c = g.new_cluster()
+    oid = c.name.rsplit(".", 1)[-1]
+    selector = f"gateway.dask.org/cluster={oid},app.kubernetes.io/component=dask-worker"
+    writes0 = gw.metric("dask_gateway_controller_api_writes_total")
+    t0 = time.perf_counter()
+    c.scale(n)
+    created = running = joined = None
+    client = c.get_client(set_as_default=False) if real_workers else None
+    deadline = t0 + 900
+    while time.perf_counter() < deadline:
+        pods = kube.pods(ns, selector)
+        now = time.perf_counter() - t0
+        if created is None and len(pods) >= n:
+            created = now
+        if running is None and sum(p["status"].get("phase") == "Running" for p in pods) >= n:
+            running = now
+        if real_workers and joined is None and len(client.scheduler_info()["workers"]) >= n:
+            joined = now
+        if running is not None and (joined is not None or not real_workers):
+            break
+        time.sleep(0.1)
+    time.sleep(2)  # let the status writes that follow settle
+    writes = gw.metric("dask_gateway_controller_api_writes_total") - writes0
+    if client:
+        client.close()
+    c.shutdown()
+    g.close()
+    return created, running, joined, writes
+
+
+def bench_memory(kube, binary, workdir, m):
+    ns, kc = kube.namespace("memory")
+    gw = Gateway(binary, workdir, kc, ns, 8191, {"kubernetes": {"controller": False}})
+    idle = gw.rss_mib()
+    t = time.perf_counter()
+    for i in range(m):
+        req = urllib.request.Request(gw.url + "/api/v1/clusters/", method="POST",
+                                     data=b'{"cluster_options": {}}',
+                                     headers={**auth_headers(f"user{i % 50}"),
+                                              "Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).read()
+    create_rate = m / (time.perf_counter() - t)
+    time.sleep(3)
+    full = gw.rss_mib()
+    lat = []
+    for _ in range(20):
+        t = time.perf_counter()
+        urllib.request.urlopen(urllib.request.Request(
+            gw.url + "/api/v1/clusters/", headers=auth_headers("user1")), timeout=30).read()
+        lat.append(time.perf_counter() - t)
+    gw.stop()
+    kube.kubectl("delete", "namespace", ns, "--wait=false")
+    return idle, full, create_rate, statistics.median(lat)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gateway", required=True)
+    ap.add_argument("--kubeconfig", required=True)
+    ap.add_argument("--kubectl", required=True)
+    ap.add_argument("--workers", type=int, default=100)
+    ap.add_argument("--real-workers", type=int, default=8)
+    ap.add_argument("--clusters", type=int, default=1000)
+    ap.add_argument("--creates", type=int, default=5)
+    args = ap.parse_args()
+    kube = Kube(args.kubeconfig, args.kubectl)
+    kube.kubectl("apply", "-f", str(REPO / "manifests" / "daskcluster-crd.yaml"))
+    with tempfile.TemporaryDirectory(prefix="dgrs-bench-kube-") as workdir:
+        shim = Path(workdir) / "shim"
+        shim.mkdir()
+        real_dask = Path(sys.prefix) / "bin" / "dask"
+        (shim / "dask").write_text(
+            f'#!/bin/sh\nif [ "$1" = worker ]; then exec sleep infinity; fi\nexec {real_dask} "$@"\n')
+        (shim / "dask").chmod(0o755)
+        ns, kc = kube.namespace("main")
+        path = f"{shim}:{Path(sys.prefix) / 'bin'}:/usr/local/bin:/usr/bin:/bin"
+        no_op = Gateway(args.gateway, workdir, kc, ns, 8190,
+                        {"kubernetes": {"worker": {"env": [{"name": "PATH", "value": path}]},
+                                        "termination_grace_period_seconds": 1}})
+        print(f"Kubernetes backend benchmark ({os.cpu_count()} cores; tests/kube-env, "
+              f"pods are host processes)")
+        times = bench_create(no_op, args.creates)
+        print(f"create -> scheduler reachable (new_cluster + first RPC through the proxy), "
+              f"{len(times)} clusters: median {statistics.median(times):.2f} s, "
+              f"min {min(times):.2f} s, max {max(times):.2f} s")
+        created, running, _, writes = bench_scale(kube, ns, no_op, args.workers, False)
+        print(f"scale 0 -> {args.workers} worker pods (no-op worker command): all created "
+              f"{created:.2f} s, all Running {running:.2f} s; controller API writes "
+              f"{writes:.0f} ({writes / args.workers:.2f} per worker)")
+        no_op.stop()
+        real = Gateway(args.gateway, workdir, kc, ns, 8192,
+                       {"kubernetes": {"termination_grace_period_seconds": 1}})
+        created, running, joined, writes = bench_scale(kube, ns, real, args.real_workers, True)
+        print(f"scale 0 -> {args.real_workers} real Dask workers: pods created {created:.2f} s, "
+              f"Running {running:.2f} s, joined the scheduler {joined:.2f} s; "
+              f"API writes {writes:.0f}")
+        real.stop()
+        kube.kubectl("delete", "namespace", ns, "--wait=false")
+        idle, full, rate, lat = bench_memory(kube, args.gateway, workdir, args.clusters)
+        print(f"gateway RSS: {idle:.1f} MiB with no clusters, {full:.1f} MiB with "
+              f"{args.clusters} DaskCluster objects cached; creates through the API "
+              f"{rate:.0f}/s; list of one user's clusters median {lat * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The Kubernetes backend as Kubernetes sees it: the objects a cluster is made of, how they are
+cleaned up, what the controller does when pods disappear or fail, the CRD's schema, pod
+templates and profiles, and two gateway replicas sharing one namespace.
+
+Runs with E2E_BACKEND=kubernetes (tests/run does), against tests/kube-env.
+"""
+
+import os
+import re
+import signal
+
+import pytest
+from dask_gateway import GatewayClusterError
+
+from conftest import KubeEnv, connect, new_cluster, wait_for, wait_status, wait_workers
+
+pytestmark = pytest.mark.kube_only
+
+USER = "kube user@example.org"  # not a valid label value: must be made safe, never used raw
+
+
+@pytest.fixture(scope="module")
+def server(module_servers):
+    return module_servers(
+        "kube",
+        cluster={
+            "heartbeat_period": 2,
+            "options": [
+                {"field": "worker_cores", "type": "int", "default": 1, "min": 1, "max": 4,
+                 "target": "worker_cores"},
+                {"field": "profile", "type": "select", "default": "standard",
+                 "options": ["standard", {"key": "tagged", "value": "tagged"}],
+                 "target": "profile"},
+            ],
+        },
+        kubernetes={
+            "worker": {"labels": {"pool": "workers"},
+                       "annotations": {"example.org/owner-team": "data"}},
+            "profiles": {
+                "tagged": {
+                    "worker": {
+                        "labels": {"tier": "tagged"},
+                        "nodeSelector": {"kubernetes.io/hostname": "dgrs-node"},
+                        "env": [{"name": "PROFILE_MARK", "value": "tagged"}],
+                    },
+                },
+            },
+        },
+    )
+
+
+def compute(cluster, n):
+    with cluster.get_client(set_as_default=False) as client:
+        wait_workers(client, n, timeout=120)
+        assert client.submit(lambda x: x * 3, 7, pure=False).result(timeout=60) == 21
+
+
+def object_id(name):
+    return name.rsplit(".", 1)[-1]
+
+
+def pods(server, name, component=None):
+    items = server.kube_objects("pods", name)
+    if component:
+        items = [p for p in items
+                 if p["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    return items
+
+
+def daskcluster(server, name):
+    return KubeEnv.get().get_json("daskcluster", "-n", server.namespace, object_id(name))
+
+
+def children(server, name):
+    return {kind: [o["metadata"]["name"] for o in server.kube_objects(kind, name)]
+            for kind in ("pods", "secrets", "services")}
+
+
+def test_a_cluster_is_a_daskcluster_with_owned_children_all_removed_on_shutdown(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw)
+    name = c.name
+    assert re.fullmatch(rf"{server.namespace}\.[0-9a-f]{{32}}", name)
+    c.scale(2)
+    compute(c, 2)
+
+    dc = daskcluster(server, name)
+    assert dc["spec"]["user"] == USER
+    assert dc["metadata"]["annotations"]["gateway.dask.org/user"] == USER
+    label = dc["metadata"]["labels"]["gateway.dask.org/user"]
+    assert label != USER and re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?", label)
+    assert dc["spec"]["replicas"] == 2
+    st = dc["status"]
+    assert st["phase"] == "Running"
+    assert st["addresses"]["scheduler"].startswith("tls://10.244.0.")
+    assert {c["type"]: c["status"] for c in st["conditions"]} == {
+        "SchedulerReady": "True", "WorkersReady": "True"}
+
+    objs = children(server, name)
+    oid = object_id(name)
+    assert objs["secrets"] == [f"dask-credentials-{oid}"]
+    assert objs["services"] == [f"dask-{oid}"]
+    assert f"dask-scheduler-{oid}" in objs["pods"]
+    workers = pods(server, name, "dask-worker")
+    assert len(workers) == 2
+    uid = dc["metadata"]["uid"]
+    for kind in ("pods", "secrets", "services"):
+        for o in server.kube_objects(kind, name):
+            owners = o["metadata"]["ownerReferences"]
+            assert [(r["kind"], r["uid"], r.get("controller")) for r in owners] == [
+                ("DaskCluster", uid, True)], (kind, o["metadata"]["name"])
+            assert o["metadata"]["labels"]["gateway.dask.org/instance"] == "e2e"
+    w = workers[0]
+    assert w["metadata"]["labels"]["pool"] == "workers"
+    assert w["metadata"]["annotations"]["example.org/owner-team"] == "data"
+    container = w["spec"]["containers"][0]
+    assert container["resources"]["requests"]["cpu"] == "1"  # 1000m, as the API server shows it
+    env = {e["name"] for e in container["env"]}
+    assert "DASK_GATEWAY_API_TOKEN" not in env, "workers never get the cluster's API token"
+    # The printer columns show user, status and workers.
+    table = KubeEnv.get().kubectl("get", "daskclusters", "-n", server.namespace).stdout
+    assert "USER" in table and "STATUS" in table and "WORKERS" in table and "Running" in table
+
+    c.shutdown()
+    wait_for(lambda: children(server, name) == {"pods": [], "secrets": [], "services": []},
+             60, what="every pod, Secret and Service of the cluster to be gone")
+    dc = daskcluster(server, name)
+    assert dc["status"]["phase"] == "Stopped"
+    assert dc["status"]["completionTime"]
+    assert gw.get_cluster(name).status.name == "STOPPED"
+
+
+def test_a_deleted_worker_pod_is_replaced(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw)
+    try:
+        c.scale(1)
+        compute(c, 1)
+        [old] = pods(server, c.name, "dask-worker")
+        KubeEnv.get().kubectl("delete", "pod", "-n", server.namespace,
+                              old["metadata"]["name"], "--wait=false")
+        wait_for(lambda: [p["metadata"]["name"] for p in pods(server, c.name, "dask-worker")
+                          if p["metadata"]["name"] != old["metadata"]["name"]],
+                 60, what="a replacement worker pod")
+        compute(c, 1)
+    finally:
+        c.shutdown()
+
+
+def test_a_killed_worker_process_is_replaced(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw)
+    try:
+        c.scale(1)
+        compute(c, 1)
+        [proc] = [p for p in server.cluster_processes(c.name, "worker")
+                  if "dask-worker" in " ".join(p.cmdline()) or "worker" in p.cmdline()]
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: any(p["status"].get("phase") == "Running"
+                             for p in pods(server, c.name, "dask-worker")
+                             if not p["metadata"].get("deletionTimestamp")) and
+                 all(p["status"].get("phase") != "Failed" for p in pods(server, c.name, "dask-worker")),
+                 90, what="the failed worker pod to be replaced")
+        compute(c, 1)
+        assert gw.get_cluster(c.name).status.name == "RUNNING"
+    finally:
+        c.shutdown()
+
+
+def test_a_killed_scheduler_fails_the_cluster_with_its_reason_and_cleans_up(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    c.scale(1)
+    compute(c, 1)
+    c.close()
+    [sched] = server.cluster_processes(name, "scheduler")
+    os.kill(sched.pid, signal.SIGKILL)
+    assert wait_status(gw, name, ("FAILED", "STOPPED"), timeout=90) == "FAILED"
+    reason = daskcluster(server, name)["status"]["reason"]
+    assert "the scheduler exited (exit code 137" in reason, reason
+    assert gw.get_cluster(name).stop_time is not None
+    wait_for(lambda: children(server, name) == {"pods": [], "secrets": [], "services": []},
+             60, what="the failed cluster's objects to be removed")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"replicas": -1}, "spec.replicas"),
+    ({"replicas": "two"}, "spec.replicas"),
+    ({"user": None}, "spec.user"),
+    ({"runtime": {"image": "x"}}, "spec.runtime"),
+    ({"settings": {"worker_threads": "many"}}, "spec.settings"),
+])
+def test_invalid_daskclusters_are_refused_by_the_schema(server, change, message):
+    spec = {
+        "user": "alice", "options": {},
+        "settings": {"resources": {"scheduler_cores": 1, "scheduler_memory": 1, "worker_cores": 1,
+                                   "worker_memory": 1},
+                     "worker_threads": 1, "limits": {}, "idle_timeout": 0},
+        "runtime": {"image": "x", "apiUrl": "http://x/api", "heartbeatPeriod": 1,
+                    "adaptivePeriod": 1, "startTimeout": 1, "workerFailureLimit": 1,
+                    "terminationGracePeriodSeconds": 1},
+        "replicas": 0,
+    }
+    for k, v in change.items():
+        if v is None:
+            spec.pop(k)
+        elif isinstance(v, dict) and k != "runtime":
+            spec[k] = {**spec[k], **v}
+        else:
+            spec[k] = v
+    doc = {"apiVersion": "gateway.dask.org/v1alpha1", "kind": "DaskCluster",
+           "metadata": {"name": "invalid-" + os.urandom(4).hex(), "namespace": server.namespace},
+           "spec": spec}
+    import json
+    r = KubeEnv.get().kubectl("create", "-f", "-", input=json.dumps(doc), check=False)
+    assert r.returncode != 0, "an invalid DaskCluster was accepted"
+    assert "Invalid" in r.stderr or "invalid" in r.stderr, r.stderr
+    assert message in r.stderr, r.stderr
+
+
+def test_profiles_and_options_shape_the_pods(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw, worker_cores=2, profile="tagged")
+    try:
+        c.scale(1)
+        compute(c, 1)
+        [w] = pods(server, c.name, "dask-worker")
+        assert w["metadata"]["labels"]["tier"] == "tagged"
+        assert w["metadata"]["labels"]["pool"] == "workers"
+        assert w["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "dgrs-node"}
+        container = w["spec"]["containers"][0]
+        assert container["resources"]["requests"]["cpu"] == "2"
+        assert {"name": "PROFILE_MARK", "value": "tagged"} in container["env"]
+        assert "--nthreads" in container["command"]
+        assert container["command"][container["command"].index("--nthreads") + 1] == "2"
+    finally:
+        c.shutdown()
+
+
+def test_an_unschedulable_scheduler_fails_with_the_reason(module_servers):
+    srv = module_servers(
+        "unschedulable",
+        cluster={"start_timeout": 6},
+        kubernetes={"scheduler": {"nodeSelector": {"no-such-node": "true"}}},
+    )
+    gw = srv.gateway(USER)
+    with pytest.raises(GatewayClusterError, match="failed to start"):
+        new_cluster(gw, timeout=90)
+    [c] = gw.list_clusters(status="failed")
+    reason = daskcluster(srv, c.name)["status"]["reason"]
+    assert "did not become ready within 6 s" in reason and "Unschedulable" in reason, reason
+    wait_for(lambda: children(srv, c.name) == {"pods": [], "secrets": [], "services": []},
+             60, what="the failed cluster's objects to be removed")
+
+
+def test_two_gateway_replicas_share_a_namespace(module_servers):
+    a = module_servers("replica-a", cluster={"heartbeat_period": 2})
+    b = module_servers("replica-b", cluster={"heartbeat_period": 2},
+                       kube_namespace=a.namespace, kube_kubeconfig=a.kubeconfig)
+
+    def leading(srv):
+        text = srv.http("GET", "/metrics").body.decode()
+        return "dask_gateway_controller_leading 1" in text
+
+    wait_for(lambda: leading(a) != leading(b), 30, what="exactly one controller to lead")
+    leader, follower = (a, b) if leading(a) else (b, a)
+    g_leader, g_follower = leader.gateway(USER), follower.gateway(USER)
+    # Created through one replica (whose address the scheduler's heartbeats use, as a shared
+    # Service would be in a real deployment), used through the other: same DaskCluster objects.
+    c = new_cluster(g_follower, shutdown_on_close=False)
+    name = c.name
+    c.close()
+    wait_for(lambda: [x.name for x in g_leader.list_clusters()] == [name], 30,
+             what="the other replica to list the cluster")
+    cl = connect(g_leader, name)
+    cl.scale(1)
+    compute(cl, 1)
+    cl.close()
+    # The leader dies: the other replica takes over the controller and keeps serving.
+    leader.kill9()
+    wait_for(lambda: leading(follower), 40, what="the surviving replica to take over the controller")
+    c2 = connect(g_follower, name)
+    c2.scale(2)
+    compute(c2, 2)
+    c2.close()
+    g_follower.stop_cluster(name)
+    wait_status(g_follower, name, "STOPPED", timeout=60)
+    wait_for(lambda: children(follower, name) == {"pods": [], "secrets": [], "services": []},
+             60, what="the stopped cluster's objects to be removed")
+    leader.start()  # so the fixture can shut it down cleanly
