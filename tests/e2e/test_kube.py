@@ -289,3 +289,43 @@ def test_two_gateway_replicas_share_a_namespace(module_servers):
     wait_for(lambda: children(follower, name) == {"pods": [], "secrets": [], "services": []},
              60, what="the stopped cluster's objects to be removed")
     leader.start()  # so the fixture can shut it down cleanly
+
+
+def test_the_controller_can_run_on_its_own(module_servers):
+    """`gateway-server controller` reconciles for a gateway that runs none itself."""
+    import subprocess
+    import yaml
+
+    from conftest import free_port, server_binary
+
+    srv = module_servers("split", kubernetes={"controller": False})
+    gw = srv.gateway(USER)
+    c = gw.submit()
+    # Nobody reconciles yet: the cluster waits in PENDING.
+    import time
+    time.sleep(3)
+    assert gw.get_cluster(c).status.name == "PENDING"
+    config = dict(srv.config)
+    config["address"] = f"127.0.0.1:{free_port()}"
+    config["kubernetes"] = {**config["kubernetes"], "controller": True}
+    path = srv.base_dir / "controller.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = open(srv.base_dir / "controller.log", "ab")
+    proc = subprocess.Popen([str(server_binary()), "controller", "--config", str(path)],
+                            env={**os.environ, "KUBECONFIG": srv.kubeconfig},
+                            stdout=log, stderr=log)
+    try:
+        cluster = connect(gw, c)
+        cluster.scale(1)
+        compute(cluster, 1)
+        metrics = wait_for(lambda: (r := srv.http("GET", "/metrics")).status == 200 and r, 10)
+        assert "dask_gateway_controller_leading" not in metrics.body.decode()
+        import urllib.request
+        text = urllib.request.urlopen(f"http://{config['address']}/metrics", timeout=10).read()
+        assert b"dask_gateway_controller_leading 1" in text
+        cluster.shutdown()
+        wait_for(lambda: children(srv, c) == {"pods": [], "secrets": [], "services": []},
+                 60, what="the cluster's objects to be removed")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -23,29 +23,34 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// YAML configuration file.
-    #[arg(short, long, env = "DASK_GATEWAY_CONFIG")]
+    #[arg(short, long, env = "DASK_GATEWAY_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Public listen address (overrides `address`).
-    #[arg(long, env = "GATEWAY_ADDRESS")]
+    #[arg(long, env = "GATEWAY_ADDRESS", global = true)]
     address: Option<SocketAddr>,
     /// Separate scheduler TLS address (overrides `scheduler_address`).
-    #[arg(long, env = "GATEWAY_SCHEDULER_ADDRESS")]
+    #[arg(long, env = "GATEWAY_SCHEDULER_ADDRESS", global = true)]
     scheduler_address: Option<SocketAddr>,
     /// Data directory (overrides `data_dir`).
-    #[arg(long, env = "GATEWAY_DATA_DIR")]
+    #[arg(long, env = "GATEWAY_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Python environment with dask and dask-gateway (overrides `dask.python_env`).
-    #[arg(long, env = "GATEWAY_PYTHON_ENV")]
+    #[arg(long, env = "GATEWAY_PYTHON_ENV", global = true)]
     python_env: Option<PathBuf>,
     /// Shared password of the simple authenticator (overrides `auth.password`; prefer the
     /// environment variable, which keeps it out of the process list).
-    #[arg(long, env = "GATEWAY_AUTH_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "GATEWAY_AUTH_PASSWORD",
+        hide_env_values = true,
+        global = true
+    )]
     auth_password: Option<String>,
     /// Where clusters run: local or kubernetes (overrides `backend`).
-    #[arg(long, env = "GATEWAY_BACKEND")]
+    #[arg(long, env = "GATEWAY_BACKEND", global = true)]
     backend: Option<BackendKind>,
     /// Kubernetes namespace of the clusters (overrides `kubernetes.namespace`).
-    #[arg(long, env = "GATEWAY_NAMESPACE")]
+    #[arg(long, env = "GATEWAY_NAMESPACE", global = true)]
     namespace: Option<String>,
     /// Check the configuration and exit.
     #[arg(long, global = true)]
