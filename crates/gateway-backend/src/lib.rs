@@ -17,6 +17,7 @@
 
 pub mod credentials;
 pub mod fake;
+pub mod metrics;
 pub mod settings;
 
 pub use credentials::{new_api_token, new_cluster_id, ClusterCredentials};

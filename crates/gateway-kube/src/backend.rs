@@ -145,44 +145,18 @@ impl KubeBackend {
             names::LABEL_COMPONENT,
             names::COMPONENT_CREDENTIALS
         );
-        let weak = Arc::downgrade(&backend);
-        let clusters = watcher::watcher(
+        backend.spawn_watch(
             Api::<DaskCluster>::namespaced(client.clone(), &namespace),
-            watcher::Config::default().labels(&selector),
+            &selector,
+            "DaskClusters",
+            KubeBackend::on_cluster_event,
         );
-        tokio::spawn(async move {
-            let mut buffer = Vec::new();
-            let mut stream = clusters.default_backoff().boxed();
-            while let Some(event) = stream.next().await {
-                let Some(b) = weak.upgrade() else { return };
-                match event {
-                    Ok(ev) => b.on_cluster_event(ev, &mut buffer),
-                    Err(e) => {
-                        b.counters.watch_errors.fetch_add(1, Ordering::Relaxed);
-                        warn!("watching DaskClusters: {e}");
-                    }
-                }
-            }
-        });
-        let weak = Arc::downgrade(&backend);
-        let secrets = watcher::watcher(
+        backend.spawn_watch(
             Api::<Secret>::namespaced(client, &namespace),
-            watcher::Config::default().labels(&secrets_selector),
+            &secrets_selector,
+            "credentials Secrets",
+            KubeBackend::on_secret_event,
         );
-        tokio::spawn(async move {
-            let mut buffer = Vec::new();
-            let mut stream = secrets.default_backoff().boxed();
-            while let Some(event) = stream.next().await {
-                let Some(b) = weak.upgrade() else { return };
-                match event {
-                    Ok(ev) => b.on_secret_event(ev, &mut buffer),
-                    Err(e) => {
-                        b.counters.watch_errors.fetch_add(1, Ordering::Relaxed);
-                        warn!("watching credentials Secrets: {e}");
-                    }
-                }
-            }
-        });
         let deadline = tokio::time::Instant::now() + INITIAL_SYNC;
         while !backend.is_synced() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -193,6 +167,40 @@ impl KubeBackend {
             warn!(namespace = %namespace, "DaskCluster cache not synced yet; serving what is known");
         }
         backend
+    }
+
+    /// Feeds a watch of `api` (objects matching `selector`) to `on_event` until the backend
+    /// is dropped; errors are counted and the watch retries with backoff.
+    fn spawn_watch<K>(
+        self: &Arc<Self>,
+        api: Api<K>,
+        selector: &str,
+        what: &'static str,
+        on_event: fn(&KubeBackend, Event<K>, &mut Vec<K>),
+    ) where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + 'static,
+    {
+        let weak = Arc::downgrade(self);
+        let events = watcher::watcher(api, watcher::Config::default().labels(selector));
+        tokio::spawn(async move {
+            let mut buffer = Vec::new();
+            let mut stream = events.default_backoff().boxed();
+            while let Some(event) = stream.next().await {
+                let Some(b) = weak.upgrade() else { return };
+                match event {
+                    Ok(ev) => on_event(&b, ev, &mut buffer),
+                    Err(e) => {
+                        b.counters.watch_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!("watching {what}: {e}");
+                    }
+                }
+            }
+        });
     }
 
     fn is_synced(&self) -> bool {
@@ -642,48 +650,39 @@ impl ClusterBackend for KubeBackend {
     }
 
     fn metrics(&self, out: &mut String) {
-        use std::fmt::Write;
+        use gateway_backend::metrics;
         let (clusters, secrets) = {
             let c = self.lock();
-            (c.clusters.len(), c.secrets.len())
+            (c.clusters.len() as u64, c.secrets.len() as u64)
         };
-        let _ = writeln!(
+        metrics::gauge(
             out,
-            "# HELP dask_gateway_kube_cached_objects Objects in the gateway's watch caches."
+            "kube_cached_objects",
+            "Objects in the gateway's watch caches.",
+            [
+                ("kind=\"daskcluster\"", clusters),
+                ("kind=\"secret\"", secrets),
+            ],
         );
-        let _ = writeln!(out, "# TYPE dask_gateway_kube_cached_objects gauge");
-        let _ = writeln!(
-            out,
-            "dask_gateway_kube_cached_objects{{kind=\"daskcluster\"}} {clusters}"
-        );
-        let _ = writeln!(
-            out,
-            "dask_gateway_kube_cached_objects{{kind=\"secret\"}} {secrets}"
-        );
+        let c = &self.counters;
         for (name, help, v) in [
             (
                 "kube_creates",
                 "DaskClusters created by this gateway.",
-                &self.counters.creates,
+                &c.creates,
             ),
             (
                 "kube_spec_patches",
                 "DaskCluster spec patches (heartbeats, stops).",
-                &self.counters.spec_patches,
+                &c.spec_patches,
             ),
             (
                 "kube_watch_errors",
                 "Errors of the DaskCluster and Secret watches.",
-                &self.counters.watch_errors,
+                &c.watch_errors,
             ),
         ] {
-            let _ = writeln!(out, "# HELP dask_gateway_{name}_total {help}");
-            let _ = writeln!(out, "# TYPE dask_gateway_{name}_total counter");
-            let _ = writeln!(
-                out,
-                "dask_gateway_{name}_total {}",
-                v.load(Ordering::Relaxed)
-            );
+            metrics::counter(out, name, help, v.load(Ordering::Relaxed));
         }
     }
 

@@ -700,55 +700,50 @@ impl LocalBackend {
     }
 
     fn metrics_text(&self, out: &mut String) {
-        use std::fmt::Write;
-        let mut by_state: HashMap<&'static str, usize> = HashMap::new();
+        use gateway_backend::metrics;
+        let mut by_state: HashMap<&'static str, u64> = HashMap::new();
         for c in self.lock().values() {
             for w in c.workers.values() {
                 *by_state.entry(w.state.as_str()).or_default() += 1;
             }
         }
-        let _ = writeln!(
+        let states: Vec<(String, u64)> = WorkerState::ALL
+            .iter()
+            .map(|s| {
+                let n = by_state.get(s.as_str()).copied().unwrap_or(0);
+                (format!("state=\"{}\"", s.as_str()), n)
+            })
+            .collect();
+        metrics::gauge(
             out,
-            "# HELP dask_gateway_workers Worker processes, by state."
+            "workers",
+            "Worker processes, by state.",
+            states.iter().map(|(l, n)| (l.as_str(), *n)),
         );
-        let _ = writeln!(out, "# TYPE dask_gateway_workers gauge");
-        for state in WorkerState::ALL {
-            let n = by_state.get(state.as_str()).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "dask_gateway_workers{{state=\"{}\"}} {n}",
-                state.as_str()
-            );
-        }
+        let c = &self.counters;
         for (name, help, value) in [
             (
                 "clusters_created",
                 "Clusters created since the gateway started.",
-                &self.counters.clusters_created,
+                &c.clusters_created,
             ),
             (
                 "clusters_failed",
                 "Clusters that ended FAILED since the gateway started.",
-                &self.counters.clusters_failed,
+                &c.clusters_failed,
             ),
             (
                 "workers_started",
                 "Worker processes started since the gateway started.",
-                &self.counters.workers_started,
+                &c.workers_started,
             ),
             (
                 "worker_failures",
                 "Worker start failures and unexpected worker exits since the gateway started.",
-                &self.counters.worker_failures,
+                &c.worker_failures,
             ),
         ] {
-            let _ = writeln!(out, "# HELP dask_gateway_{name}_total {help}");
-            let _ = writeln!(out, "# TYPE dask_gateway_{name}_total counter");
-            let _ = writeln!(
-                out,
-                "dask_gateway_{name}_total {}",
-                value.load(Ordering::Relaxed)
-            );
+            metrics::counter(out, name, help, value.load(Ordering::Relaxed));
         }
     }
 }

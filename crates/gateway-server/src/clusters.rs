@@ -442,57 +442,55 @@ impl ClusterService {
     /// Prometheus text exposition: clusters by status, routes, API counters, then the
     /// backend's own lines.
     pub fn metrics_text(&self) -> String {
-        use std::fmt::Write;
-        let mut by_status: HashMap<ClusterStatus, usize> = HashMap::new();
+        use gateway_backend::metrics;
+        let mut by_status: HashMap<ClusterStatus, u64> = HashMap::new();
         let mut routed = 0;
         for c in self.backend.list(None) {
             *by_status.entry(c.status).or_default() += 1;
-            routed += usize::from(c.addresses.is_some());
+            routed += u64::from(c.addresses.is_some());
         }
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP dask_gateway_clusters Clusters known to the gateway, by status."
+        let labels: Vec<(String, u64)> = ClusterStatus::ALL
+            .iter()
+            .map(|st| {
+                let n = by_status.get(st).copied().unwrap_or(0);
+                (
+                    format!("status=\"{}\"", st.as_str().to_ascii_lowercase()),
+                    n,
+                )
+            })
+            .collect();
+        metrics::gauge(
+            &mut out,
+            "clusters",
+            "Clusters known to the gateway, by status.",
+            labels.iter().map(|(l, n)| (l.as_str(), *n)),
         );
-        let _ = writeln!(out, "# TYPE dask_gateway_clusters gauge");
-        for st in ClusterStatus::ALL {
-            let n = by_status.get(&st).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "dask_gateway_clusters{{status=\"{}\"}} {n}",
-                st.as_str().to_ascii_lowercase()
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP dask_gateway_routes Clusters reachable through the proxy."
+        metrics::gauge(
+            &mut out,
+            "routes",
+            "Clusters reachable through the proxy.",
+            [("", routed)],
         );
-        let _ = writeln!(out, "# TYPE dask_gateway_routes gauge");
-        let _ = writeln!(out, "dask_gateway_routes {routed}");
+        let c = &self.counters;
         for (name, help, value) in [
             (
                 "create_requests",
                 "Cluster create requests since the gateway started.",
-                &self.counters.create_requests,
+                &c.create_requests,
             ),
             (
                 "create_refused_quota",
                 "Cluster creates refused by the per-user quota.",
-                &self.counters.create_refused,
+                &c.create_refused,
             ),
             (
                 "scheduler_forward_failures",
                 "Scale/adapt messages that never reached their scheduler.",
-                &self.counters.forward_failures,
+                &c.forward_failures,
             ),
         ] {
-            let _ = writeln!(out, "# HELP dask_gateway_{name}_total {help}");
-            let _ = writeln!(out, "# TYPE dask_gateway_{name}_total counter");
-            let _ = writeln!(
-                out,
-                "dask_gateway_{name}_total {}",
-                value.load(Ordering::Relaxed)
-            );
+            metrics::counter(&mut out, name, help, value.load(Ordering::Relaxed));
         }
         self.backend.metrics(&mut out);
         out

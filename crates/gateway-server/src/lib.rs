@@ -164,59 +164,56 @@ fn gateway_runtime(config: &GatewayConfig) -> gateway_kube::GatewayRuntime {
 
 /// The controller's counters (of the current leadership term) as Prometheus text.
 pub(crate) fn controller_metrics(live: &gateway_kube::LiveContext) -> String {
-    use std::fmt::Write;
+    use gateway_backend::metrics;
     use std::sync::atomic::Ordering::Relaxed;
     let ctx = live.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP dask_gateway_controller_leading Whether this process runs the DaskCluster controller now.");
-    let _ = writeln!(out, "# TYPE dask_gateway_controller_leading gauge");
-    let _ = writeln!(
-        out,
-        "dask_gateway_controller_leading {}",
-        u8::from(ctx.is_some())
+    metrics::gauge(
+        &mut out,
+        "controller_leading",
+        "Whether this process runs the DaskCluster controller now.",
+        [("", u64::from(ctx.is_some()))],
     );
     if let Some(ctx) = ctx {
         let m = &ctx.metrics;
         for (name, help, v) in [
             (
-                "reconciles",
+                "controller_reconciles",
                 "Reconcile passes.",
                 m.reconciles.load(Relaxed),
             ),
             (
-                "reconcile_errors",
+                "controller_reconcile_errors",
                 "Reconcile passes that failed (retried).",
                 m.reconcile_errors.load(Relaxed),
             ),
             (
-                "pods_created",
+                "controller_pods_created",
                 "Pods created by the controller.",
                 m.pods_created.load(Relaxed),
             ),
             (
-                "pods_deleted",
+                "controller_pods_deleted",
                 "Pods deleted by the controller.",
                 m.pods_deleted.load(Relaxed),
             ),
             (
-                "api_writes",
+                "controller_api_writes",
                 "Kubernetes API writes made by the controller.",
                 ctx.limiter.granted(),
             ),
             (
-                "clusters_running",
+                "controller_clusters_running",
                 "Clusters that became Running.",
                 m.clusters_running.load(Relaxed),
             ),
             (
-                "clusters_failed",
+                "controller_clusters_failed",
                 "Clusters that failed.",
                 m.clusters_failed.load(Relaxed),
             ),
         ] {
-            let _ = writeln!(out, "# HELP dask_gateway_controller_{name}_total {help}");
-            let _ = writeln!(out, "# TYPE dask_gateway_controller_{name}_total counter");
-            let _ = writeln!(out, "dask_gateway_controller_{name}_total {v}");
+            metrics::counter(&mut out, name, help, v);
         }
     }
     out
