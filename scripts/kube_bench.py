@@ -15,6 +15,7 @@ ServiceAccount of manifests/gateway-rbac.yaml:
 """
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -73,7 +74,9 @@ class Gateway:
             "backend": "kubernetes",
             "log_level": "warn",
             "kubernetes": {"namespace": namespace, "instance": "bench", "image": "ignored"},
-            "cluster": {"heartbeat_period": 5, "scheduler_memory": "1G", "worker_memory": "256M"},
+            # Small requests, so that 100 workers fit the test node (16 CPU, 32 GiB).
+            "cluster": {"heartbeat_period": 5, "scheduler_cores": 0.5, "scheduler_memory": "1G",
+                        "worker_cores": 0.1, "worker_memory": "256M", "worker_threads": 1},
         }
         for k, v in (extra or {}).items():
             if isinstance(v, dict):
@@ -127,6 +130,7 @@ def bench_create(gw, n):
             client.scheduler_info()
         times.append(time.perf_counter() - t)
         c.shutdown()
+        gc.collect()
     g.close()
     return times
 
@@ -191,6 +195,9 @@ def bench_memory(kube, binary, workdir, m):
 
 
 def main():
+    # The stock client's finalizers take distributed's LoopRunner lock; a GC pass running them
+    # while the main thread starts a client deadlocks. Collect only between measurements.
+    gc.disable()
     ap = argparse.ArgumentParser()
     ap.add_argument("--gateway", required=True)
     ap.add_argument("--kubeconfig", required=True)

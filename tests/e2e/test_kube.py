@@ -329,3 +329,35 @@ def test_the_controller_can_run_on_its_own(module_servers):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_restarted_gateway_takes_over_where_the_last_one_stopped(module_servers):
+    """Clusters in every state when the gateway dies: a new gateway's controller carries on
+    (its caches are complete before it acts, so nothing is created twice)."""
+    srv = module_servers("takeover", cluster={"heartbeat_period": 2})
+    gw = srv.gateway(USER)
+    running = new_cluster(gw, shutdown_on_close=False)
+    running.scale(2)
+    compute(running, 2)
+    to_stop = new_cluster(gw, shutdown_on_close=False)
+    to_stop.scale(1)
+    compute(to_stop, 1)
+    names = (running.name, to_stop.name)
+    running.close()
+    to_stop.close()
+    srv.kill9()
+    # While no controller runs: a stop is asked for, and a worker pod disappears.
+    KubeEnv.get().kubectl("patch", "daskcluster", "-n", srv.namespace, object_id(names[1]),
+                          "--type=merge", "-p", '{"spec": {"active": false}}')
+    [victim, _] = pods(srv, names[0], "dask-worker")
+    KubeEnv.get().kubectl("delete", "pod", "-n", srv.namespace, victim["metadata"]["name"],
+                          "--wait=false")
+    srv.start()
+    gw2 = srv.gateway(USER)
+    wait_status(gw2, names[1], "STOPPED", timeout=90)
+    wait_for(lambda: children(srv, names[1]) == {"pods": [], "secrets": [], "services": []},
+             60, what="the stopped cluster's objects to be removed")
+    c = connect(gw2, names[0])
+    compute(c, 2)  # the lost worker was replaced
+    assert len(pods(srv, names[0], "dask-worker")) == 2, "no duplicate workers"
+    c.shutdown()

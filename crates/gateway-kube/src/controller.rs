@@ -45,6 +45,10 @@ const EXPECTATION_TTL: Duration = Duration::from_secs(60);
 const WORKER_PROVEN_AFTER: Duration = Duration::from_secs(20);
 /// Log lines of a failed scheduler quoted in the cluster's reason.
 const LOG_LINES: i64 = 12;
+/// Status changes that only update counts (workers, ready workers, conditions) are written at
+/// most this often per cluster: a 100-worker scale-up then costs a handful of status writes,
+/// not one per pod event.
+const COUNTS_WRITE_EVERY: Duration = Duration::from_secs(1);
 
 /// Why a reconcile pass failed; the error policy decides when to retry.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +129,8 @@ pub struct Context {
     pub limiter: RateLimiter,
     /// Per cluster id: our writes the caches have not shown yet.
     pub expectations: Mutex<HashMap<String, Expectations>>,
+    /// Per cluster id: when its status was last written.
+    status_written: Mutex<HashMap<String, Instant>>,
     /// Settings.
     pub settings: ControllerSettings,
     /// Counters.
@@ -245,16 +251,10 @@ impl Context {
             services,
             limiter,
             expectations: Mutex::new(HashMap::new()),
+            status_written: Mutex::new(HashMap::new()),
             settings,
             metrics: ControllerMetrics::default(),
         }
-    }
-
-    /// Waits until the three caches have their first complete listing.
-    async fn caches_ready(&self) {
-        let _ = self.pods.wait_until_ready().await;
-        let _ = self.secrets.wait_until_ready().await;
-        let _ = self.services.wait_until_ready().await;
     }
 
     fn expect_created(&self, id: &str, name: &str) {
@@ -278,6 +278,27 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        self.status_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Whether a status change that only updates counts should wait (one was written less
+    /// than [`COUNTS_WRITE_EVERY`] ago).
+    fn counts_write_deferred(&self, id: &str) -> bool {
+        self.status_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .is_some_and(|t| t.elapsed() < COUNTS_WRITE_EVERY)
+    }
+
+    fn status_was_written(&self, id: &str) {
+        self.status_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), Instant::now());
     }
 
     fn observe(&self, ns: &str, id: &str) -> Observed {
@@ -434,16 +455,42 @@ fn set_condition(
     status.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
 }
 
+/// Whether `a` and `b` differ in worker counts and conditions only.
+fn only_counts_differ(a: &DaskClusterStatus, b: &DaskClusterStatus) -> bool {
+    let strip = |s: &DaskClusterStatus| DaskClusterStatus {
+        replicas: 0,
+        ready_workers: 0,
+        conditions: Vec::new(),
+        ..s.clone()
+    };
+    strip(a) == strip(b)
+}
+
+/// What became of a status write.
+#[derive(Debug, PartialEq, Eq)]
+enum StatusWrite {
+    /// Nothing changed.
+    Unchanged,
+    /// Written.
+    Written,
+    /// Only counts changed and they were written a moment ago: deferred to a later pass.
+    Deferred,
+}
+
 /// Writes the status if it changed, with the object's resourceVersion as precondition.
 async fn write_status(
     ctx: &Context,
     dc: &DaskCluster,
     next: &DaskClusterStatus,
-) -> Result<(), Error> {
-    if dc.status.as_ref() == Some(next) {
-        return Ok(());
-    }
+) -> Result<StatusWrite, Error> {
     let (ns, id) = build::identity(dc)?;
+    match dc.status.as_ref() {
+        Some(old) if old == next => return Ok(StatusWrite::Unchanged),
+        Some(old) if only_counts_differ(old, next) && ctx.counts_write_deferred(&id) => {
+            return Ok(StatusWrite::Deferred)
+        }
+        _ => {}
+    }
     let mut obj = dc.clone();
     obj.status = Some(next.clone());
     obj.metadata.managed_fields = None;
@@ -451,7 +498,8 @@ async fn write_status(
     let api: Api<DaskCluster> = Api::namespaced(ctx.client.clone(), &ns);
     api.replace_status(&id, &PostParams::default(), &obj)
         .await?;
-    Ok(())
+    ctx.status_was_written(&id);
+    Ok(StatusWrite::Written)
 }
 
 /// Moves `next` to Stopping because of a failure (teardown follows in the same pass).
@@ -468,8 +516,6 @@ fn fail(ctx: &Context, id: &str, next: &mut DaskClusterStatus, reason: String) {
 /// One pass over one DaskCluster (see the module docs).
 pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
-    // Acting on half-filled caches would create children that exist already.
-    ctx.caches_ready().await;
     let (ns, id) = build::identity(&dc)?;
     let status = dc.status.clone().unwrap_or_default();
     let mut next = status.clone();
@@ -507,7 +553,9 @@ pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action
     } else {
         Action::requeue(Duration::from_secs(300))
     };
-    write_status(&ctx, &dc, &next).await?;
+    if write_status(&ctx, &dc, &next).await? == StatusWrite::Deferred {
+        return Ok(Action::requeue(COUNTS_WRITE_EVERY));
+    }
     Ok(action)
 }
 

@@ -105,13 +105,9 @@ struct Caches {
 fn context(batch: usize) -> (Arc<Context>, ApiServer, Caches) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "dask");
-    let (pods, mut pod_writer) = store();
-    let (secrets, mut secret_writer) = store();
-    let (services, mut service_writer) = store();
-    // Each cache has had its first (empty) listing.
-    pod_writer.apply_watcher_event(&Event::InitDone);
-    secret_writer.apply_watcher_event(&Event::InitDone);
-    service_writer.apply_watcher_event(&Event::InitDone);
+    let (pods, pod_writer) = store();
+    let (secrets, secret_writer) = store();
+    let (services, service_writer) = store();
     let ctx = Context::new(
         client,
         pods,
@@ -185,6 +181,11 @@ fn worker(dc: &DaskCluster, name: &str, phase: &str, exit: Option<i32>) -> Pod {
     };
     pod.status = Some(PodStatus {
         phase: Some(phase.into()),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: if phase == "Running" { "True" } else { "False" }.into(),
+            ..Default::default()
+        }]),
         container_statuses: Some(vec![ContainerStatus {
             name: "dask-worker".into(),
             state: Some(state),
@@ -307,6 +308,47 @@ async fn a_ready_scheduler_makes_the_cluster_running_and_workers_follow_once() {
     created.sort();
     created.dedup();
     assert_eq!(created.len(), 3);
+}
+
+#[tokio::test]
+async fn count_only_status_changes_are_written_at_most_once_a_second() {
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.spec.replicas = 2;
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    caches.pod(worker(&dc, "dask-worker-x-a", "Running", None));
+    caches.pod(worker(&dc, "dask-worker-x-b", "Pending", None));
+    let pass = run(dc.clone(), &ctx).await;
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!((st.phase, st.replicas), (Phase::Running, 2));
+    c.echo();
+    pass.await.unwrap().unwrap();
+    // The second worker starts: only counts change; written a moment ago, so deferred.
+    caches.pod(worker(&dc, "dask-worker-x-b", "Running", None));
+    let mut dc2 = dc.clone();
+    dc2.status = Some(st);
+    let pass = run(dc2, &ctx).await;
+    api.silent().await;
+    assert_eq!(
+        pass.await.unwrap().unwrap(),
+        Action::requeue(Duration::from_secs(1))
+    );
+    // A change that matters (the gateway stops the cluster) is written at once.
+    dc.spec.active = false;
+    let pass = run(dc, &ctx).await;
+    let st = loop {
+        let c = api.next().await;
+        if c.method == Method::PUT {
+            let st = written_status(&c);
+            c.echo();
+            break st;
+        }
+        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    };
+    assert_eq!(st.phase, Phase::Stopping);
+    pass.await.unwrap().unwrap();
 }
 
 #[tokio::test]

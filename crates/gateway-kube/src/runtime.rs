@@ -17,7 +17,7 @@ use kube::Client;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Why the controller could not run.
 #[derive(Debug, thiserror::Error)]
@@ -32,14 +32,17 @@ pub enum ControllerError {
     },
 }
 
-/// A cache of objects of this installation and the stream of its changes: the controller
-/// consumes the stream (which also fills the cache) to trigger the owners of changed objects.
+/// A cache of objects of this installation, filled by a watch in its own task, and the stream
+/// of changed objects that triggers the controller. The watch does not depend on the controller
+/// polling it, so the cache completes its first listing before the controller starts (a
+/// controller that reconciled on a half-filled cache would create children that exist).
 fn cache<K>(
     api: Api<K>,
     selector: &str,
 ) -> (
     Store<K>,
     impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    tokio::task::JoinHandle<()>,
 )
 where
     K: kube::Resource<DynamicType = ()>
@@ -51,11 +54,23 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default().labels(selector))
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let events = watcher(api, watcher::Config::default().labels(selector))
         .default_backoff()
         .reflect(writer)
         .touched_objects();
-    (reader, stream)
+    let task = tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    let triggers = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|event| (event, rx))
+    });
+    (reader, triggers, task)
 }
 
 /// The controller's context of the current leadership term, for metrics.
@@ -70,18 +85,29 @@ async fn run_term(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let selector = names::instance_selector(&config.instance);
-    let (pods, pod_events) = cache(
+    let (pods, pod_events, pod_task) = cache(
         Api::<Pod>::namespaced(client.clone(), &namespace),
         &selector,
     );
-    let (secrets, secret_events) = cache(
+    let (secrets, secret_events, secret_task) = cache(
         Api::<Secret>::namespaced(client.clone(), &namespace),
         &selector,
     );
-    let (services, service_events) = cache(
+    let (services, service_events, service_task) = cache(
         Api::<Service>::namespaced(client.clone(), &namespace),
         &selector,
     );
+    let tasks = [pod_task, secret_task, service_task];
+    for (what, ready) in [
+        ("pods", pods.wait_until_ready().await.is_ok()),
+        ("secrets", secrets.wait_until_ready().await.is_ok()),
+        ("services", services.wait_until_ready().await.is_ok()),
+    ] {
+        if !ready {
+            warn!("the {what} cache stopped before its first listing");
+            return;
+        }
+    }
     let ctx = Arc::new(Context::new(
         client.clone(),
         pods,
@@ -109,6 +135,9 @@ async fn run_term(
     .run(reconcile, error_policy, ctx)
     .for_each(|_| async {})
     .await;
+    for task in tasks {
+        task.abort();
+    }
     *live.lock().unwrap_or_else(|e| e.into_inner()) = None;
     info!("DaskCluster controller stopped");
 }
