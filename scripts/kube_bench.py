@@ -155,7 +155,7 @@ def bench_scale(kube, ns, gw, n, real_workers):
             created = now
         if running is None and sum(p["status"].get("phase") == "Running" for p in pods) >= n:
             running = now
-        if real_workers and joined is None and len(client.scheduler_info()["workers"]) >= n:
+        if real_workers and joined is None and len(client.scheduler_info(n_workers=-1)["workers"]) >= n:
             joined = now
         if running is not None and (joined is not None or not real_workers):
             break
@@ -198,6 +198,8 @@ def main():
     # The stock client's finalizers take distributed's LoopRunner lock; a GC pass running them
     # while the main thread starts a client deadlocks. Collect only between measurements.
     gc.disable()
+    # ... and their `__del__` complains about a stopped loop on every closed cluster: not ours.
+    sys.unraisablehook = lambda _: None
     ap = argparse.ArgumentParser()
     ap.add_argument("--gateway", required=True)
     ap.add_argument("--kubeconfig", required=True)
