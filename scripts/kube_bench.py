@@ -1,7 +1,7 @@
 """Kubernetes backend benchmark, driven by scripts/bench-kube (not a test: it prints numbers).
 
 Against the control plane of tests/kube-env, with the gateway running under the least-privilege
-ServiceAccount of manifests/gateway-rbac.yaml:
+ServiceAccount the Helm chart ships (manifests/dask-gateway-rs.yaml):
 
 1. create -> scheduler reachable: `Gateway.new_cluster()` until a `distributed.Client`
    through the proxy has answered (median of several clusters), with the gateway's share.
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+import manifests
+
 REPO = Path(__file__).resolve().parents[1]
 KUBE_ENV = REPO / "tests" / "kube-env"
 BRIDGE_IP = os.environ.get("KUBE_ENV_BRIDGE_IP", "10.244.0.1")
@@ -52,12 +54,10 @@ class Kube:
     def namespace(self, name):
         ns = f"bench-{name}-{os.urandom(3).hex()}"
         self.kubectl("create", "namespace", ns)
-        docs = list(yaml.safe_load_all((REPO / "manifests" / "gateway-rbac.yaml").read_text()))
-        for d in docs:
-            for s in d.get("subjects", []):
-                s["namespace"] = ns
-        self.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
-        kc = sh(str(KUBE_ENV / "sa-kubeconfig"), ns, "dask-gateway").strip().splitlines()[-1]
+        self.kubectl("apply", "-n", ns, "-f", "-",
+                     input=yaml.safe_dump_all(manifests.gateway_rbac(ns)))
+        kc = sh(str(KUBE_ENV / "sa-kubeconfig"), ns,
+                manifests.SERVICE_ACCOUNT).strip().splitlines()[-1]
         return ns, kc
 
     def pods(self, ns, selector):
@@ -210,7 +210,8 @@ def main():
     ap.add_argument("--creates", type=int, default=5)
     args = ap.parse_args()
     kube = Kube(args.kubeconfig, args.kubectl)
-    kube.kubectl("apply", "-f", str(REPO / "manifests" / "daskcluster-crd.yaml"))
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                 input=yaml.safe_dump(manifests.crd()))
     with tempfile.TemporaryDirectory(prefix="dgrs-bench-kube-") as workdir:
         shim = Path(workdir) / "shim"
         shim.mkdir()

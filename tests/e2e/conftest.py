@@ -12,10 +12,14 @@ the client cannot express a check).
   of a failing test.
 - `E2E_BACKEND=kubernetes` runs the same tests on the Kubernetes backend: the control plane of
   `tests/kube-env` (started by `KubeEnv`), one namespace per server with the least-privilege
-  RBAC of `manifests/gateway-rbac.yaml`, and the gateway running under that ServiceAccount's
-  kubeconfig. Pods there are host processes, so the process probes below work on both backends
+  RBAC the Helm chart ships (from `manifests/dask-gateway-rs.yaml`), and the gateway running
+  under that ServiceAccount's kubeconfig. Pods there are host processes, so the process probes below work on both backends
   (pods carry `E2E_NAMESPACE` in their environment). Tests marked `local_only` or `kube_only`
   run on one backend.
+- `E2E_BACKEND=helm` installs each server as a release of the Helm chart (`HelmServer`): the
+  gateway runs as a pod of tests/kube-env (the pod PATH holds `gateway-server`), configured only
+  through chart values, and is reached through a local TCP forward to its Service. Tests that
+  kill or restart the gateway process (`process_control`) do not run there.
 """
 
 from __future__ import annotations
@@ -47,9 +51,13 @@ import dask_gateway
 from dask_gateway import BasicAuth, Gateway
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+import manifests  # noqa: E402  (the rendered chart, for the Kubernetes backend)
 BACKEND = os.environ.get("E2E_BACKEND", "local")
-assert BACKEND in ("local", "kubernetes"), f"E2E_BACKEND must be local or kubernetes, not {BACKEND!r}"
-KUBE = BACKEND == "kubernetes"
+assert BACKEND in ("local", "kubernetes", "helm"), \
+    f"E2E_BACKEND must be local, kubernetes or helm, not {BACKEND!r}"
+KUBE = BACKEND in ("kubernetes", "helm")
+HELM = BACKEND == "helm"
 LOG_DIR = Path(os.environ.get("E2E_LOG_DIR", REPO / "tests" / "e2e" / "logs"))
 PYTHON_ENV = sys.prefix  # the venv this suite runs in also runs schedulers and workers
 
@@ -225,7 +233,8 @@ class KubeEnv:
             ["bash", "-c", f"source {self.HERE}/lib/common.sh; echo $BIN_DIR"],
             check=True, text=True, stdout=subprocess.PIPE).stdout.strip()
         self.kubectl_bin = f"{bin_dir}/kubectl"
-        self.kubectl("apply", "-f", str(REPO / "manifests" / "daskcluster-crd.yaml"))
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                     input=yaml.safe_dump(manifests.crd()))
         self.kubectl("wait", "--for", "condition=Established", "--timeout=60s",
                      "crd/daskclusters.gateway.dask.org")
         self.namespaces = []
@@ -244,19 +253,71 @@ class KubeEnv:
         ns = re.sub(r"[^a-z0-9-]", "-", f"e2e-{name}".lower())[:50].strip("-")
         ns = f"{ns}-{os.urandom(3).hex()}"
         self.kubectl("create", "namespace", ns)
-        docs = list(yaml.safe_load_all((REPO / "manifests" / "gateway-rbac.yaml").read_text()))
-        for d in docs:
-            if d["kind"] == "RoleBinding":
-                for subj in d["subjects"]:
-                    subj["namespace"] = ns
-        self.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
-        out = subprocess.run([str(self.HERE / "sa-kubeconfig"), ns, "dask-gateway"], check=True,
+        self.kubectl("apply", "-n", ns, "-f", "-",
+                     input=yaml.safe_dump_all(manifests.gateway_rbac(ns)))
+        out = subprocess.run([str(self.HERE / "sa-kubeconfig"), ns, manifests.SERVICE_ACCOUNT],
+                             check=True,
                              text=True, stdout=subprocess.PIPE, stderr=sys.stderr, timeout=60)
         self.namespaces.append(ns)
         return ns, out.stdout.strip().splitlines()[-1]
 
     def delete_namespace(self, ns):
         self.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+    def bare_namespace(self, name):
+        ns = re.sub(r"[^a-z0-9-]", "-", f"e2e-{name}".lower())[:50].strip("-")
+        ns = f"{ns}-{os.urandom(3).hex()}"
+        self.kubectl("create", "namespace", ns)
+        self.namespaces.append(ns)
+        return ns
+
+
+class TcpForward:
+    """127.0.0.1:<port> -> target, byte for byte both ways (what `kubectl port-forward` would do;
+    the process kubelet has none). Scheduler TLS passes through untouched."""
+
+    def __init__(self, target):
+        import threading
+        self.target = target
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(256)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        import threading
+        try:
+            upstream = socket.create_connection(self.target, timeout=10)
+            upstream.settimeout(None)
+        except OSError:
+            client.close()
+            return
+
+        def pipe(a, b):
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        t = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+        t.start()
+        pipe(client, upstream)
+        t.join()
+        client.close()
+        upstream.close()
 
 # Registry of running servers, for per-test log slices.
 _RUNNING: list[GatewayServer] = []
@@ -585,13 +646,102 @@ class GatewayServer:
                             f"{[p.pid for p in leftovers]} =====\n")
 
 
+class HelmServer(GatewayServer):
+    """A server that is a release of the Helm chart (see the module docs). Same interface as
+    GatewayServer, minus process control."""
+
+    CHART = REPO / "charts" / "dask-gateway-rs"
+
+    def __init__(self, name, base_dir, password=None, admin_users=(), **overrides):
+        self.release = re.sub(r"[^a-z0-9-]", "-", name.lower())[:20].strip("-") or "gw"
+        self._namespace = KubeEnv.get().bare_namespace(name)
+        super().__init__(name, base_dir, password=password, admin_users=admin_users,
+                         kube_namespace=self._namespace, kube_kubeconfig=None, **overrides)
+        self.owns_namespace = True
+        self.forward = None
+        self.helm = subprocess.run([str(REPO / "tests" / "helm" / "build")], check=True, text=True,
+                                   stdout=subprocess.PIPE).stdout.strip().splitlines()[-1]
+
+    def values(self):
+        """Chart values expressing this server's configuration."""
+        c = self.config
+        marker = [{"name": "E2E_NAMESPACE", "value": self.namespace}]
+        values = {
+            "crds": {"install": False},  # applied once by KubeEnv
+            "gateway": {"dashboardAuth": bool(c.get("dashboard_auth")),
+                        "stopClustersOnShutdown": bool(c.get("stop_clusters_on_shutdown")),
+                        "prefix": c.get("prefix") or "", "logFormat": "text"},
+            "auth": {"simple": {"password": self.password or ""},
+                     "adminUsers": list(c["auth"].get("admin_users") or [])},
+            "clusters": {"image": "ignored-by-the-process-kubelet",
+                         "terminationGracePeriodSeconds": 5,
+                         "scheduler": {"template": {"env": marker}},
+                         "worker": {"template": {"env": marker}}},
+            # The gateway's own configuration keys, merged last by the chart.
+            "extraConfig": {"cluster": c["cluster"]},
+        }
+        return values
+
+    @property
+    def port(self):
+        forward = getattr(self, "forward", None)
+        return forward.port if forward else 0
+
+    @port.setter
+    def port(self, value):
+        pass  # chosen by the forward
+
+    def start(self, timeout=180):
+        values = self.base_dir / "values.yaml"
+        values.write_text(yaml.safe_dump(self.values()))
+        r = subprocess.run([self.helm, "upgrade", "--install", self.release, str(self.CHART),
+                            "-n", self.namespace, "-f", str(values), "--wait",
+                            "--timeout", f"{timeout}s"], text=True, capture_output=True,
+                           env={**os.environ, "KUBECONFIG": KubeEnv.get().admin_kubeconfig})
+        if r.returncode != 0:
+            pytest.fail(f"helm install of {self.name} failed: {r.stderr}")
+        svc = KubeEnv.get().get_json("svc", "-n", self.namespace,
+                                     f"{self.release}-dask-gateway-rs")
+        target = (svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["port"])
+        self.forward = TcpForward(target)
+        if self not in _RUNNING:
+            _RUNNING.append(self)
+        wait_for(lambda: self.health().status == 200, 60, what=f"{self.name} to answer")
+        return self
+
+    def is_alive(self):
+        return self.forward is not None
+
+    def kill9(self):
+        pytest.skip("process control of a gateway pod is not part of the Helm mode")
+
+    def terminate(self, timeout=30):
+        if self.forward is None:
+            return
+        subprocess.run([self.helm, "uninstall", self.release, "-n", self.namespace, "--wait"],
+                       capture_output=True, env={**os.environ,
+                                                 "KUBECONFIG": KubeEnv.get().admin_kubeconfig})
+        self.forward.listener.close()
+        self.forward = None
+
+    def log_text(self, start=0):
+        r = KubeEnv.get().kubectl("logs", "-n", self.namespace, "--tail", "400", "-l",
+                                  f"app.kubernetes.io/instance={self.release},"
+                                  "app.kubernetes.io/component=gateway", check=False)
+        return ANSI.sub("", r.stdout)
+
+    def log_size(self):
+        return 0
+
+
 def _server_starter(tmp_path_factory):
     """A generator fixture body: yields `make(name, **settings)`, which starts a GatewayServer;
     every server it started is shut down (newest first) when the fixture's scope ends."""
     started = []
 
     def make(name, **kwargs):
-        srv = GatewayServer(name, tmp_path_factory.mktemp(name), **kwargs)
+        cls = HelmServer if HELM else GatewayServer
+        srv = cls(name, tmp_path_factory.mktemp(name), **kwargs)
         started.append(srv)
         srv.start()
         return srv
@@ -727,9 +877,14 @@ def pytest_runtest_makereport(item, call):
 def pytest_collection_modifyitems(config, items):
     skip_local = pytest.mark.skip(reason="local backend only")
     skip_kube = pytest.mark.skip(reason="Kubernetes backend only (E2E_BACKEND=kubernetes)")
+    skip_helm = pytest.mark.skip(reason="controls the gateway process (not in the Helm mode)")
     for item in items:
         if KUBE and item.get_closest_marker("local_only"):
             item.add_marker(skip_local)
+        if HELM and (item.get_closest_marker("process_control")
+                     or item.get_closest_marker("kube_only")
+                     or item.get_closest_marker("not_helm")):
+            item.add_marker(skip_helm)
         if not KUBE and item.get_closest_marker("kube_only"):
             item.add_marker(skip_kube)
 
@@ -737,6 +892,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "local_only: runs on the local backend only")
     config.addinivalue_line("markers", "kube_only: runs on the Kubernetes backend only")
+    config.addinivalue_line("markers", "process_control: kills or restarts the gateway process")
+    config.addinivalue_line("markers", "not_helm: needs settings the Helm mode does not pass")
     # The stock client's finalizers (Gateway/GatewayCluster.__del__ -> close -> LoopRunner.stop)
     # take distributed's global LoopRunner lock. If a GC pass runs them while the main thread is
     # inside LoopRunner.start (e.g. creating a Client), the process deadlocks, beyond the reach

@@ -18,6 +18,7 @@ def run_work(cluster):
         assert client.submit(lambda x: x**2, 12, pure=False).result(timeout=60) == 144
 
 
+@pytest.mark.not_helm  # a second host port; the chart's service.schedulerPort is tested in tests/helm
 def test_separate_scheduler_port(module_servers):
     sched_port = free_port()
     srv = module_servers("sched-port", scheduler_address=f"127.0.0.1:{sched_port}")

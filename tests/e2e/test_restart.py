@@ -11,6 +11,8 @@ import pytest
 
 from conftest import connect, new_cluster, wait_for, wait_status, wait_workers
 
+pytestmark = pytest.mark.process_control
+
 USER = "restart-user"
 
 

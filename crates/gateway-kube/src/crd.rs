@@ -3,7 +3,7 @@
 //! The gateway writes the spec (what the user asked for, fully resolved at creation, so the
 //! controller needs no gateway configuration), and later only `replicas`/`retiredWorkers` (from
 //! heartbeats) and `active`/`stop` (on DELETE). The controller writes only the status. The CRD
-//! YAML in `manifests/` is generated from these types by the `crdgen` binary.
+//! YAML the Helm chart installs is generated from these types by the `crdgen` binary.
 
 use gateway_backend::ClusterSettings;
 use kube::CustomResource;
@@ -383,7 +383,7 @@ fn known_formats(v: &mut Value) {
     }
 }
 
-/// The CRD as YAML, exactly as `manifests/` holds it.
+/// The CRD as YAML, exactly as the chart's `files/daskcluster-crd.yaml` holds it.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     let mut crd = serde_json::to_value(DaskCluster::crd()).expect("the CRD serialises");

@@ -3,7 +3,9 @@
 //!
 //! The holder renews the Lease every [`RENEW_EVERY`]; others take it over once it has not been
 //! renewed for [`LEASE_DURATION`]. Every write carries the Lease's resourceVersion, so two
-//! candidates racing for an expired Lease cannot both win: the loser gets a conflict.
+//! candidates racing for an expired Lease cannot both win: the loser gets a conflict. A holder
+//! that shuts down clears the holder, so a replacement (a rolling update) leads at once. The
+//! Lease may exist beforehand (the Helm chart makes it, so that uninstalling removes it).
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -106,6 +108,31 @@ impl LeaderElection {
         }
     }
 
+    /// Gives the Lease up if we hold it: clears the holder (an update with the Lease's
+    /// resourceVersion, so a Lease someone else took meanwhile is left alone).
+    pub async fn release(&self) {
+        let Ok(mut lease) = self.api.get(&self.name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        spec.acquire_time = None;
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => info!(lease = %self.name, "released the lease"),
+            Err(e) => warn!(lease = %self.name, "releasing the lease: {e}"),
+        }
+    }
+
     /// Runs `work` while we hold the Lease: waits to acquire it, runs `work` and renews in the
     /// background; if renewal fails for longer than the Lease lasts, `work` is dropped and we
     /// go back to waiting. Returns when `work` returns or `shutdown` resolves.
@@ -144,8 +171,14 @@ impl LeaderElection {
                 }
             };
             tokio::select! {
-                _ = &mut shutdown => return,
-                _ = work() => return,
+                _ = &mut shutdown => {
+                    self.release().await;
+                    return;
+                }
+                _ = work() => {
+                    self.release().await;
+                    return;
+                }
                 why = renew => warn!(lease = %self.name, "lost leadership ({why}); controller stopped"),
             }
         }

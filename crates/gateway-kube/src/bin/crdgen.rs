@@ -1,6 +1,6 @@
-//! Prints the DaskCluster CRD as YAML (`manifests/daskcluster-crd.yaml` is its output):
+//! Prints the DaskCluster CRD as YAML; the Helm chart installs this output:
 //!
-//!     cargo run -p gateway-kube --bin crdgen > manifests/daskcluster-crd.yaml
+//!     cargo run -p gateway-kube --bin crdgen > charts/dask-gateway-rs/files/daskcluster-crd.yaml
 
 fn main() {
     print!("{}", gateway_kube::crd::crd_yaml());

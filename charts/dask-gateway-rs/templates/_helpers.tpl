@@ -1,0 +1,147 @@
+{{/* Names, labels and the rendered gateway configuration. */}}
+
+{{- define "dgrs.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "dgrs.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dgrs.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Standard labels; call with (dict "root" $ "component" "gateway"). */}}
+{{- define "dgrs.labels" -}}
+helm.sh/chart: {{ include "dgrs.chart" .root }}
+app.kubernetes.io/name: {{ include "dgrs.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: dask-gateway
+{{- with .component }}
+app.kubernetes.io/component: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{- define "dgrs.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dgrs.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "dgrs.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dgrs.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dgrs.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* Namespace of the DaskClusters and their pods. */}}
+{{- define "dgrs.clustersNamespace" -}}
+{{- default .Release.Namespace .Values.clusters.namespace -}}
+{{- end -}}
+
+{{- define "dgrs.instance" -}}
+{{- default (include "dgrs.fullname" .) .Values.clusters.instance | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "dgrs.passwordSecret" -}}
+{{- if .Values.auth.simple.existingSecret -}}
+{{- .Values.auth.simple.existingSecret -}}
+{{- else -}}
+{{- printf "%s-auth" (include "dgrs.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where scheduler pods reach the gateway API: the gateway Service (any replica). */}}
+{{- define "dgrs.apiUrl" -}}
+{{- printf "http://%s.%s.svc:%v%s/api" (include "dgrs.fullname" .) .Release.Namespace .Values.service.port (trimSuffix "/" .Values.gateway.prefix) -}}
+{{- end -}}
+
+{{/* A pod template without empty keys. */}}
+{{- define "dgrs.podTemplate" -}}
+{{- $t := dict -}}
+{{- range $k, $v := . -}}
+{{- if $v -}}{{- $_ := set $t $k $v -}}{{- end -}}
+{{- end -}}
+{{- toJson $t -}}
+{{- end -}}
+
+{{/* The gateway configuration file (docs/configuration.md), from the values. */}}
+{{- define "dgrs.config" -}}
+{{- $c := .Values.clusters -}}
+{{- $cluster := dict
+  "scheduler_cores" $c.scheduler.cores
+  "scheduler_memory" (toString $c.scheduler.memory)
+  "worker_cores" $c.worker.cores
+  "worker_memory" (toString $c.worker.memory)
+  "idle_timeout" $c.idleTimeout
+  "start_timeout" $c.startTimeout
+  "heartbeat_period" $c.heartbeatPeriod
+  "adaptive_period" $c.adaptivePeriod
+  "worker_start_failure_limit" $c.workerStartFailureLimit
+  "environment" $c.environment
+  "options" $c.options
+-}}
+{{- with $c.scheduler.coresLimit }}{{ $_ := set $cluster "scheduler_cores_limit" . }}{{ end -}}
+{{- with $c.scheduler.memoryLimit }}{{ $_ := set $cluster "scheduler_memory_limit" (toString .) }}{{ end -}}
+{{- with $c.worker.coresLimit }}{{ $_ := set $cluster "worker_cores_limit" . }}{{ end -}}
+{{- with $c.worker.memoryLimit }}{{ $_ := set $cluster "worker_memory_limit" (toString .) }}{{ end -}}
+{{- with $c.worker.threads }}{{ $_ := set $cluster "worker_threads" . }}{{ end -}}
+{{- with $c.profile }}{{ $_ := set $cluster "profile" . }}{{ end -}}
+{{- with $c.limits.maxWorkers }}{{ $_ := set $cluster "max_workers" . }}{{ end -}}
+{{- with $c.limits.maxCores }}{{ $_ := set $cluster "max_cores" . }}{{ end -}}
+{{- with $c.limits.maxMemory }}{{ $_ := set $cluster "max_memory" (toString .) }}{{ end -}}
+{{- with $c.limits.maxClustersPerUser }}{{ $_ := set $cluster "max_clusters_per_user" . }}{{ end -}}
+{{- $kube := dict
+  "namespace" (include "dgrs.clustersNamespace" .)
+  "instance" (include "dgrs.instance" .)
+  "image" $c.image
+  "image_pull_secrets" $c.imagePullSecrets
+  "scheduler" (include "dgrs.podTemplate" $c.scheduler.template | fromJson)
+  "worker" (include "dgrs.podTemplate" $c.worker.template | fromJson)
+  "profiles" $c.profiles
+  "termination_grace_period_seconds" $c.terminationGracePeriodSeconds
+  "controller" .Values.controller.embedded
+  "api_qps" .Values.controller.apiQps
+  "api_burst" .Values.controller.apiBurst
+  "reconcile_concurrency" .Values.controller.reconcileConcurrency
+  "worker_batch" .Values.controller.workerBatch
+  "completed_cluster_max_age" .Values.controller.completedClusterMaxAge
+-}}
+{{- with $c.imagePullPolicy }}{{ $_ := set $kube "image_pull_policy" . }}{{ end -}}
+{{- with $c.serviceAccount }}{{ $_ := set $kube "service_account" . }}{{ end -}}
+{{- $config := dict
+  "address" "0.0.0.0:8000"
+  "backend" "kubernetes"
+  "api_url" (include "dgrs.apiUrl" .)
+  "log_format" .Values.gateway.logFormat
+  "log_level" .Values.gateway.logLevel
+  "request_timeout" .Values.gateway.requestTimeout
+  "dashboard_auth" .Values.gateway.dashboardAuth
+  "stop_clusters_on_shutdown" .Values.gateway.stopClustersOnShutdown
+  "auth" (dict "type" .Values.auth.type "admin_users" .Values.auth.adminUsers "cookie_name" (printf "dask-gateway-%s" (include "dgrs.instance" .)))
+  "kubernetes" $kube
+  "cluster" $cluster
+-}}
+{{- with .Values.gateway.prefix }}{{ $_ := set $config "prefix" . }}{{ end -}}
+{{- if .Values.service.schedulerPort }}{{ $_ := set $config "scheduler_address" "0.0.0.0:8786" }}{{ end -}}
+{{- $merged := mustMergeOverwrite $config (deepCopy .Values.extraConfig) -}}
+{{- toYaml $merged -}}
+{{- end -}}

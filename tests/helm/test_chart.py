@@ -1,0 +1,327 @@
+"""The Helm chart with real Helm (tests/helm/build) against the real control plane of
+tests/kube-env: lint and render, schema errors that name the value, least-privilege RBAC, a
+server-side dry run of everything the chart can render, and a real install whose gateway runs
+as a pod (the process kubelet runs `gateway-server` from the pod PATH, with the chart's
+ServiceAccount token and rendered config), used with the stock client, `helm test`, `helm upgrade`
+(config and CRD) and `helm uninstall`.
+
+Run by tests/helm/run (tests/run calls it inside tests/kube-env/ci).
+"""
+
+import copy
+import gc
+import json
+import os
+import shutil
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "dask-gateway-rs"
+ALL_VALUES = Path(__file__).resolve().parent / "values-all.yaml"
+HELM = os.environ["HELM"]
+KUBECTL = os.environ["KUBECTL"]
+
+# Test-sized Dask pods (the test node has 16 CPUs); the image is ignored by the process kubelet.
+SMALL = ["-f", str(Path(__file__).resolve().parent / "values-small.yaml")]
+
+EXPECTED_RULES = {
+    ("gateway.dask.org", "daskclusters"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("gateway.dask.org", "daskclusters/status"): {"get", "update", "patch"},
+    ("gateway.dask.org", "daskclusters/finalizers"): {"update"},
+    ("", "pods"): {"get", "list", "watch", "create", "delete"},
+    ("", "pods/log"): {"get"},
+    ("", "services"): {"get", "list", "watch", "create", "delete"},
+    ("", "secrets"): {"get", "list", "watch", "create", "delete"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+}
+
+
+def run(*args, check=True, input=None, timeout=600):
+    r = subprocess.run(args, capture_output=True, text=True, input=input, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def helm(*args, **kw):
+    return run(HELM, *args, **kw)
+
+
+def kubectl(*args, **kw):
+    return run(KUBECTL, *args, **kw)
+
+
+def render(*args):
+    out = helm("template", "dgrs", str(CHART), "--namespace", "dgrs-test", *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def wait_for(what, predicate, timeout=120, interval=1.0):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001 - reported on timeout
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture(scope="module")
+def namespace():
+    ns = f"helm-{os.urandom(3).hex()}"
+    kubectl("create", "namespace", ns)
+    yield ns
+    kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+# -- static ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(ALL_VALUES)]], ids=["defaults", "all-on"])
+def test_lint(values):
+    out = helm("lint", "--strict", str(CHART), *values).stdout
+    assert "0 chart(s) failed" in out, out
+
+
+def test_manifests_are_rendered_from_the_chart():
+    run(str(REPO / "scripts" / "render-manifests"), "--check")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("gateway.replicas=zero", "at '/gateway/replicas': got string, want integer"),
+    ("service.type=Loadbalancer", "at '/service/type'"),
+    ("clusters.worker.memory=lots", "at '/clusters/worker/memory'"),
+    ("gateway.nodeSelectr.a=b", "additional properties 'nodeSelectr' not allowed"),
+    ("clusters.namespace=Not_Valid", "at '/clusters/namespace'"),
+])
+def test_a_wrong_value_fails_with_a_message_that_names_it(setting, message):
+    r = helm("template", "x", str(CHART), "--set", setting, check=False)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(ALL_VALUES)]], ids=["defaults", "all-on"])
+def test_rbac_is_exactly_what_the_code_uses(values):
+    docs = render(*values)
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, "nothing cluster-wide"
+    [role] = [d for d in docs if d["kind"] == "Role"]
+    rules = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert "*" not in rule["verbs"] and resource != "*" and group != "*"
+                rules.setdefault((group, resource), set()).update(rule["verbs"])
+    assert rules == EXPECTED_RULES
+    [binding] = [d for d in docs if d["kind"] == "RoleBinding"]
+    [sa] = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": "dgrs-test"}]
+
+
+def test_the_rendered_configuration_is_valid_for_the_gateway(tmp_path):
+    binary = os.environ["GATEWAY_SERVER_BIN"]
+    for values in ([], ["-f", str(ALL_VALUES)]):
+        [cm] = [d for d in render(*values) if d["kind"] == "ConfigMap"]
+        path = tmp_path / "gateway.yaml"
+        path.write_text(cm["data"]["gateway.yaml"])
+        r = run(binary, "--config", str(path), "--check-config")
+        assert "configuration OK" in r.stdout
+
+
+def test_pods_are_hardened():
+    for d in render("-f", str(ALL_VALUES)):
+        if d["kind"] != "Deployment":
+            continue
+        pod = d["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert c["livenessProbe"]["httpGet"]["path"].endswith("/api/health")
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(ALL_VALUES)]], ids=["defaults", "all-on"])
+def test_everything_the_chart_renders_passes_a_server_side_dry_run(namespace, values):
+    # The all-on values name a ServiceMonitor: give the API server its CRD (a stub schema).
+    stub = REPO / "tests" / "helm" / "servicemonitor-crd.yaml"
+    kubectl("apply", "--server-side", "-f", str(stub))
+    kubectl("wait", "--for", "condition=Established", "--timeout=60s",
+            "crd/servicemonitors.monitoring.coreos.com")
+    out = helm("template", "dgrs", str(CHART), "--namespace", namespace,
+               "--set", f"clusters.namespace={namespace}", *values).stdout
+    r = kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=out)
+    assert "(server dry run)" in r.stdout, r.stdout
+
+
+# -- a real install -------------------------------------------------------------------------------
+
+
+def gateway_url(ns, release):
+    svc = json.loads(kubectl("get", "svc", "-n", ns, f"{release}-dask-gateway-rs",
+                             "-o", "json").stdout)
+    return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
+
+
+def gateway_pods(ns, release):
+    pods = json.loads(kubectl("get", "pods", "-n", ns, "-l",
+                              f"app.kubernetes.io/instance={release},app.kubernetes.io/component=gateway",
+                              "-o", "json").stdout)["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def ready(pod):
+    return any(c["type"] == "Ready" and c["status"] == "True"
+               for c in pod.get("status", {}).get("conditions", []))
+
+
+def use_a_cluster(url, user, password, workers=1):
+    """The stock client end to end: create, scale, compute, dashboard, shutdown."""
+    import urllib.request
+
+    from dask_gateway import BasicAuth, Gateway
+    gw = Gateway(url, auth=BasicAuth(user, password))
+    cluster = gw.new_cluster()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cluster.scale(workers)
+        client = cluster.get_client(set_as_default=False)
+        client.wait_for_workers(workers, timeout=180)
+        assert client.submit(sum, [1, 2, 3], pure=False).result(timeout=120) == 6
+        page = urllib.request.urlopen(cluster.dashboard_link, timeout=30)
+        assert page.status == 200
+        client.close()
+        return [str(w.message) for w in caught]
+    finally:
+        cluster.shutdown()
+        gw.close()
+        gc.collect()
+
+
+def adopt_crd(release, namespace):
+    """Hands an existing DaskCluster CRD (installed by kubectl, or kept from an uninstalled
+    release) to `release`, the documented way: Helm's ownership label and annotations."""
+    crd = "crd/daskclusters.gateway.dask.org"
+    if kubectl("get", crd, check=False).returncode != 0:
+        return
+    kubectl("label", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+    kubectl("annotate", crd, f"meta.helm.sh/release-name={release}",
+            f"meta.helm.sh/release-namespace={namespace}", "--overwrite")
+
+
+@pytest.fixture(scope="module")
+def release(namespace):
+    name = "dgrs"
+    adopt_crd(name, namespace)
+    helm("install", name, str(CHART), "-n", namespace, *SMALL,
+         "--set", "auth.simple.password=helm-pw", "--wait", "--timeout", "180s")
+    yield name
+    # (uninstalled by test_uninstall_leaves_only_the_crd; this is the safety net)
+    helm("uninstall", name, "-n", namespace, "--wait", check=False)
+
+
+def test_install_serves_the_stock_client_from_a_pod(namespace, release):
+    [pod] = wait_for("a ready gateway pod", lambda: [p for p in gateway_pods(namespace, release)
+                                                      if ready(p)])
+    assert pod["spec"]["serviceAccountName"] == f"{release}-dask-gateway-rs"
+    assert use_a_cluster(gateway_url(namespace, release), "helm-user", "helm-pw", workers=2) == []
+    # Its pods ran under the chart's labels, owner references and RBAC; nothing is left.
+    wait_for("the cluster's pods to go", lambda: not json.loads(kubectl(
+        "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=dask-worker",
+        "-o", "json").stdout)["items"], timeout=90)
+
+
+def test_helm_test_creates_computes_and_deletes(namespace, release):
+    r = helm("test", release, "-n", namespace, "--logs", "--timeout", "300s")
+    assert "Phase:          Succeeded" in r.stdout, r.stdout
+    assert "computed 6" in r.stdout and "deleted; ok" in r.stdout, r.stdout
+
+
+def test_upgrade_rolls_the_new_configuration(namespace, release):
+    before = {p["metadata"]["name"] for p in gateway_pods(namespace, release)}
+    helm("upgrade", release, str(CHART), "-n", namespace, *SMALL,
+         "--set", "auth.simple.password=helm-pw", "--set", "clusters.limits.maxWorkers=1",
+         "--wait", "--timeout", "180s")
+    wait_for("the gateway pods to be replaced", lambda: [
+        p for p in gateway_pods(namespace, release)
+        if ready(p) and p["metadata"]["name"] not in before] and not [
+        p for p in gateway_pods(namespace, release) if p["metadata"]["name"] in before])
+    assert use_a_cluster(gateway_url(namespace, release), "helm-user", "helm-pw") == []
+    from dask_gateway import BasicAuth, Gateway
+    gw = Gateway(gateway_url(namespace, release), auth=BasicAuth("helm-user", "helm-pw"))
+    cluster = gw.new_cluster()
+    try:
+        with pytest.warns(Warning, match="Scaling to 1 instead"):
+            cluster.scale(3)
+    finally:
+        cluster.shutdown()
+        gw.close()
+
+
+def test_upgrade_updates_the_crd(namespace, release, tmp_path):
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    crd_file = chart / "files" / "daskcluster-crd.yaml"
+    crd = yaml.safe_load(crd_file.read_text())
+    crd["spec"]["versions"][0]["additionalPrinterColumns"].append(
+        {"name": "Upgraded", "type": "string", "jsonPath": ".spec.user", "priority": 1})
+    crd_file.write_text(yaml.safe_dump(crd))
+    args = [*SMALL, "--set", "auth.simple.password=helm-pw", "--set", "clusters.limits.maxWorkers=1",
+            "--wait", "--timeout", "180s"]
+    helm("upgrade", release, str(chart), "-n", namespace, *args)
+    live = json.loads(kubectl("get", "crd", "daskclusters.gateway.dask.org", "-o", "json").stdout)
+    names = [c["name"] for c in live["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert "Upgraded" in names
+    helm("upgrade", release, str(CHART), "-n", namespace, *args)
+    live = json.loads(kubectl("get", "crd", "daskclusters.gateway.dask.org", "-o", "json").stdout)
+    assert "Upgraded" not in [c["name"] for c in live["spec"]["versions"][0]["additionalPrinterColumns"]]
+
+
+def test_replicas_with_a_separate_controller(namespace):
+    name = "split"
+    # A second installation in the same Kubernetes cluster: the first one owns the CRD.
+    helm("install", name, str(CHART), "-n", namespace, *SMALL, "--set", "crds.install=false",
+         "--set", "gateway.replicas=2", "--set", "controller.embedded=false",
+         "--set", "clusters.instance=split", "--wait", "--timeout", "180s")
+    try:
+        wait_for("two ready gateway pods",
+                 lambda: len([p for p in gateway_pods(namespace, name) if ready(p)]) == 2)
+        controllers = json.loads(kubectl(
+            "get", "pods", "-n", namespace, "-l",
+            f"app.kubernetes.io/instance={name},app.kubernetes.io/component=controller",
+            "-o", "json").stdout)["items"]
+        assert len(controllers) == 1
+        use_a_cluster(gateway_url(namespace, name), "split-user", "", workers=1)
+    finally:
+        helm("uninstall", name, "-n", namespace, "--wait")
+
+
+def test_uninstall_leaves_only_the_crd_and_finished_cluster_records(namespace, release):
+    helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")
+    wait_for("the gateway pods to go", lambda: not gateway_pods(namespace, release), timeout=60)
+    left = json.loads(kubectl("get", "all,configmaps,secrets,serviceaccounts,roles,rolebindings,"
+                              "leases,poddisruptionbudgets,daskclusters", "-n", namespace,
+                              "-o", "json").stdout)["items"]
+    ours = [o for o in left if o["metadata"]["name"] not in ("kube-root-ca.crt", "default")]
+    # What docs/install-kubernetes.md says stays: the records of finished clusters (no pods,
+    # Services or Secrets; `kubectl delete daskclusters --all` removes them) ...
+    records = [o for o in ours if o["kind"] == "DaskCluster"]
+    assert all(o["status"]["phase"] in ("Stopped", "Failed") for o in records), records
+    rest = [f"{o['kind']}/{o['metadata']['name']}" for o in ours if o["kind"] != "DaskCluster"]
+    assert rest == [], rest
+    # The CRD stays (resource-policy: keep), so clusters survive a reinstall.
+    kubectl("get", "crd", "daskclusters.gateway.dask.org")
