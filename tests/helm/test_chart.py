@@ -212,21 +212,18 @@ def use_a_cluster(url, user, password, workers=1):
         gc.collect()
 
 
-def adopt_crd(release, namespace):
-    """Hands an existing DaskCluster CRD (installed by kubectl, or kept from an uninstalled
-    release) to `release`, the documented way: Helm's ownership label and annotations."""
-    crd = "crd/daskclusters.gateway.dask.org"
-    if kubectl("get", crd, check=False).returncode != 0:
-        return
-    kubectl("label", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite")
-    kubectl("annotate", crd, f"meta.helm.sh/release-name={release}",
-            f"meta.helm.sh/release-namespace={namespace}", "--overwrite")
+def fresh_crd():
+    """The chart installs the CRD itself, as on a new Kubernetes cluster: one applied by the
+    end-to-end harness (kubectl) or kept by an earlier release is removed first (with whatever
+    test clusters were left)."""
+    kubectl("delete", "crd", "daskclusters.gateway.dask.org", "--ignore-not-found",
+            "--wait=true", timeout=180)
 
 
 @pytest.fixture(scope="module")
 def release(namespace):
     name = "dgrs"
-    adopt_crd(name, namespace)
+    fresh_crd()
     helm("install", name, str(CHART), "-n", namespace, *SMALL,
          "--set", "auth.simple.password=helm-pw", "--wait", "--timeout", "180s")
     yield name
