@@ -309,7 +309,10 @@ def test_replicas_with_a_separate_controller(namespace):
 
 def test_uninstall_leaves_only_the_crd_and_finished_cluster_records(namespace, release):
     helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")
-    wait_for("the gateway pods to go", lambda: not gateway_pods(namespace, release), timeout=60)
+    # Pods of the deleted Deployment are removed by garbage collection, after Helm returns.
+    wait_for("the release's pods to be gone", lambda: not json.loads(kubectl(
+        "get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={release}",
+        "-o", "json").stdout)["items"], timeout=90)
     left = json.loads(kubectl("get", "all,configmaps,secrets,serviceaccounts,roles,rolebindings,"
                               "leases,poddisruptionbudgets,daskclusters", "-n", namespace,
                               "-o", "json").stdout)["items"]
