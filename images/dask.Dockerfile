@@ -1,7 +1,7 @@
 # The default scheduler/worker image: Python with dask, distributed, dask-gateway (for the
 # scheduler preload) and bokeh (dashboards), versions pinned in images/dask-requirements.txt to
 # match the clients the tests use. Users' clients should run the same versions.
-#   docker build -f images/dask.Dockerfile -t ghcr.io/dask-gateway-rs/dask:2025.4.1 images
+#   docker build -f images/dask.Dockerfile -t ghcr.io/dask-gateway-rs/dask:2026.8.0 images
 FROM python:3.11.14-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -894,6 +894,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "kube_only: runs on the Kubernetes backend only")
     config.addinivalue_line("markers", "process_control: kills or restarts the gateway process")
     config.addinivalue_line("markers", "not_helm: needs settings the Helm mode does not pass")
+    config.addinivalue_line("markers", "smoke: the compatibility smoke set (create, scale, "
+                            "compute, dashboard, shutdown)")
     # The stock client's finalizers (Gateway/GatewayCluster.__del__ -> close -> LoopRunner.stop)
     # take distributed's global LoopRunner lock. If a GC pass runs them while the main thread is
     # inside LoopRunner.start (e.g. creating a Client), the process deadlocks, beyond the reach

@@ -30,6 +30,9 @@ from conftest import (
 )
 from dask_gateway import Gateway
 
+# The compatibility smoke set (tests/run runs it on the oldest supported releases too).
+pytestmark = pytest.mark.smoke
+
 USER = "tutorial-user"
 
 

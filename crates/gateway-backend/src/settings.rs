@@ -33,6 +33,10 @@ pub struct ClusterSettings {
     /// as GPUs or node selectors; ignored by the local backend).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// A Python environment (venv or conda prefix) whose `bin/dask` runs scheduler and workers
+    /// (local backend; on Kubernetes the image plays this part).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python_env: Option<String>,
 }
 
 /// Per-container ceilings; `None` means "the default rule" (see [`ClusterSettings`]).
@@ -90,6 +94,7 @@ impl ClusterSettings {
             environment: BTreeMap::new(),
             image: None,
             profile: None,
+            python_env: None,
         }
     }
 }

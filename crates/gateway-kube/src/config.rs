@@ -65,7 +65,7 @@ impl Default for KubeConfig {
         KubeConfig {
             namespace: None,
             instance: "dask-gateway".into(),
-            image: "ghcr.io/dask/dask-gateway:2025.4.0".into(),
+            image: "ghcr.io/dask/dask-gateway:2026.3.0".into(),
             image_pull_policy: None,
             image_pull_secrets: Vec::new(),
             service_account: None,

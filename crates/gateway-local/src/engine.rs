@@ -755,6 +755,10 @@ impl ClusterBackend for LocalBackend {
     }
 
     async fn create(&self, request: NewCluster) -> Result<ClusterView, BackendError> {
+        if let Some(env) = &request.settings.python_env {
+            crate::launch::Launcher::check_python_env(env)
+                .map_err(|e| BackendError::Invalid(format!("Cannot use this environment: {e}")))?;
+        }
         let name = new_cluster_id();
         let creds = ClusterCredentials::generate(&name).map_err(|e| {
             error!("generating TLS credentials: {e}");

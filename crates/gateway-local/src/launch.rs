@@ -120,6 +120,9 @@ pub enum LocalError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// A cluster's Python environment has no `bin/dask`.
+    #[error("the Python environment {0:?} has no bin/dask")]
+    NoPythonEnv(String),
     /// The Dask command could not be started.
     #[error("starting {command}: {source}")]
     Spawn {
@@ -213,12 +216,45 @@ impl Launcher {
         }
     }
 
+    /// The `dask` command and the directory to put first on `PATH` for a cluster: its own
+    /// Python environment if its settings name one, else the backend's.
+    fn dask_command(
+        &self,
+        settings: &ClusterSettings,
+    ) -> Result<(PathBuf, Option<PathBuf>), LocalError> {
+        match &settings.python_env {
+            None => Ok((
+                self.config.dask_command.clone(),
+                self.config.path_prefix.clone(),
+            )),
+            Some(env) => {
+                let bin = Path::new(env).join("bin");
+                let dask = bin.join("dask");
+                if !Path::new(env).is_absolute() || !dask.is_file() {
+                    return Err(LocalError::NoPythonEnv(env.clone()));
+                }
+                Ok((dask, Some(bin)))
+            }
+        }
+    }
+
+    /// Checks that a Python environment can run Dask (has `bin/dask`).
+    pub fn check_python_env(env: &str) -> Result<(), LocalError> {
+        let dask = Path::new(env).join("bin").join("dask");
+        if Path::new(env).is_absolute() && dask.is_file() {
+            Ok(())
+        } else {
+            Err(LocalError::NoPythonEnv(env.to_string()))
+        }
+    }
+
     /// The environment shared by scheduler and workers (wire-protocol 9.2).
     fn base_env(
         &self,
         cluster: &str,
         owner: &str,
         extra: &BTreeMap<String, String>,
+        path_prefix: Option<&Path>,
     ) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
         for key in PASS_THROUGH_ENV {
@@ -226,7 +262,7 @@ impl Launcher {
                 env.insert(key.to_string(), v);
             }
         }
-        if let Some(prefix) = &self.config.path_prefix {
+        if let Some(prefix) = path_prefix {
             let path = env
                 .get("PATH")
                 .cloned()
@@ -258,10 +294,12 @@ impl Launcher {
         env
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         &self,
         cluster: &str,
         role: ProcessRole,
+        dask: &Path,
         args: Vec<String>,
         env: BTreeMap<String, String>,
         log_name: &str,
@@ -281,8 +319,8 @@ impl Launcher {
             path: log_path,
             source,
         })?;
-        let command = self.config.dask_command.display().to_string();
-        let mut cmd = tokio::process::Command::new(&self.config.dask_command);
+        let command = dask.display().to_string();
+        let mut cmd = tokio::process::Command::new(dask);
         cmd.args(&args)
             .env_clear()
             .envs(&env)
@@ -319,7 +357,13 @@ impl Launcher {
     pub fn start_scheduler(&self, spec: &SchedulerSpec<'_>) -> Result<ProcessId, LocalError> {
         safe_name(spec.cluster)?;
         let h = &self.config.bind_host;
-        let mut env = self.base_env(spec.cluster, spec.owner, &spec.settings.environment);
+        let (dask, path_prefix) = self.dask_command(spec.settings)?;
+        let mut env = self.base_env(
+            spec.cluster,
+            spec.owner,
+            &spec.settings.environment,
+            path_prefix.as_deref(),
+        );
         env.insert("DASK_GATEWAY_API_URL".into(), self.config.api_url.clone());
         env.insert("DASK_GATEWAY_API_TOKEN".into(), spec.token.into());
         env.insert("DASK_GATEWAY_CLUSTER_NAME".into(), spec.cluster.into());
@@ -347,6 +391,7 @@ impl Launcher {
         self.spawn(
             spec.cluster,
             ProcessRole::Scheduler,
+            &dask,
             args,
             env,
             "scheduler.log",
@@ -358,7 +403,13 @@ impl Launcher {
         safe_name(spec.cluster)?;
         safe_name(spec.worker)?;
         let h = &self.config.bind_host;
-        let env = self.base_env(spec.cluster, spec.owner, &spec.settings.environment);
+        let (dask, path_prefix) = self.dask_command(spec.settings)?;
+        let env = self.base_env(
+            spec.cluster,
+            spec.owner,
+            &spec.settings.environment,
+            path_prefix.as_deref(),
+        );
         let args = vec![
             "worker".into(),
             spec.scheduler_address.into(),
@@ -377,6 +428,7 @@ impl Launcher {
         self.spawn(
             spec.cluster,
             ProcessRole::Worker(spec.worker.into()),
+            &dask,
             args,
             env,
             &log,

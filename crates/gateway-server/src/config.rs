@@ -242,6 +242,9 @@ pub struct ClusterConfig {
     pub image: Option<String>,
     /// Backend profile applied to every cluster unless an option picks another (Kubernetes).
     pub profile: Option<String>,
+    /// Python environment of every cluster unless an option picks another (local backend;
+    /// default: `dask.python_env`).
+    pub python_env: Option<String>,
     /// Per-cluster worker cap.
     pub max_workers: Option<u64>,
     /// Per-cluster core cap (scheduler + workers).
@@ -279,6 +282,7 @@ impl Default for ClusterConfig {
             scheduler_memory_limit: None,
             image: None,
             profile: None,
+            python_env: None,
             max_workers: None,
             max_cores: None,
             max_memory: None,
@@ -423,14 +427,22 @@ impl GatewayConfig {
                 return bad(format!("option field {} is declared twice", f.field));
             }
             if let Some(t) = &f.target {
-                if let Err(e) = t.parse::<crate::settings::OptionTarget>() {
-                    return bad(format!("option {} has {e}", f.field));
+                let target = match t.parse::<crate::settings::OptionTarget>() {
+                    Ok(t) => t,
+                    Err(e) => return bad(format!("option {} has {e}", f.field)),
+                };
+                if target == crate::settings::OptionTarget::PythonEnv {
+                    self.check_python_env_option(f)?;
                 }
             }
         }
         c.limits()
             .check_scheduler(&c.resources())
             .map_err(ConfigError::Invalid)?;
+        if let (Some(env), BackendKind::Local) = (&c.python_env, self.backend) {
+            gateway_local::Launcher::check_python_env(env)
+                .map_err(|e| ConfigError::Invalid(format!("cluster.python_env: {e}")))?;
+        }
         if self.backend == BackendKind::Kubernetes {
             self.kubernetes.validate().map_err(ConfigError::Invalid)?;
             if self.api_url.is_none() {
@@ -447,6 +459,29 @@ impl GatewayConfig {
             }
         }
         crate::settings::check_targets(c).map_err(ConfigError::Invalid)?;
+        Ok(())
+    }
+
+    /// A `python_env` option: a `select` whose valued choices are Python environments with
+    /// `bin/dask` (users pick among the operator's environments, never a path of their own).
+    fn check_python_env_option(&self, f: &OptionField) -> Result<(), ConfigError> {
+        let gateway_model::OptionKind::Select { options, .. } = &f.kind else {
+            return Err(ConfigError::Invalid(format!(
+                "option {} targets python_env, which only a select option may do",
+                f.field
+            )));
+        };
+        if self.backend != BackendKind::Local {
+            return Ok(());
+        }
+        for choice in options {
+            if let gateway_model::SelectChoice::Valued { value, .. } = choice {
+                let env = value.as_str().unwrap_or_default();
+                gateway_local::Launcher::check_python_env(env).map_err(|e| {
+                    ConfigError::Invalid(format!("option {} choice {}: {e}", f.field, choice.key()))
+                })?;
+            }
+        }
         Ok(())
     }
 
@@ -542,5 +577,39 @@ cluster:
         )
         .unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("choice b"));
+    }
+
+    #[test]
+    fn python_env_options_are_selects_of_real_environments() {
+        let env = std::env::temp_dir().join(format!("dgrs-pyenv-{}", std::process::id()));
+        std::fs::create_dir_all(env.join("bin")).unwrap();
+        std::fs::write(env.join("bin/dask"), "#!/bin/sh\n").unwrap();
+        let yaml = |kind: &str, value: &str| {
+            format!(
+                "cluster: {{options: [{{field: py, type: {kind}, default: a, {choices} target: python_env}}]}}",
+                choices = if kind == "select" {
+                    format!("options: [a, {{key: b, value: '{value}'}}],")
+                } else {
+                    String::new()
+                }
+            )
+        };
+        let ok: GatewayConfig =
+            serde_yaml::from_str(&yaml("select", env.to_str().unwrap())).unwrap();
+        ok.validate().unwrap();
+        let missing: GatewayConfig =
+            serde_yaml::from_str(&yaml("select", "/nonexistent/env")).unwrap();
+        assert!(missing
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("has no bin/dask"));
+        let free_text: GatewayConfig = serde_yaml::from_str(&yaml("string", "")).unwrap();
+        assert!(free_text
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("only a select option may do"));
+        let _ = std::fs::remove_dir_all(env);
     }
 }

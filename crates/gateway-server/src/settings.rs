@@ -36,11 +36,14 @@ pub enum OptionTarget {
     Image,
     /// Backend profile name (Kubernetes pod template overrides).
     Profile,
+    /// Python environment (venv or conda prefix) of scheduler and workers (local backend);
+    /// only from a `select` option, so users choose among the operator's environments.
+    PythonEnv,
 }
 
 impl OptionTarget {
     /// Every target, in documentation order.
-    pub const ALL: [OptionTarget; 13] = [
+    pub const ALL: [OptionTarget; 14] = [
         OptionTarget::WorkerCores,
         OptionTarget::WorkerMemory,
         OptionTarget::WorkerThreads,
@@ -54,6 +57,7 @@ impl OptionTarget {
         OptionTarget::Environment,
         OptionTarget::Image,
         OptionTarget::Profile,
+        OptionTarget::PythonEnv,
     ];
 
     /// The name used in the configuration.
@@ -72,6 +76,7 @@ impl OptionTarget {
             OptionTarget::Environment => "environment",
             OptionTarget::Image => "image",
             OptionTarget::Profile => "profile",
+            OptionTarget::PythonEnv => "python_env",
         }
     }
 
@@ -182,6 +187,7 @@ pub fn resolve(
             OptionTarget::IdleTimeout => cfg.idle_timeout = number(name, &v)?,
             OptionTarget::Image => cfg.image = Some(text(name, &v)?),
             OptionTarget::Profile => cfg.profile = Some(text(name, &v)?),
+            OptionTarget::PythonEnv => cfg.python_env = Some(text(name, &v)?),
             OptionTarget::WorkerThreads => {
                 let t = v
                     .as_u64()
@@ -267,6 +273,7 @@ pub fn resolve(
         environment: env,
         image: cfg.image.clone(),
         profile: cfg.profile.clone(),
+        python_env: cfg.python_env.clone(),
     };
     settings.limits.check_scheduler(&settings.resources)?;
     Ok(settings)
