@@ -5,6 +5,7 @@ still RUNNING with no workers; the server stays healthy after malformed traffic 
 """
 
 import ssl
+import time
 
 import pytest
 
@@ -170,6 +171,7 @@ def test_scale_negative_through_client(gw, cluster, unchanged):
         {"minimum": 0, "maximum": -2, "active": True},
         {"minimum": "1", "maximum": 2, "active": True},
         {"minimum": 0, "maximum": 1.5, "active": True},
+        {"minimum": 5, "maximum": 2, "active": True},
     ],
 )
 def test_adapt_with_bad_bounds(server, cluster, unchanged, body):
@@ -180,6 +182,44 @@ def test_adapt_with_bad_bounds(server, cluster, unchanged, body):
 def test_adapt_negative_through_client(cluster, unchanged):
     with pytest.raises(ValueError):
         cluster.adapt(minimum=-1, maximum=1)
+
+
+def test_adapt_minimum_above_maximum_starts_no_worker(cluster, unchanged):
+    with pytest.raises(ValueError, match="minimum <= maximum"):
+        cluster.adapt(minimum=5, maximum=2)
+    # Adaptive scaling runs every second here: a minimum that got through would start workers.
+    time.sleep(4)
+    with cluster.get_client(set_as_default=False) as client:
+        assert n_workers(client) == 0
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", None]
+)
+def test_non_json_bodies_are_415(server, cluster, unchanged, content_type):
+    """Bodies that browsers send cross-site without a preflight are refused, even when the text
+    is valid JSON and the credentials are right."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    for path, body in [
+        ("/api/v1/clusters/", b'{"cluster_options": {}}'),
+        (f"/api/v1/clusters/{cluster.name}/scale", b'{"count": 1}'),
+        (f"/api/v1/clusters/{cluster.name}/adapt", b'{"minimum": 1, "maximum": 1}'),
+    ]:
+        r = server.http("POST", path, user=USER, body=body, headers=headers)
+        assert_json_error(r, 415, "application/json")
+
+
+def test_cross_origin_writes_are_403(server, cluster, unchanged):
+    for origin in ("http://evil.example", "null"):
+        headers = {"Origin": origin}
+        r = server.http("POST", "/api/v1/clusters/", user=USER, headers=headers,
+                        body={"cluster_options": {}})
+        assert_json_error(r, 403, "Cross-origin")
+        r = server.http("POST", f"/api/v1/clusters/{cluster.name}/scale", user=USER,
+                        headers=headers, body={"count": 1})
+        assert_json_error(r, 403)
+        r = server.http("DELETE", f"/api/v1/clusters/{cluster.name}", user=USER, headers=headers)
+        assert_json_error(r, 403)
 
 
 # -- unknown clusters ----------------------------------------------------------------------

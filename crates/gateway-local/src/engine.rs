@@ -11,7 +11,7 @@
 //! Every change of a cluster's durable record is written to the [`Store`] before the lock is
 //! released, so nothing becomes visible that a restarted gateway would not know.
 
-use crate::launch::{Processes, SchedulerSpec, WorkerSpec};
+use crate::launch::{LocalError, Processes, SchedulerSpec, WorkerSpec};
 use crate::process::{ProcessExit, ProcessId, ProcessRole};
 use crate::store::{ClusterRecord, Store, StoreError, WorkerRecord};
 use gateway_backend::{
@@ -764,8 +764,14 @@ impl ClusterBackend for LocalBackend {
             error!("generating TLS credentials: {e}");
             BackendError::Internal("Could not generate the cluster's TLS credentials".into())
         })?;
-        if let Err(e) = self.processes.prepare(&name, &creds) {
+        if let Err(e) = self.processes.prepare(&name, &request.owner, &creds) {
             self.processes.remove_dir(&name);
+            if let LocalError::Identity(why) = e {
+                warn!(cluster = %name, owner = %request.owner, "no account to run as: {why}");
+                return Err(BackendError::Invalid(format!(
+                    "Cannot start a cluster for this user: {why}"
+                )));
+            }
             error!(cluster = %name, "preparing the cluster directory: {e}");
             return Err(BackendError::Internal(
                 "Could not prepare the cluster's working directory".into(),

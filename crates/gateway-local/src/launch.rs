@@ -1,6 +1,7 @@
 //! Launching Dask schedulers and workers as local processes (wire-protocol section 9), and the
 //! [`Processes`] trait through which the engine uses them.
 
+use crate::identity::{Identities, Identity};
 use crate::process::{watch_adopted, ProcessExit, ProcessId, ProcessRole};
 use gateway_backend::{ClusterCredentials, ClusterSettings};
 use std::collections::{BTreeMap, HashSet};
@@ -11,6 +12,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -44,6 +46,8 @@ pub struct LaunchConfig {
     pub heartbeat_period: f64,
     /// `--dg-adaptive-period` in seconds.
     pub adaptive_period: f64,
+    /// The accounts users' processes run as (single-user by default).
+    pub identities: Arc<Identities>,
 }
 
 /// Everything needed to start one cluster's scheduler.
@@ -83,8 +87,13 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// Exits of started and adopted processes are reported on the channel the implementation was
 /// made with, once each.
 pub trait Processes: Send + Sync + 'static {
-    /// Creates the cluster's private directory with its credentials.
-    fn prepare(&self, cluster: &str, credentials: &ClusterCredentials) -> Result<(), LocalError>;
+    /// Creates the cluster's private directory with its credentials, owned by `owner`'s account.
+    fn prepare(
+        &self,
+        cluster: &str,
+        owner: &str,
+        credentials: &ClusterCredentials,
+    ) -> Result<(), LocalError>;
     /// Removes the cluster's directory (credentials and logs).
     fn remove_dir(&self, cluster: &str);
     /// Removes the cluster's credentials, keeping its logs.
@@ -120,6 +129,9 @@ pub enum LocalError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// The user has no account to run as (user isolation).
+    #[error("{0}")]
+    Identity(String),
     /// A cluster's Python environment has no `bin/dask`.
     #[error("the Python environment {0:?} has no bin/dask")]
     NoPythonEnv(String),
@@ -144,6 +156,27 @@ fn safe_name(name: &str) -> Result<&str, LocalError> {
         .ok_or_else(|| LocalError::BadName(name.to_string()))
 }
 
+/// Writes a secret file: mode 0600, never through a link, owned by `identity` when given.
+fn write_private(path: &Path, text: &str, identity: Option<&Identity>) -> Result<(), LocalError> {
+    let err = |source| LocalError::Prepare {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    if let Some(id) = identity {
+        std::os::unix::fs::fchown(&f, Some(id.uid), Some(id.gid)).map_err(err)?;
+    }
+    Ok(())
+}
+
 /// Starts and stops Dask processes; reports every exit on the channel given to [`Launcher::new`].
 #[derive(Clone, Debug)]
 pub struct Launcher {
@@ -166,38 +199,59 @@ impl Launcher {
         self.cluster_dir(cluster).join(".certs")
     }
 
-    /// Creates the working directory (mode 0700) with `.certs/dask.crt` and `.certs/dask.pem`
-    /// (mode 0600) and `logs/`.
-    pub fn prepare(&self, cluster: &str, creds: &ClusterCredentials) -> Result<(), LocalError> {
+    /// The processes' working directory (and `HOME` for users without a home of their own).
+    fn work_dir(&self, cluster: &str) -> PathBuf {
+        self.cluster_dir(cluster).join("work")
+    }
+
+    /// Lays out the cluster's directory:
+    ///
+    /// * `<cluster>/` — the gateway's, mode 0700 (0711 with user isolation: the user may pass
+    ///   through it, not list or change it);
+    /// * `.certs/` — `dask.crt`, `dask.pem` (and later `api-token`), files 0600 in a 0700
+    ///   directory, owned by the user's account;
+    /// * `work/` — the processes' working directory, 0700, the user's;
+    /// * `logs/` — the processes' output, written by the gateway, 0700, the gateway's (a user
+    ///   cannot plant links there).
+    pub fn prepare(
+        &self,
+        cluster: &str,
+        owner: &str,
+        creds: &ClusterCredentials,
+    ) -> Result<(), LocalError> {
         safe_name(cluster)?;
+        let identity = self.config.identities.resolve(owner)?;
         let dir = self.cluster_dir(cluster);
         let err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| LocalError::Prepare { path, source }
         };
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.config.work_root)
-            .map_err(err(&dir))?;
-        for sub in [dir.clone(), self.certs_dir(cluster), dir.join("logs")] {
+        let shared_mode = if identity.is_some() { 0o711 } else { 0o700 };
+        for top in [&self.config.work_root, &dir] {
             fs::DirBuilder::new()
                 .recursive(true)
+                .mode(shared_mode)
+                .create(top)
+                .map_err(err(top))?;
+            fs::set_permissions(top, fs::Permissions::from_mode(shared_mode)).map_err(err(top))?;
+        }
+        for sub in [
+            self.certs_dir(cluster),
+            dir.join("logs"),
+            self.work_dir(cluster),
+        ] {
+            fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&sub)
                 .map_err(err(&sub))?;
-            fs::set_permissions(&sub, fs::Permissions::from_mode(0o700)).map_err(err(&sub))?;
         }
         for (file, text) in [("dask.crt", &creds.cert_pem), ("dask.pem", &creds.key_pem)] {
-            let path = self.certs_dir(cluster).join(file);
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(err(&path))?;
-            f.write_all(text.as_bytes()).map_err(err(&path))?;
+            write_private(&self.certs_dir(cluster).join(file), text, identity.as_ref())?;
+        }
+        if let Some(id) = &identity {
+            for path in [self.certs_dir(cluster), self.work_dir(cluster)] {
+                std::os::unix::fs::chown(&path, Some(id.uid), Some(id.gid)).map_err(err(&path))?;
+            }
         }
         Ok(())
     }
@@ -253,6 +307,7 @@ impl Launcher {
         &self,
         cluster: &str,
         owner: &str,
+        identity: Option<&Identity>,
         extra: &BTreeMap<String, String>,
         path_prefix: Option<&Path>,
     ) -> BTreeMap<String, String> {
@@ -270,6 +325,10 @@ impl Launcher {
             env.insert("PATH".into(), format!("{}:{path}", prefix.display()));
         }
         env.insert("USER".into(), owner.into());
+        if let Some(id) = identity {
+            let home = id.home.clone().unwrap_or_else(|| self.work_dir(cluster));
+            env.insert("HOME".into(), home.display().to_string());
+        }
         for (k, v) in extra {
             env.insert(k.clone(), v.clone());
         }
@@ -299,6 +358,7 @@ impl Launcher {
         &self,
         cluster: &str,
         role: ProcessRole,
+        identity: Option<&Identity>,
         dask: &Path,
         args: Vec<String>,
         env: BTreeMap<String, String>,
@@ -310,6 +370,7 @@ impl Launcher {
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&log_path)
             .map_err(|source| LocalError::Prepare {
                 path: log_path.clone(),
@@ -321,10 +382,14 @@ impl Launcher {
         })?;
         let command = dask.display().to_string();
         let mut cmd = tokio::process::Command::new(dask);
+        if let Some(id) = identity {
+            // Supplementary groups are dropped too (std does so when root changes uid).
+            cmd.uid(id.uid).gid(id.gid);
+        }
         cmd.args(&args)
             .env_clear()
             .envs(&env)
-            .current_dir(&dir)
+            .current_dir(self.work_dir(cluster))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -358,14 +423,23 @@ impl Launcher {
         safe_name(spec.cluster)?;
         let h = &self.config.bind_host;
         let (dask, path_prefix) = self.dask_command(spec.settings)?;
+        let identity = self.config.identities.resolve(spec.owner)?;
         let mut env = self.base_env(
             spec.cluster,
             spec.owner,
+            identity.as_ref(),
             &spec.settings.environment,
             path_prefix.as_deref(),
         );
+        // The token goes in a file (the preload reads a value containing "/" as a path), not
+        // in the environment: other processes of the same account could read it there.
+        let token_file = self.certs_dir(spec.cluster).join("api-token");
+        write_private(&token_file, spec.token, identity.as_ref())?;
         env.insert("DASK_GATEWAY_API_URL".into(), self.config.api_url.clone());
-        env.insert("DASK_GATEWAY_API_TOKEN".into(), spec.token.into());
+        env.insert(
+            "DASK_GATEWAY_API_TOKEN".into(),
+            token_file.display().to_string(),
+        );
         env.insert("DASK_GATEWAY_CLUSTER_NAME".into(), spec.cluster.into());
         let args = vec![
             "scheduler".into(),
@@ -391,6 +465,7 @@ impl Launcher {
         self.spawn(
             spec.cluster,
             ProcessRole::Scheduler,
+            identity.as_ref(),
             &dask,
             args,
             env,
@@ -404,9 +479,11 @@ impl Launcher {
         safe_name(spec.worker)?;
         let h = &self.config.bind_host;
         let (dask, path_prefix) = self.dask_command(spec.settings)?;
+        let identity = self.config.identities.resolve(spec.owner)?;
         let env = self.base_env(
             spec.cluster,
             spec.owner,
+            identity.as_ref(),
             &spec.settings.environment,
             path_prefix.as_deref(),
         );
@@ -428,6 +505,7 @@ impl Launcher {
         self.spawn(
             spec.cluster,
             ProcessRole::Worker(spec.worker.into()),
+            identity.as_ref(),
             &dask,
             args,
             env,
@@ -437,8 +515,13 @@ impl Launcher {
 }
 
 impl Processes for Launcher {
-    fn prepare(&self, cluster: &str, credentials: &ClusterCredentials) -> Result<(), LocalError> {
-        Launcher::prepare(self, cluster, credentials)
+    fn prepare(
+        &self,
+        cluster: &str,
+        owner: &str,
+        credentials: &ClusterCredentials,
+    ) -> Result<(), LocalError> {
+        Launcher::prepare(self, cluster, owner, credentials)
     }
 
     fn remove_dir(&self, cluster: &str) {
@@ -506,11 +589,12 @@ mod tests {
                 bind_host: "127.0.0.1".into(),
                 heartbeat_period: 15.0,
                 adaptive_period: 3.0,
+                identities: Arc::new(Identities::new(Default::default()).unwrap()),
             },
             tx,
         );
         let creds = ClusterCredentials::generate("c1").unwrap();
-        backend.prepare("c1", &creds).unwrap();
+        backend.prepare("c1", "alice", &creds).unwrap();
         let dir_mode = fs::metadata(backend.cluster_dir("c1"))
             .unwrap()
             .permissions()
@@ -539,6 +623,12 @@ mod tests {
         assert_eq!(exit.id, id);
         assert_eq!(exit.role, ProcessRole::Scheduler);
         assert!(exit.code.is_some_and(|c| c != 0));
+        let token = backend.certs_dir("c1").join("api-token");
+        assert_eq!(fs::read_to_string(&token).unwrap(), "t");
+        assert_eq!(
+            fs::metadata(&token).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         backend.remove_dir("c1");
         assert!(!backend.cluster_dir("c1").exists());
         let _ = fs::remove_dir_all(root);

@@ -8,6 +8,8 @@
 //!   mode 0600) and launches `dask scheduler` (with `dask_gateway.scheduler_preload`) and
 //!   `dask worker` with the environment and flags of wire-protocol section 9; the engine uses it
 //!   through the [`Processes`] trait so its rules can be tested without processes.
+//! * [`identity`]: which OS account runs each user's processes (single-user by default; one
+//!   uid per user with isolation).
 //! * [`process`]: process identity (pid + kernel start time, so a recycled pid is never
 //!   mistaken for ours), process-group signals and exit watching.
 //!
@@ -17,11 +19,13 @@
 #![warn(missing_docs)]
 
 pub mod engine;
+pub mod identity;
 pub mod launch;
 pub mod process;
 pub mod store;
 
 pub use engine::{EngineConfig, LocalBackend};
+pub use identity::{Identities, Identity, Isolation};
 pub use launch::{
     BoxFuture, LaunchConfig, Launcher, LocalError, Processes, SchedulerSpec, WorkerSpec,
 };

@@ -114,7 +114,7 @@ impl FakeProcesses {
 }
 
 impl Processes for FakeProcesses {
-    fn prepare(&self, cluster: &str, _: &ClusterCredentials) -> Result<(), LocalError> {
+    fn prepare(&self, cluster: &str, _: &str, _: &ClusterCredentials) -> Result<(), LocalError> {
         self.dirs.lock().unwrap().insert(cluster.into());
         self.credentials.lock().unwrap().insert(cluster.into());
         Ok(())

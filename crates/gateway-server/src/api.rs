@@ -13,7 +13,7 @@ use gateway_model::{
     AdaptRequest, ClusterModel, ClusterStatus, CreateClusterRequest, CreateClusterResponse,
     Heartbeat, ScaleRequest,
 };
-use gateway_proxy::{ClusterRoute, HttpForwarder};
+use gateway_proxy::{ClusterRoute, ConnMeta, HttpForwarder};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -32,6 +32,10 @@ pub struct AppState {
     pub forwarder: HttpForwarder,
     /// Require owner credentials for dashboards.
     pub dashboard_auth: bool,
+    /// `Content-Security-Policy` added to every dashboard response (empty: none).
+    pub dashboard_csp: Option<HeaderValue>,
+    /// Bearer token `/metrics` requires (none: open).
+    pub metrics_token: Option<String>,
     /// Upper bound on one API request, reading its body included.
     pub request_timeout: std::time::Duration,
     /// The in-process DaskCluster controller, if any (its counters join `/metrics`).
@@ -149,6 +153,28 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether the client reached us over HTTPS: TLS on our port, or `X-Forwarded-Proto: https`
+/// from a proxy in front (which only ever makes the session cookie `Secure`).
+fn is_https(req_headers: &HeaderMap, meta: Option<&ConnMeta>) -> bool {
+    meta.is_some_and(|m| m.tls)
+        || req_headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+/// Adds the session cookie for a fresh login to a successful response.
+fn set_session_cookie(state: &AppState, resp: &mut Response, session: Option<String>, https: bool) {
+    if let Some(token) = session {
+        if resp.status().as_u16() < 400 {
+            if let Some(cookie) = state.auth.session_cookie(&token, https) {
+                resp.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+        }
+    }
+}
+
 /// Middleware for user routes: authenticates, stores the [`User`] as an extension and sets the
 /// session cookie on successful responses.
 async fn require_user(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
@@ -156,14 +182,85 @@ async fn require_user(State(state): State<AppState>, mut req: Request, next: Nex
         Ok(a) => a,
         Err(e) => return ApiError::from(e).into_response(),
     };
+    let https = is_https(req.headers(), req.extensions().get::<ConnMeta>());
     req.extensions_mut().insert(auth.user);
     let mut resp = next.run(req).await;
-    if let Some(cookie) = auth.set_cookie {
-        if resp.status().as_u16() < 400 {
-            resp.headers_mut().append(header::SET_COOKIE, cookie);
+    set_session_cookie(&state, &mut resp, auth.new_session, https);
+    resp
+}
+
+/// The host (and port) a browser addressed: `Host`, or the URI authority on HTTP/2.
+fn request_host(req: &Request) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+/// `host[:port]` without the scheme's default port, lowercased, for comparing origins.
+fn normalize_authority(authority: &str, scheme: &str) -> String {
+    let a = authority.trim().to_ascii_lowercase();
+    let default = if scheme == "https" { ":443" } else { ":80" };
+    a.strip_suffix(default).map(str::to_string).unwrap_or(a)
+}
+
+/// Whether an `Origin` header names this gateway (as the browser addressed it directly, or
+/// through a proxy that reports `X-Forwarded-Host`). `null` (sandboxed pages, such as the
+/// dashboards) never does.
+fn origin_is_ours(origin: &HeaderValue, req: &Request) -> bool {
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let theirs = normalize_authority(authority, &scheme);
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-host")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::to_string);
+    request_host(req)
+        .into_iter()
+        .chain(forwarded)
+        .any(|ours| normalize_authority(&ours, &scheme) == theirs)
+}
+
+/// Whether the body is declared as JSON (`application/json`, parameters allowed).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Guards state-changing API requests against cross-site use of a browser's credentials:
+/// a request from another origin (`Origin` present and not ours) gets 403, and a POST whose
+/// body is not declared as JSON gets 415 — browsers send `text/plain` and form bodies
+/// cross-site without asking, but never `application/json`.
+async fn guard_writes(req: Request, next: Next) -> Response {
+    let method = req.method();
+    if method == http::Method::GET || method == http::Method::HEAD {
+        return next.run(req).await;
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        if !origin_is_ours(origin, &req) {
+            return ApiError::new(StatusCode::FORBIDDEN, "Cross-origin request refused")
+                .into_response();
         }
     }
-    resp
+    if method == http::Method::POST && !is_json(req.headers()) {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "The request body must be JSON, sent with Content-Type: application/json",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// Bounds every API request (a client trickling its body cannot hold a task forever).
@@ -186,7 +283,18 @@ async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(expected) = &state.metrics_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        if !given.is_some_and(|g| crate::auth::token_matches(g, expected)) {
+            return ApiError::unauthorized("Unauthorized", "Bearer").into_response();
+        }
+    }
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     (
         [(header::CONTENT_TYPE, content_type)],
@@ -256,6 +364,7 @@ async fn get_cluster(
 async fn delete_cluster(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    meta: Option<Extension<ConnMeta>>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     if let Some(token) = cluster_token(&headers) {
@@ -272,9 +381,8 @@ async fn delete_cluster(
         .await?;
     state.clusters.wait_finished(&name, DELETE_WAIT).await;
     let mut resp = StatusCode::NO_CONTENT.into_response();
-    if let Some(cookie) = auth.set_cookie {
-        resp.headers_mut().append(header::SET_COOKIE, cookie);
-    }
+    let https = is_https(&headers, meta.as_ref().map(|m| &m.0));
+    set_session_cookie(&state, &mut resp, auth.new_session, https);
     Ok(resp)
 }
 
@@ -337,11 +445,19 @@ async fn dashboard_path(
     dashboard(state, name, rest, req).await
 }
 
+/// Proxies a dashboard request to the cluster's scheduler.
+///
+/// A dashboard is user-controlled content (anyone can add handlers to their own scheduler), so
+/// it must never act with a visitor's gateway credentials: the request loses `Authorization`
+/// and the session cookie, the response may not set the session cookie or clear site data, and
+/// it carries the configured `Content-Security-Policy` (by default a sandbox: the page runs in
+/// an opaque origin, so it can neither read the gateway's cookies nor read API responses, and
+/// browsers send it no `SameSite` cookies).
 async fn dashboard(
     State(state): State<AppState>,
     name: String,
     rest: String,
-    req: Request,
+    mut req: Request,
 ) -> Response {
     let not_found = || (StatusCode::NOT_FOUND, "404: Not Found").into_response();
     let route = state
@@ -380,15 +496,49 @@ async fn dashboard(
         path.push('?');
         path.push_str(q);
     }
-    state.forwarder.forward(req, &target, &path).await
+    req.headers_mut().remove(header::AUTHORIZATION);
+    state.auth.strip_session_cookie(req.headers_mut());
+    let mut resp = state.forwarder.forward(req, &target, &path).await;
+    let headers = resp.headers_mut();
+    let set_cookies: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .cloned()
+        .collect();
+    if set_cookies
+        .iter()
+        .any(|c| state.auth.is_session_set_cookie(c))
+    {
+        headers.remove(header::SET_COOKIE);
+        for c in set_cookies {
+            if !state.auth.is_session_set_cookie(&c) {
+                headers.append(header::SET_COOKIE, c);
+            }
+        }
+    }
+    headers.remove("clear-site-data");
+    if let Some(csp) = &state.dashboard_csp {
+        headers.append(header::CONTENT_SECURITY_POLICY, csp.clone());
+    }
+    resp
 }
 
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "404: Not Found").into_response()
 }
 
-/// The complete HTTP application, mounted under `prefix` (empty or `/something`).
-pub fn router(state: AppState, prefix: &str) -> Router {
+/// `/metrics` alone (with `/api/health`), for a separate metrics listen address.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/health", get(health))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// The complete HTTP application, mounted under `prefix` (empty or `/something`);
+/// `with_metrics` serves `/metrics` on it too.
+pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
     let user_routes = Router::new()
         .route("/api/v1/options", get(options))
         .route("/api/v1/clusters/", get(list_clusters).post(create_cluster))
@@ -397,16 +547,20 @@ pub fn router(state: AppState, prefix: &str) -> Router {
         .route("/api/v1/clusters/{name}/scale", post(scale_cluster))
         .route("/api/v1/clusters/{name}/adapt", post(adapt_cluster))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_user));
-    let api_routes = user_routes
+    let mut api_routes = user_routes
         .route("/api/health", get(health))
-        .route("/api/version", get(version))
-        .route("/metrics", get(metrics))
+        .route("/api/version", get(version));
+    if with_metrics {
+        api_routes = api_routes.route("/metrics", get(metrics));
+    }
+    let api_routes = api_routes
         .route(
             "/api/v1/clusters/{name}",
             axum::routing::delete(delete_cluster),
         )
         .route("/api/v1/clusters/{name}/heartbeat", post(heartbeat))
-        .route_layer(middleware::from_fn_with_state(state.clone(), bounded));
+        .route_layer(middleware::from_fn_with_state(state.clone(), bounded))
+        .route_layer(middleware::from_fn(guard_writes));
     // Dashboards stream (WebSockets, long polls): no request bound.
     let dashboard_routes = Router::new()
         .route("/clusters/{name}", any(dashboard_root))

@@ -37,13 +37,13 @@ pub enum AuthError {
     Invalid,
 }
 
-/// Successful authentication, and the cookie to set when it came from credentials.
+/// Successful authentication, and the session to hand out when it came from credentials.
 #[derive(Clone, Debug)]
 pub struct Authenticated {
     /// The user.
     pub user: User,
-    /// `Set-Cookie` value to add to the response.
-    pub set_cookie: Option<HeaderValue>,
+    /// The session token to set as a cookie ([`Authenticator::session_cookie`]) on success.
+    pub new_session: Option<String>,
 }
 
 struct Session {
@@ -56,6 +56,7 @@ pub struct Authenticator {
     password: Option<String>,
     admins: Vec<String>,
     cookie_name: String,
+    cookie_path: String,
     max_age: Duration,
     sessions: RwLock<Sessions>,
 }
@@ -85,8 +86,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Authenticator {
-    /// An authenticator for `config`.
-    pub fn new(config: &AuthConfig) -> Self {
+    /// An authenticator for `config`; its session cookie is scoped to `prefix` (the gateway's
+    /// URL prefix, empty for none).
+    pub fn new(config: &AuthConfig, prefix: &str) -> Self {
         Authenticator {
             password: config.password.clone(),
             admins: config.admin_users.clone(),
@@ -94,6 +96,7 @@ impl Authenticator {
                 .cookie_name
                 .clone()
                 .unwrap_or_else(|| format!("dask-gateway-{}", random_hex())),
+            cookie_path: format!("{prefix}/"),
             max_age: Duration::from_secs(config.cookie_max_age.max(1)),
             sessions: RwLock::new(Sessions::default()),
         }
@@ -109,7 +112,7 @@ impl Authenticator {
         if let Some(user) = self.session_user(headers) {
             return Ok(Authenticated {
                 user: self.user(user),
-                set_cookie: None,
+                new_session: None,
             });
         }
         let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
@@ -122,8 +125,7 @@ impl Authenticator {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(rest.trim())
             .map_err(|_| AuthError::Invalid)?;
-        // The client encodes latin-1; every byte maps to the same code point.
-        let text: String = decoded.iter().map(|&b| b as char).collect();
+        let text = decode_credentials(decoded);
         let (name, password) = text.split_once(':').unwrap_or((&text, ""));
         if let Some(expected) = &self.password {
             if !constant_time_eq(password.as_bytes(), expected.as_bytes()) {
@@ -135,16 +137,56 @@ impl Authenticator {
             return Err(AuthError::Invalid);
         }
         let token = self.session_for(name);
-        let cookie = format!(
-            "{}={}; Max-Age={}; Path=/",
-            self.cookie_name,
-            token,
-            self.max_age.as_secs() * 2
-        );
         Ok(Authenticated {
             user: self.user(name.to_string()),
-            set_cookie: HeaderValue::from_str(&cookie).ok(),
+            new_session: Some(token),
         })
+    }
+
+    /// The `Set-Cookie` value for a session: scoped to the gateway's path, `HttpOnly` (page
+    /// scripts never see it), `SameSite=Lax` (not sent on cross-site subrequests or POSTs, nor
+    /// from sandboxed dashboard pages) and `Secure` when the request came over HTTPS.
+    pub fn session_cookie(&self, token: &str, secure: bool) -> Option<HeaderValue> {
+        let cookie = format!(
+            "{}={}; Max-Age={}; Path={}; HttpOnly; SameSite=Lax{}",
+            self.cookie_name,
+            token,
+            self.max_age.as_secs() * 2,
+            self.cookie_path,
+            if secure { "; Secure" } else { "" }
+        );
+        HeaderValue::from_str(&cookie).ok()
+    }
+
+    /// Removes the gateway's session cookie from `headers` (other cookies stay), so requests
+    /// passed on to user-controlled servers (dashboards) never carry it.
+    pub fn strip_session_cookie(&self, headers: &mut HeaderMap) {
+        let kept: Vec<String> = headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .map(str::trim)
+            .filter(|pair| {
+                let name = pair.split_once('=').map_or(*pair, |(k, _)| k);
+                !pair.is_empty() && name.trim() != self.cookie_name
+            })
+            .map(String::from)
+            .collect();
+        headers.remove(COOKIE);
+        if !kept.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+                headers.insert(COOKIE, v);
+            }
+        }
+    }
+
+    /// Whether a `Set-Cookie` value (from a dashboard's response) would set or clear the
+    /// gateway's own session cookie: such headers are dropped (no session fixation).
+    pub fn is_session_set_cookie(&self, value: &HeaderValue) -> bool {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        let name = text.split(';').next().unwrap_or("");
+        name.split_once('=').map_or(name, |(k, _)| k).trim() == self.cookie_name
     }
 
     fn session_user(&self, headers: &HeaderMap) -> Option<String> {
@@ -194,6 +236,13 @@ impl Authenticator {
     }
 }
 
+/// Basic credentials as text: UTF-8 when they are valid UTF-8 (browsers and most clients),
+/// otherwise Latin-1 (the stock Python client's `BasicAuth` encodes Latin-1, where every byte
+/// is the code point of the same value).
+fn decode_credentials(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| e.into_bytes().iter().map(|&b| b as char).collect())
+}
+
 /// Extracts the token of `Authorization: token <t>`.
 pub fn cluster_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
@@ -218,11 +267,72 @@ mod tests {
     }
 
     fn auth(password: Option<&str>) -> Authenticator {
-        Authenticator::new(&AuthConfig {
-            password: password.map(Into::into),
-            admin_users: vec!["root".into()],
-            ..Default::default()
-        })
+        Authenticator::new(
+            &AuthConfig {
+                password: password.map(Into::into),
+                admin_users: vec!["root".into()],
+                ..Default::default()
+            },
+            "",
+        )
+    }
+
+    fn basic_bytes(raw: &[u8]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let v = base64::engine::general_purpose::STANDARD.encode(raw);
+        h.insert(AUTHORIZATION, format!("Basic {v}").parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn names_in_utf8_and_latin1() {
+        let a = auth(None);
+        // UTF-8 (browsers, curl, most clients).
+        let name = a.authenticate(&basic("zoë-日本", "")).unwrap().user.name;
+        assert_eq!(name, "zoë-日本");
+        // Latin-1 (the stock Python client's BasicAuth): 0xEB is ë.
+        let name = a.authenticate(&basic_bytes(b"zo\xeb:")).unwrap().user.name;
+        assert_eq!(name, "zoë");
+        // Control characters stay refused in either encoding.
+        for raw in [&b"a\x1bb:"[..], "a\u{85}b:".as_bytes(), b"a\x7fb:"] {
+            assert_eq!(
+                a.authenticate(&basic_bytes(raw)).unwrap_err(),
+                AuthError::Invalid
+            );
+        }
+    }
+
+    #[test]
+    fn session_cookie_attributes_and_stripping() {
+        let a = Authenticator::new(
+            &AuthConfig {
+                cookie_name: Some("gw".into()),
+                ..Default::default()
+            },
+            "/prefix",
+        );
+        let plain = a.session_cookie("t0k", false).unwrap();
+        assert_eq!(
+            plain,
+            "gw=t0k; Max-Age=600; Path=/prefix/; HttpOnly; SameSite=Lax"
+        );
+        let secure = a.session_cookie("t0k", true).unwrap();
+        assert!(secure.to_str().unwrap().ends_with("; Secure"));
+
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, "a=1; gw=secret; b=2".parse().unwrap());
+        h.append(COOKIE, "gw=other".parse().unwrap());
+        a.strip_session_cookie(&mut h);
+        assert_eq!(h.get_all(COOKIE).iter().count(), 1);
+        assert_eq!(h[COOKIE], "a=1; b=2");
+        let mut only = HeaderMap::new();
+        only.insert(COOKIE, "gw=secret".parse().unwrap());
+        a.strip_session_cookie(&mut only);
+        assert!(only.get(COOKIE).is_none());
+
+        assert!(a.is_session_set_cookie(&"gw=x; Path=/".parse().unwrap()));
+        assert!(a.is_session_set_cookie(&" gw =; Max-Age=0".parse().unwrap()));
+        assert!(!a.is_session_set_cookie(&"gwx=1".parse().unwrap()));
     }
 
     #[test]
@@ -270,21 +380,26 @@ mod tests {
     fn cookie_replay_and_reuse() {
         let a = auth(None);
         let first = a.authenticate(&basic("alice", "")).unwrap();
-        let cookie = first.set_cookie.unwrap().to_str().unwrap().to_string();
-        assert!(cookie.contains("Max-Age=600; Path=/"));
+        let cookie = a
+            .session_cookie(&first.new_session.unwrap(), false)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(cookie.contains("Max-Age=600; Path=/;"));
         let pair = cookie.split(';').next().unwrap().to_string();
         let mut h = HeaderMap::new();
         h.insert(COOKIE, format!("other=1; {pair}").parse().unwrap());
         let again = a.authenticate(&h).unwrap();
         assert_eq!(again.user.name, "alice");
-        assert!(again.set_cookie.is_none());
+        assert!(again.new_session.is_none());
         // The same session value is reused while valid.
         let second = a
             .authenticate(&basic("alice", ""))
             .unwrap()
-            .set_cookie
+            .new_session
             .unwrap();
-        assert_eq!(second.to_str().unwrap(), cookie);
+        assert!(cookie.contains(&second));
         let mut bad = HeaderMap::new();
         bad.insert(
             COOKIE,

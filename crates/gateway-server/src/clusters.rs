@@ -375,6 +375,13 @@ impl ClusterService {
         };
         self.accessible(user, name, "adapt")?;
         let (min, max) = (bound(minimum, "minimum")?, bound(maximum, "maximum")?);
+        if let (Some(lo), Some(hi)) = (min, max) {
+            if lo > hi {
+                return Err(ClusterError::Invalid(format!(
+                    "Adapt expects minimum <= maximum, got minimum={lo}, maximum={hi}"
+                )));
+            }
+        }
         let view = self.running(user, name, "adapt")?;
         let (min, max, clipped) =
             view.settings

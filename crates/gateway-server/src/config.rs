@@ -58,6 +58,12 @@ pub struct GatewayConfig {
     pub stop_clusters_on_shutdown: bool,
     /// Require the owner's credentials for dashboards (default: open, like the reference).
     pub dashboard_auth: bool,
+    /// `Content-Security-Policy` of every dashboard response. The default sandboxes dashboard
+    /// pages (user-controlled content) into an opaque origin so their scripts cannot use a
+    /// visitor's gateway session; an empty string sends none (see docs/security.md).
+    pub dashboard_csp: String,
+    /// Who may read `/metrics`, and where it is served.
+    pub metrics: MetricsConfig,
     /// Seconds one API request may take, reading its body included (408 after that).
     pub request_timeout: f64,
     /// User authentication.
@@ -85,6 +91,8 @@ impl Default for GatewayConfig {
             tls: None,
             stop_clusters_on_shutdown: false,
             dashboard_auth: false,
+            dashboard_csp: DEFAULT_DASHBOARD_CSP.into(),
+            metrics: MetricsConfig::default(),
             request_timeout: 60.0,
             auth: AuthConfig::default(),
             backend: BackendKind::Local,
@@ -92,6 +100,43 @@ impl Default for GatewayConfig {
             kubernetes: gateway_kube::KubeConfig::default(),
             cluster: ClusterConfig::default(),
         }
+    }
+}
+
+/// The default dashboard `Content-Security-Policy`: scripts, forms, popups, downloads and
+/// dialogs work (Bokeh needs scripts and its WebSocket), but without `allow-same-origin` the
+/// page never shares the gateway's origin.
+pub const DEFAULT_DASHBOARD_CSP: &str =
+    "sandbox allow-scripts allow-forms allow-popups allow-popups-to-escape-sandbox allow-downloads allow-modals";
+
+/// Access to the Prometheus metrics.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` (and `/api/health`) on this address only, not on the public port.
+    pub address: Option<SocketAddr>,
+    /// A file holding a token that `/metrics` then requires as `Authorization: Bearer <token>`.
+    pub token_file: Option<PathBuf>,
+}
+
+impl MetricsConfig {
+    /// The bearer token from `token_file` (trimmed), if one is configured.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.token_file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Some(token.to_string()))
     }
 }
 
@@ -187,6 +232,44 @@ pub struct DaskConfig {
     pub python_env: Option<PathBuf>,
     /// The command when `python_env` is unset (default `dask`, found on `PATH`).
     pub command: Option<PathBuf>,
+    /// Which account runs each user's processes: `none` (all as the gateway's account, the
+    /// single-user default), `system-users` (the system account named like the user) or
+    /// `uid-range` (a uid of their own from `uid_range`). Isolation needs a root gateway.
+    pub isolation: IsolationKind,
+    /// The uids `uid-range` isolation hands out.
+    pub uid_range: UidRange,
+}
+
+/// How the local backend isolates users from each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationKind {
+    /// Every cluster runs as the gateway's own account.
+    #[default]
+    None,
+    /// Each user runs as the system account of the same name.
+    SystemUsers,
+    /// Each user runs under a uid of their own from `uid_range`.
+    UidRange,
+}
+
+/// A range of uids (and equal gids) for `uid-range` isolation.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UidRange {
+    /// First uid.
+    pub first: u32,
+    /// How many.
+    pub count: u32,
+}
+
+impl Default for UidRange {
+    fn default() -> Self {
+        UidRange {
+            first: 200_000,
+            count: 65_536,
+        }
+    }
 }
 
 impl DaskConfig {
@@ -389,6 +472,15 @@ impl GatewayConfig {
                 "prefix {:?} may not contain '?', '#' or spaces",
                 self.prefix
             ));
+        }
+        if http::HeaderValue::from_str(&self.dashboard_csp).is_err() {
+            return bad(format!(
+                "dashboard_csp {:?} is not a valid header value",
+                self.dashboard_csp
+            ));
+        }
+        if self.metrics.address.is_some() && self.metrics.address == Some(self.address) {
+            return bad("metrics.address must differ from address".into());
         }
         let c = &self.cluster;
         if !(self.request_timeout.is_finite() && self.request_timeout >= 25.0) {

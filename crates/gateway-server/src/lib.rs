@@ -16,7 +16,7 @@ use crate::auth::Authenticator;
 use crate::clusters::ClusterService;
 use crate::config::{BackendKind, GatewayConfig};
 use gateway_backend::ClusterBackend;
-use gateway_local::{EngineConfig, LaunchConfig, Launcher, LocalBackend, Store};
+use gateway_local::{EngineConfig, Isolation, LaunchConfig, Launcher, LocalBackend, Store};
 use gateway_proxy::{ClusterRoute, HttpForwarder, RouteSource};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
@@ -56,6 +56,12 @@ pub enum StartError {
     /// No Kubernetes configuration (neither `KUBECONFIG`/`~/.kube/config` nor in-cluster).
     #[error("connecting to Kubernetes: {0}")]
     Kube(String),
+    /// User isolation cannot work as configured.
+    #[error("{0}")]
+    Isolation(String),
+    /// A secret named by the configuration could not be read.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The controller cannot run (the CRD is missing, or RBAC refuses).
     #[error(transparent)]
     Controller(#[from] gateway_kube::ControllerError),
@@ -99,17 +105,71 @@ impl RouteSource for BackendRoutes {
 fn start_local_backend(
     config: &GatewayConfig,
 ) -> Result<(Arc<dyn ClusterBackend>, std::fs::File), StartError> {
+    use crate::config::IsolationKind;
+    use std::os::unix::fs::PermissionsExt;
     let data_dir = config.data_dir();
+    let isolation = match config.dask.isolation {
+        IsolationKind::None => Isolation::Shared,
+        IsolationKind::SystemUsers => Isolation::SystemUsers,
+        IsolationKind::UidRange => Isolation::UidRange {
+            first: config.dask.uid_range.first,
+            count: config.dask.uid_range.count,
+            map_file: data_dir.join("uids.json"),
+        },
+    };
+    let isolated = isolation != Isolation::Shared;
+    let dir_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StartError::DataDir { path, source }
+    };
+    // With isolation users' processes pass through the data directory to their own cluster
+    // directory (0711: no listing); everything else in it stays the gateway's (0600 files).
+    let mode = if isolated { 0o711 } else { 0o700 };
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(mode)
         .create(&data_dir)
-        .map_err(|source| StartError::DataDir {
-            path: data_dir.clone(),
-            source,
-        })?;
+        .map_err(dir_error(&data_dir))?;
+    if isolated {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(StartError::Isolation(
+                "user isolation (dask.isolation) needs the gateway to run as root, to start \
+                 processes under users' accounts"
+                    .into(),
+            ));
+        }
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(mode))
+            .map_err(dir_error(&data_dir))?;
+        for dir in data_dir.ancestors().skip(1) {
+            let meta = std::fs::metadata(dir).map_err(dir_error(dir))?;
+            if meta.permissions().mode() & 0o001 == 0 {
+                return Err(StartError::Isolation(format!(
+                    "user isolation: users' processes cannot reach the data directory {} because \
+                     {} is not searchable by others (mode {:o}); choose a data_dir such as \
+                     /var/lib/dask-gateway-rs",
+                    data_dir.display(),
+                    dir.display(),
+                    meta.permissions().mode() & 0o777
+                )));
+            }
+        }
+    }
+    let identities = Arc::new(
+        gateway_local::Identities::new(isolation)
+            .map_err(|e| StartError::Isolation(e.to_string()))?,
+    );
     let lock = lock_data_dir(&data_dir)?;
-    let store = Store::open(&data_dir.join("gateway.sqlite"))?;
+    let db = data_dir.join("gateway.sqlite");
+    let store = Store::open(&db)?;
+    // The database holds every cluster's token and key: the gateway's alone.
+    for suffix in ["", "-wal", "-shm"] {
+        let path = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(dir_error(&path))?;
+        }
+    }
     let (dask_command, path_prefix) = config.dask.command_and_path();
     let (exit_tx, exit_rx) = tokio::sync::mpsc::unbounded_channel();
     let launcher = Launcher::new(
@@ -121,6 +181,7 @@ fn start_local_backend(
             bind_host: "127.0.0.1".into(),
             heartbeat_period: config.cluster.heartbeat_period,
             adaptive_period: config.cluster.adaptive_period,
+            identities,
         },
         exit_tx,
     );
@@ -133,7 +194,13 @@ fn start_local_backend(
         ..EngineConfig::default()
     };
     let backend = LocalBackend::start(engine, store, Arc::new(launcher), exit_rx)?;
-    info!(data_dir = %data_dir.display(), "local process backend ready");
+    if isolated {
+        info!(data_dir = %data_dir.display(), isolation = ?config.dask.isolation, "local process backend ready; each user's processes run under their own uid");
+    } else {
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        info!(data_dir = %data_dir.display(), uid, "local process backend ready in single-user mode: every cluster runs as this gateway's account, so users of one gateway can read each other's cluster credentials; set dask.isolation on a machine shared by several users");
+    }
     Ok((backend, lock))
 }
 
@@ -269,6 +336,7 @@ pub async fn run(
     config: GatewayConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    let metrics_token = config.metrics.token()?;
     let config = Arc::new(config);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -325,6 +393,14 @@ pub async fn run(
             addr: config.address,
             source,
         })?;
+    let metrics_listener = match config.metrics.address {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     let scheduler_listener = match config.scheduler_address {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -336,15 +412,29 @@ pub async fn run(
 
     let state = AppState {
         clusters,
-        auth: Arc::new(Authenticator::new(&config.auth)),
+        auth: Arc::new(Authenticator::new(&config.auth, &config.prefix())),
         forwarder: HttpForwarder::new(),
         dashboard_auth: config.dashboard_auth,
+        dashboard_csp: Some(config.dashboard_csp.as_str())
+            .filter(|csp| !csp.trim().is_empty())
+            .and_then(|csp| http::HeaderValue::from_str(csp).ok()),
+        metrics_token,
         request_timeout: Duration::from_secs_f64(config.request_timeout),
         controller: controller_live,
     };
-    let app = api::router(state, &config.prefix());
+    let app = api::router(state.clone(), &config.prefix(), metrics_listener.is_none());
 
     let mut servers = Vec::new();
+    if let Some(listener) = metrics_listener {
+        info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
+        let app = api::metrics_router(state);
+        let stop = stopped(stop_rx.clone());
+        servers.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await;
+        }));
+    }
     if let Some(listener) = scheduler_listener {
         info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "scheduler TLS port listening");
         servers.push(tokio::spawn(gateway_proxy::serve_scheduler(

@@ -459,3 +459,199 @@ async fn a_trickled_request_body_times_out() {
     assert_eq!(listed, json!({}));
     gw.shutdown().await;
 }
+
+/// Lists every cluster of `auth`'s user, whatever its status.
+async fn all_clusters(gw: &Gateway, auth: &str) -> Value {
+    gw.get(
+        "/api/v1/clusters/?status=pending,running,stopping,stopped,failed",
+        auth,
+    )
+    .await
+    .json()
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn cross_site_writes_are_refused_and_change_nothing() {
+    let gw = start(CONFIG).await;
+    let c = gw.client();
+    let auth = basic("alice", "pw");
+    let own_origin = gw.base.clone();
+    // Bodies a browser sends cross-site without a preflight: refused with 415.
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        None,
+    ] {
+        for path in [
+            "/api/v1/clusters/",
+            "/api/v1/clusters/nope/scale",
+            "/api/v1/clusters/nope/adapt",
+            "/api/v1/clusters/nope/heartbeat",
+        ] {
+            let mut req = c
+                .post(gw.url(path))
+                .header("Authorization", &auth)
+                .body(r#"{"count": 1, "cluster_options": {}}"#);
+            if let Some(ct) = content_type {
+                req = req.header("Content-Type", ct);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 415, "{path} {content_type:?}");
+            let e: Value = r.json().await.unwrap();
+            assert!(e["error"].as_str().unwrap().contains("application/json"));
+        }
+    }
+    // A JSON content type with parameters is JSON.
+    let r = c
+        .post(gw.url("/api/v1/clusters/nope/scale"))
+        .header("Authorization", &auth)
+        .header("Content-Type", "Application/JSON; charset=utf-8")
+        .body(r#"{"count": 1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "past the guard, the cluster does not exist"
+    );
+    // Another origin (or a sandboxed page's "null") may not write, even with credentials.
+    for origin in [
+        "http://evil.example",
+        "null",
+        "http://127.0.0.1",
+        "https://127.0.0.1:1",
+    ] {
+        let r = c
+            .post(gw.url("/api/v1/clusters/"))
+            .header("Authorization", &auth)
+            .header("Origin", origin)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{origin}");
+        let r = c
+            .delete(gw.url("/api/v1/clusters/nope"))
+            .header("Authorization", &auth)
+            .header("Origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{origin}");
+    }
+    assert_eq!(
+        all_clusters(&gw, &auth).await,
+        json!({}),
+        "nothing was created"
+    );
+    // The gateway's own origin may (a page served by the gateway itself).
+    let r = c
+        .post(gw.url("/api/v1/clusters/nope/scale"))
+        .header("Authorization", &auth)
+        .header("Origin", &own_origin)
+        .json(&json!({"count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // Reads are not affected by Origin (the browser keeps their answers from other origins).
+    let r = c
+        .get(gw.url("/api/v1/clusters/"))
+        .header("Authorization", &auth)
+        .header("Origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn session_cookies_are_http_only_same_site_and_secure_over_https() {
+    let gw = start(CONFIG).await;
+    let c = gw.client();
+    let r = gw.get("/api/v1/clusters/", &basic("alice", "pw")).await;
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.ends_with("; Path=/; HttpOnly; SameSite=Lax"),
+        "{cookie}"
+    );
+    let r = c
+        .get(gw.url("/api/v1/clusters/"))
+        .header("Authorization", basic("bob", "pw"))
+        .header("X-Forwarded-Proto", "https")
+        .send()
+        .await
+        .unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.ends_with("; HttpOnly; SameSite=Lax; Secure"),
+        "{cookie}"
+    );
+    // UTF-8 user names (browsers, curl) are read as UTF-8.
+    let r = gw.get("/api/v1/clusters/", &basic("zoë", "pw")).await;
+    assert_eq!(r.status(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_can_require_a_token_or_move_to_their_own_address() {
+    let dir = std::env::temp_dir().join(format!("dgrs-metrics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let gw = start(&format!(
+        "{CONFIG}\nmetrics: {{token_file: {}}}\n",
+        token_file.display()
+    ))
+    .await;
+    let c = gw.client();
+    let r = c.get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    for bad in ["Bearer nope", "Basic s3cret", "Bearer "] {
+        let r = c
+            .get(gw.url("/metrics"))
+            .header("Authorization", bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{bad}");
+    }
+    let r = c
+        .get(gw.url("/metrics"))
+        .header("Authorization", "Bearer s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("# TYPE"));
+    gw.shutdown().await;
+
+    let port = free_port();
+    let gw = start(&format!(
+        "{CONFIG}\nmetrics: {{address: 127.0.0.1:{port}}}\n"
+    ))
+    .await;
+    let r = c.get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "not on the public port");
+    let r = c
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("http://127.0.0.1:{port}/api/v1/clusters/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "only metrics and health there");
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -259,6 +259,13 @@ async fn scale_and_adapt_are_checked_clipped_and_forwarded_with_the_token() {
         .msg
         .unwrap()
         .contains("Using `maximum=2, minimum=0` instead"));
+    // minimum > maximum is refused before anything reaches the scheduler.
+    let e = svc
+        .adapt(&user("alice"), &name, &json!(5), &json!(2), true)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClusterError::Invalid(_)), "{e}");
+    assert!(e.to_string().contains("minimum <= maximum"), "{e}");
     let got = comm.received.lock().unwrap().clone();
     assert_eq!(got.len(), 3, "{got:?}");
     assert!(got
