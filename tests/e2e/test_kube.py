@@ -250,8 +250,16 @@ def test_an_unschedulable_scheduler_fails_with_the_reason(module_servers):
     [c] = gw.list_clusters(status="failed")
     reason = daskcluster(srv, c.name)["status"]["reason"]
     assert "did not become ready within 6 s" in reason and "Unschedulable" in reason, reason
-    wait_for(lambda: children(srv, c.name) == {"pods": [], "secrets": [], "services": []},
-             60, what="the failed cluster's objects to be removed")
+    left = {}
+
+    def all_removed():
+        left.update(children(srv, c.name))
+        return left == {"pods": [], "secrets": [], "services": []}
+
+    try:
+        wait_for(all_removed, 60, what="the failed cluster's objects to be removed")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; still there: {left}") from None
 
 
 def test_two_gateway_replicas_share_a_namespace(module_servers):

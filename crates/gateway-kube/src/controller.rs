@@ -880,6 +880,14 @@ async fn finished(
     if let Some(s) = &observed.scheduler {
         delete_pod(ctx, ns, id, &s.name_any()).await?;
     }
+    // The teardown deleted what the cache showed then; a child it had not seen yet (created
+    // just before the failure) is removed here.
+    if observed.service {
+        delete::<Service>(ctx, ns, &names::service_name(id)).await?;
+    }
+    if observed.secret {
+        delete::<Secret>(ctx, ns, &names::secret_name(id)).await?;
+    }
     let ended = dc
         .status
         .as_ref()

@@ -642,3 +642,34 @@ async fn finished_clusters_are_deleted_after_the_retention() {
     c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
     assert_eq!(pass.await.unwrap().unwrap(), Action::await_change());
 }
+
+#[tokio::test]
+async fn a_finished_cluster_removes_children_the_teardown_had_not_seen() {
+    // A secret and service the cache showed only after the teardown (created just before a
+    // failure) must not stay behind until the retention.
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Failed);
+    dc.status.as_mut().unwrap().completion_time = Some(format!("{:.3}", jiff::Timestamp::now()));
+    caches.children_of(&dc);
+    let pass = run(dc, &ctx).await;
+    let mut deleted = Vec::new();
+    for _ in 0..2 {
+        let c = api.next().await;
+        assert_eq!(c.method, Method::DELETE);
+        deleted.push(c.path.clone());
+        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    }
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        [
+            format!("/api/v1/namespaces/dask/secrets/{}", names::secret_name(ID)),
+            format!(
+                "/api/v1/namespaces/dask/services/{}",
+                names::service_name(ID)
+            ),
+        ]
+    );
+    assert!(pass.await.unwrap().is_ok());
+    api.silent().await;
+}
