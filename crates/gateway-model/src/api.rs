@@ -26,8 +26,28 @@ pub struct ClusterModel {
     pub tls_key: Option<String>,
 }
 
+/// One user option as `GET /api/v1/options` describes it (wire-protocol section 6).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptionSpec {
+    /// The option's key in `cluster_options`.
+    pub field: String,
+    /// Display label.
+    pub label: String,
+    /// Value used when the user gives none.
+    pub default: Value,
+    /// `{"type": "int" | "float" | "string" | "bool" | "select" | "mapping", ...bounds or choices}`.
+    pub spec: Map<String, Value>,
+}
+
+/// `GET /api/v1/options` answer: the options in display order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OptionsResponse {
+    /// The exposed options.
+    pub cluster_options: Vec<OptionSpec>,
+}
+
 /// `POST /api/v1/clusters/` body. A missing or null `cluster_options` means `{}`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CreateClusterRequest {
     /// The user's option values (validated by the server).
     #[serde(default)]
@@ -42,7 +62,7 @@ pub struct CreateClusterResponse {
 }
 
 /// `POST .../scale` body. `count` is kept as raw JSON so a bad value gets a clear 422.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ScaleRequest {
     /// Wanted number of workers.
     #[serde(default)]
@@ -50,7 +70,7 @@ pub struct ScaleRequest {
 }
 
 /// `POST .../adapt` body; the client always sends all three keys.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AdaptRequest {
     /// Lower bound (null = none).
     #[serde(default)]

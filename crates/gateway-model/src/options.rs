@@ -107,6 +107,23 @@ impl OptionField {
         self.label.as_deref().unwrap_or(&self.field)
     }
 
+    /// The field spec of `GET /api/v1/options`, typed.
+    pub fn to_spec(&self) -> crate::api::OptionSpec {
+        let Value::Object(mut wire) = self.to_wire() else {
+            unreachable!("to_wire builds an object")
+        };
+        let take = |w: &mut Map<String, Value>, k: &str| w.remove(k).unwrap_or(Value::Null);
+        crate::api::OptionSpec {
+            field: self.field.clone(),
+            label: self.label().to_string(),
+            default: take(&mut wire, "default"),
+            spec: match take(&mut wire, "spec") {
+                Value::Object(spec) => spec,
+                _ => Map::new(),
+            },
+        }
+    }
+
     /// The field spec in the exact wire form of `GET /api/v1/options`.
     pub fn to_wire(&self) -> Value {
         let (default, spec) = match &self.kind {

@@ -312,7 +312,7 @@ async fn version() -> Json<Value> {
     Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
 
-async fn options(State(state): State<AppState>) -> Json<Value> {
+async fn options(State(state): State<AppState>) -> Json<gateway_model::OptionsResponse> {
     Json(state.clusters.options_wire())
 }
 

@@ -123,9 +123,10 @@ impl ClusterService {
     }
 
     /// The cluster options as sent by `GET /api/v1/options`.
-    pub fn options_wire(&self) -> Value {
-        let fields: Vec<Value> = self.config.options.iter().map(|f| f.to_wire()).collect();
-        serde_json::json!({ "cluster_options": fields })
+    pub fn options_wire(&self) -> gateway_model::OptionsResponse {
+        gateway_model::OptionsResponse {
+            cluster_options: self.config.options.iter().map(|f| f.to_spec()).collect(),
+        }
     }
 
     fn admission_lock(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -1,0 +1,567 @@
+//! `gateway-cli`: manage Dask Gateway clusters from a terminal, over the same REST API and
+//! proxy protocol as the Python client (see the `gateway-client` crate).
+
+mod output;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use gateway_client::config::{auth_from, DaskConfig};
+use gateway_client::tunnel::Tunnel;
+use gateway_client::{ClientConfig, ClientError, ClusterStatus, GatewayClient};
+use output::{Format, Printer};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  error (gateway unreachable, server error, proxy or TLS failure)
+  2  usage error (bad arguments)
+  3  cluster not found
+  4  unauthorized or forbidden
+  5  invalid request (bad option, bad bounds, over a limit) or configuration
+  6  conflict (cluster not running) or the cluster ended while waiting
+  7  timed out
+
+Settings come from flags, then DASK_GATEWAY__* environment variables, then the dask config
+files the Python client reads (~/.config/dask/*.yaml: gateway.address, gateway.proxy-address,
+gateway.auth.type, gateway.auth.kwargs).
+
+Examples:
+  gateway-cli --address http://gateway:8000 new-cluster --opt worker_cores=2 --workers 2 --wait
+  gateway-cli list -o json
+  gateway-cli info <name>
+  gateway-cli adapt <name> --min 1 --max 10
+  gateway-cli tunnel <name> --port 8786
+  gateway-cli stop --all";
+
+/// Create, inspect, scale and stop Dask clusters on a Dask Gateway.
+#[derive(Parser, Debug)]
+#[command(name = "gateway-cli", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// Gateway address, e.g. http://gateway:8000 [default: gateway.address from dask config].
+    #[arg(long, global = true)]
+    address: Option<String>,
+    /// Scheduler proxy address (host:port, or a port) [default: the gateway address's].
+    #[arg(long, global = true)]
+    proxy_address: Option<String>,
+    /// Authentication: basic, jupyterhub, jwt or none [default: gateway.auth.type, else basic].
+    #[arg(long, global = true)]
+    auth: Option<String>,
+    /// User name for basic auth [default: gateway.auth.kwargs.username, else $USER].
+    #[arg(long, global = true)]
+    user: Option<String>,
+    /// Password for basic auth (prefer the environment variable).
+    #[arg(
+        long,
+        global = true,
+        env = "DASK_GATEWAY_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// Token for jwt or jupyterhub auth (prefer DASK_GATEWAY_JWT / JUPYTERHUB_API_TOKEN).
+    #[arg(long, global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a cluster; prints its name, scheduler address and dashboard URL.
+    NewCluster {
+        /// A cluster option, KEY=VALUE (the value is read as JSON when it parses, e.g. 2,
+        /// 1.5, true, {"A": "1"}; otherwise as text). Repeatable.
+        #[arg(long = "opt", value_name = "KEY=VALUE")]
+        opts: Vec<String>,
+        /// Scale to this many workers once running (implies --wait).
+        #[arg(long, conflicts_with = "adapt")]
+        workers: Option<u64>,
+        /// Adaptive scaling between MIN and MAX workers once running (implies --wait).
+        #[arg(long, value_name = "MIN:MAX")]
+        adapt: Option<String>,
+        /// Wait until the cluster is running.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 300.0)]
+        timeout: f64,
+    },
+    /// List your clusters (all users' for admins).
+    List {
+        /// Only these statuses (comma separated) [default: pending,running].
+        #[arg(long, value_delimiter = ',')]
+        status: Vec<String>,
+        /// Every status, stopped and failed included.
+        #[arg(long, conflicts_with = "status")]
+        all: bool,
+    },
+    /// Status, workers, threads, memory, dashboard and age of a cluster.
+    Info {
+        /// Cluster name.
+        name: String,
+    },
+    /// Set the number of workers (turns adaptive scaling off).
+    Scale {
+        /// Cluster name.
+        name: String,
+        /// Workers.
+        count: u64,
+    },
+    /// Scale adaptively between bounds.
+    Adapt {
+        /// Cluster name.
+        name: String,
+        /// Minimum workers.
+        #[arg(long)]
+        min: Option<u64>,
+        /// Maximum workers.
+        #[arg(long)]
+        max: Option<u64>,
+    },
+    /// Stop a cluster, or all of yours.
+    Stop {
+        /// Cluster name.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Stop every active cluster you can see.
+        #[arg(long)]
+        all: bool,
+    },
+    /// The options clusters accept.
+    Options,
+    /// Print (or open) a cluster's dashboard URL.
+    Dashboard {
+        /// Cluster name.
+        name: String,
+        /// Open it in a browser (xdg-open / open).
+        #[arg(long)]
+        open: bool,
+    },
+    /// Forward a local TLS port to the scheduler through the proxy, for
+    /// distributed.Client("tls://127.0.0.1:PORT") and tools that cannot send SNI.
+    Tunnel {
+        /// Cluster name.
+        name: String,
+        /// Local port (0: any free port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: String,
+        /// Directory for the cluster's certificate and key (private; default: a temporary
+        /// directory removed on exit).
+        #[arg(long)]
+        credentials_dir: Option<PathBuf>,
+    },
+    /// Shell completion script.
+    Completions {
+        /// Shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Why a command failed: a client error, or bad input found before calling the gateway.
+enum Failure {
+    Client(ClientError),
+    Usage(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Client(e)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GATEWAY_CLI_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Command::Completions { shell } = &cli.command {
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "gateway-cli",
+            &mut std::io::stdout(),
+        );
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let code = match runtime.block_on(run(cli)) {
+        Ok(()) => 0,
+        Err(Failure::Client(e)) => {
+            eprintln!("gateway-cli: {e}");
+            e.exit_code()
+        }
+        Err(Failure::Usage(m)) => {
+            eprintln!("gateway-cli: {m}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+/// The client configuration: flags over environment over dask config files.
+fn client_config(cli: &Cli) -> Result<ClientConfig, ClientError> {
+    let dask = DaskConfig::load();
+    let address = cli
+        .address
+        .clone()
+        .or_else(|| dask.string(&["gateway", "address"]))
+        .ok_or_else(|| {
+            ClientError::Config(
+                "no gateway address: pass --address, or set DASK_GATEWAY__ADDRESS or gateway.address in a dask config file".into(),
+            )
+        })?;
+    let mut config = ClientConfig::new(address);
+    config.proxy_address = cli
+        .proxy_address
+        .clone()
+        .or_else(|| dask.string(&["gateway", "proxy-address"]));
+    config.public_address = dask.string(&["gateway", "public-address"]);
+    let kind = cli
+        .auth
+        .clone()
+        .or_else(|| dask.string(&["gateway", "auth", "type"]))
+        .unwrap_or_else(|| "basic".into());
+    let kwarg = |k: &str| -> Option<String> {
+        match k {
+            "username" if cli.user.is_some() => cli.user.clone(),
+            "password" if cli.password.is_some() => cli.password.clone(),
+            "token" | "api_token" if cli.token.is_some() => cli.token.clone(),
+            _ => dask.string(&["gateway", "auth", "kwargs", k]),
+        }
+    };
+    config.auth = auth_from(&kind, &kwarg)?;
+    Ok(config)
+}
+
+/// Parses `--opt KEY=VALUE` pairs.
+fn parse_options(opts: &[String]) -> Result<Map<String, Value>, Failure> {
+    let mut out = Map::new();
+    for opt in opts {
+        let Some((k, v)) = opt.split_once('=') else {
+            return Err(Failure::Usage(format!("--opt {opt:?}: expected KEY=VALUE")));
+        };
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        out.insert(k.trim().to_string(), value);
+    }
+    Ok(out)
+}
+
+fn parse_bounds(text: &str) -> Result<(Option<u64>, Option<u64>), Failure> {
+    let bad = || Failure::Usage(format!("--adapt {text:?}: expected MIN:MAX, e.g. 1:10"));
+    let (lo, hi) = text.split_once(':').ok_or_else(bad)?;
+    let num = |s: &str| -> Result<Option<u64>, Failure> {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            s.parse().map(Some).map_err(|_| bad())
+        }
+    };
+    Ok((num(lo)?, num(hi)?))
+}
+
+fn spinner(message: String) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let printer = Printer::new(cli.output);
+    let client = GatewayClient::new(client_config(&cli)?)?;
+    match cli.command {
+        Command::NewCluster {
+            opts,
+            workers,
+            adapt,
+            wait,
+            timeout,
+        } => {
+            let options = parse_options(&opts)?;
+            let bounds = adapt.as_deref().map(parse_bounds).transpose()?;
+            let name = client.create(options).await?;
+            let mut model = client.get(&name).await?;
+            if wait || workers.is_some() || bounds.is_some() {
+                let bar = spinner(format!("waiting for cluster {name} to start"));
+                let waited = client
+                    .wait_until_running(&name, Duration::from_secs_f64(timeout))
+                    .await;
+                bar.finish_and_clear();
+                model = waited?;
+            }
+            let mut notes = Vec::new();
+            if let Some(n) = workers {
+                let r = client.scale(&name, n).await?;
+                notes.extend(r.msg);
+            }
+            if let Some((lo, hi)) = bounds {
+                let r = client.adapt(&name, lo, hi).await?;
+                notes.extend(r.msg);
+            }
+            for n in &notes {
+                eprintln!("gateway-cli: {n}");
+            }
+            let row = json!({
+                "name": name,
+                "status": model.status.as_str(),
+                "address": client.scheduler_address(&name)?,
+                "dashboard": client.dashboard_url(&model),
+            });
+            printer.record(&row);
+        }
+        Command::List { status, all } => {
+            let statuses: Vec<ClusterStatus> = if all {
+                ClusterStatus::ALL.to_vec()
+            } else {
+                status
+                    .iter()
+                    .map(|s| s.trim().to_ascii_uppercase().parse::<ClusterStatus>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| Failure::Usage(e.to_string()))?
+            };
+            let clusters = client.list(&statuses).await?;
+            let rows: Vec<Value> = clusters
+                .iter()
+                .map(|c| {
+                    json!({
+                        "name": c.name,
+                        "status": c.status.as_str(),
+                        "age": output::age(c.start_time),
+                        "dashboard": client.dashboard_url(c),
+                        "options": c.options,
+                    })
+                })
+                .collect();
+            printer.table(&rows, &["name", "status", "age", "dashboard"]);
+        }
+        Command::Info { name } => {
+            let model = client.get(&name).await?;
+            let mut row = json!({
+                "name": model.name,
+                "status": model.status.as_str(),
+                "address": client.scheduler_address(&name)?,
+                "dashboard": client.dashboard_url(&model),
+                "age": output::age(model.start_time),
+                "options": model.options,
+            });
+            if model.status == ClusterStatus::Running {
+                let id = client.scheduler_identity(&name).await?;
+                row["workers"] = json!(id.workers.len());
+                row["threads"] = json!(id.threads());
+                row["memory"] = json!(output::bytes(id.memory()));
+                row["worker_details"] = serde_json::to_value(&id.workers).unwrap_or_default();
+            }
+            printer.record(&row);
+        }
+        Command::Scale { name, count } => {
+            let r = client.scale(&name, count).await?;
+            printer.record(&json!({"name": name, "workers": count, "ok": r.ok, "message": r.msg}));
+        }
+        Command::Adapt { name, min, max } => {
+            if let (Some(lo), Some(hi)) = (min, max) {
+                if lo > hi {
+                    return Err(Failure::Usage(format!("--min {lo} is above --max {hi}")));
+                }
+            }
+            let r = client.adapt(&name, min, max).await?;
+            printer.record(&json!({"name": name, "minimum": min, "maximum": max, "ok": r.ok, "message": r.msg}));
+        }
+        Command::Stop { name, all } => {
+            let names: Vec<String> = match (name, all) {
+                (Some(n), _) => vec![n],
+                (None, _) => client
+                    .list(&[ClusterStatus::Pending, ClusterStatus::Running])
+                    .await?
+                    .into_iter()
+                    .map(|c| c.name)
+                    .collect(),
+            };
+            let mut rows = Vec::new();
+            for n in names {
+                client.stop(&n).await?;
+                rows.push(json!({"name": n, "stopped": true}));
+            }
+            printer.table(&rows, &["name", "stopped"]);
+        }
+        Command::Options => {
+            let options = client.options().await?;
+            let rows: Vec<Value> = options
+                .iter()
+                .map(|o| {
+                    json!({
+                        "field": o.field,
+                        "label": o.label,
+                        "type": o.spec.get("type").cloned().unwrap_or(Value::Null),
+                        "default": o.default,
+                        "spec": o.spec,
+                    })
+                })
+                .collect();
+            printer.table(&rows, &["field", "type", "default", "label"]);
+        }
+        Command::Dashboard { name, open } => {
+            let model = client.get(&name).await?;
+            let url = client.dashboard_url(&model).ok_or_else(|| {
+                ClientError::Conflict(format!(
+                    "cluster {name} is {} and has no dashboard",
+                    model.status.as_str()
+                ))
+            })?;
+            if open {
+                let opener = if cfg!(target_os = "macos") {
+                    "open"
+                } else {
+                    "xdg-open"
+                };
+                if let Err(e) = std::process::Command::new(opener).arg(&url).status() {
+                    eprintln!("gateway-cli: could not run {opener}: {e}");
+                }
+            }
+            printer.record(&json!({"name": name, "dashboard": url}));
+        }
+        Command::Tunnel {
+            name,
+            port,
+            bind,
+            credentials_dir,
+        } => tunnel(&client, &printer, name, port, bind, credentials_dir).await?,
+        Command::Completions { .. } => unreachable!("handled before the runtime starts"),
+    }
+    Ok(())
+}
+
+/// Writes the cluster's credentials privately, serves the tunnel until Ctrl-C or SIGTERM, then
+/// removes the credentials it wrote.
+async fn tunnel(
+    client: &GatewayClient,
+    printer: &Printer,
+    name: String,
+    port: u16,
+    bind: String,
+    credentials_dir: Option<PathBuf>,
+) -> Result<(), Failure> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let local: std::net::SocketAddr = format!("{bind}:{port}")
+        .parse()
+        .map_err(|_| Failure::Usage(format!("--bind {bind:?} is not an IP address")))?;
+    let tls = client.credentials(&name).await?;
+    let tunnel = Tunnel::bind(local, client.proxy_address()?, name.clone(), tls.clone()).await?;
+    let (dir, temporary) = match credentials_dir {
+        Some(d) => (d, false),
+        None => (
+            std::env::temp_dir().join(format!("gateway-cli-{}-{}", name, std::process::id())),
+            true,
+        ),
+    };
+    let io = |e: std::io::Error| ClientError::Config(format!("writing {}: {e}", dir.display()));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io)?;
+    let (cert, key) = (dir.join("dask.crt"), dir.join("dask.pem"));
+    for (path, text) in [(&cert, &tls.cert_pem), (&key, &tls.key_pem)] {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io)?;
+    }
+    let address = format!("tls://{}", tunnel.local_addr());
+    let info = json!({
+        "name": name,
+        "address": address,
+        "tls_ca_file": cert,
+        "tls_client_cert": cert,
+        "tls_client_key": key,
+    });
+    if printer.format() == Format::Table {
+        println!("Tunnel to cluster {name} listening on {address} (Ctrl-C to stop).");
+        println!("Connect with:");
+        println!("    from distributed import Client");
+        println!("    from distributed.security import Security");
+        println!(
+            "    security = Security(tls_ca_file={c:?}, tls_client_cert={c:?}, tls_client_key={k:?}, require_encryption=True)",
+            c = cert.display().to_string(),
+            k = key.display().to_string()
+        );
+        println!("    client = Client({address:?}, security=security)");
+    } else {
+        printer.record(&info);
+    }
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    tunnel.run(stop).await;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        let _ = std::fs::remove_file(&key);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_and_bounds() {
+        let o = parse_options(&["a=2".into(), "b=text".into(), "c={\"X\": \"1\"}".into()])
+            .ok()
+            .unwrap();
+        assert_eq!(o["a"], json!(2));
+        assert_eq!(o["b"], json!("text"));
+        assert_eq!(o["c"], json!({"X": "1"}));
+        assert!(parse_options(&["novalue".into()]).is_err());
+        assert_eq!(parse_bounds("1:10").ok().unwrap(), (Some(1), Some(10)));
+        assert_eq!(parse_bounds(":3").ok().unwrap(), (None, Some(3)));
+        assert!(parse_bounds("x").is_err());
+        assert!(parse_bounds("-1:2").is_err());
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn auth_none_is_allowed() {
+        let cli = Cli::parse_from([
+            "gateway-cli",
+            "--address",
+            "http://x:1",
+            "--auth",
+            "none",
+            "options",
+        ]);
+        assert_eq!(
+            client_config(&cli).unwrap().auth,
+            gateway_client::Auth::None
+        );
+    }
+}

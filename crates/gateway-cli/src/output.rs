@@ -1,0 +1,157 @@
+//! Printing results as a table (for people), JSON or YAML (for scripts).
+
+use clap::ValueEnum;
+use serde_json::Value;
+
+/// `--output` formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns (one record: `key  value` lines).
+    Table,
+    /// JSON.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+/// Prints records in the chosen format on stdout.
+pub struct Printer {
+    format: Format,
+}
+
+impl Printer {
+    pub fn new(format: Format) -> Self {
+        Printer { format }
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    fn structured(&self, value: &Value) -> bool {
+        match self.format {
+            Format::Json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(value).unwrap_or_default()
+                );
+                true
+            }
+            Format::Yaml => {
+                print!("{}", serde_yaml::to_string(value).unwrap_or_default());
+                true
+            }
+            Format::Table => false,
+        }
+    }
+
+    /// One object: `key  value` lines in table form (nested values as compact JSON).
+    pub fn record(&self, value: &Value) {
+        if self.structured(value) {
+            return;
+        }
+        let Some(map) = value.as_object() else {
+            println!("{}", cell(value));
+            return;
+        };
+        let width = map.keys().map(String::len).max().unwrap_or(0);
+        for (k, v) in map {
+            if k == "worker_details" {
+                continue;
+            }
+            println!("{k:<width$}  {}", cell(v));
+        }
+    }
+
+    /// Several objects: the given columns in table form, everything in JSON/YAML.
+    pub fn table(&self, rows: &[Value], columns: &[&str]) {
+        if self.structured(&Value::Array(rows.to_vec())) {
+            return;
+        }
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| columns.iter().map(|c| cell(&r[*c])).collect())
+            .collect();
+        let widths: Vec<usize> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                cells
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([c.len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |values: Vec<String>| {
+            let parts: Vec<String> = values
+                .iter()
+                .zip(&widths)
+                .map(|(v, w)| format!("{v:<w$}"))
+                .collect();
+            println!("{}", parts.join("  ").trim_end());
+        };
+        line(columns.iter().map(|c| c.to_uppercase()).collect());
+        for row in cells {
+            line(row);
+        }
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// How long ago a millisecond timestamp was, e.g. `42s`, `5m`, `3h`, `2d`.
+pub fn age(start_ms: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(start_ms);
+    let s = ((now - start_ms) / 1000).max(0);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// Bytes in binary units, e.g. `1.5 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536 * 1024 * 1024), "1.5 GiB");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert_eq!(age(now - 5_000), "5s");
+        assert_eq!(age(now - 600_000), "10m");
+        assert_eq!(age(now + 5_000), "0s");
+    }
+}

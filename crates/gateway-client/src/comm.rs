@@ -1,0 +1,264 @@
+//! Just enough of Dask's comm protocol to ask a scheduler who it is: the framing of
+//! `distributed.comm.tcp`, the connection handshake, and the `identity` request.
+//!
+//! A message is msgpack in the first of its frames. On the wire: a little-endian `u64` with the
+//! length of what follows up to the "split" frames, then the prelude (`u64` frame count, one
+//! `u64` length per frame), then the frames.
+
+use crate::error::ClientError;
+use rmpv::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest message accepted (a scheduler with very many workers stays far below it).
+const MAX_MESSAGE: u64 = 256 * 1024 * 1024;
+
+/// What a scheduler says about itself.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SchedulerIdentity {
+    /// The scheduler's id.
+    pub id: String,
+    /// Its own address (inside the cluster).
+    pub address: String,
+    /// Connected workers.
+    pub workers: Vec<WorkerIdentity>,
+}
+
+impl SchedulerIdentity {
+    /// Threads of all workers.
+    pub fn threads(&self) -> u64 {
+        self.workers.iter().map(|w| w.nthreads).sum()
+    }
+
+    /// Memory limit of all workers, in bytes.
+    pub fn memory(&self) -> u64 {
+        self.workers.iter().map(|w| w.memory_limit).sum()
+    }
+}
+
+/// One worker as the scheduler reports it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct WorkerIdentity {
+    /// Its address.
+    pub address: String,
+    /// Its name (the gateway's worker name).
+    pub name: String,
+    /// Threads.
+    pub nthreads: u64,
+    /// Memory limit in bytes (0 when unlimited).
+    pub memory_limit: u64,
+}
+
+/// Writes one message.
+pub async fn write_message<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    msg: &Value,
+) -> Result<(), ClientError> {
+    let mut frame = Vec::new();
+    rmpv::encode::write_value(&mut frame, msg)
+        .map_err(|e| ClientError::Protocol(format!("encoding a message: {e}")))?;
+    let mut out = Vec::with_capacity(frame.len() + 24);
+    let prelude_len = 16u64;
+    out.extend_from_slice(&(prelude_len + frame.len() as u64).to_le_bytes());
+    out.extend_from_slice(&1u64.to_le_bytes());
+    out.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+    out.extend_from_slice(&frame);
+    stream.write_all(&out).await.map_err(io)?;
+    stream.flush().await.map_err(io)
+}
+
+/// Reads one message (its first frame, decoded).
+pub async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Value, ClientError> {
+    let first = read_u64(stream).await?;
+    if !(8..=MAX_MESSAGE).contains(&first) {
+        return Err(ClientError::Protocol(format!("bad message length {first}")));
+    }
+    let mut head = vec![0u8; first as usize];
+    stream.read_exact(&mut head).await.map_err(io)?;
+    let n_frames = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    if n_frames == 0 || n_frames > 1 << 20 || 8 * (1 + n_frames) > first {
+        return Err(ClientError::Protocol(format!("bad frame count {n_frames}")));
+    }
+    let prelude = 8 * (1 + n_frames);
+    let lengths: Vec<u64> = (0..n_frames as usize)
+        .map(|i| u64::from_le_bytes(head[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes")))
+        .collect();
+    let total = lengths
+        .iter()
+        .try_fold(0u64, |sum, l| sum.checked_add(*l))
+        .unwrap_or(u64::MAX);
+    if total > MAX_MESSAGE {
+        return Err(ClientError::Protocol("message too large".into()));
+    }
+    // Frames not covered by the first length follow on their own.
+    let mut rest = vec![0u8; (total + prelude).saturating_sub(first) as usize];
+    stream.read_exact(&mut rest).await.map_err(io)?;
+    head.extend_from_slice(&rest);
+    let start = prelude as usize;
+    let end = start + lengths[0] as usize;
+    let mut frame = head
+        .get(start..end)
+        .ok_or_else(|| ClientError::Protocol("truncated frame".into()))?;
+    rmpv::decode::read_value(&mut frame)
+        .map_err(|e| ClientError::Protocol(format!("decoding a message: {e}")))
+}
+
+async fn read_u64<S: AsyncRead + Unpin>(stream: &mut S) -> Result<u64, ClientError> {
+    let mut b = [0u8; 8];
+    stream.read_exact(&mut b).await.map_err(io)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn io(e: std::io::Error) -> ClientError {
+    ClientError::Proxy(e.to_string())
+}
+
+fn map(pairs: Vec<(&str, Value)>) -> Value {
+    Value::Map(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (Value::from(k), v))
+            .collect(),
+    )
+}
+
+fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
+}
+
+fn text(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.as_str().unwrap_or_default().to_string(),
+        Some(Value::Nil) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn number(v: Option<&Value>) -> u64 {
+    match v {
+        Some(v) => v
+            .as_u64()
+            .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            .unwrap_or(0),
+        None => 0,
+    }
+}
+
+/// The handshake both ends of a new Dask comm send first: no compression.
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<(), ClientError> {
+    let info = map(vec![
+        ("compression", Value::Nil),
+        (
+            "python",
+            Value::Array(vec![Value::from(3), Value::from(11), Value::from(0)]),
+        ),
+        ("pickle-protocol", Value::from(5)),
+    ]);
+    write_message(stream, &info).await?;
+    let remote = read_message(stream).await?;
+    if get(&remote, "compression").is_none() && get(&remote, "pickle-protocol").is_none() {
+        return Err(ClientError::Protocol(
+            "the peer did not answer the Dask handshake".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Asks the scheduler on `stream` (already handshaken) for its identity, all workers included.
+pub async fn identity<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<SchedulerIdentity, ClientError> {
+    let request = map(vec![
+        ("op", Value::from("identity")),
+        ("reply", Value::Boolean(true)),
+        ("n_workers", Value::from(-1)),
+    ]);
+    write_message(stream, &request).await?;
+    let reply = read_message(stream).await?;
+    if let Some(status) = get(&reply, "status").and_then(Value::as_str) {
+        if status != "OK" {
+            return Err(ClientError::Protocol(format!(
+                "identity failed: {}",
+                text(get(&reply, "exception_text").or(get(&reply, "text")))
+            )));
+        }
+    }
+    let workers = match get(&reply, "workers") {
+        Some(Value::Map(entries)) => entries
+            .iter()
+            .map(|(addr, w)| WorkerIdentity {
+                address: text(Some(addr)),
+                name: text(get(w, "name")),
+                nthreads: number(get(w, "nthreads")),
+                memory_limit: number(get(w, "memory_limit")),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(SchedulerIdentity {
+        id: text(get(&reply, "id")),
+        address: text(get(&reply, "address")),
+        workers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_split_frames_are_read() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let msg = map(vec![("op", Value::from("identity")), ("n", Value::from(3))]);
+        write_message(&mut a, &msg).await.unwrap();
+        assert_eq!(read_message(&mut b).await.unwrap(), msg);
+
+        // Two frames, the second sent after the first length (as Dask does with buffers).
+        let mut frame = Vec::new();
+        rmpv::encode::write_value(&mut frame, &msg).unwrap();
+        let extra = b"0123456789";
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&(24 + frame.len() as u64).to_le_bytes());
+        wire.extend_from_slice(&2u64.to_le_bytes());
+        wire.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+        wire.extend_from_slice(&(extra.len() as u64).to_le_bytes());
+        wire.extend_from_slice(&frame);
+        wire.extend_from_slice(extra);
+        a.write_all(&wire).await.unwrap();
+        write_message(&mut a, &Value::from("next")).await.unwrap();
+        assert_eq!(read_message(&mut b).await.unwrap(), msg);
+        assert_eq!(read_message(&mut b).await.unwrap(), Value::from("next"));
+    }
+
+    #[tokio::test]
+    async fn garbage_is_an_error_not_a_panic() {
+        for wire in [
+            vec![0u8; 8],
+            [u64::MAX.to_le_bytes()].concat(),
+            [16u64.to_le_bytes(), 0u64.to_le_bytes(), 0u64.to_le_bytes()].concat(),
+            [16u64.to_le_bytes(), 1u64.to_le_bytes(), 99u64.to_le_bytes()].concat(),
+            [
+                16u64.to_le_bytes(),
+                u64::MAX.to_le_bytes(),
+                1u64.to_le_bytes(),
+            ]
+            .concat(),
+            [
+                24u64.to_le_bytes(),
+                2u64.to_le_bytes(),
+                u64::MAX.to_le_bytes(),
+                2u64.to_le_bytes(),
+            ]
+            .concat(),
+        ] {
+            let (mut a, mut b) = tokio::io::duplex(1 << 16);
+            a.write_all(&wire).await.unwrap();
+            drop(a);
+            assert!(read_message(&mut b).await.is_err());
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! A Rust client for Dask Gateway, speaking the same REST API and scheduler proxy protocol as
+//! the stock Python `dask_gateway.Gateway`:
+//!
+//! * [`GatewayClient`]: list, create (with options), get, wait until running, scale, adapt and
+//!   stop clusters. Credentials are sent after the gateway's 401 challenge, then the session
+//!   cookie is used, like the Python client.
+//! * [`ClientConfig`]: settings from arguments, `DASK_GATEWAY__*` variables or the dask config
+//!   files (`gateway.address`, `gateway.auth.type`, ...), shared with the Python client.
+//! * [`GatewayClient::connect_scheduler`]: TLS to a cluster's scheduler through the proxy (SNI
+//!   `daskgateway-<name>`, the cluster's own credentials); [`comm`] asks it for its
+//!   [`SchedulerIdentity`] (workers, threads, memory) without Python.
+//! * [`tunnel`]: a local TLS port forwarding to the scheduler, for tools that cannot send SNI.
+//!
+//! Request and response bodies are the server's own types from `gateway-model`.
+
+#![warn(missing_docs)]
+
+pub mod comm;
+pub mod config;
+pub mod error;
+pub mod tls;
+pub mod tunnel;
+
+pub use comm::{SchedulerIdentity, WorkerIdentity};
+pub use config::{Auth, ClientConfig};
+pub use error::ClientError;
+pub use gateway_model::{ClusterModel, ClusterStatus, OptionSpec, ScaleResponse};
+pub use tls::ClusterTls;
+
+use gateway_model::{
+    AdaptRequest, CreateClusterRequest, CreateClusterResponse, ErrorBody, OptionsResponse,
+    ScaleRequest,
+};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// A TLS stream to a cluster's scheduler, through the gateway's proxy.
+pub type SchedulerStream = TlsStream<TcpStream>;
+
+/// A connection to one gateway (cheap to clone; clones share the session cookie).
+#[derive(Clone, Debug)]
+pub struct GatewayClient {
+    config: ClientConfig,
+    http: reqwest::Client,
+}
+
+impl GatewayClient {
+    /// A client for `config`.
+    pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
+        if !(config.address.starts_with("http://") || config.address.starts_with("https://")) {
+            return Err(ClientError::Config(format!(
+                "the gateway address {:?} must start with http:// or https://",
+                config.address
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .cookie_store(true)
+            .timeout(Duration::from_secs_f64(config.request_timeout.max(1.0)))
+            .no_proxy()
+            .build()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        Ok(GatewayClient { config, http })
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// One API call: without credentials first (the session cookie may do), and with them
+    /// after a 401 challenge.
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Option<T>, ClientError> {
+        let url = format!("{}{}", self.config.address, path);
+        let mut with_auth = false;
+        loop {
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            if with_auth {
+                if let Some(h) = self.config.auth.header() {
+                    req = req.header(reqwest::header::AUTHORIZATION, h);
+                }
+            }
+            let resp = req.send().await.map_err(|source| ClientError::Connect {
+                address: self.config.address.clone(),
+                source,
+            })?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && !with_auth && self.config.auth != Auth::None {
+                with_auth = true;
+                continue;
+            }
+            if status == StatusCode::NO_CONTENT {
+                return Ok(None);
+            }
+            let bytes = resp.bytes().await.map_err(|source| ClientError::Connect {
+                address: self.config.address.clone(),
+                source,
+            })?;
+            if status.is_success() {
+                return serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| ClientError::Server {
+                        status: status.as_u16(),
+                        message: format!("unexpected answer to {method} {path}: {e}"),
+                    });
+            }
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_string());
+            return Err(match status.as_u16() {
+                401 => ClientError::Unauthorized(message),
+                403 => ClientError::Forbidden(message),
+                404 => ClientError::NotFound(message),
+                422 => ClientError::Invalid(message),
+                409 => ClientError::Conflict(message),
+                s => ClientError::Server { status: s, message },
+            });
+        }
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call::<(), T>(Method::GET, path, None)
+            .await?
+            .ok_or_else(|| ClientError::Server {
+                status: 204,
+                message: format!("no body from GET {path}"),
+            })
+    }
+
+    /// The gateway's version (`GET /api/version`).
+    pub async fn version(&self) -> Result<String, ClientError> {
+        let v: Value = self.get_json("/api/version").await?;
+        Ok(v["version"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// The options users may set when creating a cluster.
+    pub async fn options(&self) -> Result<Vec<OptionSpec>, ClientError> {
+        let r: OptionsResponse = self.get_json("/api/v1/options").await?;
+        Ok(r.cluster_options)
+    }
+
+    /// The user's clusters (every user's for admins); `statuses` filters (default: the active
+    /// ones, PENDING and RUNNING).
+    pub async fn list(&self, statuses: &[ClusterStatus]) -> Result<Vec<ClusterModel>, ClientError> {
+        let path = if statuses.is_empty() {
+            "/api/v1/clusters/".to_string()
+        } else {
+            let names: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+            format!("/api/v1/clusters/?status={}", names.join(","))
+        };
+        let map: BTreeMap<String, ClusterModel> = self.get_json(&path).await?;
+        let mut clusters: Vec<ClusterModel> = map.into_values().collect();
+        clusters.sort_by_key(|c| c.start_time);
+        Ok(clusters)
+    }
+
+    /// Creates a cluster with the given option values; returns its name.
+    pub async fn create(&self, options: Map<String, Value>) -> Result<String, ClientError> {
+        let body = CreateClusterRequest {
+            cluster_options: Some(Value::Object(options)),
+        };
+        let r: Option<CreateClusterResponse> = self
+            .call(Method::POST, "/api/v1/clusters/", Some(&body))
+            .await?;
+        r.map(|r| r.name).ok_or_else(|| ClientError::Server {
+            status: 204,
+            message: "no cluster name in the answer".into(),
+        })
+    }
+
+    /// One cluster's model.
+    pub async fn get(&self, name: &str) -> Result<ClusterModel, ClientError> {
+        self.get_json(&format!("/api/v1/clusters/{}", check_name(name)?))
+            .await
+    }
+
+    /// Waits until the cluster is RUNNING (using the gateway's `?wait` long poll); fails if it
+    /// stops or fails first, or after `timeout`.
+    pub async fn wait_until_running(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<ClusterModel, ClientError> {
+        let name = check_name(name)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout(format!(
+                    "cluster {name} was not running after {:.0} s",
+                    timeout.as_secs_f64()
+                )));
+            }
+            let path = format!("/api/v1/clusters/{name}?wait");
+            let model = match tokio::time::timeout(left, self.get_json::<ClusterModel>(&path)).await
+            {
+                Ok(r) => r?,
+                Err(_) => continue,
+            };
+            match model.status {
+                ClusterStatus::Running => return Ok(model),
+                ClusterStatus::Pending => continue,
+                other => {
+                    return Err(ClientError::ClusterEnded {
+                        name: name.to_string(),
+                        status: other.as_str().to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Sets the number of workers (switches adaptive scaling off). The answer says whether the
+    /// gateway clipped the request to a limit.
+    pub async fn scale(&self, name: &str, count: u64) -> Result<ScaleResponse, ClientError> {
+        let body = ScaleRequest {
+            count: Value::from(count),
+        };
+        self.post_scaling(
+            &format!("/api/v1/clusters/{}/scale", check_name(name)?),
+            &body,
+        )
+        .await
+    }
+
+    /// Turns adaptive scaling on between `minimum` and `maximum` workers (`None`: no bound).
+    pub async fn adapt(
+        &self,
+        name: &str,
+        minimum: Option<u64>,
+        maximum: Option<u64>,
+    ) -> Result<ScaleResponse, ClientError> {
+        let body = AdaptRequest {
+            minimum: minimum.map(Value::from).unwrap_or(Value::Null),
+            maximum: maximum.map(Value::from).unwrap_or(Value::Null),
+            active: true,
+        };
+        self.post_scaling(
+            &format!("/api/v1/clusters/{}/adapt", check_name(name)?),
+            &body,
+        )
+        .await
+    }
+
+    async fn post_scaling<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<ScaleResponse, ClientError> {
+        let r: Option<ScaleResponse> = self.call(Method::POST, path, Some(body)).await?;
+        Ok(r.unwrap_or(ScaleResponse {
+            ok: true,
+            msg: None,
+        }))
+    }
+
+    /// Stops a cluster (stopping an unknown or stopped cluster is not an error).
+    pub async fn stop(&self, name: &str) -> Result<(), ClientError> {
+        self.call::<(), Value>(
+            Method::DELETE,
+            &format!("/api/v1/clusters/{}", check_name(name)?),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `gateway://<proxy>/<name>`, the address the Python client gives Dask.
+    pub fn scheduler_address(&self, name: &str) -> Result<String, ClientError> {
+        Ok(format!("gateway://{}/{name}", self.proxy_address()?))
+    }
+
+    /// The dashboard's URL for a model (when the cluster has one).
+    pub fn dashboard_url(&self, model: &ClusterModel) -> Option<String> {
+        let base = self
+            .config
+            .public_address
+            .as_deref()
+            .unwrap_or(&self.config.address)
+            .trim_end_matches('/');
+        model
+            .dashboard_route
+            .as_ref()
+            .map(|route| format!("{base}{route}"))
+    }
+
+    /// `host:port` of the scheduler proxy: configured, or the gateway address's own (a bare
+    /// port means the address's host with that port).
+    pub fn proxy_address(&self) -> Result<String, ClientError> {
+        let rest = self
+            .config
+            .address
+            .split_once("://")
+            .map(|(_, r)| r)
+            .unwrap_or(&self.config.address);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                (h.to_string(), p.to_string())
+            }
+            _ => (
+                authority.to_string(),
+                if self.config.address.starts_with("https") {
+                    "443".into()
+                } else {
+                    "80".into()
+                },
+            ),
+        };
+        Ok(match self.config.proxy_address.as_deref() {
+            None => format!("{host}:{port}"),
+            Some(p) if p.chars().all(|c| c.is_ascii_digit()) => format!("{host}:{p}"),
+            Some(p) => p
+                .trim_start_matches("gateway://")
+                .trim_start_matches("tls://")
+                .trim_end_matches('/')
+                .to_string(),
+        })
+    }
+
+    /// The cluster's TLS credentials (it must be RUNNING and yours).
+    pub async fn credentials(&self, name: &str) -> Result<ClusterTls, ClientError> {
+        let model = self.get(name).await?;
+        match (&model.tls_cert, &model.tls_key) {
+            (Some(cert), Some(key)) => ClusterTls::from_pem(cert, key),
+            _ => Err(ClientError::Conflict(format!(
+                "cluster {name} is {}, not running: it has no credentials yet",
+                model.status.as_str()
+            ))),
+        }
+    }
+
+    /// Opens TLS to the cluster's scheduler through the proxy (SNI `daskgateway-<name>`).
+    pub async fn connect_scheduler(
+        &self,
+        name: &str,
+        tls: &ClusterTls,
+    ) -> Result<SchedulerStream, ClientError> {
+        connect_via_proxy(&self.proxy_address()?, check_name(name)?, tls).await
+    }
+
+    /// Connects to the scheduler and asks for its identity: id, workers, threads and memory.
+    pub async fn scheduler_identity(&self, name: &str) -> Result<SchedulerIdentity, ClientError> {
+        let tls = self.credentials(name).await?;
+        let mut stream = self.connect_scheduler(name, &tls).await?;
+        comm::handshake(&mut stream).await?;
+        let id = comm::identity(&mut stream).await?;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        Ok(id)
+    }
+}
+
+/// TLS through the gateway proxy at `proxy` (`host:port`) to cluster `name`'s scheduler.
+pub async fn connect_via_proxy(
+    proxy: &str,
+    name: &str,
+    tls: &ClusterTls,
+) -> Result<SchedulerStream, ClientError> {
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(proxy))
+        .await
+        .map_err(|_| ClientError::Proxy(format!("connecting to {proxy} timed out")))?
+        .map_err(|e| ClientError::Proxy(format!("connecting to {proxy}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls.client_config()?));
+    let sni = rustls::pki_types::ServerName::try_from(format!("daskgateway-{name}"))
+        .map_err(|e| ClientError::Config(format!("cluster name {name:?}: {e}")))?;
+    tokio::time::timeout(Duration::from_secs(20), connector.connect(sni, tcp))
+        .await
+        .map_err(|_| ClientError::Proxy("the TLS handshake timed out".into()))?
+        .map_err(|e| ClientError::Proxy(format!("TLS to cluster {name}: {e}")))
+}
+
+/// Cluster names go into URL paths: refuse anything but the characters names are made of.
+fn check_name(name: &str) -> Result<&str, ClientError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(ClientError::Invalid(format!(
+            "{name:?} is not a cluster name"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(address: &str, proxy: Option<&str>) -> GatewayClient {
+        let mut c = ClientConfig::new(address);
+        c.proxy_address = proxy.map(Into::into);
+        GatewayClient::new(c).unwrap()
+    }
+
+    #[test]
+    fn proxy_addresses() {
+        let p = |a, p| client(a, p).proxy_address().unwrap();
+        assert_eq!(p("http://127.0.0.1:8000", None), "127.0.0.1:8000");
+        assert_eq!(p("http://gw.example/prefix", None), "gw.example:80");
+        assert_eq!(p("https://gw.example", None), "gw.example:443");
+        assert_eq!(p("http://gw:8000", Some("8786")), "gw:8786");
+        assert_eq!(p("http://gw:8000", Some("tls://proxy:443")), "proxy:443");
+        assert_eq!(p("http://[::1]:8000", None), "[::1]:8000");
+        assert_eq!(
+            client("http://gw:8000", None)
+                .scheduler_address("abc")
+                .unwrap(),
+            "gateway://gw:8000/abc"
+        );
+    }
+
+    #[test]
+    fn names_and_addresses_are_checked() {
+        assert!(check_name("ns.abc-1").is_ok());
+        for bad in ["", "../x", "a/b", "a?b", "a b"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert!(GatewayClient::new(ClientConfig::new("gw:8000")).is_err());
+    }
+}

@@ -1,0 +1,223 @@
+"""`gateway-cli` as a user runs it, against a real gateway with real Dask, side by side with the
+stock Python client: clusters made by one are usable from the other."""
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from distributed import Client
+from distributed.security import Security
+
+from conftest import REPO, free_port, new_cluster, wait_for
+
+pytestmark = pytest.mark.local_only  # the CLI speaks the same API on every backend
+
+PASSWORD = "cli-pw"
+USER = "carol-cli"
+
+
+def cli_binary():
+    path = os.environ.get("GATEWAY_CLI_BIN")
+    if path:
+        return path
+    target = os.environ.get("CARGO_TARGET_DIR", str(REPO / "target"))
+    return str(Path(target) / "debug" / "gateway-cli")
+
+
+@pytest.fixture(scope="module")
+def srv(module_servers):
+    return module_servers("cli", password=PASSWORD)
+
+
+def run(srv, *args, user=USER, password=PASSWORD, env=None, timeout=180, address=True):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    full_env["DASK_CONFIG"] = "/nonexistent"  # no user config files leak in
+    full_env["DASK_GATEWAY_PASSWORD"] = password
+    full_env.update(env or {})
+    cmd = [cli_binary()]
+    if address:
+        cmd += ["--address", srv.url]
+    if user:
+        cmd += ["--user", user]
+    return subprocess.run(cmd + list(args), env=full_env, text=True, capture_output=True,
+                          timeout=timeout)
+
+
+def run_json(srv, *args, **kw):
+    r = run(srv, *args, "-o", "json", **kw)
+    assert r.returncode == 0, r
+    return json.loads(r.stdout)
+
+
+def workers_of(srv, name):
+    return run_json(srv, "info", name)
+
+
+@pytest.fixture(scope="module")
+def cli_cluster(srv):
+    out = run_json(srv, "new-cluster", "--opt", "worker_cores=1", "--workers", "2", "--wait")
+    yield out
+    run(srv, "stop", out["name"])
+
+
+def test_new_cluster_prints_name_address_and_dashboard(srv, cli_cluster):
+    name = cli_cluster["name"]
+    assert cli_cluster["status"] == "RUNNING"
+    assert cli_cluster["address"] == f"gateway://127.0.0.1:{srv.port}/{name}"
+    assert cli_cluster["dashboard"] == f"{srv.url}/clusters/{name}/status"
+
+
+def test_info_shows_the_workers_through_the_identity_exchange(srv, cli_cluster):
+    name = cli_cluster["name"]
+    wait_for(lambda: workers_of(srv, name).get("workers") == 2, 90, what="2 workers in info")
+    info = workers_of(srv, name)
+    assert info["status"] == "RUNNING" and info["threads"] == 2
+    assert info["memory"].endswith("iB")
+    assert len(info["worker_details"]) == 2
+    table = run(srv, "info", name)
+    assert table.returncode == 0 and "workers" in table.stdout and name in table.stdout
+
+
+def test_a_cli_cluster_is_usable_from_python_by_name(srv, cli_cluster):
+    gw = srv.gateway(USER)
+    cluster = gw.connect(cli_cluster["name"])
+    with cluster.get_client(set_as_default=False) as client:
+        assert client.submit(lambda x: x * 2, 21).result(timeout=60) == 42
+
+
+def test_tunnel_serves_a_plain_distributed_client(srv, cli_cluster):
+    name = cli_cluster["name"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    env.update(DASK_CONFIG="/nonexistent", DASK_GATEWAY_PASSWORD=PASSWORD)
+    proc = subprocess.Popen([cli_binary(), "--address", srv.url, "--user", USER, "-o", "json",
+                             "tunnel", name], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        text = ""
+        while True:
+            line = proc.stdout.readline()
+            assert line, "the tunnel exited before printing its address"
+            text += line
+            try:
+                info = json.loads(text)
+                break
+            except json.JSONDecodeError:
+                continue
+        assert info["address"].startswith("tls://127.0.0.1:")
+        for key in ("tls_client_key", "tls_client_cert"):
+            assert oct(os.stat(info[key]).st_mode & 0o777) == "0o600"
+        security = Security(tls_ca_file=info["tls_ca_file"],
+                            tls_client_cert=info["tls_client_cert"],
+                            tls_client_key=info["tls_client_key"], require_encryption=True)
+        with Client(info["address"], security=security, timeout=30) as client:
+            assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+            assert len(client.scheduler_info(n_workers=-1)["workers"]) >= 1
+        # Without the cluster's certificate the tunnel refuses the connection.
+        host, port = info["address"].removeprefix("tls://").rsplit(":", 1)
+        ctx = ssl.create_default_context(cafile=info["tls_ca_file"])
+        ctx.check_hostname = False
+        refused = False
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            try:
+                with ctx.wrap_socket(raw) as tls:
+                    tls.sendall(b"\0" * 16)
+                    refused = tls.recv(16) == b""
+            except (ssl.SSLError, ConnectionError):
+                refused = True
+        assert refused, "a client without the cluster's certificate was let through"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert not Path(info["tls_client_key"]).exists(), "the key is removed on exit"
+
+
+def test_scale_adapt_list_and_formats(srv, cli_cluster):
+    name = cli_cluster["name"]
+    r = run_json(srv, "scale", name, "1")
+    assert r["ok"] is True
+    wait_for(lambda: workers_of(srv, name).get("workers") == 1, 90, what="1 worker")
+    r = run_json(srv, "adapt", name, "--min", "2", "--max", "2")
+    assert r["ok"] is True
+    wait_for(lambda: workers_of(srv, name).get("workers") == 2, 90, what="adapt to 2")
+    listed = run_json(srv, "list")
+    assert name in [c["name"] for c in listed]
+    as_yaml = yaml.safe_load(run(srv, "list", "-o", "yaml").stdout)
+    assert name in [c["name"] for c in as_yaml]
+    table = run(srv, "list").stdout.splitlines()
+    assert table[0].split()[:2] == ["NAME", "STATUS"]
+    options = run_json(srv, "options")
+    assert "worker_cores" in [o["field"] for o in options]
+
+
+def test_a_python_cluster_is_seen_and_stopped_by_the_cli(srv):
+    gw = srv.gateway(USER)
+    cluster = new_cluster(gw)
+    info = run_json(srv, "info", cluster.name)
+    assert info["status"] == "RUNNING" and info["workers"] == 0
+    r = run(srv, "stop", cluster.name)
+    assert r.returncode == 0, r
+    wait_for(lambda: gw.get_cluster(cluster.name).status.name in ("STOPPED", "STOPPING"), 30,
+             what="the cluster to stop")
+    all_clusters = run_json(srv, "list", "--all")
+    assert cluster.name in [c["name"] for c in all_clusters]
+
+
+def test_settings_from_dask_environment_variables(srv):
+    r = run(srv, "-o", "json", "list", address=False, user=None,
+            env={"DASK_GATEWAY__ADDRESS": srv.url,
+                 "DASK_GATEWAY__AUTH__KWARGS__USERNAME": USER})
+    assert r.returncode == 0, r
+    assert isinstance(json.loads(r.stdout), list)
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["info", "0123456789abcdef0123456789abcdef"], 3, "not found"),
+        (["scale", "0123456789abcdef0123456789abcdef", "1"], 3, "not found"),
+        (["new-cluster", "--opt", "worker_cores=99"], 5, "worker_cores"),
+        (["new-cluster", "--opt", "nonsense"], 2, "KEY=VALUE"),
+        (["adapt", "x", "--min", "5", "--max", "2"], 2, "above"),
+        (["scale", "x", "-1"], 2, ""),
+        (["frobnicate"], 2, ""),
+        (["list", "--status", "sleeping"], 2, "sleeping"),
+    ],
+)
+def test_bad_input_has_a_clear_message_and_exit_code(srv, args, code, message):
+    r = run(srv, *args)
+    assert r.returncode == code, r
+    assert message.lower() in r.stderr.lower(), r
+    assert r.stdout == ""
+
+
+def test_wrong_credentials_and_no_address(srv):
+    r = run(srv, "list", password="wrong")
+    assert r.returncode == 4 and "unauthorized" in r.stderr.lower(), r
+    r = run(srv, "list", address=False)
+    assert r.returncode == 5 and "no gateway address" in r.stderr, r
+    r = subprocess.run([cli_binary(), "--address", f"http://127.0.0.1:{free_port()}", "list"],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "DASK_CONFIG": "/nonexistent"})
+    assert r.returncode == 1 and "cannot reach" in r.stderr, r
+
+
+def test_stop_all(srv):
+    gw = srv.gateway(USER)
+    names = [gw.submit() for _ in range(2)]
+    r = run_json(srv, "stop", "--all")
+    assert set(names) <= {row["name"] for row in r}
+    time.sleep(0.5)
+    assert run_json(srv, "list") == []
+
+
+def test_help_documents_exit_codes_and_completions_work():
+    r = subprocess.run([cli_binary(), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "Exit codes" in r.stdout and "3  cluster not found" in r.stdout
+    r = subprocess.run([cli_binary(), "completions", "bash"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and "gateway-cli" in r.stdout
