@@ -1,6 +1,6 @@
 //! The REST API (wire-protocol sections 2–4) and the dashboard routes, as one axum Router.
 
-use crate::auth::{cluster_token, AuthError, Authenticator, User, CHALLENGE};
+use crate::auth::{cluster_token, AuthError, Authenticator, User};
 use crate::clusters::{ClusterError, ClusterService, Requester};
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
@@ -94,10 +94,9 @@ impl From<ClusterError> for ApiError {
     }
 }
 
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> Self {
-        ApiError::unauthorized(&e.to_string(), CHALLENGE)
-    }
+/// A 401 with the authenticator's challenge (`Basic`, or `Bearer` for JWT).
+fn refused(auth: &Authenticator, e: AuthError) -> ApiError {
+    ApiError::unauthorized(&e.to_string(), auth.challenge())
 }
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -178,9 +177,9 @@ fn set_session_cookie(state: &AppState, resp: &mut Response, session: Option<Str
 /// Middleware for user routes: authenticates, stores the [`User`] as an extension and sets the
 /// session cookie on successful responses.
 async fn require_user(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let auth = match state.auth.authenticate(req.headers()) {
+    let auth = match state.auth.authenticate(req.headers()).await {
         Ok(a) => a,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return refused(&state.auth, e).into_response(),
     };
     let https = is_https(req.headers(), req.extensions().get::<ConnMeta>());
     req.extensions_mut().insert(auth.user);
@@ -374,7 +373,11 @@ async fn delete_cluster(
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
     }
-    let auth = state.auth.authenticate(&headers)?;
+    let auth = state
+        .auth
+        .authenticate(&headers)
+        .await
+        .map_err(|e| refused(&state.auth, e))?;
     state
         .clusters
         .stop(&name, Requester::User(&auth.user))
@@ -469,10 +472,10 @@ async fn dashboard(
         return not_found();
     };
     if state.dashboard_auth {
-        match state.auth.authenticate(req.headers()) {
+        match state.auth.authenticate(req.headers()).await {
             Ok(a) if state.clusters.may_access(&a.user, &name) => {}
             Ok(_) => return not_found(),
-            Err(e) => return ApiError::from(e).into_response(),
+            Err(e) => return refused(&state.auth, e).into_response(),
         }
     }
     // Keep the raw (still percent-encoded) remainder of the path.

@@ -2,6 +2,7 @@
 //! and session cookies (wire-protocol section 3).
 
 use crate::config::AuthConfig;
+use crate::jwt::JwtVerifier;
 use base64::Engine;
 use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue};
@@ -35,6 +36,9 @@ pub enum AuthError {
     /// Credentials were given but are wrong.
     #[error("Invalid credentials")]
     Invalid,
+    /// A bearer token was refused; the reason names the check that failed (never the token).
+    #[error("Invalid token: {0}")]
+    Rejected(String),
 }
 
 /// Successful authentication, and the session to hand out when it came from credentials.
@@ -48,6 +52,7 @@ pub struct Authenticated {
 
 struct Session {
     user: String,
+    admin: bool,
     expires: Instant,
 }
 
@@ -59,6 +64,7 @@ pub struct Authenticator {
     cookie_path: String,
     max_age: Duration,
     sessions: RwLock<Sessions>,
+    jwt: Option<JwtVerifier>,
 }
 
 #[derive(Default)]
@@ -99,6 +105,22 @@ impl Authenticator {
             cookie_path: format!("{prefix}/"),
             max_age: Duration::from_secs(config.cookie_max_age.max(1)),
             sessions: RwLock::new(Sessions::default()),
+            jwt: None,
+        }
+    }
+
+    /// Authenticates bearer tokens with `verifier` instead of Basic credentials.
+    pub fn with_jwt(mut self, verifier: JwtVerifier) -> Self {
+        self.jwt = Some(verifier);
+        self
+    }
+
+    /// The `WWW-Authenticate` scheme of a 401.
+    pub fn challenge(&self) -> &'static str {
+        if self.jwt.is_some() {
+            "Bearer"
+        } else {
+            CHALLENGE
         }
     }
 
@@ -107,11 +129,12 @@ impl Authenticator {
         User { name, admin }
     }
 
-    /// Authenticates a request: a valid session cookie wins; otherwise `Authorization: Basic`.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Authenticated, AuthError> {
-        if let Some(user) = self.session_user(headers) {
+    /// Authenticates a request: a valid session cookie wins; otherwise `Authorization: Basic`
+    /// (or `Bearer` with JWT).
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Authenticated, AuthError> {
+        if let Some((name, admin)) = self.session_user(headers) {
             return Ok(Authenticated {
-                user: self.user(user),
+                user: User { name, admin },
                 new_session: None,
             });
         }
@@ -119,6 +142,21 @@ impl Authenticator {
             return Err(AuthError::Required);
         };
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        if let Some(jwt) = &self.jwt {
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(AuthError::Required);
+            }
+            let claims = jwt.verify(rest.trim()).await.map_err(AuthError::Rejected)?;
+            let admin = self.admins.contains(&claims.name) || jwt.is_admin_group(&claims.groups);
+            let token = self.session_for(&claims.name, admin);
+            return Ok(Authenticated {
+                user: User {
+                    name: claims.name,
+                    admin,
+                },
+                new_session: Some(token),
+            });
+        }
         if !scheme.eq_ignore_ascii_case("basic") {
             return Err(AuthError::Required);
         }
@@ -136,9 +174,10 @@ impl Authenticator {
         if name.is_empty() || name.chars().any(char::is_control) {
             return Err(AuthError::Invalid);
         }
-        let token = self.session_for(name);
+        let user = self.user(name.to_string());
+        let token = self.session_for(name, user.admin);
         Ok(Authenticated {
-            user: self.user(name.to_string()),
+            user,
             new_session: Some(token),
         })
     }
@@ -189,7 +228,7 @@ impl Authenticator {
         name.split_once('=').map_or(name, |(k, _)| k).trim() == self.cookie_name
     }
 
-    fn session_user(&self, headers: &HeaderMap) -> Option<String> {
+    fn session_user(&self, headers: &HeaderMap) -> Option<(String, bool)> {
         let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
         for header in headers.get_all(COOKIE) {
             let Ok(text) = header.to_str() else { continue };
@@ -200,7 +239,7 @@ impl Authenticator {
                 if k == self.cookie_name {
                     if let Some(s) = sessions.by_token.get(v.trim()) {
                         if s.expires > Instant::now() {
-                            return Some(s.user.clone());
+                            return Some((s.user.clone(), s.admin));
                         }
                     }
                 }
@@ -210,11 +249,14 @@ impl Authenticator {
     }
 
     /// The user's current session token, creating one if none is valid.
-    fn session_for(&self, user: &str) -> String {
+    fn session_for(&self, user: &str, admin: bool) -> String {
         let now = Instant::now();
         let mut s = self.sessions.write().unwrap_or_else(|e| e.into_inner());
         if let Some(token) = s.by_user.get(user) {
-            if s.by_token.get(token).is_some_and(|sess| sess.expires > now) {
+            if s.by_token
+                .get(token)
+                .is_some_and(|sess| sess.expires > now && sess.admin == admin)
+            {
                 return token.clone();
             }
         }
@@ -228,6 +270,7 @@ impl Authenticator {
             token.clone(),
             Session {
                 user: user.to_string(),
+                admin,
                 expires: now + self.max_age,
             },
         );
@@ -259,6 +302,20 @@ pub fn token_matches(given: &str, expected: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// `authenticate`, run to completion (Basic and cookies never wait on anything).
+    trait AuthNow {
+        fn auth_now(&self, headers: &HeaderMap) -> Result<Authenticated, AuthError>;
+    }
+
+    impl AuthNow for Authenticator {
+        fn auth_now(&self, headers: &HeaderMap) -> Result<Authenticated, AuthError> {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(self.authenticate(headers))
+        }
+    }
+
     fn basic(user: &str, pw: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         let v = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"));
@@ -288,15 +345,15 @@ mod tests {
     fn names_in_utf8_and_latin1() {
         let a = auth(None);
         // UTF-8 (browsers, curl, most clients).
-        let name = a.authenticate(&basic("zoë-日本", "")).unwrap().user.name;
+        let name = a.auth_now(&basic("zoë-日本", "")).unwrap().user.name;
         assert_eq!(name, "zoë-日本");
         // Latin-1 (the stock Python client's BasicAuth): 0xEB is ë.
-        let name = a.authenticate(&basic_bytes(b"zo\xeb:")).unwrap().user.name;
+        let name = a.auth_now(&basic_bytes(b"zo\xeb:")).unwrap().user.name;
         assert_eq!(name, "zoë");
         // Control characters stay refused in either encoding.
         for raw in [&b"a\x1bb:"[..], "a\u{85}b:".as_bytes(), b"a\x7fb:"] {
             assert_eq!(
-                a.authenticate(&basic_bytes(raw)).unwrap_err(),
+                a.auth_now(&basic_bytes(raw)).unwrap_err(),
                 AuthError::Invalid
             );
         }
@@ -338,40 +395,37 @@ mod tests {
     #[test]
     fn no_credentials_means_challenge() {
         assert_eq!(
-            auth(None).authenticate(&HeaderMap::new()).unwrap_err(),
+            auth(None).auth_now(&HeaderMap::new()).unwrap_err(),
             AuthError::Required
         );
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, "Bearer x".parse().unwrap());
-        assert_eq!(
-            auth(None).authenticate(&h).unwrap_err(),
-            AuthError::Required
-        );
+        assert_eq!(auth(None).auth_now(&h).unwrap_err(), AuthError::Required);
     }
 
     #[test]
     fn basic_with_shared_password() {
         let a = auth(Some("pw"));
         assert_eq!(
-            a.authenticate(&basic("alice@x y", "pw")).unwrap().user.name,
+            a.auth_now(&basic("alice@x y", "pw")).unwrap().user.name,
             "alice@x y"
         );
         assert_eq!(
-            a.authenticate(&basic("alice", "nope")).unwrap_err(),
+            a.auth_now(&basic("alice", "nope")).unwrap_err(),
             AuthError::Invalid
         );
         assert_eq!(
-            a.authenticate(&basic("alice", "")).unwrap_err(),
+            a.auth_now(&basic("alice", "")).unwrap_err(),
             AuthError::Invalid
         );
-        assert!(auth(None).authenticate(&basic("bob", "anything")).is_ok());
-        assert!(a.authenticate(&basic("root", "pw")).unwrap().user.admin);
+        assert!(auth(None).auth_now(&basic("bob", "anything")).is_ok());
+        assert!(a.auth_now(&basic("root", "pw")).unwrap().user.admin);
         assert_eq!(
-            a.authenticate(&basic("a\u{0}b", "pw")).unwrap_err(),
+            a.auth_now(&basic("a\u{0}b", "pw")).unwrap_err(),
             AuthError::Invalid
         );
         assert_eq!(
-            a.authenticate(&basic("a\nb", "pw")).unwrap_err(),
+            a.auth_now(&basic("a\nb", "pw")).unwrap_err(),
             AuthError::Invalid
         );
     }
@@ -379,7 +433,7 @@ mod tests {
     #[test]
     fn cookie_replay_and_reuse() {
         let a = auth(None);
-        let first = a.authenticate(&basic("alice", "")).unwrap();
+        let first = a.auth_now(&basic("alice", "")).unwrap();
         let cookie = a
             .session_cookie(&first.new_session.unwrap(), false)
             .unwrap()
@@ -390,12 +444,12 @@ mod tests {
         let pair = cookie.split(';').next().unwrap().to_string();
         let mut h = HeaderMap::new();
         h.insert(COOKIE, format!("other=1; {pair}").parse().unwrap());
-        let again = a.authenticate(&h).unwrap();
+        let again = a.auth_now(&h).unwrap();
         assert_eq!(again.user.name, "alice");
         assert!(again.new_session.is_none());
         // The same session value is reused while valid.
         let second = a
-            .authenticate(&basic("alice", ""))
+            .auth_now(&basic("alice", ""))
             .unwrap()
             .new_session
             .unwrap();
@@ -405,7 +459,7 @@ mod tests {
             COOKIE,
             format!("{}=deadbeef", a.cookie_name).parse().unwrap(),
         );
-        assert_eq!(a.authenticate(&bad).unwrap_err(), AuthError::Required);
+        assert_eq!(a.auth_now(&bad).unwrap_err(), AuthError::Required);
     }
 
     #[test]

@@ -201,6 +201,8 @@ pub struct AuthConfig {
     pub cookie_max_age: u64,
     /// Session cookie name (default `dask-gateway-<random>` per process).
     pub cookie_name: Option<String>,
+    /// Settings of the `jwt` authenticator.
+    pub jwt: Option<crate::jwt::JwtConfig>,
 }
 
 impl Default for AuthConfig {
@@ -211,6 +213,7 @@ impl Default for AuthConfig {
             admin_users: vec![],
             cookie_max_age: 300,
             cookie_name: None,
+            jwt: None,
         }
     }
 }
@@ -222,6 +225,8 @@ pub enum AuthKind {
     /// HTTP Basic with an optional shared password.
     #[default]
     Simple,
+    /// `Authorization: Bearer <JWT>` (see `auth.jwt`).
+    Jwt,
 }
 
 /// Where the `dask` command comes from.
@@ -481,6 +486,9 @@ impl GatewayConfig {
         }
         if self.metrics.address.is_some() && self.metrics.address == Some(self.address) {
             return bad("metrics.address must differ from address".into());
+        }
+        if (self.auth.kind == AuthKind::Jwt) != self.auth.jwt.is_some() {
+            return bad("auth.type jwt and an auth.jwt section go together".into());
         }
         let c = &self.cluster;
         if !(self.request_timeout.is_finite() && self.request_timeout >= 25.0) {

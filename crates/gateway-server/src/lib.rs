@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod clusters;
 pub mod config;
+pub mod jwt;
 pub mod settings;
 
 use crate::api::AppState;
@@ -59,6 +60,9 @@ pub enum StartError {
     /// User isolation cannot work as configured.
     #[error("{0}")]
     Isolation(String),
+    /// The JWT authenticator cannot start.
+    #[error(transparent)]
+    Jwt(#[from] crate::jwt::JwtSetupError),
     /// A secret named by the configuration could not be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -337,6 +341,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let metrics_token = config.metrics.token()?;
+    let mut authenticator = Authenticator::new(&config.auth, &config.prefix());
+    if let Some(jwt) = &config.auth.jwt {
+        authenticator = authenticator.with_jwt(crate::jwt::JwtVerifier::new(jwt.clone()).await?);
+    }
     let config = Arc::new(config);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -412,7 +420,7 @@ pub async fn run(
 
     let state = AppState {
         clusters,
-        auth: Arc::new(Authenticator::new(&config.auth, &config.prefix())),
+        auth: Arc::new(authenticator),
         forwarder: HttpForwarder::new(),
         dashboard_auth: config.dashboard_auth,
         dashboard_csp: Some(config.dashboard_csp.as_str())

@@ -1,0 +1,424 @@
+//! JWT bearer authentication: HS256 with a shared secret (from a file or an environment
+//! variable, never the YAML), or RS256/ES256 with keys from a JWKS file or URL.
+//!
+//! Keys from a URL are cached; a token signed with an unknown `kid` triggers one refetch, at
+//! most every [`REFETCH_PAUSE`], bounded by [`FETCH_TIMEOUT`] so a slow or dead identity provider
+//! never holds requests for long.
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+/// The shortest pause between two JWKS fetches.
+pub const REFETCH_PAUSE: Duration = Duration::from_secs(5);
+/// How long one JWKS fetch may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `auth.jwt` in the configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// A file holding the HS256 shared secret.
+    pub secret_file: Option<PathBuf>,
+    /// An environment variable holding the HS256 shared secret.
+    pub secret_env: Option<String>,
+    /// A JWKS file (RS256 / ES256 public keys).
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL (fetched at startup and on unknown key ids).
+    pub jwks_url: Option<String>,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: Option<String>,
+    /// Seconds of clock skew allowed on `exp` and `nbf`.
+    pub leeway: u64,
+    /// The claim holding the user name.
+    pub username_claim: String,
+    /// The claim holding the user's groups (a list of strings).
+    pub groups_claim: String,
+    /// Members of these groups are admins.
+    pub admin_groups: Vec<String>,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            secret_file: None,
+            secret_env: None,
+            jwks_file: None,
+            jwks_url: None,
+            issuer: None,
+            audience: None,
+            leeway: 30,
+            username_claim: "sub".into(),
+            groups_claim: "groups".into(),
+            admin_groups: Vec::new(),
+        }
+    }
+}
+
+/// Why a JWT setup cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtSetupError {
+    /// Not exactly one key source.
+    #[error("auth.jwt needs exactly one of secret_file, secret_env, jwks_file or jwks_url")]
+    KeySource,
+    /// The secret or JWKS could not be read.
+    #[error("auth.jwt: {0}")]
+    Keys(String),
+}
+
+/// What a valid token says about its bearer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claims {
+    /// User name.
+    pub name: String,
+    /// Groups.
+    pub groups: Vec<String>,
+}
+
+enum Keys {
+    Secret(DecodingKey),
+    Jwks {
+        url: Option<String>,
+        by_kid: RwLock<HashMap<String, (DecodingKey, Algorithm)>>,
+        last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    },
+}
+
+/// Verifies bearer tokens.
+pub struct JwtVerifier {
+    config: JwtConfig,
+    keys: Keys,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("issuer", &self.config.issuer)
+            .field("audience", &self.config.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_jwks(text: &str) -> Result<HashMap<String, (DecodingKey, Algorithm)>, String> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut out = HashMap::new();
+    for jwk in &set.keys {
+        let Some(kid) = jwk.common.key_id.clone() else {
+            continue;
+        };
+        let alg = match &jwk.algorithm {
+            jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+            _ => continue,
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid}: {e}"))?;
+        out.insert(kid, (key, alg));
+    }
+    Ok(out)
+}
+
+impl JwtVerifier {
+    /// Loads the keys (fetching a JWKS URL once; a failure there is logged and retried on
+    /// the first token, so the gateway starts while the identity provider is down).
+    pub async fn new(config: JwtConfig) -> Result<Self, JwtSetupError> {
+        let http = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            .build()
+            .map_err(|e| JwtSetupError::Keys(e.to_string()))?;
+        let sources = [
+            config.secret_file.is_some(),
+            config.secret_env.is_some(),
+            config.jwks_file.is_some(),
+            config.jwks_url.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            return Err(JwtSetupError::KeySource);
+        }
+        let keys = if let Some(path) = &config.secret_file {
+            let secret = std::fs::read(path)
+                .map_err(|e| JwtSetupError::Keys(format!("{}: {e}", path.display())))?;
+            let secret = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();
+            if secret.len() < 16 {
+                return Err(JwtSetupError::Keys(format!(
+                    "the secret in {} is shorter than 16 bytes",
+                    path.display()
+                )));
+            }
+            Keys::Secret(DecodingKey::from_secret(&secret))
+        } else if let Some(var) = &config.secret_env {
+            let secret = std::env::var(var).map_err(|_| {
+                JwtSetupError::Keys(format!("environment variable {var} is not set"))
+            })?;
+            if secret.len() < 16 {
+                return Err(JwtSetupError::Keys(format!(
+                    "the secret in {var} is shorter than 16 bytes"
+                )));
+            }
+            Keys::Secret(DecodingKey::from_secret(secret.as_bytes()))
+        } else if let Some(path) = &config.jwks_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| JwtSetupError::Keys(format!("{}: {e}", path.display())))?;
+            let by_kid = parse_jwks(&text)
+                .map_err(|e| JwtSetupError::Keys(format!("{}: {e}", path.display())))?;
+            Keys::Jwks {
+                url: None,
+                by_kid: RwLock::new(by_kid),
+                last_fetch: tokio::sync::Mutex::new(None),
+            }
+        } else {
+            Keys::Jwks {
+                url: config.jwks_url.clone(),
+                by_kid: RwLock::new(HashMap::new()),
+                last_fetch: tokio::sync::Mutex::new(None),
+            }
+        };
+        let verifier = JwtVerifier { config, keys, http };
+        if let Keys::Jwks { url: Some(url), .. } = &verifier.keys {
+            if let Err(e) = verifier.refetch().await {
+                tracing::warn!(%url, "fetching the JWKS failed (retried on the first token): {e}");
+            }
+        }
+        Ok(verifier)
+    }
+
+    /// Refetches the JWKS URL unless it was fetched within [`REFETCH_PAUSE`].
+    async fn refetch(&self) -> Result<bool, String> {
+        let Keys::Jwks {
+            url: Some(url),
+            by_kid,
+            last_fetch,
+        } = &self.keys
+        else {
+            return Ok(false);
+        };
+        let mut last = last_fetch.lock().await;
+        if last.is_some_and(|t| t.elapsed() < REFETCH_PAUSE) {
+            return Ok(false);
+        }
+        *last = Some(Instant::now());
+        let text = tokio::time::timeout(FETCH_TIMEOUT, async {
+            self.http
+                .get(url)
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await
+        })
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+        let keys = parse_jwks(&text)?;
+        *by_kid.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        Ok(true)
+    }
+
+    fn lookup(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
+        match &self.keys {
+            Keys::Jwks { by_kid, .. } => by_kid
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(kid)
+                .cloned(),
+            Keys::Secret(_) => None,
+        }
+    }
+
+    /// Checks a token; the error says why it was refused (never echoing the token).
+    pub async fn verify(&self, token: &str) -> Result<Claims, String> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| "malformed token".to_string())?;
+        let (key, alg) = match &self.keys {
+            Keys::Secret(key) => (key.clone(), Algorithm::HS256),
+            Keys::Jwks { .. } => {
+                let kid = header
+                    .kid
+                    .clone()
+                    .ok_or_else(|| "the token has no key id (kid)".to_string())?;
+                match self.lookup(&kid) {
+                    Some(found) => found,
+                    None => {
+                        // Keys may have rotated: fetch again (rate limited).
+                        if let Err(e) = self.refetch().await {
+                            tracing::warn!("refetching the JWKS failed: {e}");
+                        }
+                        self.lookup(&kid)
+                            .ok_or_else(|| "unknown signing key".to_string())?
+                    }
+                }
+            }
+        };
+        if header.alg != alg {
+            return Err(format!("algorithm {:?} is not allowed", header.alg));
+        }
+        let mut validation = Validation::new(alg);
+        validation.leeway = self.config.leeway;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        match &self.config.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &self.config.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => "the token has expired",
+                    ErrorKind::ImmatureSignature => "the token is not valid yet",
+                    ErrorKind::InvalidAudience => "wrong audience",
+                    ErrorKind::InvalidIssuer => "wrong issuer",
+                    ErrorKind::InvalidSignature => "bad signature",
+                    ErrorKind::MissingRequiredClaim(_) => "a required claim (exp) is missing",
+                    ErrorKind::InvalidAlgorithm => "algorithm not allowed",
+                    _ => "malformed token",
+                }
+                .to_string()
+            })?;
+        let claims = data.claims;
+        let name = claims
+            .get(&self.config.username_claim)
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty() && !n.chars().any(char::is_control))
+            .ok_or_else(|| {
+                format!(
+                    "the token has no usable user name claim ({})",
+                    self.config.username_claim
+                )
+            })?
+            .to_string();
+        let groups = claims
+            .get(&self.config.groups_claim)
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Claims { name, groups })
+    }
+
+    /// Whether these groups make their member an admin.
+    pub fn is_admin_group(&self, groups: &[String]) -> bool {
+        groups.iter().any(|g| self.config.admin_groups.contains(g))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    async fn hs256(config: JwtConfig, secret: &str) -> JwtVerifier {
+        let path =
+            std::env::temp_dir().join(format!("dgrs-jwt-{}-{}", std::process::id(), secret.len()));
+        std::fs::write(&path, format!("{secret}\n")).unwrap();
+        let v = JwtVerifier::new(JwtConfig {
+            secret_file: Some(path.clone()),
+            ..config
+        })
+        .await
+        .unwrap();
+        std::fs::remove_file(path).unwrap();
+        v
+    }
+
+    fn token(secret: &str, claims: Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn hs256_claims_and_reasons() {
+        let secret = "0123456789abcdef-secret";
+        let v = hs256(
+            JwtConfig {
+                issuer: Some("https://idp".into()),
+                audience: Some("dask".into()),
+                leeway: 5,
+                admin_groups: vec!["ops".into()],
+                ..Default::default()
+            },
+            secret,
+        )
+        .await;
+        let good = json!({"sub": "alice", "groups": ["ops", "x"], "iss": "https://idp", "aud": "dask", "exp": now() + 60});
+        let c = v.verify(&token(secret, good.clone())).await.unwrap();
+        assert_eq!(c.name, "alice");
+        assert!(v.is_admin_group(&c.groups));
+        let with = |k: &str, val: Value| {
+            let mut g = good.clone();
+            g[k] = val;
+            token(secret, g)
+        };
+        for (t, why) in [
+            (with("exp", json!(now() - 60)), "expired"),
+            (with("nbf", json!(now() + 600)), "not valid yet"),
+            (with("aud", json!("other")), "wrong audience"),
+            (with("iss", json!("https://evil")), "wrong issuer"),
+            (with("sub", json!("")), "user name"),
+            (
+                token("another-secret-of-16+", good.clone()),
+                "bad signature",
+            ),
+            ("not.a.jwt".to_string(), "malformed"),
+        ] {
+            let e = v.verify(&t).await.unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+            assert!(!e.contains(&t), "the reason never echoes the token");
+        }
+        // Within the leeway an expired token still passes.
+        assert!(v.verify(&with("exp", json!(now() - 2))).await.is_ok());
+        let mut no_exp = good.clone();
+        no_exp.as_object_mut().unwrap().remove("exp");
+        assert!(v
+            .verify(&token(secret, no_exp))
+            .await
+            .unwrap_err()
+            .contains("exp"));
+    }
+
+    #[tokio::test]
+    async fn setup_errors() {
+        assert!(matches!(
+            JwtVerifier::new(JwtConfig::default()).await,
+            Err(JwtSetupError::KeySource)
+        ));
+        assert!(JwtVerifier::new(JwtConfig {
+            secret_env: Some("DGRS_SURELY_UNSET_VARIABLE".into()),
+            ..Default::default()
+        })
+        .await
+        .is_err());
+        assert!(JwtVerifier::new(JwtConfig {
+            jwks_file: Some("/nonexistent/jwks.json".into()),
+            ..Default::default()
+        })
+        .await
+        .is_err());
+    }
+}
