@@ -131,12 +131,22 @@ def test_rbac_is_exactly_what_the_code_uses(values):
 
 def test_the_rendered_configuration_is_valid_for_the_gateway(tmp_path):
     binary = os.environ["GATEWAY_SERVER_BIN"]
-    for values in ([], ["-f", str(ALL_VALUES)]):
-        [cm] = [d for d in render(*values) if d["kind"] == "ConfigMap"]
+    jwks = ["--set", "auth.type=jwt", "--set", "auth.jwt.jwksUrl=https://idp.example/jwks",
+            "--set", "auth.jwt.audience=dask"]
+    hs256 = ["--set", "auth.type=jwt", "--set", "auth.jwt.existingSecret=jwt-secret"]
+    for values in ([], ["-f", str(ALL_VALUES)], jwks, hs256):
+        docs = render(*values)
+        [cm] = [d for d in docs if d["kind"] == "ConfigMap"]
+        if values is hs256:
+            [gateway] = [d for d in docs if d["kind"] == "Deployment"
+                         and d["metadata"]["name"].endswith("dask-gateway-rs")]
+            env = gateway["spec"]["template"]["spec"]["containers"][0]["env"]
+            assert {"name": "GATEWAY_JWT_SECRET", "valueFrom": {"secretKeyRef": {
+                "name": "jwt-secret", "key": "secret"}}} in env
         path = tmp_path / "gateway.yaml"
         path.write_text(cm["data"]["gateway.yaml"])
         r = run(binary, "--config", str(path), "--check-config")
-        assert "configuration OK" in r.stdout
+        assert "configuration OK" in r.stdout, values
 
 
 def test_pods_are_hardened():

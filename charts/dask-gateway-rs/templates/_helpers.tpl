@@ -140,6 +140,14 @@ app.kubernetes.io/component: {{ .component }}
   "kubernetes" $kube
   "cluster" $cluster
 -}}
+{{- if eq .Values.auth.type "jwt" -}}
+{{- $j := .Values.auth.jwt -}}
+{{- $jwt := dict "leeway" $j.leeway "username_claim" $j.usernameClaim "groups_claim" $j.groupsClaim "admin_groups" $j.adminGroups -}}
+{{- if $j.existingSecret }}{{ $_ := set $jwt "secret_env" "GATEWAY_JWT_SECRET" }}{{ else }}{{ $_ := set $jwt "jwks_url" (required "auth.jwt needs existingSecret or jwksUrl" $j.jwksUrl) }}{{ end -}}
+{{- with $j.issuer }}{{ $_ := set $jwt "issuer" . }}{{ end -}}
+{{- with $j.audience }}{{ $_ := set $jwt "audience" . }}{{ end -}}
+{{- $_ := set $config.auth "jwt" $jwt -}}
+{{- end -}}
 {{- with .Values.gateway.prefix }}{{ $_ := set $config "prefix" . }}{{ end -}}
 {{- if .Values.service.schedulerPort }}{{ $_ := set $config "scheduler_address" "0.0.0.0:8786" }}{{ end -}}
 {{- $merged := mustMergeOverwrite $config (deepCopy .Values.extraConfig) -}}
