@@ -364,7 +364,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let id = client.scheduler_identity(&name).await?;
                 row["workers"] = json!(id.workers.len());
                 row["threads"] = json!(id.threads());
-                row["memory"] = json!(output::bytes(id.memory()));
+                row["memory"] = json!(gateway_client::model::format_memory(id.memory()));
                 row["worker_details"] = serde_json::to_value(&id.workers).unwrap_or_default();
             }
             printer.record(&row);

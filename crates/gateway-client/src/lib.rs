@@ -24,6 +24,8 @@ pub mod tunnel;
 pub use comm::{SchedulerIdentity, WorkerIdentity};
 pub use config::{Auth, ClientConfig};
 pub use error::ClientError;
+/// The API types shared with the server.
+pub use gateway_model as model;
 pub use gateway_model::{ClusterModel, ClusterStatus, OptionSpec, ScaleResponse};
 pub use tls::ClusterTls;
 
