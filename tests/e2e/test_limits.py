@@ -114,3 +114,32 @@ def test_scheduler_option_over_the_cap_is_422(module_servers):
         assert gw.get_cluster(name).options["scheduler_memory"] == 1.0
     finally:
         gw.stop_cluster(name)
+
+
+def test_per_user_worker_quota_spans_all_of_a_users_clusters(module_servers):
+    """`max_workers_per_user`: the stock client is told (a GatewayWarning naming the quota) and
+    the user's workers across clusters never pass it, also when their schedulers adapt."""
+    srv = module_servers("user-quota", cluster={"max_workers_per_user": 3})
+    gw = srv.gateway("quota-user")
+    first, second = new_cluster(gw), new_cluster(gw)
+    try:
+        first.scale(2)
+        with pytest.warns(GatewayWarning, match="quota of 3 workers per user"):
+            second.scale(3)
+        with first.get_client(set_as_default=False) as c1, \
+                second.get_client(set_as_default=False) as c2:
+            wait_workers(c1, 2)
+            wait_workers(c2, 1)
+            # Adaptive scaling of the second cluster is held to the room left too.
+            with pytest.warns(GatewayWarning, match="quota"):
+                second.adapt(minimum=3, maximum=5)
+            wait_workers(c2, 1)
+        # Another user is not affected by this one's usage.
+        other = new_cluster(srv.gateway("other-quota-user"))
+        other.scale(3)
+        with other.get_client(set_as_default=False) as c3:
+            wait_workers(c3, 3)
+        other.shutdown()
+    finally:
+        first.shutdown()
+        second.shutdown()

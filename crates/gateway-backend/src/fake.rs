@@ -107,6 +107,7 @@ impl ClusterBackend for FakeBackend {
             addresses: None,
             start_time: now_ms(),
             stop_time: None,
+            target_workers: 0,
         };
         let (status_tx, _) = watch::channel(ClusterStatus::Pending);
         self.lock().insert(
@@ -159,6 +160,7 @@ impl ClusterBackend for FakeBackend {
         }
         e.heartbeats += 1;
         e.target_workers = target_workers;
+        e.view.target_workers = target_workers;
         if e.view.status == ClusterStatus::Pending && !heartbeat.scheduler_address.is_empty() {
             e.view.addresses = Some(SchedulerAddresses {
                 scheduler: heartbeat.scheduler_address.clone(),

@@ -83,6 +83,8 @@ pub struct ClusterView {
     pub start_time: i64,
     /// When it reached STOPPED or FAILED, ms since the Unix epoch.
     pub stop_time: Option<i64>,
+    /// Workers the cluster currently wants (its last scale, or its scheduler's last heartbeat).
+    pub target_workers: u64,
 }
 
 impl ClusterView {

@@ -363,6 +363,7 @@ impl KubeBackend {
                 .and_then(|t| t.parse::<jiff::Timestamp>().ok())
                 .map(|t| t.as_millisecond())
                 .filter(|_| status.is_terminal()),
+            target_workers: dc.spec.replicas.max(0) as u64,
         }
     }
 

@@ -204,6 +204,7 @@ impl Cluster {
             addresses: self.addresses(),
             start_time: r.start_time,
             stop_time: r.stop_time,
+            target_workers: r.target_workers,
         }
     }
 }

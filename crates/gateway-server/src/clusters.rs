@@ -8,8 +8,8 @@ use crate::config::ClusterConfig;
 use crate::settings;
 use gateway_backend::{BackendError, ClusterBackend, ClusterView, NewCluster, StopRequest};
 use gateway_model::{
-    as_count, py_repr, validate_options, ClusterModel, ClusterStatus, Heartbeat, ScaleResponse,
-    SchedulerMessage,
+    as_count, format_memory, py_repr, validate_options, ClusterModel, ClusterStatus, Heartbeat,
+    ScaleResponse, SchedulerMessage,
 };
 use serde_json::Value;
 use std::collections::HashMap;
@@ -97,7 +97,18 @@ pub struct ClusterService {
     /// concurrent creates cannot overshoot `max_clusters_per_user`. Entries nobody holds are
     /// pruned as new users arrive.
     admission: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Workers granted per cluster by this process (scale, adapt, heartbeats), counted with
+    /// the backend's own target so per-user quotas see grants before the scheduler acts.
+    granted: Mutex<HashMap<String, u64>>,
     counters: Counters,
+}
+
+/// What one user's active clusters hold.
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    workers: u64,
+    cores: f64,
+    memory: u64,
 }
 
 impl ClusterService {
@@ -113,6 +124,7 @@ impl ClusterService {
             config,
             http,
             admission: Mutex::new(HashMap::new()),
+            granted: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         }
     }
@@ -152,6 +164,31 @@ impl ClusterService {
             settings::resolve(&self.config, fields, &options).map_err(ClusterError::Invalid)?;
         let lock = self.admission_lock(&user.name);
         let _admitted = lock.lock().await;
+        if self.has_user_quota() {
+            let used = self.user_usage(&user.name, None);
+            let r = &settings.resources;
+            let over = match (
+                self.config.max_cores_per_user,
+                self.config.max_memory_per_user,
+            ) {
+                (Some(max), _) if used.cores + r.scheduler_cores > max + 1e-9 => {
+                    Some(format!("{max} cores per user ({} in use)", used.cores))
+                }
+                (_, Some(max)) if used.memory + r.scheduler_memory > max => Some(format!(
+                    "{} of memory per user ({} in use)",
+                    format_memory(max),
+                    format_memory(used.memory)
+                )),
+                _ => None,
+            };
+            if let Some(quota) = over {
+                self.counters.create_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(ClusterError::Invalid(format!(
+                    "A new cluster for {} would exceed the quota of {quota}",
+                    user.name
+                )));
+            }
+        }
         if let Some(max) = self.config.max_clusters_per_user {
             let active = self
                 .backend
@@ -176,6 +213,94 @@ impl ClusterService {
             })
             .await?;
         Ok(view.name)
+    }
+
+    fn has_user_quota(&self) -> bool {
+        let c = &self.config;
+        c.max_workers_per_user.is_some()
+            || c.max_cores_per_user.is_some()
+            || c.max_memory_per_user.is_some()
+    }
+
+    /// What `owner`'s active clusters (but `except`) hold: each at the larger of its
+    /// backend target and what this process granted it.
+    fn user_usage(&self, owner: &str, except: Option<&str>) -> Usage {
+        let granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
+        let mut used = Usage::default();
+        for v in self.backend.list(Some(owner)) {
+            if !v.status.is_active() || Some(v.name.as_str()) == except {
+                continue;
+            }
+            let w = v
+                .target_workers
+                .max(granted.get(&v.name).copied().unwrap_or(0));
+            let r = &v.settings.resources;
+            used.workers += w;
+            used.cores += r.scheduler_cores + w as f64 * r.worker_cores;
+            used.memory += r.scheduler_memory + w * r.worker_memory;
+        }
+        used
+    }
+
+    /// Workers `view` may have within its owner's quotas, and the quota that binds.
+    fn user_room(&self, view: &ClusterView) -> Option<(u64, String)> {
+        if !self.has_user_quota() {
+            return None;
+        }
+        let c = &self.config;
+        let used = self.user_usage(&view.owner, Some(&view.name));
+        let r = &view.settings.resources;
+        let mut room: Option<(u64, String)> = None;
+        let mut consider = |n: u64, quota: String| {
+            if room.as_ref().is_none_or(|(m, _)| n < *m) {
+                room = Some((n, quota));
+            }
+        };
+        if let Some(max) = c.max_workers_per_user {
+            consider(
+                max.saturating_sub(used.workers),
+                format!("{max} workers per user"),
+            );
+        }
+        if let Some(max) = c.max_cores_per_user {
+            let left = max - used.cores - r.scheduler_cores;
+            let n = if r.worker_cores > 0.0 {
+                ((left + 1e-9) / r.worker_cores).floor().max(0.0) as u64
+            } else {
+                u64::MAX
+            };
+            consider(n, format!("{max} cores per user"));
+        }
+        if let Some(max) = c.max_memory_per_user {
+            let left = max.saturating_sub(used.memory + r.scheduler_memory);
+            let n = left.checked_div(r.worker_memory).unwrap_or(u64::MAX);
+            consider(n, format!("{} of memory per user", format_memory(max)));
+        }
+        room
+    }
+
+    /// Clips a worker count to the owner's quotas (under the owner's admission lock) and
+    /// records the grant; the message names the quota that clipped it.
+    async fn grant_workers(&self, view: &ClusterView, wanted: u64) -> (u64, Option<String>) {
+        if !self.has_user_quota() {
+            return (wanted, None);
+        }
+        let lock = self.admission_lock(&view.owner);
+        let _held = lock.lock().await;
+        let (n, msg) = match self.user_room(view) {
+            Some((room, quota)) if wanted > room => (
+                room,
+                Some(format!(
+                    "Scale request of {wanted} workers would exceed the quota of {quota}. Scaling to {room} instead."
+                )),
+            ),
+            _ => (wanted, None),
+        };
+        self.granted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(view.name.clone(), n);
+        (n, msg)
     }
 
     /// The cluster `name` if `user` may act on it.
@@ -312,6 +437,7 @@ impl ClusterService {
             .settings
             .limits
             .clip_scale(&view.settings.resources, wanted);
+        let (target, _) = self.grant_workers(&view, target).await;
         self.backend.heartbeat(name, heartbeat, target).await?;
         Ok(())
     }
@@ -346,6 +472,8 @@ impl ClusterService {
         })?;
         let view = self.running(user, name, "scale")?;
         let (n, clipped) = view.settings.limits.clip_scale(&view.settings.resources, n);
+        let (n, quota_clip) = self.grant_workers(&view, n).await;
+        let clipped = quota_clip.or(clipped);
         self.forward(&view, &SchedulerMessage::Scale { count: n })
             .await?;
         Ok(ScaleResponse {
@@ -388,6 +516,28 @@ impl ClusterService {
             view.settings
                 .limits
                 .clip_adapt(&view.settings.resources, min, max);
+        // Within the owner's quotas: the maximum is clipped to the room left (heartbeats keep
+        // the running total there), and the minimum is granted now.
+        let (min, max, clipped) = match self.user_room(&view) {
+            Some((room, quota))
+                if max.is_none_or(|m| m > room) || min.is_some_and(|m| m > room) =>
+            {
+                let (new_min, new_max) = (
+                    min.map(|m| m.min(room)),
+                    Some(max.map_or(room, |m| m.min(room))),
+                );
+                let msg = format!(
+                    "Adapt with `maximum={}, minimum={}` workers would exceed the quota of {quota}. Using `maximum={}, minimum={}` instead.",
+                    max.map_or("None".into(), |m| m.to_string()),
+                    min.unwrap_or(0),
+                    new_max.unwrap_or(room),
+                    new_min.unwrap_or(0)
+                );
+                (new_min, new_max, Some(msg))
+            }
+            _ => (min, max, clipped),
+        };
+        self.grant_workers(&view, min.unwrap_or(0)).await;
         let msg = SchedulerMessage::Adapt {
             minimum: min,
             maximum: max,

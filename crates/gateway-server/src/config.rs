@@ -342,6 +342,13 @@ pub struct ClusterConfig {
     pub max_memory: Option<u64>,
     /// Active (PENDING or RUNNING) clusters one user may have (none = unlimited).
     pub max_clusters_per_user: Option<u64>,
+    /// Workers one user may have across all their active clusters.
+    pub max_workers_per_user: Option<u64>,
+    /// Cores (schedulers + workers) one user may have across all their active clusters.
+    pub max_cores_per_user: Option<f64>,
+    /// Memory (schedulers + workers) one user may have across all their active clusters.
+    #[serde(deserialize_with = "opt_memory")]
+    pub max_memory_per_user: Option<u64>,
     /// Environment of schedulers and workers.
     pub environment: BTreeMap<String, String>,
     /// Seconds finished clusters stay listable before they are forgotten.
@@ -375,6 +382,9 @@ impl Default for ClusterConfig {
             max_cores: None,
             max_memory: None,
             max_clusters_per_user: None,
+            max_workers_per_user: None,
+            max_cores_per_user: None,
+            max_memory_per_user: None,
             environment: BTreeMap::new(),
             retention: 86400.0,
             options: Vec::new(),
@@ -486,6 +496,13 @@ impl GatewayConfig {
         }
         if self.metrics.address.is_some() && self.metrics.address == Some(self.address) {
             return bad("metrics.address must differ from address".into());
+        }
+        if let Some(v) = self.cluster.max_cores_per_user {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!(
+                    "cluster.max_cores_per_user must be a positive number, got {v}"
+                ));
+            }
         }
         if (self.auth.kind == AuthKind::Jwt) != self.auth.jwt.is_some() {
             return bad("auth.type jwt and an auth.jwt section go together".into());

@@ -324,3 +324,91 @@ async fn backend_failures_reach_the_caller_and_leave_nothing() {
     assert!(matches!(e, ClusterError::Internal(_)));
     assert!(b.list(None).is_empty());
 }
+
+#[tokio::test]
+async fn per_user_quotas_clip_scale_adapt_and_heartbeats_even_concurrently() {
+    let (svc, b) = service(
+        "max_workers_per_user: 3\nmax_cores_per_user: 6\nscheduler_cores: 1\nworker_cores: 1",
+    );
+    let svc = Arc::new(svc);
+    let (api, _comm) = fake_scheduler_api().await;
+    let (api_a, comm_a) = fake_scheduler_api().await;
+    let (api_c, comm_c) = fake_scheduler_api().await;
+    let a = running_cluster(&svc, &b, "alice", &api_a).await;
+    let c = running_cluster(&svc, &b, "alice", &api_c).await;
+    let bobs = running_cluster(&svc, &b, "bob", &api).await;
+    let alice = user("alice");
+
+    let r = svc.scale(&alice, &a, &json!(2)).await.unwrap();
+    assert!(r.ok && r.msg.is_none());
+    // One worker is left of alice's three; the message names the quota.
+    let r = svc.scale(&alice, &c, &json!(2)).await.unwrap();
+    assert!(!r.ok);
+    let msg = r.msg.unwrap();
+    assert!(msg.contains("quota of 3 workers per user") && msg.contains("Scaling to 1"), "{msg}");
+    // Bob has a quota of his own.
+    assert!(svc.scale(&user("bob"), &bobs, &json!(3)).await.unwrap().ok);
+
+    // Twenty concurrent scales across alice's clusters (from nothing) never grant more than
+    // 3 in total: whichever comes first gets the room.
+    svc.scale(&alice, &a, &json!(0)).await.unwrap();
+    svc.scale(&alice, &c, &json!(0)).await.unwrap();
+    comm_a.received.lock().unwrap().clear();
+    comm_c.received.lock().unwrap().clear();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (svc, name) = (svc.clone(), if i % 2 == 0 { a.clone() } else { c.clone() });
+        tasks.push(tokio::spawn(async move {
+            svc.scale(&user("alice"), &name, &json!(3)).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let most = |comm: &Comm| {
+        comm.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m["count"].as_u64().unwrap())
+            .max()
+            .unwrap()
+    };
+    let (most_a, most_c) = (most(&comm_a), most(&comm_c));
+    assert_eq!(most_a + most_c, 3, "a got up to {most_a}, c up to {most_c}");
+    // Heartbeats are clipped too: each scheduler asks for 3, the total stays within 3.
+    let token_a = b.get(&a).unwrap().token.unwrap();
+    let token_c = b.get(&c).unwrap().token.unwrap();
+    let hb = |n: i64| Heartbeat {
+        scheduler_address: "tls://127.0.0.1:1".into(),
+        api_address: api.clone(),
+        count: n,
+        ..Default::default()
+    };
+    svc.heartbeat(&a, &token_a, &hb(3)).await.unwrap();
+    svc.heartbeat(&c, &token_c, &hb(3)).await.unwrap();
+    let total = b.target_workers(&a).unwrap() + b.target_workers(&c).unwrap();
+    assert!(total <= 3, "alice holds {total} workers");
+    // Cores: a scheduler core each plus workers; 6 cores allow 4 workers over two clusters,
+    // so the worker quota (3) binds first here. A third cluster still fits (3 + 1 <= 6 cores)...
+    let third = svc.create(&alice, None).await.unwrap();
+    // ...and a fourth would need a seventh core: refused, naming the quota, nothing created.
+    b.heartbeat(&third, &hb(0), 0).await.unwrap();
+    let before = b.list(Some("alice")).len();
+    let e = svc.create(&alice, None).await.unwrap_err();
+    assert!(matches!(e, ClusterError::Invalid(_)), "{e}");
+    assert!(e.to_string().contains("6 cores per user"), "{e}");
+    assert_eq!(b.list(Some("alice")).len(), before);
+
+    // Adapt: the maximum is clipped to the room left.
+    svc.stop(&third, Requester::User(&alice)).await.unwrap();
+    svc.heartbeat(&a, &token_a, &hb(0)).await.unwrap();
+    svc.heartbeat(&c, &token_c, &hb(0)).await.unwrap();
+    svc.scale(&alice, &a, &json!(1)).await.unwrap();
+    let r = svc
+        .adapt(&alice, &c, &json!(1), &json!(10), true)
+        .await
+        .unwrap();
+    let msg = r.msg.unwrap();
+    assert!(msg.contains("quota of 3 workers per user") && msg.contains("maximum=2"), "{msg}");
+}
