@@ -345,7 +345,10 @@ async fn per_user_quotas_clip_scale_adapt_and_heartbeats_even_concurrently() {
     let r = svc.scale(&alice, &c, &json!(2)).await.unwrap();
     assert!(!r.ok);
     let msg = r.msg.unwrap();
-    assert!(msg.contains("quota of 3 workers per user") && msg.contains("Scaling to 1"), "{msg}");
+    assert!(
+        msg.contains("quota of 3 workers per user") && msg.contains("Scaling to 1"),
+        "{msg}"
+    );
     // Bob has a quota of his own.
     assert!(svc.scale(&user("bob"), &bobs, &json!(3)).await.unwrap().ok);
 
@@ -410,5 +413,8 @@ async fn per_user_quotas_clip_scale_adapt_and_heartbeats_even_concurrently() {
         .await
         .unwrap();
     let msg = r.msg.unwrap();
-    assert!(msg.contains("quota of 3 workers per user") && msg.contains("maximum=2"), "{msg}");
+    assert!(
+        msg.contains("quota of 3 workers per user") && msg.contains("maximum=2"),
+        "{msg}"
+    );
 }
