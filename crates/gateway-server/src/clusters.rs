@@ -517,10 +517,16 @@ impl ClusterService {
                 .limits
                 .clip_adapt(&view.settings.resources, min, max);
         // Within the owner's quotas: the maximum is clipped to the room left (heartbeats keep
-        // the running total there), and the minimum is granted now.
-        let (min, max, clipped) = match self.user_room(&view) {
+        // the running total there), and the minimum is granted now. An unbounded maximum
+        // becomes the room without a warning, as under a per-cluster cap.
+        let room = self.user_room(&view);
+        let max = match (&room, max) {
+            (Some((r, _)), None) => Some(*r),
+            (_, m) => m,
+        };
+        let (min, max, clipped) = match room {
             Some((room, quota))
-                if max.is_none_or(|m| m > room) || min.is_some_and(|m| m > room) =>
+                if max.is_some_and(|m| m > room) || min.is_some_and(|m| m > room) =>
             {
                 let (new_min, new_max) = (
                     min.map(|m| m.min(room)),
