@@ -380,6 +380,21 @@ impl Launcher {
             path: log_path,
             source,
         })?;
+        // Clusters laid out by an older gateway have no `work/` yet (restarts re-adopt them).
+        let work = self.work_dir(cluster);
+        if !work.is_dir() {
+            let err = |source| LocalError::Prepare {
+                path: work.clone(),
+                source,
+            };
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&work)
+                .map_err(err)?;
+            if let Some(id) = identity {
+                std::os::unix::fs::chown(&work, Some(id.uid), Some(id.gid)).map_err(err)?;
+            }
+        }
         let command = dask.display().to_string();
         let mut cmd = tokio::process::Command::new(dask);
         if let Some(id) = identity {
@@ -607,6 +622,8 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(key_mode, 0o600);
+        // A cluster directory from an older gateway has no work/: it is made on start.
+        fs::remove_dir(backend.work_dir("c1")).unwrap();
         // "/bin/sh scheduler ..." fails at once: the exit must still be reported with its code.
         let id = backend
             .start_scheduler(&SchedulerSpec {
