@@ -32,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+mod connections;
 mod forward;
 mod listener;
 mod relay;
@@ -42,6 +43,7 @@ mod tls;
 
 use std::time::Duration;
 
+pub use connections::{ClientConnections, Clients, ConnectionGuard};
 pub use forward::HttpForwarder;
 pub use listener::{serve_scheduler, serve_shared, ConnMeta};
 pub use rewind::Rewind;

@@ -338,6 +338,7 @@ async fn splice(
         return;
     }
     drop(prefix);
+    let _counted = routes.connections().map(|c| c.opened(cluster));
     tracing::debug!(cluster = %cluster, %peer, target = %target, "scheduler connection spliced");
     // Zero-copy through kernel pipes (see relay.rs).
     match crate::relay::relay(client, upstream).await {

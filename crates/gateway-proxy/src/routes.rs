@@ -53,6 +53,11 @@ fn strip(addr: &str, scheme: &str) -> String {
 pub trait RouteSource: Send + Sync + 'static {
     /// The route of `cluster`, if it is routable now.
     fn route(&self, cluster: &str) -> Option<ClusterRoute>;
+
+    /// Where spliced scheduler connections are counted, if anywhere.
+    fn connections(&self) -> Option<&std::sync::Arc<crate::ClientConnections>> {
+        None
+    }
 }
 
 impl RouteSource for RouteTable {
