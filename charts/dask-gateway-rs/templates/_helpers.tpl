@@ -109,6 +109,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- with $c.limits.maxCores }}{{ $_ := set $cluster "max_cores" . }}{{ end -}}
 {{- with $c.limits.maxMemory }}{{ $_ := set $cluster "max_memory" (toString .) }}{{ end -}}
 {{- with $c.limits.maxClustersPerUser }}{{ $_ := set $cluster "max_clusters_per_user" . }}{{ end -}}
+{{- with $c.limits.maxWorkersPerUser }}{{ $_ := set $cluster "max_workers_per_user" . }}{{ end -}}
+{{- with $c.limits.maxCoresPerUser }}{{ $_ := set $cluster "max_cores_per_user" . }}{{ end -}}
+{{- with $c.limits.maxMemoryPerUser }}{{ $_ := set $cluster "max_memory_per_user" (toString .) }}{{ end -}}
+{{- with $c.maxLifetime }}{{ $_ := set $cluster "max_lifetime" . }}{{ end -}}
+{{- with $c.noClientTimeout }}{{ $_ := set $cluster "no_client_timeout" . }}{{ end -}}
 {{- $kube := dict
   "namespace" (include "dgrs.clustersNamespace" .)
   "instance" (include "dgrs.instance" .)
@@ -136,9 +141,10 @@ app.kubernetes.io/component: {{ .component }}
   "request_timeout" .Values.gateway.requestTimeout
   "dashboard_auth" .Values.gateway.dashboardAuth
   "stop_clusters_on_shutdown" .Values.gateway.stopClustersOnShutdown
-  "auth" (dict "type" .Values.auth.type "admin_users" .Values.auth.adminUsers "cookie_name" (printf "dask-gateway-%s" (include "dgrs.instance" .)))
+  "auth" (dict "type" .Values.auth.type "admin_users" .Values.auth.adminUsers "admin_groups" .Values.auth.adminGroups "groups" .Values.auth.groups "cookie_name" (printf "dask-gateway-%s" (include "dgrs.instance" .)))
   "kubernetes" $kube
   "cluster" $cluster
+  "groups" .Values.groups
 -}}
 {{- if eq .Values.auth.type "jwt" -}}
 {{- $j := .Values.auth.jwt -}}

@@ -23,6 +23,17 @@ pub struct ClusterSettings {
     pub limits: ResourceLimits,
     /// `--dg-idle-timeout` in seconds (0 = never).
     pub idle_timeout: f64,
+    /// Seconds after creation at which the gateway stops the cluster (0 = never).
+    #[serde(default)]
+    pub max_lifetime: f64,
+    /// Seconds a running cluster may go without any client connected through the proxy
+    /// before the gateway stops it (0 = never).
+    #[serde(default)]
+    pub no_client_timeout: f64,
+    /// The group policy the cluster was created under (`None`: the default `cluster` section);
+    /// its per-user quotas apply to the cluster's scaling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     /// Environment of scheduler and workers (operator defaults merged with user options).
     #[serde(default)]
     pub environment: BTreeMap<String, String>,
@@ -91,6 +102,9 @@ impl ClusterSettings {
             worker_threads: 1,
             limits: ResourceLimits::default(),
             idle_timeout: 0.0,
+            max_lifetime: 0.0,
+            no_client_timeout: 0.0,
+            policy: None,
             environment: BTreeMap::new(),
             image: None,
             profile: None,

@@ -26,6 +26,45 @@ pub struct ClusterModel {
     pub tls_key: Option<String>,
 }
 
+/// A cluster as `GET /api/v1/clusters/{name}/details` (and the list with `?details`) shows it
+/// to its owner and admins: whose it is, under which group policy, why it stopped. A gateway
+/// extension; the stock client never asks for it (its cluster model admits no extra keys).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterDetails {
+    /// Cluster name.
+    pub name: String,
+    /// The user who owns it.
+    pub owner: String,
+    /// Public status.
+    pub status: ClusterStatus,
+    /// Why it stopped or failed (who stopped it, or which policy), once known.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The group policy it was created under (`None`: the default `cluster` section).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Creation time, ms since the Unix epoch.
+    pub start_time: i64,
+    /// When it reached STOPPED/FAILED, ms since the Unix epoch.
+    #[serde(default)]
+    pub stop_time: Option<i64>,
+    /// `/clusters/<name>/status` while RUNNING with a dashboard.
+    #[serde(default)]
+    pub dashboard_route: Option<String>,
+    /// The validated options.
+    #[serde(default)]
+    pub options: Map<String, Value>,
+    /// Workers it currently wants (last scale or adaptive target).
+    #[serde(default)]
+    pub workers: u64,
+    /// When its maximum lifetime ends, ms since the Unix epoch (none: no maximum).
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    /// Seconds it may run without a client connected through the proxy (none: no limit).
+    #[serde(default)]
+    pub no_client_timeout: Option<f64>,
+}
+
 /// One user option as `GET /api/v1/options` describes it (wire-protocol section 6).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OptionSpec {

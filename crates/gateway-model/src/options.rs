@@ -2,11 +2,11 @@
 //! (`GET /api/v1/options`), and how user input is validated (wire-protocol section 6).
 
 use crate::api::py_repr;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 /// One exposed option, as declared in the server configuration.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 pub struct OptionField {
     /// Option key; must be a Python identifier (it becomes a keyword argument in the client).
     pub field: String,
@@ -22,7 +22,7 @@ pub struct OptionField {
 }
 
 /// The six option types of the protocol, each with its default and constraints.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum OptionKind {
     /// Integer with optional inclusive bounds.
@@ -73,7 +73,7 @@ pub enum OptionKind {
 }
 
 /// A choice of a `select` option: a bare key, or a key with a server-side value.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum SelectChoice {
     /// Key only; choosing it leaves the target at its default.

@@ -94,9 +94,87 @@ impl From<ClusterError> for ApiError {
     }
 }
 
-/// A 401 with the authenticator's challenge (`Basic`, or `Bearer` for JWT).
+/// A 401 with the authenticator's challenge (`Basic`, `Bearer` for JWT, `jupyterhub`), or a
+/// 502 when the identity provider could not be asked.
 fn refused(auth: &Authenticator, e: AuthError) -> ApiError {
-    ApiError::unauthorized(&e.to_string(), auth.challenge())
+    match e {
+        AuthError::Unavailable(m) => ApiError::new(StatusCode::BAD_GATEWAY, m),
+        e => ApiError::unauthorized(&e.to_string(), auth.challenge()),
+    }
+}
+
+/// Sends a browser that has no session to the hub's login, to come back to `return_to`
+/// (a path on this gateway) through `/api/oauth_callback`.
+fn hub_login_redirect(state: &AppState, return_to: &str, https: bool) -> Option<Response> {
+    let hub = state.auth.hub_login()?;
+    let nonce = Authenticator::random_state();
+    let url = hub.authorize_url(&nonce)?;
+    use base64::Engine;
+    let back = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(return_to);
+    let cookie = format!(
+        "{}={nonce}.{back}; Max-Age=600; Path={}; HttpOnly; SameSite=Lax{}",
+        state.auth.oauth_state_cookie_name(),
+        state.auth.cookie_path(),
+        if https { "; Secure" } else { "" }
+    );
+    let mut resp = StatusCode::FOUND.into_response();
+    let headers = resp.headers_mut();
+    headers.insert(header::LOCATION, HeaderValue::from_str(&url).ok()?);
+    headers.insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).ok()?);
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Some(resp)
+}
+
+/// `GET /api/oauth_callback?code=..&state=..`: the hub sends the browser back here after its
+/// login. The state must match the cookie set when the login began; the code is exchanged
+/// for the user's identity, a session starts, and the browser goes back where it was.
+async fn oauth_callback(
+    State(state): State<AppState>,
+    meta: Option<Extension<ConnMeta>>,
+    req: Request,
+) -> ApiResult<Response> {
+    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let query = req.uri().query();
+    let code = query_param(query, "code").map(percent_decode);
+    let given = query_param(query, "state").map(percent_decode);
+    let cookie_name = state.auth.oauth_state_cookie_name();
+    let (nonce, back) = Authenticator::cookie(req.headers(), &cookie_name)
+        .and_then(|v| v.split_once('.'))
+        .ok_or_else(|| bad("No login in progress (the login cookie is missing or expired)"))?;
+    let (Some(code), Some(given)) = (code, given) else {
+        return Err(bad("The login callback needs code and state"));
+    };
+    if !crate::auth::token_matches(&given, nonce) {
+        return Err(bad("The login state does not match; start again"));
+    }
+    use base64::Engine;
+    let return_to = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(back)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|p| p.starts_with('/') && !p.starts_with("//") && !p.contains(['\\', '\r', '\n']))
+        .unwrap_or_else(|| state.auth.cookie_path().to_string());
+    let auth = state
+        .auth
+        .hub_callback(&code)
+        .await
+        .map_err(|e| refused(&state.auth, e))?;
+    let https = is_https(req.headers(), meta.as_ref().map(|m| &m.0));
+    let mut resp = StatusCode::FOUND.into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&return_to).map_err(|_| bad("Bad return path"))?,
+    );
+    let clear = format!(
+        "{cookie_name}=; Max-Age=0; Path={}; HttpOnly; SameSite=Lax",
+        state.auth.cookie_path()
+    );
+    if let Ok(v) = HeaderValue::from_str(&clear) {
+        headers.append(header::SET_COOKIE, v);
+    }
+    set_session_cookie(&state, &mut resp, auth.new_session, https);
+    Ok(resp)
 }
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -311,22 +389,36 @@ async fn version() -> Json<Value> {
     Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
 
-async fn options(State(state): State<AppState>) -> Json<gateway_model::OptionsResponse> {
-    Json(state.clusters.options_wire())
+async fn options(
+    State(state): State<AppState>,
+    Extension(user): Extension<User>,
+) -> Json<gateway_model::OptionsResponse> {
+    Json(state.clusters.options_wire(&user))
 }
 
 async fn list_clusters(
     State(state): State<AppState>,
     Extension(user): Extension<User>,
     req: Request,
-) -> ApiResult<Json<std::collections::BTreeMap<String, ClusterModel>>> {
-    let statuses = match query_param(req.uri().query(), "status") {
+) -> ApiResult<Response> {
+    let query = req.uri().query();
+    let statuses = match query_param(query, "status") {
         None => None,
         Some(raw) => Some(
             ClusterStatus::parse_filter(&percent_decode(raw))
                 .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?,
         ),
     };
+    // `?details`: the gateway's own view (owner, group, reason); the stock client never asks.
+    if query_param(query, "details").is_some() {
+        let details: std::collections::BTreeMap<String, gateway_model::ClusterDetails> = state
+            .clusters
+            .list_details(&user, statuses.as_deref())
+            .into_iter()
+            .map(|d| (d.name.clone(), d))
+            .collect();
+        return Ok(Json(details).into_response());
+    }
     // An object keyed by name (the client iterates its values), serialised straight from the models.
     let models: std::collections::BTreeMap<String, ClusterModel> = state
         .clusters
@@ -334,7 +426,15 @@ async fn list_clusters(
         .into_iter()
         .map(|m| (m.name.clone(), m))
         .collect();
-    Ok(Json(models))
+    Ok(Json(models).into_response())
+}
+
+async fn cluster_details(
+    State(state): State<AppState>,
+    Extension(user): Extension<User>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<gateway_model::ClusterDetails>> {
+    Ok(Json(state.clusters.details(&user, &name)?))
 }
 
 async fn create_cluster(
@@ -475,6 +575,21 @@ async fn dashboard(
         match state.auth.authenticate(req.headers()).await {
             Ok(a) if state.clusters.may_access(&a.user, &name) => {}
             Ok(_) => return not_found(),
+            Err(AuthError::Required) if req.method() == http::Method::GET => {
+                let https = is_https(req.headers(), req.extensions().get::<ConnMeta>());
+                // The path as the browser sent it (a nested router strips the prefix).
+                let here = req
+                    .extensions()
+                    .get::<axum::extract::OriginalUri>()
+                    .map_or(req.uri(), |o| &o.0)
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                if let Some(resp) = hub_login_redirect(&state, &here, https) {
+                    return resp;
+                }
+                return refused(&state.auth, AuthError::Required).into_response();
+            }
             Err(e) => return refused(&state.auth, e).into_response(),
         }
     }
@@ -547,12 +662,14 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
         .route("/api/v1/clusters/", get(list_clusters).post(create_cluster))
         .route("/api/v1/clusters", get(list_clusters).post(create_cluster))
         .route("/api/v1/clusters/{name}", get(get_cluster))
+        .route("/api/v1/clusters/{name}/details", get(cluster_details))
         .route("/api/v1/clusters/{name}/scale", post(scale_cluster))
         .route("/api/v1/clusters/{name}/adapt", post(adapt_cluster))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_user));
     let mut api_routes = user_routes
         .route("/api/health", get(health))
-        .route("/api/version", get(version));
+        .route("/api/version", get(version))
+        .route("/api/oauth_callback", get(oauth_callback));
     if with_metrics {
         api_routes = api_routes.route("/metrics", get(metrics));
     }

@@ -2,6 +2,7 @@
 //! and session cookies (wire-protocol section 3).
 
 use crate::config::AuthConfig;
+use crate::hub::{HubAuthenticator, HubError};
 use crate::jwt::JwtVerifier;
 use base64::Engine;
 use http::header::{AUTHORIZATION, COOKIE};
@@ -18,9 +19,21 @@ pub struct User {
     pub name: String,
     /// Admins see and act on every cluster.
     pub admin: bool,
+    /// Groups from the authenticator (JWT claim, JupyterHub groups) plus the configured
+    /// `auth.groups` memberships; they pick the user's group policy.
+    pub groups: Vec<String>,
 }
 
 impl User {
+    /// A user without groups (tests and tools).
+    pub fn named(name: impl Into<String>, admin: bool) -> Self {
+        User {
+            name: name.into(),
+            admin,
+            groups: Vec::new(),
+        }
+    }
+
     /// Whether this user may see and act on a cluster owned by `owner`.
     pub fn may_access(&self, owner: &str) -> bool {
         self.admin || self.name == owner
@@ -39,6 +52,9 @@ pub enum AuthError {
     /// A bearer token was refused; the reason names the check that failed (never the token).
     #[error("Invalid token: {0}")]
     Rejected(String),
+    /// The identity provider that must vouch for the credentials cannot be asked (502).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Successful authentication, and the session to hand out when it came from credentials.
@@ -51,8 +67,7 @@ pub struct Authenticated {
 }
 
 struct Session {
-    user: String,
-    admin: bool,
+    user: User,
     expires: Instant,
 }
 
@@ -60,11 +75,15 @@ struct Session {
 pub struct Authenticator {
     password: Option<String>,
     admins: Vec<String>,
+    admin_groups: Vec<String>,
+    /// Configured memberships: user name → groups.
+    static_groups: HashMap<String, Vec<String>>,
     cookie_name: String,
     cookie_path: String,
     max_age: Duration,
     sessions: RwLock<Sessions>,
     jwt: Option<JwtVerifier>,
+    hub: Option<HubAuthenticator>,
 }
 
 #[derive(Default)]
@@ -98,6 +117,8 @@ impl Authenticator {
         Authenticator {
             password: config.password.clone(),
             admins: config.admin_users.clone(),
+            admin_groups: config.admin_groups.clone(),
+            static_groups: config.members(),
             cookie_name: config
                 .cookie_name
                 .clone()
@@ -106,7 +127,56 @@ impl Authenticator {
             max_age: Duration::from_secs(config.cookie_max_age.max(1)),
             sessions: RwLock::new(Sessions::default()),
             jwt: None,
+            hub: None,
         }
+    }
+
+    /// Authenticates JupyterHub tokens with `hub` instead of Basic credentials.
+    pub fn with_hub(mut self, hub: HubAuthenticator) -> Self {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// The hub, when browsers log in through its OAuth flow.
+    pub fn hub_login(&self) -> Option<&HubAuthenticator> {
+        self.hub.as_ref().filter(|h| h.oauth_enabled())
+    }
+
+    /// Completes a hub OAuth login: the user behind `code`, logged in with a new session.
+    pub async fn hub_callback(&self, code: &str) -> Result<Authenticated, AuthError> {
+        let hub = self
+            .hub
+            .as_ref()
+            .ok_or_else(|| AuthError::Rejected("JupyterHub login is not configured".into()))?;
+        let u = hub.complete_login(code).await.map_err(hub_error)?;
+        Ok(self.logged_in(self.user(u.name, u.groups, u.admin)))
+    }
+
+    /// The name of the short-lived cookie holding an OAuth login's state.
+    pub fn oauth_state_cookie_name(&self) -> String {
+        format!("{}-oauth-state", self.cookie_name)
+    }
+
+    /// The value of cookie `name` in `headers`, if present.
+    pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+        headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(k, _)| k.trim() == name)
+            .map(|(_, v)| v.trim())
+    }
+
+    /// The path the session cookie is scoped to (the gateway's prefix plus `/`).
+    pub fn cookie_path(&self) -> &str {
+        &self.cookie_path
+    }
+
+    /// A fresh random value (OAuth states).
+    pub fn random_state() -> String {
+        random_hex()
     }
 
     /// Authenticates bearer tokens with `verifier` instead of Basic credentials.
@@ -119,22 +189,46 @@ impl Authenticator {
     pub fn challenge(&self) -> &'static str {
         if self.jwt.is_some() {
             "Bearer"
+        } else if self.hub.is_some() {
+            "jupyterhub"
         } else {
             CHALLENGE
         }
     }
 
-    fn user(&self, name: String) -> User {
-        let admin = self.admins.contains(&name);
-        User { name, admin }
+    /// The user `name` with the groups its authenticator vouched for, plus the configured
+    /// memberships; admin by name, by group, or because the authenticator says so.
+    fn user(&self, name: String, mut groups: Vec<String>, admin_by_method: bool) -> User {
+        if let Some(extra) = self.static_groups.get(&name) {
+            groups.extend(extra.iter().cloned());
+        }
+        groups.sort();
+        groups.dedup();
+        let admin = admin_by_method
+            || self.admins.contains(&name)
+            || groups.iter().any(|g| self.admin_groups.contains(g));
+        User {
+            name,
+            admin,
+            groups,
+        }
+    }
+
+    /// A successful login: the user and a session for its cookie.
+    fn logged_in(&self, user: User) -> Authenticated {
+        let token = self.session_for(&user);
+        Authenticated {
+            user,
+            new_session: Some(token),
+        }
     }
 
     /// Authenticates a request: a valid session cookie wins; otherwise `Authorization: Basic`
     /// (or `Bearer` with JWT).
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Authenticated, AuthError> {
-        if let Some((name, admin)) = self.session_user(headers) {
+        if let Some(user) = self.session_user(headers) {
             return Ok(Authenticated {
-                user: User { name, admin },
+                user,
                 new_session: None,
             });
         }
@@ -142,20 +236,24 @@ impl Authenticator {
             return Err(AuthError::Required);
         };
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        if let Some(hub) = &self.hub {
+            // The stock client's scheme is `jupyterhub`; hub-style `token` and `Bearer` too.
+            if !["jupyterhub", "token", "bearer"]
+                .iter()
+                .any(|s| scheme.eq_ignore_ascii_case(s))
+            {
+                return Err(AuthError::Required);
+            }
+            let u = hub.user_for_token(rest.trim()).await.map_err(hub_error)?;
+            return Ok(self.logged_in(self.user(u.name, u.groups, u.admin)));
+        }
         if let Some(jwt) = &self.jwt {
             if !scheme.eq_ignore_ascii_case("bearer") {
                 return Err(AuthError::Required);
             }
             let claims = jwt.verify(rest.trim()).await.map_err(AuthError::Rejected)?;
-            let admin = self.admins.contains(&claims.name) || jwt.is_admin_group(&claims.groups);
-            let token = self.session_for(&claims.name, admin);
-            return Ok(Authenticated {
-                user: User {
-                    name: claims.name,
-                    admin,
-                },
-                new_session: Some(token),
-            });
+            let admin = jwt.is_admin_group(&claims.groups);
+            return Ok(self.logged_in(self.user(claims.name, claims.groups, admin)));
         }
         if !scheme.eq_ignore_ascii_case("basic") {
             return Err(AuthError::Required);
@@ -174,12 +272,7 @@ impl Authenticator {
         if name.is_empty() || name.chars().any(char::is_control) {
             return Err(AuthError::Invalid);
         }
-        let user = self.user(name.to_string());
-        let token = self.session_for(name, user.admin);
-        Ok(Authenticated {
-            user,
-            new_session: Some(token),
-        })
+        Ok(self.logged_in(self.user(name.to_string(), Vec::new(), false)))
     }
 
     /// The `Set-Cookie` value for a session: scoped to the gateway's path, `HttpOnly` (page
@@ -228,7 +321,7 @@ impl Authenticator {
         name.split_once('=').map_or(name, |(k, _)| k).trim() == self.cookie_name
     }
 
-    fn session_user(&self, headers: &HeaderMap) -> Option<(String, bool)> {
+    fn session_user(&self, headers: &HeaderMap) -> Option<User> {
         let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
         for header in headers.get_all(COOKIE) {
             let Ok(text) = header.to_str() else { continue };
@@ -239,7 +332,7 @@ impl Authenticator {
                 if k == self.cookie_name {
                     if let Some(s) = sessions.by_token.get(v.trim()) {
                         if s.expires > Instant::now() {
-                            return Some((s.user.clone(), s.admin));
+                            return Some(s.user.clone());
                         }
                     }
                 }
@@ -249,13 +342,13 @@ impl Authenticator {
     }
 
     /// The user's current session token, creating one if none is valid.
-    fn session_for(&self, user: &str, admin: bool) -> String {
+    fn session_for(&self, user: &User) -> String {
         let now = Instant::now();
         let mut s = self.sessions.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(token) = s.by_user.get(user) {
+        if let Some(token) = s.by_user.get(&user.name) {
             if s.by_token
                 .get(token)
-                .is_some_and(|sess| sess.expires > now && sess.admin == admin)
+                .is_some_and(|sess| sess.expires > now && sess.user == *user)
             {
                 return token.clone();
             }
@@ -269,13 +362,19 @@ impl Authenticator {
         s.by_token.insert(
             token.clone(),
             Session {
-                user: user.to_string(),
-                admin,
+                user: user.clone(),
                 expires: now + self.max_age,
             },
         );
-        s.by_user.insert(user.to_string(), token.clone());
+        s.by_user.insert(user.name.clone(), token.clone());
         token
+    }
+}
+
+fn hub_error(e: HubError) -> AuthError {
+    match e {
+        HubError::Refused(m) => AuthError::Rejected(m),
+        HubError::Unavailable(m) => AuthError::Unavailable(m),
     }
 }
 
@@ -427,6 +526,42 @@ mod tests {
         assert_eq!(
             a.auth_now(&basic("a\nb", "pw")).unwrap_err(),
             AuthError::Invalid
+        );
+    }
+
+    #[test]
+    fn configured_groups_and_admin_groups() {
+        let mut config = AuthConfig {
+            admin_groups: vec!["ops".into()],
+            ..Default::default()
+        };
+        config
+            .groups
+            .insert("team-a".into(), vec!["alice".into(), "bob".into()]);
+        config.groups.insert("ops".into(), vec!["olga".into()]);
+        let a = Authenticator::new(&config, "");
+        let alice = a.auth_now(&basic("alice", "")).unwrap();
+        assert_eq!(alice.user.groups, vec!["team-a".to_string()]);
+        assert!(!alice.user.admin);
+        let olga = a.auth_now(&basic("olga", "")).unwrap();
+        assert!(olga.user.admin);
+        assert!(a
+            .auth_now(&basic("zed", ""))
+            .unwrap()
+            .user
+            .groups
+            .is_empty());
+        // The session remembers the groups.
+        let mut h = HeaderMap::new();
+        h.insert(
+            COOKIE,
+            format!("{}={}", a.cookie_name, alice.new_session.unwrap())
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            a.auth_now(&h).unwrap().user.groups,
+            vec!["team-a".to_string()]
         );
     }
 

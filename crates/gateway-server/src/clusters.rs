@@ -11,12 +11,37 @@ use gateway_model::{
     as_count, format_memory, py_repr, validate_options, ClusterModel, ClusterStatus, Heartbeat,
     ScaleResponse, SchedulerMessage,
 };
+use gateway_proxy::{ClientConnections, Clients};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
+
+/// Whether `c` sets any per-user resource quota.
+fn has_user_quota(c: &ClusterConfig) -> bool {
+    c.max_workers_per_user.is_some()
+        || c.max_cores_per_user.is_some()
+        || c.max_memory_per_user.is_some()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Seconds as people say them: `90 s`, `15 min`, `2 h`.
+fn human_seconds(s: f64) -> String {
+    if s >= 3600.0 && (s % 3600.0).abs() < 1e-9 {
+        format!("{} h", s / 3600.0)
+    } else if s >= 60.0 && (s % 60.0).abs() < 1e-9 {
+        format!("{} min", s / 60.0)
+    } else {
+        format!("{s} s")
+    }
+}
 
 /// How long `?wait` holds a request.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -90,7 +115,14 @@ struct Counters {
 /// The shared rules over one backend (see the module docs).
 pub struct ClusterService {
     backend: Arc<dyn ClusterBackend>,
+    /// The `cluster` section: users in no policy's group.
     config: Arc<ClusterConfig>,
+    /// Group policies in priority order (group name, merged cluster settings).
+    policies: Vec<(String, Arc<ClusterConfig>)>,
+    /// Client connections through the proxy, per cluster (the no-client timeout).
+    activity: Arc<ClientConnections>,
+    /// When the lifetime sweep first saw each running cluster without clients.
+    unattended_since: Mutex<HashMap<String, Instant>>,
     /// Client for the schedulers' `/api/comm` (plain HTTP inside the cluster network).
     http: reqwest::Client,
     /// One lock per user, held while counting that user's clusters and creating one, so
@@ -122,6 +154,9 @@ impl ClusterService {
         ClusterService {
             backend,
             config,
+            policies: Vec::new(),
+            activity: Arc::new(ClientConnections::default()),
+            unattended_since: Mutex::new(HashMap::new()),
             http,
             admission: Mutex::new(HashMap::new()),
             granted: Mutex::new(HashMap::new()),
@@ -129,15 +164,47 @@ impl ClusterService {
         }
     }
 
+    /// Adds group policies (priority order): their members get those settings instead.
+    pub fn with_policies(mut self, policies: Vec<(String, ClusterConfig)>) -> Self {
+        self.policies = policies
+            .into_iter()
+            .map(|(group, config)| (group, Arc::new(config)))
+            .collect();
+        self
+    }
+
+    /// Shares the proxy's client-connection counts (see [`ClientConnections`]).
+    pub fn with_activity(mut self, activity: Arc<ClientConnections>) -> Self {
+        self.activity = activity;
+        self
+    }
+
     /// The backend below the seam.
     pub fn backend(&self) -> &Arc<dyn ClusterBackend> {
         &self.backend
     }
 
-    /// The cluster options as sent by `GET /api/v1/options`.
-    pub fn options_wire(&self) -> gateway_model::OptionsResponse {
+    /// The policy that applies to `user`: the first whose group they are in, else the
+    /// `cluster` section (`None`).
+    pub fn policy_for(&self, user: &User) -> (Option<&str>, &ClusterConfig) {
+        self.policies
+            .iter()
+            .find(|(group, _)| user.groups.contains(group))
+            .map_or((None, &*self.config), |(g, c)| (Some(g.as_str()), &**c))
+    }
+
+    /// The settings of the policy a cluster was created under (the `cluster` section when
+    /// that policy no longer exists).
+    fn policy_named(&self, name: Option<&str>) -> &ClusterConfig {
+        name.and_then(|n| self.policies.iter().find(|(g, _)| g == n))
+            .map_or(&*self.config, |(_, c)| &**c)
+    }
+
+    /// The cluster options `user` may set, as sent by `GET /api/v1/options`.
+    pub fn options_wire(&self, user: &User) -> gateway_model::OptionsResponse {
+        let (_, config) = self.policy_for(user);
         gateway_model::OptionsResponse {
-            cluster_options: self.config.options.iter().map(|f| f.to_spec()).collect(),
+            cluster_options: config.options.iter().map(|f| f.to_spec()).collect(),
         }
     }
 
@@ -158,19 +225,18 @@ impl ClusterService {
         self.counters
             .create_requests
             .fetch_add(1, Ordering::Relaxed);
-        let fields = &self.config.options;
+        let (policy, config) = self.policy_for(user);
+        let fields = &config.options;
         let options = validate_options(fields, options).map_err(|e| ClusterError::Invalid(e.0))?;
-        let settings =
-            settings::resolve(&self.config, fields, &options).map_err(ClusterError::Invalid)?;
+        let mut settings =
+            settings::resolve(config, fields, &options).map_err(ClusterError::Invalid)?;
+        settings.policy = policy.map(str::to_string);
         let lock = self.admission_lock(&user.name);
         let _admitted = lock.lock().await;
-        if self.has_user_quota() {
+        if has_user_quota(config) {
             let used = self.user_usage(&user.name, None);
             let r = &settings.resources;
-            let over = match (
-                self.config.max_cores_per_user,
-                self.config.max_memory_per_user,
-            ) {
+            let over = match (config.max_cores_per_user, config.max_memory_per_user) {
                 (Some(max), _) if used.cores + r.scheduler_cores > max + 1e-9 => {
                     Some(format!("{max} cores per user ({} in use)", used.cores))
                 }
@@ -189,7 +255,7 @@ impl ClusterService {
                 )));
             }
         }
-        if let Some(max) = self.config.max_clusters_per_user {
+        if let Some(max) = config.max_clusters_per_user {
             let active = self
                 .backend
                 .list(Some(&user.name))
@@ -215,13 +281,6 @@ impl ClusterService {
         Ok(view.name)
     }
 
-    fn has_user_quota(&self) -> bool {
-        let c = &self.config;
-        c.max_workers_per_user.is_some()
-            || c.max_cores_per_user.is_some()
-            || c.max_memory_per_user.is_some()
-    }
-
     /// What `owner`'s active clusters (but `except`) hold: each at the larger of its
     /// backend target and what this process granted it.
     fn user_usage(&self, owner: &str, except: Option<&str>) -> Usage {
@@ -244,10 +303,10 @@ impl ClusterService {
 
     /// Workers `view` may have within its owner's quotas, and the quota that binds.
     fn user_room(&self, view: &ClusterView) -> Option<(u64, String)> {
-        if !self.has_user_quota() {
+        let c = self.policy_named(view.settings.policy.as_deref());
+        if !has_user_quota(c) {
             return None;
         }
-        let c = &self.config;
         let used = self.user_usage(&view.owner, Some(&view.name));
         let r = &view.settings.resources;
         let mut room: Option<(u64, String)> = None;
@@ -282,7 +341,7 @@ impl ClusterService {
     /// Clips a worker count to the owner's quotas (under the owner's admission lock) and
     /// records the grant; the message names the quota that clipped it.
     async fn grant_workers(&self, view: &ClusterView, wanted: u64) -> (u64, Option<String>) {
-        if !self.has_user_quota() {
+        if !has_user_quota(self.policy_named(view.settings.policy.as_deref())) {
             return (wanted, None);
         }
         let lock = self.admission_lock(&view.owner);
@@ -598,6 +657,104 @@ impl ClusterService {
         Err(ClusterError::NotRunning(name.clone()))
     }
 
+    /// Stops clusters past their maximum lifetime, and running clusters that have had no
+    /// client connected through the proxy for their no-client timeout (counted from when
+    /// the last client left, or from when this process first saw the cluster without one).
+    /// The reason goes to the cluster's status and the log. Called about once a second.
+    pub async fn enforce_lifetimes(&self) {
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let mut due = Vec::new();
+        {
+            let mut since = self
+                .unattended_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let mut watched = std::collections::HashSet::new();
+            for v in self.backend.list(None) {
+                if !v.status.is_active() {
+                    continue;
+                }
+                let s = &v.settings;
+                let age = (now_ms - v.start_time) as f64 / 1000.0;
+                if s.max_lifetime > 0.0 && age >= s.max_lifetime {
+                    due.push((
+                        v.name.clone(),
+                        format!(
+                            "reached its maximum lifetime of {}",
+                            human_seconds(s.max_lifetime)
+                        ),
+                    ));
+                    continue;
+                }
+                if s.no_client_timeout <= 0.0 || v.status != ClusterStatus::Running {
+                    continue;
+                }
+                watched.insert(v.name.clone());
+                let from = match self.activity.get(&v.name) {
+                    Some(Clients::Open(_)) => {
+                        since.remove(&v.name);
+                        continue;
+                    }
+                    Some(Clients::ClosedAt(t)) => *since.entry(v.name.clone()).or_insert(t),
+                    None => *since.entry(v.name.clone()).or_insert(now),
+                };
+                if now.duration_since(from).as_secs_f64() >= s.no_client_timeout {
+                    due.push((
+                        v.name.clone(),
+                        format!(
+                            "no client connected for {}",
+                            human_seconds(s.no_client_timeout)
+                        ),
+                    ));
+                }
+            }
+            since.retain(|name, _| watched.contains(name));
+            self.activity.retain(|name| watched.contains(name));
+        }
+        for (name, reason) in due {
+            info!(cluster = %name, %reason, "stopping cluster by policy");
+            self.unattended_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+            if let Err(e) = self
+                .backend
+                .stop(&name, StopRequest::stopped(format!("stopped: {reason}")))
+                .await
+            {
+                warn!(cluster = %name, "could not stop the cluster: {e}");
+            }
+        }
+    }
+
+    /// The cluster's details (owner, group policy, why it stopped) for its owner and admins.
+    pub fn details(
+        &self,
+        user: &User,
+        name: &str,
+    ) -> Result<gateway_model::ClusterDetails, ClusterError> {
+        Ok(details_of(&self.accessible(user, name, "view")?))
+    }
+
+    /// [`Self::list`] with details.
+    pub fn list_details(
+        &self,
+        user: &User,
+        statuses: Option<&[ClusterStatus]>,
+    ) -> Vec<gateway_model::ClusterDetails> {
+        let owner = (!user.admin).then_some(user.name.as_str());
+        self.backend
+            .list(owner)
+            .iter()
+            .filter(|c| match statuses {
+                Some(list) => list.contains(&c.status),
+                None => c.status.is_active(),
+            })
+            .map(details_of)
+            .collect()
+    }
+
     /// Whether the backend answers (health checks).
     pub async fn healthy(&self) -> bool {
         self.backend.healthy().await
@@ -658,5 +815,25 @@ impl ClusterService {
         }
         self.backend.metrics(&mut out);
         out
+    }
+}
+
+/// What the details endpoints tell about one cluster.
+fn details_of(v: &ClusterView) -> gateway_model::ClusterDetails {
+    let m = v.model();
+    let s = &v.settings;
+    gateway_model::ClusterDetails {
+        name: m.name,
+        owner: v.owner.clone(),
+        status: m.status,
+        reason: v.reason.clone(),
+        group: s.policy.clone(),
+        start_time: m.start_time,
+        stop_time: m.stop_time,
+        dashboard_route: m.dashboard_route,
+        options: m.options,
+        workers: v.target_workers,
+        expires_at: (s.max_lifetime > 0.0).then(|| v.start_time + (s.max_lifetime * 1000.0) as i64),
+        no_client_timeout: (s.no_client_timeout > 0.0).then_some(s.no_client_timeout),
     }
 }

@@ -76,6 +76,22 @@ pub struct GatewayConfig {
     pub kubernetes: gateway_kube::KubeConfig,
     /// Cluster defaults, limits and user options.
     pub cluster: ClusterConfig,
+    /// Group policies in priority order: a user gets the first one whose group they are in
+    /// (`cluster` with that entry's keys replaced); users in none of them get `cluster`.
+    pub groups: Vec<GroupPolicy>,
+}
+
+/// What one group's users get instead of the `cluster` section's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupPolicy {
+    /// The group (as the authenticator or `auth.groups` reports it).
+    pub group: String,
+    /// Keys of the `cluster` section with other values for this group: options (profiles)
+    /// and their bounds, defaults, per-cluster limits, per-user quotas, lifetimes. Keys not
+    /// given keep the `cluster` section's value.
+    #[serde(default)]
+    pub cluster: serde_yaml::Mapping,
 }
 
 impl Default for GatewayConfig {
@@ -99,6 +115,7 @@ impl Default for GatewayConfig {
             dask: DaskConfig::default(),
             kubernetes: gateway_kube::KubeConfig::default(),
             cluster: ClusterConfig::default(),
+            groups: Vec::new(),
         }
     }
 }
@@ -197,12 +214,33 @@ pub struct AuthConfig {
     pub password: Option<String>,
     /// Users who may see and act on every cluster.
     pub admin_users: Vec<String>,
+    /// Members of these groups are admins (whatever method vouched for the membership).
+    pub admin_groups: Vec<String>,
+    /// Group memberships kept here, added to what the authenticator reports (the only source
+    /// of groups for `simple`): group name → user names.
+    pub groups: BTreeMap<String, Vec<String>>,
     /// Seconds a session cookie stays valid on the server.
     pub cookie_max_age: u64,
     /// Session cookie name (default `dask-gateway-<random>` per process).
     pub cookie_name: Option<String>,
     /// Settings of the `jwt` authenticator.
     pub jwt: Option<crate::jwt::JwtConfig>,
+    /// Settings of the `jupyterhub` authenticator (defaults from the hub's environment
+    /// variables when the section is left out).
+    pub jupyterhub: Option<crate::hub::HubConfig>,
+}
+
+impl AuthConfig {
+    /// `groups` turned around: user name → the groups it is listed in.
+    pub fn members(&self) -> std::collections::HashMap<String, Vec<String>> {
+        let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for (group, users) in &self.groups {
+            for user in users {
+                out.entry(user.clone()).or_default().push(group.clone());
+            }
+        }
+        out
+    }
 }
 
 impl Default for AuthConfig {
@@ -211,9 +249,12 @@ impl Default for AuthConfig {
             kind: AuthKind::Simple,
             password: None,
             admin_users: vec![],
+            admin_groups: vec![],
+            groups: BTreeMap::new(),
             cookie_max_age: 300,
             cookie_name: None,
             jwt: None,
+            jupyterhub: None,
         }
     }
 }
@@ -227,6 +268,9 @@ pub enum AuthKind {
     Simple,
     /// `Authorization: Bearer <JWT>` (see `auth.jwt`).
     Jwt,
+    /// JupyterHub API tokens, as the stock client's `JupyterHubAuth` sends them, checked with
+    /// the hub; browsers log in through the hub's OAuth (see `auth.jupyterhub`).
+    Jupyterhub,
 }
 
 /// Where the `dask` command comes from.
@@ -289,11 +333,17 @@ impl DaskConfig {
 }
 
 /// Cluster defaults, timing, limits and exposed options.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// Seconds of idleness after which the scheduler asks to be stopped (0 = never).
     pub idle_timeout: f64,
+    /// Seconds after creation at which the gateway stops a cluster, busy or not (0 = never).
+    pub max_lifetime: f64,
+    /// Seconds a running cluster may have no client connected through the proxy (a notebook
+    /// kernel that died, a script that exited without closing it) before the gateway stops
+    /// it (0 = never). Workers do not go through the proxy and do not count.
+    pub no_client_timeout: f64,
     /// Seconds between scheduler heartbeats.
     pub heartbeat_period: f64,
     /// Seconds without heartbeat before a running cluster is FAILED (default 2 × period).
@@ -361,6 +411,8 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             idle_timeout: 0.0,
+            max_lifetime: 0.0,
+            no_client_timeout: 0.0,
             heartbeat_period: 15.0,
             heartbeat_timeout: None,
             adaptive_period: 3.0,
@@ -497,69 +549,20 @@ impl GatewayConfig {
         if self.metrics.address.is_some() && self.metrics.address == Some(self.address) {
             return bad("metrics.address must differ from address".into());
         }
-        if let Some(v) = self.cluster.max_cores_per_user {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(format!(
-                    "cluster.max_cores_per_user must be a positive number, got {v}"
-                ));
-            }
-        }
         if (self.auth.kind == AuthKind::Jwt) != self.auth.jwt.is_some() {
             return bad("auth.type jwt and an auth.jwt section go together".into());
         }
-        let c = &self.cluster;
+        if self.auth.kind != AuthKind::Jupyterhub && self.auth.jupyterhub.is_some() {
+            return bad("an auth.jupyterhub section needs auth.type jupyterhub".into());
+        }
         if !(self.request_timeout.is_finite() && self.request_timeout >= 25.0) {
             return bad(format!(
                 "request_timeout must be at least 25 seconds (a ?wait request is held 20 s), got {}",
                 self.request_timeout
             ));
         }
-        for (name, v) in [
-            ("cluster.heartbeat_period", c.heartbeat_period),
-            ("cluster.adaptive_period", c.adaptive_period),
-            ("cluster.start_timeout", c.start_timeout),
-            ("cluster.worker_cores", c.worker_cores),
-            ("cluster.scheduler_cores", c.scheduler_cores),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(format!("{name} must be a positive number, got {v}"));
-            }
-        }
-        for (name, v) in [
-            ("cluster.idle_timeout", c.idle_timeout),
-            ("cluster.retention", c.retention),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(format!("{name} must be a non-negative number, got {v}"));
-            }
-        }
-        if c.worker_memory == 0 {
-            return bad("cluster.worker_memory must be positive".into());
-        }
-        let mut seen = std::collections::HashSet::new();
-        for f in &c.options {
-            f.check_declaration()
-                .map_err(|e| ConfigError::Invalid(e.0))?;
-            if !seen.insert(&f.field) {
-                return bad(format!("option field {} is declared twice", f.field));
-            }
-            if let Some(t) = &f.target {
-                let target = match t.parse::<crate::settings::OptionTarget>() {
-                    Ok(t) => t,
-                    Err(e) => return bad(format!("option {} has {e}", f.field)),
-                };
-                if target == crate::settings::OptionTarget::PythonEnv {
-                    self.check_python_env_option(f)?;
-                }
-            }
-        }
-        c.limits()
-            .check_scheduler(&c.resources())
-            .map_err(ConfigError::Invalid)?;
-        if let (Some(env), BackendKind::Local) = (&c.python_env, self.backend) {
-            gateway_local::Launcher::check_python_env(env)
-                .map_err(|e| ConfigError::Invalid(format!("cluster.python_env: {e}")))?;
-        }
+        self.validate_cluster(&self.cluster, "cluster")?;
+        self.group_clusters()?;
         if self.backend == BackendKind::Kubernetes {
             self.kubernetes.validate().map_err(ConfigError::Invalid)?;
             if self.api_url.is_none() {
@@ -575,7 +578,114 @@ impl GatewayConfig {
                 ));
             }
         }
-        crate::settings::check_targets(c).map_err(ConfigError::Invalid)?;
+        Ok(())
+    }
+
+    /// The cluster settings of each group policy, in priority order: the `cluster` section
+    /// with the policy's keys replaced, each checked like the `cluster` section.
+    pub fn group_clusters(&self) -> Result<Vec<(String, ClusterConfig)>, ConfigError> {
+        let base = match serde_yaml::to_value(&self.cluster) {
+            Ok(serde_yaml::Value::Mapping(m)) => m,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "cannot merge group policies over the cluster section: {other:?}"
+                )))
+            }
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(self.groups.len());
+        for policy in &self.groups {
+            let section = format!("groups[{}].cluster", policy.group);
+            if policy.group.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "groups: an entry has an empty group name".into(),
+                ));
+            }
+            if !seen.insert(&policy.group) {
+                return Err(ConfigError::Invalid(format!(
+                    "groups: {} is listed twice",
+                    policy.group
+                )));
+            }
+            let mut merged = base.clone();
+            for (k, v) in &policy.cluster {
+                merged.insert(k.clone(), v.clone());
+            }
+            let config: ClusterConfig = serde_yaml::from_value(serde_yaml::Value::Mapping(merged))
+                .map_err(|e| ConfigError::Invalid(format!("{section}: {e}")))?;
+            self.validate_cluster(&config, &section)?;
+            out.push((policy.group.clone(), config));
+        }
+        Ok(out)
+    }
+
+    /// The checks of one cluster section (`cluster`, or a group's merged one).
+    fn validate_cluster(&self, c: &ClusterConfig, section: &str) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(v) = c.max_cores_per_user {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!(
+                    "{section}.max_cores_per_user must be a positive number, got {v}"
+                ));
+            }
+        }
+        for (name, v) in [
+            ("heartbeat_period", c.heartbeat_period),
+            ("adaptive_period", c.adaptive_period),
+            ("start_timeout", c.start_timeout),
+            ("worker_cores", c.worker_cores),
+            ("scheduler_cores", c.scheduler_cores),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!(
+                    "{section}.{name} must be a positive number, got {v}"
+                ));
+            }
+        }
+        for (name, v) in [
+            ("idle_timeout", c.idle_timeout),
+            ("max_lifetime", c.max_lifetime),
+            ("no_client_timeout", c.no_client_timeout),
+            ("retention", c.retention),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!(
+                    "{section}.{name} must be a non-negative number, got {v}"
+                ));
+            }
+        }
+        if c.worker_memory == 0 {
+            return bad(format!("{section}.worker_memory must be positive"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &c.options {
+            f.check_declaration()
+                .map_err(|e| ConfigError::Invalid(format!("{section}.options: {}", e.0)))?;
+            if !seen.insert(&f.field) {
+                return bad(format!(
+                    "{section}.options: field {} is declared twice",
+                    f.field
+                ));
+            }
+            if let Some(t) = &f.target {
+                let target = match t.parse::<crate::settings::OptionTarget>() {
+                    Ok(t) => t,
+                    Err(e) => return bad(format!("{section}.options: {} has {e}", f.field)),
+                };
+                if target == crate::settings::OptionTarget::PythonEnv {
+                    self.check_python_env_option(f)?;
+                }
+            }
+        }
+        c.limits()
+            .check_scheduler(&c.resources())
+            .map_err(|e| ConfigError::Invalid(format!("{section}: {e}")))?;
+        if let (Some(env), BackendKind::Local) = (&c.python_env, self.backend) {
+            gateway_local::Launcher::check_python_env(env)
+                .map_err(|e| ConfigError::Invalid(format!("{section}.python_env: {e}")))?;
+        }
+        crate::settings::check_targets(c)
+            .map_err(|e| ConfigError::Invalid(format!("{section}: {e}")))?;
         Ok(())
     }
 

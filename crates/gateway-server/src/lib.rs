@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod clusters;
 pub mod config;
+pub mod hub;
 pub mod jwt;
 pub mod settings;
 
@@ -18,13 +19,16 @@ use crate::clusters::ClusterService;
 use crate::config::{BackendKind, GatewayConfig};
 use gateway_backend::ClusterBackend;
 use gateway_local::{EngineConfig, Isolation, LaunchConfig, Launcher, LocalBackend, Store};
-use gateway_proxy::{ClusterRoute, HttpForwarder, RouteSource};
+use gateway_proxy::{ClientConnections, ClusterRoute, HttpForwarder, RouteSource};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
+
+/// How often the gateway checks clusters against their maximum lifetime and no-client timeout.
+const LIFETIME_SWEEP: Duration = Duration::from_secs(1);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,9 @@ pub enum StartError {
     /// The JWT authenticator cannot start.
     #[error(transparent)]
     Jwt(#[from] crate::jwt::JwtSetupError),
+    /// The JupyterHub authenticator cannot start.
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubSetupError),
     /// A secret named by the configuration could not be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -94,13 +101,17 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
 
 /// The proxy's routes, straight from the backend: a cluster is routable exactly while the
 /// backend reports it RUNNING.
-struct BackendRoutes(Arc<dyn ClusterBackend>);
+struct BackendRoutes(Arc<dyn ClusterBackend>, Arc<ClientConnections>);
 
 impl RouteSource for BackendRoutes {
     fn route(&self, cluster: &str) -> Option<ClusterRoute> {
         self.0
             .route(cluster)
             .map(|a| ClusterRoute::new(a.scheduler, a.dashboard))
+    }
+
+    fn connections(&self) -> Option<&Arc<ClientConnections>> {
+        Some(&self.1)
     }
 }
 
@@ -345,6 +356,10 @@ pub async fn run(
     if let Some(jwt) = &config.auth.jwt {
         authenticator = authenticator.with_jwt(crate::jwt::JwtVerifier::new(jwt.clone()).await?);
     }
+    if config.auth.kind == crate::config::AuthKind::Jupyterhub {
+        let hub = config.auth.jupyterhub.clone().unwrap_or_default();
+        authenticator = authenticator.with_hub(crate::hub::HubAuthenticator::new(&hub)?);
+    }
     let config = Arc::new(config);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -385,11 +400,28 @@ pub async fn run(
             .await
         }
     };
-    let routes: Arc<dyn RouteSource> = Arc::new(BackendRoutes(backend.clone()));
-    let clusters = Arc::new(ClusterService::new(
-        backend.clone(),
-        Arc::new(config.cluster.clone()),
-    ));
+    let connections = Arc::new(ClientConnections::default());
+    let routes: Arc<dyn RouteSource> =
+        Arc::new(BackendRoutes(backend.clone(), connections.clone()));
+    let clusters = Arc::new(
+        ClusterService::new(backend.clone(), Arc::new(config.cluster.clone()))
+            .with_policies(config.group_clusters()?)
+            .with_activity(connections),
+    );
+    let sweeper = {
+        let clusters = clusters.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LIFETIME_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => clusters.enforce_lifetimes().await,
+                    _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                }
+            }
+        })
+    };
 
     let http_tls = match &config.tls {
         Some(t) => Some(gateway_proxy::load_server_tls(&t.cert, &t.key)?),
@@ -468,6 +500,7 @@ pub async fn run(
     shutdown.await;
     info!("shutting down");
     let _ = stop_tx.send(true);
+    let _ = sweeper.await;
     backend.shutdown(config.stop_clusters_on_shutdown).await;
     let _ = controller_stop_tx.send(true);
     if let Some(task) = controller_task {

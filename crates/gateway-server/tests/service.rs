@@ -16,10 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn user(name: &str) -> User {
-    User {
-        name: name.into(),
-        admin: false,
-    }
+    User::named(name, false)
 }
 
 fn service(yaml: &str) -> (ClusterService, Arc<FakeBackend>) {
@@ -136,10 +133,7 @@ async fn owners_and_admins() {
     assert!(svc.list(&bob, None).is_empty());
     let e = svc.stop(&name, Requester::User(&bob)).await.unwrap_err();
     assert!(matches!(e, ClusterError::Forbidden { action: "stop", .. }));
-    let root = User {
-        name: "root".into(),
-        admin: true,
-    };
+    let root = User::named("root", true);
     assert_eq!(svc.list(&root, None).len(), 1);
     svc.get(&root, &name, false).await.unwrap();
     assert!(matches!(
@@ -417,4 +411,178 @@ async fn per_user_quotas_clip_scale_adapt_and_heartbeats_even_concurrently() {
         msg.contains("quota of 3 workers per user") && msg.contains("maximum=2"),
         "{msg}"
     );
+}
+
+fn grouped(name: &str, groups: &[&str]) -> User {
+    let mut u = User::named(name, false);
+    u.groups = groups.iter().map(|g| g.to_string()).collect();
+    u
+}
+
+fn service_with_groups(yaml: &str) -> (ClusterService, Arc<FakeBackend>) {
+    let config: gateway_server::config::GatewayConfig = serde_yaml::from_str(yaml).unwrap();
+    config.validate().unwrap();
+    let backend = Arc::new(FakeBackend::new());
+    let svc = ClusterService::new(backend.clone(), Arc::new(config.cluster.clone()))
+        .with_policies(config.group_clusters().unwrap());
+    (svc, backend)
+}
+
+#[tokio::test]
+async fn group_policies_pick_options_bounds_and_quotas() {
+    let (svc, b) = service_with_groups(
+        r#"
+cluster:
+  max_clusters_per_user: 1
+  options:
+    - {field: worker_cores, type: int, default: 1, min: 1, max: 2, target: worker_cores}
+groups:
+  - group: gpu
+    cluster:
+      max_clusters_per_user: 3
+      options:
+        - {field: worker_cores, type: int, default: 4, min: 1, max: 16, target: worker_cores}
+        - {field: gpus, type: select, default: "0", options: ["0", "1"]}
+  - group: big
+    cluster:
+      max_lifetime: 3600
+"#,
+    );
+    let plain = user("pat");
+    let gpu = grouped("gina", &["big", "gpu"]);
+    let big = grouped("bo", &["big"]);
+    // What each sees.
+    let fields = |u: &User| -> Vec<String> {
+        svc.options_wire(u)
+            .cluster_options
+            .into_iter()
+            .map(|o| o.field)
+            .collect()
+    };
+    assert_eq!(fields(&plain), ["worker_cores"]);
+    assert_eq!(
+        fields(&gpu),
+        ["worker_cores", "gpus"],
+        "the first listed group wins"
+    );
+    assert_eq!(fields(&big), ["worker_cores"]);
+    // Bounds per group: 8 cores is refused by default, allowed for gpu.
+    let e = svc
+        .create(&plain, Some(&json!({"worker_cores": 8})))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("worker_cores"), "{e}");
+    assert!(b.list(Some("pat")).is_empty());
+    let g = svc
+        .create(&gpu, Some(&json!({"worker_cores": 8, "gpus": "1"})))
+        .await
+        .unwrap();
+    let v = b.get(&g).unwrap();
+    assert_eq!(v.settings.resources.worker_cores, 8.0);
+    assert_eq!(v.settings.policy.as_deref(), Some("gpu"));
+    assert_eq!(svc.details(&gpu, &g).unwrap().group.as_deref(), Some("gpu"));
+    // Unknown option for a group that does not have it.
+    assert!(svc
+        .create(&plain, Some(&json!({"gpus": "1"})))
+        .await
+        .is_err());
+    // Cluster quotas per group.
+    svc.create(&plain, None).await.unwrap();
+    let e = svc.create(&plain, None).await.unwrap_err();
+    assert!(e.to_string().contains("maximum per user is 1"), "{e}");
+    svc.create(&gpu, None).await.unwrap();
+    svc.create(&gpu, None).await.unwrap();
+    assert!(svc.create(&gpu, None).await.is_err());
+    // Lifetimes per group, recorded with the cluster.
+    let c = svc.create(&big, None).await.unwrap();
+    assert_eq!(b.get(&c).unwrap().settings.max_lifetime, 3600.0);
+    let d = svc.details(&big, &c).unwrap();
+    assert_eq!(d.expires_at, Some(d.start_time + 3_600_000));
+    assert_eq!(d.owner, "bo");
+    // Others cannot read the details.
+    assert!(matches!(
+        svc.details(&plain, &c),
+        Err(ClusterError::Forbidden { .. })
+    ));
+}
+
+#[test]
+fn group_policies_are_checked_at_startup() {
+    for (yaml, wanted) in [
+        (
+            "groups: [{group: a, cluster: {worker_cores: -1}}]",
+            "groups[a].cluster.worker_cores",
+        ),
+        ("groups: [{group: a, cluster: {nope: 1}}]", "unknown field"),
+        ("groups: [{group: a}, {group: a}]", "listed twice"),
+        (
+            "groups: [{group: a, cluster: {max_lifetime: -5}}]",
+            "groups[a].cluster.max_lifetime",
+        ),
+    ] {
+        let config: gateway_server::config::GatewayConfig = serde_yaml::from_str(yaml).unwrap();
+        let e = config.validate().unwrap_err().to_string();
+        assert!(e.contains(wanted), "{yaml}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn lifetimes_stop_clusters_and_say_why() {
+    let connections = Arc::new(gateway_proxy::ClientConnections::default());
+    let (svc, b) = service_with_groups(
+        r#"
+groups:
+  - {group: short, cluster: {max_lifetime: 0.3}}
+  - {group: attended, cluster: {no_client_timeout: 0.4}}
+"#,
+    );
+    let svc = svc.with_activity(connections.clone());
+    let (api, _comm) = fake_scheduler_api().await;
+    let create_running = |owner: User| {
+        let (svc, b, api) = (&svc, &b, api.clone());
+        async move {
+            let name = svc.create(&owner, None).await.unwrap();
+            b.make_running(
+                &name,
+                SchedulerAddresses {
+                    scheduler: "tls://127.0.0.1:1".into(),
+                    dashboard: None,
+                    api,
+                },
+            );
+            name
+        }
+    };
+    let short = create_running(grouped("s", &["short"])).await;
+    let watched = create_running(grouped("w", &["attended"])).await;
+    let forever = create_running(user("f")).await;
+    let client = connections.opened(&watched);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    svc.enforce_lifetimes().await;
+    // Past its lifetime: stopped, with the reason kept.
+    let v = b.get(&short).unwrap();
+    assert!(!v.status.is_active(), "{:?}", v.status);
+    assert!(
+        v.reason.as_deref().unwrap().contains("maximum lifetime"),
+        "{:?}",
+        v.reason
+    );
+    // A client is connected: it stays, however long.
+    assert_eq!(b.get(&watched).unwrap().status, ClusterStatus::Running);
+    drop(client);
+    svc.enforce_lifetimes().await;
+    assert_eq!(b.get(&watched).unwrap().status, ClusterStatus::Running);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    svc.enforce_lifetimes().await;
+    let v = b.get(&watched).unwrap();
+    assert!(!v.status.is_active());
+    assert!(
+        v.reason.as_deref().unwrap().contains("no client connected"),
+        "{:?}",
+        v.reason
+    );
+    let d = svc.details(&User::named("admin", true), &watched).unwrap();
+    assert!(d.reason.unwrap().contains("no client"));
+    // No policy: nothing happens.
+    assert_eq!(b.get(&forever).unwrap().status, ClusterStatus::Running);
 }

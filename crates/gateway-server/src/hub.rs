@@ -1,0 +1,395 @@
+//! JupyterHub authentication (wire-protocol 3.4): the stock client's
+//! `Authorization: jupyterhub <token>` is checked against the hub's `GET /user` (the hub answers
+//! with the token owner's name, groups, admin flag and the token's scopes), and browsers reach
+//! dashboards through the hub's OAuth2 authorization-code flow, with the gateway registered as a
+//! hub service (its API token is the OAuth client secret).
+
+use reqwest::StatusCode;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long one call to the hub may take.
+pub const HUB_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a token's owner is remembered without asking the hub again.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// `auth.jupyterhub` in the configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// The hub's API URL as the gateway reaches it, e.g. `http://hub:8081/hub/api` (default:
+    /// the `JUPYTERHUB_API_URL` environment variable).
+    pub api_url: Option<String>,
+    /// The hub's URL as browsers reach it, for the OAuth redirect (e.g.
+    /// `https://hub.example.org/hub`; default: `api_url` without its `/api`).
+    pub public_url: Option<String>,
+    /// A file with the gateway's own hub API token (its service token, the OAuth client
+    /// secret). Default: the `JUPYTERHUB_API_TOKEN` environment variable.
+    pub api_token_file: Option<PathBuf>,
+    /// The environment variable with that token when no file is given.
+    pub api_token_env: String,
+    /// The gateway's service name on the hub. Tokens must carry `access:services` or
+    /// `access:services!service=<name>`. Default: `JUPYTERHUB_SERVICE_NAME`, else `dask-gateway`.
+    pub service_name: Option<String>,
+    /// OAuth client id (default `service-<service_name>`, the hub's default for services).
+    pub oauth_client_id: Option<String>,
+    /// Where the hub sends browsers back: `<the gateway's public URL>/api/oauth_callback`.
+    /// Without it, dashboards cannot log in through the hub (API use is unaffected).
+    pub oauth_redirect_uri: Option<String>,
+    /// Hub admins are gateway admins too.
+    pub hub_admins_are_admins: bool,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            api_url: None,
+            public_url: None,
+            api_token_file: None,
+            api_token_env: "JUPYTERHUB_API_TOKEN".into(),
+            service_name: None,
+            oauth_client_id: None,
+            oauth_redirect_uri: None,
+            hub_admins_are_admins: false,
+        }
+    }
+}
+
+/// Why the JupyterHub authenticator cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubSetupError {
+    /// No hub API URL.
+    #[error("auth.jupyterhub needs api_url (or the JUPYTERHUB_API_URL environment variable)")]
+    ApiUrl,
+    /// The URL is not http(s).
+    #[error("auth.jupyterhub.{0} must be an http(s) URL, got {1:?}")]
+    BadUrl(&'static str, String),
+    /// No service token.
+    #[error("auth.jupyterhub: the gateway's hub API token is missing: {0}")]
+    Token(String),
+}
+
+/// Why the hub did not vouch for a token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HubError {
+    /// The hub refused the token, or it lacks access to the gateway service.
+    #[error("{0}")]
+    Refused(String),
+    /// The hub could not be asked (down, slow, or answering 5xx).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Who a hub token belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubUser {
+    /// The gateway user name: the hub name for users, `<kind>:<name>` for services.
+    pub name: String,
+    /// The user's hub groups.
+    pub groups: Vec<String>,
+    /// Whether the hub says the user is an admin.
+    pub admin: bool,
+}
+
+#[derive(Deserialize)]
+struct HubModel {
+    name: String,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    admin: bool,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+}
+
+/// Checks hub tokens (with a short cache) and runs the OAuth exchange.
+pub struct HubAuthenticator {
+    api_url: String,
+    public_url: String,
+    service_token: String,
+    service_name: String,
+    client_id: String,
+    redirect_uri: Option<String>,
+    hub_admins: bool,
+    http: reqwest::Client,
+    cache: Mutex<HashMap<String, (HubUser, Instant)>>,
+}
+
+fn check_url(what: &'static str, url: &str) -> Result<String, HubSetupError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(url.trim_end_matches('/').to_string())
+    } else {
+        Err(HubSetupError::BadUrl(what, url.into()))
+    }
+}
+
+/// `application/x-www-form-urlencoded` value encoding.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+impl HubAuthenticator {
+    /// Reads the configuration (and the environment for what it leaves out).
+    pub fn new(config: &HubConfig) -> Result<Self, HubSetupError> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let api_url = config
+            .api_url
+            .clone()
+            .or_else(|| env("JUPYTERHUB_API_URL"))
+            .ok_or(HubSetupError::ApiUrl)?;
+        let api_url = check_url("api_url", &api_url)?;
+        let public_url = match &config.public_url {
+            Some(u) => check_url("public_url", u)?,
+            None => api_url.strip_suffix("/api").unwrap_or(&api_url).to_string(),
+        };
+        let service_token = match &config.api_token_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| HubSetupError::Token(format!("reading {}: {e}", path.display())))?
+                .trim()
+                .to_string(),
+            None => env(&config.api_token_env).ok_or_else(|| {
+                HubSetupError::Token(format!(
+                    "set api_token_file, or the {} environment variable",
+                    config.api_token_env
+                ))
+            })?,
+        };
+        if service_token.is_empty() {
+            return Err(HubSetupError::Token("the token is empty".into()));
+        }
+        let service_name = config
+            .service_name
+            .clone()
+            .or_else(|| env("JUPYTERHUB_SERVICE_NAME"))
+            .unwrap_or_else(|| "dask-gateway".into());
+        let client_id = config
+            .oauth_client_id
+            .clone()
+            .unwrap_or_else(|| format!("service-{service_name}"));
+        let redirect_uri = match &config.oauth_redirect_uri {
+            Some(u) => Some(check_url("oauth_redirect_uri", u)?),
+            None => None,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(HUB_TIMEOUT)
+            .build()
+            .map_err(|e| HubSetupError::Token(e.to_string()))?;
+        Ok(HubAuthenticator {
+            api_url,
+            public_url,
+            service_token,
+            service_name,
+            client_id,
+            redirect_uri,
+            hub_admins: config.hub_admins_are_admins,
+            http,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The owner of a user's hub token (cached for [`TOKEN_CACHE_TTL`]).
+    pub async fn user_for_token(&self, token: &str) -> Result<HubUser, HubError> {
+        if token.is_empty() || token.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(HubError::Refused("Invalid JupyterHub token".into()));
+        }
+        if let Some((user, at)) = self.cache_lock().get(token) {
+            if at.elapsed() < TOKEN_CACHE_TTL {
+                return Ok(user.clone());
+            }
+        }
+        let user = self.ask_hub(token).await?;
+        let mut cache = self.cache_lock();
+        if cache.len() > 4096 {
+            cache.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+        }
+        cache.insert(token.to_string(), (user.clone(), Instant::now()));
+        Ok(user)
+    }
+
+    fn cache_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (HubUser, Instant)>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `GET <api>/user` with the token; checks the token may use the gateway service.
+    async fn ask_hub(&self, token: &str) -> Result<HubUser, HubError> {
+        let resp = self
+            .http
+            .get(format!("{}/user", self.api_url))
+            .header("Authorization", format!("token {token}"))
+            .send()
+            .await
+            .map_err(|e| HubError::Unavailable(format!("JupyterHub did not answer: {e}")))?;
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
+                return Err(HubError::Refused(
+                    "JupyterHub does not accept this token".into(),
+                ))
+            }
+            s => {
+                return Err(HubError::Unavailable(format!(
+                    "JupyterHub answered {s} when checking a token"
+                )))
+            }
+        }
+        let model: HubModel = resp
+            .json()
+            .await
+            .map_err(|e| HubError::Unavailable(format!("unreadable JupyterHub answer: {e}")))?;
+        let scopes = model.scopes.unwrap_or_default();
+        let wanted = format!("access:services!service={}", self.service_name);
+        if !scopes
+            .iter()
+            .any(|s| s == "access:services" || *s == wanted)
+        {
+            return Err(HubError::Refused(format!(
+                "this JupyterHub token has no access to the {} service (scope {wanted})",
+                self.service_name
+            )));
+        }
+        let kind = model.kind.unwrap_or_else(|| "user".into());
+        let name = if kind == "user" && !model.name.contains(':') {
+            model.name
+        } else {
+            format!("{kind}:{}", model.name)
+        };
+        Ok(HubUser {
+            name,
+            groups: model.groups,
+            admin: self.hub_admins && model.admin,
+        })
+    }
+
+    /// Whether browsers can log in through the hub (an OAuth redirect URI is configured).
+    pub fn oauth_enabled(&self) -> bool {
+        self.redirect_uri.is_some()
+    }
+
+    /// The hub URL that starts a browser login, returning to the callback with `state`.
+    pub fn authorize_url(&self, state: &str) -> Option<String> {
+        let redirect = self.redirect_uri.as_deref()?;
+        Some(format!(
+            "{}/api/oauth2/authorize?client_id={}&redirect_uri={}&response_type=code&state={}",
+            self.public_url,
+            form_encode(&self.client_id),
+            form_encode(redirect),
+            form_encode(state)
+        ))
+    }
+
+    /// Exchanges an authorization code for an access token, and returns its owner.
+    pub async fn complete_login(&self, code: &str) -> Result<HubUser, HubError> {
+        let redirect = self
+            .redirect_uri
+            .as_deref()
+            .ok_or_else(|| HubError::Refused("JupyterHub login is not configured".into()))?;
+        let body = [
+            ("client_id", self.client_id.as_str()),
+            ("client_secret", self.service_token.as_str()),
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect),
+        ]
+        .iter()
+        .map(|(k, v)| format!("{k}={}", form_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+        let resp = self
+            .http
+            .post(format!("{}/oauth2/token", self.api_url))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| HubError::Unavailable(format!("JupyterHub did not answer: {e}")))?;
+        if resp.status().is_server_error() {
+            return Err(HubError::Unavailable(format!(
+                "JupyterHub answered {} to the code exchange",
+                resp.status()
+            )));
+        }
+        if !resp.status().is_success() {
+            return Err(HubError::Refused(
+                "JupyterHub refused the login code".into(),
+            ));
+        }
+        let token: TokenResponse = resp
+            .json()
+            .await
+            .map_err(|e| HubError::Unavailable(format!("unreadable JupyterHub answer: {e}")))?;
+        self.ask_hub(&token.access_token).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_form_values() {
+        assert_eq!(form_encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+        assert_eq!(
+            form_encode("service-dask_gateway.1~"),
+            "service-dask_gateway.1~"
+        );
+    }
+
+    #[test]
+    fn configuration_and_urls() {
+        let config = HubConfig {
+            api_url: Some("http://hub:8081/hub/api/".into()),
+            api_token_env: "DGRS_TEST_HUB_TOKEN_UNSET".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            HubAuthenticator::new(&config),
+            Err(HubSetupError::Token(_))
+        ));
+        let dir = std::env::temp_dir().join(format!("hubcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let config = HubConfig {
+            api_token_file: Some(file),
+            oauth_redirect_uri: Some("https://gw.example/api/oauth_callback".into()),
+            service_name: Some("dask-gateway".into()),
+            ..config
+        };
+        let hub = HubAuthenticator::new(&config).unwrap();
+        assert_eq!(hub.api_url, "http://hub:8081/hub/api");
+        assert_eq!(hub.public_url, "http://hub:8081/hub");
+        assert_eq!(hub.service_token, "s3cret");
+        assert_eq!(
+            hub.authorize_url("x y").unwrap(),
+            "http://hub:8081/hub/api/oauth2/authorize?client_id=service-dask-gateway&redirect_uri=https%3A%2F%2Fgw.example%2Fapi%2Foauth_callback&response_type=code&state=x%20y"
+        );
+        let bad = HubConfig {
+            api_url: Some("hub:8081".into()),
+            ..config
+        };
+        assert!(matches!(
+            HubAuthenticator::new(&bad),
+            Err(HubSetupError::BadUrl("api_url", _))
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
