@@ -414,6 +414,7 @@ class GatewayServer:
         env.setdefault("RUST_LOG", os.environ.get("E2E_RUST_LOG", "info"))
         env.setdefault("RUST_BACKTRACE", "1")
         env["NO_COLOR"] = "1"
+        env.update(getattr(self, "extra_env", {}))
         if self.kubeconfig:
             env["KUBECONFIG"] = self.kubeconfig
         log = open(self.log_path, "ab")

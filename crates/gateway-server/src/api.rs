@@ -241,6 +241,13 @@ fn is_https(req_headers: &HeaderMap, meta: Option<&ConnMeta>) -> bool {
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
 }
 
+/// Adds Kerberos' mutual-authentication reply to the response of a request it authenticated.
+fn set_negotiate_reply(resp: &mut Response, reply: Option<HeaderValue>) {
+    if let Some(v) = reply {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+}
+
 /// Adds the session cookie for a fresh login to a successful response.
 fn set_session_cookie(state: &AppState, resp: &mut Response, session: Option<String>, https: bool) {
     if let Some(token) = session {
@@ -263,6 +270,7 @@ async fn require_user(State(state): State<AppState>, mut req: Request, next: Nex
     req.extensions_mut().insert(auth.user);
     let mut resp = next.run(req).await;
     set_session_cookie(&state, &mut resp, auth.new_session, https);
+    set_negotiate_reply(&mut resp, auth.negotiate_reply);
     resp
 }
 
@@ -478,14 +486,20 @@ async fn delete_cluster(
         .authenticate(&headers)
         .await
         .map_err(|e| refused(&state.auth, e))?;
-    state
+    let mut resp = match state
         .clusters
         .stop(&name, Requester::User(&auth.user))
-        .await?;
-    state.clusters.wait_finished(&name, DELETE_WAIT).await;
-    let mut resp = StatusCode::NO_CONTENT.into_response();
+        .await
+    {
+        Ok(()) => {
+            state.clusters.wait_finished(&name, DELETE_WAIT).await;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    };
     let https = is_https(&headers, meta.as_ref().map(|m| &m.0));
     set_session_cookie(&state, &mut resp, auth.new_session, https);
+    set_negotiate_reply(&mut resp, auth.negotiate_reply);
     Ok(resp)
 }
 

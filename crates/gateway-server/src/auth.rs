@@ -4,6 +4,7 @@
 use crate::config::AuthConfig;
 use crate::hub::{HubAuthenticator, HubError};
 use crate::jwt::JwtVerifier;
+use crate::kerberos::KerberosAuthenticator;
 use base64::Engine;
 use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue};
@@ -64,6 +65,9 @@ pub struct Authenticated {
     pub user: User,
     /// The session token to set as a cookie ([`Authenticator::session_cookie`]) on success.
     pub new_session: Option<String>,
+    /// Kerberos' mutual-authentication reply, sent back as `WWW-Authenticate` (the stock
+    /// client refuses a response without it).
+    pub negotiate_reply: Option<HeaderValue>,
 }
 
 struct Session {
@@ -84,6 +88,7 @@ pub struct Authenticator {
     sessions: RwLock<Sessions>,
     jwt: Option<JwtVerifier>,
     hub: Option<HubAuthenticator>,
+    kerberos: Option<KerberosAuthenticator>,
 }
 
 #[derive(Default)]
@@ -128,7 +133,14 @@ impl Authenticator {
             sessions: RwLock::new(Sessions::default()),
             jwt: None,
             hub: None,
+            kerberos: None,
         }
+    }
+
+    /// Authenticates Kerberos `Negotiate` tokens instead of Basic credentials.
+    pub fn with_kerberos(mut self, kerberos: KerberosAuthenticator) -> Self {
+        self.kerberos = Some(kerberos);
+        self
     }
 
     /// Authenticates JupyterHub tokens with `hub` instead of Basic credentials.
@@ -191,6 +203,8 @@ impl Authenticator {
             "Bearer"
         } else if self.hub.is_some() {
             "jupyterhub"
+        } else if self.kerberos.is_some() {
+            "Negotiate"
         } else {
             CHALLENGE
         }
@@ -220,6 +234,7 @@ impl Authenticator {
         Authenticated {
             user,
             new_session: Some(token),
+            negotiate_reply: None,
         }
     }
 
@@ -230,12 +245,24 @@ impl Authenticator {
             return Ok(Authenticated {
                 user,
                 new_session: None,
+                negotiate_reply: None,
             });
         }
         let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
             return Err(AuthError::Required);
         };
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        if let Some(krb) = &self.kerberos {
+            if !scheme.eq_ignore_ascii_case("negotiate") {
+                return Err(AuthError::Required);
+            }
+            let n = krb.accept(rest).await.map_err(AuthError::Rejected)?;
+            let mut done = self.logged_in(self.user(n.name, Vec::new(), false));
+            done.negotiate_reply = n
+                .reply
+                .and_then(|r| HeaderValue::from_str(&format!("Negotiate {r}")).ok());
+            return Ok(done);
+        }
         if let Some(hub) = &self.hub {
             // The stock client's scheme is `jupyterhub`; hub-style `token` and `Bearer` too.
             if !["jupyterhub", "token", "bearer"]

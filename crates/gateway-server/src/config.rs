@@ -228,6 +228,8 @@ pub struct AuthConfig {
     /// Settings of the `jupyterhub` authenticator (defaults from the hub's environment
     /// variables when the section is left out).
     pub jupyterhub: Option<crate::hub::HubConfig>,
+    /// Settings of the `kerberos` authenticator (defaults when left out).
+    pub kerberos: Option<crate::kerberos::KerberosConfig>,
 }
 
 impl AuthConfig {
@@ -255,6 +257,7 @@ impl Default for AuthConfig {
             cookie_name: None,
             jwt: None,
             jupyterhub: None,
+            kerberos: None,
         }
     }
 }
@@ -271,6 +274,9 @@ pub enum AuthKind {
     /// JupyterHub API tokens, as the stock client's `JupyterHubAuth` sends them, checked with
     /// the hub; browsers log in through the hub's OAuth (see `auth.jupyterhub`).
     Jupyterhub,
+    /// Kerberos `Negotiate` tokens (the stock client's `KerberosAuth`, and browsers' SPNEGO),
+    /// accepted with a keytab (see `auth.kerberos`).
+    Kerberos,
 }
 
 /// Where the `dask` command comes from.
@@ -554,6 +560,9 @@ impl GatewayConfig {
         }
         if self.auth.kind != AuthKind::Jupyterhub && self.auth.jupyterhub.is_some() {
             return bad("an auth.jupyterhub section needs auth.type jupyterhub".into());
+        }
+        if self.auth.kind != AuthKind::Kerberos && self.auth.kerberos.is_some() {
+            return bad("an auth.kerberos section needs auth.type kerberos".into());
         }
         if !(self.request_timeout.is_finite() && self.request_timeout >= 25.0) {
             return bad(format!(

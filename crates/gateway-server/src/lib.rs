@@ -11,6 +11,7 @@ pub mod clusters;
 pub mod config;
 pub mod hub;
 pub mod jwt;
+pub mod kerberos;
 pub mod settings;
 
 use crate::api::AppState;
@@ -70,6 +71,9 @@ pub enum StartError {
     /// The JupyterHub authenticator cannot start.
     #[error(transparent)]
     Hub(#[from] crate::hub::HubSetupError),
+    /// The Kerberos authenticator cannot start.
+    #[error(transparent)]
+    Kerberos(#[from] crate::kerberos::KerberosSetupError),
     /// A secret named by the configuration could not be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -359,6 +363,11 @@ pub async fn run(
     if config.auth.kind == crate::config::AuthKind::Jupyterhub {
         let hub = config.auth.jupyterhub.clone().unwrap_or_default();
         authenticator = authenticator.with_hub(crate::hub::HubAuthenticator::new(&hub)?);
+    }
+    if config.auth.kind == crate::config::AuthKind::Kerberos {
+        let krb = config.auth.kerberos.clone().unwrap_or_default();
+        authenticator =
+            authenticator.with_kerberos(crate::kerberos::KerberosAuthenticator::new(&krb)?);
     }
     let config = Arc::new(config);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
