@@ -13,9 +13,11 @@ from dask_gateway import Gateway, JupyterHubAuth
 
 from conftest import HELM, GatewayServer, new_cluster, wait_workers
 
-pytestmark = pytest.mark.skipif(
-    HELM, reason="the hub listens on this machine's loopback, which a gateway pod cannot reach"
-)
+# Authentication sits above the backend seam: the local backend is enough.
+pytestmark = [
+    pytest.mark.local_only,
+    pytest.mark.skipif(HELM, reason="the hub listens on this machine's loopback, which a gateway pod cannot reach"),
+]
 
 
 @pytest.fixture(scope="module")

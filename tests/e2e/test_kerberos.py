@@ -13,9 +13,11 @@ from conftest import HELM, GatewayServer, new_cluster, wait_workers
 
 kerberos = pytest.importorskip("kerberos", reason="pykerberos is not installed")
 
-pytestmark = pytest.mark.skipif(
-    HELM, reason="the KDC and keytab live on this machine; a gateway pod has neither"
-)
+# Authentication sits above the backend seam: the local backend is enough.
+pytestmark = [
+    pytest.mark.local_only,
+    pytest.mark.skipif(HELM, reason="the KDC and keytab live on this machine; a gateway pod has neither"),
+]
 
 
 @pytest.fixture(scope="module")
