@@ -108,6 +108,7 @@ impl ClusterBackend for FakeBackend {
             start_time: now_ms(),
             stop_time: None,
             target_workers: 0,
+            last_client_ms: None,
         };
         let (status_tx, _) = watch::channel(ClusterStatus::Pending);
         self.lock().insert(
@@ -171,6 +172,17 @@ impl ClusterBackend for FakeBackend {
             e.status_tx.send_replace(ClusterStatus::Running);
         }
         Ok(())
+    }
+
+    /// Shared like a Kubernetes backend: the view keeps the last recorded client time.
+    async fn record_client_activity(&self, name: &str, at_ms: i64) -> Result<(), BackendError> {
+        match self.lock().get_mut(name) {
+            Some(e) => {
+                e.view.last_client_ms = Some(at_ms);
+                Ok(())
+            }
+            None => Err(BackendError::NotFound(name.into())),
+        }
     }
 
     async fn stop(&self, name: &str, request: StopRequest) -> Result<(), BackendError> {

@@ -85,6 +85,10 @@ pub struct ClusterView {
     pub stop_time: Option<i64>,
     /// Workers the cluster currently wants (its last scale, or its scheduler's last heartbeat).
     pub target_workers: u64,
+    /// When some gateway process last recorded a client of this cluster connected through it,
+    /// ms since the Unix epoch (backends shared by several gateway replicas; see
+    /// [`ClusterBackend::record_client_activity`]).
+    pub last_client_ms: Option<i64>,
 }
 
 impl ClusterView {
@@ -197,6 +201,14 @@ pub trait ClusterBackend: Send + Sync + 'static {
 
     /// Starts stopping an active cluster; idempotent (unknown or finished clusters are fine).
     async fn stop(&self, name: &str, request: StopRequest) -> Result<(), BackendError>;
+
+    /// Records that a client of `name` is connected through this gateway process at `at_ms`,
+    /// where several gateway processes share the backend, so that each one's no-client
+    /// timeout sees the others' clients ([`ClusterView::last_client_ms`]). A backend only one
+    /// process uses has nothing to share: the default does nothing.
+    async fn record_client_activity(&self, _name: &str, _at_ms: i64) -> Result<(), BackendError> {
+        Ok(())
+    }
 
     /// Whether the backend's store or platform answers (health checks).
     async fn healthy(&self) -> bool;

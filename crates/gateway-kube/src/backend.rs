@@ -364,6 +364,10 @@ impl KubeBackend {
                 .map(|t| t.as_millisecond())
                 .filter(|_| status.is_terminal()),
             target_workers: dc.spec.replicas.max(0) as u64,
+            last_client_ms: dc
+                .annotations()
+                .get(names::ANNOTATION_LAST_CLIENT_MS)
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -560,6 +564,30 @@ impl ClusterBackend for KubeBackend {
             .clusters
             .get(id)
             .map(|e| e.status_tx.subscribe())
+    }
+
+    async fn record_client_activity(&self, name: &str, at_ms: i64) -> Result<(), BackendError> {
+        let id = self
+            .id(name)
+            .ok_or_else(|| BackendError::NotFound(name.into()))?;
+        let patch = json!({"metadata": {"annotations": {
+            names::ANNOTATION_LAST_CLIENT_MS: at_ms.to_string(),
+        }}});
+        match self
+            .clusters_api
+            .patch(id, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(dc) => {
+                let mut cache = self.lock();
+                self.upsert(&mut cache, dc);
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.is_not_found() => {
+                Err(BackendError::NotFound(name.into()))
+            }
+            Err(e) => Err(api_error("record client activity on a DaskCluster", e)),
+        }
     }
 
     async fn heartbeat(

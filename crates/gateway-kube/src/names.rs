@@ -17,6 +17,9 @@ pub const ANNOTATION_USER: &str = "gateway.dask.org/user";
 /// Annotation on a DaskCluster: creation time in milliseconds since the epoch (the API's
 /// `start_time`; `creationTimestamp` has only seconds).
 pub const ANNOTATION_CREATED_MS: &str = "gateway.dask.org/created-ms";
+/// When a gateway replica last had a client of the cluster connected, ms since the epoch
+/// (shared by the replicas' no-client timeouts).
+pub const ANNOTATION_LAST_CLIENT_MS: &str = "gateway.dask.org/last-client-ms";
 /// Standard label: the role of the object.
 pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 /// Component of scheduler pods (and their Service).

@@ -205,6 +205,7 @@ impl Cluster {
             start_time: r.start_time,
             stop_time: r.stop_time,
             target_workers: r.target_workers,
+            last_client_ms: None,
         }
     }
 }

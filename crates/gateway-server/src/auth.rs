@@ -10,8 +10,8 @@ use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue};
 use rand::RngCore;
 use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
 /// An authenticated user.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,9 +70,23 @@ pub struct Authenticated {
     pub negotiate_reply: Option<HeaderValue>,
 }
 
-struct Session {
-    user: User,
-    expires: Instant,
+/// What a session value says (short keys: it travels in every request's cookie).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SessionClaims {
+    /// User name.
+    n: String,
+    /// Admin.
+    a: bool,
+    /// Groups.
+    g: Vec<String>,
+    /// Expiry, seconds since the Unix epoch.
+    e: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The simple authenticator plus the session cache.
@@ -85,20 +99,24 @@ pub struct Authenticator {
     cookie_name: String,
     cookie_path: String,
     max_age: Duration,
-    sessions: RwLock<Sessions>,
+    /// Signs session values (`auth.cookie_secret_file` / `GATEWAY_COOKIE_SECRET`, else random
+    /// per process).
+    session_key: ring::hmac::Key,
+    /// The session value last issued per user (reused while fresh).
+    issued: Mutex<HashMap<String, (String, User, u64)>>,
     jwt: Option<JwtVerifier>,
     hub: Option<HubAuthenticator>,
     kerberos: Option<KerberosAuthenticator>,
 }
 
-#[derive(Default)]
-struct Sessions {
-    by_token: HashMap<String, Session>,
-    by_user: HashMap<String, String>,
-}
-
 /// The challenge scheme sent in `WWW-Authenticate`.
 pub const CHALLENGE: &str = "Basic";
+
+fn random_key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut k);
+    k
+}
 
 fn random_hex() -> String {
     let mut b = [0u8; 16];
@@ -130,7 +148,15 @@ impl Authenticator {
                 .unwrap_or_else(|| format!("dask-gateway-{}", random_hex())),
             cookie_path: format!("{prefix}/"),
             max_age: Duration::from_secs(config.cookie_max_age.max(1)),
-            sessions: RwLock::new(Sessions::default()),
+            session_key: ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                config
+                    .cookie_secret
+                    .as_deref()
+                    .map(str::as_bytes)
+                    .unwrap_or(&random_key()),
+            ),
+            issued: Mutex::new(HashMap::new()),
             jwt: None,
             hub: None,
             kerberos: None,
@@ -349,51 +375,56 @@ impl Authenticator {
     }
 
     fn session_user(&self, headers: &HeaderMap) -> Option<User> {
-        let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
-        for header in headers.get_all(COOKIE) {
-            let Ok(text) = header.to_str() else { continue };
-            for pair in text.split(';') {
-                let Some((k, v)) = pair.trim().split_once('=') else {
-                    continue;
-                };
-                if k == self.cookie_name {
-                    if let Some(s) = sessions.by_token.get(v.trim()) {
-                        if s.expires > Instant::now() {
-                            return Some(s.user.clone());
-                        }
-                    }
-                }
-            }
-        }
-        None
+        headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|h| h.to_str().ok())
+            .flat_map(|text| text.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .filter(|(k, _)| *k == self.cookie_name)
+            .find_map(|(_, v)| self.verify_session(v.trim()))
     }
 
-    /// The user's current session token, creating one if none is valid.
+    /// The user a session value stands for, if its signature is ours and it has not expired.
+    fn verify_session(&self, value: &str) -> Option<User> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        let (body, mac) = value.rsplit_once('.')?;
+        let mac = B64.decode(mac).ok()?;
+        ring::hmac::verify(&self.session_key, body.as_bytes(), &mac).ok()?;
+        let claims: SessionClaims = serde_json::from_slice(&B64.decode(body).ok()?).ok()?;
+        (claims.e > unix_now()).then_some(User {
+            name: claims.n,
+            admin: claims.a,
+            groups: claims.g,
+        })
+    }
+
+    /// A session value for `user`: who they are and until when, signed with the session key
+    /// (so every replica sharing the key, and this one after a restart, accepts it). The value
+    /// last handed to the same user is reused while it has most of its life left.
     fn session_for(&self, user: &User) -> String {
-        let now = Instant::now();
-        let mut s = self.sessions.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(token) = s.by_user.get(&user.name) {
-            if s.by_token
-                .get(token)
-                .is_some_and(|sess| sess.expires > now && sess.user == *user)
-            {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        let now = unix_now();
+        let max_age = self.max_age.as_secs();
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((token, for_user, exp)) = issued.get(&user.name) {
+            if for_user == user && *exp > now + max_age / 2 {
                 return token.clone();
             }
         }
-        if s.by_token.len() > 1024 {
-            s.by_token.retain(|_, sess| sess.expires > now);
-            let Sessions { by_token, by_user } = &mut *s;
-            by_user.retain(|_, t| by_token.contains_key(t));
+        if issued.len() > 4096 {
+            issued.retain(|_, (_, _, exp)| *exp > now);
         }
-        let token = random_hex();
-        s.by_token.insert(
-            token.clone(),
-            Session {
-                user: user.clone(),
-                expires: now + self.max_age,
-            },
-        );
-        s.by_user.insert(user.name.clone(), token.clone());
+        let claims = SessionClaims {
+            n: user.name.clone(),
+            a: user.admin,
+            g: user.groups.clone(),
+            e: now + max_age,
+        };
+        let body = B64.encode(serde_json::to_vec(&claims).unwrap_or_default());
+        let mac = ring::hmac::sign(&self.session_key, body.as_bytes());
+        let token = format!("{body}.{}", B64.encode(mac.as_ref()));
+        issued.insert(user.name.clone(), (token.clone(), user.clone(), claims.e));
         token
     }
 }
@@ -590,6 +621,67 @@ mod tests {
             a.auth_now(&h).unwrap().user.groups,
             vec!["team-a".to_string()]
         );
+    }
+
+    fn cookie_header(a: &Authenticator, token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            COOKIE,
+            format!("{}={token}", a.cookie_name).parse().unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn signed_sessions_span_replicas_and_refuse_tampering() {
+        let config = AuthConfig {
+            cookie_name: Some("gw".into()),
+            cookie_secret: Some("k".repeat(32)),
+            admin_users: vec!["root".into()],
+            ..Default::default()
+        };
+        let one = Authenticator::new(&config, "");
+        let two = Authenticator::new(&config, "");
+        let token = one
+            .auth_now(&basic("root", ""))
+            .unwrap()
+            .new_session
+            .unwrap();
+        // Another replica (or this one restarted) with the same key accepts it.
+        let user = two.auth_now(&cookie_header(&two, &token)).unwrap().user;
+        assert_eq!((user.name.as_str(), user.admin), ("root", true));
+        // Another key does not.
+        let other = Authenticator::new(
+            &AuthConfig {
+                cookie_secret: Some("x".repeat(32)),
+                ..config.clone()
+            },
+            "",
+        );
+        assert_eq!(
+            other.auth_now(&cookie_header(&other, &token)).unwrap_err(),
+            AuthError::Required
+        );
+        // A body changed to claim someone else (or admin) fails the signature.
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        let (_, mac) = token.rsplit_once('.').unwrap();
+        let forged = B64.encode(br#"{"n":"mallory","a":true,"g":[],"e":99999999999}"#);
+        for bad in [
+            format!("{forged}.{mac}"),
+            "garbage".into(),
+            format!("{token}x"),
+        ] {
+            assert_eq!(
+                two.auth_now(&cookie_header(&two, &bad)).unwrap_err(),
+                AuthError::Required,
+                "{bad}"
+            );
+        }
+        // An expired one is ignored.
+        let body = B64.encode(br#"{"n":"root","a":true,"g":[],"e":1}"#);
+        let mac = ring::hmac::sign(&two.session_key, body.as_bytes());
+        let expired = format!("{body}.{}", B64.encode(mac.as_ref()));
+        assert!(two.verify_session(&expired).is_none());
     }
 
     #[test]

@@ -123,6 +123,8 @@ pub struct ClusterService {
     activity: Arc<ClientConnections>,
     /// When the lifetime sweep first saw each running cluster without clients.
     unattended_since: Mutex<HashMap<String, Instant>>,
+    /// When this process last recorded a connected client with the backend, per cluster.
+    client_recorded: Mutex<HashMap<String, Instant>>,
     /// Client for the schedulers' `/api/comm` (plain HTTP inside the cluster network).
     http: reqwest::Client,
     /// One lock per user, held while counting that user's clusters and creating one, so
@@ -157,6 +159,7 @@ impl ClusterService {
             policies: Vec::new(),
             activity: Arc::new(ClientConnections::default()),
             unattended_since: Mutex::new(HashMap::new()),
+            client_recorded: Mutex::new(HashMap::new()),
             http,
             admission: Mutex::new(HashMap::new()),
             granted: Mutex::new(HashMap::new()),
@@ -659,13 +662,19 @@ impl ClusterService {
 
     /// Stops clusters past their maximum lifetime, and running clusters that have had no
     /// client connected through the proxy for their no-client timeout (counted from when
-    /// the last client left, or from when this process first saw the cluster without one).
+    /// the last client left, or from when this process first saw the cluster without one,
+    /// or from when another gateway replica last recorded a client of it with the backend).
     /// The reason goes to the cluster's status and the log. Called about once a second.
     pub async fn enforce_lifetimes(&self) {
         let now = Instant::now();
         let now_ms = now_ms();
         let mut due = Vec::new();
+        let mut record = Vec::new();
         {
+            let mut recorded = self
+                .client_recorded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let mut since = self
                 .unattended_since
                 .lock()
@@ -691,14 +700,29 @@ impl ClusterService {
                     continue;
                 }
                 watched.insert(v.name.clone());
-                let from = match self.activity.get(&v.name) {
+                let local_from = match self.activity.get(&v.name) {
                     Some(Clients::Open(_)) => {
                         since.remove(&v.name);
+                        // Tell other replicas, a few times per timeout.
+                        let every =
+                            Duration::from_secs_f64((s.no_client_timeout / 4.0).clamp(1.0, 60.0));
+                        if recorded
+                            .get(&v.name)
+                            .is_none_or(|t| now.duration_since(*t) >= every)
+                        {
+                            recorded.insert(v.name.clone(), now);
+                            record.push(v.name.clone());
+                        }
                         continue;
                     }
                     Some(Clients::ClosedAt(t)) => *since.entry(v.name.clone()).or_insert(t),
                     None => *since.entry(v.name.clone()).or_insert(now),
                 };
+                // A client another replica saw more recently counts too.
+                let remote_from = v.last_client_ms.and_then(|ms| {
+                    now.checked_sub(Duration::from_millis((now_ms - ms).max(0) as u64))
+                });
+                let from = remote_from.map_or(local_from, |r| r.max(local_from));
                 if now.duration_since(from).as_secs_f64() >= s.no_client_timeout {
                     due.push((
                         v.name.clone(),
@@ -710,7 +734,13 @@ impl ClusterService {
                 }
             }
             since.retain(|name, _| watched.contains(name));
+            recorded.retain(|name, _| watched.contains(name));
             self.activity.retain(|name| watched.contains(name));
+        }
+        for name in record {
+            if let Err(e) = self.backend.record_client_activity(&name, now_ms).await {
+                warn!(cluster = %name, "could not record client activity: {e}");
+            }
         }
         for (name, reason) in due {
             info!(cluster = %name, %reason, "stopping cluster by policy");

@@ -223,6 +223,14 @@ pub struct AuthConfig {
     pub cookie_max_age: u64,
     /// Session cookie name (default `dask-gateway-<random>` per process).
     pub cookie_name: Option<String>,
+    /// A file with the key that signs session cookies (at least 32 characters; or the
+    /// `GATEWAY_COOKIE_SECRET` environment variable). Replicas sharing it accept each other's
+    /// sessions, and sessions survive restarts. Without one, a random key per process.
+    pub cookie_secret_file: Option<PathBuf>,
+    /// The session key itself, read from `cookie_secret_file` or the environment at startup
+    /// (never from the YAML).
+    #[serde(skip)]
+    pub cookie_secret: Option<String>,
     /// Settings of the `jwt` authenticator.
     pub jwt: Option<crate::jwt::JwtConfig>,
     /// Settings of the `jupyterhub` authenticator (defaults from the hub's environment
@@ -233,6 +241,35 @@ pub struct AuthConfig {
 }
 
 impl AuthConfig {
+    /// The session-signing key: `cookie_secret` if already set, else `cookie_secret_file`,
+    /// else the `GATEWAY_COOKIE_SECRET` environment variable (none: a random key per process).
+    pub fn resolve_cookie_secret(&self) -> Result<Option<String>, ConfigError> {
+        let secret = match (&self.cookie_secret, &self.cookie_secret_file) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => std::env::var("GATEWAY_COOKIE_SECRET")
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+        };
+        if let Some(s) = &secret {
+            if s.len() < 32 {
+                return Err(ConfigError::Invalid(
+                    "the session cookie secret must have at least 32 characters".into(),
+                ));
+            }
+        }
+        Ok(secret)
+    }
+
     /// `groups` turned around: user name → the groups it is listed in.
     pub fn members(&self) -> std::collections::HashMap<String, Vec<String>> {
         let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
@@ -255,6 +292,8 @@ impl Default for AuthConfig {
             groups: BTreeMap::new(),
             cookie_max_age: 300,
             cookie_name: None,
+            cookie_secret_file: None,
+            cookie_secret: None,
             jwt: None,
             jupyterhub: None,
             kerberos: None,

@@ -356,7 +356,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let metrics_token = config.metrics.token()?;
-    let mut authenticator = Authenticator::new(&config.auth, &config.prefix());
+    let mut auth_config = config.auth.clone();
+    auth_config.cookie_secret = auth_config.resolve_cookie_secret()?;
+    if auth_config.cookie_secret.is_none() {
+        info!("no session cookie secret: sessions last for this process only (set auth.cookie_secret_file or GATEWAY_COOKIE_SECRET to share them between replicas and restarts)");
+    }
+    let mut authenticator = Authenticator::new(&auth_config, &config.prefix());
     if let Some(jwt) = &config.auth.jwt {
         authenticator = authenticator.with_jwt(crate::jwt::JwtVerifier::new(jwt.clone()).await?);
     }

@@ -586,3 +586,36 @@ groups:
     // No policy: nothing happens.
     assert_eq!(b.get(&forever).unwrap().status, ClusterStatus::Running);
 }
+
+#[tokio::test]
+async fn replicas_share_client_activity_through_the_backend() {
+    // Two gateway replicas over one backend, each with its own proxy connections.
+    let config: ClusterConfig = serde_yaml::from_str("no_client_timeout: 1.5").unwrap();
+    let backend = Arc::new(FakeBackend::new());
+    let conns_one = Arc::new(gateway_proxy::ClientConnections::default());
+    let conns_two = Arc::new(gateway_proxy::ClientConnections::default());
+    let one = ClusterService::new(backend.clone(), Arc::new(config.clone()))
+        .with_activity(conns_one.clone());
+    let two = ClusterService::new(backend.clone(), Arc::new(config)).with_activity(conns_two);
+    let (api, _comm) = fake_scheduler_api().await;
+    let name = running_cluster(&one, &backend, "alice", &api).await;
+    // The client is connected through replica one only.
+    let client = conns_one.opened(&name);
+    for _ in 0..8 {
+        one.enforce_lifetimes().await;
+        two.enforce_lifetimes().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(
+        backend.get(&name).unwrap().status,
+        ClusterStatus::Running,
+        "replica two saw replica one's client"
+    );
+    drop(client);
+    for _ in 0..10 {
+        one.enforce_lifetimes().await;
+        two.enforce_lifetimes().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(!backend.get(&name).unwrap().status.is_active());
+}
