@@ -148,8 +148,9 @@ def test_scale_adapt_list_and_formats(srv, cli_cluster):
     assert name in [c["name"] for c in listed]
     as_yaml = yaml.safe_load(run(srv, "list", "-o", "yaml").stdout)
     assert name in [c["name"] for c in as_yaml]
+    assert [c["owner"] for c in listed if c["name"] == name] == [USER]
     table = run(srv, "list").stdout.splitlines()
-    assert table[0].split()[:2] == ["NAME", "STATUS"]
+    assert table[0].split()[:3] == ["NAME", "OWNER", "STATUS"]
     options = run_json(srv, "options")
     assert "worker_cores" in [o["field"] for o in options]
 
@@ -165,6 +166,10 @@ def test_a_python_cluster_is_seen_and_stopped_by_the_cli(srv):
              what="the cluster to stop")
     all_clusters = run_json(srv, "list", "--all")
     assert cluster.name in [c["name"] for c in all_clusters]
+    # Why it stopped, and who did it.
+    [listed] = [c for c in all_clusters if c["name"] == cluster.name]
+    assert listed["reason"] == f"stopped by {USER}", listed
+    assert run_json(srv, "info", cluster.name)["owner"] == USER
 
 
 def test_settings_from_dask_environment_variables(srv):

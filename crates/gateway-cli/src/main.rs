@@ -336,19 +336,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .map_err(|e| Failure::Usage(e.to_string()))?
             };
             let clusters = client.list(&statuses).await?;
+            // Owners and stop reasons come from the details (a gateway without them, such as
+            // the reference server, just shows fewer columns).
+            let details: std::collections::HashMap<String, gateway_client::ClusterDetails> = client
+                .list_details(&statuses)
+                .await
+                .map(|d| d.into_iter().map(|d| (d.name.clone(), d)).collect())
+                .unwrap_or_default();
             let rows: Vec<Value> = clusters
                 .iter()
                 .map(|c| {
+                    let d = details.get(&c.name);
                     json!({
                         "name": c.name,
+                        "owner": d.map(|d| d.owner.clone()),
                         "status": c.status.as_str(),
                         "age": output::age(c.start_time),
                         "dashboard": client.dashboard_url(c),
+                        "reason": d.and_then(|d| d.reason.clone()),
                         "options": c.options,
                     })
                 })
                 .collect();
-            printer.table(&rows, &["name", "status", "age", "dashboard"]);
+            let mut columns = vec!["name"];
+            if !details.is_empty() {
+                columns.push("owner");
+            }
+            columns.extend(["status", "age", "dashboard"]);
+            if details.values().any(|d| d.reason.is_some()) {
+                columns.push("reason");
+            }
+            printer.table(&rows, &columns);
         }
         Command::Info { name } => {
             let model = client.get(&name).await?;
@@ -360,6 +378,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "age": output::age(model.start_time),
                 "options": model.options,
             });
+            if let Ok(d) = client.details(&name).await {
+                row["owner"] = json!(d.owner);
+                row["group"] = json!(d.group);
+                row["reason"] = json!(d.reason);
+                row["expires_at"] = json!(d.expires_at);
+            }
             if model.status == ClusterStatus::Running {
                 let id = client.scheduler_identity(&name).await?;
                 row["workers"] = json!(id.workers.len());

@@ -26,7 +26,7 @@ pub use config::{Auth, ClientConfig};
 pub use error::ClientError;
 /// The API types shared with the server.
 pub use gateway_model as model;
-pub use gateway_model::{ClusterModel, ClusterStatus, OptionSpec, ScaleResponse};
+pub use gateway_model::{ClusterDetails, ClusterModel, ClusterStatus, OptionSpec, ScaleResponse};
 pub use tls::ClusterTls;
 
 use gateway_model::{
@@ -167,6 +167,29 @@ impl GatewayClient {
         let mut clusters: Vec<ClusterModel> = map.into_values().collect();
         clusters.sort_by_key(|c| c.start_time);
         Ok(clusters)
+    }
+
+    /// Like [`Self::list`], with each cluster's owner, group policy, worker target, lifetime
+    /// deadline and stop reason (a gateway extension: `GET /api/v1/clusters/?details`).
+    pub async fn list_details(
+        &self,
+        statuses: &[ClusterStatus],
+    ) -> Result<Vec<ClusterDetails>, ClientError> {
+        let mut path = "/api/v1/clusters/?details".to_string();
+        if !statuses.is_empty() {
+            let names: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+            path.push_str(&format!("&status={}", names.join(",")));
+        }
+        let map: BTreeMap<String, ClusterDetails> = self.get_json(&path).await?;
+        let mut clusters: Vec<ClusterDetails> = map.into_values().collect();
+        clusters.sort_by_key(|c| c.start_time);
+        Ok(clusters)
+    }
+
+    /// The details of one cluster (`GET /api/v1/clusters/<name>/details`).
+    pub async fn details(&self, name: &str) -> Result<ClusterDetails, ClientError> {
+        self.get_json(&format!("/api/v1/clusters/{}/details", check_name(name)?))
+            .await
     }
 
     /// Creates a cluster with the given option values; returns its name.

@@ -281,6 +281,15 @@ async fn every_call_against_a_real_gateway_and_dask() {
     ));
     let root = client(gw.port, "root", "pw");
     assert_eq!(root.list(&[]).await.unwrap().len(), 1);
+    // Admins see whose it is; others cannot read the details.
+    let details = root.list_details(&[]).await.unwrap();
+    assert_eq!(details.len(), 1);
+    assert_eq!(details[0].owner, "alice");
+    assert_eq!(root.details(&name).await.unwrap().owner, "alice");
+    assert!(matches!(
+        bob.details(&name).await,
+        Err(ClientError::Forbidden(_))
+    ));
     // Wrong password.
     let mallory = client(gw.port, "alice", "wrong");
     assert!(matches!(
