@@ -5,7 +5,7 @@
 //! credentials. With isolation each gateway user's processes run under a uid of their own, so
 //! the kernel keeps users apart (files, `/proc/<pid>/environ`, signals).
 
-use crate::launch::LocalError;
+use crate::error::LocalError;
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
 use std::io::Write;

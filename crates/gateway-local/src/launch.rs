@@ -1,6 +1,7 @@
 //! Launching Dask schedulers and workers as local processes (wire-protocol section 9), and the
 //! [`Processes`] trait through which the engine uses them.
 
+pub use crate::error::LocalError;
 use crate::identity::{Identities, Identity};
 use crate::process::{watch_adopted, ProcessExit, ProcessId, ProcessRole};
 use gateway_backend::{ClusterCredentials, ClusterSettings};
@@ -113,47 +114,6 @@ pub trait Processes: Send + Sync + 'static {
     /// Live processes in cluster directories that are not in `known` (a crash between starting a
     /// process and recording it leaves such orphans).
     fn unknown_processes(&self, known: &HashSet<ProcessId>) -> Vec<(String, ProcessId)>;
-}
-
-/// Failures of the local backend.
-#[derive(Debug, thiserror::Error)]
-pub enum LocalError {
-    /// A name that is not safe to use in a path.
-    #[error("invalid name {0:?}")]
-    BadName(String),
-    /// Creating the working directory or credential files failed.
-    #[error("preparing {path}: {source}")]
-    Prepare {
-        /// What was being written.
-        path: PathBuf,
-        /// Why it failed.
-        source: std::io::Error,
-    },
-    /// The user has no account to run as (user isolation).
-    #[error("{0}")]
-    Identity(String),
-    /// A cluster's Python environment has no `bin/dask`.
-    #[error("the Python environment {0:?} has no bin/dask")]
-    NoPythonEnv(String),
-    /// The Dask command could not be started.
-    #[error("starting {command}: {source}")]
-    Spawn {
-        /// The command.
-        command: String,
-        /// Why it failed.
-        source: std::io::Error,
-    },
-}
-
-fn safe_name(name: &str) -> Result<&str, LocalError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        && !name.starts_with('-');
-    ok.then_some(name)
-        .ok_or_else(|| LocalError::BadName(name.to_string()))
 }
 
 /// Writes a secret file: mode 0600, never through a link, owned by `identity` when given.
@@ -577,6 +537,17 @@ impl Processes for Launcher {
             .filter(|(_, id)| !known.contains(id))
             .collect()
     }
+}
+
+fn safe_name(name: &str) -> Result<&str, LocalError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.starts_with('-');
+    ok.then_some(name)
+        .ok_or_else(|| LocalError::BadName(name.to_string()))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod engine;
+pub mod error;
 pub mod identity;
 pub mod launch;
 pub mod process;
