@@ -134,7 +134,11 @@ def test_the_rendered_configuration_is_valid_for_the_gateway(tmp_path):
     jwks = ["--set", "auth.type=jwt", "--set", "auth.jwt.jwksUrl=https://idp.example/jwks",
             "--set", "auth.jwt.audience=dask"]
     hs256 = ["--set", "auth.type=jwt", "--set", "auth.jwt.existingSecret=jwt-secret"]
-    for values in ([], ["-f", str(ALL_VALUES)], jwks, hs256):
+    hub = ["--set", "auth.type=jupyterhub", "--set", "auth.jupyterhub.apiUrl=http://hub:8081/hub/api",
+           "--set", "auth.jupyterhub.existingSecret=hub-token", "--set",
+           "auth.jupyterhub.oauthRedirectUri=https://dask.example.org/api/oauth_callback",
+           "--set", "auth.cookieSecret.existingSecret=sessions"]
+    for values in ([], ["-f", str(ALL_VALUES)], jwks, hs256, hub):
         docs = render(*values)
         [cm] = [d for d in docs if d["kind"] == "ConfigMap"]
         if values is hs256:
@@ -143,6 +147,15 @@ def test_the_rendered_configuration_is_valid_for_the_gateway(tmp_path):
             env = gateway["spec"]["template"]["spec"]["containers"][0]["env"]
             assert {"name": "GATEWAY_JWT_SECRET", "valueFrom": {"secretKeyRef": {
                 "name": "jwt-secret", "key": "secret"}}} in env
+        if values is hub:
+            [gateway] = [d for d in docs if d["kind"] == "Deployment"
+                         and d["metadata"]["name"].endswith("dask-gateway-rs")]
+            env = gateway["spec"]["template"]["spec"]["containers"][0]["env"]
+            assert {"name": "GATEWAY_JUPYTERHUB_TOKEN", "valueFrom": {"secretKeyRef": {
+                "name": "hub-token", "key": "api-token"}}} in env
+            assert {"name": "GATEWAY_COOKIE_SECRET", "valueFrom": {"secretKeyRef": {
+                "name": "sessions", "key": "cookie-secret"}}} in env
+            assert "hub-token" not in cm["data"]["gateway.yaml"]
         path = tmp_path / "gateway.yaml"
         path.write_text(cm["data"]["gateway.yaml"])
         r = run(binary, "--config", str(path), "--check-config")

@@ -154,6 +154,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- with $j.audience }}{{ $_ := set $jwt "audience" . }}{{ end -}}
 {{- $_ := set $config.auth "jwt" $jwt -}}
 {{- end -}}
+{{- if eq .Values.auth.type "jupyterhub" -}}
+{{- $h := .Values.auth.jupyterhub -}}
+{{- $hub := dict "api_url" (required "auth.jupyterhub.apiUrl is required with auth.type jupyterhub" $h.apiUrl) "api_token_env" "GATEWAY_JUPYTERHUB_TOKEN" "service_name" $h.serviceName "hub_admins_are_admins" $h.hubAdminsAreAdmins -}}
+{{- $_ := required "auth.jupyterhub.existingSecret (the hub service token) is required with auth.type jupyterhub" $h.existingSecret -}}
+{{- with $h.publicUrl }}{{ $_ := set $hub "public_url" . }}{{ end -}}
+{{- with $h.oauthRedirectUri }}{{ $_ := set $hub "oauth_redirect_uri" . }}{{ end -}}
+{{- $_ := set $config.auth "jupyterhub" $hub -}}
+{{- end -}}
 {{- with .Values.gateway.prefix }}{{ $_ := set $config "prefix" . }}{{ end -}}
 {{- if .Values.service.schedulerPort }}{{ $_ := set $config "scheduler_address" "0.0.0.0:8786" }}{{ end -}}
 {{- $merged := mustMergeOverwrite $config (deepCopy .Values.extraConfig) -}}
