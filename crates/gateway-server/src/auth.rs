@@ -96,6 +96,9 @@ pub struct Authenticator {
     admin_groups: Vec<String>,
     /// Configured memberships: user name → groups.
     static_groups: HashMap<String, Vec<String>>,
+    /// The groups anything is configured for (group policies); a user keeps only these, so
+    /// a session cookie stays small however many groups an identity provider reports.
+    relevant_groups: Option<std::collections::HashSet<String>>,
     cookie_name: String,
     cookie_path: String,
     max_age: Duration,
@@ -142,6 +145,7 @@ impl Authenticator {
             admins: config.admin_users.clone(),
             admin_groups: config.admin_groups.clone(),
             static_groups: config.members(),
+            relevant_groups: None,
             cookie_name: config
                 .cookie_name
                 .clone()
@@ -161,6 +165,12 @@ impl Authenticator {
             hub: None,
             kerberos: None,
         }
+    }
+
+    /// Keeps only these groups on users (admin status is decided before, from all of them).
+    pub fn with_relevant_groups(mut self, groups: impl IntoIterator<Item = String>) -> Self {
+        self.relevant_groups = Some(groups.into_iter().collect());
+        self
     }
 
     /// Authenticates Kerberos `Negotiate` tokens instead of Basic credentials.
@@ -247,6 +257,9 @@ impl Authenticator {
         let admin = admin_by_method
             || self.admins.contains(&name)
             || groups.iter().any(|g| self.admin_groups.contains(g));
+        if let Some(relevant) = &self.relevant_groups {
+            groups.retain(|g| relevant.contains(g));
+        }
         User {
             name,
             admin,
@@ -603,7 +616,15 @@ mod tests {
         assert!(!alice.user.admin);
         let olga = a.auth_now(&basic("olga", "")).unwrap();
         assert!(olga.user.admin);
-        assert!(a
+        // Only groups something is configured for stay with the user (admin was decided first).
+        let filtered = Authenticator::new(&config, "").with_relevant_groups(["team-a".to_string()]);
+        let olga = filtered.auth_now(&basic("olga", "")).unwrap().user;
+        assert!(olga.admin && olga.groups.is_empty());
+        assert_eq!(
+            filtered.auth_now(&basic("bob", "")).unwrap().user.groups,
+            ["team-a"]
+        );
+        assert!(filtered
             .auth_now(&basic("zed", ""))
             .unwrap()
             .user

@@ -361,7 +361,8 @@ pub async fn run(
     if auth_config.cookie_secret.is_none() {
         info!("no session cookie secret: sessions last for this process only (set auth.cookie_secret_file or GATEWAY_COOKIE_SECRET to share them between replicas and restarts)");
     }
-    let mut authenticator = Authenticator::new(&auth_config, &config.prefix());
+    let mut authenticator = Authenticator::new(&auth_config, &config.prefix())
+        .with_relevant_groups(config.groups.iter().map(|g| g.group.clone()));
     if let Some(jwt) = &config.auth.jwt {
         authenticator = authenticator.with_jwt(crate::jwt::JwtVerifier::new(jwt.clone()).await?);
     }
