@@ -369,3 +369,39 @@ def test_a_restarted_gateway_takes_over_where_the_last_one_stopped(module_server
     compute(c, 2)  # the lost worker was replaced
     assert len(pods(srv, names[0], "dask-worker")) == 2, "no duplicate workers"
     c.shutdown()
+
+
+def test_replicas_share_per_user_quotas(module_servers):
+    """Two replicas deciding for one user at once (a Lease per user, grants recorded on the
+    DaskClusters): 20 concurrent scale-ups through both never give the user more workers
+    than the quota."""
+    import concurrent.futures
+    import time
+
+    quota = {"heartbeat_period": 2, "max_workers_per_user": 3}
+    a = module_servers("quota-a", cluster=quota)
+    b = module_servers("quota-b", cluster=quota, kube_namespace=a.namespace,
+                       kube_kubeconfig=a.kubeconfig)
+    user = "quota-user"
+    names = [new_cluster(a.gateway(user), shutdown_on_close=False).name,
+             new_cluster(b.gateway(user), shutdown_on_close=False).name]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            futures = [pool.submit(srv.http, "POST", f"/api/v1/clusters/{names[i % 2]}/scale",
+                                   user=user, body={"count": 3})
+                       for i, srv in enumerate([a, b] * 10)]
+            answers = [f.result() for f in futures]
+        assert all(r.status == 200 for r in answers), [r for r in answers if r.status != 200]
+        assert any("quota of 3 workers per user" in (r.json().get("msg") or "") for r in answers)
+        # What the controller is told to run, sampled while the schedulers heartbeat.
+        peak, deadline = 0, time.monotonic() + 15
+        while time.monotonic() < deadline:
+            peak = max(peak, sum(daskcluster(a, n)["spec"]["replicas"] for n in names))
+            time.sleep(0.5)
+        assert 0 < peak <= 3, peak
+        # The Leases are gone once the decisions are made.
+        leases = KubeEnv.get().get_json("leases", "-n", a.namespace)["items"]
+        assert not [x for x in leases if x["metadata"]["name"].startswith("dgrs-quota-")], leases
+    finally:
+        for n in names:
+            a.gateway(user).stop_cluster(n)

@@ -38,7 +38,7 @@ EXPECTED_RULES = {
     ("", "pods/log"): {"get"},
     ("", "services"): {"get", "list", "watch", "create", "delete"},
     ("", "secrets"): {"get", "list", "watch", "create", "delete"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"},
 }
 
 

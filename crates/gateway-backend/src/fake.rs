@@ -29,6 +29,9 @@ pub struct FakeBackend {
     clusters: Mutex<HashMap<String, Entry>>,
     /// When set, the next `create` fails with this message.
     fail_next_create: Mutex<Option<String>>,
+    /// Per-user quota locks, shared by every service over this backend (like the Leases
+    /// gateway replicas share on Kubernetes).
+    quota_locks: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn now_ms() -> i64 {
@@ -109,6 +112,7 @@ impl ClusterBackend for FakeBackend {
             stop_time: None,
             target_workers: 0,
             last_client_ms: None,
+            granted_workers: None,
         };
         let (status_tx, _) = watch::channel(ClusterStatus::Pending);
         self.lock().insert(
@@ -172,6 +176,29 @@ impl ClusterBackend for FakeBackend {
             e.status_tx.send_replace(ClusterStatus::Running);
         }
         Ok(())
+    }
+
+    /// Shared like a Kubernetes backend: one lock per user for every service over it.
+    async fn lock_user_quota(&self, owner: &str) -> Result<Option<crate::QuotaLock>, BackendError> {
+        let lock = self
+            .quota_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(owner.to_string())
+            .or_default()
+            .clone();
+        Ok(Some(Box::new(lock.lock_owned().await)))
+    }
+
+    /// Shared like a Kubernetes backend: the view keeps the last recorded grant.
+    async fn record_grant(&self, name: &str, workers: u64) -> Result<(), BackendError> {
+        match self.lock().get_mut(name) {
+            Some(e) => {
+                e.view.granted_workers = Some(workers);
+                Ok(())
+            }
+            None => Err(BackendError::NotFound(name.into())),
+        }
     }
 
     /// Shared like a Kubernetes backend: the view keeps the last recorded client time.

@@ -85,6 +85,9 @@ pub struct ClusterView {
     pub stop_time: Option<i64>,
     /// Workers the cluster currently wants (its last scale, or its scheduler's last heartbeat).
     pub target_workers: u64,
+    /// Workers some gateway process granted this cluster under the quota lock (backends
+    /// shared by several gateway replicas; see [`ClusterBackend::record_grant`]).
+    pub granted_workers: Option<u64>,
     /// When some gateway process last recorded a client of this cluster connected through it,
     /// ms since the Unix epoch (backends shared by several gateway replicas; see
     /// [`ClusterBackend::record_client_activity`]).
@@ -141,6 +144,9 @@ impl StopRequest {
         }
     }
 }
+
+/// A held per-user quota lock ([`ClusterBackend::lock_user_quota`]); dropping it releases it.
+pub type QuotaLock = Box<dyn std::any::Any + Send + Sync>;
 
 /// Failures a backend reports across the seam. The messages are shown to users, so they say
 /// what went wrong without internal paths or secrets; details go to the log.
@@ -201,6 +207,21 @@ pub trait ClusterBackend: Send + Sync + 'static {
 
     /// Starts stopping an active cluster; idempotent (unknown or finished clusters are fine).
     async fn stop(&self, name: &str, request: StopRequest) -> Result<(), BackendError>;
+
+    /// Locks `owner`'s quotas against every other gateway process sharing this backend, and
+    /// brings the view of `owner`'s clusters up to date (so what another process has just
+    /// created or granted is counted). The lock lasts until the returned value is dropped.
+    /// `None`: only this process uses the backend, and the caller's own lock is enough.
+    async fn lock_user_quota(&self, _owner: &str) -> Result<Option<QuotaLock>, BackendError> {
+        Ok(None)
+    }
+
+    /// Records, under the quota lock, that `workers` are granted to cluster `name`, so other
+    /// gateway processes count them before its scheduler acts ([`ClusterView::granted_workers`]).
+    /// The default (one process) has nothing to share.
+    async fn record_grant(&self, _name: &str, _workers: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
 
     /// Records that a client of `name` is connected through this gateway process at `at_ms`,
     /// where several gateway processes share the backend, so that each one's no-client

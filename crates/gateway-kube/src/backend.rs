@@ -13,7 +13,7 @@ use gateway_backend::{
 };
 use gateway_model::{ClusterStatus, Heartbeat};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Client, ResourceExt};
@@ -80,6 +80,8 @@ struct Counters {
 /// The gateway side of the Kubernetes backend (see the module docs).
 pub struct KubeBackend {
     clusters_api: Api<DaskCluster>,
+    /// Per-user quota locks shared with the other gateway replicas.
+    quota_locks: crate::quota_lock::QuotaLocks,
     namespace: String,
     config: KubeConfig,
     runtime: GatewayRuntime,
@@ -132,6 +134,16 @@ impl KubeBackend {
     ) -> Arc<Self> {
         let backend = Arc::new(KubeBackend {
             clusters_api: Api::namespaced(client.clone(), &namespace),
+            quota_locks: crate::quota_lock::QuotaLocks::new(
+                client.clone(),
+                &namespace,
+                &config.instance,
+                &format!(
+                    "{}-{:08x}",
+                    std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()),
+                    rand::random::<u32>()
+                ),
+            ),
             namespace: namespace.clone(),
             config,
             runtime,
@@ -368,6 +380,10 @@ impl KubeBackend {
                 .annotations()
                 .get(names::ANNOTATION_LAST_CLIENT_MS)
                 .and_then(|v| v.parse().ok()),
+            granted_workers: dc
+                .annotations()
+                .get(names::ANNOTATION_GRANTED_WORKERS)
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -432,6 +448,35 @@ impl KubeBackend {
             ),
         ]));
         Ok(dc)
+    }
+
+    /// Sets one annotation on the DaskCluster of public name `name` (merge patch) and stores
+    /// the answer in the cache.
+    async fn patch_annotation(
+        &self,
+        name: &str,
+        key: &str,
+        value: String,
+    ) -> Result<(), BackendError> {
+        let id = self
+            .id(name)
+            .ok_or_else(|| BackendError::NotFound(name.into()))?;
+        let patch = json!({"metadata": {"annotations": {key: value}}});
+        match self
+            .clusters_api
+            .patch(id, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(dc) => {
+                let mut cache = self.lock();
+                self.upsert(&mut cache, dc);
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.is_not_found() => {
+                Err(BackendError::NotFound(name.into()))
+            }
+            Err(e) => Err(api_error("annotate a DaskCluster", e)),
+        }
     }
 
     /// Merge-patches the spec of `id` and stores the answer in the cache.
@@ -566,28 +611,41 @@ impl ClusterBackend for KubeBackend {
             .map(|e| e.status_tx.subscribe())
     }
 
-    async fn record_client_activity(&self, name: &str, at_ms: i64) -> Result<(), BackendError> {
-        let id = self
-            .id(name)
-            .ok_or_else(|| BackendError::NotFound(name.into()))?;
-        let patch = json!({"metadata": {"annotations": {
-            names::ANNOTATION_LAST_CLIENT_MS: at_ms.to_string(),
-        }}});
-        match self
+    async fn lock_user_quota(
+        &self,
+        owner: &str,
+    ) -> Result<Option<gateway_backend::QuotaLock>, BackendError> {
+        let guard = self.quota_locks.acquire(owner).await.map_err(|e| match e {
+            crate::quota_lock::QuotaLockError::Busy => BackendError::Unavailable(e.to_string()),
+            crate::quota_lock::QuotaLockError::Api(e) => api_error("lock a user's quota", e),
+        })?;
+        // What other replicas created or granted for this user, straight from the API server.
+        let selector = format!(
+            "{},{}={}",
+            names::instance_selector(&self.config.instance),
+            names::LABEL_USER,
+            names::user_label(owner)
+        );
+        let fresh = self
             .clusters_api
-            .patch(id, &PatchParams::default(), &Patch::Merge(&patch))
+            .list(&ListParams::default().labels(&selector))
             .await
-        {
-            Ok(dc) => {
-                let mut cache = self.lock();
-                self.upsert(&mut cache, dc);
-                Ok(())
-            }
-            Err(kube::Error::Api(s)) if s.is_not_found() => {
-                Err(BackendError::NotFound(name.into()))
-            }
-            Err(e) => Err(api_error("record client activity on a DaskCluster", e)),
+            .map_err(|e| api_error("list a user's DaskClusters", e))?;
+        let mut cache = self.lock();
+        for dc in fresh.items {
+            self.upsert(&mut cache, dc);
         }
+        Ok(Some(Box::new(guard)))
+    }
+
+    async fn record_grant(&self, name: &str, workers: u64) -> Result<(), BackendError> {
+        self.patch_annotation(name, names::ANNOTATION_GRANTED_WORKERS, workers.to_string())
+            .await
+    }
+
+    async fn record_client_activity(&self, name: &str, at_ms: i64) -> Result<(), BackendError> {
+        self.patch_annotation(name, names::ANNOTATION_LAST_CLIENT_MS, at_ms.to_string())
+            .await
     }
 
     async fn heartbeat(

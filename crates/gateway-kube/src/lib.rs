@@ -22,6 +22,7 @@ pub mod crd;
 pub mod leader;
 pub mod limiter;
 pub mod names;
+pub mod quota_lock;
 pub mod runtime;
 
 pub use backend::{GatewayRuntime, KubeBackend};

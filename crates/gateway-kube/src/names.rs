@@ -20,6 +20,8 @@ pub const ANNOTATION_CREATED_MS: &str = "gateway.dask.org/created-ms";
 /// When a gateway replica last had a client of the cluster connected, ms since the epoch
 /// (shared by the replicas' no-client timeouts).
 pub const ANNOTATION_LAST_CLIENT_MS: &str = "gateway.dask.org/last-client-ms";
+/// Workers a gateway replica granted the cluster under the user's quota lock.
+pub const ANNOTATION_GRANTED_WORKERS: &str = "gateway.dask.org/granted-workers";
 /// Standard label: the role of the object.
 pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 /// Component of scheduler pods (and their Service).

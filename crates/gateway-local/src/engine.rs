@@ -206,6 +206,7 @@ impl Cluster {
             stop_time: r.stop_time,
             target_workers: r.target_workers,
             last_client_ms: None,
+            granted_workers: None,
         }
     }
 }

@@ -236,6 +236,12 @@ impl ClusterService {
         settings.policy = policy.map(str::to_string);
         let lock = self.admission_lock(&user.name);
         let _admitted = lock.lock().await;
+        // Other gateway replicas decide for this user too: hold their lock as well.
+        let _shared = if has_user_quota(config) || config.max_clusters_per_user.is_some() {
+            self.backend.lock_user_quota(&user.name).await?
+        } else {
+            None
+        };
         if has_user_quota(config) {
             let used = self.user_usage(&user.name, None);
             let r = &settings.resources;
@@ -295,7 +301,8 @@ impl ClusterService {
             }
             let w = v
                 .target_workers
-                .max(granted.get(&v.name).copied().unwrap_or(0));
+                .max(granted.get(&v.name).copied().unwrap_or(0))
+                .max(v.granted_workers.unwrap_or(0));
             let r = &v.settings.resources;
             used.workers += w;
             used.cores += r.scheduler_cores + w as f64 * r.worker_cores;
@@ -349,6 +356,39 @@ impl ClusterService {
         }
         let lock = self.admission_lock(&view.owner);
         let _held = lock.lock().await;
+        // Growing needs the other replicas' lock too (and their latest grants); shrinking
+        // never passes a quota.
+        let held_before = view
+            .target_workers
+            .max(view.granted_workers.unwrap_or(0))
+            .max(
+                self.granted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&view.name)
+                    .copied()
+                    .unwrap_or(0),
+            );
+        let _shared = if wanted > held_before {
+            match self.backend.lock_user_quota(&view.owner).await {
+                Ok(lock) => lock,
+                Err(e) => {
+                    warn!(cluster = %view.name, "quota lock: {e}");
+                    let n = wanted.min(held_before);
+                    return (
+                        n,
+                        Some(format!(
+                            "Could not check the quotas of {} ({e}). Scaling to {n} instead.",
+                            view.owner
+                        )),
+                    );
+                }
+            }
+        } else {
+            None
+        };
+        let fresh = self.backend.get(&view.name);
+        let view = fresh.as_ref().unwrap_or(view);
         let (n, msg) = match self.user_room(view) {
             Some((room, quota)) if wanted > room => (
                 room,
@@ -362,6 +402,11 @@ impl ClusterService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(view.name.clone(), n);
+        if view.granted_workers != Some(n) {
+            if let Err(e) = self.backend.record_grant(&view.name, n).await {
+                warn!(cluster = %view.name, "recording a grant: {e}");
+            }
+        }
         (n, msg)
     }
 

@@ -619,3 +619,44 @@ async fn replicas_share_client_activity_through_the_backend() {
     }
     assert!(!backend.get(&name).unwrap().status.is_active());
 }
+
+#[tokio::test]
+async fn replicas_cannot_pass_a_quota_together() {
+    // Two gateway replicas over one shared backend, each with its own in-process state.
+    let config: ClusterConfig = serde_yaml::from_str("max_workers_per_user: 3").unwrap();
+    let backend = Arc::new(FakeBackend::new());
+    let one = Arc::new(ClusterService::new(
+        backend.clone(),
+        Arc::new(config.clone()),
+    ));
+    let two = Arc::new(ClusterService::new(backend.clone(), Arc::new(config)));
+    let (api_a, comm_a) = fake_scheduler_api().await;
+    let (api_b, comm_b) = fake_scheduler_api().await;
+    let a = running_cluster(&one, &backend, "alice", &api_a).await;
+    let b = running_cluster(&two, &backend, "alice", &api_b).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let svc = if i % 2 == 0 { one.clone() } else { two.clone() };
+        let name = if i % 3 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            svc.scale(&user("alice"), &name, &json!(3)).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let last = |comm: &Comm| {
+        comm.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m["count"].as_u64().unwrap())
+            .max()
+            .unwrap_or(0)
+    };
+    let (most_a, most_b) = (last(&comm_a), last(&comm_b));
+    assert!(
+        most_a + most_b <= 3,
+        "the replicas granted {most_a} + {most_b} workers against a quota of 3"
+    );
+}
