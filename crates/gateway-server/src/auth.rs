@@ -379,12 +379,14 @@ impl Authenticator {
         }
     }
 
-    /// Whether a `Set-Cookie` value (from a dashboard's response) would set or clear the
-    /// gateway's own session cookie: such headers are dropped (no session fixation).
+    /// Whether a `Set-Cookie` value (from a dashboard's response) would set or clear one of
+    /// the gateway's own cookies (the session, or a login's OAuth state): such headers are
+    /// dropped (no session fixation, no planted login state).
     pub fn is_session_set_cookie(&self, value: &HeaderValue) -> bool {
         let text = String::from_utf8_lossy(value.as_bytes());
         let name = text.split(';').next().unwrap_or("");
-        name.split_once('=').map_or(name, |(k, _)| k).trim() == self.cookie_name
+        let name = name.split_once('=').map_or(name, |(k, _)| k).trim();
+        name == self.cookie_name || name == self.oauth_state_cookie_name()
     }
 
     fn session_user(&self, headers: &HeaderMap) -> Option<User> {
@@ -559,6 +561,8 @@ mod tests {
 
         assert!(a.is_session_set_cookie(&"gw=x; Path=/".parse().unwrap()));
         assert!(a.is_session_set_cookie(&" gw =; Max-Age=0".parse().unwrap()));
+        assert!(a.is_session_set_cookie(&"gw-oauth-state=n.b".parse().unwrap()));
+        assert!(!a.is_session_set_cookie(&"x-gw=1".parse().unwrap()));
         assert!(!a.is_session_set_cookie(&"gwx=1".parse().unwrap()));
     }
 

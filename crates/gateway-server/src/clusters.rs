@@ -453,16 +453,22 @@ impl ClusterService {
     /// The user's clusters (every cluster for admins) with one of `statuses` (default: the
     /// active ones), oldest first.
     pub fn list(&self, user: &User, statuses: Option<&[ClusterStatus]>) -> Vec<ClusterModel> {
-        let owner = (!user.admin).then_some(user.name.as_str());
-        self.backend
-            .list(owner)
+        self.visible(user, statuses)
             .iter()
-            .filter(|c| match statuses {
-                Some(list) => list.contains(&c.status),
-                None => c.status.is_active(),
-            })
             .map(ClusterView::model)
             .collect()
+    }
+
+    /// The clusters `user` may list (all for admins) with one of `statuses` (default: the
+    /// active ones), oldest first.
+    fn visible(&self, user: &User, statuses: Option<&[ClusterStatus]>) -> Vec<ClusterView> {
+        let owner = (!user.admin).then_some(user.name.as_str());
+        let mut views = self.backend.list(owner);
+        views.retain(|c| match statuses {
+            Some(list) => list.contains(&c.status),
+            None => c.status.is_active(),
+        });
+        views
     }
 
     /// Stops a cluster (idempotent: unknown or finished clusters are fine).
@@ -818,14 +824,8 @@ impl ClusterService {
         user: &User,
         statuses: Option<&[ClusterStatus]>,
     ) -> Vec<gateway_model::ClusterDetails> {
-        let owner = (!user.admin).then_some(user.name.as_str());
-        self.backend
-            .list(owner)
+        self.visible(user, statuses)
             .iter()
-            .filter(|c| match statuses {
-                Some(list) => list.contains(&c.status),
-                None => c.status.is_active(),
-            })
             .map(details_of)
             .collect()
     }
