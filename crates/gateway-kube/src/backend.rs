@@ -450,8 +450,7 @@ impl KubeBackend {
         Ok(dc)
     }
 
-    /// Sets one annotation on the DaskCluster of public name `name` (merge patch) and stores
-    /// the answer in the cache.
+    /// Sets one annotation on the DaskCluster of public name `name`.
     async fn patch_annotation(
         &self,
         name: &str,
@@ -461,34 +460,32 @@ impl KubeBackend {
         let id = self
             .id(name)
             .ok_or_else(|| BackendError::NotFound(name.into()))?;
-        let patch = json!({"metadata": {"annotations": {key: value}}});
-        match self
-            .clusters_api
-            .patch(id, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(dc) => {
-                let mut cache = self.lock();
-                self.upsert(&mut cache, dc);
-                Ok(())
-            }
-            Err(kube::Error::Api(s)) if s.is_not_found() => {
-                Err(BackendError::NotFound(name.into()))
-            }
-            Err(e) => Err(api_error("annotate a DaskCluster", e)),
-        }
+        self.merge_patch(
+            id,
+            json!({"metadata": {"annotations": {key: value}}}),
+            "annotate",
+        )
+        .await
     }
 
-    /// Merge-patches the spec of `id` and stores the answer in the cache.
+    /// Merge-patches the spec of `id`.
     async fn patch_spec(&self, id: &str, patch: serde_json::Value) -> Result<(), BackendError> {
         self.counters.spec_patches.fetch_add(1, Ordering::Relaxed);
+        self.merge_patch(id, json!({ "spec": patch }), "update")
+            .await
+    }
+
+    /// Merge-patches DaskCluster `id` and stores the answer in the cache; `verb` names the
+    /// action in errors ("update a DaskCluster").
+    async fn merge_patch(
+        &self,
+        id: &str,
+        body: serde_json::Value,
+        verb: &str,
+    ) -> Result<(), BackendError> {
         let updated = self
             .clusters_api
-            .patch(
-                id,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "spec": patch })),
-            )
+            .patch(id, &PatchParams::default(), &Patch::Merge(&body))
             .await;
         match updated {
             Ok(dc) => {
@@ -499,7 +496,7 @@ impl KubeBackend {
             Err(kube::Error::Api(s)) if s.is_not_found() => Err(BackendError::NotFound(
                 names::public_name(&self.namespace, id),
             )),
-            Err(e) => Err(api_error("update a DaskCluster", e)),
+            Err(e) => Err(api_error(&format!("{verb} a DaskCluster"), e)),
         }
     }
 }

@@ -45,6 +45,17 @@ async fn comm(State(c): State<Comm>, headers: HeaderMap, body: String) -> &'stat
     ""
 }
 
+/// The largest worker count a fake scheduler was told to scale to (0 if none).
+fn largest_scale(comm: &Comm) -> u64 {
+    comm.received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, m)| m["count"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
 async fn fake_scheduler_api() -> (String, Comm) {
     let c = Comm::default();
     let app = Router::new()
@@ -362,16 +373,7 @@ async fn per_user_quotas_clip_scale_adapt_and_heartbeats_even_concurrently() {
     for t in tasks {
         t.await.unwrap();
     }
-    let most = |comm: &Comm| {
-        comm.received
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, m)| m["count"].as_u64().unwrap())
-            .max()
-            .unwrap()
-    };
-    let (most_a, most_c) = (most(&comm_a), most(&comm_c));
+    let (most_a, most_c) = (largest_scale(&comm_a), largest_scale(&comm_c));
     assert_eq!(most_a + most_c, 3, "a got up to {most_a}, c up to {most_c}");
     // Heartbeats are clipped too: each scheduler asks for 3, the total stays within 3.
     let token_a = b.get(&a).unwrap().token.unwrap();
@@ -645,16 +647,7 @@ async fn replicas_cannot_pass_a_quota_together() {
     for t in tasks {
         t.await.unwrap();
     }
-    let last = |comm: &Comm| {
-        comm.received
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, m)| m["count"].as_u64().unwrap())
-            .max()
-            .unwrap_or(0)
-    };
-    let (most_a, most_b) = (last(&comm_a), last(&comm_b));
+    let (most_a, most_b) = (largest_scale(&comm_a), largest_scale(&comm_b));
     assert!(
         most_a + most_b <= 3,
         "the replicas granted {most_a} + {most_b} workers against a quota of 3"
