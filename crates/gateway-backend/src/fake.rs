@@ -7,7 +7,7 @@
 
 use crate::{
     new_api_token, new_cluster_id, BackendError, ClusterBackend, ClusterView, NewCluster,
-    SchedulerAddresses, StopRequest, TlsPair,
+    SchedulerAddresses, StopRequest, TlsPair, WorkerGrant,
 };
 use gateway_model::{ClusterStatus, Heartbeat};
 use std::collections::HashMap;
@@ -112,7 +112,7 @@ impl ClusterBackend for FakeBackend {
             stop_time: None,
             target_workers: 0,
             last_client_ms: None,
-            granted_workers: None,
+            grant: None,
         };
         let (status_tx, _) = watch::channel(ClusterStatus::Pending);
         self.lock().insert(
@@ -191,10 +191,10 @@ impl ClusterBackend for FakeBackend {
     }
 
     /// Shared like a Kubernetes backend: the view keeps the last recorded grant.
-    async fn record_grant(&self, name: &str, workers: u64) -> Result<(), BackendError> {
+    async fn record_grant(&self, name: &str, grant: WorkerGrant) -> Result<(), BackendError> {
         match self.lock().get_mut(name) {
             Some(e) => {
-                e.view.granted_workers = Some(workers);
+                e.view.grant = Some(grant);
                 Ok(())
             }
             None => Err(BackendError::NotFound(name.into())),

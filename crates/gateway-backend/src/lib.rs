@@ -27,6 +27,17 @@ use gateway_model::{ClusterModel, ClusterStatus, Heartbeat};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
+/// Workers a gateway process granted one cluster within its owner's quotas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerGrant {
+    /// How many workers.
+    pub workers: u64,
+    /// Until when (ms since the Unix epoch) a scheduler heartbeat may not lower the grant: a
+    /// heartbeat sent before the scheduler received the request that made it still carries
+    /// the old count, and must not hand the workers to another cluster meanwhile.
+    pub held_until_ms: i64,
+}
+
 /// What the API asks a backend to create: owner, validated options and resolved settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewCluster {
@@ -85,9 +96,9 @@ pub struct ClusterView {
     pub stop_time: Option<i64>,
     /// Workers the cluster currently wants (its last scale, or its scheduler's last heartbeat).
     pub target_workers: u64,
-    /// Workers some gateway process granted this cluster under the quota lock (backends
-    /// shared by several gateway replicas; see [`ClusterBackend::record_grant`]).
-    pub granted_workers: Option<u64>,
+    /// The workers a gateway process last granted this cluster under its owner's quotas
+    /// ([`ClusterBackend::record_grant`]); counted before the scheduler acts on them.
+    pub grant: Option<WorkerGrant>,
     /// When some gateway process last recorded a client of this cluster connected through it,
     /// ms since the Unix epoch (backends shared by several gateway replicas; see
     /// [`ClusterBackend::record_client_activity`]).
@@ -216,12 +227,10 @@ pub trait ClusterBackend: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// Records, under the quota lock, that `workers` are granted to cluster `name`, so other
-    /// gateway processes count them before its scheduler acts ([`ClusterView::granted_workers`]).
-    /// The default (one process) has nothing to share.
-    async fn record_grant(&self, _name: &str, _workers: u64) -> Result<(), BackendError> {
-        Ok(())
-    }
+    /// Records, under the owner's quota lock, the workers granted to cluster `name`; its
+    /// [`ClusterView::grant`] shows them from then on (to every gateway process sharing the
+    /// backend), so quotas count them before the scheduler acts.
+    async fn record_grant(&self, name: &str, grant: WorkerGrant) -> Result<(), BackendError>;
 
     /// Records that a client of `name` is connected through this gateway process at `at_ms`,
     /// where several gateway processes share the backend, so that each one's no-client

@@ -9,7 +9,7 @@ use crate::names;
 use futures_util::StreamExt;
 use gateway_backend::{
     new_cluster_id, BackendError, ClusterBackend, ClusterView, NewCluster, SchedulerAddresses,
-    StopRequest, TlsPair,
+    StopRequest, TlsPair, WorkerGrant,
 };
 use gateway_model::{ClusterStatus, Heartbeat};
 use k8s_openapi::api::core::v1::Secret;
@@ -380,10 +380,10 @@ impl KubeBackend {
                 .annotations()
                 .get(names::ANNOTATION_LAST_CLIENT_MS)
                 .and_then(|v| v.parse().ok()),
-            granted_workers: dc
+            grant: dc
                 .annotations()
                 .get(names::ANNOTATION_GRANTED_WORKERS)
-                .and_then(|v| v.parse().ok()),
+                .and_then(|v| names::parse_grant(v)),
         }
     }
 
@@ -635,9 +635,13 @@ impl ClusterBackend for KubeBackend {
         Ok(Some(Box::new(guard)))
     }
 
-    async fn record_grant(&self, name: &str, workers: u64) -> Result<(), BackendError> {
-        self.patch_annotation(name, names::ANNOTATION_GRANTED_WORKERS, workers.to_string())
-            .await
+    async fn record_grant(&self, name: &str, grant: WorkerGrant) -> Result<(), BackendError> {
+        self.patch_annotation(
+            name,
+            names::ANNOTATION_GRANTED_WORKERS,
+            names::format_grant(grant),
+        )
+        .await
     }
 
     async fn record_client_activity(&self, name: &str, at_ms: i64) -> Result<(), BackendError> {

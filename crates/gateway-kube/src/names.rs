@@ -4,6 +4,7 @@
 //! `DASK_GATEWAY_CLUSTER_NAME`) is `<namespace>.<id>`, like the reference gateway. User names are
 //! arbitrary strings, so they are never used raw in names or label values.
 
+use gateway_backend::WorkerGrant;
 use std::collections::BTreeMap;
 
 /// Label: which gateway installation owns the object (watches select on it).
@@ -20,7 +21,8 @@ pub const ANNOTATION_CREATED_MS: &str = "gateway.dask.org/created-ms";
 /// When a gateway replica last had a client of the cluster connected, ms since the epoch
 /// (shared by the replicas' no-client timeouts).
 pub const ANNOTATION_LAST_CLIENT_MS: &str = "gateway.dask.org/last-client-ms";
-/// Workers a gateway replica granted the cluster under the user's quota lock.
+/// Workers a gateway replica granted the cluster under the user's quota lock, as
+/// `<workers>/<held until, ms since the epoch>` ([`format_grant`]).
 pub const ANNOTATION_GRANTED_WORKERS: &str = "gateway.dask.org/granted-workers";
 /// Standard label: the role of the object.
 pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
@@ -141,6 +143,20 @@ pub fn labels(instance: &str, id: &str, user: &str, component: &str) -> BTreeMap
     ])
 }
 
+/// The value of [`ANNOTATION_GRANTED_WORKERS`] for `grant`.
+pub fn format_grant(grant: WorkerGrant) -> String {
+    format!("{}/{}", grant.workers, grant.held_until_ms)
+}
+
+/// Reads a [`ANNOTATION_GRANTED_WORKERS`] value (a bare worker count is held no longer).
+pub fn parse_grant(value: &str) -> Option<WorkerGrant> {
+    let (workers, held) = value.split_once('/').unwrap_or((value, "0"));
+    Some(WorkerGrant {
+        workers: workers.trim().parse().ok()?,
+        held_until_ms: held.trim().parse().ok()?,
+    })
+}
+
 /// Label selector for everything of one installation.
 pub fn instance_selector(instance: &str) -> String {
     format!("{LABEL_INSTANCE}={instance}")
@@ -186,6 +202,25 @@ mod tests {
         assert_eq!(user_label("alice"), "alice");
         assert_ne!(user_label("a b"), user_label("a-b"));
         assert_ne!(user_label("a@b"), user_label("a#b"));
+    }
+
+    #[test]
+    fn grants_round_trip() {
+        let g = WorkerGrant {
+            workers: 3,
+            held_until_ms: 1_764_100_000_000,
+        };
+        assert_eq!(parse_grant(&format_grant(g)), Some(g));
+        assert_eq!(
+            parse_grant("4"),
+            Some(WorkerGrant {
+                workers: 4,
+                held_until_ms: 0
+            })
+        );
+        for bad in ["", "x", "3/x", "-1/0", "3/"] {
+            assert_eq!(parse_grant(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

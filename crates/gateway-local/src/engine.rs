@@ -16,7 +16,7 @@ use crate::process::{ProcessExit, ProcessId, ProcessRole};
 use crate::store::{ClusterRecord, Store, StoreError, WorkerRecord};
 use gateway_backend::{
     new_api_token, new_cluster_id, BackendError, ClusterBackend, ClusterCredentials, ClusterView,
-    NewCluster, SchedulerAddresses, StopRequest, TlsPair,
+    NewCluster, SchedulerAddresses, StopRequest, TlsPair, WorkerGrant,
 };
 use gateway_model::{ClusterStatus, Heartbeat};
 use std::collections::{HashMap, HashSet};
@@ -129,6 +129,9 @@ struct Cluster {
     tearing_down: bool,
     /// Status updates for `?wait` and DELETE.
     status_tx: watch::Sender<ClusterStatus>,
+    /// The workers the API last granted within the owner's quotas (kept in memory: after a
+    /// restart the target stands for it).
+    grant: Option<WorkerGrant>,
 }
 
 impl Cluster {
@@ -142,6 +145,7 @@ impl Cluster {
             worker_failures: 0,
             tearing_down: false,
             status_tx,
+            grant: None,
         }
     }
 
@@ -206,7 +210,7 @@ impl Cluster {
             stop_time: r.stop_time,
             target_workers: r.target_workers,
             last_client_ms: None,
-            granted_workers: None,
+            grant: self.grant,
         }
     }
 }
@@ -889,6 +893,15 @@ impl ClusterBackend for LocalBackend {
             self.reconcile(c, Instant::now())
         };
         self.apply(fx);
+        Ok(())
+    }
+
+    async fn record_grant(&self, name: &str, grant: WorkerGrant) -> Result<(), BackendError> {
+        let mut clusters = self.lock();
+        let c = clusters
+            .get_mut(name)
+            .ok_or_else(|| BackendError::NotFound(name.into()))?;
+        c.grant = Some(grant);
         Ok(())
     }
 

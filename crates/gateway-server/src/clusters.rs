@@ -6,7 +6,9 @@
 use crate::auth::{token_matches, User};
 use crate::config::ClusterConfig;
 use crate::settings;
-use gateway_backend::{BackendError, ClusterBackend, ClusterView, NewCluster, StopRequest};
+use gateway_backend::{
+    BackendError, ClusterBackend, ClusterView, NewCluster, StopRequest, WorkerGrant,
+};
 use gateway_model::{
     as_count, format_memory, py_repr, validate_options, ClusterModel, ClusterStatus, Heartbeat,
     ScaleResponse, SchedulerMessage,
@@ -131,10 +133,20 @@ pub struct ClusterService {
     /// concurrent creates cannot overshoot `max_clusters_per_user`. Entries nobody holds are
     /// pruned as new users arrive.
     admission: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Workers granted per cluster by this process (scale, adapt, heartbeats), counted with
-    /// the backend's own target so per-user quotas see grants before the scheduler acts.
-    granted: Mutex<HashMap<String, u64>>,
     counters: Counters,
+}
+
+/// Who asks for workers: a user's request (scale, adapt) or the scheduler's heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Asker {
+    Request,
+    Heartbeat,
+}
+
+/// The workers a cluster holds against its owner's quotas: the larger of what its backend
+/// runs for it and what it was granted.
+fn held_workers(view: &ClusterView) -> u64 {
+    view.target_workers.max(view.grant.map_or(0, |g| g.workers))
 }
 
 /// What one user's active clusters hold.
@@ -162,7 +174,6 @@ impl ClusterService {
             client_recorded: Mutex::new(HashMap::new()),
             http,
             admission: Mutex::new(HashMap::new()),
-            granted: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         }
     }
@@ -291,18 +302,14 @@ impl ClusterService {
     }
 
     /// What `owner`'s active clusters (but `except`) hold: each at the larger of its
-    /// backend target and what this process granted it.
+    /// backend target and its grant.
     fn user_usage(&self, owner: &str, except: Option<&str>) -> Usage {
-        let granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
         let mut used = Usage::default();
         for v in self.backend.list(Some(owner)) {
             if !v.status.is_active() || Some(v.name.as_str()) == except {
                 continue;
             }
-            let w = v
-                .target_workers
-                .max(granted.get(&v.name).copied().unwrap_or(0))
-                .max(v.granted_workers.unwrap_or(0));
+            let w = held_workers(&v);
             let r = &v.settings.resources;
             used.workers += w;
             used.cores += r.scheduler_cores + w as f64 * r.worker_cores;
@@ -348,27 +355,32 @@ impl ClusterService {
         room
     }
 
+    /// How long a grant made by a request outlasts heartbeats asking for fewer workers: two
+    /// heartbeat periods and a second, so every heartbeat the scheduler sent before it got the
+    /// request has arrived.
+    fn grant_hold_ms(&self) -> i64 {
+        (2000.0 * self.config.heartbeat_period) as i64 + 1000
+    }
+
     /// Clips a worker count to the owner's quotas (under the owner's admission lock) and
-    /// records the grant; the message names the quota that clipped it.
-    async fn grant_workers(&self, view: &ClusterView, wanted: u64) -> (u64, Option<String>) {
+    /// records the grant; the message names the quota that clipped it. A heartbeat asking for
+    /// fewer workers than a recent request granted lowers the target but not the grant (its
+    /// scheduler may not have seen the request yet, see [`WorkerGrant::held_until_ms`]).
+    async fn grant_workers(
+        &self,
+        view: &ClusterView,
+        wanted: u64,
+        asker: Asker,
+    ) -> (u64, Option<String>) {
         if !has_user_quota(self.policy_named(view.settings.policy.as_deref())) {
             return (wanted, None);
         }
         let lock = self.admission_lock(&view.owner);
         let _held = lock.lock().await;
+        let latest = self.backend.get(&view.name);
+        let held_before = held_workers(latest.as_ref().unwrap_or(view));
         // Growing needs the other replicas' lock too (and their latest grants); shrinking
         // never passes a quota.
-        let held_before = view
-            .target_workers
-            .max(view.granted_workers.unwrap_or(0))
-            .max(
-                self.granted
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&view.name)
-                    .copied()
-                    .unwrap_or(0),
-            );
         let _shared = if wanted > held_before {
             match self.backend.lock_user_quota(&view.owner).await {
                 Ok(lock) => lock,
@@ -398,13 +410,31 @@ impl ClusterService {
             ),
             _ => (wanted, None),
         };
-        self.granted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(view.name.clone(), n);
-        if view.granted_workers != Some(n) {
-            if let Err(e) = self.backend.record_grant(&view.name, n).await {
+        let now = now_ms();
+        let current = view.grant.unwrap_or_default();
+        let grant = match asker {
+            Asker::Request => WorkerGrant {
+                workers: n,
+                held_until_ms: now + self.grant_hold_ms(),
+            },
+            Asker::Heartbeat if n < current.workers && now < current.held_until_ms => current,
+            Asker::Heartbeat => WorkerGrant {
+                workers: n,
+                held_until_ms: current.held_until_ms,
+            },
+        };
+        if view.grant != Some(grant) {
+            if let Err(e) = self.backend.record_grant(&view.name, grant).await {
                 warn!(cluster = %view.name, "recording a grant: {e}");
+                if n > held_before {
+                    return (
+                        held_before,
+                        Some(format!(
+                            "Could not record the workers of {} ({e}). Scaling to {held_before} instead.",
+                            view.name
+                        )),
+                    );
+                }
             }
         }
         (n, msg)
@@ -550,7 +580,7 @@ impl ClusterService {
             .settings
             .limits
             .clip_scale(&view.settings.resources, wanted);
-        let (target, _) = self.grant_workers(&view, target).await;
+        let (target, _) = self.grant_workers(&view, target, Asker::Heartbeat).await;
         self.backend.heartbeat(name, heartbeat, target).await?;
         Ok(())
     }
@@ -585,7 +615,7 @@ impl ClusterService {
         })?;
         let view = self.running(user, name, "scale")?;
         let (n, clipped) = view.settings.limits.clip_scale(&view.settings.resources, n);
-        let (n, quota_clip) = self.grant_workers(&view, n).await;
+        let (n, quota_clip) = self.grant_workers(&view, n, Asker::Request).await;
         let clipped = quota_clip.or(clipped);
         self.forward(&view, &SchedulerMessage::Scale { count: n })
             .await?;
@@ -656,7 +686,8 @@ impl ClusterService {
             }
             _ => (min, max, clipped),
         };
-        self.grant_workers(&view, min.unwrap_or(0)).await;
+        self.grant_workers(&view, min.unwrap_or(0), Asker::Request)
+            .await;
         let msg = SchedulerMessage::Adapt {
             minimum: min,
             maximum: max,

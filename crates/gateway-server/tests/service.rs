@@ -653,3 +653,37 @@ async fn replicas_cannot_pass_a_quota_together() {
         "the replicas granted {most_a} + {most_b} workers against a quota of 3"
     );
 }
+
+#[tokio::test]
+async fn a_heartbeat_sent_before_a_scale_does_not_free_its_workers() {
+    // A heartbeat period of 0.1 s holds a scale's grant for 1.2 s against lower heartbeats.
+    let (svc, b) = service("max_workers_per_user: 3\nheartbeat_period: 0.1");
+    let (api_a, _comm_a) = fake_scheduler_api().await;
+    let (api_c, _comm_c) = fake_scheduler_api().await;
+    let a = running_cluster(&svc, &b, "alice", &api_a).await;
+    let c = running_cluster(&svc, &b, "alice", &api_c).await;
+    let alice = user("alice");
+    let token_a = b.get(&a).unwrap().token.unwrap();
+    let hb = |n: i64| Heartbeat {
+        scheduler_address: "tls://127.0.0.1:1".into(),
+        api_address: api_a.clone(),
+        count: n,
+        ..Default::default()
+    };
+
+    assert!(svc.scale(&alice, &a, &json!(3)).await.unwrap().ok);
+    // a's scheduler heartbeats its old count before it acts on the scale: a's pods follow it,
+    // but its three workers stay granted, so c gets none of them.
+    svc.heartbeat(&a, &token_a, &hb(0)).await.unwrap();
+    assert_eq!(b.target_workers(&a), Some(0));
+    let r = svc.scale(&alice, &c, &json!(3)).await.unwrap();
+    let msg = r.msg.unwrap_or_default();
+    assert!(
+        msg.contains("quota of 3 workers per user") && msg.contains("Scaling to 0"),
+        "{msg}"
+    );
+    // Once the hold is over, a heartbeat that still asks for none frees them.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    svc.heartbeat(&a, &token_a, &hb(0)).await.unwrap();
+    assert!(svc.scale(&alice, &c, &json!(3)).await.unwrap().ok);
+}
