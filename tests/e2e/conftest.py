@@ -719,6 +719,33 @@ class HelmServer(GatewayServer):
     def kill9(self):
         pytest.skip("process control of a gateway pod is not part of the Helm mode")
 
+    GATEWAY_PODS = "app.kubernetes.io/component=gateway"
+
+    def gateway_pods(self):
+        """The uids of this release's gateway pods that are not being deleted."""
+        items = KubeEnv.get().get_json(
+            "pods", "-n", self.namespace,
+            "-l", f"app.kubernetes.io/instance={self.release},{self.GATEWAY_PODS}")["items"]
+        return [p["metadata"]["uid"] for p in items
+                if not p["metadata"].get("deletionTimestamp")]
+
+    def kill_gateway_pods(self, timeout=180):
+        """Deletes the gateway pods with no grace period (their processes get SIGKILL) and
+        waits for the Deployment's replacement to answer through the Service."""
+        old = set(self.gateway_pods())
+        KubeEnv.get().kubectl(
+            "delete", "pod", "-n", self.namespace, "--grace-period=0", "--force", "--wait=false",
+            "-l", f"app.kubernetes.io/instance={self.release},{self.GATEWAY_PODS}")
+
+        def replaced():
+            now = set(self.gateway_pods())
+            return bool(now) and not (now & old)
+
+        wait_for(replaced, timeout, what=f"{self.name}'s gateway pod to be replaced")
+        wait_for(lambda: self.health().status == 200, timeout,
+                 what=f"{self.name}'s new gateway pod to answer")
+        return old
+
     def terminate(self, timeout=30):
         if self.forward is None:
             return
@@ -882,6 +909,7 @@ def pytest_collection_modifyitems(config, items):
     skip_local = pytest.mark.skip(reason="local backend only")
     skip_kube = pytest.mark.skip(reason="Kubernetes backend only (E2E_BACKEND=kubernetes)")
     skip_helm = pytest.mark.skip(reason="controls the gateway process (not in the Helm mode)")
+    skip_helm_only = pytest.mark.skip(reason="Helm mode only (E2E_BACKEND=helm)")
     for item in items:
         if KUBE and item.get_closest_marker("local_only"):
             item.add_marker(skip_local)
@@ -891,11 +919,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_helm)
         if not KUBE and item.get_closest_marker("kube_only"):
             item.add_marker(skip_kube)
+        if not HELM and item.get_closest_marker("helm_only"):
+            item.add_marker(skip_helm_only)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "local_only: runs on the local backend only")
     config.addinivalue_line("markers", "kube_only: runs on the Kubernetes backend only")
+    config.addinivalue_line("markers", "helm_only: runs through a Helm-installed gateway only")
     config.addinivalue_line("markers", "process_control: kills or restarts the gateway process")
     config.addinivalue_line("markers", "not_helm: needs settings the Helm mode does not pass")
     config.addinivalue_line("markers", "smoke: the compatibility smoke set (create, scale, "

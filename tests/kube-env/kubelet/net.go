@@ -117,7 +117,9 @@ func (k *kubelet) setupNetns(ns, hostVeth, ip, hostname, podNamespace string) er
 		return nil
 	}
 	// `ip netns exec` bind-mounts this over /etc/resolv.conf: cluster DNS on the bridge address.
-	resolv := fmt.Sprintf("search %s.svc.cluster.local svc.cluster.local cluster.local\nnameserver %s\noptions ndots:5\n", podNamespace, k.hostIP)
+	// Short timeouts and more attempts: one lost datagram on a loaded machine costs a second
+	// instead of failing the lookup ("Temporary failure in name resolution").
+	resolv := fmt.Sprintf("search %s.svc.cluster.local svc.cluster.local cluster.local\nnameserver %s\noptions ndots:5 timeout:1 attempts:5\n", podNamespace, k.hostIP)
 	return os.WriteFile(filepath.Join(etc, "resolv.conf"), []byte(resolv), 0o644)
 }
 

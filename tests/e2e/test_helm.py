@@ -1,0 +1,61 @@
+"""A Helm-installed gateway whose pod is killed outright (deleted with no grace period, so its
+process gets SIGKILL): the Deployment's next pod takes over the clusters without touching their
+pods, and a user's open Client reconnects through it and keeps working.
+"""
+
+import pytest
+
+from conftest import connect, new_cluster, wait_for, wait_workers
+
+pytestmark = pytest.mark.helm_only
+
+USER = "podkill-user"
+
+
+def scheduler_pods(server, name):
+    return {p["metadata"]["uid"] for p in server.kube_objects("pods", name)
+            if p["metadata"]["labels"]["app.kubernetes.io/component"] == "dask-scheduler"}
+
+
+def test_clusters_and_clients_survive_a_killed_gateway_pod(module_servers):
+    srv = module_servers("podkill", cluster={"heartbeat_period": 2})
+    gw = srv.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    try:
+        c.scale(1)
+        client = c.get_client(set_as_default=False)
+        wait_workers(client, 1, timeout=120)
+        assert client.submit(lambda x: x + 1, 1, pure=False).result(timeout=60) == 2
+        schedulers = scheduler_pods(srv, name)
+        assert len(schedulers) == 1, schedulers
+
+        old = srv.kill_gateway_pods()
+        assert old and not old & set(srv.gateway_pods())
+
+        # The new pod adopts the cluster as it was: same scheduler pod, still RUNNING.
+        gw2 = srv.gateway(USER)
+        wait_for(lambda: {x.name: x.status.name for x in gw2.list_clusters()}
+                 == {name: "RUNNING"}, 60, what="the cluster listed RUNNING by the new pod")
+        assert scheduler_pods(srv, name) == schedulers
+
+        # The open client reconnects through the new pod's proxy.
+        def computes():
+            try:
+                return client.submit(lambda x: x + 2, 1, pure=False).result(timeout=10) == 3
+            except Exception:
+                return False
+
+        wait_for(computes, 120, interval=1, what="the open client to compute again")
+        client.close()
+
+        # A new connection by name works, and scaling through the new pod reaches the scheduler.
+        c2 = connect(gw2, name)
+        c2.scale(2)
+        with c2.get_client(set_as_default=False) as client2:
+            wait_workers(client2, 2, timeout=120)
+            assert client2.submit(lambda x: x * 3, 7, pure=False).result(timeout=60) == 21
+        c2.close()
+    finally:
+        c.close()
+        srv.gateway(USER).stop_cluster(name)
