@@ -829,6 +829,18 @@ def new_cluster(gateway: Gateway, timeout=120, **options):
         ) from None
 
 
+def wait_computes(client, timeout=90, what="the client to compute"):
+    """Wait until `client` runs a task again (it may be reconnecting after a gateway restart)."""
+
+    def computes():
+        try:
+            return client.submit(lambda x: x + 2, 1, pure=False).result(timeout=10) == 3
+        except Exception:  # noqa: BLE001 - still reconnecting
+            return False
+
+    wait_for(computes, timeout, interval=1, what=what)
+
+
 def connect(gateway: Gateway, name, timeout=90, **kwargs):
     fut = _pool.submit(gateway.connect, name, **kwargs)
     try:

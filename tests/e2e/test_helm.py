@@ -5,7 +5,7 @@ pods, and a user's open Client reconnects through it and keeps working.
 
 import pytest
 
-from conftest import connect, new_cluster, wait_for, wait_workers
+from conftest import connect, new_cluster, wait_computes, wait_for, wait_workers
 
 pytestmark = pytest.mark.helm_only
 
@@ -40,13 +40,7 @@ def test_clusters_and_clients_survive_a_killed_gateway_pod(module_servers):
         assert scheduler_pods(srv, name) == schedulers
 
         # The open client reconnects through the new pod's proxy.
-        def computes():
-            try:
-                return client.submit(lambda x: x + 2, 1, pure=False).result(timeout=10) == 3
-            except Exception:
-                return False
-
-        wait_for(computes, 120, interval=1, what="the open client to compute again")
+        wait_computes(client, 120, what="the open client to compute through the new pod")
         client.close()
 
         # A new connection by name works, and scaling through the new pod reaches the scheduler.

@@ -9,7 +9,8 @@ import signal
 import psutil
 import pytest
 
-from conftest import connect, new_cluster, wait_for, wait_status, wait_workers
+from conftest import (connect, new_cluster, wait_computes, wait_for, wait_status,
+                      wait_workers)
 
 pytestmark = pytest.mark.process_control
 
@@ -206,14 +207,7 @@ def test_connected_client_survives_gateway_kill9(server):
 
         server.kill9()
         server.start()
-
-        def computes():
-            try:
-                return client.submit(lambda x: x + 2, 1, pure=False).result(timeout=10) == 3
-            except Exception:
-                return False
-
-        wait_for(computes, 90, interval=1, what="the open client to compute after the restart")
+        wait_computes(client, 90, what="the open client to compute after the restart")
         client.close()
     finally:
         c.close()
