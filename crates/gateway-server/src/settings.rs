@@ -1,107 +1,10 @@
 //! Turning validated user options into one cluster's resolved settings.
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, ConfigError, GatewayConfig};
+use crate::option_target::OptionTarget;
 use gateway_backend::ClusterSettings;
 use gateway_model::{parse_memory, OptionField};
 use serde_json::{Map, Value};
-use std::fmt;
-use std::str::FromStr;
-
-/// The cluster settings an option may set (its `target`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OptionTarget {
-    /// Cores per worker (requests; also the default thread count).
-    WorkerCores,
-    /// Memory per worker (numbers are GiB; strings such as `2G`).
-    WorkerMemory,
-    /// Threads per worker.
-    WorkerThreads,
-    /// CPU limit per worker container.
-    WorkerCoresLimit,
-    /// Memory limit per worker container.
-    WorkerMemoryLimit,
-    /// Scheduler cores.
-    SchedulerCores,
-    /// Scheduler memory.
-    SchedulerMemory,
-    /// CPU limit of the scheduler container.
-    SchedulerCoresLimit,
-    /// Memory limit of the scheduler container.
-    SchedulerMemoryLimit,
-    /// Idle timeout in seconds.
-    IdleTimeout,
-    /// Extra environment variables (a mapping).
-    Environment,
-    /// Container image (Kubernetes).
-    Image,
-    /// Backend profile name (Kubernetes pod template overrides).
-    Profile,
-    /// Python environment (venv or conda prefix) of scheduler and workers (local backend);
-    /// only from a `select` option, so users choose among the operator's environments.
-    PythonEnv,
-}
-
-impl OptionTarget {
-    /// Every target, in documentation order.
-    pub const ALL: [OptionTarget; 14] = [
-        OptionTarget::WorkerCores,
-        OptionTarget::WorkerMemory,
-        OptionTarget::WorkerThreads,
-        OptionTarget::WorkerCoresLimit,
-        OptionTarget::WorkerMemoryLimit,
-        OptionTarget::SchedulerCores,
-        OptionTarget::SchedulerMemory,
-        OptionTarget::SchedulerCoresLimit,
-        OptionTarget::SchedulerMemoryLimit,
-        OptionTarget::IdleTimeout,
-        OptionTarget::Environment,
-        OptionTarget::Image,
-        OptionTarget::Profile,
-        OptionTarget::PythonEnv,
-    ];
-
-    /// The name used in the configuration.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OptionTarget::WorkerCores => "worker_cores",
-            OptionTarget::WorkerMemory => "worker_memory",
-            OptionTarget::WorkerThreads => "worker_threads",
-            OptionTarget::WorkerCoresLimit => "worker_cores_limit",
-            OptionTarget::WorkerMemoryLimit => "worker_memory_limit",
-            OptionTarget::SchedulerCores => "scheduler_cores",
-            OptionTarget::SchedulerMemory => "scheduler_memory",
-            OptionTarget::SchedulerCoresLimit => "scheduler_cores_limit",
-            OptionTarget::SchedulerMemoryLimit => "scheduler_memory_limit",
-            OptionTarget::IdleTimeout => "idle_timeout",
-            OptionTarget::Environment => "environment",
-            OptionTarget::Image => "image",
-            OptionTarget::Profile => "profile",
-            OptionTarget::PythonEnv => "python_env",
-        }
-    }
-
-    /// All names, comma separated (for error messages).
-    pub fn names() -> String {
-        Self::ALL.map(OptionTarget::as_str).join(", ")
-    }
-}
-
-impl FromStr for OptionTarget {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| format!("unknown target {s:?}; known targets: {}", Self::names()))
-    }
-}
-
-impl fmt::Display for OptionTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 fn number(field: &str, v: &Value) -> Result<f64, String> {
     v.as_f64()
@@ -124,6 +27,22 @@ fn memory(field: &str, v: &Value) -> Result<u64, String> {
             "{field} must be a number of GiB or a size such as '2G'"
         )),
     }
+}
+
+/// Checks a whole configuration at start-up: [`GatewayConfig::validate`], then
+/// [`check_targets`] for the `cluster` section and every group policy.
+pub fn check_config(config: &GatewayConfig) -> Result<(), ConfigError> {
+    config.validate()?;
+    let sections = std::iter::once(("cluster".to_string(), config.cluster.clone())).chain(
+        config
+            .group_clusters()?
+            .into_iter()
+            .map(|(group, c)| (format!("groups[{group}].cluster"), c)),
+    );
+    for (section, c) in sections {
+        check_targets(&c).map_err(|e| ConfigError::Invalid(format!("{section}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Checks at start-up that every value an option can give its target is usable: each
@@ -387,5 +306,20 @@ options:
             .parse::<OptionTarget>()
             .unwrap_err()
             .contains("worker_cores"));
+    }
+
+    #[test]
+    fn start_up_checks_every_choice_of_every_section() {
+        let check = |yaml: &str| {
+            let c: GatewayConfig = serde_yaml::from_str(yaml).unwrap();
+            c.validate().unwrap();
+            check_config(&c).map_err(|e| e.to_string())
+        };
+        let select = "{options: [{field: m, type: select, default: a, options: [a, {key: b, value: lots}], target: worker_memory}]}";
+        let e = check(&format!("cluster: {select}")).unwrap_err();
+        assert!(e.contains("cluster: option m choice b"), "{e}");
+        let e = check(&format!("groups: [{{group: big, cluster: {select}}}]")).unwrap_err();
+        assert!(e.contains("groups[big].cluster: option m choice b"), "{e}");
+        check("groups: [{group: big, cluster: {worker_cores: 2}}]").unwrap();
     }
 }
