@@ -22,15 +22,24 @@ BRIDGE="${KUBE_ENV_BRIDGE:-dgrs0}"
 POD_CIDR="${KUBE_ENV_POD_CIDR:-10.244.0.0/24}"
 BRIDGE_IP="${KUBE_ENV_BRIDGE_IP:-10.244.0.1}"
 POD_PREFIXLEN="${POD_CIDR#*/}"
-NETNS_PREFIX="${KUBE_ENV_NETNS_PREFIX:-dgrs-pod-}"
 SERVICE_CIDR="${KUBE_ENV_SERVICE_CIDR:-10.96.0.0/16}"
 NODE_NAME="${KUBE_ENV_NODE_NAME:-dgrs-node}"
-# PATH that resolves pod commands (e.g. a venv with dask first).
-POD_PATH="${KUBE_ENV_POD_PATH:-/usr/local/bin:/usr/bin:/bin}"
 
-COMPONENTS="etcd kube-apiserver kube-controller-manager kube-scheduler process-kubelet"
+RUNTIME_DIR="$CACHE_DIR/runtime"
+CONTAINERD_DIR="$RUN_DIR/containerd"
+CONTAINERD_SOCK="$CONTAINERD_DIR/containerd.sock"
+KUBELET_ROOT="$RUN_DIR/kubelet-root"
+CNI_DIR="$RUN_DIR/cni"
+RUNC="${KUBE_ENV_RUNC:-/usr/sbin/runc}"
+# Image of every pod sandbox (built and imported by up; never pulled).
+PAUSE_IMAGE="dgrs.local/kube-env/pause:1"
+# Cluster DNS: CoreDNS on the host, on the bridge address.
+CLUSTER_DNS="$BRIDGE_IP"
+
+COMPONENTS="etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy coredns"
 
 kubectl_() { "$BIN_DIR/kubectl" --kubeconfig "$ADMIN_KUBECONFIG" "$@"; }
+ctr_() { "$RUNTIME_DIR/bin/ctr" --address "$CONTAINERD_SOCK" --namespace k8s.io "$@"; }
 
 # pid_alive NAME: the recorded process of NAME runs and is still the binary we started.
 pid_alive() {

@@ -58,6 +58,9 @@ make_pki() {
   cert kubelet "system:node:$NODE_NAME" system:nodes
   cert kubelet-serving "system:node:$NODE_NAME" system:nodes "IP:$BRIDGE_IP,DNS:$NODE_NAME"
   cert apiserver-kubelet-client kube-apiserver-kubelet-client
+  # kube-proxy has the built-in system:node-proxier binding; CoreDNS gets a ClusterRole from up.
+  cert kube-proxy system:kube-proxy
+  cert coredns dgrs:coredns
   if [ ! -f "$PKI/sa.key" ]; then
     openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
     openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
@@ -66,4 +69,6 @@ make_pki() {
   kubeconfig "$RUN_DIR/controller-manager.kubeconfig" system:kube-controller-manager controller-manager
   kubeconfig "$RUN_DIR/scheduler.kubeconfig" system:kube-scheduler scheduler
   kubeconfig "$RUN_DIR/kubelet.kubeconfig" "system:node:$NODE_NAME" kubelet
+  kubeconfig "$RUN_DIR/kube-proxy.kubeconfig" system:kube-proxy kube-proxy
+  kubeconfig "$RUN_DIR/coredns.kubeconfig" dgrs:coredns coredns
 }
