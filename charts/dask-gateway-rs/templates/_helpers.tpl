@@ -123,6 +123,8 @@ app.kubernetes.io/component: {{ .component }}
   "worker" (include "dgrs.podTemplate" $c.worker.template | fromJson)
   "profiles" $c.profiles
   "termination_grace_period_seconds" $c.terminationGracePeriodSeconds
+  "pod_security_context" $c.podSecurityContext
+  "security_context" $c.securityContext
   "controller" .Values.controller.embedded
   "api_qps" .Values.controller.apiQps
   "api_burst" .Values.controller.apiBurst

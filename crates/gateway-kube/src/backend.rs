@@ -429,6 +429,10 @@ impl KubeBackend {
                 start_timeout: self.runtime.start_timeout,
                 worker_failure_limit: self.runtime.worker_failure_limit.max(1),
                 termination_grace_period_seconds: self.config.termination_grace_period_seconds,
+                pod_security_context: Some(self.config.pod_security_context.clone())
+                    .filter(|v| !v.is_null()),
+                security_context: Some(self.config.security_context.clone())
+                    .filter(|v| !v.is_null()),
             },
             replicas: 0,
             active: true,

@@ -179,14 +179,18 @@ fn pod(
         "automountServiceAccountToken": runtime.service_account_name.is_some(),
         "enableServiceLinks": false,
         "terminationGracePeriodSeconds": runtime.termination_grace_period_seconds,
-        "volumes": [{
-            "name": "dask-credentials",
-            "secret": {
-                "secretName": names::secret_name(&id),
-                "defaultMode": 0o440,
-                "items": credential_items.iter().map(|k| json!({"key": k, "path": k})).collect::<Vec<_>>(),
+        "securityContext": pod_security_context(runtime.pod_security_context.as_ref()),
+        "volumes": [
+            {
+                "name": "dask-credentials",
+                "secret": {
+                    "secretName": names::secret_name(&id),
+                    "defaultMode": 0o440,
+                    "items": credential_items.iter().map(|k| json!({"key": k, "path": k})).collect::<Vec<_>>(),
+                },
             },
-        }],
+            {"name": SCRATCH_VOLUME, "emptyDir": {}},
+        ],
     });
     if let Some(sa) = &runtime.service_account_name {
         spec["serviceAccountName"] = json!(sa);
@@ -207,9 +211,15 @@ fn pod(
     if let Some(a) = &template.affinity {
         spec["affinity"] = a.clone();
     }
+    if let Some(volumes) = spec["volumes"].as_array_mut() {
+        volumes.extend(template.volumes.iter().cloned());
+    }
     let mut container = container;
     if let Some(env) = container["env"].as_array_mut() {
         env.extend(template.env.iter().cloned());
+    }
+    if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+        mounts.extend(template.volume_mounts.iter().cloned());
     }
     deep_merge(
         &mut container,
@@ -226,8 +236,34 @@ fn pod(
     serde_json::from_value(value).map_err(|source| BuildError::InvalidTemplate { role, source })
 }
 
-fn credentials_mount() -> Value {
-    json!([{"name": "dask-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true}])
+/// The worker's HTTP port: dashboard, `/health` (its readiness probe) and `/metrics`.
+const WORKER_DASHBOARD_PORT: u16 = 8789;
+
+/// The pod-wide writable scratch directory (`/tmp`): Dask's temporary and spill directory, and
+/// the only writable place when the root filesystem is read-only.
+const SCRATCH_VOLUME: &str = "dask-tmp";
+
+fn volume_mounts() -> Value {
+    json!([
+        {"name": "dask-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true},
+        {"name": SCRATCH_VOLUME, "mountPath": "/tmp"},
+    ])
+}
+
+/// The pod's `securityContext`: the configured one, with an `fsGroup` added when it has none
+/// (its `runAsGroup`, else 1000). The credentials files are mode 0440 and owned by the
+/// `fsGroup`, which every container process holds as a supplementary group, so a non-root
+/// container user can read them whatever its own uid and gid.
+fn pod_security_context(configured: Option<&Value>) -> Value {
+    let mut context = match configured {
+        Some(Value::Object(m)) => m.clone(),
+        _ => Map::new(),
+    };
+    if !context.contains_key("fsGroup") {
+        let group = context.get("runAsGroup").cloned().unwrap_or(json!(1000));
+        context.insert("fsGroup".into(), group);
+    }
+    Value::Object(context)
 }
 
 fn base_container(dc: &DaskCluster, name: &str) -> Map<String, Value> {
@@ -238,11 +274,12 @@ fn base_container(dc: &DaskCluster, name: &str) -> Map<String, Value> {
     if let Some(p) = &runtime.image_pull_policy {
         c.insert("imagePullPolicy".into(), json!(p));
     }
-    c.insert(
-        "securityContext".into(),
-        json!({"allowPrivilegeEscalation": false}),
-    );
-    c.insert("volumeMounts".into(), credentials_mount());
+    let security = match &runtime.security_context {
+        Some(v) => v.clone(),
+        None => json!({"allowPrivilegeEscalation": false}),
+    };
+    c.insert("securityContext".into(), security);
+    c.insert("volumeMounts".into(), volume_mounts());
     c
 }
 
@@ -263,7 +300,7 @@ pub fn scheduler_pod(dc: &DaskCluster) -> Result<Pod, BuildError> {
     ]);
     let mut c = base_container(dc, "dask-scheduler");
     c.insert(
-        "command".into(),
+        "args".into(),
         json!([
             "dask",
             "scheduler",
@@ -363,6 +400,11 @@ pub fn service(dc: &DaskCluster) -> Result<Service, BuildError> {
 
 /// One worker pod named `pod_name` (also its Dask `--name`), connecting to the scheduler at
 /// `scheduler_address`. Workers get the TLS pair but not the cluster's API token.
+///
+/// The worker runs without a nanny: Kubernetes supervises it. A worker killed by the kernel for
+/// exceeding its memory limit then ends its container (`OOMKilled`), which the controller sees,
+/// records and replaces (with a nanny the nanny would restart it unseen); `Client.restart()`
+/// closes the workers and the controller starts new pods for them.
 pub fn worker_pod(
     dc: &DaskCluster,
     pod_name: &str,
@@ -373,15 +415,16 @@ pub fn worker_pod(
     env.push(env_var("DASK_GATEWAY_WORKER_NAME", pod_name));
     let mut c = base_container(dc, "dask-worker");
     c.insert(
-        "command".into(),
+        "args".into(),
         json!([
             "dask",
             "worker",
             scheduler_address,
             "--dashboard-address",
-            ":8789",
+            format!(":{WORKER_DASHBOARD_PORT}"),
             "--name",
             pod_name,
+            "--no-nanny",
             "--nthreads",
             s.worker_threads.max(1).to_string(),
             "--memory-limit",
@@ -389,6 +432,21 @@ pub fn worker_pod(
         ]),
     );
     c.insert("env".into(), json!(env));
+    c.insert(
+        "ports".into(),
+        json!([{"name": "dashboard", "containerPort": WORKER_DASHBOARD_PORT}]),
+    );
+    // Ready once the worker process serves: a worker that dies after that died at work, not at
+    // start (the controller tells the two apart).
+    c.insert(
+        "readinessProbe".into(),
+        json!({
+            "httpGet": {"path": "/health", "port": WORKER_DASHBOARD_PORT},
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+            "timeoutSeconds": 2,
+        }),
+    );
     c.insert(
         "resources".into(),
         resources(
@@ -438,6 +496,8 @@ pub(crate) mod tests {
                     start_timeout: 60.0,
                     worker_failure_limit: 3,
                     termination_grace_period_seconds: 10,
+                    pod_security_context: Some(crate::config::default_pod_security_context()),
+                    security_context: Some(crate::config::default_security_context()),
                 },
                 replicas: 0,
                 active: true,
@@ -470,7 +530,7 @@ pub(crate) mod tests {
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
         assert_eq!(spec.automount_service_account_token, Some(false));
         let c = &spec.containers[0];
-        let cmd = c.command.as_ref().unwrap().join(" ");
+        let cmd = c.args.as_ref().unwrap().join(" ");
         assert!(cmd.starts_with("dask scheduler --protocol tls"), "{cmd}");
         assert!(cmd.contains("--preload dask_gateway.scheduler_preload"));
         let env: BTreeMap<String, String> = c
@@ -497,12 +557,66 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn pods_run_as_a_non_root_user_that_can_read_the_credentials() {
+        let dc = cluster("abc");
+        for pod in [
+            scheduler_pod(&dc).unwrap(),
+            worker_pod(&dc, "dask-worker-abc-x", "tls://10.1.2.3:8786").unwrap(),
+        ] {
+            let spec = pod.spec.unwrap();
+            let psc = spec.security_context.unwrap();
+            assert_eq!(psc.run_as_non_root, Some(true));
+            assert_eq!((psc.run_as_user, psc.fs_group), (Some(1000), Some(1000)));
+            let volumes = spec.volumes.unwrap();
+            let creds = volumes[0].secret.as_ref().unwrap();
+            assert_eq!(creds.default_mode, Some(0o440), "owner and fsGroup only");
+            assert!(volumes[1].empty_dir.is_some());
+            let c = &spec.containers[0];
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+            assert_eq!(sc.allow_privilege_escalation, Some(false));
+            let mounts: Vec<_> = c
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|m| (m.mount_path.as_str(), m.read_only.unwrap_or(false)))
+                .collect();
+            assert_eq!(mounts, [("/etc/dask-credentials", true), ("/tmp", false)]);
+            assert!(c.command.is_none(), "the image's entrypoint stays PID 1");
+        }
+    }
+
+    #[test]
+    fn a_security_context_without_fs_group_gets_one() {
+        let mut dc = cluster("abc");
+        dc.spec.runtime.pod_security_context = Some(json!({"runAsUser": 1234, "runAsGroup": 99}));
+        let psc = scheduler_pod(&dc)
+            .unwrap()
+            .spec
+            .unwrap()
+            .security_context
+            .unwrap();
+        assert_eq!((psc.run_as_user, psc.fs_group), (Some(1234), Some(99)));
+        dc.spec.runtime.pod_security_context = None;
+        let psc = scheduler_pod(&dc)
+            .unwrap()
+            .spec
+            .unwrap()
+            .security_context
+            .unwrap();
+        assert_eq!((psc.run_as_user, psc.fs_group), (None, Some(1000)));
+    }
+
+    #[test]
     fn workers_get_tls_but_not_the_token_and_templates_apply() {
         let mut dc = cluster("abc");
         dc.spec.worker = serde_json::from_value(json!({
             "nodeSelector": {"pool": "dask"},
             "resources": {"limits": {"nvidia.com/gpu": 1}},
             "env": [{"name": "EXTRA", "value": "1"}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "shared"}}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
             "extraPodConfig": {"priorityClassName": "batch"},
             "extraContainerConfig": {"workingDir": "/work"}
         }))
@@ -517,7 +631,7 @@ pub(crate) mod tests {
         assert_eq!(spec.node_selector.unwrap()["pool"], "dask");
         let c = &spec.containers[0];
         assert_eq!(c.working_dir.as_deref(), Some("/work"));
-        let cmd = c.command.as_ref().unwrap().join(" ");
+        let cmd = c.args.as_ref().unwrap().join(" ");
         assert!(cmd.contains("tls://10.1.2.3:8786"));
         assert!(cmd.contains("--name dask-worker-abc-xyz"));
         let names: Vec<&str> = c
@@ -529,14 +643,20 @@ pub(crate) mod tests {
             .collect();
         assert!(names.contains(&"EXTRA") && names.contains(&"FROM_USER"));
         assert!(!names.contains(&"DASK_GATEWAY_API_TOKEN"));
-        let items = spec.volumes.unwrap()[0]
-            .secret
+        let volumes = spec.volumes.unwrap();
+        let items = volumes[0].secret.as_ref().unwrap().items.clone().unwrap();
+        assert!(items.iter().all(|i| i.key != "api-token"));
+        // Template volumes come after the gateway's own, which they never replace.
+        let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["dask-credentials", "dask-tmp", "data"]);
+        let mounts: Vec<&str> = c
+            .volume_mounts
             .as_ref()
             .unwrap()
-            .items
-            .clone()
-            .unwrap();
-        assert!(items.iter().all(|i| i.key != "api-token"));
+            .iter()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(mounts, ["/etc/dask-credentials", "/tmp", "/data"]);
         let limits = c.resources.as_ref().unwrap().limits.clone().unwrap();
         assert_eq!(limits["nvidia.com/gpu"].0, "1");
     }

@@ -2,6 +2,7 @@
 
 use crate::crd::PodTemplate;
 use serde::Deserialize;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 /// Settings of the Kubernetes backend and its controller.
@@ -30,6 +31,13 @@ pub struct KubeConfig {
     pub profiles: BTreeMap<String, Profile>,
     /// Grace period of deleted Dask pods, in seconds.
     pub termination_grace_period_seconds: i64,
+    /// `securityContext` of Dask pods (Kubernetes field names). Default: non-root as uid and
+    /// gid 1000 (the Dask image's user), `fsGroup` 1000, seccomp `RuntimeDefault`. `{}` sets
+    /// none; an `fsGroup` is always added so the credentials volume stays readable.
+    pub pod_security_context: Value,
+    /// `securityContext` of Dask containers. Default: read-only root filesystem (pods get a
+    /// writable emptyDir at `/tmp`), no privilege escalation, every capability dropped.
+    pub security_context: Value,
     /// Run the controller inside the gateway process (otherwise run `gateway-server controller`).
     pub controller: bool,
     /// Elect one controller among replicas with a Lease (always on in production; tests may
@@ -60,12 +68,32 @@ pub struct Profile {
     pub worker: PodTemplate,
 }
 
+/// The default `securityContext` of Dask pods.
+pub fn default_pod_security_context() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+/// The default `securityContext` of Dask containers.
+pub fn default_security_context() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+    })
+}
+
 impl Default for KubeConfig {
     fn default() -> Self {
         KubeConfig {
             namespace: None,
             instance: "dask-gateway".into(),
-            image: "ghcr.io/dask/dask-gateway:2026.3.0".into(),
+            image: "ghcr.io/dask-gateway-rs/dask:2026.8.0".into(),
             image_pull_policy: None,
             image_pull_secrets: Vec::new(),
             service_account: None,
@@ -73,6 +101,8 @@ impl Default for KubeConfig {
             worker: PodTemplate::default(),
             profiles: BTreeMap::new(),
             termination_grace_period_seconds: 10,
+            pod_security_context: default_pod_security_context(),
+            security_context: default_security_context(),
             controller: true,
             leader_election: true,
             api_qps: 50.0,
@@ -132,8 +162,33 @@ impl KubeConfig {
         if !(self.completed_cluster_max_age.is_finite() && self.completed_cluster_max_age >= 0.0) {
             return Err("kubernetes.completed_cluster_max_age must not be negative".into());
         }
+        for (key, value, check) in [
+            (
+                "pod_security_context",
+                &self.pod_security_context,
+                check_as::<k8s_openapi::api::core::v1::PodSecurityContext> as fn(&Value) -> _,
+            ),
+            (
+                "security_context",
+                &self.security_context,
+                check_as::<k8s_openapi::api::core::v1::SecurityContext>,
+            ),
+        ] {
+            check(value)
+                .map_err(|e| format!("kubernetes.{key} is not a valid securityContext: {e}"))?;
+        }
         Ok(())
     }
+}
+
+/// Whether `value` (an object, or null for none) parses as the Kubernetes type `T`.
+fn check_as<T: serde::de::DeserializeOwned>(value: &Value) -> Result<(), String> {
+    if !(value.is_object() || value.is_null()) {
+        return Err("expected a mapping".into());
+    }
+    serde_json::from_value::<T>(value.clone())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -8,7 +8,10 @@
 //!   lines, image pull errors, the scheduler's "Unschedulable" message...).
 //! * **Running**: keep `spec.replicas` worker pods. Finished workers (the scheduler retires
 //!   surplus workers itself; they exit 0) and workers named in `spec.retiredWorkers` are deleted;
-//!   failed workers are deleted and replaced until `workerFailureLimit` fail in a row; surplus
+//!   failed workers are deleted and replaced, and the last failure is recorded with its reason
+//!   (`OOMKilled` names the memory limit, other ends quote the last log lines); workers that
+//!   fail before they joined the scheduler (never ready, and no "Registered to:" in their log)
+//!   are start failures, and `workerFailureLimit` of them in a row fail the cluster; surplus
 //!   workers that are not running yet are deleted. At most `worker_batch` pods are created per
 //!   pass, concurrently, so a huge scale-up proceeds in slices and other clusters get their turn.
 //! * **Stopping** (`spec.active: false`, or a failure): delete every child, then `Stopped` or
@@ -21,7 +24,9 @@
 //! simply run again.
 
 use crate::build::{self, BuildError};
-use crate::crd::{Condition, DaskCluster, DaskClusterStatus, Phase, StatusAddresses};
+use crate::crd::{
+    Condition, DaskCluster, DaskClusterStatus, Phase, StatusAddresses, WorkerFailure,
+};
 use crate::limiter::RateLimiter;
 use crate::names::{self, API_PORT, DASHBOARD_PORT, SCHEDULER_PORT};
 use futures_util::future::join_all;
@@ -41,10 +46,16 @@ use tracing::{debug, info, warn};
 const STOP_WAIT: Duration = Duration::from_secs(30);
 /// How long our own creations and deletions are remembered while the cache catches up.
 const EXPECTATION_TTL: Duration = Duration::from_secs(60);
-/// A worker running this long proves the workers can run: the failure count resets.
+/// A worker running this long proves the workers can run: the failure count resets, and its
+/// failure later is not a start failure.
 const WORKER_PROVEN_AFTER: Duration = Duration::from_secs(20);
-/// Log lines of a failed scheduler quoted in the cluster's reason.
+/// Log lines of a failed scheduler or worker quoted in the cluster's status.
 const LOG_LINES: i64 = 12;
+/// Log lines read from a failed worker to tell whether it had joined the scheduler: enough to
+/// reach the start-up banner of a worker that died soon after it.
+const WORKER_LOG_LINES: i64 = 80;
+/// What a Dask worker logs once the scheduler accepted it.
+const WORKER_REGISTERED: &str = "Registered to:";
 /// Status changes that only update counts (workers, ready workers, conditions) are written at
 /// most this often per cluster: a 100-worker scale-up then costs a handful of status writes,
 /// not one per pod event.
@@ -181,6 +192,92 @@ fn running_for(pod: &Pod) -> Option<Duration> {
         .duration_since(started.0)
         .try_into()
         .ok()
+}
+
+/// Whether a pod that ended had become ready first (a worker's readiness probe passes once its
+/// process serves): its Ready condition changed after the container started. A pod that never
+/// became ready keeps the condition it got before its container ran.
+fn was_ready(pod: &Pod) -> bool {
+    let Some(status) = pod.status.as_ref() else {
+        return false;
+    };
+    let changed = status
+        .conditions
+        .as_ref()
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_transition_time.as_ref());
+    let started = status
+        .container_statuses
+        .as_ref()
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref())
+        .and_then(|t| t.started_at.as_ref());
+    matches!((changed, started), (Some(c), Some(s)) if c.0 > s.0)
+}
+
+/// How long the pod's (first) container ran before it ended.
+fn ran_for(pod: &Pod) -> Option<Duration> {
+    let state = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?;
+    let t = state.terminated.as_ref()?;
+    let (started, finished) = (t.started_at.as_ref()?, t.finished_at.as_ref()?);
+    finished.0.duration_since(started.0).try_into().ok()
+}
+
+/// What became of a failed worker pod, from its container's termination.
+fn worker_failure(pod: &Pod) -> WorkerFailure {
+    let name = pod.name_any();
+    let (exit_code, reason, message) =
+        termination(pod).unwrap_or((-1, String::new(), String::new()));
+    let state = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref());
+    let time = state
+        .and_then(|t| t.finished_at.as_ref())
+        .map(|t| t.0.to_string());
+    let text = if reason == "OOMKilled" {
+        let limit = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.resources.as_ref())
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("memory"))
+            .map(|q| {
+                let limit = gateway_model::parse_memory(&q.0)
+                    .map(gateway_model::format_memory)
+                    .unwrap_or_else(|_| q.0.clone());
+                format!(" of {limit}")
+            })
+            .unwrap_or_default();
+        format!("worker pod {name} was killed for exceeding its memory limit{limit} (OOMKilled)")
+    } else {
+        let reason = if reason.is_empty() { "ended" } else { &reason };
+        let detail = if message.is_empty() {
+            String::new()
+        } else {
+            format!(": {message}")
+        };
+        format!("worker pod {name} failed ({reason}, exit code {exit_code}){detail}")
+    };
+    WorkerFailure {
+        pod: name,
+        reason,
+        exit_code,
+        message: text,
+        time,
+    }
 }
 
 /// The pod's container ended: `(exit code, reason, message)`.
@@ -414,12 +511,12 @@ async fn delete_pod(ctx: &Context, ns: &str, id: &str, name: &str) -> Result<(),
 }
 
 /// The last lines of a pod's log, for failure reasons (empty if unavailable).
-async fn last_log_lines(ctx: &Context, ns: &str, pod: &str, container: &str) -> String {
+async fn last_log_lines(ctx: &Context, ns: &str, pod: &str, container: &str, lines: i64) -> String {
     ctx.limiter.acquire().await;
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let lp = LogParams {
         container: Some(container.into()),
-        tail_lines: Some(LOG_LINES),
+        tail_lines: Some(lines),
         ..LogParams::default()
     };
     match api.logs(pod, &lp).await {
@@ -617,7 +714,8 @@ async fn bring_up(
         matches!(pod_phase(&scheduler), "Failed" | "Succeeded")
             .then(|| (-1, String::new(), String::new()))
     }) {
-        let logs = last_log_lines(ctx, ns, &scheduler.name_any(), "dask-scheduler").await;
+        let logs =
+            last_log_lines(ctx, ns, &scheduler.name_any(), "dask-scheduler", LOG_LINES).await;
         let mut why = format!("the scheduler exited (exit code {code}");
         if !reason.is_empty() {
             why.push_str(&format!(", {reason}"));
@@ -729,12 +827,30 @@ async fn reconcile_workers(
             }
             delete_pod(ctx, ns, id, &name).await?;
         } else if phase == "Failed" {
-            let (code, reason, _) = termination(pod).unwrap_or((-1, String::new(), String::new()));
-            next.worker_failures += 1;
-            last_failure = Some(format!(
-                "worker pod {name} failed (exit code {code}{}{reason})",
-                if reason.is_empty() { "" } else { ", " }
-            ));
+            let mut failure = worker_failure(pod);
+            let mut proven =
+                was_ready(pod) || ran_for(pod).is_some_and(|d| d >= WORKER_PROVEN_AFTER);
+            let oom = failure.reason == "OOMKilled";
+            if !proven || !oom {
+                // Its log tells whether it joined the scheduler, and why it ended.
+                let log = last_log_lines(ctx, ns, &name, "dask-worker", WORKER_LOG_LINES).await;
+                proven |= log.contains(WORKER_REGISTERED);
+                let tail: Vec<&str> = log.lines().rev().take(LOG_LINES as usize).collect();
+                if !oom && !tail.is_empty() {
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    failure.message =
+                        format!("{}; last log lines:\n{}", failure.message, tail.join("\n"));
+                }
+            }
+            info!(cluster = %id, "{}", failure.message);
+            if proven {
+                // It ran: the workers can start; this one died at work (e.g. out of memory).
+                next.worker_failures = 0;
+            } else {
+                next.worker_failures += 1;
+                last_failure = Some(failure.message.clone());
+            }
+            next.last_worker_failure = Some(failure);
             delete_pod(ctx, ns, id, &name).await?;
         } else {
             if running_for(pod).is_some_and(|d| d >= WORKER_PROVEN_AFTER) {

@@ -276,7 +276,7 @@ async fn a_ready_scheduler_makes_the_cluster_running_and_workers_follow_once() {
         assert_eq!(c.path, "/api/v1/namespaces/dask/pods");
         let name = c.body["metadata"]["name"].as_str().unwrap().to_string();
         assert!(name.starts_with(&names::worker_pod_prefix(ID)));
-        let cmd = c.body["spec"]["containers"][0]["command"].clone();
+        let cmd = c.body["spec"]["containers"][0]["args"].clone();
         assert_eq!(
             cmd[2], "tls://10.0.0.9:8786",
             "workers dial the scheduler pod"
@@ -417,6 +417,11 @@ async fn failed_workers_are_replaced_until_the_limit() {
     caches.pod(ready_scheduler(&dc));
     caches.pod(worker(&dc, "dask-worker-x-a", "Failed", Some(1)));
     let pass = run(dc.clone(), &ctx).await;
+    // Its log: it never joined the scheduler (a start failure), and why it ended.
+    let c = api.next().await;
+    assert_eq!(c.method, Method::GET);
+    assert!(c.path.ends_with("pods/dask-worker-x-a/log"), "{}", c.path);
+    c.text("Traceback (most recent call last):\nModuleNotFoundError: No module named 'dask'\n");
     let c = api.next().await;
     assert_eq!(
         (c.method.clone(), c.path.as_str()),
@@ -430,7 +435,21 @@ async fn failed_workers_are_replaced_until_the_limit() {
     assert_eq!(c.method, Method::POST, "a replacement");
     c.echo();
     let c = api.next().await;
-    assert_eq!(written_status(&c).worker_failures, 1);
+    let st = written_status(&c);
+    assert_eq!(st.worker_failures, 1);
+    let failure = st.last_worker_failure.unwrap();
+    assert!(
+        failure
+            .message
+            .starts_with("worker pod dask-worker-x-a failed (Error, exit code 1)"),
+        "{}",
+        failure.message
+    );
+    assert!(
+        failure.message.contains("No module named 'dask'"),
+        "{}",
+        failure.message
+    );
     c.echo();
     pass.await.unwrap().unwrap();
 
@@ -443,6 +462,9 @@ async fn failed_workers_are_replaced_until_the_limit() {
     caches.pod(ready_scheduler(&dc));
     caches.pod(worker(&dc, "dask-worker-x-b", "Failed", Some(137)));
     let pass = run(dc, &ctx).await;
+    let c = api.next().await;
+    assert!(c.path.ends_with("pods/dask-worker-x-b/log"), "{}", c.path);
+    c.text("Killed\n");
     let mut paths = Vec::new();
     loop {
         let c = api.next().await;
@@ -464,6 +486,69 @@ async fn failed_workers_are_replaced_until_the_limit() {
         .iter()
         .any(|p| p.ends_with(&names::scheduler_pod_name(ID))));
     assert!(paths.iter().any(|p| p.ends_with(&names::secret_name(ID))));
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_oom_killed_at_work_is_reported_and_replaced_without_counting_against_the_limit() {
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.spec.replicas = 1;
+    let mut st = dc.status.clone().unwrap();
+    st.worker_failures = 2; // one more start failure would fail the cluster
+    dc.status = Some(st);
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    let mut oom = worker(&dc, "dask-worker-x-a", "Failed", Some(137));
+    let t = oom
+        .status
+        .as_mut()
+        .unwrap()
+        .container_statuses
+        .as_mut()
+        .unwrap()[0]
+        .state
+        .as_mut()
+        .unwrap()
+        .terminated
+        .as_mut()
+        .unwrap();
+    t.reason = Some("OOMKilled".into());
+    // It died two seconds after it started, before its readiness probe passed.
+    let now = jiff::Timestamp::now();
+    t.started_at = Some(Time(now - jiff::SignedDuration::from_secs(2)));
+    t.finished_at = Some(Time(now));
+    caches.pod(oom);
+    let pass = run(dc.clone(), &ctx).await;
+    // Its log shows it had joined the scheduler: it died at work.
+    let c = api.next().await;
+    assert!(c.path.ends_with("pods/dask-worker-x-a/log"), "{}", c.path);
+    assert!(c.query.contains("tailLines=80"), "{}", c.query);
+    c.text("distributed.worker - INFO -         Registered to: tls://10.0.0.9:8786\n");
+    let c = api.next().await;
+    assert_eq!(c.method, Method::DELETE);
+    c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    let c = api.next().await;
+    assert_eq!(c.method, Method::POST, "a replacement");
+    c.echo();
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!(st.phase, Phase::Running);
+    assert_eq!(
+        st.worker_failures, 0,
+        "it had joined the scheduler: not a start failure"
+    );
+    let failure = st.last_worker_failure.unwrap();
+    assert_eq!(
+        (failure.reason.as_str(), failure.exit_code),
+        ("OOMKilled", 137)
+    );
+    let limit = gateway_model::format_memory(dc.spec.settings.worker_memory_limit());
+    assert_eq!(
+        failure.message,
+        format!("worker pod dask-worker-x-a was killed for exceeding its memory limit of {limit} (OOMKilled)")
+    );
+    c.echo();
     pass.await.unwrap().unwrap();
 }
 

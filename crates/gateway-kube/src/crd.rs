@@ -161,6 +161,15 @@ pub struct RuntimeSpec {
     /// Grace period of deleted pods, in seconds.
     #[schemars(range(min = 0))]
     pub termination_grace_period_seconds: i64,
+    /// `securityContext` of every pod (user, group, `fsGroup`, seccomp profile, ...). The
+    /// credentials volume is readable by the pod's `fsGroup`, so one is always set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_free_object")]
+    pub pod_security_context: Option<Value>,
+    /// `securityContext` of every Dask container (read-only root filesystem, capabilities, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_free_object")]
+    pub security_context: Option<Value>,
 }
 
 /// Pod template pieces for the scheduler or the workers (Kubernetes field names and shapes).
@@ -193,7 +202,17 @@ pub struct PodTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "optional_free_object")]
     pub resources: Option<Value>,
-    /// Fields deep-merged into the pod spec last (anything the keys above do not cover).
+    /// Extra `volumes` of the pod, after the gateway's own (`dask-credentials`, `dask-tmp`):
+    /// a shared data volume, a PersistentVolumeClaim, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "free_object_list")]
+    pub volumes: Vec<Value>,
+    /// Extra `volumeMounts` of the Dask container, after the gateway's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "free_object_list")]
+    pub volume_mounts: Vec<Value>,
+    /// Fields deep-merged into the pod spec last (anything the keys above do not cover; a list
+    /// here replaces the gateway's list, so add volumes with `volumes`, not here).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     #[schemars(schema_with = "free_object")]
     pub extra_pod_config: Map<String, Value>,
@@ -218,6 +237,8 @@ impl PodTemplate {
         out.labels.extend(over.labels.clone());
         out.annotations.extend(over.annotations.clone());
         out.env.extend(over.env.clone());
+        out.volumes.extend(over.volumes.clone());
+        out.volume_mounts.extend(over.volume_mounts.clone());
         out.resources = match (&self.resources, &over.resources) {
             (Some(a), Some(b)) => {
                 let mut a = a.clone();
@@ -298,6 +319,23 @@ pub struct StatusAddresses {
     pub api: String,
 }
 
+/// A worker pod that ended in failure.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerFailure {
+    /// The pod's name (also the Dask worker's name).
+    pub pod: String,
+    /// The container's termination reason (`OOMKilled`, `Error`, ...).
+    pub reason: String,
+    /// The container's exit code (137 for a kill).
+    pub exit_code: i32,
+    /// What happened, for people.
+    pub message: String,
+    /// When it ended (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+}
+
 /// A status condition, as Kubernetes tools display them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -347,9 +385,12 @@ pub struct DaskClusterStatus {
     /// Worker pods that are ready.
     #[serde(default)]
     pub ready_workers: i32,
-    /// Worker pods that failed in a row.
+    /// Worker pods that failed in a row before they had run for long (start failures).
     #[serde(default)]
     pub worker_failures: u32,
+    /// The last worker pod that ended in failure, and why (e.g. `OOMKilled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_worker_failure: Option<WorkerFailure>,
     /// `SchedulerReady` and `WorkersReady`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -28,4 +28,4 @@ pub mod runtime;
 pub use backend::{GatewayRuntime, KubeBackend};
 pub use config::{KubeConfig, Profile};
 pub use crd::{DaskCluster, DaskClusterSpec, DaskClusterStatus, Phase, PodTemplate};
-pub use runtime::{run_controller, ControllerError, LiveContext};
+pub use runtime::{check_crd, run_controller, ControllerError, CrdError, LiveContext};

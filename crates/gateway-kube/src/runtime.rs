@@ -23,13 +23,54 @@ use tracing::{info, warn};
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     /// The DaskCluster CRD is not installed, or we may not list DaskClusters.
-    #[error("cannot list DaskClusters in namespace {namespace} (is the CRD installed and the RBAC granted?): {source}")]
-    Crd {
+    #[error(transparent)]
+    Crd(#[from] CrdError),
+}
+
+/// Why DaskClusters cannot be used in a namespace (checked once at start-up).
+#[derive(Debug, thiserror::Error)]
+pub enum CrdError {
+    /// The API server does not serve the DaskCluster resource.
+    #[error("the DaskCluster CRD ({name}) is not installed: install it with the Helm chart (crds.install: true) or `kubectl apply -f manifests/dask-gateway-rs.yaml`, then restart the gateway")]
+    NotInstalled {
+        /// The CRD's name.
+        name: String,
+    },
+    /// RBAC does not allow listing DaskClusters.
+    #[error("the gateway may not list DaskClusters in namespace {namespace}: grant it the chart's Role (rbac.create: true, or templates/rbac.yaml)")]
+    Forbidden {
+        /// The namespace.
+        namespace: String,
+    },
+    /// Anything else (API server unreachable, ...).
+    #[error("cannot list DaskClusters in namespace {namespace}: {source}")]
+    Api {
         /// The namespace.
         namespace: String,
         /// The API error.
         source: kube::Error,
     },
+}
+
+/// Checks that DaskClusters can be listed in `namespace`: the CRD is installed and RBAC allows
+/// it. A missing CRD and a refusal get errors that say how to fix them.
+pub async fn check_crd(client: &Client, namespace: &str) -> Result<(), CrdError> {
+    let result = Api::<DaskCluster>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().limit(1))
+        .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(CrdError::NotInstalled {
+            name: format!("daskclusters.{}", crate::crd::GROUP),
+        }),
+        Err(kube::Error::Api(s)) if s.code == 403 => Err(CrdError::Forbidden {
+            namespace: namespace.to_string(),
+        }),
+        Err(source) => Err(CrdError::Api {
+            namespace: namespace.to_string(),
+            source,
+        }),
+    }
 }
 
 /// A cache of objects of this installation, filled by a watch in its own task, and the stream
@@ -151,13 +192,7 @@ pub async fn run_controller(
     live: LiveContext,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
-    Api::<DaskCluster>::namespaced(client.clone(), &namespace)
-        .list(&ListParams::default().limit(1))
-        .await
-        .map_err(|source| ControllerError::Crd {
-            namespace: namespace.clone(),
-            source,
-        })?;
+    check_crd(&client, &namespace).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

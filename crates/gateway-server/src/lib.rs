@@ -78,7 +78,7 @@ pub enum StartError {
     /// A secret named by the configuration could not be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// The controller cannot run (the CRD is missing, or RBAC refuses).
+    /// DaskClusters cannot be used: the CRD is missing, or RBAC refuses.
     #[error(transparent)]
     Controller(#[from] gateway_kube::ControllerError),
 }
@@ -393,6 +393,9 @@ pub async fn run(
         }
         BackendKind::Kubernetes => {
             let (client, namespace) = kube_client(&config).await?;
+            gateway_kube::check_crd(&client, &namespace)
+                .await
+                .map_err(gateway_kube::ControllerError::from)?;
             if config.kubernetes.controller {
                 let live: gateway_kube::LiveContext = Default::default();
                 controller_live = Some(live.clone());
