@@ -35,6 +35,8 @@ import manifests
 REPO = Path(__file__).resolve().parents[1]
 KUBE_ENV = REPO / "tests" / "kube-env"
 BRIDGE_IP = os.environ.get("KUBE_ENV_BRIDGE_IP", "10.244.0.1")
+# The Dask image in the test cluster (scripts/bench-kube builds and imports it).
+DASK_IMAGE = os.environ["BENCH_DASK_IMAGE"]
 
 
 def sh(*args, input=None, check=True):
@@ -73,10 +75,10 @@ class Gateway:
             "api_url": f"http://{BRIDGE_IP}:{port}/api",
             "backend": "kubernetes",
             "log_level": "warn",
-            "kubernetes": {"namespace": namespace, "instance": "bench", "image": "ignored"},
-            # Small requests, so that 100 workers fit the test node (16 CPU, 32 GiB).
-            "cluster": {"heartbeat_period": 5, "scheduler_cores": 0.5, "scheduler_memory": "1G",
-                        "worker_cores": 0.1, "worker_memory": "256M", "worker_threads": 1},
+            "kubernetes": {"namespace": namespace, "instance": "bench", "image": DASK_IMAGE},
+            # Small requests, so that 100 workers fit the test node (2 CPU, 24 GiB).
+            "cluster": {"heartbeat_period": 5, "scheduler_cores": 0.1, "scheduler_memory": "1G",
+                        "worker_cores": 0.01, "worker_memory": "128M", "worker_threads": 1},
         }
         for k, v in (extra or {}).items():
             if isinstance(v, dict):
@@ -213,19 +215,16 @@ def main():
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                  input=yaml.safe_dump(manifests.crd()))
     with tempfile.TemporaryDirectory(prefix="dgrs-bench-kube-") as workdir:
-        shim = Path(workdir) / "shim"
-        shim.mkdir()
-        real_dask = Path(sys.prefix) / "bin" / "dask"
-        (shim / "dask").write_text(
-            f'#!/bin/sh\nif [ "$1" = worker ]; then exec sleep infinity; fi\nexec {real_dask} "$@"\n')
-        (shim / "dask").chmod(0o755)
         ns, kc = kube.namespace("main")
-        path = f"{shim}:{Path(sys.prefix) / 'bin'}:/usr/local/bin:/usr/bin:/bin"
+        # No-op workers: the worker container sleeps instead of running Dask (the gateway's
+        # arguments go to `sh -c` as positional parameters and are ignored).
+        no_op_worker = {"extraContainerConfig": {"command": ["sh", "-c", "exec sleep infinity", "--"],
+                                                 "readinessProbe": None}}
         no_op = Gateway(args.gateway, workdir, kc, ns, 8190,
-                        {"kubernetes": {"worker": {"env": [{"name": "PATH", "value": path}]},
+                        {"kubernetes": {"worker": no_op_worker,
                                         "termination_grace_period_seconds": 1}})
         print(f"Kubernetes backend benchmark ({os.cpu_count()} cores; tests/kube-env, "
-              f"pods are host processes)")
+              f"real containers from {DASK_IMAGE})")
         times = bench_create(no_op, args.creates)
         print(f"create -> scheduler reachable (new_cluster + first RPC through the proxy), "
               f"{len(times)} clusters: median {statistics.median(times):.2f} s, "

@@ -10,16 +10,19 @@ the client cannot express a check).
 - The server's stderr goes to `<tmp>/server.log`; for every test the part written during the
   test is copied to `tests/e2e/logs/<test>.<server>.log`, and its tail is attached to the report
   of a failing test.
-- `E2E_BACKEND=kubernetes` runs the same tests on the Kubernetes backend: the control plane of
-  `tests/kube-env` (started by `KubeEnv`), one namespace per server with the least-privilege
-  RBAC the Helm chart ships (from `manifests/dask-gateway-rs.yaml`), and the gateway running
-  under that ServiceAccount's kubeconfig. Pods there are host processes, so the process probes below work on both backends
-  (pods carry `E2E_NAMESPACE` in their environment). Tests marked `local_only` or `kube_only`
-  run on one backend.
+- `E2E_BACKEND=kubernetes` runs the same tests on the Kubernetes backend: the cluster of
+  `tests/kube-env` (started by `KubeEnv`: real kubelet, containerd and runc), one namespace per
+  server with the least-privilege RBAC the Helm chart ships (from
+  `manifests/dask-gateway-rs.yaml`), and the gateway running on the host under that
+  ServiceAccount's kubeconfig. Pods run the Dask image `images/build` makes, imported into the
+  cluster's containerd, as its non-root user. A container's processes are processes of this
+  machine too, so the process probes below work on both backends (pods carry `E2E_NAMESPACE` in
+  their environment). Tests marked `local_only` or `kube_only` run on one backend.
 - `E2E_BACKEND=helm` installs each server as a release of the Helm chart (`HelmServer`): the
-  gateway runs as a pod of tests/kube-env (the pod PATH holds `gateway-server`), configured only
-  through chart values, and is reached through a local TCP forward to its Service. Tests that
-  kill or restart the gateway process (`process_control`) do not run there.
+  gateway runs as a pod of tests/kube-env from the gateway image `images/build` makes,
+  configured only through chart values, and is reached through a local TCP forward to its
+  Service's ClusterIP (routed by kube-proxy). Tests that kill or restart the gateway process
+  (`process_control`) do not run there.
 """
 
 from __future__ import annotations
@@ -58,6 +61,18 @@ assert BACKEND in ("local", "kubernetes", "helm"), \
     f"E2E_BACKEND must be local, kubernetes or helm, not {BACKEND!r}"
 KUBE = BACKEND in ("kubernetes", "helm")
 HELM = BACKEND == "helm"
+# The test node has this machine's CPUs (2 here): with real containers, Dask pods ask for a
+# small CPU share instead of the cores their settings name, so that the suite's clusters fit.
+# Tests that check how settings become requests (test_kube.py) opt out and size themselves.
+SMALL_CPU_REQUEST = {"resources": {"requests": {"cpu": "50m"}}}
+# A directory of this machine mounted at the same path into every Dask pod (a hostPath volume),
+# standing for the shared filesystem (NFS, a ReadWriteMany claim) that Kubernetes users give
+# their workers; `shared_tmp` hands out fresh subdirectories of it.
+SHARED_DIR = Path(os.environ.get("E2E_SHARED_DIR", "/tmp/dgrs-e2e-shared"))
+SHARED_VOLUME = {
+    "volumes": [{"name": "e2e-shared", "hostPath": {"path": str(SHARED_DIR), "type": "Directory"}}],
+    "volumeMounts": [{"name": "e2e-shared", "mountPath": str(SHARED_DIR)}],
+}
 LOG_DIR = Path(os.environ.get("E2E_LOG_DIR", REPO / "tests" / "e2e" / "logs"))
 PYTHON_ENV = sys.prefix  # the venv this suite runs in also runs schedulers and workers
 
@@ -225,7 +240,19 @@ class KubeEnv:
 
     def __init__(self):
         env = dict(os.environ)
-        env.setdefault("KUBE_ENV_POD_PATH", f"{PYTHON_ENV}/bin:/usr/local/bin:/usr/bin:/bin")
+        # name -> image reference of what images/build made (imported by `up`).
+        self.images = {}
+        SHARED_DIR.mkdir(parents=True, exist_ok=True)
+        SHARED_DIR.chmod(0o1777)
+        wanted = ["dask", "gateway"] if HELM else ["dask"]
+        out = subprocess.run([str(REPO / "images" / "build"), *wanted], check=True, text=True,
+                             stdout=subprocess.PIPE, stderr=sys.stderr, timeout=1800)
+        archives = []
+        for line in out.stdout.strip().splitlines():
+            archive, _digest, ref = line.split()
+            archives.append(archive)
+            self.images[ref.rsplit("/", 1)[-1].split(":")[0]] = ref
+        env["KUBE_ENV_IMAGES"] = " ".join(archives)
         out = subprocess.run([str(self.HERE / "up")], env=env, check=True, text=True,
                              stdout=subprocess.PIPE, stderr=sys.stderr, timeout=900)
         self.admin_kubeconfig = out.stdout.strip().splitlines()[-1]
@@ -273,8 +300,8 @@ class KubeEnv:
 
 
 class TcpForward:
-    """127.0.0.1:<port> -> target, byte for byte both ways (what `kubectl port-forward` would do;
-    the process kubelet has none). Scheduler TLS passes through untouched."""
+    """127.0.0.1:<port> -> target, byte for byte both ways (what a user's `kubectl port-forward`
+    or load balancer does). Scheduler TLS passes through untouched."""
 
     def __init__(self, target):
         import threading
@@ -327,6 +354,8 @@ class GatewayServer:
     """One `gateway-server` process with its own config, port(s) and data directory."""
 
     def __init__(self, name, base_dir: Path, password=None, admin_users=(), **overrides):
+        # Kubernetes: Dask pods request the CPU their settings name, not SMALL_CPU_REQUEST.
+        exact_requests = overrides.pop("kube_exact_requests", False)
         self.name = name
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -372,15 +401,18 @@ class GatewayServer:
                 kubeconfig = overrides.pop("kube_kubeconfig")
             self.namespace, self.kubeconfig = namespace, kubeconfig
             marker = [{"name": "E2E_NAMESPACE", "value": namespace}]
+            template = {"env": marker, **SHARED_VOLUME}
+            if not exact_requests:
+                template.update(SMALL_CPU_REQUEST)
             config["address"] = f"0.0.0.0:{self.port}"
             config["backend"] = "kubernetes"
             config["kubernetes"] = {
                 "namespace": namespace,
                 "instance": "e2e",
-                "image": "ignored-by-the-process-kubelet",
+                "image": kube.images["dask"],
                 "termination_grace_period_seconds": 5,
-                "scheduler": {"env": marker},
-                "worker": {"env": marker},
+                "scheduler": copy.deepcopy(template),
+                "worker": copy.deepcopy(template),
             }
         self.config = deep_merge(config, overrides)
         self.prefix = (self.config.get("prefix") or "").rstrip("/")
@@ -543,7 +575,8 @@ class GatewayServer:
                 if not hit and not self.namespace:
                     env = p.environ()
                     hit = any(needle in v for v in env.values())
-                if hit and p.status() != psutil.STATUS_ZOMBIE:
+                # A container's PID 1 (tini in the Dask image) is not a Dask process.
+                if hit and p.status() != psutil.STATUS_ZOMBIE and p.name() != "tini":
                     found.append(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -666,7 +699,8 @@ class HelmServer(GatewayServer):
     def values(self):
         """Chart values expressing this server's configuration."""
         c = self.config
-        marker = [{"name": "E2E_NAMESPACE", "value": self.namespace}]
+        kube = c["kubernetes"]
+        images = KubeEnv.get().images
         values = {
             "crds": {"install": False},  # applied once by KubeEnv
             "gateway": {"dashboardAuth": bool(c.get("dashboard_auth")),
@@ -677,13 +711,16 @@ class HelmServer(GatewayServer):
                      "adminGroups": list(c["auth"].get("admin_groups") or []),
                      "groups": dict(c["auth"].get("groups") or {})},
             "groups": list(c.get("groups") or []),
-            "clusters": {"image": "ignored-by-the-process-kubelet",
+            "clusters": {"image": kube["image"],
                          "terminationGracePeriodSeconds": 5,
-                         "scheduler": {"template": {"env": marker}},
-                         "worker": {"template": {"env": marker}}},
+                         "scheduler": {"template": kube["scheduler"]},
+                         "worker": {"template": kube["worker"]}},
             # The gateway's own configuration keys, merged last by the chart.
             "extraConfig": {"cluster": c["cluster"]},
         }
+        if "gateway" in images:
+            repository, tag = images["gateway"].rsplit(":", 1)
+            values["image"] = {"repository": repository, "tag": tag}
         return values
 
     @property
@@ -812,6 +849,18 @@ def shared_server(server_factory):
 # -- cluster helpers -----------------------------------------------------------------------
 
 _pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="e2e-new-cluster")
+
+
+@pytest.fixture
+def shared_tmp(tmp_path):
+    """A fresh directory that the test and every scheduler and worker see at the same path: the
+    test's own on the local backend, a subdirectory of SHARED_DIR on Kubernetes."""
+    if not KUBE:
+        return tmp_path
+    path = SHARED_DIR / f"{tmp_path.name}-{os.urandom(4).hex()}"
+    path.mkdir(mode=0o777)
+    path.chmod(0o777)  # Dask pods run as another user
+    return path
 
 
 def new_cluster(gateway: Gateway, timeout=120, **options):

@@ -21,13 +21,18 @@ USER = "kube user@example.org"  # not a valid label value: must be made safe, ne
 
 @pytest.fixture(scope="module")
 def server(module_servers):
+    # Requests as the settings name them (no SMALL_CPU_REQUEST), sized to fit a 2-CPU node.
     return module_servers(
         "kube",
+        kube_exact_requests=True,
         cluster={
             "heartbeat_period": 2,
+            "scheduler_cores": 0.25,
             "options": [
-                {"field": "worker_cores", "type": "int", "default": 1, "min": 1, "max": 4,
-                 "target": "worker_cores"},
+                {"field": "worker_cores", "type": "float", "default": 0.25, "min": 0.1,
+                 "max": 1, "target": "worker_cores"},
+                {"field": "threads", "type": "int", "default": 1, "min": 1, "max": 4,
+                 "target": "worker_threads"},
                 {"field": "profile", "type": "select", "default": "standard",
                  "options": ["standard", {"key": "tagged", "value": "tagged"}],
                  "target": "profile"},
@@ -114,7 +119,7 @@ def test_a_cluster_is_a_daskcluster_with_owned_children_all_removed_on_shutdown(
     assert w["metadata"]["labels"]["pool"] == "workers"
     assert w["metadata"]["annotations"]["example.org/owner-team"] == "data"
     container = w["spec"]["containers"][0]
-    assert container["resources"]["requests"]["cpu"] == "1"  # 1000m, as the API server shows it
+    assert container["resources"]["requests"]["cpu"] == "250m"
     env = {e["name"] for e in container["env"]}
     assert "DASK_GATEWAY_API_TOKEN" not in env, "workers never get the cluster's API token"
     # The printer columns show user, status and workers.
@@ -161,6 +166,77 @@ def test_a_killed_worker_process_is_replaced(server):
                              if not p["metadata"].get("deletionTimestamp")) and
                  all(p["status"].get("phase") != "Failed" for p in pods(server, c.name, "dask-worker")),
                  90, what="the failed worker pod to be replaced")
+        compute(c, 1)
+        assert gw.get_cluster(c.name).status.name == "RUNNING"
+    finally:
+        c.shutdown()
+
+
+def root_is_read_only(pid):
+    """Whether the root filesystem of the process's mount namespace is mounted read-only."""
+    for line in open(f"/proc/{pid}/mountinfo"):
+        fields = line.split()
+        if fields[4] == "/":
+            root = fields[5].split(",")
+    return "ro" in root
+
+
+def test_dask_pods_run_as_the_image_user_with_a_read_only_root(server):
+    # The default pod security context: uid/gid 1000 (the Dask image's user), an fsGroup that
+    # makes the 0440 credentials readable, a read-only root filesystem and a writable /tmp.
+    gw = server.gateway(USER)
+    c = new_cluster(gw)
+    try:
+        c.scale(1)
+        compute(c, 1)  # the scheduler read its TLS key and serves TLS; the worker too
+        for component in ("dask-scheduler", "dask-worker"):
+            [pod] = pods(server, c.name, component)
+            sc = pod["spec"]["securityContext"]
+            assert (sc["runAsNonRoot"], sc["runAsUser"], sc["fsGroup"]) == (True, 1000, 1000)
+            csc = pod["spec"]["containers"][0]["securityContext"]
+            assert csc["readOnlyRootFilesystem"] is True and csc["capabilities"] == {"drop": ["ALL"]}
+        procs = server.cluster_processes(c.name)
+        assert {"scheduler", "worker"} <= {
+            "scheduler" if "scheduler" in p.cmdline() else "worker" for p in procs}
+        for p in procs:
+            assert p.uids().real == p.uids().effective == 1000, p.cmdline()
+            assert p.gids().real == 1000, p.cmdline()
+            assert root_is_read_only(p.pid), p.cmdline()
+    finally:
+        c.shutdown()
+
+
+def test_a_worker_over_its_memory_limit_is_oom_killed_replaced_and_reported(server):
+    from distributed import KilledWorker
+
+    gw = server.gateway(USER)
+    c = new_cluster(gw)
+    try:
+        c.scale(1)
+        compute(c, 1)
+        [first] = pods(server, c.name, "dask-worker")
+        limit_bytes = int(first["spec"]["containers"][0]["resources"]["limits"]["memory"])
+
+        def hog():
+            block = bytearray(2 * 1024**3)
+            block[::4096] = b"x" * len(block[::4096])
+            return len(block)
+
+        # The kernel kills each worker that runs it; Dask gives up on the task after its
+        # allowed failures, and every killed worker pod is replaced meanwhile.
+        with c.get_client(set_as_default=False) as client:
+            with pytest.raises(KilledWorker):
+                client.submit(hog, pure=False).result(timeout=240)
+        status = daskcluster(server, c.name)["status"]
+        failure = status["lastWorkerFailure"]
+        assert failure["reason"] == "OOMKilled" and failure["exitCode"] == 137, failure
+        assert failure["pod"].startswith(f"dask-worker-{object_id(c.name)}-"), failure
+        assert (f"was killed for exceeding its memory limit of {limit_bytes / 2**20:.2f} MiB"
+                in failure["message"]), failure
+        # Workers that died at work are not start failures: the cluster runs on.
+        assert status["workerFailures"] == 0, status
+        assert first["metadata"]["name"] not in [
+            p["metadata"]["name"] for p in pods(server, c.name, "dask-worker")]
         compute(c, 1)
         assert gw.get_cluster(c.name).status.name == "RUNNING"
     finally:
@@ -221,7 +297,7 @@ def test_invalid_daskclusters_are_refused_by_the_schema(server, change, message)
 
 def test_profiles_and_options_shape_the_pods(server):
     gw = server.gateway(USER)
-    c = new_cluster(gw, worker_cores=2, profile="tagged")
+    c = new_cluster(gw, worker_cores=0.5, threads=2, profile="tagged")
     try:
         c.scale(1)
         compute(c, 1)
@@ -230,10 +306,10 @@ def test_profiles_and_options_shape_the_pods(server):
         assert w["metadata"]["labels"]["pool"] == "workers"
         assert w["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "dgrs-node"}
         container = w["spec"]["containers"][0]
-        assert container["resources"]["requests"]["cpu"] == "2"
+        assert container["resources"]["requests"]["cpu"] == "500m"
         assert {"name": "PROFILE_MARK", "value": "tagged"} in container["env"]
-        assert "--nthreads" in container["command"]
-        assert container["command"][container["command"].index("--nthreads") + 1] == "2"
+        args = container["args"]
+        assert args[args.index("--nthreads") + 1] == "2"
     finally:
         c.shutdown()
 

@@ -170,7 +170,7 @@ def test_dask_array_from_numpy_data(cluster, client):
     np.testing.assert_array_equal(darr[::7, 3].compute(), arr[::7, 3])
 
 
-def test_xarray_zarr_reduction(cluster, client, tmp_path):
+def test_xarray_zarr_reduction(cluster, client, shared_tmp):
     xr = pytest.importorskip("xarray")
     rng = np.random.default_rng(3)
     data = rng.normal(280, 10, size=(48, 30, 40))
@@ -178,7 +178,7 @@ def test_xarray_zarr_reduction(cluster, client, tmp_path):
         {"tas": (("time", "lat", "lon"), data)},
         coords={"time": np.arange(48), "lat": np.linspace(-60, 60, 30), "lon": np.arange(40) * 9.0},
     )
-    store = tmp_path / "tas.zarr"
+    store = shared_tmp / "tas.zarr"
     ds.to_zarr(store, encoding={"tas": {"chunks": (12, 15, 20)}}, mode="w")
 
     opened = xr.open_zarr(store, chunks={})

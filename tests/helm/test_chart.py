@@ -1,9 +1,10 @@
-"""The Helm chart with real Helm (tests/helm/build) against the real control plane of
-tests/kube-env: lint and render, schema errors that name the value, least-privilege RBAC, a
-server-side dry run of everything the chart can render, and a real install whose gateway runs
-as a pod (the process kubelet runs `gateway-server` from the pod PATH, with the chart's
-ServiceAccount token and rendered config), used with the stock client, `helm test`, `helm upgrade`
-(config and CRD) and `helm uninstall`.
+"""The Helm chart with real Helm (tests/helm/build) against tests/kube-env (real kubelet,
+containerd and runc): lint and render, schema errors that name the value, least-privilege RBAC,
+a server-side dry run of everything the chart can render, and a real install with the chart's
+default images (made by images/build, imported into the node): the gateway pod runs the gateway
+image under the chart's ServiceAccount, non-root with a read-only root filesystem, and so do the
+Dask pods; used with the stock client, `helm test`, `helm upgrade` (config and CRD) and
+`helm uninstall`.
 
 Run by tests/helm/run (tests/run calls it inside tests/kube-env/ci).
 """
@@ -27,8 +28,10 @@ ALL_VALUES = Path(__file__).resolve().parent / "values-all.yaml"
 HELM = os.environ["HELM"]
 KUBECTL = os.environ["KUBECTL"]
 
-# Test-sized Dask pods (the test node has 16 CPUs); the image is ignored by the process kubelet.
+# Test-sized Dask pods (the test node has this machine's 2 CPUs).
 SMALL = ["-f", str(Path(__file__).resolve().parent / "values-small.yaml")]
+CTR = os.environ["KUBE_ENV_CTR"]
+CONTAINERD_SOCK = os.environ["KUBE_ENV_CONTAINERD_SOCK"]
 
 EXPECTED_RULES = {
     ("gateway.dask.org", "daskclusters"): {"get", "list", "watch", "create", "patch", "delete"},
@@ -211,8 +214,9 @@ def ready(pod):
                for c in pod.get("status", {}).get("conditions", []))
 
 
-def use_a_cluster(url, user, password, workers=1):
-    """The stock client end to end: create, scale, compute, dashboard, shutdown."""
+def use_a_cluster(url, user, password, workers=1, during=None):
+    """The stock client end to end: create, scale, compute, dashboard, shutdown; `during` is
+    called while the cluster computes."""
     import urllib.request
 
     from dask_gateway import BasicAuth, Gateway
@@ -225,6 +229,8 @@ def use_a_cluster(url, user, password, workers=1):
         client = cluster.get_client(set_as_default=False)
         client.wait_for_workers(workers, timeout=180)
         assert client.submit(sum, [1, 2, 3], pure=False).result(timeout=120) == 6
+        if during:
+            during()
         page = urllib.request.urlopen(cluster.dashboard_link, timeout=30)
         assert page.status == 200
         client.close()
@@ -243,6 +249,18 @@ def fresh_crd():
             "--wait=true", timeout=180)
 
 
+def test_a_gateway_without_the_crd_says_how_to_install_it(namespace, tmp_path):
+    fresh_crd()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"backend": "kubernetes", "address": "127.0.0.1:0",
+                                      "kubernetes": {"namespace": namespace}}))
+    r = run(os.environ["GATEWAY_SERVER_BIN"], "--config", str(config), check=False, timeout=60)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert "the DaskCluster CRD (daskclusters.gateway.dask.org) is not installed" in lines[-1]
+    assert "crds.install" in lines[-1] and "kubectl apply" in lines[-1], lines[-1]
+
+
 @pytest.fixture(scope="module")
 def release(namespace):
     name = "dgrs"
@@ -254,11 +272,58 @@ def release(namespace):
     helm("uninstall", name, "-n", namespace, "--wait", check=False)
 
 
+def container_processes(pod):
+    """Host PIDs of every process of the pod's containers (from containerd's task list and
+    /proc), without the pod sandbox's pause process."""
+    ids = {c["containerID"].split("://", 1)[1] for c in pod["status"]["containerStatuses"]
+           if c.get("containerID") and c.get("state", {}).get("running")}
+    tasks = run(CTR, "--address", CONTAINERD_SOCK, "-n", "k8s.io", "tasks", "ls").stdout
+    roots = [int(line.split()[1]) for line in tasks.splitlines()[1:] if line.split()[0] in ids]
+    pids = []
+    while roots:
+        pid = roots.pop()
+        pids.append(pid)
+        roots += [int(x) for x in run("pgrep", "-P", str(pid), check=False).stdout.split()]
+    return pids
+
+
+def identity_and_root(pid):
+    """(real/effective/saved/fs uids, gids, the root filesystem's mount options) of a process."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    root = next(line.split()[5] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+                if line.split()[4] == "/")
+    return status["Uid"].split(), status["Gid"].split(), root.split(",")
+
+
 def test_install_serves_the_stock_client_from_a_pod(namespace, release):
     [pod] = wait_for("a ready gateway pod", lambda: [p for p in gateway_pods(namespace, release)
                                                       if ready(p)])
     assert pod["spec"]["serviceAccountName"] == f"{release}-dask-gateway-rs"
-    assert use_a_cluster(gateway_url(namespace, release), "helm-user", "helm-pw", workers=2) == []
+    # The gateway image: one non-root process on a read-only root filesystem.
+    [gateway] = container_processes(pod)
+    uids, gids, root = identity_and_root(gateway)
+    assert uids == ["65532"] * 4 and gids == ["65532"] * 4, (uids, gids)
+    assert "ro" in root
+    assert Path(f"/proc/{gateway}/cmdline").read_bytes().split(b"\0")[0] == b"gateway-server"
+    seen = {}
+
+    def dask_pods_are_non_root():
+        pods = json.loads(kubectl("get", "pods", "-n", namespace, "-l",
+                                  "app.kubernetes.io/component in (dask-scheduler,dask-worker)",
+                                  "-o", "json").stdout)["items"]
+        for p in pods:
+            if p["status"].get("phase") == "Running":
+                for pid in container_processes(p):
+                    seen[pid] = identity_and_root(pid)
+        return seen
+
+    # With the chart's defaults the scheduler reads its 0440 key as uid 1000 (fsGroup) and
+    # serves TLS; the stock client computes through it.
+    assert use_a_cluster(gateway_url(namespace, release), "helm-user", "helm-pw", workers=2,
+                         during=dask_pods_are_non_root) == []
+    assert len(seen) >= 3, seen  # the scheduler and two workers, each under tini
+    for uids, gids, root in seen.values():
+        assert uids == ["1000"] * 4 and gids == ["1000"] * 4 and "ro" in root
     # Its pods ran under the chart's labels, owner references and RBAC; nothing is left.
     wait_for("the cluster's pods to go", lambda: not json.loads(kubectl(
         "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=dask-worker",
