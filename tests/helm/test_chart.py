@@ -253,6 +253,7 @@ def test_a_gateway_without_the_crd_says_how_to_install_it(namespace, tmp_path):
     fresh_crd()
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump({"backend": "kubernetes", "address": "127.0.0.1:0",
+                                      "api_url": "http://10.244.0.1:8000/api",
                                       "kubernetes": {"namespace": namespace}}))
     r = run(os.environ["GATEWAY_SERVER_BIN"], "--config", str(config), check=False, timeout=60)
     assert r.returncode != 0
@@ -337,14 +338,38 @@ def test_helm_test_creates_computes_and_deletes(namespace, release):
 
 
 def test_upgrade_rolls_the_new_configuration(namespace, release):
+    import threading
+    import urllib.request
+
     before = {p["metadata"]["name"] for p in gateway_pods(namespace, release)}
-    helm("upgrade", release, str(CHART), "-n", namespace, *SMALL,
-         "--set", "auth.simple.password=helm-pw", "--set", "clusters.limits.maxWorkers=1",
-         "--wait", "--timeout", "180s")
-    wait_for("the gateway pods to be replaced", lambda: [
-        p for p in gateway_pods(namespace, release)
-        if ready(p) and p["metadata"]["name"] not in before] and not [
-        p for p in gateway_pods(namespace, release) if p["metadata"]["name"] in before])
+    url = gateway_url(namespace, release) + "/api/health"
+    answered, refused, stop = [0], [], threading.Event()
+
+    def poll():
+        # A user's new connections all through the rollout: each must meet a serving pod.
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    assert r.status == 200
+                answered[0] += 1
+            except Exception as e:  # noqa: BLE001
+                refused.append(f"{time.strftime('%X')}: {e!r}")
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        helm("upgrade", release, str(CHART), "-n", namespace, *SMALL,
+             "--set", "auth.simple.password=helm-pw", "--set", "clusters.limits.maxWorkers=1",
+             "--wait", "--timeout", "180s")
+        wait_for("the gateway pods to be replaced", lambda: [
+            p for p in gateway_pods(namespace, release)
+            if ready(p) and p["metadata"]["name"] not in before] and not [
+            p for p in gateway_pods(namespace, release) if p["metadata"]["name"] in before])
+    finally:
+        stop.set()
+        poller.join()
+    assert refused == [] and answered[0] > 20, (answered, refused)
     assert use_a_cluster(gateway_url(namespace, release), "helm-user", "helm-pw") == []
     from dask_gateway import BasicAuth, Gateway
     gw = Gateway(gateway_url(namespace, release), auth=BasicAuth("helm-user", "helm-pw"))
