@@ -4,7 +4,11 @@ lives, and the cluster ends FAILED with its workers cleaned up.
 """
 
 import os
+import select
 import signal
+import socket
+import threading
+import time
 
 import psutil
 import pytest
@@ -212,3 +216,67 @@ def test_connected_client_survives_gateway_kill9(server):
     finally:
         c.close()
         server.gateway(USER).stop_cluster(name)
+
+
+def test_a_killed_gateway_never_drops_a_connection_before_the_client_speaks(server_factory):
+    """Clients that reconnect the instant their connection breaks (as the stock client's comm
+    does) must never meet a connection that the gateway accepted and then closed before they
+    sent anything: the stock connector turns that into a ValueError and the Client gives up for
+    good. Without TCP_DEFER_ACCEPT a gateway killed with SIGKILL did exactly that to a few
+    reconnects each time (Linux resets its accept queue as it closes the listener, after the
+    established connections)."""
+    srv = server_factory("drops")
+    stop = threading.Event()
+    dropped, reconnected = [], [0]
+
+    def holder():
+        while not stop.is_set():
+            try:
+                c = socket.create_connection((srv.host, srv.port), timeout=5)
+            except OSError:
+                time.sleep(0.01)
+                continue
+            c.settimeout(None)
+            with c:
+                c.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")  # unfinished: held open
+                try:
+                    c.recv(1)  # returns when the gateway goes
+                except OSError:
+                    pass
+            while not stop.is_set():  # reconnect at once, like a client's comm
+                r = socket.socket()
+                r.settimeout(2)
+                try:
+                    r.connect((srv.host, srv.port))
+                except OSError:
+                    r.close()
+                    time.sleep(0.002)
+                    continue
+                if select.select([r], [], [], 0.05)[0]:
+                    try:
+                        closed = r.recv(1) == b""
+                    except OSError:
+                        closed = True
+                    if closed:
+                        dropped.append(time.time())
+                        r.close()
+                        continue
+                reconnected[0] += 1
+                r.close()
+                break
+
+    threads = [threading.Thread(target=holder, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(10):
+            time.sleep(0.3)
+            srv.kill9()
+            srv.start()
+    finally:
+        stop.set()
+        srv.kill9()
+        for t in threads:
+            t.join(timeout=10)
+    assert reconnected[0] >= 40
+    assert dropped == [], f"{len(dropped)} connections closed before the client spoke"

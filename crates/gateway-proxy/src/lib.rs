@@ -45,7 +45,7 @@ use std::time::Duration;
 
 pub use connections::{ClientConnections, Clients, ConnectionGuard};
 pub use forward::HttpForwarder;
-pub use listener::{serve_scheduler, serve_shared, ConnMeta};
+pub use listener::{bind, serve_scheduler, serve_shared, ConnMeta};
 pub use rewind::Rewind;
 pub use routes::{ClusterRoute, RouteSource, RouteTable};
 pub use tls::load_server_tls;

@@ -91,6 +91,53 @@ async fn sniff_stream(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Sniffed {
     }
 }
 
+/// Binds a public listener of the gateway, with `TCP_DEFER_ACCEPT` (Linux): the kernel hands a
+/// connection to the gateway only once the client has sent its first bytes (a ClientHello or an
+/// HTTP request line), and a connection whose client has sent nothing yet is never one the
+/// gateway can close or reset.
+///
+/// That matters for the stock `dask-gateway` client: its connector calls `start_tls` right after
+/// `connect`, and Tornado raises `ValueError("IOStream is not idle")` (not a comm error, so the
+/// `Client` stops reconnecting for good) when the peer has closed the new connection before
+/// that. Without the option a gateway that dies (`kill -9`, a crash, a deleted pod) resets the
+/// connections already in its accept queue, and Linux closes the listening socket last, so a
+/// client reconnecting the instant its old connection broke lands in that queue and is reset.
+/// With it such a connection is still half-open in the kernel; the client sends its
+/// ClientHello, gets a reset, and retries like after any network error.
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    defer_accept(&listener)?;
+    Ok(listener)
+}
+
+#[cfg(target_os = "linux")]
+fn defer_accept(listener: &TcpListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // Seconds the kernel waits for the first bytes before it hands over the connection anyway
+    // (and the sniff deadline applies); clients of the gateway speak first at once.
+    let seconds: libc::c_int = SNIFF_TIMEOUT.as_secs() as libc::c_int;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn defer_accept(_: &TcpListener) -> io::Result<()> {
+    Ok(())
+}
+
 /// Accept errors that concern one connection only and need no pause.
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(
@@ -348,5 +395,38 @@ async fn splice(
         Err(e) => {
             tracing::debug!(cluster = %cluster, %peer, error = %e, "scheduler connection ended with an error")
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[tokio::test]
+    async fn listeners_hand_over_connections_only_once_the_client_spoke() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let mut seconds: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on our socket into a live c_int of the given size.
+        let rc = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&mut seconds as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert!(seconds > 0, "TCP_DEFER_ACCEPT is set");
+        // A client that speaks is handed over with what it said.
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let mut first = [0u8; 3];
+        accepted.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"GET");
     }
 }
