@@ -11,6 +11,7 @@
 //! * [`runtime`]: the controller's watch caches and kube-runtime loop, under [`leader`] election
 //!   so that one replica reconciles; [`limiter`]: the FIFO token bucket pacing its writes.
 //! * [`config`]: the `kubernetes:` section of the gateway configuration.
+//! * [`session_key`]: the session-cookie key the replicas share through a Secret.
 
 #![warn(missing_docs)]
 
@@ -24,8 +25,10 @@ pub mod limiter;
 pub mod names;
 pub mod quota_lock;
 pub mod runtime;
+pub mod session_key;
 
 pub use backend::{GatewayRuntime, KubeBackend};
 pub use config::{KubeConfig, Profile};
 pub use crd::{DaskCluster, DaskClusterSpec, DaskClusterStatus, Phase, PodTemplate};
 pub use runtime::{check_crd, run_controller, ControllerError, CrdError, LiveContext};
+pub use session_key::{shared_session_key, SessionKeyError};

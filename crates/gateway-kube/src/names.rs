@@ -32,6 +32,8 @@ pub const COMPONENT_SCHEDULER: &str = "dask-scheduler";
 pub const COMPONENT_WORKER: &str = "dask-worker";
 /// Component of credentials Secrets.
 pub const COMPONENT_CREDENTIALS: &str = "credentials";
+/// Component of the installation's session-key Secret.
+pub const COMPONENT_SESSION_KEY: &str = "session-key";
 
 /// Scheduler port (Dask comm, TLS).
 pub const SCHEDULER_PORT: i32 = 8786;

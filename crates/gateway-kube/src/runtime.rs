@@ -183,6 +183,11 @@ async fn run_term(
     info!("DaskCluster controller stopped");
 }
 
+/// The controller's leader-election Lease of the installation `instance`.
+pub fn lease_name(instance: &str) -> String {
+    format!("{instance}-controller")
+}
+
 /// Runs the controller for `namespace` until `shutdown` resolves: checks that DaskClusters
 /// can be listed, then (with leader election unless disabled) runs terms of leadership.
 pub async fn run_controller(
@@ -217,7 +222,7 @@ pub async fn run_controller(
         std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()),
         gateway_backend::new_cluster_id().get(..8).unwrap_or("0")
     );
-    let lease = format!("{}-controller", config.instance);
+    let lease = lease_name(&config.instance);
     let election = LeaderElection::new(client.clone(), &namespace, &lease, &identity);
     let term = || {
         run_term(

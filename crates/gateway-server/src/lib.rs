@@ -81,6 +81,9 @@ pub enum StartError {
     /// DaskClusters cannot be used: the CRD is missing, or RBAC refuses.
     #[error(transparent)]
     Controller(#[from] gateway_kube::ControllerError),
+    /// The session key the replicas share could not be read or made.
+    #[error(transparent)]
+    SessionKey(#[from] gateway_kube::SessionKeyError),
 }
 
 /// Takes an exclusive `flock` on `<data_dir>/gateway.lock` for the life of the process.
@@ -357,10 +360,21 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let metrics_token = config.metrics.token()?;
+    let kube = match config.backend {
+        BackendKind::Kubernetes => Some(kube_client(&config).await?),
+        BackendKind::Local => None,
+    };
     let mut auth_config = config.auth.clone();
     auth_config.cookie_secret = auth_config.resolve_cookie_secret()?;
     if auth_config.cookie_secret.is_none() {
-        info!("no session cookie secret: sessions last for this process only (set auth.cookie_secret_file or GATEWAY_COOKIE_SECRET to share them between replicas and restarts)");
+        if let Some((client, namespace)) = &kube {
+            let instance = &config.kubernetes.instance;
+            auth_config.cookie_secret =
+                Some(gateway_kube::shared_session_key(client, namespace, instance).await?);
+            info!(secret = %gateway_kube::session_key::secret_name(instance), "session cookies signed with the key the replicas share");
+        } else {
+            info!("no session cookie secret: sessions last for this process only (set auth.cookie_secret_file or GATEWAY_COOKIE_SECRET to share them between restarts)");
+        }
     }
     let mut authenticator = Authenticator::new(&auth_config, &config.prefix())
         .with_relevant_groups(config.groups.iter().map(|g| g.group.clone()));
@@ -385,14 +399,14 @@ pub async fn run(
     let mut _data_dir_lock = None;
     let mut controller_live: Option<gateway_kube::LiveContext> = None;
     let mut controller_task = None;
-    let backend: Arc<dyn ClusterBackend> = match config.backend {
-        BackendKind::Local => {
+    // A Kubernetes client exists exactly when the backend is Kubernetes.
+    let backend: Arc<dyn ClusterBackend> = match kube {
+        None => {
             let (backend, lock) = start_local_backend(&config)?;
             _data_dir_lock = Some(lock);
             backend
         }
-        BackendKind::Kubernetes => {
-            let (client, namespace) = kube_client(&config).await?;
+        Some((client, namespace)) => {
             gateway_kube::check_crd(&client, &namespace)
                 .await
                 .map_err(gateway_kube::ControllerError::from)?;
@@ -446,7 +460,7 @@ pub async fn run(
         Some(t) => Some(gateway_proxy::load_server_tls(&t.cert, &t.key)?),
         None => None,
     };
-    let public = TcpListener::bind(config.address)
+    let public = gateway_proxy::bind(config.address)
         .await
         .map_err(|source| StartError::Bind {
             addr: config.address,
@@ -454,7 +468,7 @@ pub async fn run(
         })?;
     let metrics_listener = match config.metrics.address {
         Some(addr) => Some(
-            TcpListener::bind(addr)
+            gateway_proxy::bind(addr)
                 .await
                 .map_err(|source| StartError::Bind { addr, source })?,
         ),
@@ -462,7 +476,7 @@ pub async fn run(
     };
     let scheduler_listener = match config.scheduler_address {
         Some(addr) => Some(
-            TcpListener::bind(addr)
+            gateway_proxy::bind(addr)
                 .await
                 .map_err(|source| StartError::Bind { addr, source })?,
         ),
