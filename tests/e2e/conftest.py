@@ -20,8 +20,8 @@ the client cannot express a check).
   their environment). Tests marked `local_only` or `kube_only` run on one backend.
 - `E2E_BACKEND=helm` installs each server as a release of the Helm chart (`HelmServer`): the
   gateway runs as a pod of tests/kube-env from the gateway image `images/build` makes,
-  configured only through chart values, and is reached through a local TCP forward to its
-  Service's ClusterIP (routed by kube-proxy). Tests that kill or restart the gateway process
+  configured only through chart values, and is reached on its Service's node port at the
+  node's address (routed by kube-proxy, as a user's load balancer would). Tests that kill or restart the gateway process
   (`process_control`) do not run there.
 """
 
@@ -299,53 +299,6 @@ class KubeEnv:
         return ns
 
 
-class TcpForward:
-    """127.0.0.1:<port> -> target, byte for byte both ways (what a user's `kubectl port-forward`
-    or load balancer does). Scheduler TLS passes through untouched."""
-
-    def __init__(self, target):
-        import threading
-        self.target = target
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(256)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        import threading
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client):
-        import threading
-        try:
-            upstream = socket.create_connection(self.target, timeout=10)
-            upstream.settimeout(None)
-        except OSError:
-            client.close()
-            return
-
-        def pipe(a, b):
-            try:
-                while data := a.recv(65536):
-                    b.sendall(data)
-                b.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-        t = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
-        t.start()
-        pipe(client, upstream)
-        t.join()
-        client.close()
-        upstream.close()
-
 # Registry of running servers, for per-test log slices.
 _RUNNING: list[GatewayServer] = []
 
@@ -428,7 +381,7 @@ class GatewayServer:
     @property
     def url(self):
         """The gateway address a user gives to `Gateway(...)` (includes any prefix)."""
-        return f"http://127.0.0.1:{self.port}{self.prefix}"
+        return f"http://{self.host}:{self.port}{self.prefix}"
 
     @property
     def scheduler_port(self):
@@ -692,7 +645,7 @@ class HelmServer(GatewayServer):
         super().__init__(name, base_dir, password=password, admin_users=admin_users,
                          kube_namespace=self._namespace, kube_kubeconfig=None, **overrides)
         self.owns_namespace = True
-        self.forward = None
+        self.node_port = None
         self.helm = subprocess.run([str(REPO / "tests" / "helm" / "build")], check=True, text=True,
                                    stdout=subprocess.PIPE).stdout.strip().splitlines()[-1]
 
@@ -703,9 +656,12 @@ class HelmServer(GatewayServer):
         images = KubeEnv.get().images
         values = {
             "crds": {"install": False},  # applied once by KubeEnv
+            # The chart's default two replicas, with test-sized requests (a 2-CPU node).
             "gateway": {"dashboardAuth": bool(c.get("dashboard_auth")),
                         "stopClustersOnShutdown": bool(c.get("stop_clusters_on_shutdown")),
-                        "prefix": c.get("prefix") or "", "logFormat": "text"},
+                        "prefix": c.get("prefix") or "", "logFormat": "text",
+                        "resources": {"requests": {"cpu": "20m", "memory": "64Mi"},
+                                      "limits": {"memory": "512Mi"}}},
             "auth": {"simple": {"password": self.password or ""},
                      "adminUsers": list(c["auth"].get("admin_users") or []),
                      "adminGroups": list(c["auth"].get("admin_groups") or []),
@@ -715,6 +671,8 @@ class HelmServer(GatewayServer):
                          "terminationGracePeriodSeconds": 5,
                          "scheduler": {"template": kube["scheduler"]},
                          "worker": {"template": kube["worker"]}},
+            # Reached from this machine on the node's address, through kube-proxy.
+            "service": {"type": "NodePort"},
             # The gateway's own configuration keys, merged last by the chart.
             "extraConfig": {"cluster": c["cluster"]},
         }
@@ -724,13 +682,16 @@ class HelmServer(GatewayServer):
         return values
 
     @property
+    def host(self):
+        return KubeEnv.BRIDGE_IP
+
+    @property
     def port(self):
-        forward = getattr(self, "forward", None)
-        return forward.port if forward else 0
+        return getattr(self, "node_port", None) or 0
 
     @port.setter
     def port(self, value):
-        pass  # chosen by the forward
+        pass  # chosen by Kubernetes (the Service's node port)
 
     def start(self, timeout=180):
         values = self.base_dir / "values.yaml"
@@ -743,15 +704,14 @@ class HelmServer(GatewayServer):
             pytest.fail(f"helm install of {self.name} failed: {r.stderr}")
         svc = KubeEnv.get().get_json("svc", "-n", self.namespace,
                                      f"{self.release}-dask-gateway-rs")
-        target = (svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["port"])
-        self.forward = TcpForward(target)
+        self.node_port = svc["spec"]["ports"][0]["nodePort"]
         if self not in _RUNNING:
             _RUNNING.append(self)
         wait_for(lambda: self.health().status == 200, 60, what=f"{self.name} to answer")
         return self
 
     def is_alive(self):
-        return self.forward is not None
+        return bool(getattr(self, "node_port", None))
 
     def kill9(self):
         pytest.skip("process control of a gateway pod is not part of the Helm mode")
@@ -784,13 +744,12 @@ class HelmServer(GatewayServer):
         return old
 
     def terminate(self, timeout=30):
-        if self.forward is None:
+        if not self.is_alive():
             return
         subprocess.run([self.helm, "uninstall", self.release, "-n", self.namespace, "--wait"],
                        capture_output=True, env={**os.environ,
                                                  "KUBECONFIG": KubeEnv.get().admin_kubeconfig})
-        self.forward.listener.close()
-        self.forward = None
+        self.node_port = None
 
     def log_text(self, start=0):
         r = KubeEnv.get().kubectl("logs", "-n", self.namespace, "--tail", "400", "-l",
@@ -971,7 +930,10 @@ def pytest_collection_modifyitems(config, items):
     skip_kube = pytest.mark.skip(reason="Kubernetes backend only (E2E_BACKEND=kubernetes)")
     skip_helm = pytest.mark.skip(reason="controls the gateway process (not in the Helm mode)")
     skip_helm_only = pytest.mark.skip(reason="Helm mode only (E2E_BACKEND=helm)")
+    skip_stress = pytest.mark.skip(reason="a stress run: scripts/restart-stress (E2E_STRESS=1)")
     for item in items:
+        if item.get_closest_marker("stress") and os.environ.get("E2E_STRESS") != "1":
+            item.add_marker(skip_stress)
         if KUBE and item.get_closest_marker("local_only"):
             item.add_marker(skip_local)
         if HELM and (item.get_closest_marker("process_control")
@@ -989,6 +951,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "kube_only: runs on the Kubernetes backend only")
     config.addinivalue_line("markers", "helm_only: runs through a Helm-installed gateway only")
     config.addinivalue_line("markers", "process_control: kills or restarts the gateway process")
+    config.addinivalue_line("markers", "stress: long stress runs, only with E2E_STRESS=1 "
+                            "(scripts/restart-stress)")
     config.addinivalue_line("markers", "not_helm: needs settings the Helm mode does not pass")
     config.addinivalue_line("markers", "smoke: the compatibility smoke set (create, scale, "
                             "compute, dashboard, shutdown)")
@@ -1030,7 +994,7 @@ def insecure_context():
     return ctx
 
 
-def tls_probe(port, sni, ctx=None, first_chunk=None, delay=0.0, timeout=15):
+def tls_probe(port, sni, ctx=None, first_chunk=None, delay=0.0, timeout=15, host="127.0.0.1"):
     """Run a TLS client handshake over a raw socket (MemoryBIO), so that exactly what the server
     sends back is visible. `first_chunk`: send the ClientHello in pieces of that many bytes, with
     `delay` seconds between pieces."""
@@ -1038,7 +1002,7 @@ def tls_probe(port, sni, ctx=None, first_chunk=None, delay=0.0, timeout=15):
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(inc, out, server_side=False, server_hostname=sni)
     res = TlsProbe()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock = socket.create_connection((host, port), timeout=timeout)
     try:
         try:
             obj.do_handshake()
@@ -1085,10 +1049,10 @@ def tls_probe(port, sni, ctx=None, first_chunk=None, delay=0.0, timeout=15):
         sock.close()
 
 
-def raw_exchange(port, payload: bytes, timeout=15):
+def raw_exchange(port, payload: bytes, timeout=15, host="127.0.0.1"):
     """Send bytes on a plain TCP connection and half-close it; return everything received until
     EOF/timeout and whether the server closed the connection."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock = socket.create_connection((host, port), timeout=timeout)
     received = b""
     closed = False
     try:

@@ -325,7 +325,7 @@ def test_delete_with_wrong_token_falls_back_to_user_auth(server, cluster, unchan
     ],
 )
 def test_garbage_on_public_port(server, unchanged, payload):
-    received, closed = raw_exchange(server.port, payload, timeout=10)
+    received, closed = raw_exchange(server.port, payload, timeout=10, host=server.host)
     assert closed or received, "server neither answered nor closed"
     if received:
         status = received.split(b"\r\n")[0].split(b" ")
@@ -333,27 +333,27 @@ def test_garbage_on_public_port(server, unchanged, payload):
 
 
 def test_tls_for_unknown_cluster_is_closed_without_data(server, unchanged):
-    probe = tls_probe(server.scheduler_port, "daskgateway-doesnotexist")
+    probe = tls_probe(server.scheduler_port, "daskgateway-doesnotexist", host=server.host)
     assert probe.eof and probe.received == b"" and not probe.handshake_ok, probe
 
 
 def test_tls_without_sni(server, unchanged):
     # Not for a scheduler and no HTTPS configured: closed, or answered as bad HTTP.
-    probe = tls_probe(server.port, None)
+    probe = tls_probe(server.port, None, host=server.host)
     assert not probe.handshake_ok, probe
     assert probe.eof or probe.error is not None, probe
     assert probe.received == b"" or probe.received.startswith(b"HTTP/1."), probe
 
 
 def test_tls_with_other_sni(server, unchanged):
-    probe = tls_probe(server.port, "example.com")
+    probe = tls_probe(server.port, "example.com", host=server.host)
     assert not probe.handshake_ok, probe
 
 
 def test_huge_header(server, unchanged):
     payload = (b"GET /api/v1/clusters/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20)
                + b"\r\n\r\n")
-    received, closed = raw_exchange(server.port, payload, timeout=15)
+    received, closed = raw_exchange(server.port, payload, timeout=15, host=server.host)
     assert closed or received
     if received:
         status = received.split(b"\r\n")[0]
@@ -363,7 +363,7 @@ def test_huge_header(server, unchanged):
 def test_many_headers(server, unchanged):
     payload = b"GET /api/health HTTP/1.1\r\nHost: x\r\n" + b"".join(
         b"X-H%d: v\r\n" % i for i in range(5000)) + b"\r\n"
-    received, closed = raw_exchange(server.port, payload, timeout=15)
+    received, closed = raw_exchange(server.port, payload, timeout=15, host=server.host)
     assert closed or received
     assert not received or received.startswith(b"HTTP/1."), received[:200]
 
@@ -372,7 +372,7 @@ def test_slow_fragmented_clienthello_still_routes(server, cluster, unchanged):
     # The proxy must wait for the whole ClientHello, however it is fragmented by TCP.
     ctx = cluster.security.get_connection_args("client")["ssl_context"]
     probe = tls_probe(server.scheduler_port, f"daskgateway-{cluster.name}", ctx=ctx,
-                      first_chunk=7, delay=0.01)
+                      first_chunk=7, delay=0.01, host=server.host)
     assert probe.handshake_ok, probe
     assert probe.peer_der == ssl.PEM_cert_to_DER_cert(cluster.security.tls_cert)
 
@@ -382,7 +382,8 @@ def test_large_clienthello_still_routes(server, cluster, unchanged):
     # up to the 16 KiB record limit, not just 4 KiB.
     ctx = cluster.security.get_connection_args("client")["ssl_context"]
     ctx.set_alpn_protocols([f"proto-{i:03d}-" + "x" * 40 for i in range(200)])
-    probe = tls_probe(server.scheduler_port, f"daskgateway-{cluster.name}", ctx=ctx)
+    probe = tls_probe(server.scheduler_port, f"daskgateway-{cluster.name}", ctx=ctx,
+                      host=server.host)
     assert probe.handshake_ok, probe
     assert probe.peer_der == ssl.PEM_cert_to_DER_cert(cluster.security.tls_cert)
 

@@ -1,16 +1,15 @@
-"""A Helm-installed gateway whose pod is killed outright (deleted with no grace period, so its
-process gets SIGKILL): the Deployment's next pod takes over the clusters without touching their
-pods, and users connect to them through it and keep working.
+"""A Helm-installed gateway whose pods go away, the ways they do on a real cluster:
 
-An open `Client` gives up reconnecting after distributed's connect timeout (30 s by default);
-whether a replacement pod is routable by then depends on the cluster (scheduling, readiness,
-endpoint propagation), so this test connects anew. The local-backend kill test checks that an
-open Client reconnects through a restarted gateway.
+- one of the chart's default two replicas is force-deleted (its process gets SIGKILL), the other
+  deleted gracefully (preStop, SIGTERM), then the Deployment is rolled: an open `Client` keeps
+  computing throughout, reconnecting through the replica that stays;
+- every replica is killed at once: the Deployment's next pods take over the clusters without
+  touching their pods, and users connect to them through the new pods and keep working.
 """
 
 import pytest
 
-from conftest import connect, new_cluster, wait_computes, wait_for, wait_workers
+from conftest import (KubeEnv, connect, new_cluster, wait_computes, wait_for, wait_workers)
 
 pytestmark = pytest.mark.helm_only
 
@@ -57,3 +56,40 @@ def test_clusters_and_clients_survive_a_killed_gateway_pod(module_servers):
     finally:
         c.close()
         srv.gateway(USER).stop_cluster(name)
+
+
+def test_an_open_client_survives_losing_gateway_pods_one_at_a_time(module_servers):
+    srv = module_servers("twopods", cluster={"heartbeat_period": 2})
+    kube = KubeEnv.get()
+
+    def pod_names():
+        pods = kube.get_json("pods", "-n", srv.namespace, "-l",
+                             f"app.kubernetes.io/instance={srv.release},{srv.GATEWAY_PODS}")["items"]
+        return sorted(p["metadata"]["name"] for p in pods
+                      if not p["metadata"].get("deletionTimestamp")
+                      and any(c["type"] == "Ready" and c["status"] == "True"
+                              for c in p["status"].get("conditions", [])))
+
+    first = wait_for(lambda: len(pod_names()) == 2 and pod_names(), 120,
+                     what="the chart's two gateway replicas to be ready")
+    gw = srv.gateway(USER)
+    c = new_cluster(gw)
+    try:
+        c.scale(1)
+        client = c.get_client(set_as_default=False)
+        wait_workers(client, 1, timeout=120)
+        for pod, how in zip(first, (["--grace-period=0", "--force"], [])):
+            kube.kubectl("delete", "pod", "-n", srv.namespace, pod, "--wait=false", *how)
+            # Within the open client's reconnect window (30 s): the other replica serves.
+            wait_computes(client, 25, what=f"the open client to compute after {pod} went")
+            wait_for(lambda: len(pod_names()) == 2 and pod not in pod_names(), 120,
+                     what="two ready replicas again")
+        kube.kubectl("rollout", "restart", "deployment", "-n", srv.namespace,
+                     f"{srv.release}-dask-gateway-rs")
+        kube.kubectl("rollout", "status", "deployment", "-n", srv.namespace,
+                     f"{srv.release}-dask-gateway-rs", "--timeout=180s", timeout=200)
+        wait_computes(client, 25, what="the open client to compute after the rollout")
+        assert client.status == "running"
+        client.close()
+    finally:
+        c.shutdown()

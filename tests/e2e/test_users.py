@@ -102,7 +102,7 @@ def test_alice_unaffected_by_bob(alice, alice_cluster):
 
 
 def test_bob_credentials_do_not_open_alice_scheduler(server, alice, alice_cluster, bob_cluster):
-    alice_addr = f"gateway://127.0.0.1:{server.scheduler_port}/{alice_cluster.name}"
+    alice_addr = f"gateway://{server.host}:{server.scheduler_port}/{alice_cluster.name}"
     # Positive control: the same address with alice's credentials works.
     with Client(alice_addr, security=alice_cluster.security, timeout=30,
                 set_as_default=False) as ok:
@@ -115,7 +115,8 @@ def test_bob_credentials_do_not_open_alice_scheduler(server, alice, alice_cluste
     # The same at the TLS level: bob's context does not complete a handshake with alice's
     # scheduler (her certificate is not his trust anchor), and the proxy routed by SNI.
     ctx = bob_cluster.security.get_connection_args("client")["ssl_context"]
-    probe = tls_probe(server.scheduler_port, f"daskgateway-{alice_cluster.name}", ctx=ctx)
+    probe = tls_probe(server.scheduler_port, f"daskgateway-{alice_cluster.name}", ctx=ctx,
+                      host=server.host)
     assert not probe.handshake_ok, probe
     assert probe.received, f"no ServerHello from alice's scheduler: {probe}"
 
@@ -124,7 +125,8 @@ def test_bob_credentials_do_not_open_alice_scheduler(server, alice, alice_cluste
 
 def test_own_credentials_reach_own_scheduler(server, bob_cluster):
     ctx = bob_cluster.security.get_connection_args("client")["ssl_context"]
-    probe = tls_probe(server.scheduler_port, f"daskgateway-{bob_cluster.name}", ctx=ctx)
+    probe = tls_probe(server.scheduler_port, f"daskgateway-{bob_cluster.name}", ctx=ctx,
+                      host=server.host)
     assert probe.handshake_ok, probe
     assert probe.peer_der == ssl.PEM_cert_to_DER_cert(bob_cluster.security.tls_cert)
 

@@ -100,7 +100,7 @@ def test_new_cluster_running(gateway, cluster, server):
         "worker_memory": 1.0,
         "environment": {"E2E_FROM_OPTIONS": "opt-value"},
     }
-    assert cluster.scheduler_address == f"gateway://127.0.0.1:{server.port}/{cluster.name}"
+    assert cluster.scheduler_address == f"gateway://{server.host}:{server.port}/{cluster.name}"
     assert cluster.dashboard_link == f"{server.url}/clusters/{cluster.name}/status"
     assert cluster.name in [c.name for c in gateway.list_clusters()]
 
@@ -209,7 +209,7 @@ def test_dashboard_through_gateway(cluster, server):
         assert len(r.read()) > 1000
 
     # ... and opens its WebSocket at <page>/ws with subprotocols ["bokeh", <token>].
-    ws_url = f"ws://127.0.0.1:{server.port}{server.prefix}/clusters/{cluster.name}/status/ws"
+    ws_url = f"ws://{server.host}:{server.port}{server.prefix}/clusters/{cluster.name}/status/ws"
 
     async def handshake():
         async with websockets.connect(ws_url, subprotocols=["bokeh", tokens[0]],

@@ -297,15 +297,20 @@ def identity_and_root(pid):
 
 
 def test_install_serves_the_stock_client_from_a_pod(namespace, release):
-    [pod] = wait_for("a ready gateway pod", lambda: [p for p in gateway_pods(namespace, release)
-                                                      if ready(p)])
-    assert pod["spec"]["serviceAccountName"] == f"{release}-dask-gateway-rs"
-    # The gateway image: one non-root process on a read-only root filesystem.
-    [gateway] = container_processes(pod)
-    uids, gids, root = identity_and_root(gateway)
-    assert uids == ["65532"] * 4 and gids == ["65532"] * 4, (uids, gids)
-    assert "ro" in root
-    assert Path(f"/proc/{gateway}/cmdline").read_bytes().split(b"\0")[0] == b"gateway-server"
+    # Two replicas by default, each the gateway image: one non-root process on a read-only root.
+    pods = wait_for("two ready gateway pods", lambda: len(
+        ready_pods := [p for p in gateway_pods(namespace, release) if ready(p)]) == 2 and ready_pods)
+    for pod in pods:
+        assert pod["spec"]["serviceAccountName"] == f"{release}-dask-gateway-rs"
+        [gateway] = container_processes(pod)
+        uids, gids, root = identity_and_root(gateway)
+        assert uids == ["65532"] * 4 and gids == ["65532"] * 4, (uids, gids)
+        assert "ro" in root
+        assert Path(f"/proc/{gateway}/cmdline").read_bytes().split(b"\0")[0] == b"gateway-server"
+    # They share the session key the first one made, owned by the controller's Lease.
+    key = json.loads(kubectl("get", "secret", "-n", namespace, f"{release}-dask-gateway-rs-session-key",
+                             "-o", "json").stdout)
+    assert [o["kind"] for o in key["metadata"]["ownerReferences"]] == ["Lease"]
     seen = {}
 
     def dask_pods_are_non_root():
@@ -426,10 +431,16 @@ def test_uninstall_leaves_only_the_crd_and_finished_cluster_records(namespace, r
     wait_for("the release's pods to be gone", lambda: not json.loads(kubectl(
         "get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={release}",
         "-o", "json").stdout)["items"], timeout=90)
-    left = json.loads(kubectl("get", "all,configmaps,secrets,serviceaccounts,roles,rolebindings,"
-                              "leases,poddisruptionbudgets,daskclusters", "-n", namespace,
-                              "-o", "json").stdout)["items"]
-    ours = [o for o in left if o["metadata"]["name"] not in ("kube-root-ca.crt", "default")]
+    def ours():
+        left = json.loads(kubectl("get", "all,configmaps,secrets,serviceaccounts,roles,"
+                                  "rolebindings,leases,poddisruptionbudgets,daskclusters",
+                                  "-n", namespace, "-o", "json").stdout)["items"]
+        return [o for o in left if o["metadata"]["name"] not in ("kube-root-ca.crt", "default")]
+
+    # The session key the gateway made goes with the Lease that owns it (garbage collection).
+    wait_for("the session key to be collected", lambda: not [
+        o for o in ours() if o["metadata"]["name"].endswith("-session-key")], timeout=60)
+    ours = ours()
     # What docs/install-kubernetes.md says stays: the records of finished clusters (no pods,
     # Services or Secrets; `kubectl delete daskclusters --all` removes them) ...
     records = [o for o in ours if o["kind"] == "DaskCluster"]
