@@ -188,6 +188,9 @@ YAML
 cluster.local:53 in-addr.arpa:53 ip6.arpa:53 {
     bind $CLUSTER_DNS
     errors
+    log . {
+        class error
+    }
     health 127.0.0.1:18080
     ready 127.0.0.1:18181
     kubernetes cluster.local in-addr.arpa ip6.arpa {
