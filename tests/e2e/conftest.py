@@ -951,6 +951,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "kube_only: runs on the Kubernetes backend only")
     config.addinivalue_line("markers", "helm_only: runs through a Helm-installed gateway only")
     config.addinivalue_line("markers", "process_control: kills or restarts the gateway process")
+    config.addinivalue_line("markers", "chart: also run through the Helm chart (tests/run-kube "
+                            "runs `-m 'smoke or chart or helm_only'` in the Helm mode)")
     config.addinivalue_line("markers", "stress: long stress runs, only with E2E_STRESS=1 "
                             "(scripts/restart-stress)")
     config.addinivalue_line("markers", "not_helm: needs settings the Helm mode does not pass")

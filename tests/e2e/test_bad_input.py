@@ -20,6 +20,8 @@ from conftest import (
 )
 from dask_gateway import GatewayClusterError
 
+pytestmark = pytest.mark.chart  # bad input at the chart's front door too (tests/run-kube)
+
 USER = "mallory-bad-input"
 ALL_STATES = "PENDING,RUNNING,STOPPING,STOPPED,FAILED"
 

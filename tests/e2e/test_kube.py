@@ -98,8 +98,10 @@ def test_a_cluster_is_a_daskcluster_with_owned_children_all_removed_on_shutdown(
     st = dc["status"]
     assert st["phase"] == "Running"
     assert st["addresses"]["scheduler"].startswith("tls://10.244.0.")
-    assert {c["type"]: c["status"] for c in st["conditions"]} == {
-        "SchedulerReady": "True", "WorkersReady": "True"}
+    # Workers are ready once their readiness probe passes (it may trail their joining).
+    wait_for(lambda: {c["type"]: c["status"] for c in daskcluster(server, name)["status"][
+        "conditions"]} == {"SchedulerReady": "True", "WorkersReady": "True"},
+        30, what="both conditions True")
 
     objs = children(server, name)
     oid = object_id(name)

@@ -13,6 +13,8 @@ from distributed import Client
 
 from conftest import connect, new_cluster, tls_probe, wait_workers
 
+pytestmark = pytest.mark.chart  # two users through the chart too (tests/run-kube)
+
 ALICE = "alice-users"
 BOB = "bob-users"
 ADMIN = "root-admin"  # configured in shared_server's admin_users
