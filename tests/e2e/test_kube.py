@@ -204,6 +204,8 @@ def test_dask_pods_run_as_the_image_user_with_a_read_only_root(server):
             assert p.uids().real == p.uids().effective == 1000, p.cmdline()
             assert p.gids().real == 1000, p.cmdline()
             assert root_is_read_only(p.pid), p.cmdline()
+            # The image's entrypoint moved HOME to the writable /tmp.
+            assert p.environ()["HOME"] == "/tmp/home", p.cmdline()
     finally:
         c.shutdown()
 

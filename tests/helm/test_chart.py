@@ -260,6 +260,9 @@ def test_a_gateway_without_the_crd_says_how_to_install_it(namespace, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert "the DaskCluster CRD (daskclusters.gateway.dask.org) is not installed" in lines[-1]
     assert "crds.install" in lines[-1] and "kubectl apply" in lines[-1], lines[-1]
+    # ... and wrote nothing (no session-key Secret, no Lease).
+    left = json.loads(kubectl("get", "secrets,leases", "-n", namespace, "-o", "json").stdout)
+    assert left["items"] == [], [o["metadata"]["name"] for o in left["items"]]
 
 
 @pytest.fixture(scope="module")

@@ -360,8 +360,15 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let metrics_token = config.metrics.token()?;
+    // Kubernetes: a client, and the CRD checked before anything is written.
     let kube = match config.backend {
-        BackendKind::Kubernetes => Some(kube_client(&config).await?),
+        BackendKind::Kubernetes => {
+            let (client, namespace) = kube_client(&config).await?;
+            gateway_kube::check_crd(&client, &namespace)
+                .await
+                .map_err(gateway_kube::ControllerError::from)?;
+            Some((client, namespace))
+        }
         BackendKind::Local => None,
     };
     let mut auth_config = config.auth.clone();
@@ -407,9 +414,6 @@ pub async fn run(
             backend
         }
         Some((client, namespace)) => {
-            gateway_kube::check_crd(&client, &namespace)
-                .await
-                .map_err(gateway_kube::ControllerError::from)?;
             if config.kubernetes.controller {
                 let live: gateway_kube::LiveContext = Default::default();
                 controller_live = Some(live.clone());
