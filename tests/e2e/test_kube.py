@@ -231,8 +231,10 @@ def test_a_worker_over_its_memory_limit_is_oom_killed_replaced_and_reported(serv
         with c.get_client(set_as_default=False) as client:
             with pytest.raises(KilledWorker):
                 client.submit(hog, pure=False).result(timeout=240)
+        # The controller learns of the kill from the pod's status, a moment after Dask does.
+        failure = wait_for(lambda: daskcluster(server, c.name)["status"].get("lastWorkerFailure"),
+                           60, what="the DaskCluster to report the worker's end")
         status = daskcluster(server, c.name)["status"]
-        failure = status["lastWorkerFailure"]
         assert failure["reason"] == "OOMKilled" and failure["exitCode"] == 137, failure
         assert failure["pod"].startswith(f"dask-worker-{object_id(c.name)}-"), failure
         assert (f"was killed for exceeding its memory limit of {limit_bytes / 2**20:.2f} MiB"

@@ -327,6 +327,9 @@ struct Observed {
     service: bool,
     /// Worker pods not being deleted (by us or anyone).
     workers: Vec<Arc<Pod>>,
+    /// Worker pods being deleted whose container was killed for its memory limit meanwhile
+    /// (a worker the scheduler reported gone, deleted as retired before its pod said why).
+    oom_killed_while_deleted: Vec<Arc<Pod>>,
     /// Names of worker pods we created that the cache does not show yet.
     workers_expected: Vec<String>,
 }
@@ -440,6 +443,12 @@ impl Context {
             still && at.elapsed() < EXPECTATION_TTL
         });
         let deleted = exp.deleted.clone();
+        let oom_killed_while_deleted = workers
+            .iter()
+            .filter(|p| is_being_deleted(p) || deleted.contains_key(&p.name_any()))
+            .filter(|p| termination(p).is_some_and(|(_, reason, _)| reason == "OOMKilled"))
+            .cloned()
+            .collect();
         workers.retain(|p| !is_being_deleted(p) && !deleted.contains_key(&p.name_any()));
         if scheduler
             .as_ref()
@@ -459,6 +468,7 @@ impl Context {
             scheduler,
             service: service || exp.created.contains_key(&names::service_name(id)),
             workers,
+            oom_killed_while_deleted,
             workers_expected,
         }
     }
@@ -818,15 +828,31 @@ async fn reconcile_workers(
     let retired: HashSet<&str> = dc.spec.retired_workers.iter().map(String::as_str).collect();
     let mut live: Vec<&Arc<Pod>> = Vec::new();
     let mut last_failure = None;
+    // A worker that ended in failure is recorded whichever way its pod goes; one the scheduler
+    // reported gone (retired) had joined it, so it is never a start failure.
+    let record = |next: &mut DaskClusterStatus, failure: WorkerFailure| {
+        if next.last_worker_failure.as_ref().map(|f| &f.pod) != Some(&failure.pod) {
+            info!(cluster = %id, "{}", failure.message);
+            next.last_worker_failure = Some(failure);
+        }
+    };
+    for pod in &observed.oom_killed_while_deleted {
+        record(next, worker_failure(pod));
+    }
     for pod in &observed.workers {
         let name = pod.name_any();
         let phase = pod_phase(pod);
+        let ended_in_failure = phase == "Failed"
+            || termination(pod).is_some_and(|(code, reason, _)| code != 0 || reason == "OOMKilled");
         if retired.contains(name.as_str()) || phase == "Succeeded" {
             if phase == "Succeeded" {
                 next.worker_failures = 0;
             }
+            if ended_in_failure {
+                record(next, worker_failure(pod));
+            }
             delete_pod(ctx, ns, id, &name).await?;
-        } else if phase == "Failed" {
+        } else if ended_in_failure {
             let mut failure = worker_failure(pod);
             let mut proven =
                 was_ready(pod) || ran_for(pod).is_some_and(|d| d >= WORKER_PROVEN_AFTER);
@@ -842,7 +868,6 @@ async fn reconcile_workers(
                         format!("{}; last log lines:\n{}", failure.message, tail.join("\n"));
                 }
             }
-            info!(cluster = %id, "{}", failure.message);
             if proven {
                 // It ran: the workers can start; this one died at work (e.g. out of memory).
                 next.worker_failures = 0;
@@ -850,7 +875,7 @@ async fn reconcile_workers(
                 next.worker_failures += 1;
                 last_failure = Some(failure.message.clone());
             }
-            next.last_worker_failure = Some(failure);
+            record(next, failure);
             delete_pod(ctx, ns, id, &name).await?;
         } else {
             if running_for(pod).is_some_and(|d| d >= WORKER_PROVEN_AFTER) {

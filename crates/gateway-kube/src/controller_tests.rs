@@ -553,6 +553,49 @@ async fn a_worker_oom_killed_at_work_is_reported_and_replaced_without_counting_a
 }
 
 #[tokio::test]
+async fn a_worker_the_scheduler_retired_after_an_oom_kill_is_still_reported() {
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.spec.replicas = 1;
+    // The scheduler's heartbeat named the dead worker before the controller saw its pod fail.
+    dc.spec.retired_workers = vec!["dask-worker-x-a".into()];
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    let mut oom = worker(&dc, "dask-worker-x-a", "Running", Some(137));
+    oom.status
+        .as_mut()
+        .unwrap()
+        .container_statuses
+        .as_mut()
+        .unwrap()[0]
+        .state
+        .as_mut()
+        .unwrap()
+        .terminated
+        .as_mut()
+        .unwrap()
+        .reason = Some("OOMKilled".into());
+    caches.pod(oom);
+    let pass = run(dc.clone(), &ctx).await;
+    let c = api.next().await;
+    assert_eq!(c.method, Method::DELETE, "retired: deleted, no log read");
+    c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    let c = api.next().await;
+    assert_eq!(c.method, Method::POST, "a replacement");
+    c.echo();
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!(st.worker_failures, 0);
+    let failure = st.last_worker_failure.unwrap();
+    assert_eq!(
+        (failure.pod.as_str(), failure.reason.as_str()),
+        ("dask-worker-x-a", "OOMKilled")
+    );
+    c.echo();
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn a_dead_scheduler_fails_the_cluster_with_its_last_log_lines() {
     let (ctx, mut api, mut caches) = context(10);
     let dc = with_status(cluster(ID), Phase::Running);
