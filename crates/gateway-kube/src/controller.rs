@@ -654,16 +654,23 @@ pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action
         let remaining =
             Duration::from_secs_f64(dc.spec.runtime.start_timeout).saturating_sub(created_age(&dc));
         Action::requeue(remaining.clamp(Duration::from_millis(500), Duration::from_secs(10)))
-    } else if next.replicas < dc.spec.replicas {
-        // More workers to create: continue soon, after other clusters had their turn.
-        Action::requeue(Duration::from_millis(200))
+    } else if more_to_create(&dc, &next) {
+        // More workers to create: continue at once, behind the clusters already queued (the
+        // write budget is shared first come, first served).
+        Action::requeue(Duration::ZERO)
     } else {
         Action::requeue(Duration::from_secs(300))
     };
-    if write_status(&ctx, &dc, &next).await? == StatusWrite::Deferred {
+    if write_status(&ctx, &dc, &next).await? == StatusWrite::Deferred && !more_to_create(&dc, &next)
+    {
         return Ok(Action::requeue(COUNTS_WRITE_EVERY));
     }
     Ok(action)
+}
+
+/// Whether a running cluster still has worker pods to create (a scale-up proceeds in slices).
+fn more_to_create(dc: &DaskCluster, next: &DaskClusterStatus) -> bool {
+    next.phase == Phase::Running && next.replicas < dc.spec.replicas
 }
 
 fn created_age(dc: &DaskCluster) -> Duration {
