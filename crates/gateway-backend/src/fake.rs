@@ -113,6 +113,7 @@ impl ClusterBackend for FakeBackend {
             target_workers: 0,
             last_client_ms: None,
             grant: None,
+            pool: request.pool,
         };
         let (status_tx, _) = watch::channel(ClusterStatus::Pending);
         self.lock().insert(
@@ -178,6 +179,29 @@ impl ClusterBackend for FakeBackend {
         Ok(())
     }
 
+    async fn claim(
+        &self,
+        pool: &str,
+        claim: NewCluster,
+    ) -> Result<Option<ClusterView>, BackendError> {
+        let mut clusters = self.lock();
+        let mut members: Vec<&mut Entry> = clusters
+            .values_mut()
+            .filter(|e| e.view.pool.as_deref() == Some(pool) && e.view.status.is_active())
+            .collect();
+        // RUNNING first, then the oldest.
+        members.sort_by_key(|e| (e.view.status != ClusterStatus::Running, e.view.start_time));
+        let Some(e) = members.into_iter().next() else {
+            return Ok(None);
+        };
+        e.view.owner = claim.owner;
+        e.view.options = claim.options;
+        e.view.settings = claim.settings;
+        e.view.pool = None;
+        e.view.start_time = now_ms();
+        Ok(Some(e.view.clone()))
+    }
+
     /// Shared like a Kubernetes backend: one lock per user for every service over it.
     async fn lock_user_quota(&self, owner: &str) -> Result<Option<crate::QuotaLock>, BackendError> {
         let lock = self
@@ -214,6 +238,9 @@ impl ClusterBackend for FakeBackend {
 
     async fn stop(&self, name: &str, request: StopRequest) -> Result<(), BackendError> {
         if let Some(e) = self.lock().get_mut(name) {
+            if request.if_pool.is_some() && e.view.pool != request.if_pool {
+                return Ok(());
+            }
             if e.view.status.is_active() {
                 let end = if request.failed {
                     ClusterStatus::Failed
@@ -255,11 +282,7 @@ mod tests {
     use crate::ClusterSettings;
 
     fn request(owner: &str) -> NewCluster {
-        NewCluster {
-            owner: owner.into(),
-            options: Default::default(),
-            settings: ClusterSettings::example(),
-        }
+        NewCluster::owned(owner, Default::default(), ClusterSettings::example())
     }
 
     #[tokio::test]

@@ -38,15 +38,40 @@ pub struct WorkerGrant {
     pub held_until_ms: i64,
 }
 
+/// The owner under which warm-pool members are kept (`spec.user` on Kubernetes) and whose
+/// quota lock ([`ClusterBackend::lock_user_quota`]) serialises refilling the pools across
+/// gateway replicas. Listings by owner never return pool members, whatever the name.
+pub const POOL_OWNER: &str = "(warm pool)";
+
 /// What the API asks a backend to create: owner, validated options and resolved settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewCluster {
-    /// User name that owns the cluster (any string; never used raw in paths or labels).
+    /// User name that owns the cluster (any string; never used raw in paths or labels). Empty
+    /// for a warm-pool member, which has no owner until it is claimed.
     pub owner: String,
     /// The validated options, every exposed field filled in (reported back to the user).
     pub options: Map<String, Value>,
     /// The resolved settings.
     pub settings: ClusterSettings,
+    /// Set for a warm-pool member: the key of the pool it belongs to (see
+    /// [`ClusterBackend::claim`]).
+    pub pool: Option<String>,
+}
+
+impl NewCluster {
+    /// A cluster for `owner`.
+    pub fn owned(
+        owner: impl Into<String>,
+        options: Map<String, Value>,
+        settings: ClusterSettings,
+    ) -> Self {
+        NewCluster {
+            owner: owner.into(),
+            options,
+            settings,
+            pool: None,
+        }
+    }
 }
 
 /// Where a RUNNING cluster's scheduler listens.
@@ -103,6 +128,9 @@ pub struct ClusterView {
     /// ms since the Unix epoch (backends shared by several gateway replicas; see
     /// [`ClusterBackend::record_client_activity`]).
     pub last_client_ms: Option<i64>,
+    /// Set while the cluster is an unclaimed warm-pool member: its pool's key. Such a cluster
+    /// has no owner, shows in no listing and counts against no user.
+    pub pool: Option<String>,
 }
 
 impl ClusterView {
@@ -136,6 +164,9 @@ pub struct StopRequest {
     pub reason: String,
     /// End as FAILED instead of STOPPED.
     pub failed: bool,
+    /// Stop the cluster only if it is still an unclaimed member of this warm pool (checked
+    /// atomically with the stop, so a member handed to a user meanwhile keeps running).
+    pub if_pool: Option<String>,
 }
 
 impl StopRequest {
@@ -144,6 +175,7 @@ impl StopRequest {
         StopRequest {
             reason: reason.into(),
             failed: false,
+            if_pool: None,
         }
     }
 
@@ -152,7 +184,14 @@ impl StopRequest {
         StopRequest {
             reason: reason.into(),
             failed: true,
+            if_pool: None,
         }
+    }
+
+    /// Makes the stop conditional: only while the cluster is an unclaimed member of `pool`.
+    pub fn if_pool(mut self, pool: impl Into<String>) -> Self {
+        self.if_pool = Some(pool.into());
+        self
     }
 }
 
@@ -215,6 +254,17 @@ pub trait ClusterBackend: Send + Sync + 'static {
         heartbeat: &Heartbeat,
         target_workers: u64,
     ) -> Result<(), BackendError>;
+
+    /// Hands an active member of the warm pool `pool` to `claim.owner`, atomically (two
+    /// claims never get the same member, also across gateway processes sharing the backend):
+    /// the cluster takes the claim's owner, options and settings (its scheduler keeps running;
+    /// workers start with the new settings) and its start time becomes now. Prefers members
+    /// that are RUNNING. `None`: no member is free.
+    async fn claim(
+        &self,
+        pool: &str,
+        claim: NewCluster,
+    ) -> Result<Option<ClusterView>, BackendError>;
 
     /// Starts stopping an active cluster; idempotent (unknown or finished clusters are fine).
     async fn stop(&self, name: &str, request: StopRequest) -> Result<(), BackendError>;

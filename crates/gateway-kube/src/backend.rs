@@ -360,7 +360,11 @@ impl KubeBackend {
             .or_else(|| dc.spec.stop.as_ref().map(|s| s.reason.clone()));
         ClusterView {
             name: names::public_name(&self.namespace, &id),
-            owner: dc.spec.user.clone(),
+            owner: if dc.spec.pool.is_some() {
+                String::new()
+            } else {
+                dc.spec.user.clone()
+            },
             status,
             reason,
             options: dc.spec.options.clone(),
@@ -384,6 +388,7 @@ impl KubeBackend {
                 .annotations()
                 .get(names::ANNOTATION_GRANTED_WORKERS)
                 .and_then(|v| names::parse_grant(v)),
+            pool: dc.spec.pool.clone(),
         }
     }
 
@@ -412,8 +417,12 @@ impl KubeBackend {
             .clone()
             .or_else(|| profile.and_then(|p| p.image.clone()))
             .unwrap_or_else(|| self.config.image.clone());
+        let user = match &request.pool {
+            Some(_) => names::POOL_USER.to_string(),
+            None => request.owner.clone(),
+        };
         let spec = DaskClusterSpec {
-            user: request.owner.clone(),
+            user: user.clone(),
             options: request.options.clone(),
             settings: settings.clone(),
             scheduler: overlay(&self.config.scheduler, |p| &p.scheduler),
@@ -438,14 +447,18 @@ impl KubeBackend {
             active: true,
             retired_workers: Vec::new(),
             stop: None,
+            pool: request.pool.clone(),
         };
         let mut dc = DaskCluster::new(id, spec);
         dc.metadata.namespace = Some(self.namespace.clone());
-        let mut labels = names::labels(&self.config.instance, id, &request.owner, "cluster");
+        let mut labels = names::labels(&self.config.instance, id, &user, "cluster");
         labels.remove(names::LABEL_COMPONENT);
+        if let Some(pool) = &request.pool {
+            labels.insert(names::LABEL_POOL.to_string(), pool.clone());
+        }
         dc.metadata.labels = Some(labels);
         dc.metadata.annotations = Some(BTreeMap::from([
-            (names::ANNOTATION_USER.to_string(), request.owner.clone()),
+            (names::ANNOTATION_USER.to_string(), user),
             (
                 names::ANNOTATION_CREATED_MS.to_string(),
                 now_ms().to_string(),
@@ -582,7 +595,9 @@ impl ClusterBackend for KubeBackend {
         let mut out: Vec<ClusterView> = cache
             .clusters
             .values()
-            .filter(|e| owner.is_none_or(|o| e.cluster.spec.user == o))
+            .filter(|e| {
+                owner.is_none_or(|o| e.cluster.spec.pool.is_none() && e.cluster.spec.user == o)
+            })
             .map(|e| self.view(&e.cluster, &cache.secrets))
             .collect();
         out.sort_by(|a, b| (a.start_time, &a.name).cmp(&(b.start_time, &b.name)));
@@ -637,6 +652,75 @@ impl ClusterBackend for KubeBackend {
             self.upsert(&mut cache, dc);
         }
         Ok(Some(Box::new(guard)))
+    }
+
+    async fn claim(
+        &self,
+        pool: &str,
+        claim: NewCluster,
+    ) -> Result<Option<ClusterView>, BackendError> {
+        // Candidates from the cache, RUNNING first, then the oldest. Each is taken with an
+        // update that carries the resourceVersion seen: if another replica claimed (or changed)
+        // it meanwhile the API server refuses it with a conflict, and the next one is tried.
+        let mut candidates: Vec<(bool, i64, Arc<DaskCluster>)> = {
+            let cache = self.lock();
+            cache
+                .clusters
+                .values()
+                .filter(|e| {
+                    e.cluster.spec.pool.as_deref() == Some(pool)
+                        && e.cluster.spec.active
+                        && !public_status(&e.cluster, &cache.secrets).is_terminal()
+                })
+                .map(|e| {
+                    let running =
+                        public_status(&e.cluster, &cache.secrets) == ClusterStatus::Running;
+                    (
+                        !running,
+                        created_ms(&e.cluster).unwrap_or(0),
+                        e.cluster.clone(),
+                    )
+                })
+                .collect()
+        };
+        candidates.sort_by_key(|(not_running, created, _)| (*not_running, *created));
+        for (_, _, dc) in candidates {
+            let id = dc.name_any();
+            let mut next = (*dc).clone();
+            next.metadata.managed_fields = None;
+            next.spec.user = claim.owner.clone();
+            next.spec.options = claim.options.clone();
+            next.spec.settings = claim.settings.clone();
+            next.spec.pool = None;
+            let labels = next.metadata.labels.get_or_insert_with(BTreeMap::new);
+            labels.remove(names::LABEL_POOL);
+            labels.extend(names::labels(
+                &self.config.instance,
+                &id,
+                &claim.owner,
+                "cluster",
+            ));
+            labels.remove(names::LABEL_COMPONENT);
+            let annotations = next.metadata.annotations.get_or_insert_with(BTreeMap::new);
+            annotations.insert(names::ANNOTATION_USER.into(), claim.owner.clone());
+            annotations.insert(names::ANNOTATION_CREATED_MS.into(), now_ms().to_string());
+            match self
+                .clusters_api
+                .replace(&id, &PostParams::default(), &next)
+                .await
+            {
+                Ok(updated) => {
+                    info!(cluster = %names::public_name(&self.namespace, &id), user = ?claim.owner, "warm scheduler claimed");
+                    let mut cache = self.lock();
+                    self.upsert(&mut cache, updated);
+                    let e = &cache.clusters[&id];
+                    return Ok(Some(self.view(&e.cluster, &cache.secrets)));
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => continue,
+                Err(e) => return Err(api_error("claim warm DaskClusters", e)),
+            }
+        }
+        Ok(None)
     }
 
     async fn record_grant(&self, name: &str, grant: WorkerGrant) -> Result<(), BackendError> {
@@ -728,6 +812,31 @@ impl ClusterBackend for KubeBackend {
             reason: request.reason,
             failed: request.failed,
         };
+        if let Some(pool) = &request.if_pool {
+            // Only while still unclaimed: the API server tests `spec.pool` and applies the
+            // stop in one step, so a member another replica just handed out is left alone.
+            let patch: json_patch::Patch = serde_json::from_value(json!([
+                {"op": "test", "path": "/spec/pool", "value": pool},
+                {"op": "replace", "path": "/spec/active", "value": false},
+                {"op": "add", "path": "/spec/stop", "value": stop},
+            ]))
+            .expect("a well-formed JSON patch");
+            self.counters.spec_patches.fetch_add(1, Ordering::Relaxed);
+            return match self
+                .clusters_api
+                .patch(id, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .await
+            {
+                Ok(dc) => {
+                    let mut cache = self.lock();
+                    self.upsert(&mut cache, dc);
+                    Ok(())
+                }
+                // 422: the test failed (claimed meanwhile); 404: gone. Either way not ours.
+                Err(kube::Error::Api(s)) if s.code == 422 || s.code == 404 => Ok(()),
+                Err(e) => Err(api_error("stop a warm DaskCluster", e)),
+            };
+        }
         match self
             .patch_spec(id, json!({"active": false, "stop": stop}))
             .await

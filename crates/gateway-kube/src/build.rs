@@ -503,6 +503,7 @@ pub(crate) mod tests {
                 active: true,
                 retired_workers: vec![],
                 stop: None,
+                pool: None,
             },
         );
         dc.metadata.namespace = Some("dask".into());

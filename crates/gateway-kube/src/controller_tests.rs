@@ -368,7 +368,11 @@ async fn big_scale_ups_proceed_in_batches() {
     assert_eq!(written_status(&c).replicas, 4);
     c.echo();
     let action = pass.await.unwrap().unwrap();
-    assert_eq!(action, Action::requeue(Duration::ZERO), "the next slice at once");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::ZERO),
+        "the next slice at once"
+    );
 }
 
 #[tokio::test]

@@ -117,6 +117,10 @@ pub struct DaskClusterSpec {
     /// Why the cluster is to stop (with `active: false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<StopSpec>,
+    /// Set while the cluster is an unclaimed member of a warm pool: the pool's key. `user` is
+    /// a placeholder then; a gateway that hands the cluster to a user replaces both at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// Why a cluster is being stopped.

@@ -24,6 +24,10 @@ pub const ANNOTATION_LAST_CLIENT_MS: &str = "gateway.dask.org/last-client-ms";
 /// Workers a gateway replica granted the cluster under the user's quota lock, as
 /// `<workers>/<held until, ms since the epoch>` ([`format_grant`]).
 pub const ANNOTATION_GRANTED_WORKERS: &str = "gateway.dask.org/granted-workers";
+/// Label on an unclaimed warm-pool DaskCluster: its pool's key.
+pub const LABEL_POOL: &str = "gateway.dask.org/pool";
+/// `spec.user` of an unclaimed warm-pool DaskCluster (the API shows no owner for it).
+pub const POOL_USER: &str = gateway_backend::POOL_OWNER;
 /// Standard label: the role of the object.
 pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 /// Component of scheduler pods (and their Service).

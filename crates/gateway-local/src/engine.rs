@@ -211,6 +211,7 @@ impl Cluster {
             target_workers: r.target_workers,
             last_client_ms: None,
             grant: self.grant,
+            pool: r.pool.clone(),
         }
     }
 }
@@ -773,6 +774,13 @@ impl ClusterBackend for LocalBackend {
         })?;
         if let Err(e) = self.processes.prepare(&name, &request.owner, &creds) {
             self.processes.remove_dir(&name);
+            if let (LocalError::Identity(_), Some(_)) = (&e, &request.pool) {
+                return Err(BackendError::Invalid(
+                    "Warm schedulers need clusters that run as the gateway's own account \
+                     (dask.isolation: none): a pooled scheduler has no owner to run as"
+                        .into(),
+                ));
+            }
             if let LocalError::Identity(why) = e {
                 warn!(cluster = %name, owner = %request.owner, "no account to run as: {why}");
                 return Err(BackendError::Invalid(format!(
@@ -802,6 +810,7 @@ impl ClusterBackend for LocalBackend {
             target_workers: 0,
             start_time: now_ms(),
             stop_time: None,
+            pool: request.pool,
         };
         let mut clusters = self.lock();
         if let Err(e) = self.store.put_cluster(&record) {
@@ -831,7 +840,14 @@ impl ClusterBackend for LocalBackend {
                 self.counters
                     .clusters_created
                     .fetch_add(1, Ordering::Relaxed);
-                info!(cluster = %name, user = ?c.record.owner, pid = pid.pid, "cluster created, scheduler starting");
+                match &c.record.pool {
+                    Some(pool) => {
+                        info!(cluster = %name, pool = %pool, pid = pid.pid, "warm scheduler starting")
+                    }
+                    None => {
+                        info!(cluster = %name, user = ?c.record.owner, pid = pid.pid, "cluster created, scheduler starting")
+                    }
+                }
                 Ok(c.view())
             }
             Err(e) => {
@@ -896,6 +912,40 @@ impl ClusterBackend for LocalBackend {
         Ok(())
     }
 
+    async fn claim(
+        &self,
+        pool: &str,
+        claim: NewCluster,
+    ) -> Result<Option<ClusterView>, BackendError> {
+        let mut clusters = self.lock();
+        // RUNNING members first, then the oldest.
+        let Some(c) = clusters
+            .values_mut()
+            .filter(|c| c.record.pool.as_deref() == Some(pool) && c.record.status.is_active())
+            .min_by_key(|c| {
+                (
+                    c.record.status != ClusterStatus::Running,
+                    c.record.start_time,
+                )
+            })
+        else {
+            return Ok(None);
+        };
+        let name = c.record.name.clone();
+        let mut record = c.record.clone();
+        record.owner = claim.owner;
+        record.options = claim.options;
+        record.settings = claim.settings;
+        record.pool = None;
+        record.start_time = now_ms();
+        self.store
+            .put_cluster(&record)
+            .map_err(|e| store_error("handing out a warm scheduler", e))?;
+        info!(cluster = %name, user = ?record.owner, "warm scheduler claimed");
+        c.record = record;
+        Ok(Some(c.view()))
+    }
+
     async fn record_grant(&self, name: &str, grant: WorkerGrant) -> Result<(), BackendError> {
         let mut clusters = self.lock();
         let c = clusters
@@ -911,6 +961,9 @@ impl ClusterBackend for LocalBackend {
             let Some(c) = clusters.get_mut(name) else {
                 return Ok(());
             };
+            if request.if_pool.is_some() && c.record.pool != request.if_pool {
+                return Ok(());
+            }
             self.begin_stop(c, request);
             self.reconcile(c, Instant::now())
         };

@@ -67,6 +67,8 @@ pub struct ClusterRecord {
     pub start_time: i64,
     /// Terminal time in ms.
     pub stop_time: Option<i64>,
+    /// The warm pool this unclaimed cluster belongs to (its owner is empty meanwhile).
+    pub pool: Option<String>,
 }
 
 /// A stored worker process.
@@ -104,7 +106,8 @@ CREATE TABLE IF NOT EXISTS clusters (
     api_address TEXT,
     target INTEGER NOT NULL DEFAULT 0,
     start_time INTEGER NOT NULL,
-    stop_time INTEGER
+    stop_time INTEGER,
+    pool TEXT
 );
 CREATE TABLE IF NOT EXISTS workers (
     cluster TEXT NOT NULL,
@@ -114,6 +117,18 @@ CREATE TABLE IF NOT EXISTS workers (
     PRIMARY KEY (cluster, name)
 );
 ";
+
+/// Creates the tables, and adds the columns a database made by an older gateway lacks.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch(SCHEMA)?;
+    let has_pool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('clusters') WHERE name = 'pool'")?
+        .exists([])?;
+    if !has_pool {
+        conn.execute_batch("ALTER TABLE clusters ADD COLUMN pool TEXT")?;
+    }
+    Ok(())
+}
 
 impl Store {
     /// Opens (creating if needed) the database at `path`, readable only by its owner.
@@ -127,7 +142,7 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -136,7 +151,7 @@ impl Store {
     /// An in-memory store (tests).
     pub fn in_memory() -> Result<Store, StoreError> {
         let conn = Connection::open_in_memory()?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -153,8 +168,8 @@ impl Store {
         self.conn().execute(
             "INSERT OR REPLACE INTO clusters (name, owner, status, reason, final_status, options, settings, token,
                 tls_cert, tls_key, scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address,
-                api_address, target, start_time, stop_time)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                api_address, target, start_time, stop_time, pool)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
             params![
                 c.name,
                 c.owner,
@@ -174,6 +189,7 @@ impl Store {
                 c.target_workers as i64,
                 c.start_time,
                 c.stop_time,
+                c.pool,
             ],
         )?;
         Ok(())
@@ -216,7 +232,7 @@ impl Store {
         let mut stmt = conn.prepare(
             "SELECT name, owner, status, reason, final_status, options, settings, token, tls_cert,
                     tls_key, scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address,
-                    api_address, target, start_time, stop_time FROM clusters ORDER BY start_time",
+                    api_address, target, start_time, stop_time, pool FROM clusters ORDER BY start_time",
         )?;
         let rows = stmt.query_map([], |r| {
             let pid: Option<i64> = r.get(10)?;
@@ -245,6 +261,7 @@ impl Store {
                 target_workers: r.get::<_, i64>(15)?.max(0) as u64,
                 start_time: r.get(16)?,
                 stop_time: r.get(17)?,
+                pool: r.get(18)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -312,7 +329,34 @@ mod tests {
             target_workers: 0,
             start_time: 5,
             stop_time: None,
+            pool: None,
         }
+    }
+
+    #[test]
+    fn a_database_of_an_older_gateway_gets_the_pool_column() {
+        let dir = std::env::temp_dir().join(format!("store-migrate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.sqlite");
+        let _ = std::fs::remove_file(&path);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&SCHEMA.replace(",\n    pool TEXT", ""))
+                .unwrap();
+            let has_pool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('clusters') WHERE name = 'pool'")
+                .unwrap()
+                .exists([])
+                .unwrap();
+            assert!(!has_pool, "the old schema has no pool column");
+        }
+        let store = Store::open(&path).unwrap();
+        let mut c = record("a");
+        c.pool = Some("k".into());
+        store.put_cluster(&c).unwrap();
+        assert_eq!(store.load_clusters().unwrap(), vec![c]);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -196,11 +196,7 @@ async fn start(
 }
 
 fn request() -> NewCluster {
-    NewCluster {
-        owner: "alice".into(),
-        options: Default::default(),
-        settings: ClusterSettings::example(),
-    }
+    NewCluster::owned("alice", Default::default(), ClusterSettings::example())
 }
 
 /// Polls `check` for up to 5 s.

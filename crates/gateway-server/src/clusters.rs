@@ -21,6 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
+mod pool;
+pub use pool::{configured_pools, pool_key, WarmPool, POOL_CHECK};
+
 /// Whether `c` sets any per-user resource quota.
 fn has_user_quota(c: &ClusterConfig) -> bool {
     c.max_workers_per_user.is_some()
@@ -112,6 +115,9 @@ struct Counters {
     create_requests: AtomicU64,
     create_refused: AtomicU64,
     forward_failures: AtomicU64,
+    pool_claims: AtomicU64,
+    pool_misses: AtomicU64,
+    pool_starts: AtomicU64,
 }
 
 /// The shared rules over one backend (see the module docs).
@@ -134,6 +140,12 @@ pub struct ClusterService {
     /// pruned as new users arrive.
     admission: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     counters: Counters,
+    /// Warm-scheduler pools ([`pool`]).
+    pools: Vec<WarmPool>,
+    /// The backend's configuration as part of every pool key ([`pool_key`]).
+    pool_backend_config: String,
+    /// Woken by each claim, so the pool maintainer refills at once.
+    pool_wake: tokio::sync::Notify,
 }
 
 /// Who asks for workers: a user's request (scale, adapt) or the scheduler's heartbeat.
@@ -175,7 +187,17 @@ impl ClusterService {
             http,
             admission: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            pools: Vec::new(),
+            pool_backend_config: String::new(),
+            pool_wake: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Adds warm-scheduler pools ([`configured_pools`], built with the same `backend_config`).
+    pub fn with_pools(mut self, pools: Vec<WarmPool>, backend_config: String) -> Self {
+        self.pools = pools;
+        self.pool_backend_config = backend_config;
+        self
     }
 
     /// Adds group policies (priority order): their members get those settings instead.
@@ -290,14 +312,13 @@ impl ClusterService {
                 )));
             }
         }
-        let view = self
-            .backend
-            .create(NewCluster {
-                owner: user.name.clone(),
-                options,
-                settings,
-            })
-            .await?;
+        let request = NewCluster::owned(user.name.clone(), options, settings);
+        if let Some(pool) = self.pool_for(&request.settings) {
+            if let Some(view) = self.claim_from(pool, &request).await {
+                return Ok(view.name);
+            }
+        }
+        let view = self.backend.create(request).await?;
         Ok(view.name)
     }
 
@@ -450,6 +471,7 @@ impl ClusterService {
         let view = self
             .backend
             .get(name)
+            .filter(|v| v.pool.is_none())
             .ok_or_else(|| ClusterError::NotFound(name.to_string()))?;
         if !user.may_access(&view.owner) {
             return Err(ClusterError::Forbidden {
@@ -494,6 +516,7 @@ impl ClusterService {
     fn visible(&self, user: &User, statuses: Option<&[ClusterStatus]>) -> Vec<ClusterView> {
         let owner = (!user.admin).then_some(user.name.as_str());
         let mut views = self.backend.list(owner);
+        views.retain(|c| c.pool.is_none());
         views.retain(|c| match statuses {
             Some(list) => list.contains(&c.status),
             None => c.status.is_active(),
@@ -508,7 +531,7 @@ impl ClusterService {
         };
         let reason = match who {
             Requester::User(user) => {
-                if !user.may_access(&view.owner) {
+                if view.pool.is_some() || !user.may_access(&view.owner) {
                     return Err(ClusterError::Forbidden {
                         user: user.name.clone(),
                         action: "stop",
@@ -524,6 +547,13 @@ impl ClusterService {
                     .is_some_and(|t| token_matches(token, t))
                 {
                     return Err(ClusterError::BadToken);
+                }
+                // A warm scheduler idles until claimed, and its idle clock started before
+                // its user got it: its request counts only once the user has held it for the
+                // idle timeout (the preload asks again every quarter of the timeout).
+                let held_ms = now_ms() - view.start_time;
+                if view.pool.is_some() || (held_ms as f64) < view.settings.idle_timeout * 1000.0 {
+                    return Ok(());
                 }
                 "stopped by its scheduler (idle timeout)".to_string()
             }
@@ -548,7 +578,7 @@ impl ClusterService {
     pub fn may_access(&self, user: &User, name: &str) -> bool {
         self.backend
             .get(name)
-            .is_some_and(|c| user.may_access(&c.owner))
+            .is_some_and(|c| c.pool.is_none() && user.may_access(&c.owner))
     }
 
     /// Whether `token` is the token of cluster `name`.
@@ -575,7 +605,12 @@ impl ClusterService {
         {
             return Err(ClusterError::BadToken);
         }
-        let wanted = heartbeat.count.max(0) as u64;
+        // Nobody scales a warm scheduler: it holds no workers until claimed.
+        let wanted = if view.pool.is_some() {
+            0
+        } else {
+            heartbeat.count.max(0) as u64
+        };
         let (target, _) = view
             .settings
             .limits
@@ -763,7 +798,8 @@ impl ClusterService {
                 .unwrap_or_else(|e| e.into_inner());
             let mut watched = std::collections::HashSet::new();
             for v in self.backend.list(None) {
-                if !v.status.is_active() {
+                // Warm schedulers wait for a user; their clocks start when one claims them.
+                if !v.status.is_active() || v.pool.is_some() {
                     continue;
                 }
                 let s = &v.settings;
@@ -916,8 +952,32 @@ impl ClusterService {
                 "Scale/adapt messages that never reached their scheduler.",
                 &c.forward_failures,
             ),
+            (
+                "warm_scheduler_claims",
+                "Creates served by a warm scheduler.",
+                &c.pool_claims,
+            ),
+            (
+                "warm_scheduler_misses",
+                "Creates that fit a warm pool but found it empty.",
+                &c.pool_misses,
+            ),
+            (
+                "warm_scheduler_starts",
+                "Warm schedulers started to fill the pools.",
+                &c.pool_starts,
+            ),
         ] {
             metrics::counter(&mut out, name, help, value.load(Ordering::Relaxed));
+        }
+        let pools = self.pool_gauges();
+        if !pools.is_empty() {
+            metrics::gauge(
+                &mut out,
+                "warm_schedulers",
+                "Unclaimed warm schedulers, by pool and state.",
+                pools.iter().map(|(l, n)| (l.as_str(), *n)),
+            );
         }
         self.backend.metrics(&mut out);
         out

@@ -378,6 +378,9 @@ impl DaskConfig {
     }
 }
 
+/// The most warm schedulers one section may keep.
+pub const MAX_WARM_SCHEDULERS: u32 = 100;
+
 /// Cluster defaults, timing, limits and exposed options.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -451,6 +454,10 @@ pub struct ClusterConfig {
     pub retention: f64,
     /// Options users may set, in display order.
     pub options: Vec<OptionField>,
+    /// Schedulers kept started ahead for this section's users (0 = none): a user whose
+    /// scheduler settings match those of the section's defaults gets one at once instead of
+    /// waiting for a scheduler to start. See docs/configuration.md, "Warm schedulers".
+    pub warm_schedulers: u32,
 }
 
 impl Default for ClusterConfig {
@@ -486,6 +493,7 @@ impl Default for ClusterConfig {
             environment: BTreeMap::new(),
             retention: 86400.0,
             options: Vec::new(),
+            warm_schedulers: 0,
         }
     }
 }
@@ -707,6 +715,21 @@ impl GatewayConfig {
         }
         if c.worker_memory == 0 {
             return bad(format!("{section}.worker_memory must be positive"));
+        }
+        if c.warm_schedulers > MAX_WARM_SCHEDULERS {
+            return bad(format!(
+                "{section}.warm_schedulers may be at most {MAX_WARM_SCHEDULERS}, got {}",
+                c.warm_schedulers
+            ));
+        }
+        if c.warm_schedulers > 0
+            && self.backend == BackendKind::Local
+            && self.dask.isolation != IsolationKind::None
+        {
+            return bad(format!(
+                "{section}.warm_schedulers needs dask.isolation: none (a warm scheduler is \
+                 started before anyone claims it, so it cannot run under its user's account)"
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for f in &c.options {

@@ -440,11 +440,43 @@ pub async fn run(
     let connections = Arc::new(ClientConnections::default());
     let routes: Arc<dyn RouteSource> =
         Arc::new(BackendRoutes(backend.clone(), connections.clone()));
+    let policies = config.group_clusters()?;
+    // Pool keys cover the backend's section: new pod templates or Python settings retire
+    // the warm schedulers started under the old ones.
+    let backend_config = match config.backend {
+        BackendKind::Local => format!("{:?}", config.dask),
+        BackendKind::Kubernetes => format!("{:?}", config.kubernetes),
+    };
+    let sections: Vec<(Option<&str>, &crate::config::ClusterConfig)> =
+        std::iter::once((None, &config.cluster))
+            .chain(policies.iter().map(|(g, c)| (Some(g.as_str()), c)))
+            .collect();
+    let pools = clusters::configured_pools(&sections, &backend_config)
+        .map_err(crate::config::ConfigError::Invalid)?;
+    for p in &pools {
+        info!(pool = %p.key, source = %p.source, size = p.size, "warm schedulers configured");
+    }
     let clusters = Arc::new(
         ClusterService::new(backend.clone(), Arc::new(config.cluster.clone()))
-            .with_policies(config.group_clusters()?)
+            .with_policies(policies)
+            .with_pools(pools, backend_config)
             .with_activity(connections),
     );
+    // Keeps the pools full (and trims them); also runs with no pool configured, to stop
+    // the members a previous configuration left.
+    let pool_keeper = {
+        let clusters = clusters.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                clusters.maintain_pools().await;
+                tokio::select! {
+                    _ = clusters.pool_check_due() => {}
+                    _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                }
+            }
+        })
+    };
     let sweeper = {
         let clusters = clusters.clone();
         let mut stop = stop_rx.clone();
@@ -487,6 +519,7 @@ pub async fn run(
         None => None,
     };
 
+    let clusters_for_shutdown = clusters.clone();
     let state = AppState {
         clusters,
         auth: Arc::new(authenticator),
@@ -538,6 +571,11 @@ pub async fn run(
     info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
+    let _ = pool_keeper.await;
+    // Local pools are this process's alone; on Kubernetes the other replicas keep using them.
+    if config.backend == BackendKind::Local {
+        clusters_for_shutdown.stop_pools().await;
+    }
     backend.shutdown(config.stop_clusters_on_shutdown).await;
     let _ = controller_stop_tx.send(true);
     if let Some(task) = controller_task {
