@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from base64 import b64encode
@@ -196,6 +197,65 @@ def bench_memory(kube, binary, workdir, m):
     return idle, full, create_rate, statistics.median(lat)
 
 
+def bench_churn(kube, binary, workdir, lifecycles, users):
+    """Cluster lifecycles through the REST API (create, then stop once the controller has made
+    its scheduler pod), `users` at a time, with the gateway's RSS sampled as finished clusters
+    pile up in the caches (they are kept for the retention, 24 h by default)."""
+    ns, kc = kube.namespace("churn")
+    gw = Gateway(binary, workdir, kc, ns, 8193, {"kubernetes": {"termination_grace_period_seconds": 1}})
+    samples = [(0, gw.rss_mib())]
+    done = [0]
+    errors = []
+    lock = threading.Lock()
+
+    def call(method, path, user, body=None):
+        headers = auth_headers(user)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(gw.url + path, method=method, headers=headers,
+                                     data=None if body is None else json.dumps(body).encode())
+        return json.loads(urllib.request.urlopen(req, timeout=60).read() or b"null")
+
+    def user_loop(u):
+        user = f"churn{u}"
+        while True:
+            with lock:
+                if done[0] >= lifecycles:
+                    return
+                done[0] += 1
+            try:
+                name = call("POST", "/api/v1/clusters/", user, {"cluster_options": {}})["name"]
+                oid = name.rsplit(".", 1)[-1]
+                deadline = time.time() + 60
+                while time.time() < deadline and not kube.pods(
+                        ns, f"gateway.dask.org/cluster={oid},app.kubernetes.io/component=dask-scheduler"):
+                    time.sleep(0.2)
+                call("DELETE", f"/api/v1/clusters/{name}", user)
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+    every = max(lifecycles // 10, 1)
+    threads = [threading.Thread(target=user_loop, args=(u,)) for u in range(users)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    last = 0
+    while any(t.is_alive() for t in threads):
+        time.sleep(1)
+        if done[0] - last >= every:
+            last = done[0]
+            samples.append((last, gw.rss_mib()))
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    time.sleep(10)  # teardowns finish; the finished clusters stay cached
+    samples.append((lifecycles, gw.rss_mib()))
+    finished = len(json.loads(kube.kubectl("get", "daskclusters", "-n", ns, "-o", "json"))["items"])
+    gw.stop()
+    kube.kubectl("delete", "namespace", ns, "--wait=false")
+    return samples, elapsed, errors, finished
+
+
 def main():
     # The stock client's finalizers take distributed's LoopRunner lock; a GC pass running them
     # while the main thread starts a client deadlocks. Collect only between measurements.
@@ -210,11 +270,26 @@ def main():
     ap.add_argument("--real-workers", type=int, default=8)
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--creates", type=int, default=5)
+    ap.add_argument("--churn", type=int, default=0,
+                    help="cluster lifecycles of the churn measurement (0: skip)")
+    ap.add_argument("--churn-users", type=int, default=3)
+    ap.add_argument("--only-churn", action="store_true")
     args = ap.parse_args()
     kube = Kube(args.kubeconfig, args.kubectl)
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                  input=yaml.safe_dump(manifests.crd()))
     with tempfile.TemporaryDirectory(prefix="dgrs-bench-kube-") as workdir:
+        if args.churn:
+            samples, elapsed, errors, finished = bench_churn(kube, args.gateway, workdir,
+                                                             args.churn, args.churn_users)
+            print(f"churn: {args.churn} cluster lifecycles ({args.churn_users} users) in "
+                  f"{elapsed:.0f} s, {len(errors)} errors, {finished} finished DaskClusters "
+                  f"kept; gateway RSS (MiB) after n lifecycles: "
+                  + ", ".join(f"{n}: {r:.1f}" for n, r in samples))
+            for e in errors[:5]:
+                print(f"  error: {e}")
+            if args.only_churn:
+                return
         ns, kc = kube.namespace("main")
         # No-op workers: the worker container sleeps instead of running Dask (the gateway's
         # arguments go to `sh -c` as positional parameters and are ignored).

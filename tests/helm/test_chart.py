@@ -159,6 +159,9 @@ def test_the_rendered_configuration_is_valid_for_the_gateway(tmp_path):
             assert {"name": "GATEWAY_COOKIE_SECRET", "valueFrom": {"secretKeyRef": {
                 "name": "sessions", "key": "cookie-secret"}}} in env
             assert "hub-token" not in cm["data"]["gateway.yaml"]
+        if ALL_VALUES.name in " ".join(values):
+            rendered = yaml.safe_load(cm["data"]["gateway.yaml"])
+            assert rendered["cluster"]["warm_schedulers"] == 2
         path = tmp_path / "gateway.yaml"
         path.write_text(cm["data"]["gateway.yaml"])
         r = run(binary, "--config", str(path), "--check-config")
@@ -337,6 +340,60 @@ def test_install_serves_the_stock_client_from_a_pod(namespace, release):
     wait_for("the cluster's pods to go", lambda: not json.loads(kubectl(
         "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=dask-worker",
         "-o", "json").stdout)["items"], timeout=90)
+
+
+def cpu_millis(q):
+    q = str(q)
+    return int(q[:-1]) if q.endswith("m") else int(float(q) * 1000)
+
+
+def free_cpu_millis():
+    """CPU the node can still give to new pods: allocatable minus the requests of its pods."""
+    [node] = json.loads(kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    free = cpu_millis(node["status"]["allocatable"]["cpu"])
+    pods = json.loads(kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
+    for p in pods:
+        if p["status"].get("phase") in ("Succeeded", "Failed") or not p["spec"].get("nodeName"):
+            continue
+        for c in p["spec"]["containers"]:
+            free -= cpu_millis(c.get("resources", {}).get("requests", {}).get("cpu", "0"))
+    return free
+
+
+def test_placeholders_fill_a_node_and_a_real_scheduler_preempts_them(namespace, release):
+    """Placeholder pods sized like a scheduler hold the node's last CPU; a user's cluster still
+    starts at once, its scheduler and worker preempting placeholders (which wait Pending, as a
+    node autoscaler would see them)."""
+    placeholder = 250  # clusters.scheduler.cores of values-small.yaml, in millicores
+    count = free_cpu_millis() // placeholder
+    assert count >= 2, "the test node has room for at least two placeholders"
+    component = "app.kubernetes.io/component=placeholder-scheduler"
+    helm("upgrade", release, str(CHART), "-n", namespace, *SMALL, "--reuse-values",
+         "--set", f"capacity.placeholders.schedulers={count}",
+         "--set", f"capacity.placeholders.image={os.environ['KUBE_ENV_PAUSE_IMAGE']}",
+         "--wait", "--timeout", "180s")
+    try:
+        def placeholders():
+            return json.loads(kubectl("get", "pods", "-n", namespace, "-l", component,
+                                      "-o", "json").stdout)["items"]
+        wait_for(f"{count} running placeholders", lambda: len(
+            [p for p in placeholders() if p["status"].get("phase") == "Running"]) == count)
+        assert free_cpu_millis() < placeholder, "the node is full"
+        for p in placeholders():
+            assert p["spec"]["priority"] < 0 and p["spec"]["securityContext"]["runAsNonRoot"]
+        # The stock client end to end on the full node: a scheduler and a worker of 250m each.
+        assert use_a_cluster(gateway_url(namespace, release), "placeholder-user", "helm-pw",
+                             workers=1) == []
+        events = kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+        preempted = [e for e in json.loads(events)["items"] if e.get("reason") == "Preempted"]
+        assert len(preempted) >= 2, "the scheduler and the worker each preempted a placeholder"
+        # The Deployment put them back; they wait for room (an autoscaler would add a node).
+        assert len(placeholders()) == count
+    finally:
+        helm("upgrade", release, str(CHART), "-n", namespace, *SMALL, "--reuse-values",
+             "--set", "capacity.placeholders.schedulers=0", "--wait", "--timeout", "180s")
+    wait_for("the placeholders to go", lambda: not json.loads(kubectl(
+        "get", "pods", "-n", namespace, "-l", component, "-o", "json").stdout)["items"])
 
 
 def test_helm_test_creates_computes_and_deletes(namespace, release):

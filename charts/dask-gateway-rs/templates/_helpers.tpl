@@ -114,6 +114,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- with $c.limits.maxMemoryPerUser }}{{ $_ := set $cluster "max_memory_per_user" (toString .) }}{{ end -}}
 {{- with $c.maxLifetime }}{{ $_ := set $cluster "max_lifetime" . }}{{ end -}}
 {{- with $c.noClientTimeout }}{{ $_ := set $cluster "no_client_timeout" . }}{{ end -}}
+{{- with $c.warmSchedulers }}{{ $_ := set $cluster "warm_schedulers" . }}{{ end -}}
 {{- $kube := dict
   "namespace" (include "dgrs.clustersNamespace" .)
   "instance" (include "dgrs.instance" .)
@@ -168,4 +169,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.service.schedulerPort }}{{ $_ := set $config "scheduler_address" "0.0.0.0:8786" }}{{ end -}}
 {{- $merged := mustMergeOverwrite $config (deepCopy .Values.extraConfig) -}}
 {{- toYaml $merged -}}
+{{- end -}}
+
+{{/* A memory size of the gateway's (bytes, or 2G-style with powers of 1024) as a Kubernetes
+quantity: 2G -> 2Gi, 512M -> 512Mi, 2GiB -> 2Gi, bytes unchanged. */}}
+{{- define "dgrs.quantity" -}}
+{{- $s := toString . | trimSuffix "B" -}}
+{{- if regexMatch "^[0-9.]+[KMGT]$" $s -}}{{ $s }}i{{- else -}}{{ $s }}{{- end -}}
 {{- end -}}

@@ -224,7 +224,8 @@ impl KubeBackend {
     }
 
     /// Inserts or updates one cluster unless the cache already has a newer version.
-    fn upsert(&self, cache: &mut Cache, dc: DaskCluster) {
+    fn upsert(&self, cache: &mut Cache, mut dc: DaskCluster) {
+        crate::crd::slim_for_api(&mut dc);
         let id = dc.name_any();
         if let Some(e) = cache.clusters.get_mut(&id) {
             if let (Some(old), Some(new)) = (version(&e.cluster), version(&dc)) {
@@ -686,27 +687,29 @@ impl ClusterBackend for KubeBackend {
         candidates.sort_by_key(|(not_running, created, _)| (*not_running, *created));
         for (_, _, dc) in candidates {
             let id = dc.name_any();
-            let mut next = (*dc).clone();
-            next.metadata.managed_fields = None;
-            next.spec.user = claim.owner.clone();
-            next.spec.options = claim.options.clone();
-            next.spec.settings = claim.settings.clone();
-            next.spec.pool = None;
-            let labels = next.metadata.labels.get_or_insert_with(BTreeMap::new);
-            labels.remove(names::LABEL_POOL);
-            labels.extend(names::labels(
-                &self.config.instance,
-                &id,
-                &claim.owner,
-                "cluster",
-            ));
-            labels.remove(names::LABEL_COMPONENT);
-            let annotations = next.metadata.annotations.get_or_insert_with(BTreeMap::new);
-            annotations.insert(names::ANNOTATION_USER.into(), claim.owner.clone());
-            annotations.insert(names::ANNOTATION_CREATED_MS.into(), now_ms().to_string());
+            // One JSON patch: the API server tests that the member is still unclaimed and
+            // active and applies the rest in the same step (re-testing on a conflict), so
+            // two replicas never hand one member to two users.
+            let escape = |key: &str| key.replace('~', "~0").replace('/', "~1");
+            let label = |key: &str| format!("/metadata/labels/{}", escape(key));
+            let annotation = |key: &str| format!("/metadata/annotations/{}", escape(key));
+            let patch: json_patch::Patch = serde_json::from_value(json!([
+                {"op": "test", "path": "/spec/pool", "value": pool},
+                {"op": "test", "path": "/spec/active", "value": true},
+                {"op": "replace", "path": "/spec/user", "value": claim.owner},
+                {"op": "replace", "path": "/spec/options", "value": claim.options},
+                {"op": "replace", "path": "/spec/settings", "value": claim.settings},
+                {"op": "remove", "path": "/spec/pool"},
+                {"op": "remove", "path": label(names::LABEL_POOL)},
+                {"op": "add", "path": label(names::LABEL_USER), "value": names::user_label(&claim.owner)},
+                {"op": "add", "path": annotation(names::ANNOTATION_USER), "value": claim.owner},
+                {"op": "add", "path": annotation(names::ANNOTATION_CREATED_MS), "value": now_ms().to_string()},
+            ]))
+            .expect("a well-formed JSON patch");
+            self.counters.spec_patches.fetch_add(1, Ordering::Relaxed);
             match self
                 .clusters_api
-                .replace(&id, &PostParams::default(), &next)
+                .patch(&id, &PatchParams::default(), &Patch::Json::<()>(patch))
                 .await
             {
                 Ok(updated) => {
@@ -716,8 +719,11 @@ impl ClusterBackend for KubeBackend {
                     let e = &cache.clusters[&id];
                     return Ok(Some(self.view(&e.cluster, &cache.secrets)));
                 }
-                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => continue,
-                Err(e) => return Err(api_error("claim warm DaskClusters", e)),
+                // 422: a test failed (claimed or stopped meanwhile); 404: gone. Next one.
+                Err(kube::Error::Api(s)) if s.code == 422 || s.code == 404 || s.code == 409 => {
+                    continue
+                }
+                Err(e) => return Err(api_error("claim a warm DaskCluster", e)),
             }
         }
         Ok(None)

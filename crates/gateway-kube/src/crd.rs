@@ -439,10 +439,66 @@ pub fn crd_yaml() -> String {
     )
 }
 
+/// Drops from a watched DaskCluster what the controller's cache does not need: the server's
+/// field-ownership records always, and for a finished cluster (kept for the retention, 24 h
+/// by default) its pod templates and retired-worker list too; the controller only deletes
+/// what is left of it and, past the retention, the object.
+pub fn slim_for_controller(dc: &mut DaskCluster) {
+    dc.metadata.managed_fields = None;
+    if dc.status.as_ref().is_some_and(|s| s.phase.is_terminal()) {
+        dc.spec.scheduler = PodTemplate::default();
+        dc.spec.worker = PodTemplate::default();
+        dc.spec.retired_workers = Vec::new();
+    }
+}
+
+/// Drops from a DaskCluster what the gateway's API cache never reads: the server's
+/// field-ownership records, the pod templates and the retired-worker list (the API shows
+/// owner, status, options, settings and addresses; the controller builds pods from its own).
+pub fn slim_for_api(dc: &mut DaskCluster) {
+    dc.metadata.managed_fields = None;
+    dc.spec.scheduler = PodTemplate::default();
+    dc.spec.worker = PodTemplate::default();
+    dc.spec.retired_workers = Vec::new();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn caches_keep_what_their_readers_need() {
+        let mut dc = crate::build::tests::cluster("c1");
+        dc.spec.worker = serde_json::from_value(json!({"nodeSelector": {"a": "1"}})).unwrap();
+        dc.spec.retired_workers = vec!["w1".into()];
+        dc.metadata.managed_fields = Some(vec![Default::default()]);
+        // A running cluster keeps its templates in the controller's cache.
+        let mut running = dc.clone();
+        running.status = Some(DaskClusterStatus {
+            phase: Phase::Running,
+            ..Default::default()
+        });
+        slim_for_controller(&mut running);
+        assert_eq!(running.metadata.managed_fields, None);
+        assert_eq!(running.spec.worker, dc.spec.worker);
+        assert_eq!(running.spec.retired_workers, ["w1"]);
+        // A finished one keeps only what the API shows.
+        let mut done = running.clone();
+        done.status.as_mut().unwrap().phase = Phase::Stopped;
+        slim_for_controller(&mut done);
+        assert_eq!(done.spec.worker, PodTemplate::default());
+        assert!(done.spec.retired_workers.is_empty());
+        assert_eq!(done.spec.settings, dc.spec.settings);
+        // The API's cache never needs templates.
+        let mut api = dc.clone();
+        slim_for_api(&mut api);
+        assert_eq!(api.spec.worker, PodTemplate::default());
+        assert_eq!(
+            (api.spec.user, api.spec.options),
+            (dc.spec.user, dc.spec.options)
+        );
+    }
 
     #[test]
     fn overlay_merges_maps_and_replaces_lists() {

@@ -98,6 +98,7 @@ where
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let events = watcher(api, watcher::Config::default().labels(selector))
         .default_backoff()
+        .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
         .reflect(writer)
         .touched_objects();
     let task = tokio::spawn(async move {
@@ -164,18 +165,25 @@ async fn run_term(
     ));
     *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctx.clone());
     info!(namespace = %namespace, instance = %config.instance, "DaskCluster controller started");
-    Controller::new(
+    // DaskClusters as the controller caches them: slimmed (see `crd::slim_for_controller`).
+    let (clusters, writer) = reflector::store();
+    let cluster_events = watcher(
         Api::<DaskCluster>::namespaced(client, &namespace),
         watcher::Config::default().labels(&selector),
     )
-    .owns_stream(pod_events)
-    .owns_stream(secret_events)
-    .owns_stream(service_events)
-    .with_config(ControllerConfig::default().concurrency(config.reconcile_concurrency))
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|_| async {})
-    .await;
+    .default_backoff()
+    .modify(crate::crd::slim_for_controller)
+    .reflect(writer)
+    .applied_objects();
+    Controller::for_stream(cluster_events, clusters)
+        .owns_stream(pod_events)
+        .owns_stream(secret_events)
+        .owns_stream(service_events)
+        .with_config(ControllerConfig::default().concurrency(config.reconcile_concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
     for task in tasks {
         task.abort();
     }
