@@ -487,3 +487,47 @@ def test_replicas_share_per_user_quotas(module_servers):
     finally:
         for n in names:
             a.gateway(user).stop_cluster(n)
+
+
+def test_finished_clusters_leave_the_caches_and_are_read_on_demand(server):
+    """Thirty seconds after it finished, a DaskCluster is labelled finished: it leaves the
+    gateway's watch cache (a busy day's clusters would otherwise stay in memory for the whole
+    retention) and the API still lists it and answers for it, from the API server."""
+    gw = server.gateway(USER)
+    cluster = new_cluster(gw, shutdown_on_close=False)
+    name = cluster.name
+    oid = name.rsplit(".", 1)[-1]
+    cluster.shutdown()
+    wait_status(gw, name, "STOPPED", timeout=90)
+
+    def labelled():
+        obj = KubeEnv.get().get_json("daskcluster", "-n", server.namespace, oid)
+        return obj["metadata"].get("labels", {}).get("gateway.dask.org/finished") == "true"
+
+    wait_for(labelled, 90, what="the finished label")
+
+    def cached():
+        text = server.http("GET", "/metrics").body.decode()
+        return int(re.search(r'kube_cached_objects\{kind="daskcluster"\} (\d+)', text).group(1))
+
+    # The cache holds exactly the DaskClusters that are not labelled finished.
+    def unlabelled():
+        items = KubeEnv.get().get_json("daskclusters", "-n", server.namespace)["items"]
+        return sum("gateway.dask.org/finished" not in i["metadata"].get("labels", {})
+                   for i in items)
+
+    # (ours is labelled, so it is not there)
+    wait_for(lambda: cached() == unlabelled(), 30, what="the cache to hold the unlabelled only")
+    # Still there for its user: by name, in listings of finished clusters, with its details.
+    assert gw.get_cluster(name).status.name == "STOPPED"
+    assert name in [c.name for c in gw.list_clusters(status="stopped")]
+    r = server.http("GET", f"/api/v1/clusters/{name}/details", user=USER)
+    assert r.status == 200 and r.json()["status"] == "STOPPED", r
+    # ... and nobody else's.
+    assert server.http("GET", f"/api/v1/clusters/{name}", user="someone else").status == 403
+    assert name not in [c.name for c in server.gateway("someone else").list_clusters(
+        status="stopped")]
+    # Scaling it says it is not running, as for any stopped cluster.
+    r = server.http("POST", f"/api/v1/clusters/{name}/scale", user=USER, body={"count": 1})
+    assert r.status == 409, r
+    gw.close()

@@ -255,6 +255,20 @@ pub trait ClusterBackend: Send + Sync + 'static {
         target_workers: u64,
     ) -> Result<(), BackendError>;
 
+    /// Finished clusters (of `owner`, or all) that this backend no longer keeps in memory and
+    /// so leaves out of [`Self::list`], read from where they are stored. A backend that keeps
+    /// every cluster in memory has none.
+    async fn finished(&self, owner: Option<&str>) -> Result<Vec<ClusterView>, BackendError> {
+        let _ = owner;
+        Ok(Vec::new())
+    }
+
+    /// One finished cluster that [`Self::get`] no longer knows (see [`Self::finished`]).
+    async fn finished_cluster(&self, name: &str) -> Result<Option<ClusterView>, BackendError> {
+        let _ = name;
+        Ok(None)
+    }
+
     /// Hands an active member of the warm pool `pool` to `claim.owner`, atomically (two
     /// claims never get the same member, also across gateway processes sharing the backend):
     /// the cluster takes the claim's owner, options and settings (its scheduler keeps running;

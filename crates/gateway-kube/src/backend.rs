@@ -152,6 +152,7 @@ impl KubeBackend {
             counters: Counters::default(),
         });
         let selector = names::instance_selector(&backend.config.instance);
+        let clusters_selector = names::active_selector(&backend.config.instance);
         let secrets_selector = format!(
             "{selector},{}={}",
             names::LABEL_COMPONENT,
@@ -159,7 +160,7 @@ impl KubeBackend {
         );
         backend.spawn_watch(
             Api::<DaskCluster>::namespaced(client.clone(), &namespace),
-            &selector,
+            &clusters_selector,
             "DaskClusters",
             KubeBackend::on_cluster_event,
         );
@@ -225,8 +226,13 @@ impl KubeBackend {
 
     /// Inserts or updates one cluster unless the cache already has a newer version.
     fn upsert(&self, cache: &mut Cache, mut dc: DaskCluster) {
-        crate::crd::slim_for_api(&mut dc);
         let id = dc.name_any();
+        if dc.labels().contains_key(names::LABEL_FINISHED) {
+            // Out of the hot cache; read on demand (`finished`, `finished_cluster`).
+            cache.clusters.remove(&id);
+            return;
+        }
+        crate::crd::slim_for_api(&mut dc);
         if let Some(e) = cache.clusters.get_mut(&id) {
             if let (Some(old), Some(new)) = (version(&e.cluster), version(&dc)) {
                 if new < old {
@@ -639,7 +645,7 @@ impl ClusterBackend for KubeBackend {
         // What other replicas created or granted for this user, straight from the API server.
         let selector = format!(
             "{},{}={}",
-            names::instance_selector(&self.config.instance),
+            names::active_selector(&self.config.instance),
             names::LABEL_USER,
             names::user_label(owner)
         );
@@ -653,6 +659,49 @@ impl ClusterBackend for KubeBackend {
             self.upsert(&mut cache, dc);
         }
         Ok(Some(Box::new(guard)))
+    }
+
+    async fn finished(&self, owner: Option<&str>) -> Result<Vec<ClusterView>, BackendError> {
+        let mut selector = format!(
+            "{},{}=true",
+            names::instance_selector(&self.config.instance),
+            names::LABEL_FINISHED
+        );
+        if let Some(o) = owner {
+            selector.push_str(&format!(",{}={}", names::LABEL_USER, names::user_label(o)));
+        }
+        let list = self
+            .clusters_api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| api_error("list finished DaskClusters", e))?;
+        let none = HashMap::new();
+        let mut out: Vec<ClusterView> = list
+            .items
+            .iter()
+            // The user label is a cleaned or hashed name: compare the names themselves.
+            .filter(|dc| owner.is_none_or(|o| dc.spec.pool.is_none() && dc.spec.user == o))
+            .map(|dc| self.view(dc, &none))
+            .collect();
+        out.sort_by(|a, b| (a.start_time, &a.name).cmp(&(b.start_time, &b.name)));
+        Ok(out)
+    }
+
+    async fn finished_cluster(&self, name: &str) -> Result<Option<ClusterView>, BackendError> {
+        let Some(id) = self.id(name) else {
+            return Ok(None);
+        };
+        let dc = self
+            .clusters_api
+            .get_opt(id)
+            .await
+            .map_err(|e| api_error("read a finished DaskCluster", e))?;
+        Ok(dc
+            .filter(|dc| {
+                dc.labels().get(names::LABEL_INSTANCE) == Some(&self.config.instance)
+                    && dc.labels().contains_key(names::LABEL_FINISHED)
+            })
+            .map(|dc| self.view(&dc, &HashMap::new())))
     }
 
     async fn claim(

@@ -31,7 +31,9 @@ use crate::limiter::RateLimiter;
 use crate::names::{self, API_PORT, DASHBOARD_PORT, SCHEDULER_PORT};
 use futures_util::future::join_all;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
-use kube::api::{Api, DeleteParams, LogParams, PostParams, PropagationPolicy};
+use kube::api::{
+    Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams, PropagationPolicy,
+};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
@@ -1049,9 +1051,72 @@ async fn finished(
         ctx.forget_expectations(id);
         return Ok(Action::await_change());
     }
+    // Settled (nothing left, and long enough for the caches to show any child made just
+    // before the end): out of the hot caches. The controller's and the gateways' watches
+    // exclude labelled clusters; the API reads them on demand and the retention sweep
+    // (`sweep_finished`) deletes them.
+    let had_children = observed.scheduler.is_some()
+        || !observed.workers.is_empty()
+        || observed.service
+        || observed.secret;
+    if ended >= FINISHED_SETTLE && !had_children {
+        mark_finished(ctx, ns, id).await?;
+        ctx.forget_expectations(id);
+        return Ok(Action::await_change());
+    }
+    let next = if ended < FINISHED_SETTLE {
+        FINISHED_SETTLE - ended
+    } else {
+        Duration::from_secs(1)
+    };
     Ok(Action::requeue(
-        (retention - ended).clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+        next.min(retention - ended).max(Duration::from_secs(1)),
     ))
+}
+
+/// How long a finished cluster stays in the controller's cache before it is labelled out.
+pub const FINISHED_SETTLE: Duration = Duration::from_secs(30);
+
+/// Labels a finished DaskCluster `gateway.dask.org/finished=true`.
+async fn mark_finished(ctx: &Context, ns: &str, id: &str) -> Result<(), Error> {
+    ctx.limiter.acquire().await;
+    let api: Api<DaskCluster> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = serde_json::json!({"metadata": {"labels": {names::LABEL_FINISHED: "true"}}});
+    match api
+        .patch(id, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes the finished (labelled) DaskClusters of `instance` in `ns` whose completion is
+/// older than `retention`; returns how many. The controller runs it periodically.
+pub async fn sweep_finished(ctx: &Context, ns: &str, retention: Duration) -> Result<usize, Error> {
+    let api: Api<DaskCluster> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = format!(
+        "{},{}=true",
+        names::instance_selector(&ctx.settings.instance),
+        names::LABEL_FINISHED
+    );
+    ctx.limiter.acquire().await;
+    let list = api.list(&ListParams::default().labels(&selector)).await?;
+    let mut deleted = 0;
+    for dc in list.items {
+        let ended = dc
+            .status
+            .as_ref()
+            .and_then(|s| s.completion_time.as_deref())
+            .and_then(age)
+            .unwrap_or_default();
+        if ended >= retention {
+            delete::<DaskCluster>(ctx, ns, &dc.name_any()).await?;
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
 }
 
 /// When a failed pass is retried: conflicts at once, everything else after a pause.

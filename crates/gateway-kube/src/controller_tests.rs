@@ -805,3 +805,66 @@ async fn a_finished_cluster_removes_children_the_teardown_had_not_seen() {
     assert!(pass.await.unwrap().is_ok());
     api.silent().await;
 }
+
+fn finished_ago(secs: i64) -> DaskCluster {
+    let mut dc = with_status(cluster(ID), Phase::Stopped);
+    dc.status.as_mut().unwrap().completion_time = Some(format!(
+        "{:.3}",
+        jiff::Timestamp::now() - jiff::SignedDuration::from_secs(secs)
+    ));
+    dc
+}
+
+#[tokio::test]
+async fn a_settled_finished_cluster_is_labelled_out_of_the_caches() {
+    let (ctx, mut api, _caches) = context(10);
+    // Just finished: it stays a while, in case a child made just before the end shows up.
+    let pass = run(finished_ago(1), &ctx).await;
+    let action = pass.await.unwrap().unwrap();
+    assert!(action != Action::await_change(), "{action:?}");
+    api.silent().await;
+    // Settled with nothing left: labelled, and the controller waits for no further change.
+    let pass = run(finished_ago(60), &ctx).await;
+    let c = api.next().await;
+    assert_eq!(c.method, Method::PATCH);
+    assert_eq!(
+        c.path,
+        format!("/apis/gateway.dask.org/v1alpha1/namespaces/dask/daskclusters/{ID}")
+    );
+    assert_eq!(c.body["metadata"]["labels"][names::LABEL_FINISHED], "true");
+    c.ok(serde_json::to_value(finished_ago(60)).unwrap());
+    assert_eq!(pass.await.unwrap().unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn the_sweep_deletes_labelled_clusters_past_the_retention_only() {
+    let (ctx, mut api, _caches) = context(10);
+    let sweep = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            crate::controller::sweep_finished(&ctx, "dask", Duration::from_secs(3600)).await
+        })
+    };
+    let c = api.next().await;
+    assert_eq!(c.method, Method::GET);
+    assert!(
+        c.query.contains("gateway.dask.org%2Ffinished%3Dtrue")
+            && c.query.contains("gateway.dask.org%2Finstance%3Dgw"),
+        "{}",
+        c.query
+    );
+    let mut old = finished_ago(7200);
+    old.metadata.name = Some("old".into());
+    let mut recent = finished_ago(60);
+    recent.metadata.name = Some("recent".into());
+    c.ok(
+        json!({"apiVersion": "gateway.dask.org/v1alpha1", "kind": "DaskClusterList",
+                "metadata": {}, "items": [old, recent]}),
+    );
+    let c = api.next().await;
+    assert_eq!(c.method, Method::DELETE);
+    assert!(c.path.ends_with("/daskclusters/old"), "{}", c.path);
+    c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    assert_eq!(sweep.await.unwrap().unwrap(), 1);
+    api.silent().await;
+}

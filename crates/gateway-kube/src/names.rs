@@ -24,6 +24,9 @@ pub const ANNOTATION_LAST_CLIENT_MS: &str = "gateway.dask.org/last-client-ms";
 /// Workers a gateway replica granted the cluster under the user's quota lock, as
 /// `<workers>/<held until, ms since the epoch>` ([`format_grant`]).
 pub const ANNOTATION_GRANTED_WORKERS: &str = "gateway.dask.org/granted-workers";
+/// Label the controller puts on a finished DaskCluster once nothing of it runs: the watches
+/// of controller and gateways exclude such clusters, which are read on demand.
+pub const LABEL_FINISHED: &str = "gateway.dask.org/finished";
 /// Label on an unclaimed warm-pool DaskCluster: its pool's key.
 pub const LABEL_POOL: &str = "gateway.dask.org/pool";
 /// `spec.user` of an unclaimed warm-pool DaskCluster (the API shows no owner for it).
@@ -166,6 +169,11 @@ pub fn parse_grant(value: &str) -> Option<WorkerGrant> {
 /// Label selector for everything of one installation.
 pub fn instance_selector(instance: &str) -> String {
     format!("{LABEL_INSTANCE}={instance}")
+}
+
+/// The selector of an installation's DaskClusters that are not finished (the hot caches).
+pub fn active_selector(instance: &str) -> String {
+    format!("{},!{LABEL_FINISHED}", instance_selector(instance))
 }
 
 #[cfg(test)]

@@ -164,12 +164,31 @@ async fn run_term(
         },
     ));
     *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctx.clone());
+    // Finished clusters left the cache: delete them past the retention from here.
+    let sweeper = {
+        let (ctx, ns) = (ctx.clone(), namespace.clone());
+        let retention = Duration::from_secs_f64(config.completed_cluster_max_age);
+        let every = (retention / 10).clamp(Duration::from_secs(10), Duration::from_secs(600));
+        tokio::spawn(async move {
+            loop {
+                match crate::controller::sweep_finished(&ctx, &ns, retention).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(
+                        deleted = n,
+                        "deleted finished clusters past their retention"
+                    ),
+                    Err(e) => warn!("sweeping finished clusters: {e}"),
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    };
     info!(namespace = %namespace, instance = %config.instance, "DaskCluster controller started");
     // DaskClusters as the controller caches them: slimmed (see `crd::slim_for_controller`).
     let (clusters, writer) = reflector::store();
     let cluster_events = watcher(
         Api::<DaskCluster>::namespaced(client, &namespace),
-        watcher::Config::default().labels(&selector),
+        watcher::Config::default().labels(&names::active_selector(&config.instance)),
     )
     .default_backoff()
     .modify(crate::crd::slim_for_controller)
@@ -184,6 +203,7 @@ async fn run_term(
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
+    sweeper.abort();
     for task in tasks {
         task.abort();
     }

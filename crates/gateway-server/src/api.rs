@@ -422,6 +422,7 @@ async fn list_clusters(
         let details: std::collections::BTreeMap<String, gateway_model::ClusterDetails> = state
             .clusters
             .list_details(&user, statuses.as_deref())
+            .await?
             .into_iter()
             .map(|d| (d.name.clone(), d))
             .collect();
@@ -431,6 +432,7 @@ async fn list_clusters(
     let models: std::collections::BTreeMap<String, ClusterModel> = state
         .clusters
         .list(&user, statuses.as_deref())
+        .await?
         .into_iter()
         .map(|m| (m.name.clone(), m))
         .collect();
@@ -442,7 +444,7 @@ async fn cluster_details(
     Extension(user): Extension<User>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<gateway_model::ClusterDetails>> {
-    Ok(Json(state.clusters.details(&user, &name)?))
+    Ok(Json(state.clusters.details(&user, &name).await?))
 }
 
 async fn create_cluster(

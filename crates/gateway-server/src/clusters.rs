@@ -461,16 +461,25 @@ impl ClusterService {
         (n, msg)
     }
 
+    /// The cluster `name`: from the backend's memory, else among the finished clusters it
+    /// keeps elsewhere.
+    async fn lookup(&self, name: &str) -> Result<Option<ClusterView>, ClusterError> {
+        if let Some(view) = self.backend.get(name) {
+            return Ok(Some(view));
+        }
+        Ok(self.backend.finished_cluster(name).await?)
+    }
+
     /// The cluster `name` if `user` may act on it.
-    fn accessible(
+    async fn accessible(
         &self,
         user: &User,
         name: &str,
         action: &'static str,
     ) -> Result<ClusterView, ClusterError> {
         let view = self
-            .backend
-            .get(name)
+            .lookup(name)
+            .await?
             .filter(|v| v.pool.is_none())
             .ok_or_else(|| ClusterError::NotFound(name.to_string()))?;
         if !user.may_access(&view.owner) {
@@ -490,7 +499,7 @@ impl ClusterService {
         name: &str,
         wait: bool,
     ) -> Result<ClusterModel, ClusterError> {
-        let view = self.accessible(user, name, "view")?;
+        let view = self.accessible(user, name, "view").await?;
         if !wait || view.status != ClusterStatus::Pending {
             return Ok(view.model());
         }
@@ -499,29 +508,46 @@ impl ClusterService {
                 tokio::time::timeout(WAIT_TIMEOUT, rx.wait_for(|s| *s != ClusterStatus::Pending))
                     .await;
         }
-        Ok(self.accessible(user, name, "view")?.model())
+        Ok(self.accessible(user, name, "view").await?.model())
     }
 
     /// The user's clusters (every cluster for admins) with one of `statuses` (default: the
     /// active ones), oldest first.
-    pub fn list(&self, user: &User, statuses: Option<&[ClusterStatus]>) -> Vec<ClusterModel> {
-        self.visible(user, statuses)
+    pub async fn list(
+        &self,
+        user: &User,
+        statuses: Option<&[ClusterStatus]>,
+    ) -> Result<Vec<ClusterModel>, ClusterError> {
+        Ok(self
+            .visible(user, statuses)
+            .await?
             .iter()
             .map(ClusterView::model)
-            .collect()
+            .collect())
     }
 
     /// The clusters `user` may list (all for admins) with one of `statuses` (default: the
     /// active ones), oldest first.
-    fn visible(&self, user: &User, statuses: Option<&[ClusterStatus]>) -> Vec<ClusterView> {
+    async fn visible(
+        &self,
+        user: &User,
+        statuses: Option<&[ClusterStatus]>,
+    ) -> Result<Vec<ClusterView>, ClusterError> {
         let owner = (!user.admin).then_some(user.name.as_str());
         let mut views = self.backend.list(owner);
+        if statuses.is_some_and(|wanted| wanted.iter().any(|s| s.is_terminal())) {
+            let known: std::collections::HashSet<String> =
+                views.iter().map(|v| v.name.clone()).collect();
+            let finished = self.backend.finished(owner).await?;
+            views.extend(finished.into_iter().filter(|v| !known.contains(&v.name)));
+            views.sort_by(|a, b| (a.start_time, &a.name).cmp(&(b.start_time, &b.name)));
+        }
         views.retain(|c| c.pool.is_none());
         views.retain(|c| match statuses {
             Some(list) => list.contains(&c.status),
             None => c.status.is_active(),
         });
-        views
+        Ok(views)
     }
 
     /// Stops a cluster (idempotent: unknown or finished clusters are fine).
@@ -621,13 +647,13 @@ impl ClusterService {
     }
 
     /// The cluster if `user` may `action` it and it is RUNNING with a scheduler API.
-    fn running(
+    async fn running(
         &self,
         user: &User,
         name: &str,
         action: &'static str,
     ) -> Result<ClusterView, ClusterError> {
-        let view = self.accessible(user, name, action)?;
+        let view = self.accessible(user, name, action).await?;
         if view.status != ClusterStatus::Running || view.addresses.is_none() {
             return Err(ClusterError::NotRunning(name.into()));
         }
@@ -641,14 +667,14 @@ impl ClusterService {
         name: &str,
         count: &Value,
     ) -> Result<ScaleResponse, ClusterError> {
-        self.accessible(user, name, "scale")?;
+        self.accessible(user, name, "scale").await?;
         let n = as_count(count).ok_or_else(|| {
             ClusterError::Invalid(format!(
                 "Scale expects a non-negative integer, got {}",
                 py_repr(count)
             ))
         })?;
-        let view = self.running(user, name, "scale")?;
+        let view = self.running(user, name, "scale").await?;
         let (n, clipped) = view.settings.limits.clip_scale(&view.settings.resources, n);
         let (n, quota_clip) = self.grant_workers(&view, n, Asker::Request).await;
         let clipped = quota_clip.or(clipped);
@@ -680,7 +706,7 @@ impl ClusterService {
                 ))
             })
         };
-        self.accessible(user, name, "adapt")?;
+        self.accessible(user, name, "adapt").await?;
         let (min, max) = (bound(minimum, "minimum")?, bound(maximum, "maximum")?);
         if let (Some(lo), Some(hi)) = (min, max) {
             if lo > hi {
@@ -689,7 +715,7 @@ impl ClusterService {
                 )));
             }
         }
-        let view = self.running(user, name, "adapt")?;
+        let view = self.running(user, name, "adapt").await?;
         let (min, max, clipped) =
             view.settings
                 .limits
@@ -877,24 +903,26 @@ impl ClusterService {
     }
 
     /// The cluster's details (owner, group policy, why it stopped) for its owner and admins.
-    pub fn details(
+    pub async fn details(
         &self,
         user: &User,
         name: &str,
     ) -> Result<gateway_model::ClusterDetails, ClusterError> {
-        Ok(details_of(&self.accessible(user, name, "view")?))
+        Ok(details_of(&self.accessible(user, name, "view").await?))
     }
 
     /// [`Self::list`] with details.
-    pub fn list_details(
+    pub async fn list_details(
         &self,
         user: &User,
         statuses: Option<&[ClusterStatus]>,
-    ) -> Vec<gateway_model::ClusterDetails> {
-        self.visible(user, statuses)
+    ) -> Result<Vec<gateway_model::ClusterDetails>, ClusterError> {
+        Ok(self
+            .visible(user, statuses)
+            .await?
             .iter()
             .map(details_of)
-            .collect()
+            .collect())
     }
 
     /// Whether the backend answers (health checks).

@@ -100,10 +100,10 @@ async fn warm_schedulers_are_nobodys_and_invisible() {
     let warm = members(&b).pop().unwrap();
     let admin = User::named("root", true);
     assert!(
-        svc.list(&admin, None).is_empty(),
+        svc.list(&admin, None).await.unwrap().is_empty(),
         "admins do not see pool members"
     );
-    assert!(svc.list_details(&admin, None).is_empty());
+    assert!(svc.list_details(&admin, None).await.unwrap().is_empty());
     assert!(matches!(
         svc.get(&admin, &warm, false).await,
         Err(ClusterError::NotFound(_))
@@ -117,9 +117,9 @@ async fn warm_schedulers_are_nobodys_and_invisible() {
     // A member counts against nobody's quota: alice may still create her one cluster.
     let name = svc.create(&user("alice"), None).await.unwrap();
     assert_eq!(name, warm);
-    assert_eq!(svc.list(&user("alice"), None).len(), 1);
+    assert_eq!(svc.list(&user("alice"), None).await.unwrap().len(), 1);
     assert!(
-        svc.list(&user("bob"), None).is_empty(),
+        svc.list(&user("bob"), None).await.unwrap().is_empty(),
         "bob does not see alice's cluster"
     );
     let e = svc.create(&user("alice"), None).await.unwrap_err();

@@ -141,11 +141,11 @@ async fn owners_and_admins() {
         e.to_string(),
         format!("User bob lacks permissions to view cluster {name}")
     );
-    assert!(svc.list(&bob, None).is_empty());
+    assert!(svc.list(&bob, None).await.unwrap().is_empty());
     let e = svc.stop(&name, Requester::User(&bob)).await.unwrap_err();
     assert!(matches!(e, ClusterError::Forbidden { action: "stop", .. }));
     let root = User::named("root", true);
-    assert_eq!(svc.list(&root, None).len(), 1);
+    assert_eq!(svc.list(&root, None).await.unwrap().len(), 1);
     svc.get(&root, &name, false).await.unwrap();
     assert!(matches!(
         svc.get(&root, "nope", false).await.unwrap_err(),
@@ -308,9 +308,16 @@ async fn listing_defaults_to_active_clusters() {
     let names = |l: Vec<gateway_model::ClusterModel>| -> Vec<String> {
         l.into_iter().map(|m| m.name).collect()
     };
-    assert_eq!(names(svc.list(&user("alice"), None)), vec![a.clone()]);
     assert_eq!(
-        names(svc.list(&user("alice"), Some(&[ClusterStatus::Stopped]))),
+        names(svc.list(&user("alice"), None).await.unwrap()),
+        vec![a.clone()]
+    );
+    assert_eq!(
+        names(
+            svc.list(&user("alice"), Some(&[ClusterStatus::Stopped]))
+                .await
+                .unwrap()
+        ),
         vec![s.clone()]
     );
     let text = svc.metrics_text();
@@ -482,7 +489,10 @@ groups:
     let v = b.get(&g).unwrap();
     assert_eq!(v.settings.resources.worker_cores, 8.0);
     assert_eq!(v.settings.policy.as_deref(), Some("gpu"));
-    assert_eq!(svc.details(&gpu, &g).unwrap().group.as_deref(), Some("gpu"));
+    assert_eq!(
+        svc.details(&gpu, &g).await.unwrap().group.as_deref(),
+        Some("gpu")
+    );
     // Unknown option for a group that does not have it.
     assert!(svc
         .create(&plain, Some(&json!({"gpus": "1"})))
@@ -498,12 +508,12 @@ groups:
     // Lifetimes per group, recorded with the cluster.
     let c = svc.create(&big, None).await.unwrap();
     assert_eq!(b.get(&c).unwrap().settings.max_lifetime, 3600.0);
-    let d = svc.details(&big, &c).unwrap();
+    let d = svc.details(&big, &c).await.unwrap();
     assert_eq!(d.expires_at, Some(d.start_time + 3_600_000));
     assert_eq!(d.owner, "bo");
     // Others cannot read the details.
     assert!(matches!(
-        svc.details(&plain, &c),
+        svc.details(&plain, &c).await,
         Err(ClusterError::Forbidden { .. })
     ));
 }
@@ -583,7 +593,10 @@ groups:
         "{:?}",
         v.reason
     );
-    let d = svc.details(&User::named("admin", true), &watched).unwrap();
+    let d = svc
+        .details(&User::named("admin", true), &watched)
+        .await
+        .unwrap();
     assert!(d.reason.unwrap().contains("no client"));
     // No policy: nothing happens.
     assert_eq!(b.get(&forever).unwrap().status, ClusterStatus::Running);
