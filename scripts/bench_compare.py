@@ -447,22 +447,29 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def timed_create(side, label, i):
+    """new_cluster, get_client and one scheduler_info on `side`; returns the cluster, the
+    client and the timings (printed as round `i`)."""
+    t0 = time.perf_counter()
+    cluster = side.new_cluster()
+    t1 = time.perf_counter()
+    client = side.client(cluster)
+    client.scheduler_info()
+    t2 = time.perf_counter()
+    row = {"total_s": round(t2 - t0, 3), "new_cluster_s": round(t1 - t0, 3),
+           "get_client_s": round(t2 - t1, 3)}
+    say(f"  {label:9} round {i + 1}: {row['total_s']:.3f} s "
+        f"(new_cluster {row['new_cluster_s']:.3f} + get_client {row['get_client_s']:.3f})")
+    return cluster, client, row
+
+
 def measure_create(sides, rounds, results):
     say(f"== create -> client connected (new_cluster, get_client, scheduler_info), {rounds} rounds")
     rows = {s.server.name: [] for s in sides}
     for i in range(rounds):
         for side in (sides if i % 2 == 0 else sides[::-1]):
-            t0 = time.perf_counter()
-            cluster = side.new_cluster()
-            t1 = time.perf_counter()
-            client = side.client(cluster)
-            client.scheduler_info()
-            t2 = time.perf_counter()
-            row = {"total_s": round(t2 - t0, 3), "new_cluster_s": round(t1 - t0, 3),
-                   "get_client_s": round(t2 - t1, 3)}
+            cluster, client, row = timed_create(side, side.server.name, i)
             rows[side.server.name].append(row)
-            say(f"  {side.server.name:9} round {i + 1}: {row['total_s']:.3f} s "
-                f"(new_cluster {row['new_cluster_s']:.3f} + get_client {row['get_client_s']:.3f})")
             side.stop(cluster, client)
     for name, r in rows.items():
         results[name]["create_connected"] = {
@@ -495,17 +502,8 @@ def measure_create_warm(work, binary, venv, rounds, results):
                     raise RuntimeError("the warm pool did not fill within 60 s")
                 time.sleep(0.1)
             time.sleep(1.0)  # let the refilled scheduler settle, as a pool does between users
-            t0 = time.perf_counter()
-            cluster = side.new_cluster()
-            t1 = time.perf_counter()
-            client = side.client(cluster)
-            client.scheduler_info()
-            t2 = time.perf_counter()
-            row = {"total_s": round(t2 - t0, 3), "new_cluster_s": round(t1 - t0, 3),
-                   "get_client_s": round(t2 - t1, 3)}
+            cluster, client, row = timed_create(side, "ours-warm", i)
             rows.append(row)
-            say(f"  ours-warm round {i + 1}: {row['total_s']:.3f} s "
-                f"(new_cluster {row['new_cluster_s']:.3f} + get_client {row['get_client_s']:.3f})")
             side.stop(cluster, client)
     finally:
         if side is not None:

@@ -1038,12 +1038,7 @@ async fn finished(
     if observed.secret {
         delete::<Secret>(ctx, ns, &names::secret_name(id)).await?;
     }
-    let ended = dc
-        .status
-        .as_ref()
-        .and_then(|s| s.completion_time.as_deref())
-        .and_then(age)
-        .unwrap_or_default();
+    let ended = finished_for(dc);
     let retention = ctx.settings.retention;
     if ended >= retention {
         info!(cluster = %id, "deleting finished cluster past its retention");
@@ -1072,6 +1067,15 @@ async fn finished(
     Ok(Action::requeue(
         next.min(retention - ended).max(Duration::from_secs(1)),
     ))
+}
+
+/// How long ago a finished cluster completed (zero if it has no completion time).
+fn finished_for(dc: &DaskCluster) -> Duration {
+    dc.status
+        .as_ref()
+        .and_then(|s| s.completion_time.as_deref())
+        .and_then(age)
+        .unwrap_or_default()
 }
 
 /// How long a finished cluster stays in the controller's cache before it is labelled out.
@@ -1105,13 +1109,7 @@ pub async fn sweep_finished(ctx: &Context, ns: &str, retention: Duration) -> Res
     let list = api.list(&ListParams::default().labels(&selector)).await?;
     let mut deleted = 0;
     for dc in list.items {
-        let ended = dc
-            .status
-            .as_ref()
-            .and_then(|s| s.completion_time.as_deref())
-            .and_then(age)
-            .unwrap_or_default();
-        if ended >= retention {
+        if finished_for(&dc) >= retention {
             delete::<DaskCluster>(ctx, ns, &dc.name_any()).await?;
             deleted += 1;
         }
