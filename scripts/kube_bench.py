@@ -15,6 +15,7 @@ ServiceAccount the Helm chart ships (manifests/dask-gateway-rs.yaml):
 """
 
 import argparse
+import concurrent.futures
 import gc
 import json
 import os
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from base64 import b64encode
 from pathlib import Path
@@ -172,18 +174,36 @@ def bench_scale(kube, ns, gw, n, real_workers):
     return created, running, joined, writes
 
 
+CREATORS = 16  # concurrent callers of the 1,000-cluster create run
+
+
 def bench_memory(kube, binary, workdir, m):
     ns, kc = kube.namespace("memory")
     gw = Gateway(binary, workdir, kc, ns, 8191, {"kubernetes": {"controller": False}})
     idle = gw.rss_mib()
-    t = time.perf_counter()
-    for i in range(m):
+    statuses = {}
+    lock = threading.Lock()
+
+    def create(i):
         req = urllib.request.Request(gw.url + "/api/v1/clusters/", method="POST",
                                      data=b'{"cluster_options": {}}',
                                      headers={**auth_headers(f"user{i % 50}"),
                                               "Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=30).read()
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                r.read()
+                code = r.status
+        except urllib.error.HTTPError as e:
+            code = e.code
+        with lock:
+            statuses[code] = statuses.get(code, 0) + 1
+
+    # Creators at once, so the rate is the gateway's and the API server's, not one client's.
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(CREATORS) as pool:
+        list(pool.map(create, range(m)))
     create_rate = m / (time.perf_counter() - t)
+    print(f"  {m} creates from {CREATORS} concurrent callers: answers {statuses}")
     time.sleep(3)
     full = gw.rss_mib()
     lat = []
@@ -273,13 +293,16 @@ def main():
     ap.add_argument("--churn", type=int, default=0,
                     help="cluster lifecycles of the churn measurement (0: skip)")
     ap.add_argument("--churn-users", type=int, default=3)
-    ap.add_argument("--only-churn", action="store_true")
+    ap.add_argument("--only", default="pods,memory,churn",
+                    help="comma-separated parts: pods (create, 0 -> N pods, real workers), "
+                         "memory (1,000 clusters), churn (with --churn > 0)")
     args = ap.parse_args()
     kube = Kube(args.kubeconfig, args.kubectl)
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                  input=yaml.safe_dump(manifests.crd()))
     with tempfile.TemporaryDirectory(prefix="dgrs-bench-kube-") as workdir:
-        if args.churn:
+        parts = set(args.only.split(","))
+        if args.churn and "churn" in parts:
             samples, elapsed, errors, finished = bench_churn(kube, args.gateway, workdir,
                                                              args.churn, args.churn_users)
             print(f"churn: {args.churn} cluster lifecycles ({args.churn_users} users) in "
@@ -288,39 +311,45 @@ def main():
                   + ", ".join(f"{n}: {r:.1f}" for n, r in samples))
             for e in errors[:5]:
                 print(f"  error: {e}")
-            if args.only_churn:
-                return
-        ns, kc = kube.namespace("main")
-        # No-op workers: the worker container sleeps instead of running Dask (the gateway's
-        # arguments go to `sh -c` as positional parameters and are ignored).
-        no_op_worker = {"extraContainerConfig": {"command": ["sh", "-c", "exec sleep infinity", "--"],
-                                                 "readinessProbe": None}}
-        no_op = Gateway(args.gateway, workdir, kc, ns, 8190,
-                        {"kubernetes": {"worker": no_op_worker,
-                                        "termination_grace_period_seconds": 1}})
-        print(f"Kubernetes backend benchmark ({os.cpu_count()} cores; tests/kube-env, "
-              f"real containers from {DASK_IMAGE})")
-        times = bench_create(no_op, args.creates)
-        print(f"create -> scheduler reachable (new_cluster + first RPC through the proxy), "
-              f"{len(times)} clusters: median {statistics.median(times):.2f} s, "
-              f"min {min(times):.2f} s, max {max(times):.2f} s")
-        created, running, _, writes = bench_scale(kube, ns, no_op, args.workers, False)
-        print(f"scale 0 -> {args.workers} worker pods (no-op worker command): all created "
-              f"{created:.2f} s, all Running {running:.2f} s; controller API writes "
-              f"{writes:.0f} ({writes / args.workers:.2f} per worker)")
-        no_op.stop()
-        real = Gateway(args.gateway, workdir, kc, ns, 8192,
-                       {"kubernetes": {"termination_grace_period_seconds": 1}})
-        created, running, joined, writes = bench_scale(kube, ns, real, args.real_workers, True)
-        print(f"scale 0 -> {args.real_workers} real Dask workers: pods created {created:.2f} s, "
-              f"Running {running:.2f} s, joined the scheduler {joined:.2f} s; "
-              f"API writes {writes:.0f}")
-        real.stop()
-        kube.kubectl("delete", "namespace", ns, "--wait=false")
-        idle, full, rate, lat = bench_memory(kube, args.gateway, workdir, args.clusters)
-        print(f"gateway RSS: {idle:.1f} MiB with no clusters, {full:.1f} MiB with "
-              f"{args.clusters} DaskCluster objects cached; creates through the API "
-              f"{rate:.0f}/s; list of one user's clusters median {lat * 1000:.1f} ms")
+        if "pods" in parts:
+            bench_pods(kube, args, workdir)
+        if "memory" in parts:
+            idle, full, rate, lat = bench_memory(kube, args.gateway, workdir, args.clusters)
+            print(f"gateway RSS: {idle:.1f} MiB with no clusters, {full:.1f} MiB with "
+                  f"{args.clusters} DaskCluster objects cached; creates through the API "
+                  f"{rate:.0f}/s ({CREATORS} callers); list of one user's clusters median "
+                  f"{lat * 1000:.1f} ms")
+
+
+def bench_pods(kube, args, workdir):
+    """Create -> reachable, 0 -> N no-op worker pods, 0 -> M real Dask workers."""
+    ns, kc = kube.namespace("main")
+    # No-op workers: the worker container sleeps instead of running Dask (the gateway's
+    # arguments go to `sh -c` as positional parameters and are ignored).
+    no_op_worker = {"extraContainerConfig": {"command": ["sh", "-c", "exec sleep infinity", "--"],
+                                             "readinessProbe": None}}
+    no_op = Gateway(args.gateway, workdir, kc, ns, 8190,
+                    {"kubernetes": {"worker": no_op_worker,
+                                    "termination_grace_period_seconds": 1}})
+    print(f"Kubernetes backend benchmark ({os.cpu_count()} cores; tests/kube-env, "
+          f"real containers from {DASK_IMAGE})")
+    times = bench_create(no_op, args.creates)
+    print(f"create -> scheduler reachable (new_cluster + first RPC through the proxy), "
+          f"{len(times)} clusters: median {statistics.median(times):.2f} s, "
+          f"min {min(times):.2f} s, max {max(times):.2f} s")
+    created, running, _, writes = bench_scale(kube, ns, no_op, args.workers, False)
+    print(f"scale 0 -> {args.workers} worker pods (no-op worker command): all created "
+          f"{created:.2f} s, all Running {running:.2f} s; controller API writes "
+          f"{writes:.0f} ({writes / args.workers:.2f} per worker)")
+    no_op.stop()
+    real = Gateway(args.gateway, workdir, kc, ns, 8192,
+                   {"kubernetes": {"termination_grace_period_seconds": 1}})
+    created, running, joined, writes = bench_scale(kube, ns, real, args.real_workers, True)
+    print(f"scale 0 -> {args.real_workers} real Dask workers: pods created {created:.2f} s, "
+          f"Running {running:.2f} s, joined the scheduler {joined:.2f} s; "
+          f"API writes {writes:.0f}")
+    real.stop()
+    kube.kubectl("delete", "namespace", ns, "--wait=false")
 
 
 if __name__ == "__main__":
