@@ -169,18 +169,24 @@ def test_the_rendered_configuration_is_valid_for_the_gateway(tmp_path):
 
 
 def test_pods_are_hardened():
+    kinds = set()
     for d in render("-f", str(ALL_VALUES)):
-        if d["kind"] != "Deployment":
+        if d["kind"] not in ("Deployment", "DaemonSet"):
             continue
+        component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+        kinds.add(component)
         pod = d["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        for c in pod["containers"]:
+        for c in pod["containers"] + pod.get("initContainers", []):
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False
             assert sc["readOnlyRootFilesystem"] is True
             assert sc["capabilities"] == {"drop": ["ALL"]}
-            assert c["livenessProbe"]["httpGet"]["path"].endswith("/api/health")
+            # The gateway's own processes answer health probes; placeholders only wait.
+            if component in ("gateway", "controller"):
+                assert c["livenessProbe"]["httpGet"]["path"].endswith("/api/health")
+    assert {"gateway", "placeholder-scheduler", "placeholder-worker", "image-puller"} <= kinds
 
 
 @pytest.mark.parametrize("values", [[], ["-f", str(ALL_VALUES)]], ids=["defaults", "all-on"])
