@@ -223,12 +223,24 @@ def ready(pod):
                for c in pod.get("status", {}).get("conditions", []))
 
 
+def routed(url):
+    """Whether the Service at `url` reaches a gateway: kube-proxy programs a Service's rules
+    a moment after its pods turn ready, and until then refuses connections to it."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"{url}/api/health", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def use_a_cluster(url, user, password, workers=1, during=None):
     """The stock client end to end: create, scale, compute, dashboard, shutdown; `during` is
     called while the cluster computes."""
     import urllib.request
 
     from dask_gateway import BasicAuth, Gateway
+    wait_for("the Service to route to a gateway", lambda: routed(url), timeout=60, interval=0.2)
     gw = Gateway(url, auth=BasicAuth(user, password))
     cluster = gw.new_cluster()
     try:
