@@ -196,6 +196,16 @@ fn worker(dc: &DaskCluster, name: &str, phase: &str, exit: Option<i32>) -> Pod {
     pod
 }
 
+/// The terminated state of a pod made by [`worker`] with an exit code.
+fn terminated(pod: &mut Pod) -> &mut ContainerStateTerminated {
+    pod.status
+        .as_mut()
+        .and_then(|s| s.container_statuses.as_mut())
+        .and_then(|c| c[0].state.as_mut())
+        .and_then(|s| s.terminated.as_mut())
+        .expect("a worker pod made with an exit code")
+}
+
 fn with_status(mut dc: DaskCluster, phase: Phase) -> DaskCluster {
     dc.metadata.resource_version = Some("7".into());
     dc.metadata.creation_timestamp = Some(Time(jiff::Timestamp::now()));
@@ -504,19 +514,7 @@ async fn a_worker_oom_killed_at_work_is_reported_and_replaced_without_counting_a
     caches.children_of(&dc);
     caches.pod(ready_scheduler(&dc));
     let mut oom = worker(&dc, "dask-worker-x-a", "Failed", Some(137));
-    let t = oom
-        .status
-        .as_mut()
-        .unwrap()
-        .container_statuses
-        .as_mut()
-        .unwrap()[0]
-        .state
-        .as_mut()
-        .unwrap()
-        .terminated
-        .as_mut()
-        .unwrap();
+    let t = terminated(&mut oom);
     t.reason = Some("OOMKilled".into());
     // It died two seconds after it started, before its readiness probe passed.
     let now = jiff::Timestamp::now();
@@ -566,19 +564,7 @@ async fn a_worker_the_scheduler_retired_after_an_oom_kill_is_still_reported() {
     caches.children_of(&dc);
     caches.pod(ready_scheduler(&dc));
     let mut oom = worker(&dc, "dask-worker-x-a", "Running", Some(137));
-    oom.status
-        .as_mut()
-        .unwrap()
-        .container_statuses
-        .as_mut()
-        .unwrap()[0]
-        .state
-        .as_mut()
-        .unwrap()
-        .terminated
-        .as_mut()
-        .unwrap()
-        .reason = Some("OOMKilled".into());
+    terminated(&mut oom).reason = Some("OOMKilled".into());
     caches.pod(oom);
     let pass = run(dc.clone(), &ctx).await;
     let c = api.next().await;
