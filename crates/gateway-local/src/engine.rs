@@ -980,21 +980,23 @@ impl ClusterBackend for LocalBackend {
     }
 
     async fn shutdown(&self, stop_clusters: bool) {
-        if !stop_clusters {
+        if stop_clusters {
+            let fx = {
+                let mut clusters = self.lock();
+                let mut fx = Effects::default();
+                let now = Instant::now();
+                for c in clusters.values_mut() {
+                    self.begin_stop(c, StopRequest::stopped("the gateway shut down"));
+                    fx.merge(self.reconcile(c, now));
+                }
+                fx
+            };
+            self.apply(fx);
+        } else {
             warn!("leaving clusters running; a restarted gateway re-adopts them (stop_clusters_on_shutdown: false)");
-            return;
         }
-        let fx = {
-            let mut clusters = self.lock();
-            let mut fx = Effects::default();
-            let now = Instant::now();
-            for c in clusters.values_mut() {
-                self.begin_stop(c, StopRequest::stopped("the gateway shut down"));
-                fx.merge(self.reconcile(c, now));
-            }
-            fx
-        };
-        self.apply(fx);
+        // Stops already begun (a user's, or warm schedulers the gateway stops as it shuts down)
+        // finish before the process exits: their signals are sent by tasks of this runtime.
         let deadline = Instant::now() + self.config.stop_grace + Duration::from_secs(3);
         while Instant::now() < deadline {
             let busy = self

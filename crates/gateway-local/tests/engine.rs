@@ -21,11 +21,11 @@ use tokio::sync::mpsc;
 /// on the channel, after `terminate` or `crash`.
 struct FakeProcesses {
     next_pid: AtomicU32,
-    alive: Mutex<HashMap<ProcessId, (String, ProcessRole)>>,
+    alive: Arc<Mutex<HashMap<ProcessId, (String, ProcessRole)>>>,
     exits: mpsc::UnboundedSender<ProcessExit>,
     fail_workers: AtomicBool,
     fail_scheduler: AtomicBool,
-    terminated: Mutex<Vec<ProcessId>>,
+    terminated: Arc<Mutex<Vec<ProcessId>>>,
     dirs: Mutex<HashSet<String>>,
     credentials: Mutex<HashSet<String>>,
 }
@@ -35,11 +35,11 @@ impl FakeProcesses {
         let (tx, rx) = mpsc::unbounded_channel();
         let p = Arc::new(FakeProcesses {
             next_pid: AtomicU32::new(1000),
-            alive: Mutex::new(HashMap::new()),
+            alive: Arc::new(Mutex::new(HashMap::new())),
             exits: tx,
             fail_workers: AtomicBool::new(false),
             fail_scheduler: AtomicBool::new(false),
-            terminated: Mutex::new(Vec::new()),
+            terminated: Arc::new(Mutex::new(Vec::new())),
             dirs: Mutex::new(HashSet::new()),
             credentials: Mutex::new(HashSet::new()),
         });
@@ -51,11 +51,11 @@ impl FakeProcesses {
         let (tx, rx) = mpsc::unbounded_channel();
         let p = Arc::new(FakeProcesses {
             next_pid: AtomicU32::new(self.next_pid.load(Ordering::SeqCst)),
-            alive: Mutex::new(self.alive.lock().unwrap().clone()),
+            alive: Arc::new(Mutex::new(self.alive.lock().unwrap().clone())),
             exits: tx,
             fail_workers: AtomicBool::new(false),
             fail_scheduler: AtomicBool::new(false),
-            terminated: Mutex::new(Vec::new()),
+            terminated: Arc::new(Mutex::new(Vec::new())),
             dirs: Mutex::new(self.dirs.lock().unwrap().clone()),
             credentials: Mutex::new(self.credentials.lock().unwrap().clone()),
         });
@@ -144,16 +144,23 @@ impl Processes for FakeProcesses {
     fn adopt(&self, _: &str, _: ProcessRole, _: ProcessId) {}
     fn reap(&self, _: ProcessId) {}
     fn terminate(&self, id: ProcessId, _: Duration) -> BoxFuture {
-        self.terminated.lock().unwrap().push(id);
-        if let Some((cluster, role)) = self.alive.lock().unwrap().remove(&id) {
-            let _ = self.exits.send(ProcessExit {
-                cluster,
-                role,
-                id,
-                code: None,
-            });
-        }
-        Box::pin(async {})
+        // Like the real launcher, nothing happens until the future runs.
+        let (terminated, alive, exits) = (
+            self.terminated.clone(),
+            self.alive.clone(),
+            self.exits.clone(),
+        );
+        Box::pin(async move {
+            terminated.lock().unwrap().push(id);
+            if let Some((cluster, role)) = alive.lock().unwrap().remove(&id) {
+                let _ = exits.send(ProcessExit {
+                    cluster,
+                    role,
+                    id,
+                    code: None,
+                });
+            }
+        })
     }
     fn unknown_processes(&self, known: &HashSet<ProcessId>) -> Vec<(String, ProcessId)> {
         self.alive
@@ -510,14 +517,14 @@ async fn a_restarted_engine_readopts_running_clusters_and_fails_dead_ones() {
     let v = b.get(&alive.name).unwrap();
     assert_eq!(v.status, ClusterStatus::Running);
     assert!(b.route(&alive.name).is_some());
+    eventually("the unrecorded process to be terminated", || {
+        !procs2.is_alive(orphan)
+    })
+    .await;
     assert_eq!(
         procs2.workers_of(&alive.name).len(),
         2,
         "workers re-adopted"
-    );
-    assert!(
-        !procs2.is_alive(orphan),
-        "the unrecorded process was terminated"
     );
     eventually("the dead cluster to end", || {
         status(&b, &dead.name) == ClusterStatus::Failed
@@ -622,4 +629,19 @@ async fn list_filters_by_owner_oldest_first() {
     assert!(names.contains(&a.name) && names.contains(&c.name));
     assert_eq!(b.list(Some("bob"))[0].name, o.name);
     assert_eq!(b.list(None).len(), 3);
+}
+
+#[tokio::test]
+async fn a_stop_begun_before_shutdown_finishes_even_when_clusters_are_kept() {
+    let (b, procs, _) = start("stop-then-shutdown", config()).await;
+    let kept = b.create(request()).await.unwrap();
+    let stopped = b.create(request()).await.unwrap();
+    b.stop(&stopped.name, StopRequest::stopped("by its user"))
+        .await
+        .unwrap();
+    // The gateway shuts down at once, keeping clusters for the next run (the default).
+    b.shutdown(false).await;
+    assert_eq!(status(&b, &stopped.name), ClusterStatus::Stopped);
+    assert_eq!(procs.terminated.lock().unwrap().len(), 1);
+    assert_eq!(status(&b, &kept.name), ClusterStatus::Pending);
 }
