@@ -2,6 +2,7 @@
 //! [`Processes`] trait through which the engine uses them.
 
 pub use crate::error::LocalError;
+use crate::forkserver::{python_behind, ForkRequest, ForkServers};
 use crate::identity::{Identities, Identity};
 use crate::process::{watch_adopted, ProcessExit, ProcessId, ProcessRole};
 use gateway_backend::{ClusterCredentials, ClusterSettings};
@@ -13,9 +14,10 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tracing::debug;
 
 /// Environment variables passed through from the gateway to Dask processes.
 const PASS_THROUGH_ENV: &[&str] = &[
@@ -49,6 +51,18 @@ pub struct LaunchConfig {
     pub adaptive_period: f64,
     /// The accounts users' processes run as (single-user by default).
     pub identities: Arc<Identities>,
+    /// Start processes by forking them from a pre-imported Python (see [`crate::forkserver`]);
+    /// `None` starts every process by exec.
+    pub fork: Option<ForkConfig>,
+}
+
+/// Where the fork servers keep their script and what they import ahead.
+#[derive(Clone, Debug)]
+pub struct ForkConfig {
+    /// A directory of the gateway's own (the server's script is written there).
+    pub dir: PathBuf,
+    /// Modules imported ahead besides `distributed` (e.g. `numpy`, `pandas`).
+    pub preimport: Vec<String>,
 }
 
 /// Everything needed to start one cluster's scheduler.
@@ -116,6 +130,24 @@ pub trait Processes: Send + Sync + 'static {
     fn unknown_processes(&self, known: &HashSet<ProcessId>) -> Vec<(String, ProcessId)>;
 }
 
+/// The gateway's variables that Dask processes inherit, with `prefix` leading `PATH`.
+fn pass_through_env(prefix: Option<&Path>) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for key in PASS_THROUGH_ENV {
+        if let Ok(v) = std::env::var(key) {
+            env.insert(key.to_string(), v);
+        }
+    }
+    if let Some(prefix) = prefix {
+        let path = env
+            .get("PATH")
+            .cloned()
+            .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        env.insert("PATH".into(), format!("{}:{path}", prefix.display()));
+    }
+    env
+}
+
 /// Writes a secret file: mode 0600, never through a link, owned by `identity` when given.
 fn write_private(path: &Path, text: &str, identity: Option<&Identity>) -> Result<(), LocalError> {
     let err = |source| LocalError::Prepare {
@@ -142,12 +174,52 @@ fn write_private(path: &Path, text: &str, identity: Option<&Identity>) -> Result
 pub struct Launcher {
     config: LaunchConfig,
     events: mpsc::UnboundedSender<ProcessExit>,
+    forks: Option<Arc<ForkServers>>,
+    /// The interpreter behind each `dask` command, once looked up.
+    pythons: Arc<Mutex<BTreeMap<PathBuf, Option<PathBuf>>>>,
 }
 
 impl Launcher {
-    /// A launcher reporting process exits on `events`.
+    /// A launcher reporting process exits on `events`. With [`LaunchConfig::fork`] the fork
+    /// server of the default environment starts right away (its imports take a second or two);
+    /// processes are exec'd until it is ready.
     pub fn new(config: LaunchConfig, events: mpsc::UnboundedSender<ProcessExit>) -> Self {
-        Launcher { config, events }
+        let forks = config.fork.as_ref().and_then(|fork| {
+            let env = pass_through_env(config.path_prefix.as_deref());
+            match ForkServers::new(&fork.dir, fork.preimport.clone(), env, events.clone()) {
+                Ok(servers) => Some(Arc::new(servers)),
+                Err(e) => {
+                    tracing::warn!(dir = %fork.dir.display(), "fork server disabled: {e}");
+                    None
+                }
+            }
+        });
+        let launcher = Launcher {
+            config,
+            events,
+            forks,
+            pythons: Arc::default(),
+        };
+        if let (Some(forks), Some(python)) = (&launcher.forks, launcher.default_python()) {
+            forks.warm(&python);
+        }
+        launcher
+    }
+
+    /// The Python interpreter running `dask` (a bare name is looked up on `path`), cached per
+    /// command.
+    fn python_for(&self, dask: &Path, path: Option<&str>) -> Option<PathBuf> {
+        let mut pythons = self.pythons.lock().unwrap_or_else(|e| e.into_inner());
+        pythons
+            .entry(dask.to_path_buf())
+            .or_insert_with(|| python_behind(dask, path))
+            .clone()
+    }
+
+    /// The default environment's interpreter.
+    fn default_python(&self) -> Option<PathBuf> {
+        let path = pass_through_env(self.config.path_prefix.as_deref()).remove("PATH");
+        self.python_for(&self.config.dask_command, path.as_deref())
     }
 
     /// The cluster's private working directory.
@@ -271,19 +343,7 @@ impl Launcher {
         extra: &BTreeMap<String, String>,
         path_prefix: Option<&Path>,
     ) -> BTreeMap<String, String> {
-        let mut env = BTreeMap::new();
-        for key in PASS_THROUGH_ENV {
-            if let Ok(v) = std::env::var(key) {
-                env.insert(key.to_string(), v);
-            }
-        }
-        if let Some(prefix) = path_prefix {
-            let path = env
-                .get("PATH")
-                .cloned()
-                .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-            env.insert("PATH".into(), format!("{}:{path}", prefix.display()));
-        }
+        let mut env = pass_through_env(path_prefix);
         env.insert("USER".into(), owner.into());
         if let Some(id) = identity {
             let home = id.home.clone().unwrap_or_else(|| self.work_dir(cluster));
@@ -337,7 +397,7 @@ impl Launcher {
                 source,
             })?;
         let log2 = log.try_clone().map_err(|source| LocalError::Prepare {
-            path: log_path,
+            path: log_path.clone(),
             source,
         })?;
         // Clusters laid out by an older gateway have no `work/` yet (restarts re-adopt them).
@@ -354,6 +414,9 @@ impl Launcher {
             if let Some(id) = identity {
                 std::os::unix::fs::chown(&work, Some(id.uid), Some(id.gid)).map_err(err)?;
             }
+        }
+        if let Some(id) = self.fork(cluster, &role, identity, dask, &args, &env, &log_path) {
+            return Ok(id);
         }
         let command = dask.display().to_string();
         let mut cmd = tokio::process::Command::new(dask);
@@ -391,6 +454,43 @@ impl Launcher {
             });
         });
         Ok(id)
+    }
+
+    /// Forks the process from the environment's fork server; `None` if it must be exec'd
+    /// (no server, not ready yet, an environment that needs a fresh interpreter, a failure).
+    #[allow(clippy::too_many_arguments)]
+    fn fork(
+        &self,
+        cluster: &str,
+        role: &ProcessRole,
+        identity: Option<&Identity>,
+        dask: &Path,
+        args: &[String],
+        env: &BTreeMap<String, String>,
+        log: &Path,
+    ) -> Option<ProcessId> {
+        let forks = self.forks.as_ref()?;
+        let python = self.python_for(dask, env.get("PATH").map(String::as_str))?;
+        let (command, args) = args.split_first()?;
+        let work = self.work_dir(cluster);
+        let request = ForkRequest {
+            argv0: dask,
+            command,
+            args,
+            env,
+            cwd: &work,
+            log,
+            account: identity.map(|id| (id.uid, id.gid)),
+            cluster,
+            role: role.clone(),
+        };
+        match forks.start(&python, request) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                debug!(cluster, "starting by exec: {e}");
+                None
+            }
+        }
     }
 
     /// Starts `dask scheduler` with the gateway preload.
@@ -576,6 +676,7 @@ mod tests {
                 heartbeat_period: 15.0,
                 adaptive_period: 3.0,
                 identities: Arc::new(Identities::new(Default::default()).unwrap()),
+                fork: None,
             },
             tx,
         );

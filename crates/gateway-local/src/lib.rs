@@ -8,6 +8,8 @@
 //!   mode 0600) and launches `dask scheduler` (with `dask_gateway.scheduler_preload`) and
 //!   `dask worker` with the environment and flags of wire-protocol section 9; the engine uses it
 //!   through the [`Processes`] trait so its rules can be tested without processes.
+//! * [`forkserver`]: a long-lived Python per environment that has imported `distributed` and
+//!   forks workers and schedulers from itself (milliseconds instead of a second of imports).
 //! * [`identity`]: which OS account runs each user's processes (single-user by default; one
 //!   uid per user with isolation).
 //! * [`process`]: process identity (pid + kernel start time, so a recycled pid is never
@@ -20,6 +22,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod forkserver;
 pub mod identity;
 pub mod launch;
 pub mod process;
@@ -28,7 +31,7 @@ pub mod store;
 pub use engine::{EngineConfig, LocalBackend};
 pub use identity::{Identities, Identity, Isolation};
 pub use launch::{
-    BoxFuture, LaunchConfig, Launcher, LocalError, Processes, SchedulerSpec, WorkerSpec,
+    BoxFuture, ForkConfig, LaunchConfig, Launcher, LocalError, Processes, SchedulerSpec, WorkerSpec,
 };
 pub use process::{group_leaders_under, ProcessExit, ProcessId, ProcessRole};
 pub use store::{Store, StoreError};

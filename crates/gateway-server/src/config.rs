@@ -320,7 +320,7 @@ pub enum AuthKind {
 }
 
 /// Where the `dask` command comes from.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaskConfig {
     /// A venv or conda prefix: `<env>/bin/dask` is used and `<env>/bin` leads `PATH`.
@@ -333,6 +333,35 @@ pub struct DaskConfig {
     pub isolation: IsolationKind,
     /// The uids `uid-range` isolation hands out.
     pub uid_range: UidRange,
+    /// Start workers and schedulers by forking them from a long-lived Python per environment
+    /// that has imported `distributed` already (default on); off starts each by exec.
+    pub fork_server: bool,
+    /// Modules the fork server imports ahead besides `distributed` (e.g. `numpy`, `pandas`).
+    pub preimport: Vec<String>,
+}
+
+/// A dotted Python module name: `numpy`, `dask.dataframe`.
+fn is_module_name(name: &str) -> bool {
+    name.split('.').all(|part| {
+        let mut chars = part.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
+impl Default for DaskConfig {
+    fn default() -> Self {
+        DaskConfig {
+            python_env: None,
+            command: None,
+            isolation: IsolationKind::default(),
+            uid_range: UidRange::default(),
+            fork_server: true,
+            preimport: Vec::new(),
+        }
+    }
 }
 
 /// How the local backend isolates users from each other.
@@ -618,6 +647,11 @@ impl GatewayConfig {
             return bad(format!(
                 "request_timeout must be at least 25 seconds (a ?wait request is held 20 s), got {}",
                 self.request_timeout
+            ));
+        }
+        if let Some(bad_name) = self.dask.preimport.iter().find(|m| !is_module_name(m)) {
+            return bad(format!(
+                "dask.preimport: {bad_name:?} is not a Python module name (like numpy or dask.dataframe)"
             ));
         }
         self.validate_cluster(&self.cluster, "cluster")?;

@@ -205,6 +205,10 @@ fn start_local_backend(
             heartbeat_period: config.cluster.heartbeat_period,
             adaptive_period: config.cluster.adaptive_period,
             identities,
+            fork: config.dask.fork_server.then(|| gateway_local::ForkConfig {
+                dir: data_dir.join("forkserver"),
+                preimport: config.dask.preimport.clone(),
+            }),
         },
         exit_tx,
     );
