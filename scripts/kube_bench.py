@@ -148,9 +148,18 @@ def bench_scale(kube, ns, gw, n, real_workers):
     oid = c.name.rsplit(".", 1)[-1]
     selector = f"gateway.dask.org/cluster={oid},app.kubernetes.io/component=dask-worker"
     writes0 = gw.metric("dask_gateway_controller_api_writes_total")
+    created0 = gw.metric("dask_gateway_controller_pods_created_total")
     t0 = time.perf_counter()
     c.scale(n)
-    created = running = joined = None
+    # All Pod objects exist once the API server has acknowledged the controller's n creates:
+    # its counter, read over loopback every few milliseconds (a kubectl poll costs ~0.2 s).
+    created = None
+    while created is None and time.perf_counter() < t0 + 120:
+        if gw.metric("dask_gateway_controller_pods_created_total") - created0 >= n:
+            created = time.perf_counter() - t0
+        else:
+            time.sleep(0.005)
+    running = joined = None
     client = c.get_client(set_as_default=False) if real_workers else None
     deadline = t0 + 900
     while time.perf_counter() < deadline:
@@ -328,9 +337,10 @@ def bench_pods(kube, args, workdir):
     # arguments go to `sh -c` as positional parameters and are ignored).
     no_op_worker = {"extraContainerConfig": {"command": ["sh", "-c", "exec sleep infinity", "--"],
                                              "readinessProbe": None}}
-    no_op = Gateway(args.gateway, workdir, kc, ns, 8190,
-                    {"kubernetes": {"worker": no_op_worker,
-                                    "termination_grace_period_seconds": 1}})
+    kube_settings = {"worker": no_op_worker, "termination_grace_period_seconds": 1}
+    if os.environ.get("BENCH_WORKER_BATCH"):
+        kube_settings["worker_batch"] = int(os.environ["BENCH_WORKER_BATCH"])
+    no_op = Gateway(args.gateway, workdir, kc, ns, 8190, {"kubernetes": kube_settings})
     print(f"Kubernetes backend benchmark ({os.cpu_count()} cores; tests/kube-env, "
           f"real containers from {DASK_IMAGE})")
     times = bench_create(no_op, args.creates)

@@ -108,7 +108,7 @@ impl Default for KubeConfig {
             api_qps: 50.0,
             api_burst: 100,
             reconcile_concurrency: 16,
-            worker_batch: 50,
+            worker_batch: 100,
             completed_cluster_max_age: 86400.0,
         }
     }

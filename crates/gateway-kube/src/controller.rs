@@ -59,9 +59,10 @@ const WORKER_LOG_LINES: i64 = 80;
 /// What a Dask worker logs once the scheduler accepted it.
 const WORKER_REGISTERED: &str = "Registered to:";
 /// Status changes that only update counts (workers, ready workers, conditions) are written at
-/// most this often per cluster: a 100-worker scale-up then costs a handful of status writes,
-/// not one per pod event.
-const COUNTS_WRITE_EVERY: Duration = Duration::from_secs(1);
+/// most this often per cluster: a 100-worker scale-up whose pods start over ~20 s then costs
+/// about five status writes beside its 100 pod creations, not one per pod event. Nothing in the
+/// gateway reads these counts; they are what `kubectl get daskclusters` shows.
+pub(crate) const COUNTS_WRITE_EVERY: Duration = Duration::from_secs(5);
 
 /// Why a reconcile pass failed; the error policy decides when to retry.
 #[derive(Debug, thiserror::Error)]

@@ -343,7 +343,7 @@ async fn count_only_status_changes_are_written_at_most_once_a_second() {
     api.silent().await;
     assert_eq!(
         pass.await.unwrap().unwrap(),
-        Action::requeue(Duration::from_secs(1))
+        Action::requeue(COUNTS_WRITE_EVERY)
     );
     // A change that matters (the gateway stops the cluster) is written at once.
     dc.spec.active = false;
