@@ -23,7 +23,7 @@ pub mod settings;
 pub use credentials::{new_api_token, new_cluster_id, ClusterCredentials};
 pub use settings::{ClusterSettings, ContainerLimits};
 
-use gateway_model::{ClusterModel, ClusterStatus, Heartbeat};
+use gateway_model::{ClusterEvent, ClusterModel, ClusterStatus, Heartbeat};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
@@ -267,6 +267,22 @@ pub trait ClusterBackend: Send + Sync + 'static {
     async fn finished_cluster(&self, name: &str) -> Result<Option<ClusterView>, BackendError> {
         let _ = name;
         Ok(None)
+    }
+
+    /// What happened to cluster `name`, oldest first: what the backend saw (processes or pods
+    /// starting, exiting, failing) and what the gateway recorded with [`Self::record_event`].
+    /// Kept as long as the cluster record is, bounded per cluster. Empty for a backend that
+    /// keeps none.
+    async fn events(&self, name: &str) -> Result<Vec<ClusterEvent>, BackendError> {
+        let _ = name;
+        Ok(Vec::new())
+    }
+
+    /// Records an event the gateway saw for cluster `name` (a quota clipping a request, a stop
+    /// for idleness or lifetime). Best effort: a backend that keeps no events drops it.
+    async fn record_event(&self, name: &str, event: ClusterEvent) -> Result<(), BackendError> {
+        let _ = (name, event);
+        Ok(())
     }
 
     /// Hands an active member of the warm pool `pool` to `claim.owner`, atomically (two

@@ -104,6 +104,14 @@ enum Command {
         /// Cluster name.
         name: String,
     },
+    /// What happened to a cluster: created, running, workers started and stopped, failures.
+    Events {
+        /// Cluster name.
+        name: String,
+        /// Keep printing new events until the cluster has finished.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// Set the number of workers (turns adaptive scaling off).
     Scale {
         /// Cluster name.
@@ -392,6 +400,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 row["worker_details"] = serde_json::to_value(&id.workers).unwrap_or_default();
             }
             printer.record(&row);
+        }
+        Command::Events { name, follow } => {
+            if follow {
+                let format = printer.format();
+                client
+                    .follow_events(&name, |e| output::event_line(format, &e))
+                    .await?;
+            } else {
+                let events = client.events(&name).await?;
+                let rows: Vec<Value> = events.iter().map(output::event_row).collect();
+                printer.table(&rows, &["time", "type", "reason", "source", "message"]);
+            }
         }
         Command::Scale { name, count } => {
             let r = client.scale(&name, count).await?;

@@ -108,6 +108,41 @@ fn cell(v: &Value) -> String {
 }
 
 /// How long ago a millisecond timestamp was, e.g. `42s`, `5m`, `3h`, `2d`.
+/// A cluster event as a row: its time in UTC to the second.
+pub fn event_row(event: &gateway_client::ClusterEvent) -> Value {
+    let time = jiff::Timestamp::from_millisecond(event.time)
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|_| event.time.to_string());
+    serde_json::json!({
+        "time": time,
+        "type": match event.kind {
+            gateway_client::EventType::Normal => "Normal",
+            gateway_client::EventType::Warning => "Warning",
+        },
+        "reason": event.reason,
+        "source": event.source,
+        "message": event.message,
+    })
+}
+
+/// One followed event as it arrives: a line of JSON for scripts, else tab-separated columns.
+pub fn event_line(format: Format, event: &gateway_client::ClusterEvent) {
+    let row = event_row(event);
+    if format == Format::Table {
+        let col = |k: &str| row[k].as_str().unwrap_or_default().to_string();
+        println!(
+            "{}  {:<7}  {:<16}  {:<8}  {}",
+            col("time"),
+            col("type"),
+            col("reason"),
+            col("source"),
+            col("message")
+        );
+    } else {
+        println!("{}", serde_json::to_string(event).unwrap_or_default());
+    }
+}
+
 pub fn age(start_ms: i64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

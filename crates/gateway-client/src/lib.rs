@@ -26,12 +26,14 @@ pub use config::{Auth, ClientConfig};
 pub use error::ClientError;
 /// The API types shared with the server.
 pub use gateway_model as model;
-pub use gateway_model::{ClusterDetails, ClusterModel, ClusterStatus, OptionSpec, ScaleResponse};
+pub use gateway_model::{
+    ClusterDetails, ClusterEvent, ClusterModel, ClusterStatus, EventType, OptionSpec, ScaleResponse,
+};
 pub use tls::ClusterTls;
 
 use gateway_model::{
-    AdaptRequest, CreateClusterRequest, CreateClusterResponse, ErrorBody, OptionsResponse,
-    ScaleRequest,
+    AdaptRequest, ClusterEvents, CreateClusterRequest, CreateClusterResponse, ErrorBody,
+    OptionsResponse, ScaleRequest,
 };
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -190,6 +192,66 @@ impl GatewayClient {
     pub async fn details(&self, name: &str) -> Result<ClusterDetails, ClientError> {
         self.get_json(&format!("/api/v1/clusters/{}/details", check_name(name)?))
             .await
+    }
+
+    /// What happened to a cluster, oldest first (`GET /api/v1/clusters/<name>/events`).
+    pub async fn events(&self, name: &str) -> Result<Vec<ClusterEvent>, ClientError> {
+        let body: ClusterEvents = self
+            .get_json(&format!("/api/v1/clusters/{}/events", check_name(name)?))
+            .await?;
+        Ok(body.events)
+    }
+
+    /// Follows a cluster's events (`?follow`, server-sent events): `on_event` gets the history
+    /// and then each new event as it happens; returns once the gateway ends the stream (the
+    /// cluster has finished).
+    pub async fn follow_events(
+        &self,
+        name: &str,
+        mut on_event: impl FnMut(ClusterEvent),
+    ) -> Result<(), ClientError> {
+        let url = format!(
+            "{}/api/v1/clusters/{}/events?follow",
+            self.config.address,
+            check_name(name)?
+        );
+        let connect = |source| ClientError::Connect {
+            address: self.config.address.clone(),
+            source,
+        };
+        // The stream lasts as long as the cluster: no overall timeout.
+        let mut req = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(365 * 24 * 3600));
+        if let Some(h) = self.config.auth.header() {
+            req = req.header(reqwest::header::AUTHORIZATION, h);
+        }
+        let mut resp = req.send().await.map_err(connect)?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.map_err(connect)?;
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_string());
+            return Err(match status.as_u16() {
+                401 => ClientError::Unauthorized(message),
+                403 => ClientError::Forbidden(message),
+                404 => ClientError::NotFound(message),
+                s => ClientError::Server { status: s, message },
+            });
+        }
+        let mut buffer = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(connect)? {
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = find_blank_line(&buffer) {
+                let block: Vec<u8> = buffer.drain(..end).collect();
+                if let Some(event) = parse_sse_event(&block) {
+                    on_event(event);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Creates a cluster with the given option values; returns its name.
@@ -424,9 +486,47 @@ fn check_name(name: &str) -> Result<&str, ClientError> {
     }
 }
 
+/// Where the first server-sent event in `buffer` ends (after its blank line).
+fn find_blank_line(buffer: &[u8]) -> Option<usize> {
+    buffer.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}
+
+/// The cluster event in one server-sent event block (`data:` lines joined); `None` for
+/// keep-alive comments and anything else.
+fn parse_sse_event(block: &[u8]) -> Option<ClusterEvent> {
+    let text = std::str::from_utf8(block).ok()?;
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    if data.is_empty() {
+        return None;
+    }
+    serde_json::from_str(&data.join("\n")).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_server_sent_cluster_events() {
+        let stream = b": keep-alive\n\nevent: cluster-event\ndata: {\"time\":1,\"type\":\"Warning\",\"reason\":\"WorkerExited\",\"message\":\"m\",\"source\":\"gateway\"}\n\nevent: cluster-ev";
+        let first = find_blank_line(stream).unwrap();
+        assert!(parse_sse_event(&stream[..first]).is_none());
+        let rest = &stream[first..];
+        let second = find_blank_line(rest).unwrap();
+        let event = parse_sse_event(&rest[..second]).unwrap();
+        assert_eq!(
+            (event.kind, event.reason.as_str()),
+            (EventType::Warning, "WorkerExited")
+        );
+        assert!(
+            find_blank_line(&rest[second..]).is_none(),
+            "an incomplete event waits"
+        );
+    }
 
     fn client(address: &str, proxy: Option<&str>) -> GatewayClient {
         let mut c = ClientConfig::new(address);

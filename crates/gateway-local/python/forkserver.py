@@ -11,7 +11,7 @@ Protocol, over the standard streams the gateway gives it:
 * stdout: one JSON object per line:
   {"ready": <pid>} once the imports are done;
   {"started": <pid>} after each request (in request order);
-  {"exit": <pid>, "code": <int or null>} when a child exits (null after a signal).
+  {"exit": <pid>, "code": <int>} when a child exits (a signal as its negative number).
 
 The server never decodes a request: it reads the bytes into one fixed buffer, forks, and
 overwrites the buffer in itself, so no user's environment stays in the memory later children
@@ -281,7 +281,7 @@ def _reap():
             return
         if pid == 0:
             return
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        code = os.waitstatus_to_exitcode(status)  # a signal as its negative number
         _emit({"exit": pid, "code": code})
 
 

@@ -18,7 +18,7 @@ use gateway_backend::{
     new_api_token, new_cluster_id, BackendError, ClusterBackend, ClusterCredentials, ClusterView,
     NewCluster, SchedulerAddresses, StopRequest, TlsPair, WorkerGrant,
 };
-use gateway_model::{ClusterStatus, Heartbeat};
+use gateway_model::{ClusterEvent, ClusterStatus, EventType, Heartbeat};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -242,6 +242,17 @@ struct Counters {
     worker_failures: AtomicU64,
 }
 
+/// How an exit looks in an event or a failure reason.
+fn describe_exit(code: Option<i32>) -> String {
+    match code {
+        Some(c) if c >= 0 => format!("exit code {c}"),
+        Some(-9) => "killed by SIGKILL: out of memory, or a kill -9".into(),
+        Some(-15) => "ended by SIGTERM".into(),
+        Some(c) => format!("killed by signal {}", -c),
+        None => "exit code unknown".into(),
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -332,8 +343,20 @@ impl LocalBackend {
                 .clusters_failed
                 .fetch_add(1, Ordering::Relaxed);
             warn!(cluster = %c.record.name, reason = %request.reason, "cluster failed");
+            self.event(
+                &c.record.name,
+                EventType::Warning,
+                "Failing",
+                &request.reason,
+            );
         } else {
             info!(cluster = %c.record.name, reason = %request.reason, "stopping cluster");
+            self.event(
+                &c.record.name,
+                EventType::Normal,
+                "Stopping",
+                &request.reason,
+            );
         }
         c.set_status(ClusterStatus::Stopping);
         c.record.final_status = Some(if request.failed {
@@ -407,6 +430,7 @@ impl LocalBackend {
             return;
         };
         let mut started = 0;
+        let mut launched = 0;
         while c.live_workers() < target && started < START_BATCH && c.worker_failures < limit {
             started += 1;
             let worker = new_cluster_id();
@@ -431,6 +455,7 @@ impl LocalBackend {
                         .workers_started
                         .fetch_add(1, Ordering::Relaxed);
                     info!(cluster = %c.record.name, worker = %worker, pid = process.pid, "worker starting");
+                    launched += 1;
                     c.workers.insert(
                         worker,
                         Worker {
@@ -445,6 +470,12 @@ impl LocalBackend {
                         .worker_failures
                         .fetch_add(1, Ordering::Relaxed);
                     error!(cluster = %c.record.name, failures = c.worker_failures, "starting worker: {e}");
+                    self.event(
+                        &c.record.name,
+                        EventType::Warning,
+                        "WorkerStartFailed",
+                        &format!("could not start a worker: {e}"),
+                    );
                     if c.worker_failures >= limit {
                         let reason = format!(
                             "{} consecutive worker failures; the last: could not start a worker: {e}",
@@ -452,9 +483,31 @@ impl LocalBackend {
                         );
                         self.begin_stop(c, StopRequest::failed(reason));
                     }
-                    return;
+                    break;
                 }
             }
+        }
+        if launched > 0 {
+            let message = format!(
+                "starting {launched} worker{} ({} wanted, {} running or starting)",
+                if launched == 1 { "" } else { "s" },
+                target,
+                c.live_workers()
+            );
+            self.event(
+                &c.record.name,
+                EventType::Normal,
+                "WorkersStarting",
+                &message,
+            );
+        }
+    }
+
+    /// Appends an event to a cluster's history; best effort (a failed write is logged).
+    fn event(&self, cluster: &str, kind: EventType, reason: &str, message: &str) {
+        let event = ClusterEvent::new(now_ms(), kind, reason, message, "gateway");
+        if let Err(e) = self.store.add_event(cluster, &event) {
+            error!(%cluster, "recording an event: {e}");
         }
     }
 
@@ -504,6 +557,13 @@ impl LocalBackend {
             }
         }
         c.workers.clear();
+        // Written before the status turns final: whoever sees it final finds the event too.
+        let (kind, reason) = if final_status == ClusterStatus::Failed {
+            (EventType::Warning, "Failed")
+        } else {
+            (EventType::Normal, "Stopped")
+        };
+        self.event(name, kind, reason, c.record.reason.as_deref().unwrap_or(""));
         c.record.status = final_status;
         self.persist(&c.record);
         c.set_status_after_store(final_status);
@@ -519,11 +579,11 @@ impl LocalBackend {
             let Some(c) = clusters.get_mut(&exit.cluster) else {
                 return;
             };
-            let code = exit.code.map_or("unknown".to_string(), |c| c.to_string());
+            let code = describe_exit(exit.code);
             match &exit.role {
                 ProcessRole::Scheduler => {
                     if c.record.scheduler == Some(exit.id) && c.record.status.is_active() {
-                        let reason = format!("the scheduler exited (exit code {code})");
+                        let reason = format!("the scheduler exited ({code})");
                         self.begin_stop(c, StopRequest::failed(reason));
                     }
                 }
@@ -538,17 +598,31 @@ impl LocalBackend {
                     }
                     if expected || !c.record.status.is_active() {
                         info!(cluster = %exit.cluster, worker = %worker, "worker stopped");
+                        self.event(
+                            &exit.cluster,
+                            EventType::Normal,
+                            "WorkerStopped",
+                            &format!("worker {worker} stopped ({code})"),
+                        );
                     } else {
                         c.worker_failures += 1;
                         self.counters
                             .worker_failures
                             .fetch_add(1, Ordering::Relaxed);
-                        warn!(cluster = %exit.cluster, worker = %worker, exit_code = %code,
+                        warn!(cluster = %exit.cluster, worker = %worker, exit = %code,
                               failures = c.worker_failures, "worker exited unexpectedly");
+                        self.event(
+                            &exit.cluster,
+                            EventType::Warning,
+                            "WorkerExited",
+                            &format!(
+                                "worker {worker} exited unexpectedly ({code}); it is replaced"
+                            ),
+                        );
                         let limit = self.config.worker_start_failure_limit.max(1);
                         if c.worker_failures >= limit {
                             let reason = format!(
-                                "{} consecutive worker failures; the last: a worker exited unexpectedly (exit code {code})",
+                                "{} consecutive worker failures; the last: a worker exited unexpectedly ({code})",
                                 c.worker_failures
                             );
                             self.begin_stop(c, StopRequest::failed(reason));
@@ -623,6 +697,16 @@ impl LocalBackend {
                     Some(id) if self.processes.is_alive(id) => {
                         self.processes.adopt(&name, ProcessRole::Scheduler, id);
                         info!(cluster = %name, status = %c.record.status, workers = c.workers.len(), "re-adopted cluster");
+                        self.event(
+                            &name,
+                            EventType::Normal,
+                            "Adopted",
+                            &format!(
+                                "taken over by a restarted gateway with {} worker{}",
+                                c.workers.len(),
+                                if c.workers.len() == 1 { "" } else { "s" }
+                            ),
+                        );
                     }
                     _ => {
                         let reason = "the scheduler process was gone when the gateway restarted";
@@ -703,6 +787,12 @@ impl LocalBackend {
         if now_running {
             c.set_status(ClusterStatus::Running);
             info!(cluster = %c.record.name, scheduler = %hb.scheduler_address, "cluster running");
+            self.event(
+                &c.record.name,
+                EventType::Normal,
+                "Running",
+                &format!("the scheduler is up at {}", hb.scheduler_address),
+            );
         }
         Ok(())
     }
@@ -848,6 +938,11 @@ impl ClusterBackend for LocalBackend {
                         info!(cluster = %name, user = ?c.record.owner, pid = pid.pid, "cluster created, scheduler starting")
                     }
                 }
+                let message = match &c.record.pool {
+                    Some(_) => format!("warm scheduler starting (pid {})", pid.pid),
+                    None => format!("scheduler starting (pid {})", pid.pid),
+                };
+                self.event(&name, EventType::Normal, "Created", &message);
                 Ok(c.view())
             }
             Err(e) => {
@@ -942,8 +1037,26 @@ impl ClusterBackend for LocalBackend {
             .put_cluster(&record)
             .map_err(|e| store_error("handing out a warm scheduler", e))?;
         info!(cluster = %name, user = ?record.owner, "warm scheduler claimed");
+        self.event(
+            &name,
+            EventType::Normal,
+            "Claimed",
+            "handed to its user from the warm pool of running schedulers",
+        );
         c.record = record;
         Ok(Some(c.view()))
+    }
+
+    async fn events(&self, name: &str) -> Result<Vec<ClusterEvent>, BackendError> {
+        self.store
+            .events(name)
+            .map_err(|e| store_error("reading events", e))
+    }
+
+    async fn record_event(&self, name: &str, event: ClusterEvent) -> Result<(), BackendError> {
+        self.store
+            .add_event(name, &event)
+            .map_err(|e| store_error("recording an event", e))
     }
 
     async fn record_grant(&self, name: &str, grant: WorkerGrant) -> Result<(), BackendError> {

@@ -445,7 +445,11 @@ impl Launcher {
         let events = self.events.clone();
         let cluster = cluster.to_string();
         tokio::spawn(async move {
-            let code = child.wait().await.ok().and_then(|s| s.code());
+            // A signal is reported as its negative number, as Python does.
+            let code = child.wait().await.ok().and_then(|s| {
+                use std::os::unix::process::ExitStatusExt;
+                s.code().or_else(|| s.signal().map(|sig| -sig))
+            });
             let _ = events.send(ProcessExit {
                 cluster,
                 role,

@@ -31,7 +31,8 @@ pub struct ProcessExit {
     pub role: ProcessRole,
     /// The process.
     pub id: ProcessId,
-    /// Exit code when known (our own children); `None` for adopted processes or signals.
+    /// Exit code when known (our own children), a signal as its negative number (`-9`:
+    /// SIGKILL); `None` for adopted processes, whose end is only seen in `/proc`.
     pub code: Option<i32>,
 }
 

@@ -6,7 +6,7 @@
 
 use crate::process::ProcessId;
 use gateway_backend::ClusterSettings;
-use gateway_model::ClusterStatus;
+use gateway_model::{ClusterEvent, ClusterStatus, EventType};
 use rusqlite::{params, Connection};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -116,7 +116,20 @@ CREATE TABLE IF NOT EXISTS workers (
     ticks INTEGER NOT NULL,
     PRIMARY KEY (cluster, name)
 );
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    time INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL,
+    source TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_cluster ON events (cluster, seq);
 ";
+
+/// Events kept per cluster; older ones are dropped as new ones come.
+pub const EVENTS_PER_CLUSTER: i64 = 200;
 
 /// Creates the tables, and adds the columns a database made by an older gateway lacks.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -199,8 +212,60 @@ impl Store {
     pub fn delete_cluster(&self, name: &str) -> Result<(), StoreError> {
         let conn = self.conn();
         conn.execute("DELETE FROM workers WHERE cluster = ?1", params![name])?;
+        conn.execute("DELETE FROM events WHERE cluster = ?1", params![name])?;
         conn.execute("DELETE FROM clusters WHERE name = ?1", params![name])?;
         Ok(())
+    }
+
+    /// Appends an event to a cluster's history, dropping its oldest beyond
+    /// [`EVENTS_PER_CLUSTER`].
+    pub fn add_event(&self, cluster: &str, event: &ClusterEvent) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let kind = match event.kind {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        };
+        conn.execute(
+            "INSERT INTO events (cluster, time, type, reason, message, source)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                cluster,
+                event.time,
+                kind,
+                event.reason,
+                event.message,
+                event.source
+            ],
+        )?;
+        conn.execute(
+            "DELETE FROM events WHERE cluster = ?1 AND seq <= (
+                SELECT seq FROM events WHERE cluster = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+            params![cluster, EVENTS_PER_CLUSTER],
+        )?;
+        Ok(())
+    }
+
+    /// A cluster's events, oldest first.
+    pub fn events(&self, cluster: &str) -> Result<Vec<ClusterEvent>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT time, type, reason, message, source FROM events WHERE cluster = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![cluster], |r| {
+            let kind: String = r.get(1)?;
+            Ok(ClusterEvent {
+                time: r.get(0)?,
+                kind: if kind == "Warning" {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: r.get(2)?,
+                message: r.get(3)?,
+                source: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records a started worker process.
@@ -309,6 +374,37 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_are_kept_in_order_bounded_and_go_with_the_cluster() {
+        let store = Store::in_memory().unwrap();
+        let event = |i: i64| {
+            ClusterEvent::new(
+                i,
+                EventType::Normal,
+                "WorkersStarting",
+                format!("#{i}"),
+                "gateway",
+            )
+        };
+        for i in 0..EVENTS_PER_CLUSTER + 10 {
+            store.add_event("a", &event(i)).unwrap();
+        }
+        let mut warning = event(1000);
+        warning.kind = EventType::Warning;
+        store.add_event("b", &warning).unwrap();
+        let a = store.events("a").unwrap();
+        assert_eq!(a.len() as i64, EVENTS_PER_CLUSTER);
+        assert_eq!(a.first().unwrap().message, "#10", "the oldest are dropped");
+        assert_eq!(
+            a.last().unwrap().message,
+            format!("#{}", EVENTS_PER_CLUSTER + 9)
+        );
+        assert_eq!(store.events("b").unwrap(), vec![warning]);
+        store.delete_cluster("a").unwrap();
+        assert!(store.events("a").unwrap().is_empty());
+        assert_eq!(store.events("b").unwrap().len(), 1);
+    }
 
     pub(crate) fn record(name: &str) -> ClusterRecord {
         ClusterRecord {

@@ -291,3 +291,59 @@ mod tests {
         assert_eq!(py_repr(&json!(true)), "True");
     }
 }
+
+/// Whether an event reports normal progress or something that went wrong (as Kubernetes
+/// classifies its Events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    /// Progress: created, started, scaled, stopped.
+    Normal,
+    /// Something the user may need to act on: a failure, a refusal, a killed process.
+    Warning,
+}
+
+/// One thing that happened to a cluster, as `GET /api/v1/clusters/{name}/events` lists it
+/// (oldest first). A gateway extension.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterEvent {
+    /// When, ms since the Unix epoch.
+    pub time: i64,
+    /// `Normal` or `Warning`.
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// What happened, in UpperCamelCase (`Created`, `SchedulerStarted`, `WorkerExited`,
+    /// `FailedScheduling`, ...).
+    pub reason: String,
+    /// What happened, in words.
+    pub message: String,
+    /// Where it was seen: `gateway`, `scheduler`, `worker <name>`, or a Kubernetes object
+    /// such as `Pod/dask-worker-...`.
+    #[serde(default)]
+    pub source: String,
+}
+
+impl ClusterEvent {
+    /// An event of `kind` seen by `source` at `time` (ms since the epoch).
+    pub fn new(
+        time: i64,
+        kind: EventType,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+        source: impl Into<String>,
+    ) -> Self {
+        ClusterEvent {
+            time,
+            kind,
+            reason: reason.into(),
+            message: message.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// The body of `GET /api/v1/clusters/{name}/events`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterEvents {
+    /// The cluster's events, oldest first (at most the most recent few hundred).
+    pub events: Vec<ClusterEvent>,
+}

@@ -207,6 +207,11 @@ fn wait_flag(query: Option<&str>) -> bool {
     }
 }
 
+/// `?follow`, `?follow=1` or `?follow=true`.
+fn follow_flag(query: Option<&str>) -> bool {
+    matches!(query_param(query, "follow"), Some("" | "1" | "true"))
+}
+
 fn percent_decode(s: &str) -> String {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let bytes = s.as_bytes();
@@ -447,6 +452,92 @@ async fn cluster_details(
     Ok(Json(state.clusters.details(&user, &name).await?))
 }
 
+/// `GET /api/v1/clusters/{name}/events`: the cluster's events as JSON, or with `?follow` as a
+/// stream of server-sent events (`event: cluster-event`, one JSON event per `data:` line) that
+/// starts with the history and ends once the cluster has finished and every event was sent.
+async fn cluster_events(
+    State(state): State<AppState>,
+    Extension(user): Extension<User>,
+    Path(name): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let events = state.clusters.events(&user, &name).await?;
+    if !follow_flag(req.uri().query()) {
+        return Ok(Json(gateway_model::ClusterEvents { events }).into_response());
+    }
+    let follow = EventFollower {
+        clusters: state.clusters.clone(),
+        user,
+        name,
+        queue: events.into(),
+        last: None,
+        finished: false,
+    };
+    let stream = futures_util::stream::unfold(follow, |mut f| async move {
+        let event = f.next().await?;
+        let sse = axum::response::sse::Event::default()
+            .event("cluster-event")
+            .json_data(&event)
+            .ok()?;
+        Some((Ok::<_, std::convert::Infallible>(sse), f))
+    });
+    let mut response = axum::response::sse::Sse::new(stream)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response();
+    // Proxies in front must pass events on as they come.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// How often a followed cluster's events are read again.
+const EVENT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The state of one `?follow` stream: events read but not yet sent, and the last one sent.
+struct EventFollower {
+    clusters: Arc<ClusterService>,
+    user: User,
+    name: String,
+    queue: std::collections::VecDeque<gateway_model::ClusterEvent>,
+    last: Option<gateway_model::ClusterEvent>,
+    finished: bool,
+}
+
+impl EventFollower {
+    /// The next event to send; `None` ends the stream (the cluster finished and everything was
+    /// sent, or it is gone or no longer this user's to see).
+    async fn next(&mut self) -> Option<gateway_model::ClusterEvent> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                self.last = Some(event.clone());
+                return Some(event);
+            }
+            if self.finished {
+                return None;
+            }
+            tokio::time::sleep(EVENT_POLL).await;
+            // Whether it has finished is read before its events: events a backend writes
+            // before a cluster's status turns final are then in this read.
+            self.finished = self.clusters.has_finished(&self.name).await;
+            let events = self.clusters.events(&self.user, &self.name).await.ok()?;
+            self.queue.extend(events_after(events, self.last.as_ref()));
+        }
+    }
+}
+
+/// The events that came after `last` (all of them if `last` is not among them any more).
+fn events_after(
+    events: Vec<gateway_model::ClusterEvent>,
+    last: Option<&gateway_model::ClusterEvent>,
+) -> Vec<gateway_model::ClusterEvent> {
+    let Some(last) = last else { return events };
+    match events.iter().rposition(|e| e == last) {
+        Some(i) => events[i + 1..].to_vec(),
+        None => events.into_iter().filter(|e| e.time >= last.time).collect(),
+    }
+}
+
 async fn create_cluster(
     State(state): State<AppState>,
     Extension(user): Extension<User>,
@@ -679,6 +770,7 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
         .route("/api/v1/clusters", get(list_clusters).post(create_cluster))
         .route("/api/v1/clusters/{name}", get(get_cluster))
         .route("/api/v1/clusters/{name}/details", get(cluster_details))
+        .route("/api/v1/clusters/{name}/events", get(cluster_events))
         .route("/api/v1/clusters/{name}/scale", post(scale_cluster))
         .route("/api/v1/clusters/{name}/adapt", post(adapt_cluster))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_user));
@@ -716,6 +808,31 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follower_sends_what_came_after_the_last_event_it_sent() {
+        use gateway_model::{ClusterEvent, EventType};
+        let e = |t: i64, r: &str| ClusterEvent::new(t, EventType::Normal, r, "", "gateway");
+        let all = vec![
+            e(1, "Created"),
+            e(2, "Running"),
+            e(2, "ScaleRequested"),
+            e(3, "Stopped"),
+        ];
+        assert_eq!(events_after(all.clone(), None), all);
+        assert_eq!(events_after(all.clone(), Some(&all[1])), all[2..].to_vec());
+        assert!(events_after(all.clone(), Some(&all[3])).is_empty());
+        // The last one sent was dropped from a bounded history: everything not older.
+        assert_eq!(
+            events_after(all[2..].to_vec(), Some(&e(2, "Running"))),
+            all[2..].to_vec()
+        );
+        assert!(follow_flag(Some("follow")));
+        assert!(follow_flag(Some("follow=1")));
+        assert!(follow_flag(Some("x=2&follow=true")));
+        assert!(!follow_flag(Some("follow=0")));
+        assert!(!follow_flag(None));
+    }
 
     #[test]
     fn wait_flag_follows_the_protocol() {

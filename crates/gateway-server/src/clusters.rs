@@ -10,8 +10,8 @@ use gateway_backend::{
     BackendError, ClusterBackend, ClusterView, NewCluster, StopRequest, WorkerGrant,
 };
 use gateway_model::{
-    as_count, format_memory, py_repr, validate_options, ClusterModel, ClusterStatus, Heartbeat,
-    ScaleResponse, SchedulerMessage,
+    as_count, format_memory, py_repr, validate_options, ClusterEvent, ClusterModel, ClusterStatus,
+    EventType, Heartbeat, ScaleResponse, SchedulerMessage,
 };
 use gateway_proxy::{ClientConnections, Clients};
 use serde_json::Value;
@@ -492,6 +492,30 @@ impl ClusterService {
         Ok(view)
     }
 
+    /// What happened to cluster `name`, oldest first (owner or admin).
+    pub async fn events(&self, user: &User, name: &str) -> Result<Vec<ClusterEvent>, ClusterError> {
+        let view = self.accessible(user, name, "view").await?;
+        Ok(self.backend.events(&view.name).await?)
+    }
+
+    /// Whether cluster `name` has finished (STOPPED or FAILED) or is gone: no more events come.
+    /// A failed lookup counts as not finished (it is asked again).
+    pub async fn has_finished(&self, name: &str) -> bool {
+        match self.lookup(name).await {
+            Ok(Some(v)) => v.status.is_terminal(),
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// Records an event the gateway itself saw (best effort; a failure is logged).
+    async fn note(&self, name: &str, kind: EventType, reason: &str, message: String) {
+        let event = ClusterEvent::new(now_ms(), kind, reason, message, "gateway");
+        if let Err(e) = self.backend.record_event(name, event).await {
+            warn!(cluster = %name, "recording an event: {e}");
+        }
+    }
+
     /// The cluster's model; with `wait`, first holds until it has left PENDING (at most 20 s).
     pub async fn get(
         &self,
@@ -680,6 +704,26 @@ impl ClusterService {
         let clipped = quota_clip.or(clipped);
         self.forward(&view, &SchedulerMessage::Scale { count: n })
             .await?;
+        self.note(
+            &view.name,
+            EventType::Normal,
+            "ScaleRequested",
+            format!(
+                "{} asked for {n} worker{}",
+                user.name,
+                if n == 1 { "" } else { "s" }
+            ),
+        )
+        .await;
+        if let Some(why) = &clipped {
+            self.note(
+                &view.name,
+                EventType::Warning,
+                "RequestClipped",
+                why.clone(),
+            )
+            .await;
+        }
         Ok(ScaleResponse {
             ok: clipped.is_none(),
             msg: clipped,
@@ -755,6 +799,29 @@ impl ClusterService {
             active,
         };
         self.forward(&view, &msg).await?;
+        let bound = |b: Option<u64>| b.map_or("none".to_string(), |b| b.to_string());
+        self.note(
+            &view.name,
+            EventType::Normal,
+            "AdaptRequested",
+            format!(
+                "{} turned adaptive scaling {} (minimum {}, maximum {})",
+                user.name,
+                if active { "on" } else { "off" },
+                bound(min),
+                bound(max)
+            ),
+        )
+        .await;
+        if let Some(why) = &clipped {
+            self.note(
+                &view.name,
+                EventType::Warning,
+                "RequestClipped",
+                why.clone(),
+            )
+            .await;
+        }
         Ok(ScaleResponse {
             ok: clipped.is_none(),
             msg: clipped,
