@@ -1,7 +1,9 @@
 """Cluster events (`GET /api/v1/clusters/{name}/events`, `?follow`, `gateway-cli events`): what
 happened to a cluster, in order, with the gateway's own decisions (a clipped request) and the
 processes' fates (a killed worker and why); only for its owner and admins; kept across a gateway
-restart and after the cluster has stopped.
+restart and after the cluster has stopped (local backend). On Kubernetes: the Events of the
+cluster's pods (a worker that cannot be scheduled says why) and the gateway's own, which it
+records on the DaskCluster.
 """
 
 import json
@@ -12,17 +14,19 @@ import time
 
 import pytest
 
-from conftest import new_cluster, wait_for, wait_status, wait_workers
+from conftest import OPTIONS_CONFIG, new_cluster, wait_for, wait_status, wait_workers
 from test_cli import cli_binary
 
-pytestmark = pytest.mark.local_only  # Kubernetes events come from the controller: not yet
+pytestmark = pytest.mark.not_helm  # the module's own server settings (an admin, a worker cap)
 
 OWNER, OTHER, ADMIN = "eve-events", "mallory-events", "olga-events"
 
 
 @pytest.fixture(scope="module")
 def server(module_servers):
-    return module_servers("events", admin_users=[ADMIN], cluster={"max_workers": 3})
+    # On Kubernetes, pods request the cores their settings name (a 4-core worker must not fit).
+    return module_servers("events", admin_users=[ADMIN], kube_exact_requests=True,
+                          cluster={"max_workers": 3, "options": OPTIONS_CONFIG})
 
 
 def events(server, name, user=OWNER):
@@ -45,6 +49,7 @@ def follow_with_cli(server, name, user=OWNER):
          "--follow"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.local_only  # kills a worker process
 def test_a_lifecycle_is_told_in_order_and_followed_live(server):
     gw = server.gateway(OWNER)
     cluster = new_cluster(gw)
@@ -95,9 +100,12 @@ def test_only_the_owner_and_admins_see_a_clusters_events(server):
     gw = server.gateway(OWNER)
     cluster = new_cluster(gw)
     try:
-        assert "Created" in reasons(events(server, cluster.name))
-        assert reasons(events(server, cluster.name, user=ADMIN)) == reasons(
-            events(server, cluster.name))
+        cluster.scale(1)
+        wait_for(lambda: "ScaleRequested" in reasons(events(server, cluster.name)), 30,
+                 what="the scale request's event")
+        # An admin reads the same history (the owner's later read may have more).
+        seen_by_admin = events(server, cluster.name, user=ADMIN)
+        assert events(server, cluster.name)[:len(seen_by_admin)] == seen_by_admin
         for path in (f"/api/v1/clusters/{cluster.name}/events",
                      f"/api/v1/clusters/{cluster.name}/events?follow"):
             r = server.http("GET", path, user=OTHER)
@@ -113,6 +121,7 @@ def test_only_the_owner_and_admins_see_a_clusters_events(server):
         cluster.shutdown()
 
 
+@pytest.mark.local_only  # restarts the gateway process; Kubernetes keeps Events for an hour
 def test_events_outlive_a_gateway_restart_and_the_cluster(server):
     gw = server.gateway(OWNER)
     cluster = new_cluster(gw)
@@ -139,3 +148,33 @@ def test_events_outlive_a_gateway_restart_and_the_cluster(server):
                 if line.startswith("data:")]
     assert streamed == events(server, name)
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.kube_only
+def test_a_worker_that_cannot_be_scheduled_says_why(server):
+    # Workers of 4 cores on a node of 2: the scheduler's FailedScheduling Event on the pod.
+    gw = server.gateway(OWNER)
+    cluster = new_cluster(gw, worker_cores=4)
+    try:
+        cluster.scale(1)
+
+        def failed_scheduling():
+            return [e for e in events(server, cluster.name) if e["reason"] == "FailedScheduling"]
+
+        wait_for(failed_scheduling, 60, what="a FailedScheduling event")
+        [first, *_] = failed_scheduling()
+        assert first["type"] == "Warning"
+        assert first["source"].startswith("Pod/dask-worker-"), first
+        assert "cpu" in first["message"].lower(), first
+        # The controller's and the gateway's own events are on the DaskCluster (what
+        # `kubectl describe daskcluster` shows).
+        by_reason = {e["reason"]: e for e in events(server, cluster.name)}
+        assert by_reason["Running"]["source"] == "controller"
+        assert by_reason["Running"]["message"].startswith("the scheduler is up at tls://")
+        assert by_reason["ScaleRequested"]["source"] == "gateway"
+        assert by_reason["ScaleRequested"]["message"] == f"{OWNER} asked for 1 worker"
+        # Another user sees none of it.
+        r = server.http("GET", f"/api/v1/clusters/{cluster.name}/events", user=OTHER)
+        assert r.status == 403
+    finally:
+        cluster.shutdown()

@@ -41,6 +41,7 @@ EXPECTED_RULES = {
     ("", "pods/log"): {"get"},
     ("", "services"): {"get", "list", "watch", "create", "delete"},
     ("", "secrets"): {"get", "list", "watch", "create", "delete"},
+    ("", "events"): {"list", "create"},  # a cluster's events: read, and the gateway's own
     ("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"},
 }
 

@@ -11,7 +11,7 @@ use gateway_backend::{
     new_cluster_id, BackendError, ClusterBackend, ClusterView, NewCluster, SchedulerAddresses,
     StopRequest, TlsPair, WorkerGrant,
 };
-use gateway_model::{ClusterStatus, Heartbeat};
+use gateway_model::{ClusterEvent, ClusterStatus, Heartbeat};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
@@ -702,6 +702,31 @@ impl ClusterBackend for KubeBackend {
                     && dc.labels().contains_key(names::LABEL_FINISHED)
             })
             .map(|dc| self.view(&dc, &HashMap::new())))
+    }
+
+    async fn events(&self, name: &str) -> Result<Vec<ClusterEvent>, BackendError> {
+        let Some(id) = self.id(name) else {
+            return Ok(Vec::new());
+        };
+        let client = self.clusters_api.clone().into_client();
+        crate::events::cluster_events(client, &self.namespace, id)
+            .await
+            .map_err(|e| api_error("list Events", e))
+    }
+
+    async fn record_event(&self, name: &str, event: ClusterEvent) -> Result<(), BackendError> {
+        let Some(id) = self.id(name) else {
+            return Ok(());
+        };
+        let uid = self
+            .lock()
+            .clusters
+            .get(id)
+            .and_then(|dc| dc.cluster.metadata.uid.clone());
+        let client = self.clusters_api.clone().into_client();
+        crate::events::record(client, &self.namespace, id, uid, &event)
+            .await
+            .map_err(|e| api_error("create an Event", e))
     }
 
     async fn claim(

@@ -30,6 +30,7 @@ use crate::crd::{
 use crate::limiter::RateLimiter;
 use crate::names::{self, API_PORT, DASHBOARD_PORT, SCHEDULER_PORT};
 use futures_util::future::join_all;
+use gateway_model::{ClusterEvent, EventType};
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{
     Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams, PropagationPolicy,
@@ -103,6 +104,9 @@ pub struct ControllerSettings {
     pub worker_batch: usize,
     /// How long finished DaskClusters are kept.
     pub retention: Duration,
+    /// Record Kubernetes Events on the DaskCluster when its phase changes or a worker fails
+    /// (what `kubectl describe daskcluster` and the gateway's events API show).
+    pub record_events: bool,
 }
 
 /// Creations and deletions made by earlier passes that the caches do not show yet.
@@ -664,11 +668,76 @@ pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action
     } else {
         Action::requeue(Duration::from_secs(300))
     };
-    if write_status(&ctx, &dc, &next).await? == StatusWrite::Deferred && !more_to_create(&dc, &next)
-    {
+    let written = write_status(&ctx, &dc, &next).await?;
+    if written == StatusWrite::Written {
+        record_transitions(&ctx, &dc, &status, &next);
+    }
+    if written == StatusWrite::Deferred && !more_to_create(&dc, &next) {
         return Ok(Action::requeue(COUNTS_WRITE_EVERY));
     }
     Ok(action)
+}
+
+/// The events a written status change tells: the cluster turned Running, began stopping
+/// (failing), ended, or a worker failed. Each is recorded on the DaskCluster in a task of its
+/// own, behind the write budget; a failure to record is logged, never retried.
+fn record_transitions(
+    ctx: &Arc<Context>,
+    dc: &DaskCluster,
+    old: &DaskClusterStatus,
+    next: &DaskClusterStatus,
+) {
+    if !ctx.settings.record_events {
+        return;
+    }
+    let reason_text = || next.reason.clone().unwrap_or_default();
+    let mut events = Vec::new();
+    if next.phase != old.phase {
+        match next.phase {
+            Phase::Running => {
+                let at = next
+                    .addresses
+                    .as_ref()
+                    .map_or(String::new(), |a| a.scheduler.clone());
+                events.push((
+                    EventType::Normal,
+                    "Running",
+                    format!("the scheduler is up at {at}"),
+                ));
+            }
+            Phase::Stopping if next.stop_failed => {
+                events.push((EventType::Warning, "Failing", reason_text()))
+            }
+            Phase::Stopping => events.push((EventType::Normal, "Stopping", reason_text())),
+            Phase::Stopped => events.push((EventType::Normal, "Stopped", reason_text())),
+            Phase::Failed => events.push((EventType::Warning, "Failed", reason_text())),
+            Phase::Pending => {}
+        }
+    }
+    if let Some(failure) = &next.last_worker_failure {
+        if old.last_worker_failure.as_ref().map(|f| &f.pod) != Some(&failure.pod) {
+            events.push((EventType::Warning, "WorkerFailed", failure.message.clone()));
+        }
+    }
+    let Ok((ns, id)) = build::identity(dc) else {
+        return;
+    };
+    for (kind, reason, message) in events {
+        let event = ClusterEvent::new(
+            jiff::Timestamp::now().as_millisecond(),
+            kind,
+            reason,
+            message,
+            "controller",
+        );
+        let (ctx, ns, id, uid) = (ctx.clone(), ns.clone(), id.clone(), dc.metadata.uid.clone());
+        tokio::spawn(async move {
+            ctx.limiter.acquire().await;
+            if let Err(e) = crate::events::record(ctx.client.clone(), &ns, &id, uid, &event).await {
+                warn!(cluster = %id, "recording an event: {e}");
+            }
+        });
+    }
 }
 
 /// Whether a running cluster still has worker pods to create (a scale-up proceeds in slices).

@@ -103,6 +103,10 @@ struct Caches {
 }
 
 fn context(batch: usize) -> (Arc<Context>, ApiServer, Caches) {
+    context_with(batch, false)
+}
+
+fn context_with(batch: usize, record_events: bool) -> (Arc<Context>, ApiServer, Caches) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "dask");
     let (pods, pod_writer) = store();
@@ -119,6 +123,7 @@ fn context(batch: usize) -> (Arc<Context>, ApiServer, Caches) {
             instance: "gw".into(),
             worker_batch: batch,
             retention: Duration::from_secs(3600),
+            record_events,
         },
     );
     (
@@ -318,6 +323,40 @@ async fn a_ready_scheduler_makes_the_cluster_running_and_workers_follow_once() {
     created.sort();
     created.dedup();
     assert_eq!(created.len(), 3);
+}
+
+#[tokio::test]
+async fn phase_changes_and_worker_failures_are_recorded_as_events_on_the_daskcluster() {
+    let (ctx, mut api, mut caches) = context_with(10, true);
+    let dc = with_status(cluster(ID), Phase::Pending);
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    let pass = run(dc.clone(), &ctx).await;
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!(st.phase, Phase::Running);
+    c.echo();
+    // After the status write: one Event on the DaskCluster, from the controller.
+    let c = api.next().await;
+    assert_eq!(c.method, Method::POST);
+    assert_eq!(c.path, "/api/v1/namespaces/dask/events");
+    assert_eq!(c.body["reason"], "Running");
+    assert_eq!(c.body["type"], "Normal");
+    assert_eq!(c.body["involvedObject"]["kind"], "DaskCluster");
+    assert_eq!(c.body["involvedObject"]["name"], ID);
+    assert_eq!(c.body["source"]["component"], "dask-gateway-rs-controller");
+    assert!(c.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("tls://10.0.0.9:8786"));
+    c.echo();
+    pass.await.unwrap().unwrap();
+    // The same status again: nothing is written, nothing recorded.
+    let mut dc2 = dc.clone();
+    dc2.status = Some(st);
+    let pass = run(dc2, &ctx).await;
+    api.silent().await;
+    pass.await.unwrap().unwrap();
 }
 
 #[tokio::test]

@@ -10,6 +10,8 @@
 //! * [`build`]: the pure builders of those objects; [`names`]: their names and labels.
 //! * [`runtime`]: the controller's watch caches and kube-runtime loop, under [`leader`] election
 //!   so that one replica reconciles; [`limiter`]: the FIFO token bucket pacing its writes.
+//! * [`events`]: a cluster's Kubernetes Events (its DaskCluster's and its pods'), read on
+//!   demand, and recording new ones on the DaskCluster.
 //! * [`config`]: the `kubernetes:` section of the gateway configuration.
 //! * [`session_key`]: the session-cookie key the replicas share through a Secret.
 
@@ -20,6 +22,7 @@ pub mod build;
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod leader;
 pub mod limiter;
 pub mod names;

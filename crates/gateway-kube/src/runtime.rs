@@ -160,6 +160,7 @@ async fn run_term(
             namespace: namespace.clone(),
             instance: config.instance.clone(),
             worker_batch: config.worker_batch,
+            record_events: true,
             retention: Duration::from_secs_f64(config.completed_cluster_max_age),
         },
     ));
