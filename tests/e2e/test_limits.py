@@ -4,6 +4,7 @@ that alone exceeds a cap is refused at creation with 422.
 """
 
 import subprocess
+import warnings
 
 import pytest
 import yaml
@@ -143,3 +144,38 @@ def test_per_user_worker_quota_spans_all_of_a_users_clusters(module_servers):
     finally:
         first.shutdown()
         second.shutdown()
+
+
+def test_adapt_gets_a_default_maximum_and_a_largest_one(module_servers):
+    # A reference user's unbounded adapt() once asked for 8,766 pods: a default maximum for an
+    # adapt that names none, and a largest maximum any adapt may name.
+    srv = module_servers("adapt-caps", admin_users=["adapt-admin"],
+                         cluster={"adapt_maximum_default": 2, "adapt_maximum_max": 3})
+    gw = srv.gateway(USER)
+    cluster = new_cluster(gw)
+    try:
+        def adapt_events():
+            r = srv.http("GET", f"/api/v1/clusters/{cluster.name}/events", user=USER)
+            assert r.status == 200
+            return [e["message"] for e in r.json()["events"] if e["reason"] == "AdaptRequested"]
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cluster.adapt()  # no maximum: the default, silently
+        assert not gateway_warnings(caught)
+        assert adapt_events()[-1] == f"{USER} turned adaptive scaling on (minimum none, maximum 2)"
+        with pytest.warns(GatewayWarning, match="would exceed the adaptive maximum of 3 workers"):
+            cluster.adapt(minimum=1, maximum=8766)
+        assert adapt_events()[-1] == f"{USER} turned adaptive scaling on (minimum 1, maximum 3)"
+        cluster.adapt(minimum=0, maximum=3)  # at the largest: as asked
+        assert adapt_events()[-1] == f"{USER} turned adaptive scaling on (minimum 0, maximum 3)"
+    finally:
+        cluster.shutdown()
+
+
+def test_a_default_adapt_maximum_above_the_largest_is_refused_at_start(tmp_path):
+    srv = GatewayServer("adapt-bad", tmp_path,
+                        cluster={"adapt_maximum_default": 10, "adapt_maximum_max": 5})
+    with pytest.raises(pytest.fail.Exception, match="exited"):
+        srv.start(timeout=15)
+    assert "adapt_maximum_default (10) may not exceed adapt_maximum_max (5)" in srv.log_text()

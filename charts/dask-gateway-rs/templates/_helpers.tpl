@@ -106,6 +106,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- with $c.worker.threads }}{{ $_ := set $cluster "worker_threads" . }}{{ end -}}
 {{- with $c.profile }}{{ $_ := set $cluster "profile" . }}{{ end -}}
 {{- with $c.limits.maxWorkers }}{{ $_ := set $cluster "max_workers" . }}{{ end -}}
+{{- with $c.limits.adaptMaximumDefault }}{{ $_ := set $cluster "adapt_maximum_default" . }}{{ end -}}
+{{- with $c.limits.adaptMaximumMax }}{{ $_ := set $cluster "adapt_maximum_max" . }}{{ end -}}
 {{- with $c.limits.maxCores }}{{ $_ := set $cluster "max_cores" . }}{{ end -}}
 {{- with $c.limits.maxMemory }}{{ $_ := set $cluster "max_memory" (toString .) }}{{ end -}}
 {{- with $c.limits.maxClustersPerUser }}{{ $_ := set $cluster "max_clusters_per_user" . }}{{ end -}}

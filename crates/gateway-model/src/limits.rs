@@ -26,6 +26,12 @@ pub struct ResourceLimits {
     pub max_cores: Option<f64>,
     /// Maximum memory (bytes) of scheduler plus workers.
     pub max_memory: Option<u64>,
+    /// The maximum of an `adapt()` that names none (none: as many as the caps allow).
+    #[serde(default)]
+    pub adapt_maximum_default: Option<u64>,
+    /// The largest maximum an `adapt()` may name; a larger one is clipped with a message.
+    #[serde(default)]
+    pub adapt_maximum_max: Option<u64>,
 }
 
 impl ResourceLimits {
@@ -89,15 +95,30 @@ impl ResourceLimits {
         }
     }
 
-    /// Clips adaptive bounds; returns `(minimum, maximum, message)`.
+    /// Clips adaptive bounds; returns `(minimum, maximum, message)`. An adapt without a
+    /// maximum gets [`Self::adapt_maximum_default`]; bounds above [`Self::adapt_maximum_max`]
+    /// or the worker cap are clipped to it, with a message.
     pub fn clip_adapt(
         &self,
         r: &ClusterResources,
         minimum: Option<u64>,
         maximum: Option<u64>,
     ) -> (Option<u64>, Option<u64>, Option<String>) {
+        let (mut minimum, mut maximum) = (minimum, maximum.or(self.adapt_maximum_default));
+        let mut message = None;
+        if let Some(top) = self.adapt_maximum_max {
+            let (min, max) = (minimum.unwrap_or(0), maximum.unwrap_or(top));
+            if min > top || max > top {
+                let (new_min, new_max) = (min.min(top), max.min(top));
+                message = Some(format!(
+                    "Adapt with `maximum={max}, minimum={min}` workers would exceed the adaptive maximum of {top} workers. Using `maximum={new_max}, minimum={new_min}` instead."
+                ));
+                minimum = Some(new_min);
+            }
+            maximum = Some(max.min(top));
+        }
         let Some(cap) = self.worker_cap(r) else {
-            return (minimum, maximum, None);
+            return (minimum, maximum, message);
         };
         let (min, max) = (minimum.unwrap_or(0), maximum.unwrap_or(cap));
         if min > cap || max > cap {
@@ -107,7 +128,7 @@ impl ResourceLimits {
             );
             (Some(new_min), Some(new_max), Some(msg))
         } else {
-            (Some(min), Some(max), None)
+            (Some(min), Some(max), message)
         }
     }
 }
@@ -232,6 +253,51 @@ mod tests {
             msg.unwrap(),
             "Scale request of 3 workers would exceed resource limit of 2 workers. Scaling to 2 instead."
         );
+    }
+
+    #[test]
+    fn adapt_gets_a_default_maximum_and_is_capped() {
+        let l = ResourceLimits {
+            adapt_maximum_default: Some(10),
+            adapt_maximum_max: Some(50),
+            ..Default::default()
+        };
+        // No maximum: the default, silently.
+        assert_eq!(l.clip_adapt(&res(), None, None), (None, Some(10), None));
+        assert_eq!(
+            l.clip_adapt(&res(), Some(2), None),
+            (Some(2), Some(10), None)
+        );
+        // Within the largest maximum: as asked.
+        assert_eq!(
+            l.clip_adapt(&res(), Some(1), Some(50)),
+            (Some(1), Some(50), None)
+        );
+        // Above it: clipped, with the message the client shows as a warning.
+        let (min, max, msg) = l.clip_adapt(&res(), Some(60), Some(8766));
+        assert_eq!((min, max), (Some(50), Some(50)));
+        assert_eq!(
+            msg.unwrap(),
+            "Adapt with `maximum=8766, minimum=60` workers would exceed the adaptive maximum of 50 workers. Using `maximum=50, minimum=50` instead."
+        );
+        // Only a largest maximum: an unbounded adapt stops there.
+        let only_max = ResourceLimits {
+            adapt_maximum_max: Some(20),
+            ..Default::default()
+        };
+        assert_eq!(
+            only_max.clip_adapt(&res(), None, None),
+            (None, Some(20), None)
+        );
+        // The worker cap still applies below it.
+        let capped = ResourceLimits {
+            max_workers: Some(5),
+            adapt_maximum_default: Some(10),
+            ..Default::default()
+        };
+        let (_, max, msg) = capped.clip_adapt(&res(), None, None);
+        assert_eq!(max, Some(5));
+        assert!(msg.unwrap().contains("resource limit of 5 workers"));
     }
 
     #[test]

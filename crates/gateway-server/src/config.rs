@@ -463,6 +463,10 @@ pub struct ClusterConfig {
     pub python_env: Option<String>,
     /// Per-cluster worker cap.
     pub max_workers: Option<u64>,
+    /// The maximum of an `adapt()` that names none (none: as many as the caps and quotas allow).
+    pub adapt_maximum_default: Option<u64>,
+    /// The largest maximum an `adapt()` may name; larger ones are clipped with a warning.
+    pub adapt_maximum_max: Option<u64>,
     /// Per-cluster core cap (scheduler + workers).
     pub max_cores: Option<f64>,
     /// Per-cluster memory cap (scheduler + workers).
@@ -513,6 +517,8 @@ impl Default for ClusterConfig {
             profile: None,
             python_env: None,
             max_workers: None,
+            adapt_maximum_default: None,
+            adapt_maximum_max: None,
             max_cores: None,
             max_memory: None,
             max_clusters_per_user: None,
@@ -575,6 +581,8 @@ impl ClusterConfig {
             max_workers: self.max_workers,
             max_cores: self.max_cores,
             max_memory: self.max_memory,
+            adapt_maximum_default: self.adapt_maximum_default,
+            adapt_maximum_max: self.adapt_maximum_max,
         }
     }
 
@@ -749,6 +757,13 @@ impl GatewayConfig {
         }
         if c.worker_memory == 0 {
             return bad(format!("{section}.worker_memory must be positive"));
+        }
+        if let (Some(default), Some(max)) = (c.adapt_maximum_default, c.adapt_maximum_max) {
+            if default > max {
+                return bad(format!(
+                    "{section}.adapt_maximum_default ({default}) may not exceed adapt_maximum_max ({max})"
+                ));
+            }
         }
         if c.warm_schedulers > MAX_WARM_SCHEDULERS {
             return bad(format!(
