@@ -6,6 +6,7 @@ and a gateway with the server turned off, start processes by exec; a killed serv
 processes running and managed.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -43,6 +44,21 @@ def hash_under_seed(seed, text="dask"):
 NANNY_HASH_SEED = 6640
 
 
+@contextlib.contextmanager
+def cluster_with_workers(server, n, **options):
+    """A new cluster of fork-user's with `n` workers connected, and a client; stopped after."""
+    gw = server.gateway("fork-user")
+    cluster = new_cluster(gw, **options)
+    try:
+        cluster.scale(n)
+        client = cluster.get_client(set_as_default=False)
+        wait_workers(client, n)
+        yield cluster, client
+        client.close()
+    finally:
+        cluster.shutdown()
+
+
 def leaders(procs):
     """Process-group leaders only: schedulers and nannies, not a nanny's own worker process."""
     return [p for p in procs if os.getpgid(p.pid) == p.pid]
@@ -63,13 +79,8 @@ def server(module_servers):
 
 
 def test_scheduler_and_workers_are_forked_and_look_exec_started(server):
-    gw = server.gateway("fork-user")
-    cluster = new_cluster(gw, environment={"DASK_DGRS_TEST__MARKER": "from-options",
-                                           "FORK_TEST_VAR": "visible"})
-    try:
-        cluster.scale(3)
-        client = cluster.get_client(set_as_default=False)
-        wait_workers(client, 3)
+    environment = {"DASK_DGRS_TEST__MARKER": "from-options", "FORK_TEST_VAR": "visible"}
+    with cluster_with_workers(server, 3, environment=environment) as (cluster, client):
         [sched] = leaders(server.cluster_processes(cluster.name, "scheduler"))
         nannies = leaders(server.cluster_processes(cluster.name, "worker"))
         assert len(nannies) == 3
@@ -122,18 +133,10 @@ def test_scheduler_and_workers_are_forked_and_look_exec_started(server):
         assert len({v["random"] for v in views}) == 3
         assert client.run_on_scheduler(worker_view)["marker"] == "from-options"
         assert client.submit(sum, [1, 2, 3]).result() == 6
-        client.close()
-    finally:
-        cluster.shutdown()
 
 
 def test_a_killed_forked_worker_is_replaced(server):
-    gw = server.gateway("fork-user")
-    cluster = new_cluster(gw)
-    try:
-        cluster.scale(1)
-        client = cluster.get_client(set_as_default=False)
-        wait_workers(client, 1)
+    with cluster_with_workers(server, 1) as (cluster, client):
         [nanny] = leaders(server.cluster_processes(cluster.name, "worker"))
         assert parent_is_fork_server(nanny)
         before = set(client.scheduler_info()["workers"])
@@ -143,18 +146,11 @@ def test_a_killed_forked_worker_is_replaced(server):
                  what="a new worker in place of the killed one")
         assert not psutil.pid_exists(nanny.pid) or nanny.status() == psutil.STATUS_ZOMBIE
         assert client.submit(lambda x: x + 1, 1).result() == 2
-        client.close()
-    finally:
-        cluster.shutdown()
 
 
 def test_an_environment_that_needs_a_fresh_interpreter_is_exec_started(server):
-    gw = server.gateway("fork-user")
-    cluster = new_cluster(gw, environment={"PYTHONHASHSEED": "123"})
-    try:
-        cluster.scale(1)
-        client = cluster.get_client(set_as_default=False)
-        wait_workers(client, 1)
+    environment = {"PYTHONHASHSEED": "123"}
+    with cluster_with_workers(server, 1, environment=environment) as (cluster, client):
         procs = leaders(server.cluster_processes(cluster.name))
         assert len(procs) == 2
         for proc in procs:
@@ -164,20 +160,12 @@ def test_an_environment_that_needs_a_fresh_interpreter_is_exec_started(server):
         assert client.run_on_scheduler(lambda: hash("dask")) == hash_under_seed(123)
         [worker_hash] = client.run(lambda: hash("dask")).values()
         assert worker_hash == hash_under_seed(NANNY_HASH_SEED)
-        client.close()
-    finally:
-        cluster.shutdown()
 
 
 def test_a_killed_fork_server_leaves_its_processes_running_and_managed(module_servers):
     srv = module_servers("fork-killed")
     wait_fork_server_ready(srv)
-    gw = srv.gateway("fork-user")
-    cluster = new_cluster(gw)
-    try:
-        cluster.scale(2)
-        client = cluster.get_client(set_as_default=False)
-        wait_workers(client, 2)
+    with cluster_with_workers(srv, 2) as (cluster, client):
         [fs] = fork_servers(srv)
         forked = [p for p in leaders(srv.cluster_processes(cluster.name))
                   if p.parent().pid == fs.pid]
@@ -198,9 +186,6 @@ def test_a_killed_fork_server_leaves_its_processes_running_and_managed(module_se
         # Scaling down still stops orphaned forked workers, and a stop ends them all.
         cluster.scale(1)
         wait_workers(client, 1)
-        client.close()
-    finally:
-        cluster.shutdown()
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                              for p in forked), 60, what="the forked processes to stop")
     wait_for(lambda: not srv.cluster_processes(cluster.name), 60,
@@ -210,19 +195,11 @@ def test_a_killed_fork_server_leaves_its_processes_running_and_managed(module_se
 def test_fork_server_off_starts_every_process_by_exec(module_servers):
     srv = module_servers("fork-off", dask={"fork_server": False})
     assert not fork_servers(srv)
-    gw = srv.gateway("fork-user")
-    cluster = new_cluster(gw)
-    try:
-        cluster.scale(1)
-        client = cluster.get_client(set_as_default=False)
-        wait_workers(client, 1)
+    with cluster_with_workers(srv, 1) as (cluster, client):
         procs = leaders(srv.cluster_processes(cluster.name))
         assert len(procs) == 2, [p.cmdline() for p in procs]
         assert all(p.parent().pid == srv.proc.pid for p in procs)
         assert not fork_servers(srv)
-        client.close()
-    finally:
-        cluster.shutdown()
 
 
 def test_bad_preimport_names_are_refused_at_start(tmp_path):
@@ -235,17 +212,9 @@ def test_bad_preimport_names_are_refused_at_start(tmp_path):
 def test_a_configured_worker_hash_seed_is_honoured(server):
     # Dask configuration in the cluster's environment giving worker processes another seed: the
     # forked nanny then spawns its worker process fresh, which takes the seed.
-    gw = server.gateway("fork-user")
-    cluster = new_cluster(gw, environment={
-        "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": "{'PYTHONHASHSEED': '7'}"})
-    try:
-        cluster.scale(1)
-        client = cluster.get_client(set_as_default=False)
-        wait_workers(client, 1)
+    environment = {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": "{'PYTHONHASHSEED': '7'}"}
+    with cluster_with_workers(server, 1, environment=environment) as (cluster, client):
         [nanny] = leaders(server.cluster_processes(cluster.name, "worker"))
         assert parent_is_fork_server(nanny)
         [worker_hash] = client.run(lambda: hash("dask")).values()
         assert worker_hash == hash_under_seed(7)
-        client.close()
-    finally:
-        cluster.shutdown()

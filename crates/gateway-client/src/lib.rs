@@ -121,17 +121,7 @@ impl GatewayClient {
                         message: format!("unexpected answer to {method} {path}: {e}"),
                     });
             }
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_string());
-            return Err(match status.as_u16() {
-                401 => ClientError::Unauthorized(message),
-                403 => ClientError::Forbidden(message),
-                404 => ClientError::NotFound(message),
-                422 => ClientError::Invalid(message),
-                409 => ClientError::Conflict(message),
-                s => ClientError::Server { status: s, message },
-            });
+            return Err(error_from(status, &bytes));
         }
     }
 
@@ -231,15 +221,7 @@ impl GatewayClient {
         let status = resp.status();
         if !status.is_success() {
             let bytes = resp.bytes().await.map_err(connect)?;
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_string());
-            return Err(match status.as_u16() {
-                401 => ClientError::Unauthorized(message),
-                403 => ClientError::Forbidden(message),
-                404 => ClientError::NotFound(message),
-                s => ClientError::Server { status: s, message },
-            });
+            return Err(error_from(status, &bytes));
         }
         let mut buffer = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(connect)? {
@@ -483,6 +465,21 @@ fn check_name(name: &str) -> Result<&str, ClientError> {
         Err(ClientError::Invalid(format!(
             "{name:?} is not a cluster name"
         )))
+    }
+}
+
+/// The typed error for an API answer that is not a success, with the server's message.
+fn error_from(status: StatusCode, body: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ErrorBody>(body)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_string());
+    match status.as_u16() {
+        401 => ClientError::Unauthorized(message),
+        403 => ClientError::Forbidden(message),
+        404 => ClientError::NotFound(message),
+        422 => ClientError::Invalid(message),
+        409 => ClientError::Conflict(message),
+        s => ClientError::Server { status: s, message },
     }
 }
 

@@ -40,6 +40,8 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     /// The in-process DaskCluster controller, if any (its counters join `/metrics`).
     pub controller: Option<gateway_kube::LiveContext>,
+    /// Open `?follow` event streams per user (each reads the backend once a second).
+    pub event_followers: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 /// An error answered as `{"error": "..."}` with a JSON content type.
@@ -465,7 +467,17 @@ async fn cluster_events(
     if !follow_flag(req.uri().query()) {
         return Ok(Json(gateway_model::ClusterEvents { events }).into_response());
     }
+    let Some(slot) = FollowerSlot::take(&state.event_followers, &user.name) else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{MAX_FOLLOWERS_PER_USER} event streams are open for {}; close one first",
+                user.name
+            ),
+        ));
+    };
     let follow = EventFollower {
+        _slot: slot,
         clusters: state.clusters.clone(),
         user,
         name,
@@ -494,8 +506,49 @@ async fn cluster_events(
 /// How often a followed cluster's events are read again.
 const EVENT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// `?follow` streams one user may have open at once (each costs a backend read a second).
+const MAX_FOLLOWERS_PER_USER: usize = 8;
+
+/// One of a user's open `?follow` streams; given back when the stream ends or the client goes.
+struct FollowerSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    user: String,
+}
+
+impl FollowerSlot {
+    /// A slot for `user`, unless they have [`MAX_FOLLOWERS_PER_USER`] already.
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+        user: &str,
+    ) -> Option<FollowerSlot> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(user.to_string()).or_default();
+        if *n >= MAX_FOLLOWERS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(FollowerSlot {
+            counts: counts.clone(),
+            user: user.to_string(),
+        })
+    }
+}
+
+impl Drop for FollowerSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
+}
+
 /// The state of one `?follow` stream: events read but not yet sent, and the last one sent.
 struct EventFollower {
+    _slot: FollowerSlot,
     clusters: Arc<ClusterService>,
     user: User,
     name: String,
@@ -808,6 +861,22 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_has_a_bounded_number_of_event_streams() {
+        let counts = Arc::default();
+        let slots: Vec<_> = (0..MAX_FOLLOWERS_PER_USER)
+            .map(|_| FollowerSlot::take(&counts, "alice").unwrap())
+            .collect();
+        assert!(FollowerSlot::take(&counts, "alice").is_none());
+        assert!(FollowerSlot::take(&counts, "bob").is_some(), "per user");
+        drop(slots);
+        assert!(FollowerSlot::take(&counts, "alice").is_some());
+        assert!(
+            counts.lock().unwrap().is_empty(),
+            "closed streams leave nothing"
+        );
+    }
 
     #[test]
     fn a_follower_sends_what_came_after_the_last_event_it_sent() {

@@ -516,6 +516,14 @@ impl ClusterService {
         }
     }
 
+    /// Records that a limit or quota cut a scale or adapt request, in the words the client got.
+    async fn note_clipped(&self, name: &str, why: Option<&str>) {
+        if let Some(why) = why {
+            self.note(name, EventType::Warning, "RequestClipped", why.to_string())
+                .await;
+        }
+    }
+
     /// The cluster's model; with `wait`, first holds until it has left PENDING (at most 20 s).
     pub async fn get(
         &self,
@@ -715,15 +723,7 @@ impl ClusterService {
             ),
         )
         .await;
-        if let Some(why) = &clipped {
-            self.note(
-                &view.name,
-                EventType::Warning,
-                "RequestClipped",
-                why.clone(),
-            )
-            .await;
-        }
+        self.note_clipped(&view.name, clipped.as_deref()).await;
         Ok(ScaleResponse {
             ok: clipped.is_none(),
             msg: clipped,
@@ -813,15 +813,7 @@ impl ClusterService {
             ),
         )
         .await;
-        if let Some(why) = &clipped {
-            self.note(
-                &view.name,
-                EventType::Warning,
-                "RequestClipped",
-                why.clone(),
-            )
-            .await;
-        }
+        self.note_clipped(&view.name, clipped.as_deref()).await;
         Ok(ScaleResponse {
             ok: clipped.is_none(),
             msg: clipped,

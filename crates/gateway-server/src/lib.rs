@@ -535,6 +535,7 @@ pub async fn run(
         metrics_token,
         request_timeout: Duration::from_secs_f64(config.request_timeout),
         controller: controller_live,
+        event_followers: Arc::default(),
     };
     let app = api::router(state.clone(), &config.prefix(), metrics_listener.is_none());
 
