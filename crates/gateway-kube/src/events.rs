@@ -8,7 +8,7 @@
 use crate::names;
 use gateway_model::{ClusterEvent, EventType};
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use kube::api::{Api, ListParams, PostParams};
 use kube::Client;
 
@@ -29,7 +29,8 @@ fn concerns(event: &Event, id: &str) -> bool {
     }
 }
 
-/// When an Event last happened, ms since the epoch.
+/// When an Event last happened, ms since the epoch: the later of its `eventTime` (microseconds)
+/// and its `lastTimestamp` (whole seconds, later for a repeated event), else when it was made.
 fn event_time(event: &Event) -> i64 {
     let micros = event.event_time.as_ref().map(|t| t.0.as_millisecond());
     let last = event.last_timestamp.as_ref().map(|t| t.0.as_millisecond());
@@ -39,7 +40,10 @@ fn event_time(event: &Event) -> i64 {
         .creation_timestamp
         .as_ref()
         .map(|t| t.0.as_millisecond());
-    last.or(micros).or(first).or(created).unwrap_or(0)
+    match (micros, last) {
+        (Some(m), Some(l)) => m.max(l),
+        (m, l) => m.or(l).or(first).or(created).unwrap_or(0),
+    }
 }
 
 /// One Event as the API shows it.
@@ -132,9 +136,21 @@ pub async fn record(
         }),
         reason: Some(event.reason.clone()),
         message: Some(event.message.chars().take(1024).collect()),
+        // eventTime orders events within a second (the timestamps are whole seconds); with it
+        // the API server requires the reporting controller, its instance and an action.
+        event_time: Some(MicroTime(now)),
         first_timestamp: Some(Time(now)),
         last_timestamp: Some(Time(now)),
         count: Some(1),
+        reporting_component: Some(format!("{COMPONENT}-{}", event.source)),
+        reporting_instance: Some(
+            std::env::var("HOSTNAME")
+                .unwrap_or_else(|_| COMPONENT.to_string())
+                .chars()
+                .take(128)
+                .collect(),
+        ),
+        action: Some(event.reason.chars().take(128).collect()),
         source: Some(EventSource {
             component: Some(format!("{COMPONENT}-{}", event.source)),
             host: None,
@@ -143,4 +159,65 @@ pub async fn record(
     };
     api.create(&PostParams::default(), &object).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, name: &str) -> Event {
+        Event {
+            involved_object: ObjectReference {
+                kind: Some(kind.into()),
+                name: Some(name.into()),
+                ..ObjectReference::default()
+            },
+            ..Event::default()
+        }
+    }
+
+    fn at(text: &str) -> jiff::Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_clusters_events_are_its_daskclusters_and_its_pods() {
+        let id = "0123abcd";
+        assert!(concerns(&event("DaskCluster", id), id));
+        assert!(concerns(&event("Pod", &names::scheduler_pod_name(id)), id));
+        let worker = format!("{}x7k2p", names::worker_pod_prefix(id));
+        assert!(concerns(&event("Pod", &worker), id));
+        assert!(!concerns(&event("DaskCluster", "0123abcd9"), id));
+        assert!(!concerns(&event("Pod", "dask-scheduler-other"), id));
+        assert!(!concerns(&event("Service", &names::service_name(id)), id));
+    }
+
+    #[test]
+    fn events_are_timed_to_the_millisecond_and_repeats_by_their_last_time() {
+        let mut e = event("Pod", "p");
+        e.last_timestamp = Some(Time(at("2026-12-05T07:00:01Z")));
+        e.event_time = Some(MicroTime(at("2026-12-05T07:00:01.250Z")));
+        assert_eq!(
+            event_time(&e),
+            at("2026-12-05T07:00:01.250Z").as_millisecond()
+        );
+        // Repeated later: its last time wins.
+        e.last_timestamp = Some(Time(at("2026-12-05T07:05:00Z")));
+        e.count = Some(3);
+        e.type_ = Some("Warning".into());
+        e.reason = Some("FailedScheduling".into());
+        e.message = Some("0/1 nodes are available".into());
+        let shown = to_cluster_event(&e);
+        assert_eq!(shown.time, at("2026-12-05T07:05:00Z").as_millisecond());
+        assert_eq!(shown.kind, EventType::Warning);
+        assert_eq!(shown.message, "0/1 nodes are available (x3)");
+        assert_eq!(shown.source, "Pod/p");
+        // Ours on the DaskCluster name the part of the project that wrote them.
+        let mut ours = event("DaskCluster", "c");
+        ours.source = Some(EventSource {
+            component: Some("dask-gateway-rs-controller".into()),
+            host: None,
+        });
+        assert_eq!(to_cluster_event(&ours).source, "controller");
+    }
 }
