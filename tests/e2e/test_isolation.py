@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import REPO, GatewayServer, new_cluster
@@ -114,6 +115,12 @@ def attack(srv):
                                      (victim.name,)).fetchone()
     pids = [p.pid for p in srv.cluster_processes(victim.name)]
     assert pids, "alice's processes are running"
+    if srv.config["dask"]["isolation"] != "none":
+        # No fork server under root: every user's process is exec'd by the gateway itself.
+        gateway = psutil.Process(srv.proc.pid)
+        assert not [c for c in gateway.children() if "forkserver" in " ".join(c.cmdline())]
+        leaders = [p for p in srv.cluster_processes(victim.name) if os.getpgid(p.pid) == p.pid]
+        assert leaders and all(p.ppid() == srv.proc.pid for p in leaders)
     with attacker.get_client(set_as_default=False) as client:
         out = client.run_on_scheduler(make_probe(), victim_dir=str(victim_dir), victim_pids=pids,
                                       victim_token=victim_token)

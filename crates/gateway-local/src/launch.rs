@@ -52,7 +52,9 @@ pub struct LaunchConfig {
     /// The accounts users' processes run as (single-user by default).
     pub identities: Arc<Identities>,
     /// Start processes by forking them from a pre-imported Python (see [`crate::forkserver`]);
-    /// `None` starts every process by exec.
+    /// `None` starts every process by exec. The server runs as the gateway's account: give it
+    /// only when every process runs as that account too (no user isolation), or a Python
+    /// environment a user can write to would run their code under the gateway's account.
     pub fork: Option<ForkConfig>,
 }
 
@@ -474,7 +476,11 @@ impl Launcher {
         log: &Path,
     ) -> Option<ProcessId> {
         let forks = self.forks.as_ref()?;
-        let python = self.python_for(dask, env.get("PATH").map(String::as_str))?;
+        // A bare `dask` is looked up on the gateway's own PATH, never on one a cluster's
+        // environment sets: the server is shared by every cluster of the environment.
+        let prefix = dask.parent().filter(|p| !p.as_os_str().is_empty());
+        let path = pass_through_env(prefix.or(self.config.path_prefix.as_deref())).remove("PATH");
+        let python = self.python_for(dask, path.as_deref())?;
         let (command, args) = args.split_first()?;
         let work = self.work_dir(cluster);
         let request = ForkRequest {

@@ -205,7 +205,10 @@ fn start_local_backend(
             heartbeat_period: config.cluster.heartbeat_period,
             adaptive_period: config.cluster.adaptive_period,
             identities,
-            fork: config.dask.fork_server.then(|| gateway_local::ForkConfig {
+            // The server runs as the gateway's account and its children inherit what it
+            // imported: with user isolation that account is root, and a Python environment a
+            // user can write to would run their code as root. Isolated processes are exec'd.
+            fork: (config.dask.fork_server && !isolated).then(|| gateway_local::ForkConfig {
                 dir: data_dir.join("forkserver"),
                 preimport: config.dask.preimport.clone(),
             }),
