@@ -6,8 +6,8 @@ Python's imports again.
 Protocol, over the standard streams the gateway gives it:
 
 * stdin: requests, each a 4-byte big-endian length and that many bytes of JSON:
-  {"command": "worker"|"scheduler", "args": [...], "env": {...}, "cwd": "...",
-   "log": "...", "uid": int?, "gid": int?}
+  {"command": "worker"|"scheduler", "argv0": "...", "args": [...], "env": {...}, "cwd": "...",
+   "log": "..."}
 * stdout: one JSON object per line:
   {"ready": <pid>} once the imports are done;
   {"started": <pid>} after each request (in request order);
@@ -16,8 +16,11 @@ Protocol, over the standard streams the gateway gives it:
 The server never decodes a request: it reads the bytes into one fixed buffer, forks, and
 overwrites the buffer in itself, so no user's environment stays in the memory later children
 inherit. The child decodes the request, becomes the leader of a new session and process group,
-opens its log, drops to the user's account, takes on the environment and working directory,
+opens its log, takes on the environment and working directory,
 re-reads Dask's configuration for that environment and runs the command's `main`.
+
+The server and its children run under the gateway's own account: the gateway uses it only in
+single-user mode (with user isolation every process is exec'd under the user's account).
 
 When stdin closes (the gateway stopped or died) the server exits; its children carry on, and the
 next gateway adopts them as it adopts any process it did not start.
@@ -168,18 +171,6 @@ def _child(data):
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.closerange(3, 1 << 16)
-    if req.get("uid") is not None:
-        os.setgroups([])
-        os.setgid(req["gid"])
-        os.setuid(req["uid"])
-        # Changing uid clears the dumpable flag; an exec would set it again. Users may read
-        # their own processes (py-spy, /proc/<pid>/environ) as with an exec'd worker.
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
-        except Exception:
-            pass
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])

@@ -3,8 +3,8 @@
 //! (`python/forkserver.py`, which documents the protocol).
 //!
 //! A forked process is like an exec'd one in every way the backend relies on: it leads its own
-//! session and process group, its working directory is the cluster's `work/`, it runs under the
-//! user's account with exactly the environment it was given, and its exit is reported once on the
+//! session and process group, its working directory is the cluster's `work/`, it has exactly
+//! the environment it was given, and its exit is reported once on the
 //! launcher's channel with its exit code. If the server is not ready, fails, or dies, the
 //! launcher starts a plain `dask` process instead; the processes a dead server forked are then
 //! watched through `/proc` like any adopted process.
@@ -101,8 +101,6 @@ pub struct ForkRequest<'a> {
     pub cwd: &'a Path,
     /// The log file its output is appended to (made 0600 if new).
     pub log: &'a Path,
-    /// The account to run as (`uid`, `gid`), if not the server's own.
-    pub account: Option<(u32, u32)>,
     /// The cluster, for exit reports.
     pub cluster: &'a str,
     /// Scheduler or which worker, for exit reports.
@@ -275,7 +273,7 @@ impl ForkServers {
             .server(python)
             .filter(|s| s.ready.load(Ordering::Acquire))
             .ok_or_else(|| ForkError::NotReady(python.to_path_buf()))?;
-        let mut body = serde_json::json!({
+        let body = serde_json::json!({
             "command": request.command,
             "argv0": request.argv0,
             "args": request.args,
@@ -283,10 +281,6 @@ impl ForkServers {
             "cwd": request.cwd,
             "log": request.log,
         });
-        if let Some((uid, gid)) = request.account {
-            body["uid"] = Value::from(uid);
-            body["gid"] = Value::from(gid);
-        }
         let body = serde_json::to_vec(&body).map_err(|e| server.failed(e.to_string()))?;
         if body.len() > MAX_REQUEST {
             return Err(ForkError::TooLarge(body.len()));
@@ -510,7 +504,6 @@ mod tests {
             env,
             cwd: dir,
             log: dir,
-            account: None,
             cluster: "c1",
             role: ProcessRole::Worker("w1".into()),
         }

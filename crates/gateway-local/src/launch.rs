@@ -476,6 +476,10 @@ impl Launcher {
         log: &Path,
     ) -> Option<ProcessId> {
         let forks = self.forks.as_ref()?;
+        if identity.is_some() {
+            // The server runs as the gateway's account; a user's own account means exec.
+            return None;
+        }
         // A bare `dask` is looked up on the gateway's own PATH, never on one a cluster's
         // environment sets: the server is shared by every cluster of the environment.
         let prefix = dask.parent().filter(|p| !p.as_os_str().is_empty());
@@ -490,7 +494,6 @@ impl Launcher {
             env,
             cwd: &work,
             log,
-            account: identity.map(|id| (id.uid, id.gid)),
             cluster,
             role: role.clone(),
         };
