@@ -82,7 +82,7 @@ def test_a_lifecycle_is_told_in_order_and_followed_live(server):
     assert positions == sorted(positions), got
     assert [e["time"] for e in evs] == sorted(e["time"] for e in evs)
     by_reason = {e["reason"]: e for e in evs}
-    assert by_reason["ScaleRequested"]["message"] == f"{OWNER} asked for 3 workers"
+    assert by_reason["ScaleRequested"]["message"] == f"{OWNER} asked for 5 workers; 3 granted"
     clip = by_reason["RequestClipped"]
     assert clip["type"] == "Warning" and "3" in clip["message"]
     exited = by_reason["WorkerExited"]

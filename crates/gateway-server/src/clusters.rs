@@ -707,6 +707,7 @@ impl ClusterService {
             ))
         })?;
         let view = self.running(user, name, "scale").await?;
+        let requested = n;
         let (n, clipped) = view.settings.limits.clip_scale(&view.settings.resources, n);
         let (n, quota_clip) = self.grant_workers(&view, n, Asker::Request).await;
         let clipped = quota_clip.or(clipped);
@@ -716,11 +717,11 @@ impl ClusterService {
             &view.name,
             EventType::Normal,
             "ScaleRequested",
-            format!(
-                "{} asked for {n} worker{}",
-                user.name,
-                if n == 1 { "" } else { "s" }
-            ),
+            match (requested, n) {
+                (1, 1) => format!("{} asked for 1 worker", user.name),
+                (r, n) if r == n => format!("{} asked for {n} workers", user.name),
+                (r, n) => format!("{} asked for {r} workers; {n} granted", user.name),
+            },
         )
         .await;
         self.note_clipped(&view.name, clipped.as_deref()).await;
