@@ -59,8 +59,8 @@ const LOG_LINES: i64 = 12;
 const WORKER_LOG_LINES: i64 = 80;
 /// What a Dask worker logs once the scheduler accepted it.
 const WORKER_REGISTERED: &str = "Registered to:";
-/// Status changes that only update counts (workers, ready workers, conditions) are written at
-/// most this often per cluster: a 100-worker scale-up whose pods start over ~20 s then costs
+/// Status changes of a running cluster that only update counts (workers, ready workers,
+/// conditions) are written at most this often per cluster: a 100-worker scale-up whose pods start over ~20 s then costs
 /// about five status writes beside its 100 pod creations, not one per pod event. Nothing in the
 /// gateway reads these counts; they are what `kubectl get daskclusters` shows.
 pub(crate) const COUNTS_WRITE_EVERY: Duration = Duration::from_secs(5);
@@ -600,7 +600,13 @@ async fn write_status(
     let (ns, id) = build::identity(dc)?;
     match dc.status.as_ref() {
         Some(old) if old == next => return Ok(StatusWrite::Unchanged),
-        Some(old) if only_counts_differ(old, next) && ctx.counts_write_deferred(&id) => {
+        // Only a running cluster's counts wait: a stopping one's passes pace its teardown, and a
+        // deferral would hold its next pass back by COUNTS_WRITE_EVERY.
+        Some(old)
+            if next.phase == Phase::Running
+                && only_counts_differ(old, next)
+                && ctx.counts_write_deferred(&id) =>
+        {
             return Ok(StatusWrite::Deferred)
         }
         _ => {}
