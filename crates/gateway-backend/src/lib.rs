@@ -23,7 +23,7 @@ pub mod settings;
 pub use credentials::{new_api_token, new_cluster_id, ClusterCredentials};
 pub use settings::{ClusterSettings, ContainerLimits};
 
-use gateway_model::{ClusterEvent, ClusterModel, ClusterStatus, Heartbeat};
+use gateway_model::{ClusterEvent, ClusterModel, ClusterStatus, ClusterUsage, Heartbeat};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
@@ -275,6 +275,20 @@ pub trait ClusterBackend: Send + Sync + 'static {
     /// keeps none.
     async fn events(&self, name: &str) -> Result<Vec<ClusterEvent>, BackendError> {
         let _ = name;
+        Ok(Vec::new())
+    }
+
+    /// Each cluster's use within `[since, until)` (ms since the Unix epoch; every owner's, or
+    /// only `owner`'s): the cores and memory its running scheduler and workers requested,
+    /// integrated over the time they ran. Includes finished clusters for as long as the
+    /// backend keeps their usage. Empty for a backend that keeps none.
+    async fn usage(
+        &self,
+        owner: Option<&str>,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<ClusterUsage>, BackendError> {
+        let _ = (owner, since, until);
         Ok(Vec::new())
     }
 

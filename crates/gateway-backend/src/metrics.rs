@@ -28,6 +28,14 @@ pub fn gauge<'a>(
     }
 }
 
+/// A label value escaped for the text format: backslash, double quote and newline.
+pub fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

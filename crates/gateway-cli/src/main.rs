@@ -139,6 +139,25 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Core-hours and memory used per user, group or cluster (every user's for admins).
+    Usage {
+        /// Window start: a date (2026-12-01), an RFC 3339 time, or ms since 1970 [default:
+        /// the oldest usage kept].
+        #[arg(long)]
+        since: Option<String>,
+        /// Window end, in the same forms [default: now].
+        #[arg(long)]
+        until: Option<String>,
+        /// One row per user, group or cluster.
+        #[arg(long, value_enum, default_value_t = UsageBy::User)]
+        by: UsageBy,
+        /// Only the clusters of this user (admins).
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
+        /// Print CSV (for spreadsheets) instead of --output.
+        #[arg(long)]
+        csv: bool,
+    },
     /// The options clusters accept.
     Options,
     /// Print (or open) a cluster's dashboard URL.
@@ -413,6 +432,48 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 printer.table(&rows, &["time", "type", "reason", "source", "message"]);
             }
         }
+        Command::Usage {
+            since,
+            until,
+            by,
+            owner,
+            csv,
+        } => {
+            let by = match by {
+                UsageBy::User => gateway_client::UsageGrouping::User,
+                UsageBy::Group => gateway_client::UsageGrouping::Group,
+                UsageBy::Cluster => gateway_client::UsageGrouping::Cluster,
+            };
+            let request = gateway_client::UsageRequest {
+                since,
+                until,
+                by: Some(by),
+                user: owner,
+            };
+            let report = client.usage(&request).await?;
+            if csv {
+                print!("{}", report.to_csv());
+            } else {
+                let rows: Vec<Value> = report.rows.iter().map(output::usage_row).collect();
+                let key: &[&str] = match by {
+                    gateway_client::UsageGrouping::User => &["user"],
+                    gateway_client::UsageGrouping::Group => &["group"],
+                    gateway_client::UsageGrouping::Cluster => &["cluster", "user", "group"],
+                };
+                let columns: Vec<&str> = key
+                    .iter()
+                    .copied()
+                    .chain([
+                        "clusters_created",
+                        "clusters_active",
+                        "core_hours",
+                        "memory_gib_hours",
+                        "cores_now",
+                    ])
+                    .collect();
+                printer.table(&rows, &columns);
+            }
+        }
         Command::Scale { name, count } => {
             let r = client.scale(&name, count).await?;
             printer.record(&json!({"name": name, "workers": count, "ok": r.ok, "message": r.msg}));
@@ -608,4 +669,15 @@ mod tests {
             gateway_client::Auth::None
         );
     }
+}
+
+/// `usage --by`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum UsageBy {
+    /// One row per user.
+    User,
+    /// One row per group policy.
+    Group,
+    /// One row per cluster.
+    Cluster,
 }

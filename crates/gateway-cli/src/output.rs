@@ -107,6 +107,23 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// A usage report row for printing: the API's fields plus core-hours and GiB-hours.
+pub fn usage_row(row: &gateway_client::UsageRow) -> Value {
+    let mut v = serde_json::to_value(row).unwrap_or_default();
+    v["core_hours"] = serde_json::json!(round2(row.core_seconds / 3600.0));
+    v["memory_gib_hours"] = serde_json::json!(round2(
+        row.memory_byte_seconds / 3600.0 / (1u64 << 30) as f64
+    ));
+    if row.group.is_none() && row.user.is_none() {
+        v["group"] = Value::String("(default)".into());
+    }
+    v
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 /// How long ago a millisecond timestamp was, e.g. `42s`, `5m`, `3h`, `2d`.
 /// A cluster event as a row: its time in UTC to the second.
 pub fn event_row(event: &gateway_client::ClusterEvent) -> Value {

@@ -27,7 +27,8 @@ pub use error::ClientError;
 /// The API types shared with the server.
 pub use gateway_model as model;
 pub use gateway_model::{
-    ClusterDetails, ClusterEvent, ClusterModel, ClusterStatus, EventType, OptionSpec, ScaleResponse,
+    ClusterDetails, ClusterEvent, ClusterModel, ClusterStatus, EventType, OptionSpec,
+    ScaleResponse, UsageGrouping, UsageReport, UsageRow,
 };
 pub use tls::ClusterTls;
 
@@ -182,6 +183,35 @@ impl GatewayClient {
     pub async fn details(&self, name: &str) -> Result<ClusterDetails, ClientError> {
         self.get_json(&format!("/api/v1/clusters/{}/details", check_name(name)?))
             .await
+    }
+
+    /// Core- and memory-seconds used within a window (`GET /api/v1/usage`): every user's for
+    /// an admin, the caller's own otherwise.
+    pub async fn usage(&self, request: &UsageRequest) -> Result<UsageReport, ClientError> {
+        let mut query = Vec::new();
+        for (key, value) in [
+            ("since", request.since.as_deref()),
+            ("until", request.until.as_deref()),
+            ("user", request.user.as_deref()),
+        ] {
+            if let Some(v) = value {
+                query.push(format!("{key}={}", query_escape(v)));
+            }
+        }
+        if let Some(by) = request.by {
+            let by = match by {
+                UsageGrouping::User => "user",
+                UsageGrouping::Group => "group",
+                UsageGrouping::Cluster => "cluster",
+            };
+            query.push(format!("by={by}"));
+        }
+        let path = if query.is_empty() {
+            "/api/v1/usage".to_string()
+        } else {
+            format!("/api/v1/usage?{}", query.join("&"))
+        };
+        self.get_json(&path).await
     }
 
     /// What happened to a cluster, oldest first (`GET /api/v1/clusters/<name>/events`).
@@ -556,4 +586,31 @@ mod tests {
         }
         assert!(GatewayClient::new(ClientConfig::new("gw:8000")).is_err());
     }
+}
+
+/// What [`GatewayClient::usage`] asks for; unset fields take the gateway's defaults (since
+/// the oldest usage kept, until now, by user, every user an admin may see).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UsageRequest {
+    /// Window start: RFC 3339, a UTC date (`2026-12-01`), or ms since the Unix epoch.
+    pub since: Option<String>,
+    /// Window end, in the same forms.
+    pub until: Option<String>,
+    /// Row grouping.
+    pub by: Option<UsageGrouping>,
+    /// Only this user's clusters (admins; others may name only themselves).
+    pub user: Option<String>,
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

@@ -11,7 +11,7 @@ use gateway_backend::{
     new_cluster_id, BackendError, ClusterBackend, ClusterView, NewCluster, SchedulerAddresses,
     StopRequest, TlsPair, WorkerGrant,
 };
-use gateway_model::{ClusterEvent, ClusterStatus, Heartbeat};
+use gateway_model::{ClusterEvent, ClusterStatus, ClusterUsage, Heartbeat, UsageAmount};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
@@ -525,7 +525,7 @@ impl KubeBackend {
     }
 }
 
-fn created_ms(dc: &DaskCluster) -> Option<i64> {
+pub(crate) fn created_ms(dc: &DaskCluster) -> Option<i64> {
     dc.annotations()
         .get(names::ANNOTATION_CREATED_MS)
         .and_then(|t| t.parse().ok())
@@ -712,6 +712,52 @@ impl ClusterBackend for KubeBackend {
         crate::events::cluster_events(client, &self.namespace, id)
             .await
             .map_err(|e| api_error("list Events", e))
+    }
+
+    /// From the usage records in the DaskClusters' status (one list of the installation's
+    /// DaskClusters, finished ones included): kept as long as the DaskClusters are.
+    async fn usage(
+        &self,
+        owner: Option<&str>,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<ClusterUsage>, BackendError> {
+        let mut selector = names::instance_selector(&self.config.instance);
+        if let Some(o) = owner {
+            selector.push_str(&format!(",{}={}", names::LABEL_USER, names::user_label(o)));
+        }
+        let list = self
+            .clusters_api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| api_error("list DaskClusters", e))?;
+        let now = jiff::Timestamp::now().as_millisecond();
+        let mut out: Vec<ClusterUsage> = list
+            .items
+            .iter()
+            // The user label is a cleaned or hashed name: compare the names themselves.
+            .filter(|dc| dc.spec.pool.is_none() && owner.is_none_or(|o| dc.spec.user == o))
+            .filter_map(|dc| {
+                let id = dc.metadata.name.as_deref()?;
+                let created = created_ms(dc).unwrap_or(0);
+                let ledger = dc.status.as_ref()?.usage.clone().unwrap_or_default();
+                let amount = ledger.within(now, since, until);
+                if amount == UsageAmount::default() && !(since..until).contains(&created) {
+                    return None;
+                }
+                Some(ClusterUsage {
+                    cluster: names::public_name(&self.namespace, id),
+                    owner: dc.spec.user.clone(),
+                    group: dc.spec.settings.policy.clone(),
+                    created,
+                    amount,
+                    cores_now: ledger.meter.cores,
+                    memory_now: ledger.meter.memory,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (a.created, &a.cluster).cmp(&(b.created, &b.cluster)));
+        Ok(out)
     }
 
     async fn record_event(&self, name: &str, event: ClusterEvent) -> Result<(), BackendError> {

@@ -30,7 +30,7 @@ use crate::crd::{
 use crate::limiter::RateLimiter;
 use crate::names::{self, API_PORT, DASHBOARD_PORT, SCHEDULER_PORT};
 use futures_util::future::join_all;
-use gateway_model::{ClusterEvent, EventType};
+use gateway_model::{ClusterEvent, EventType, RunningUnit};
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{
     Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams, PropagationPolicy,
@@ -201,6 +201,71 @@ fn running_for(pod: &Pod) -> Option<Duration> {
         .ok()
 }
 
+/// When the pod's (first) container started running, ms since the Unix epoch; none unless it
+/// runs now.
+fn running_since_ms(pod: &Pod) -> Option<i64> {
+    let state = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?;
+    Some(
+        state
+            .running
+            .as_ref()?
+            .started_at
+            .as_ref()?
+            .0
+            .as_millisecond(),
+    )
+}
+
+/// Usage buckets one DaskCluster's status keeps (35 days of hours; older ones merge).
+const MAX_USAGE_HOURS: usize = 35 * 24;
+
+/// Brings the status's usage record up to now if the running pods changed since it was
+/// written (see [`gateway_model::usage`]). Each pod counts what its containers request (the
+/// cluster's settings where they name nothing) from when its container started running (at
+/// the earliest from the cluster's creation or claim) to when a pass sees it gone; an
+/// unclaimed warm-pool member counts against no one.
+fn account(dc: &DaskCluster, observed: &Observed, next: &mut DaskClusterStatus) {
+    let res = &dc.spec.settings.resources;
+    let created = crate::backend::created_ms(dc).unwrap_or(0);
+    let units: Vec<RunningUnit> = if dc.spec.pool.is_some() || next.phase.is_terminal() {
+        Vec::new()
+    } else {
+        let unit = |p: &RunningPod, cores: f64, memory: u64| RunningUnit {
+            started_ms: p.since.max(created),
+            cores: p.cores.unwrap_or(cores),
+            memory: p.memory.map_or(memory, |m| m.round() as u64),
+        };
+        observed
+            .scheduler_running
+            .iter()
+            .map(|p| unit(p, res.scheduler_cores, res.scheduler_memory))
+            .chain(
+                observed
+                    .workers_running
+                    .iter()
+                    .map(|p| unit(p, res.worker_cores, res.worker_memory)),
+            )
+            .collect()
+    };
+    let mut ledger = next.usage.clone().unwrap_or_default();
+    if !ledger.meter.needs_accrual(&units) {
+        return;
+    }
+    ledger.accrue(
+        jiff::Timestamp::now().as_millisecond(),
+        &units,
+        MAX_USAGE_HOURS,
+    );
+    next.usage = Some(ledger);
+}
+
 /// Whether a pod that ended had become ready first (a worker's readiness probe passes once its
 /// process serves): its Ready condition changed after the container started. A pod that never
 /// became ready keeps the condition it got before its container ran.
@@ -339,6 +404,54 @@ struct Observed {
     oom_killed_while_deleted: Vec<Arc<Pod>>,
     /// Names of worker pods we created that the cache does not show yet.
     workers_expected: Vec<String>,
+    /// The scheduler pod, if its container runs (being deleted or not).
+    scheduler_running: Option<RunningPod>,
+    /// Every worker pod whose container runs (being deleted or not: it holds what it
+    /// requested until it ends).
+    workers_running: Vec<RunningPod>,
+}
+
+/// A pod whose container runs, as usage accounting sees it.
+#[derive(Clone, Copy, Debug)]
+struct RunningPod {
+    /// When its (first) container started, ms since the Unix epoch.
+    since: i64,
+    /// The cores its containers request (none: no container says).
+    cores: Option<f64>,
+    /// The memory (bytes) its containers request (none: no container says).
+    memory: Option<f64>,
+}
+
+impl RunningPod {
+    fn of(pod: &Pod) -> Option<RunningPod> {
+        let since = running_since_ms(pod)?;
+        let mut cores = None;
+        let mut memory = None;
+        for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+            let Some(r) = c.resources.as_ref() else {
+                continue;
+            };
+            // Kubernetes takes a limit as the request when only the limit is given.
+            let get = |key: &str| {
+                r.requests
+                    .as_ref()
+                    .and_then(|m| m.get(key))
+                    .or_else(|| r.limits.as_ref().and_then(|m| m.get(key)))
+                    .and_then(|q| crate::quantity::parse_quantity(&q.0))
+            };
+            if let Some(v) = get("cpu") {
+                *cores.get_or_insert(0.0) += v;
+            }
+            if let Some(v) = get("memory") {
+                *memory.get_or_insert(0.0) += v;
+            }
+        }
+        Some(RunningPod {
+            since,
+            cores,
+            memory,
+        })
+    }
 }
 
 impl Context {
@@ -450,6 +563,8 @@ impl Context {
             still && at.elapsed() < EXPECTATION_TTL
         });
         let deleted = exp.deleted.clone();
+        let scheduler_running = scheduler.as_deref().and_then(RunningPod::of);
+        let workers_running = workers.iter().filter_map(|p| RunningPod::of(p)).collect();
         let oom_killed_while_deleted = workers
             .iter()
             .filter(|p| is_being_deleted(p) || deleted.contains_key(&p.name_any()))
@@ -477,6 +592,8 @@ impl Context {
             workers,
             oom_killed_while_deleted,
             workers_expected,
+            scheduler_running,
+            workers_running,
         }
     }
 }
@@ -575,6 +692,7 @@ fn only_counts_differ(a: &DaskClusterStatus, b: &DaskClusterStatus) -> bool {
         replicas: 0,
         ready_workers: 0,
         conditions: Vec::new(),
+        usage: None,
         ..s.clone()
     };
     strip(a) == strip(b)
@@ -674,6 +792,7 @@ pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action
     } else {
         Action::requeue(Duration::from_secs(300))
     };
+    account(&dc, &observed, &mut next);
     let written = write_status(&ctx, &dc, &next).await?;
     if written == StatusWrite::Written {
         record_transitions(&ctx, &dc, &status, &next);

@@ -893,3 +893,78 @@ async fn the_sweep_deletes_labelled_clusters_past_the_retention_only() {
     assert_eq!(sweep.await.unwrap().unwrap(), 1);
     api.silent().await;
 }
+
+/// `pod` with its first container running since `secs` ago.
+fn running_since(mut pod: Pod, secs: i64) -> Pod {
+    let started = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(secs);
+    let status = pod.status.get_or_insert_with(Default::default);
+    status.container_statuses = Some(vec![ContainerStatus {
+        name: "main".into(),
+        state: Some(ContainerState {
+            running: Some(ContainerStateRunning {
+                started_at: Some(Time(started)),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]);
+    pod
+}
+
+#[tokio::test]
+async fn running_pods_are_metered_from_their_start_and_only_changes_are_written() {
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.metadata.creation_timestamp = Some(Time(
+        jiff::Timestamp::now() - jiff::SignedDuration::from_secs(600),
+    ));
+    dc.spec.replicas = 2;
+    let r = dc.spec.settings.resources;
+    caches.children_of(&dc);
+    caches.pod(running_since(ready_scheduler(&dc), 60));
+    caches.pod(running_since(
+        worker(&dc, "dask-worker-x-a", "Running", None),
+        30,
+    ));
+    caches.pod(running_since(
+        worker(&dc, "dask-worker-x-b", "Running", None),
+        30,
+    ));
+    let pass = run(dc.clone(), &ctx).await;
+    let c = api.next().await;
+    let st = written_status(&c);
+    c.echo();
+    pass.await.unwrap().unwrap();
+    let usage = st.usage.clone().expect("a usage record");
+    assert_eq!(usage.meter.cores, r.scheduler_cores + 2.0 * r.worker_cores);
+    let expected = 60.0 * r.scheduler_cores + 2.0 * 30.0 * r.worker_cores;
+    let got = usage
+        .within(usage.meter.accounted_until, 0, i64::MAX)
+        .core_seconds;
+    assert!(
+        (got - expected).abs() < 1.0,
+        "{got} core-seconds, expected {expected}"
+    );
+    // Nothing changed: no write (the running rate is in the record; time alone adds nothing).
+    let mut dc2 = dc.clone();
+    dc2.status = Some(st.clone());
+    let pass = run(dc2, &ctx).await;
+    api.silent().await;
+    pass.await.unwrap().unwrap();
+    // A pod of a warm-pool member is the operator's: nothing is metered.
+    let mut pooled = with_status(cluster(ID), Phase::Running);
+    pooled.spec.pool = Some("default".into());
+    let mut next = pooled.status.clone().unwrap();
+    let observed = ctx.observe("dask", ID);
+    account(&pooled, &observed, &mut next);
+    assert_eq!(next.usage, None);
+    // Once the cluster has ended, the record is closed at the rate zero.
+    let mut ended = with_status(cluster(ID), Phase::Running);
+    let mut next = st;
+    next.phase = Phase::Stopped;
+    ended.status = Some(next.clone());
+    account(&ended, &observed, &mut next);
+    let closed = next.usage.unwrap();
+    assert_eq!((closed.meter.cores, closed.meter.memory), (0.0, 0.0));
+    assert!(closed.within(i64::MAX, 0, i64::MAX).core_seconds >= got);
+}

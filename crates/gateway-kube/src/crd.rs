@@ -407,6 +407,10 @@ pub struct DaskClusterStatus {
     /// When it reached `Stopped` or `Failed` (RFC 3339, milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<String>,
+    /// Usage accounting: the cores and memory its running pods request, and the core- and
+    /// memory-seconds they accrued per hour. Written when the running pods change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<gateway_model::UsageLedger>,
 }
 
 /// Rewrites schema formats the API server does not know (`uint64` and friends, from unsigned

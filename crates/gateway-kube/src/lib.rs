@@ -26,6 +26,7 @@ pub mod events;
 pub mod leader;
 pub mod limiter;
 pub mod names;
+pub mod quantity;
 pub mod quota_lock;
 pub mod runtime;
 pub mod session_key;

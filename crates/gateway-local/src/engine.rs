@@ -13,14 +13,16 @@
 
 use crate::launch::{LocalError, Processes, SchedulerSpec, WorkerSpec};
 use crate::process::{ProcessExit, ProcessId, ProcessRole};
-use crate::store::{ClusterRecord, Store, StoreError, WorkerRecord};
+use crate::store::{ClusterRecord, Store, StoreError, UsageKey, WorkerRecord};
 use gateway_backend::{
     new_api_token, new_cluster_id, BackendError, ClusterBackend, ClusterCredentials, ClusterView,
     NewCluster, SchedulerAddresses, StopRequest, TlsPair, WorkerGrant,
 };
-use gateway_model::{ClusterEvent, ClusterStatus, EventType, Heartbeat};
+use gateway_model::{
+    ClusterEvent, ClusterStatus, ClusterUsage, EventType, Heartbeat, RunningUnit, UsageMeter,
+};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
@@ -45,6 +47,8 @@ pub struct EngineConfig {
     pub stop_grace: Duration,
     /// How often timeouts are checked and large scale-ups continued.
     pub sweep_period: Duration,
+    /// How long usage (hourly core- and memory-seconds per cluster) is kept (zero: forever).
+    pub usage_retention: Duration,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +60,7 @@ impl Default for EngineConfig {
             retention: Duration::from_secs(86400),
             stop_grace: Duration::from_secs(5),
             sweep_period: Duration::from_secs(1),
+            usage_retention: Duration::from_secs(400 * 86400),
         }
     }
 }
@@ -113,6 +118,9 @@ impl WorkerState {
 struct Worker {
     process: ProcessId,
     state: WorkerState,
+    /// When it was started, ms since the Unix epoch (0: adopted after a restart, so already
+    /// counted in the stored usage rate).
+    started_ms: i64,
 }
 
 /// One cluster: its durable record plus what only this gateway run observes.
@@ -132,6 +140,8 @@ struct Cluster {
     /// The workers the API last granted within the owner's quotas (kept in memory: after a
     /// restart the target stands for it).
     grant: Option<WorkerGrant>,
+    /// Usage accounting as last stored.
+    meter: UsageMeter,
 }
 
 impl Cluster {
@@ -146,6 +156,7 @@ impl Cluster {
             tearing_down: false,
             status_tx,
             grant: None,
+            meter: UsageMeter::default(),
         }
     }
 
@@ -168,6 +179,28 @@ impl Cluster {
 
     fn live_workers(&self) -> usize {
         self.workers.values().filter(|w| w.state.is_live()).count()
+    }
+
+    /// What usage accounting counts now: the scheduler and every worker process while the
+    /// cluster is active and has an owner (an unclaimed warm-pool member is the operator's
+    /// standing capacity, counted against no one; a claimed one counts from its claim).
+    fn running_units(&self) -> Vec<RunningUnit> {
+        let r = &self.record;
+        if r.pool.is_some() || r.status.is_terminal() {
+            return Vec::new();
+        }
+        let res = &r.settings.resources;
+        let scheduler = r.scheduler.map(|_| RunningUnit {
+            started_ms: r.start_time,
+            cores: res.scheduler_cores,
+            memory: res.scheduler_memory,
+        });
+        let workers = self.workers.values().map(|w| RunningUnit {
+            started_ms: w.started_ms.max(r.start_time),
+            cores: res.worker_cores,
+            memory: res.worker_memory,
+        });
+        scheduler.into_iter().chain(workers).collect()
     }
 
     /// The scheduler and every worker process.
@@ -274,6 +307,8 @@ pub struct LocalBackend {
     processes: Arc<dyn Processes>,
     config: EngineConfig,
     counters: Counters,
+    /// When usage past its retention was last forgotten, ms since the Unix epoch.
+    usage_forgotten_at: AtomicI64,
     /// To hand `Arc<Self>` to the tasks it spawns.
     me: Weak<LocalBackend>,
 }
@@ -294,6 +329,7 @@ impl LocalBackend {
             processes,
             config,
             counters: Counters::default(),
+            usage_forgotten_at: AtomicI64::new(0),
             me: me.clone(),
         });
         backend.recover()?;
@@ -405,7 +441,30 @@ impl LocalBackend {
             c.tearing_down = true;
             fx.teardown.push((c.record.name.clone(), c.processes()));
         }
+        self.account(c);
         fx
+    }
+
+    /// Brings the cluster's usage up to now if what runs changed since it was last stored.
+    /// A failed write is logged and the meter left as stored: the next call accrues the same
+    /// span again, so nothing is lost or counted twice.
+    fn account(&self, c: &mut Cluster) {
+        let units = c.running_units();
+        if !c.meter.needs_accrual(&units) {
+            return;
+        }
+        let mut meter = c.meter;
+        let delta = meter.accrue(now_ms(), &units);
+        let key = UsageKey {
+            name: &c.record.name,
+            owner: &c.record.owner,
+            group: c.record.settings.policy.as_deref(),
+            created: c.record.start_time,
+        };
+        match self.store.record_usage(&key, &meter, &delta) {
+            Ok(()) => c.meter = meter,
+            Err(e) => error!(cluster = %c.record.name, "recording usage: {e}"),
+        }
     }
 
     /// RUNNING: surplus not-yet-joined workers and workers the scheduler reports gone are
@@ -461,6 +520,7 @@ impl LocalBackend {
                         Worker {
                             process,
                             state: WorkerState::Starting,
+                            started_ms: now_ms(),
                         },
                     );
                 }
@@ -567,6 +627,7 @@ impl LocalBackend {
         c.record.status = final_status;
         self.persist(&c.record);
         c.set_status_after_store(final_status);
+        self.account(c);
         self.processes.remove_credentials(name);
         info!(cluster = %name, status = %final_status, reason = c.record.reason.as_deref().unwrap_or(""), "cluster finished");
     }
@@ -660,6 +721,21 @@ impl LocalBackend {
         }
         drop(clusters);
         self.apply(fx);
+        self.forget_old_usage();
+    }
+
+    /// Once an hour, forgets usage older than the usage retention.
+    fn forget_old_usage(&self) {
+        let now = now_ms();
+        let last = self.usage_forgotten_at.load(Ordering::Relaxed);
+        if now - last < 3_600_000 || self.config.usage_retention.is_zero() {
+            return;
+        }
+        self.usage_forgotten_at.store(now, Ordering::Relaxed);
+        let cutoff = now - self.config.usage_retention.as_millis() as i64;
+        if let Err(e) = self.store.forget_usage_before(cutoff) {
+            error!("forgetting old usage: {e}");
+        }
     }
 
     /// Loads the stored clusters after a (re)start (see [`LocalBackend::start`]).
@@ -670,6 +746,7 @@ impl LocalBackend {
             let name = record.name.clone();
             let workers = self.store.load_workers(&name)?;
             let mut c = Cluster::new(record);
+            c.meter = self.store.usage_meter(&name)?.unwrap_or_default();
             if !c.record.status.is_terminal() {
                 for w in workers {
                     if self.processes.is_alive(w.process) {
@@ -685,6 +762,7 @@ impl LocalBackend {
                             Worker {
                                 process: w.process,
                                 state,
+                                started_ms: 0,
                             },
                         );
                     } else if let Err(e) = self.store.delete_worker(&name, &w.name) {
@@ -1051,6 +1129,17 @@ impl ClusterBackend for LocalBackend {
         self.store
             .events(name)
             .map_err(|e| store_error("reading events", e))
+    }
+
+    async fn usage(
+        &self,
+        owner: Option<&str>,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<ClusterUsage>, BackendError> {
+        self.store
+            .usage(owner, since, until, now_ms())
+            .map_err(|e| store_error("reading usage", e))
     }
 
     async fn record_event(&self, name: &str, event: ClusterEvent) -> Result<(), BackendError> {

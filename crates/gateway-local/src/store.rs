@@ -1,12 +1,16 @@
 //! Durable state of the local backend: one SQLite file in the data directory.
-//! Cluster records (with the scheduler's process identity) and worker processes.
+//! Cluster records (with the scheduler's process identity), worker processes, events, and
+//! usage (which outlives the cluster records: it is kept for the usage retention).
 //!
 //! Every change of a cluster's persistent record is written through before it becomes
 //! visible, so a gateway killed at any moment restarts with what it had promised.
 
 use crate::process::ProcessId;
 use gateway_backend::ClusterSettings;
-use gateway_model::{ClusterEvent, ClusterStatus, EventType};
+use gateway_model::usage::{hour_of, hours_within};
+use gateway_model::{
+    ClusterEvent, ClusterStatus, ClusterUsage, EventType, UsageAmount, UsageHour, UsageMeter,
+};
 use rusqlite::{params, Connection};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -82,6 +86,19 @@ pub struct WorkerRecord {
     pub process: ProcessId,
 }
 
+/// Whose use a meter records.
+#[derive(Clone, Copy, Debug)]
+pub struct UsageKey<'a> {
+    /// Cluster name.
+    pub name: &'a str,
+    /// Its owner.
+    pub owner: &'a str,
+    /// Its group policy.
+    pub group: Option<&'a str>,
+    /// When it was created (or claimed from the warm pool), ms since the Unix epoch.
+    pub created: i64,
+}
+
 /// The SQLite store (one connection; every call is short).
 pub struct Store {
     conn: Mutex<Connection>,
@@ -126,6 +143,25 @@ CREATE TABLE IF NOT EXISTS events (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_cluster ON events (cluster, seq);
+CREATE TABLE IF NOT EXISTS usage_meters (
+    cluster TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    grp TEXT,
+    created INTEGER NOT NULL,
+    cores REAL NOT NULL,
+    memory REAL NOT NULL,
+    accounted_until INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_meters_by_owner ON usage_meters (owner);
+CREATE TABLE IF NOT EXISTS usage_hours (
+    cluster TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    core_seconds REAL NOT NULL,
+    memory_byte_seconds REAL NOT NULL,
+    first_ms INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL,
+    PRIMARY KEY (cluster, hour)
+);
 ";
 
 /// Events kept per cluster; older ones are dropped as new ones come.
@@ -268,6 +304,155 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Stores cluster `cluster`'s meter and adds `delta` to its hourly buckets, atomically.
+    pub fn record_usage(
+        &self,
+        cluster: &UsageKey<'_>,
+        meter: &UsageMeter,
+        delta: &[UsageHour],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO usage_meters (cluster, owner, grp, created, cores, memory, accounted_until)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (cluster) DO UPDATE SET owner = excluded.owner, grp = excluded.grp,
+                created = excluded.created, cores = excluded.cores, memory = excluded.memory,
+                accounted_until = excluded.accounted_until",
+            params![
+                cluster.name,
+                cluster.owner,
+                cluster.group,
+                cluster.created,
+                meter.cores,
+                meter.memory,
+                meter.accounted_until
+            ],
+        )?;
+        for h in delta {
+            tx.execute(
+                "INSERT INTO usage_hours
+                    (cluster, hour, core_seconds, memory_byte_seconds, first_ms, last_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (cluster, hour) DO UPDATE SET
+                    core_seconds = core_seconds + excluded.core_seconds,
+                    memory_byte_seconds = memory_byte_seconds + excluded.memory_byte_seconds,
+                    first_ms = MIN(first_ms, excluded.first_ms),
+                    last_ms = MAX(last_ms, excluded.last_ms)",
+                params![
+                    cluster.name,
+                    h.start,
+                    h.amount.core_seconds,
+                    h.amount.memory_byte_seconds,
+                    h.first,
+                    h.last
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A cluster's stored meter (none: it never accrued anything).
+    pub fn usage_meter(&self, cluster: &str) -> Result<Option<UsageMeter>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT cores, memory, accounted_until FROM usage_meters WHERE cluster = ?1",
+        )?;
+        let mut rows = stmt.query_map(params![cluster], |r| {
+            Ok(UsageMeter {
+                cores: r.get(0)?,
+                memory: r.get(1)?,
+                accounted_until: r.get(2)?,
+            })
+        })?;
+        Ok(rows.next().transpose()?)
+    }
+
+    /// Every cluster's use within `[since, until)` (only `owner`'s, if given), with `now_ms`
+    /// as the present; clusters that neither used anything nor were created in the window are
+    /// left out.
+    pub fn usage(
+        &self,
+        owner: Option<&str>,
+        since: i64,
+        until: i64,
+        now_ms: i64,
+    ) -> Result<Vec<ClusterUsage>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT cluster, owner, grp, created, cores, memory, accounted_until FROM usage_meters
+             WHERE (?1 IS NULL OR owner = ?1) ORDER BY created, cluster",
+        )?;
+        let meters = stmt
+            .query_map(params![owner], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    UsageMeter {
+                        cores: r.get(4)?,
+                        memory: r.get(5)?,
+                        accounted_until: r.get(6)?,
+                    },
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut hours_of = conn.prepare(
+            "SELECT hour, core_seconds, memory_byte_seconds, first_ms, last_ms FROM usage_hours
+             WHERE cluster = ?1 AND hour >= ?2 AND hour < ?3 ORDER BY hour",
+        )?;
+        let mut out = Vec::new();
+        for (cluster, owner, group, created, meter) in meters {
+            let hours = hours_of
+                .query_map(params![cluster, hour_of(since), until], |r| {
+                    Ok(UsageHour {
+                        start: r.get(0)?,
+                        amount: UsageAmount {
+                            core_seconds: r.get(1)?,
+                            memory_byte_seconds: r.get(2)?,
+                        },
+                        first: r.get(3)?,
+                        last: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut amount = hours_within(&hours, since, until);
+            amount.add(meter.pending(now_ms, since, until));
+            let created_within = (since..until).contains(&created);
+            if amount == UsageAmount::default() && !created_within {
+                continue;
+            }
+            out.push(ClusterUsage {
+                cluster,
+                owner,
+                group,
+                created,
+                amount,
+                cores_now: meter.cores,
+                memory_now: meter.memory,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Forgets usage from before `cutoff_ms`: older hourly buckets, and the meters of clusters
+    /// that have stopped with nothing newer left.
+    pub fn forget_usage_before(&self, cutoff_ms: i64) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "DELETE FROM usage_hours WHERE hour < ?1",
+            params![hour_of(cutoff_ms)],
+        )?;
+        conn.execute(
+            "DELETE FROM usage_meters WHERE cores = 0 AND memory = 0 AND accounted_until < ?1
+                AND NOT EXISTS (SELECT 1 FROM usage_hours h WHERE h.cluster = usage_meters.cluster)",
+            params![cutoff_ms],
+        )?;
+        Ok(())
+    }
+
     /// Records a started worker process.
     pub fn put_worker(&self, w: &WorkerRecord) -> Result<(), StoreError> {
         self.conn().execute(
@@ -374,6 +559,73 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_outlives_the_cluster_record_and_a_reopened_store() {
+        use gateway_model::usage::HOUR_MS;
+        use gateway_model::RunningUnit;
+        let dir = std::env::temp_dir().join(format!("dgrs-usage-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        let t0 = 100 * HOUR_MS;
+        {
+            let store = Store::open(&path).unwrap();
+            let key = UsageKey {
+                name: "a",
+                owner: "alice",
+                group: Some("gpu"),
+                created: t0,
+            };
+            let mut meter = UsageMeter::default();
+            let unit = RunningUnit {
+                started_ms: t0,
+                cores: 2.0,
+                memory: 1 << 30,
+            };
+            let delta = meter.accrue(t0, &[unit]);
+            store.record_usage(&key, &meter, &delta).unwrap();
+            // Ran 90 minutes: across an hour boundary.
+            let second = RunningUnit {
+                started_ms: t0 + 90 * 60_000,
+                ..unit
+            };
+            let delta = meter.accrue(t0 + 90 * 60_000, &[unit, second]);
+            store.record_usage(&key, &meter, &delta).unwrap();
+            store.put_cluster(&record("a")).unwrap();
+            store.delete_cluster("a").unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let now = t0 + 100 * 60_000;
+        let all = store.usage(None, 0, i64::MAX, now).unwrap();
+        assert_eq!(all.len(), 1);
+        let a = &all[0];
+        assert_eq!(
+            (a.owner.as_str(), a.group.as_deref()),
+            ("alice", Some("gpu"))
+        );
+        // 90 min × 2 cores, then 10 min × 4 cores still running (not yet in any bucket).
+        assert!((a.amount.core_seconds - (5400.0 * 2.0 + 600.0 * 4.0)).abs() < 1e-6);
+        assert_eq!(a.cores_now, 4.0);
+        // The second hour only: 30 min × 2 cores + 10 min × 4 cores.
+        let second = store
+            .usage(None, t0 + HOUR_MS, t0 + 2 * HOUR_MS, now)
+            .unwrap();
+        assert!((second[0].amount.core_seconds - (1800.0 * 2.0 + 600.0 * 4.0)).abs() < 1e-6);
+        assert!(store
+            .usage(Some("bob"), 0, i64::MAX, now)
+            .unwrap()
+            .is_empty());
+        assert!(store.usage(None, 0, t0 - 1, now).unwrap().is_empty());
+        assert_eq!(store.usage_meter("a").unwrap().unwrap().cores, 4.0);
+        // A running cluster's meter stays when its old buckets go.
+        store.forget_usage_before(t0 + 2 * HOUR_MS).unwrap();
+        assert!(store.usage_meter("a").unwrap().is_some());
+        let later = store.usage(None, 0, i64::MAX, now).unwrap();
+        assert!((later[0].amount.core_seconds - 2400.0).abs() < 1e-6);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn events_are_kept_in_order_bounded_and_go_with_the_cluster() {

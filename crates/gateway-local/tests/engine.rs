@@ -181,6 +181,7 @@ fn config() -> EngineConfig {
         retention: Duration::from_secs(3600),
         stop_grace: Duration::from_millis(10),
         sweep_period: Duration::from_millis(20),
+        usage_retention: Duration::from_secs(86400),
     }
 }
 
@@ -644,4 +645,62 @@ async fn a_stop_begun_before_shutdown_finishes_even_when_clusters_are_kept() {
     assert_eq!(status(&b, &stopped.name), ClusterStatus::Stopped);
     assert_eq!(procs.terminated.lock().unwrap().len(), 1);
     assert_eq!(status(&b, &kept.name), ClusterStatus::Pending);
+}
+
+/// The cluster's core-seconds so far, as the usage report has them.
+async fn core_seconds(b: &LocalBackend, name: &str) -> (f64, f64) {
+    let all = b.usage(None, 0, i64::MAX).await.unwrap();
+    let u = all.iter().find(|u| u.cluster == name).expect("a usage row");
+    (u.amount.core_seconds, u.cores_now)
+}
+
+#[tokio::test]
+async fn usage_counts_every_process_while_it_runs_across_a_restart_until_the_stop() {
+    let (b, procs, db) = start("usage", config()).await;
+    let r = ClusterSettings::example().resources;
+    let c = b.create(request()).await.unwrap();
+    b.heartbeat(&c.name, &heartbeat(2, &[], &[], &[]), 2)
+        .await
+        .unwrap();
+    let (_, now) = core_seconds(&b, &c.name).await;
+    assert_eq!(now, r.scheduler_cores + 2.0 * r.worker_cores);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (early, _) = core_seconds(&b, &c.name).await;
+    assert!(early >= 0.3 * now, "{early}");
+    // One worker exits: the rate drops at once.
+    let workers = procs.workers_of(&c.name);
+    let one = *workers.values().next().unwrap();
+    b.heartbeat(&c.name, &heartbeat(1, &[], &[], &[]), 1)
+        .await
+        .unwrap();
+    procs.crash(one, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while core_seconds(&b, &c.name).await.1 != r.scheduler_cores + r.worker_cores {
+        assert!(Instant::now() < deadline, "the rate did not drop");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The gateway dies and comes back; what kept running kept counting.
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (procs2, exits) = procs.reattach();
+    let b =
+        LocalBackend::start(config(), Store::open(&db).unwrap(), procs2.clone(), exits).unwrap();
+    let (after_restart, rate) = core_seconds(&b, &c.name).await;
+    assert_eq!(rate, r.scheduler_cores + r.worker_cores);
+    assert!(
+        after_restart >= early + 0.2 * rate,
+        "{after_restart} after {early}"
+    );
+    b.stop(&c.name, StopRequest::stopped("done")).await.unwrap();
+    eventually("the stop", || status(&b, &c.name) == ClusterStatus::Stopped).await;
+    let (total, rate) = core_seconds(&b, &c.name).await;
+    assert_eq!(rate, 0.0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        core_seconds(&b, &c.name).await.0,
+        total,
+        "nothing accrues once stopped"
+    );
+    // Another owner's view has none of it.
+    assert!(b.usage(Some("bob"), 0, i64::MAX).await.unwrap().is_empty());
 }

@@ -2,7 +2,8 @@
 //!
 //! Everything here is plain data plus the pure rules that go with it: the cluster status
 //! machine ([`status`]), the JSON shapes of the REST API ([`api`]), the typed cluster options
-//! and their validation ([`options`]), and per-cluster resource limits ([`limits`]). No I/O.
+//! and their validation ([`options`]), per-cluster resource limits ([`limits`]), and usage
+//! accounting ([`usage`]). No I/O.
 
 #![warn(missing_docs)]
 
@@ -10,8 +11,13 @@ pub mod api;
 pub mod limits;
 pub mod options;
 pub mod status;
+pub mod usage;
 
 pub use api::*;
 pub use limits::{format_memory, parse_memory, ClusterResources, ResourceLimits};
 pub use options::{validate_options, OptionField, OptionKind, OptionsError, SelectChoice};
 pub use status::{ClusterStatus, UnknownStatus};
+pub use usage::{
+    ClusterUsage, RunningUnit, UsageAmount, UsageGrouping, UsageHour, UsageLedger, UsageMeter,
+    UsageReport, UsageRow,
+};

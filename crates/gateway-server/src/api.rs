@@ -36,6 +36,8 @@ pub struct AppState {
     pub dashboard_csp: Option<HeaderValue>,
     /// Bearer token `/metrics` requires (none: open).
     pub metrics_token: Option<String>,
+    /// Label the usage counters of `/metrics` by user and group.
+    pub usage_metrics_by_user: bool,
     /// Upper bound on one API request, reading its body included.
     pub request_timeout: std::time::Duration,
     /// The in-process DaskCluster controller, if any (its counters join `/metrics`).
@@ -85,7 +87,9 @@ impl From<ClusterError> for ApiError {
     fn from(e: ClusterError) -> Self {
         let status = match &e {
             ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
-            ClusterError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ClusterError::Forbidden { .. } | ClusterError::ForbiddenUsage { .. } => {
+                StatusCode::FORBIDDEN
+            }
             ClusterError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ClusterError::NotRunning(_) | ClusterError::Conflict(_) => StatusCode::CONFLICT,
             ClusterError::BadToken => return ApiError::unauthorized("Unauthorized", "token"),
@@ -388,16 +392,55 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
         }
     }
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
-    (
-        [(header::CONTENT_TYPE, content_type)],
-        state.clusters.metrics_text()
-            + &state
-                .controller
-                .as_ref()
-                .map(crate::controller_metrics)
-                .unwrap_or_default(),
-    )
-        .into_response()
+    let mut text = state.clusters.metrics_text()
+        + &state
+            .controller
+            .as_ref()
+            .map(crate::controller_metrics)
+            .unwrap_or_default();
+    let now = crate::clusters::now_ms();
+    match state.clusters.backend().usage(None, 0, now).await {
+        Ok(usage) => crate::usage::metrics_text(&usage, state.usage_metrics_by_user, &mut text),
+        Err(e) => tracing::warn!("reading usage for /metrics: {e}"),
+    }
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+}
+
+/// `GET /api/v1/usage`: core- and memory-seconds per user, group or cluster within a window
+/// (see [`crate::usage::UsageQuery`]); JSON, or CSV with `format=csv`.
+async fn usage(
+    State(state): State<AppState>,
+    Extension(user): Extension<User>,
+    req: Request,
+) -> ApiResult<Response> {
+    let pairs: Vec<(String, String)> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    let query = crate::usage::UsageQuery::parse(&pairs, crate::clusters::now_ms())
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let report = crate::usage::report(state.clusters.backend().as_ref(), &user, &query).await?;
+    if query.csv {
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"dask-gateway-usage.csv\"",
+                ),
+            ],
+            report.to_csv(),
+        )
+            .into_response());
+    }
+    Ok(Json(report).into_response())
 }
 
 async fn version() -> Json<Value> {
@@ -826,6 +869,7 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
         .route("/api/v1/clusters/{name}/events", get(cluster_events))
         .route("/api/v1/clusters/{name}/scale", post(scale_cluster))
         .route("/api/v1/clusters/{name}/adapt", post(adapt_cluster))
+        .route("/api/v1/usage", get(usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_user));
     let mut api_routes = user_routes
         .route("/api/health", get(health))

@@ -31,7 +31,7 @@ fn has_user_quota(c: &ClusterConfig) -> bool {
         || c.max_memory_per_user.is_some()
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -68,6 +68,14 @@ pub enum ClusterError {
         action: &'static str,
         /// Which cluster.
         name: String,
+    },
+    /// 403: a user asked for another user's usage.
+    #[error("User {user} lacks permissions to view the usage of user {other}")]
+    ForbiddenUsage {
+        /// Who asked.
+        user: String,
+        /// Whose usage they asked for.
+        other: String,
     },
     /// 422: bad input.
     #[error("{0}")]

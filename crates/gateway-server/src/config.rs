@@ -67,6 +67,10 @@ pub struct GatewayConfig {
     pub metrics: MetricsConfig,
     /// Seconds one API request may take, reading its body included (408 after that).
     pub request_timeout: f64,
+    /// Seconds usage (hourly core- and memory-seconds per cluster) is kept on the local
+    /// backend; 0 keeps it forever. On Kubernetes usage lives in the DaskCluster records and
+    /// goes with them (`cluster.retention`).
+    pub usage_retention: f64,
     /// User authentication.
     pub auth: AuthConfig,
     /// Where clusters run: `local` (processes on this machine) or `kubernetes` (pods).
@@ -111,6 +115,7 @@ impl Default for GatewayConfig {
             dashboard_csp: DEFAULT_DASHBOARD_CSP.into(),
             metrics: MetricsConfig::default(),
             request_timeout: 60.0,
+            usage_retention: 400.0 * 86400.0,
             auth: AuthConfig::default(),
             backend: BackendKind::Local,
             dask: DaskConfig::default(),
@@ -135,6 +140,9 @@ pub struct MetricsConfig {
     pub address: Option<SocketAddr>,
     /// A file holding a token that `/metrics` then requires as `Authorization: Bearer <token>`.
     pub token_file: Option<PathBuf>,
+    /// Label the usage counters by `user` and `group` (one series per user and group: mind
+    /// the cardinality); off, they are gateway totals.
+    pub usage_by_user: bool,
 }
 
 impl MetricsConfig {
@@ -655,6 +663,12 @@ impl GatewayConfig {
             return bad(format!(
                 "request_timeout must be at least 25 seconds (a ?wait request is held 20 s), got {}",
                 self.request_timeout
+            ));
+        }
+        if !(self.usage_retention.is_finite() && self.usage_retention >= 0.0) {
+            return bad(format!(
+                "usage_retention must be a non-negative number of seconds (0: forever), got {}",
+                self.usage_retention
             ));
         }
         if let Some(bad_name) = self.dask.preimport.iter().find(|m| !is_module_name(m)) {

@@ -14,6 +14,7 @@ pub mod jwt;
 pub mod kerberos;
 pub mod option_target;
 pub mod settings;
+pub mod usage;
 
 use crate::api::AppState;
 use crate::auth::Authenticator;
@@ -221,6 +222,7 @@ fn start_local_backend(
         heartbeat_timeout: Duration::from_secs_f64(c.heartbeat_timeout()),
         worker_start_failure_limit: c.worker_start_failure_limit,
         retention: Duration::from_secs_f64(c.retention),
+        usage_retention: Duration::from_secs_f64(config.usage_retention),
         ..EngineConfig::default()
     };
     let backend = LocalBackend::start(engine, store, Arc::new(launcher), exit_rx)?;
@@ -536,6 +538,7 @@ pub async fn run(
             .filter(|csp| !csp.trim().is_empty())
             .and_then(|csp| http::HeaderValue::from_str(csp).ok()),
         metrics_token,
+        usage_metrics_by_user: config.metrics.usage_by_user,
         request_timeout: Duration::from_secs_f64(config.request_timeout),
         controller: controller_live,
         event_followers: Arc::default(),

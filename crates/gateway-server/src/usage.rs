@@ -1,0 +1,241 @@
+//! `GET /api/v1/usage`: who used how much, from the backend's per-cluster usage
+//! ([`gateway_backend::ClusterBackend::usage`]), and the usage lines of `/metrics`.
+
+use crate::auth::User;
+use crate::clusters::ClusterError;
+use gateway_backend::{metrics, ClusterBackend};
+use gateway_model::{ClusterUsage, UsageGrouping, UsageReport};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// A parsed usage request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsageQuery {
+    /// Window start, ms since the Unix epoch (default: 0, everything kept).
+    pub since: i64,
+    /// Window end, ms since the Unix epoch (default: now).
+    pub until: i64,
+    /// Row grouping (default: by user).
+    pub by: UsageGrouping,
+    /// Only this user's clusters (admins; a user may name only themselves).
+    pub user: Option<String>,
+    /// Answer as CSV.
+    pub csv: bool,
+}
+
+impl UsageQuery {
+    /// Parses `since`, `until`, `by`, `user` and `format` from decoded query pairs; `now_ms`
+    /// is the default `until`. Times are RFC 3339 (`2026-12-01T00:00:00Z`), a UTC date
+    /// (`2026-12-01`), or milliseconds since the Unix epoch.
+    pub fn parse(pairs: &[(String, String)], now_ms: i64) -> Result<UsageQuery, String> {
+        let mut q = UsageQuery {
+            since: 0,
+            until: now_ms,
+            by: UsageGrouping::User,
+            user: None,
+            csv: false,
+        };
+        for (key, value) in pairs {
+            match key.as_str() {
+                "since" => q.since = parse_instant(value).map_err(|e| format!("since: {e}"))?,
+                "until" => q.until = parse_instant(value).map_err(|e| format!("until: {e}"))?,
+                "by" => q.by = value.parse()?,
+                "user" if !value.is_empty() => q.user = Some(value.clone()),
+                "user" => {}
+                "format" => {
+                    q.csv = match value.as_str() {
+                        "csv" => true,
+                        "json" | "" => false,
+                        other => return Err(format!("format must be json or csv; got {other:?}")),
+                    }
+                }
+                other => return Err(format!("unknown parameter {other:?}")),
+            }
+        }
+        if q.since >= q.until {
+            return Err("since must be before until".into());
+        }
+        Ok(q)
+    }
+}
+
+/// A time as RFC 3339, a UTC date, or ms since the Unix epoch.
+fn parse_instant(s: &str) -> Result<i64, String> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return if ms >= 0 {
+            Ok(ms)
+        } else {
+            Err(format!("{s} is before 1970"))
+        };
+    }
+    if let Ok(ts) = s.parse::<jiff::Timestamp>() {
+        return Ok(ts.as_millisecond().max(0));
+    }
+    if let Ok(date) = s.parse::<jiff::civil::Date>() {
+        if let Ok(zoned) = date.to_zoned(jiff::tz::TimeZone::UTC) {
+            return Ok(zoned.timestamp().as_millisecond().max(0));
+        }
+    }
+    Err(format!(
+        "{s:?} is not an RFC 3339 time, a date (YYYY-MM-DD) or milliseconds since 1970"
+    ))
+}
+
+/// The usage report `user` may see: everyone's (or `query.user`'s) for an admin, their own
+/// otherwise. A non-admin naming another user is refused, as seeing that user's cluster
+/// would be.
+pub async fn report(
+    backend: &dyn ClusterBackend,
+    user: &User,
+    query: &UsageQuery,
+) -> Result<UsageReport, ClusterError> {
+    let owner = match (&query.user, user.admin) {
+        (Some(other), false) if *other != user.name => {
+            return Err(ClusterError::ForbiddenUsage {
+                user: user.name.clone(),
+                other: other.clone(),
+            })
+        }
+        (Some(named), _) => Some(named.as_str()),
+        (None, true) => None,
+        (None, false) => Some(user.name.as_str()),
+    };
+    let clusters = backend.usage(owner, query.since, query.until).await?;
+    Ok(UsageReport::build(
+        query.since,
+        query.until,
+        query.by,
+        &clusters,
+    ))
+}
+
+/// The usage lines of `/metrics`: core- and memory-seconds used since the oldest usage kept,
+/// as counters; per `user` and `group` label when `by_user` (one series per user: mind the
+/// cardinality), else one series each.
+pub fn metrics_text(clusters: &[ClusterUsage], by_user: bool, out: &mut String) {
+    let mut totals: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
+    for c in clusters {
+        let key = if by_user {
+            (c.owner.clone(), c.group.clone().unwrap_or_default())
+        } else {
+            Default::default()
+        };
+        let t = totals.entry(key).or_default();
+        t.0 += c.amount.core_seconds;
+        t.1 += c.amount.memory_byte_seconds;
+    }
+    if totals.is_empty() && !by_user {
+        totals.insert(Default::default(), (0.0, 0.0));
+    }
+    for (name, help, pick) in [
+        (
+            "usage_core_seconds_total",
+            "Cores requested by running schedulers and workers, times seconds.",
+            0,
+        ),
+        (
+            "usage_memory_byte_seconds_total",
+            "Memory bytes requested by running schedulers and workers, times seconds.",
+            1,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP dask_gateway_{name} {help}");
+        let _ = writeln!(out, "# TYPE dask_gateway_{name} counter");
+        for ((user, group), t) in &totals {
+            let value = if pick == 0 { t.0 } else { t.1 };
+            if by_user {
+                let _ = writeln!(
+                    out,
+                    "dask_gateway_{name}{{user=\"{}\",group=\"{}\"}} {value}",
+                    metrics::escape_label(user),
+                    metrics::escape_label(group)
+                );
+            } else {
+                let _ = writeln!(out, "dask_gateway_{name} {value}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_model::UsageAmount;
+
+    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn queries_take_dates_times_and_milliseconds() {
+        let q = UsageQuery::parse(
+            &pairs(&[
+                ("since", "2026-12-01"),
+                ("until", "2026-12-02T12:00:00Z"),
+                ("by", "group"),
+                ("format", "csv"),
+            ]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(q.since, 1_796_083_200_000);
+        assert_eq!(q.until, 1_796_083_200_000 + 36 * 3_600_000);
+        assert_eq!(q.by, UsageGrouping::Group);
+        assert!(q.csv);
+        let q = UsageQuery::parse(&pairs(&[("since", "1000")]), 5000).unwrap();
+        assert_eq!((q.since, q.until, q.by), (1000, 5000, UsageGrouping::User));
+    }
+
+    #[test]
+    fn bad_queries_say_what_is_wrong() {
+        for (q, needle) in [
+            (vec![("since", "yesterday")], "since:"),
+            (vec![("since", "-5")], "before 1970"),
+            (vec![("since", "10"), ("until", "10")], "before until"),
+            (vec![("by", "planet")], "by must be"),
+            (vec![("format", "xml")], "format must be"),
+            (vec![("limit", "3")], "unknown parameter"),
+        ] {
+            let err = UsageQuery::parse(&pairs(&q), 100).unwrap_err();
+            assert!(err.contains(needle), "{q:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn metrics_label_users_only_when_asked_and_escape_them() {
+        let usage = ClusterUsage {
+            cluster: "c".into(),
+            owner: "ev\"il\n".into(),
+            group: None,
+            created: 0,
+            amount: UsageAmount {
+                core_seconds: 2.5,
+                memory_byte_seconds: 10.0,
+            },
+            cores_now: 0.0,
+            memory_now: 0.0,
+        };
+        let mut out = String::new();
+        metrics_text(std::slice::from_ref(&usage), false, &mut out);
+        assert!(
+            out.contains("dask_gateway_usage_core_seconds_total 2.5\n"),
+            "{out}"
+        );
+        let mut out = String::new();
+        metrics_text(&[usage], true, &mut out);
+        assert!(
+            out.contains(
+                "dask_gateway_usage_core_seconds_total{user=\"ev\\\"il\\n\",group=\"\"} 2.5\n"
+            ),
+            "{out}"
+        );
+        let mut out = String::new();
+        metrics_text(&[], false, &mut out);
+        assert!(
+            out.contains("dask_gateway_usage_memory_byte_seconds_total 0\n"),
+            "{out}"
+        );
+    }
+}
