@@ -51,7 +51,10 @@ class Browser:
                 raise RuntimeError("Chromium did not start its DevTools endpoint")
             time.sleep(0.1)
         port, path = port_file.read_text().splitlines()[:2]
-        self.ws = connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=30)
+        # Unbounded queue: events pile up while a test waits on something else (a page that
+        # polls sends many), and a full queue would stop reading, keepalive pongs included.
+        self.ws = connect(f"ws://127.0.0.1:{port}{path}", max_size=None, max_queue=None,
+                          open_timeout=30)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.events = []
@@ -90,6 +93,10 @@ class Browser:
         params = event.get("params", {})
         if method == "Fetch.requestPaused":
             self._send_async("Fetch.continueRequest", requestId=params["requestId"])
+        elif method == "Page.javascriptDialogOpening":
+            # A confirm() or alert() is answered OK, as a user clicking through would.
+            self._send_async("Page.handleJavaScriptDialog", accept=True)
+            self.events.append(event)
         elif method == "Fetch.authRequired":
             user, password = self.credentials
             self._send_async("Fetch.continueWithAuth", requestId=params["requestId"],
@@ -145,6 +152,24 @@ class Browser:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what or expression}")
             self.pump(0.25)
+
+    def viewport(self, width, height, mobile=False):
+        """Sets the tab's viewport size (CSS pixels), as a laptop or a phone would have."""
+        self.send("Emulation.setDeviceMetricsOverride", session=self.session, width=width,
+                  height=height, deviceScaleFactor=1, mobile=mobile)
+
+    def screenshot(self, path, full_page=True):
+        """Writes a PNG of the page (the whole page by default) to `path`."""
+        import base64
+        params = {"format": "png", "captureBeyondViewport": full_page}
+        if full_page:
+            metrics = self.send("Page.getLayoutMetrics", session=self.session)
+            size = metrics.get("cssContentSize") or metrics["contentSize"]
+            params["clip"] = {"x": 0, "y": 0, "width": size["width"], "height": size["height"],
+                              "scale": 1}
+        data = self.send("Page.captureScreenshot", session=self.session, **params)["data"]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(base64.b64decode(data))
 
     def cookies(self, url):
         return self.send("Network.getCookies", session=self.session, urls=[url])["cookies"]

@@ -114,6 +114,7 @@ impl ClusterBackend for FakeBackend {
             last_client_ms: None,
             grant: None,
             pool: request.pool,
+            workers_running: None,
         };
         let (status_tx, _) = watch::channel(ClusterStatus::Pending);
         self.lock().insert(

@@ -131,6 +131,9 @@ pub struct ClusterView {
     /// Set while the cluster is an unclaimed warm-pool member: its pool's key. Such a cluster
     /// has no owner, shows in no listing and counts against no user.
     pub pool: Option<String>,
+    /// Workers that have joined the scheduler and run, as far as the backend knows (none:
+    /// it does not know).
+    pub workers_running: Option<u64>,
 }
 
 impl ClusterView {

@@ -396,6 +396,7 @@ impl KubeBackend {
                 .get(names::ANNOTATION_GRANTED_WORKERS)
                 .and_then(|v| names::parse_grant(v)),
             pool: dc.spec.pool.clone(),
+            workers_running: ready_workers_of(dc),
         }
     }
 
@@ -523,6 +524,11 @@ impl KubeBackend {
             Err(e) => Err(api_error(&format!("{verb} a DaskCluster"), e)),
         }
     }
+}
+
+/// The ready worker pods the controller last counted.
+fn ready_workers_of(dc: &DaskCluster) -> Option<u64> {
+    dc.status.as_ref().map(|s| s.ready_workers.max(0) as u64)
 }
 
 pub(crate) fn created_ms(dc: &DaskCluster) -> Option<i64> {

@@ -245,6 +245,12 @@ impl Cluster {
             last_client_ms: None,
             grant: self.grant,
             pool: r.pool.clone(),
+            workers_running: Some(
+                self.workers
+                    .values()
+                    .filter(|w| w.state == WorkerState::Running)
+                    .count() as u64,
+            ),
         }
     }
 }

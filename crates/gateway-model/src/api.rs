@@ -63,6 +63,15 @@ pub struct ClusterDetails {
     /// Seconds it may run without a client connected through the proxy (none: no limit).
     #[serde(default)]
     pub no_client_timeout: Option<f64>,
+    /// Workers that have joined and run (none: the backend does not know).
+    #[serde(default)]
+    pub workers_running: Option<u64>,
+    /// Cores the scheduler and the wanted workers request.
+    #[serde(default)]
+    pub cores: f64,
+    /// Memory (bytes) the scheduler and the wanted workers request.
+    #[serde(default)]
+    pub memory: u64,
 }
 
 /// One user option as `GET /api/v1/options` describes it (wire-protocol section 6).

@@ -44,6 +44,10 @@ pub struct AppState {
     pub controller: Option<gateway_kube::LiveContext>,
     /// Open `?follow` event streams per user (each reads the backend once a second).
     pub event_followers: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    /// API requests served since the gateway started (the page's request rate).
+    pub api_requests: Arc<std::sync::atomic::AtomicU64>,
+    /// When the gateway started.
+    pub started: std::time::Instant,
 }
 
 /// An error answered as `{"error": "..."}` with a JSON content type.
@@ -55,7 +59,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -102,7 +106,7 @@ impl From<ClusterError> for ApiError {
 
 /// A 401 with the authenticator's challenge (`Basic`, `Bearer` for JWT, `jupyterhub`), or a
 /// 502 when the identity provider could not be asked.
-fn refused(auth: &Authenticator, e: AuthError) -> ApiError {
+pub(crate) fn refused(auth: &Authenticator, e: AuthError) -> ApiError {
     match e {
         AuthError::Unavailable(m) => ApiError::new(StatusCode::BAD_GATEWAY, m),
         e => ApiError::unauthorized(&e.to_string(), auth.challenge()),
@@ -111,7 +115,11 @@ fn refused(auth: &Authenticator, e: AuthError) -> ApiError {
 
 /// Sends a browser that has no session to the hub's login, to come back to `return_to`
 /// (a path on this gateway) through `/api/oauth_callback`.
-fn hub_login_redirect(state: &AppState, return_to: &str, https: bool) -> Option<Response> {
+pub(crate) fn hub_login_redirect(
+    state: &AppState,
+    return_to: &str,
+    https: bool,
+) -> Option<Response> {
     let hub = state.auth.hub_login()?;
     let nonce = Authenticator::random_state();
     let url = hub.authorize_url(&nonce)?;
@@ -243,7 +251,7 @@ fn percent_decode(s: &str) -> String {
 
 /// Whether the client reached us over HTTPS: TLS on our port, or `X-Forwarded-Proto: https`
 /// from a proxy in front (which only ever makes the session cookie `Secure`).
-fn is_https(req_headers: &HeaderMap, meta: Option<&ConnMeta>) -> bool {
+pub(crate) fn is_https(req_headers: &HeaderMap, meta: Option<&ConnMeta>) -> bool {
     meta.is_some_and(|m| m.tls)
         || req_headers
             .get("x-forwarded-proto")
@@ -253,14 +261,19 @@ fn is_https(req_headers: &HeaderMap, meta: Option<&ConnMeta>) -> bool {
 }
 
 /// Adds Kerberos' mutual-authentication reply to the response of a request it authenticated.
-fn set_negotiate_reply(resp: &mut Response, reply: Option<HeaderValue>) {
+pub(crate) fn set_negotiate_reply(resp: &mut Response, reply: Option<HeaderValue>) {
     if let Some(v) = reply {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
 }
 
 /// Adds the session cookie for a fresh login to a successful response.
-fn set_session_cookie(state: &AppState, resp: &mut Response, session: Option<String>, https: bool) {
+pub(crate) fn set_session_cookie(
+    state: &AppState,
+    resp: &mut Response,
+    session: Option<String>,
+    https: bool,
+) {
     if let Some(token) = session {
         if resp.status().as_u16() < 400 {
             if let Some(cookie) = state.auth.session_cookie(&token, https) {
@@ -356,6 +369,14 @@ async fn guard_writes(req: Request, next: Next) -> Response {
         )
         .into_response();
     }
+    next.run(req).await
+}
+
+/// Counts API requests (the page's request rate).
+async fn count_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    state
+        .api_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     next.run(req).await
 }
 
@@ -870,6 +891,8 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
         .route("/api/v1/clusters/{name}/scale", post(scale_cluster))
         .route("/api/v1/clusters/{name}/adapt", post(adapt_cluster))
         .route("/api/v1/usage", get(usage))
+        .route("/api/v1/me", get(crate::web::me))
+        .route("/api/v1/overview", get(crate::web::overview))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_user));
     let mut api_routes = user_routes
         .route("/api/health", get(health))
@@ -885,7 +908,12 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
         )
         .route("/api/v1/clusters/{name}/heartbeat", post(heartbeat))
         .route_layer(middleware::from_fn_with_state(state.clone(), bounded))
-        .route_layer(middleware::from_fn(guard_writes));
+        .route_layer(middleware::from_fn(guard_writes))
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_request));
+    // The web page (it signs the browser in itself) and its script and style.
+    let api_routes = api_routes
+        .route("/", get(crate::web::page))
+        .route("/ui/{file}", get(crate::web::asset));
     // Dashboards stream (WebSockets, long polls): no request bound.
     let dashboard_routes = Router::new()
         .route("/clusters/{name}", any(dashboard_root))
@@ -894,11 +922,18 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
     let app = api_routes
         .merge(dashboard_routes)
         .fallback(not_found)
-        .with_state(state);
+        .with_state(state.clone());
     if prefix.is_empty() {
         app
     } else {
-        Router::new().nest(prefix, app).fallback(not_found)
+        // A nested router serves `{prefix}` for its `/`; the page lives at `{prefix}/`.
+        Router::new()
+            .nest(prefix, app)
+            .route(
+                &format!("{prefix}/"),
+                get(crate::web::page).with_state(state),
+            )
+            .fallback(not_found)
     }
 }
 

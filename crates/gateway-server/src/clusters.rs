@@ -1097,5 +1097,11 @@ fn details_of(v: &ClusterView) -> gateway_model::ClusterDetails {
         workers: v.target_workers,
         expires_at: (s.max_lifetime > 0.0).then(|| v.start_time + (s.max_lifetime * 1000.0) as i64),
         no_client_timeout: (s.no_client_timeout > 0.0).then_some(s.no_client_timeout),
+        workers_running: v.workers_running,
+        cores: s.resources.scheduler_cores + v.target_workers as f64 * s.resources.worker_cores,
+        memory: s
+            .resources
+            .scheduler_memory
+            .saturating_add(v.target_workers.saturating_mul(s.resources.worker_memory)),
     }
 }

@@ -15,6 +15,7 @@ pub mod kerberos;
 pub mod option_target;
 pub mod settings;
 pub mod usage;
+pub mod web;
 
 use crate::api::AppState;
 use crate::auth::Authenticator;
@@ -542,6 +543,8 @@ pub async fn run(
         request_timeout: Duration::from_secs_f64(config.request_timeout),
         controller: controller_live,
         event_followers: Arc::default(),
+        api_requests: Arc::default(),
+        started: std::time::Instant::now(),
     };
     let app = api::router(state.clone(), &config.prefix(), metrics_listener.is_none());
 
