@@ -172,6 +172,20 @@ def test_dashboards_log_in_through_the_hub(env):
         cluster.shutdown()
 
 
+def test_the_web_page_logs_in_through_the_hub(env):
+    server, hub = env
+    r = server.http("GET", "/")
+    assert r.status == 302 and r.headers["location"].startswith(hub.url), r
+    cookies, location = browser_login(server, hub, "alice", "/")
+    assert location == server.prefix + "/"
+    session = "; ".join(f"{k}={v}" for k, v in cookies.items() if v)
+    page = server.http("GET", "/", headers={"Cookie": session})
+    assert page.status == 200 and b"ui/app.js" in page.body
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    me = server.http("GET", "/api/v1/me", headers={"Cookie": session})
+    assert me.status == 200 and me.json()["name"] == "alice"
+
+
 def test_a_dead_hub_is_a_clear_502_and_known_sessions_keep_working(env):
     server, hub = env
     token = hub.token("bob")

@@ -133,3 +133,15 @@ def test_dashboards_take_spnego(env, monkeypatch):
         assert r.status == 404, r
     finally:
         cluster.shutdown()
+
+
+def test_the_web_page_takes_spnego(env, monkeypatch):
+    server, kdc = env
+    login_as(monkeypatch, kdc, "alice")
+    r = server.http("GET", "/")
+    assert r.status == 401 and r.headers["WWW-Authenticate"] == "Negotiate", r
+    page = server.http("GET", "/", headers={"Authorization": negotiate_header()})
+    assert page.status == 200 and b"ui/app.js" in page.body, page
+    cookie = page.headers["set-cookie"].split(";")[0]
+    me = server.http("GET", "/api/v1/me", headers={"Cookie": cookie})
+    assert me.status == 200 and me.json()["name"] == "alice"

@@ -120,6 +120,14 @@ def test_a_user_runs_a_cluster_from_the_page_and_others_never_see_it(server):
         assert href == f"{server.url}/clusters/{name}/status"
         assert browser.eval(f"fetch({json.dumps(href)}).then(r => r.status)") == 200
         no_injection(browser)
+        # Every control has a name a screen reader says, and nothing is reached only by mouse.
+        unnamed = browser.eval(
+            "[...document.querySelectorAll('input, select, textarea, button')].filter(e =>"
+            " !(e.labels && e.labels.length) && !e.getAttribute('aria-label')"
+            " && !e.textContent.trim()).map(e => e.outerHTML)")
+        assert unnamed == [], unnamed
+        assert browser.eval("[...document.querySelectorAll('[tabindex]')]"
+                            ".every(e => Number(e.getAttribute('tabindex')) >= 0)")
         browser.screenshot(DOCS / "web-user.png")
 
         # Another user: not on their page, and its events are refused to them.
