@@ -698,6 +698,13 @@ fn only_counts_differ(a: &DaskClusterStatus, b: &DaskClusterStatus) -> bool {
     strip(a) == strip(b)
 }
 
+/// Whether writing `next` over `old` may wait for a later pass: only a running cluster's
+/// changes of counts, conditions and usage, when its status was written a moment ago. A
+/// stopping cluster's passes pace its teardown, and a deferral would hold them back.
+fn may_defer(old: &DaskClusterStatus, next: &DaskClusterStatus, written_recently: bool) -> bool {
+    next.phase == Phase::Running && only_counts_differ(old, next) && written_recently
+}
+
 /// What became of a status write.
 #[derive(Debug, PartialEq, Eq)]
 enum StatusWrite {
@@ -718,13 +725,7 @@ async fn write_status(
     let (ns, id) = build::identity(dc)?;
     match dc.status.as_ref() {
         Some(old) if old == next => return Ok(StatusWrite::Unchanged),
-        // Only a running cluster's counts wait: a stopping one's passes pace its teardown, and a
-        // deferral would hold its next pass back by COUNTS_WRITE_EVERY.
-        Some(old)
-            if next.phase == Phase::Running
-                && only_counts_differ(old, next)
-                && ctx.counts_write_deferred(&id) =>
-        {
+        Some(old) if may_defer(old, next, ctx.counts_write_deferred(&id)) => {
             return Ok(StatusWrite::Deferred)
         }
         _ => {}

@@ -968,3 +968,48 @@ async fn running_pods_are_metered_from_their_start_and_only_changes_are_written(
     assert_eq!((closed.meter.cores, closed.meter.memory), (0.0, 0.0));
     assert!(closed.within(i64::MAX, 0, i64::MAX).core_seconds >= got);
 }
+
+#[test]
+fn only_a_running_clusters_count_changes_wait() {
+    let running = DaskClusterStatus {
+        phase: Phase::Running,
+        replicas: 2,
+        ready_workers: 1,
+        ..Default::default()
+    };
+    let counted = DaskClusterStatus {
+        ready_workers: 2,
+        usage: Some(Default::default()),
+        ..running.clone()
+    };
+    assert!(may_defer(&running, &counted, true));
+    assert!(
+        !may_defer(&running, &counted, false),
+        "not written a moment ago"
+    );
+    let stopping = DaskClusterStatus {
+        phase: Phase::Stopping,
+        ..running.clone()
+    };
+    let stopping_counted = DaskClusterStatus {
+        ready_workers: 0,
+        ..stopping.clone()
+    };
+    assert!(
+        !may_defer(&stopping, &stopping_counted, true),
+        "a teardown is never held back"
+    );
+    let failed = DaskClusterStatus {
+        phase: Phase::Stopping,
+        ..counted.clone()
+    };
+    assert!(
+        !may_defer(&running, &failed, true),
+        "a phase change is written at once"
+    );
+    let reason = DaskClusterStatus {
+        reason: Some("why".into()),
+        ..counted
+    };
+    assert!(!may_defer(&running, &reason, true));
+}
