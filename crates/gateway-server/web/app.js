@@ -46,7 +46,8 @@ async function api(method, path, body) {
   let data = null;
   try { data = await r.json(); } catch (_) { /* no body */ }
   if (!r.ok) {
-    const message = (data && data.error) || `${r.status} ${r.statusText}`;
+    let message = (data && data.error) || `${r.status} ${r.statusText}`;
+    if (r.status === 401) message += ' (your session has ended: reload the page to sign in again)';
     const err = new Error(message);
     err.status = r.status;
     throw err;
