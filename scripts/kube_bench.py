@@ -146,7 +146,7 @@ def bench_scale(kube, ns, gw, n, real_workers):
     g = StockGateway(gw.url, auth=BasicAuth("bench-scale", ""))
     c = g.new_cluster()
     oid = c.name.rsplit(".", 1)[-1]
-    selector = f"gateway.dask.org/cluster={oid},app.kubernetes.io/component=dask-worker"
+    selector = f"dask-gateway-rs.io/cluster={oid},app.kubernetes.io/component=dask-worker"
     writes0 = gw.metric("dask_gateway_controller_api_writes_total")
     created0 = gw.metric("dask_gateway_controller_pods_created_total")
     t0 = time.perf_counter()
@@ -257,7 +257,7 @@ def bench_churn(kube, binary, workdir, lifecycles, users):
                 oid = name.rsplit(".", 1)[-1]
                 deadline = time.time() + 60
                 while time.time() < deadline and not kube.pods(
-                        ns, f"gateway.dask.org/cluster={oid},app.kubernetes.io/component=dask-scheduler"):
+                        ns, f"dask-gateway-rs.io/cluster={oid},app.kubernetes.io/component=dask-scheduler"):
                     time.sleep(0.2)
                 call("DELETE", f"/api/v1/clusters/{name}", user)
             except Exception as e:  # noqa: BLE001

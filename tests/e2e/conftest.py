@@ -263,7 +263,7 @@ class KubeEnv:
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                      input=yaml.safe_dump(manifests.crd()))
         self.kubectl("wait", "--for", "condition=Established", "--timeout=60s",
-                     "crd/daskclusters.gateway.dask.org")
+                     "crd/daskclusters.dask-gateway-rs.io")
         self.namespaces = []
 
     def kubectl(self, *args, input=None, check=True, timeout=120):
@@ -567,7 +567,7 @@ class GatewayServer:
         """Objects of `kind` in this server's namespace (of one cluster if given)."""
         args = [kind, "-n", self.namespace]
         if cluster_name:
-            args += ["-l", f"gateway.dask.org/cluster={cluster_name.rsplit('.', 1)[-1]}"]
+            args += ["-l", f"dask-gateway-rs.io/cluster={cluster_name.rsplit('.', 1)[-1]}"]
         return KubeEnv.get().get_json(*args)["items"]
 
     # -- cleanup ---------------------------------------------------------------------------

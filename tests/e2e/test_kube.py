@@ -91,8 +91,8 @@ def test_a_cluster_is_a_daskcluster_with_owned_children_all_removed_on_shutdown(
 
     dc = daskcluster(server, name)
     assert dc["spec"]["user"] == USER
-    assert dc["metadata"]["annotations"]["gateway.dask.org/user"] == USER
-    label = dc["metadata"]["labels"]["gateway.dask.org/user"]
+    assert dc["metadata"]["annotations"]["dask-gateway-rs.io/user"] == USER
+    label = dc["metadata"]["labels"]["dask-gateway-rs.io/user"]
     assert label != USER and re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?", label)
     assert dc["spec"]["replicas"] == 2
     st = dc["status"]
@@ -116,7 +116,7 @@ def test_a_cluster_is_a_daskcluster_with_owned_children_all_removed_on_shutdown(
             owners = o["metadata"]["ownerReferences"]
             assert [(r["kind"], r["uid"], r.get("controller")) for r in owners] == [
                 ("DaskCluster", uid, True)], (kind, o["metadata"]["name"])
-            assert o["metadata"]["labels"]["gateway.dask.org/instance"] == "e2e"
+            assert o["metadata"]["labels"]["dask-gateway-rs.io/instance"] == "e2e"
     w = workers[0]
     assert w["metadata"]["labels"]["pool"] == "workers"
     assert w["metadata"]["annotations"]["example.org/owner-team"] == "data"
@@ -291,7 +291,7 @@ def test_invalid_daskclusters_are_refused_by_the_schema(server, change, message)
             spec[k] = {**spec[k], **v}
         else:
             spec[k] = v
-    doc = {"apiVersion": "gateway.dask.org/v1alpha1", "kind": "DaskCluster",
+    doc = {"apiVersion": "dask-gateway-rs.io/v1alpha1", "kind": "DaskCluster",
            "metadata": {"name": "invalid-" + os.urandom(4).hex(), "namespace": server.namespace},
            "spec": spec}
     import json
@@ -502,7 +502,7 @@ def test_finished_clusters_leave_the_caches_and_are_read_on_demand(server):
 
     def labelled():
         obj = KubeEnv.get().get_json("daskcluster", "-n", server.namespace, oid)
-        return obj["metadata"].get("labels", {}).get("gateway.dask.org/finished") == "true"
+        return obj["metadata"].get("labels", {}).get("dask-gateway-rs.io/finished") == "true"
 
     wait_for(labelled, 90, what="the finished label")
 
@@ -513,7 +513,7 @@ def test_finished_clusters_leave_the_caches_and_are_read_on_demand(server):
     # The cache holds exactly the DaskClusters that are not labelled finished.
     def unlabelled():
         items = KubeEnv.get().get_json("daskclusters", "-n", server.namespace)["items"]
-        return sum("gateway.dask.org/finished" not in i["metadata"].get("labels", {})
+        return sum("dask-gateway-rs.io/finished" not in i["metadata"].get("labels", {})
                    for i in items)
 
     # (ours is labelled, so it is not there)

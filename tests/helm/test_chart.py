@@ -9,6 +9,7 @@ Dask pods; used with the stock client, `helm test`, `helm upgrade` (config and C
 Run by tests/helm/run (tests/run calls it inside tests/kube-env/ci).
 """
 
+import base64
 import copy
 import gc
 import json
@@ -16,6 +17,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -34,9 +36,9 @@ CTR = os.environ["KUBE_ENV_CTR"]
 CONTAINERD_SOCK = os.environ["KUBE_ENV_CONTAINERD_SOCK"]
 
 EXPECTED_RULES = {
-    ("gateway.dask.org", "daskclusters"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("gateway.dask.org", "daskclusters/status"): {"get", "update", "patch"},
-    ("gateway.dask.org", "daskclusters/finalizers"): {"update"},
+    ("dask-gateway-rs.io", "daskclusters"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("dask-gateway-rs.io", "daskclusters/status"): {"get", "update", "patch"},
+    ("dask-gateway-rs.io", "daskclusters/finalizers"): {"update"},
     ("", "pods"): {"get", "list", "watch", "create", "delete"},
     ("", "pods/log"): {"get"},
     ("", "services"): {"get", "list", "watch", "create", "delete"},
@@ -267,7 +269,7 @@ def fresh_crd():
     """The chart installs the CRD itself, as on a new Kubernetes cluster: one applied by the
     end-to-end harness (kubectl) or kept by an earlier release is removed first (with whatever
     test clusters were left)."""
-    kubectl("delete", "crd", "daskclusters.gateway.dask.org", "--ignore-not-found",
+    kubectl("delete", "crd", "daskclusters.dask-gateway-rs.io", "--ignore-not-found",
             "--wait=true", timeout=180)
 
 
@@ -280,15 +282,55 @@ def test_a_gateway_without_the_crd_says_how_to_install_it(namespace, tmp_path):
     r = run(os.environ["GATEWAY_SERVER_BIN"], "--config", str(config), check=False, timeout=60)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
-    assert "the DaskCluster CRD (daskclusters.gateway.dask.org) is not installed" in lines[-1]
+    assert "the DaskCluster CRD (daskclusters.dask-gateway-rs.io) is not installed" in lines[-1]
     assert "crds.install" in lines[-1] and "kubectl apply" in lines[-1], lines[-1]
     # ... and wrote nothing (no session-key Secret, no Lease).
     left = json.loads(kubectl("get", "secrets,leases", "-n", namespace, "-o", "json").stdout)
     assert left["items"] == [], [o["metadata"]["name"] for o in left["items"]]
 
 
+# The reference dask-gateway's CRD as its chart installs it (same group, kind and version; a
+# schema that keeps unknown fields), and one of its cluster objects: a Kubernetes cluster being
+# migrated from the reference has both while our chart goes in beside it.
+REFERENCE_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "daskclusters.gateway.dask.org"},
+    "spec": {
+        "group": "gateway.dask.org", "scope": "Namespaced",
+        "names": {"kind": "DaskCluster", "listKind": "DaskClusterList", "plural": "daskclusters",
+                  "singular": "daskcluster"},
+        "versions": [{"name": "v1alpha1", "served": True, "storage": True,
+                      "subresources": {"status": {}},
+                      "schema": {"openAPIV3Schema": {
+                          "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+    },
+}
+
+
+def reference_state(namespace):
+    crd = json.loads(kubectl("get", "crd", "daskclusters.gateway.dask.org", "-o", "json").stdout)
+    obj = json.loads(kubectl("get", "daskclusters.gateway.dask.org", "-n", namespace,
+                             "their-cluster", "-o", "json").stdout)
+    return (crd["metadata"]["uid"], crd["metadata"]["resourceVersion"], crd["spec"],
+            obj["metadata"]["uid"], obj["metadata"]["resourceVersion"], obj["spec"])
+
+
 @pytest.fixture(scope="module")
-def release(namespace):
+def reference(namespace):
+    kubectl("apply", "-f", "-", input=json.dumps(REFERENCE_CRD))
+    kubectl("wait", "--for=condition=Established", "crd/daskclusters.gateway.dask.org",
+            "--timeout=60s")
+    theirs = {"apiVersion": "gateway.dask.org/v1alpha1", "kind": "DaskCluster",
+              "metadata": {"name": "their-cluster", "namespace": namespace},
+              "spec": {"scheduler": {"template": {}}, "worker": {"replicas": 2}}}
+    kubectl("apply", "-f", "-", input=json.dumps(theirs))
+    yield reference_state(namespace)
+    kubectl("delete", "crd", "daskclusters.gateway.dask.org", "--ignore-not-found",
+            "--wait=true", timeout=180)
+
+
+@pytest.fixture(scope="module")
+def release(namespace, reference):
     name = "dgrs"
     fresh_crd()
     helm("install", name, str(CHART), "-n", namespace, *SMALL,
@@ -296,6 +338,24 @@ def release(namespace):
     yield name
     # (uninstalled by test_uninstall_leaves_only_the_crd; this is the safety net)
     helm("uninstall", name, "-n", namespace, "--wait", check=False)
+
+
+def test_the_chart_installs_beside_the_reference_and_leaves_its_objects_alone(
+        namespace, release, reference):
+    # Our CRD is a group of its own; the reference's CRD and cluster object are as they were.
+    ours = json.loads(kubectl("get", "crd", "daskclusters.dask-gateway-rs.io", "-o",
+                              "json").stdout)
+    assert ours["spec"]["group"] == "dask-gateway-rs.io"
+    assert reference_state(namespace) == reference
+    # Our gateway lists only its own clusters.
+    url = gateway_url(namespace, release)
+    wait_for("the gateway to answer", lambda: routed(url))
+    req = urllib.request.Request(url + "/api/v1/clusters/?status=pending,running,stopping,"
+                                 "stopped,failed",
+                                 headers={"Authorization": "Basic " + base64.b64encode(
+                                     b"ada:helm-pw").decode()})
+    listed = json.loads(urllib.request.urlopen(req, timeout=30).read())
+    assert not any("their-cluster" in name for name in listed), listed
 
 
 def container_processes(pod):
@@ -477,11 +537,11 @@ def test_upgrade_updates_the_crd(namespace, release, tmp_path):
     args = [*SMALL, "--set", "auth.simple.password=helm-pw", "--set", "clusters.limits.maxWorkers=1",
             "--wait", "--timeout", "180s"]
     helm("upgrade", release, str(chart), "-n", namespace, *args)
-    live = json.loads(kubectl("get", "crd", "daskclusters.gateway.dask.org", "-o", "json").stdout)
+    live = json.loads(kubectl("get", "crd", "daskclusters.dask-gateway-rs.io", "-o", "json").stdout)
     names = [c["name"] for c in live["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert "Upgraded" in names
     helm("upgrade", release, str(CHART), "-n", namespace, *args)
-    live = json.loads(kubectl("get", "crd", "daskclusters.gateway.dask.org", "-o", "json").stdout)
+    live = json.loads(kubectl("get", "crd", "daskclusters.dask-gateway-rs.io", "-o", "json").stdout)
     assert "Upgraded" not in [c["name"] for c in live["spec"]["versions"][0]["additionalPrinterColumns"]]
 
 
@@ -512,7 +572,8 @@ def test_uninstall_leaves_only_the_crd_and_finished_cluster_records(namespace, r
         "-o", "json").stdout)["items"], timeout=90)
     def ours():
         left = json.loads(kubectl("get", "all,configmaps,secrets,serviceaccounts,roles,"
-                                  "rolebindings,leases,poddisruptionbudgets,daskclusters",
+                                  "rolebindings,leases,poddisruptionbudgets,"
+                                  "daskclusters.dask-gateway-rs.io",
                                   "-n", namespace, "-o", "json").stdout)["items"]
         return [o for o in left if o["metadata"]["name"] not in ("kube-root-ca.crt", "default")]
 
@@ -527,4 +588,4 @@ def test_uninstall_leaves_only_the_crd_and_finished_cluster_records(namespace, r
     rest = [f"{o['kind']}/{o['metadata']['name']}" for o in ours if o["kind"] != "DaskCluster"]
     assert rest == [], rest
     # The CRD stays (resource-policy: keep), so clusters survive a reinstall.
-    kubectl("get", "crd", "daskclusters.gateway.dask.org")
+    kubectl("get", "crd", "daskclusters.dask-gateway-rs.io")

@@ -12,7 +12,7 @@ pub struct KubeConfig {
     /// Namespace of the DaskCluster objects and their pods (default: the namespace of the
     /// in-cluster service account, else of the kubeconfig context, else `default`).
     pub namespace: Option<String>,
-    /// Installation id: the `gateway.dask.org/instance` label on everything this gateway makes;
+    /// Installation id: the `dask-gateway-rs.io/instance` label on everything this gateway makes;
     /// every watch selects on it, so several installations can share a namespace.
     pub instance: String,
     /// Image of scheduler and worker pods (Python with dask, distributed and dask-gateway).

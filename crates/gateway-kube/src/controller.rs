@@ -1277,7 +1277,7 @@ fn finished_for(dc: &DaskCluster) -> Duration {
 /// How long a finished cluster stays in the controller's cache before it is labelled out.
 pub const FINISHED_SETTLE: Duration = Duration::from_secs(30);
 
-/// Labels a finished DaskCluster `gateway.dask.org/finished=true`.
+/// Labels a finished DaskCluster `dask-gateway-rs.io/finished=true`.
 async fn mark_finished(ctx: &Context, ns: &str, id: &str) -> Result<(), Error> {
     ctx.limiter.acquire().await;
     let api: Api<DaskCluster> = Api::namespaced(ctx.client.clone(), ns);

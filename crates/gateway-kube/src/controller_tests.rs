@@ -228,7 +228,7 @@ fn written_status(call: &Call) -> DaskClusterStatus {
     assert_eq!(call.method, Method::PUT, "{}", call.path);
     assert_eq!(
         call.path,
-        format!("/apis/gateway.dask.org/v1alpha1/namespaces/dask/daskclusters/{ID}/status")
+        format!("/apis/dask-gateway-rs.io/v1alpha1/namespaces/dask/daskclusters/{ID}/status")
     );
     serde_json::from_value(call.body["status"].clone()).unwrap()
 }
@@ -794,7 +794,7 @@ async fn finished_clusters_are_deleted_after_the_retention() {
     assert_eq!(c.method, Method::DELETE);
     assert_eq!(
         c.path,
-        format!("/apis/gateway.dask.org/v1alpha1/namespaces/dask/daskclusters/{ID}")
+        format!("/apis/dask-gateway-rs.io/v1alpha1/namespaces/dask/daskclusters/{ID}")
     );
     c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
     assert_eq!(pass.await.unwrap().unwrap(), Action::await_change());
@@ -854,7 +854,7 @@ async fn a_settled_finished_cluster_is_labelled_out_of_the_caches() {
     assert_eq!(c.method, Method::PATCH);
     assert_eq!(
         c.path,
-        format!("/apis/gateway.dask.org/v1alpha1/namespaces/dask/daskclusters/{ID}")
+        format!("/apis/dask-gateway-rs.io/v1alpha1/namespaces/dask/daskclusters/{ID}")
     );
     assert_eq!(c.body["metadata"]["labels"][names::LABEL_FINISHED], "true");
     c.ok(serde_json::to_value(finished_ago(60)).unwrap());
@@ -873,8 +873,8 @@ async fn the_sweep_deletes_labelled_clusters_past_the_retention_only() {
     let c = api.next().await;
     assert_eq!(c.method, Method::GET);
     assert!(
-        c.query.contains("gateway.dask.org%2Ffinished%3Dtrue")
-            && c.query.contains("gateway.dask.org%2Finstance%3Dgw"),
+        c.query.contains("dask-gateway-rs.io%2Ffinished%3Dtrue")
+            && c.query.contains("dask-gateway-rs.io%2Finstance%3Dgw"),
         "{}",
         c.query
     );
@@ -883,7 +883,7 @@ async fn the_sweep_deletes_labelled_clusters_past_the_retention_only() {
     let mut recent = finished_ago(60);
     recent.metadata.name = Some("recent".into());
     c.ok(
-        json!({"apiVersion": "gateway.dask.org/v1alpha1", "kind": "DaskClusterList",
+        json!({"apiVersion": "dask-gateway-rs.io/v1alpha1", "kind": "DaskClusterList",
                 "metadata": {}, "items": [old, recent]}),
     );
     let c = api.next().await;

@@ -1,4 +1,4 @@
-//! The `DaskCluster` custom resource (`gateway.dask.org/v1alpha1`).
+//! The `DaskCluster` custom resource (`dask-gateway-rs.io/v1alpha1`).
 //!
 //! The gateway writes the spec (what the user asked for, fully resolved at creation, so the
 //! controller needs no gateway configuration), and later only `replicas`/`retiredWorkers` (from
@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// API group of the custom resource.
-pub const GROUP: &str = "gateway.dask.org";
+pub const GROUP: &str = "dask-gateway-rs.io";
 /// API version of the custom resource.
 pub const VERSION: &str = "v1alpha1";
 
@@ -52,7 +52,7 @@ fn free_object_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
-    group = "gateway.dask.org",
+    group = "dask-gateway-rs.io",
     version = "v1alpha1",
     kind = "DaskCluster",
     plural = "daskclusters",
@@ -542,7 +542,7 @@ mod tests {
         let y = crd_yaml();
         let crd: Value = serde_yaml::from_str(&y).unwrap();
         let v = &crd["spec"]["versions"][0];
-        assert_eq!(crd["spec"]["group"], "gateway.dask.org");
+        assert_eq!(crd["spec"]["group"], "dask-gateway-rs.io");
         assert_eq!(v["name"], "v1alpha1");
         assert!(v["subresources"]["status"].is_object());
         assert_eq!(

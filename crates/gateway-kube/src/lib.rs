@@ -1,6 +1,6 @@
 //! The Kubernetes backend: every user's Dask cluster as pods.
 //!
-//! * [`crd`]: the `DaskCluster` custom resource (`gateway.dask.org/v1alpha1`), with a structural
+//! * [`crd`]: the `DaskCluster` custom resource (`dask-gateway-rs.io/v1alpha1`), with a structural
 //!   schema generated from its Rust types (`crdgen` writes it to `manifests/`).
 //! * [`backend`]: [`KubeBackend`], the gateway side. No state of its own: it creates
 //!   DaskClusters, reads them (and their credentials) from watch caches, and patches the spec on

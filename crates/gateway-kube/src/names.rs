@@ -8,27 +8,27 @@ use gateway_backend::WorkerGrant;
 use std::collections::BTreeMap;
 
 /// Label: which gateway installation owns the object (watches select on it).
-pub const LABEL_INSTANCE: &str = "gateway.dask.org/instance";
+pub const LABEL_INSTANCE: &str = "dask-gateway-rs.io/instance";
 /// Label: the DaskCluster's object name (the id).
-pub const LABEL_CLUSTER: &str = "gateway.dask.org/cluster";
+pub const LABEL_CLUSTER: &str = "dask-gateway-rs.io/cluster";
 /// Label: the owner, made label-safe (see [`user_label`]).
-pub const LABEL_USER: &str = "gateway.dask.org/user";
+pub const LABEL_USER: &str = "dask-gateway-rs.io/user";
 /// Annotation: the owner's exact user name.
-pub const ANNOTATION_USER: &str = "gateway.dask.org/user";
+pub const ANNOTATION_USER: &str = "dask-gateway-rs.io/user";
 /// Annotation on a DaskCluster: creation time in milliseconds since the epoch (the API's
 /// `start_time`; `creationTimestamp` has only seconds).
-pub const ANNOTATION_CREATED_MS: &str = "gateway.dask.org/created-ms";
+pub const ANNOTATION_CREATED_MS: &str = "dask-gateway-rs.io/created-ms";
 /// When a gateway replica last had a client of the cluster connected, ms since the epoch
 /// (shared by the replicas' no-client timeouts).
-pub const ANNOTATION_LAST_CLIENT_MS: &str = "gateway.dask.org/last-client-ms";
+pub const ANNOTATION_LAST_CLIENT_MS: &str = "dask-gateway-rs.io/last-client-ms";
 /// Workers a gateway replica granted the cluster under the user's quota lock, as
 /// `<workers>/<held until, ms since the epoch>` ([`format_grant`]).
-pub const ANNOTATION_GRANTED_WORKERS: &str = "gateway.dask.org/granted-workers";
+pub const ANNOTATION_GRANTED_WORKERS: &str = "dask-gateway-rs.io/granted-workers";
 /// Label the controller puts on a finished DaskCluster once nothing of it runs: the watches
 /// of controller and gateways exclude such clusters, which are read on demand.
-pub const LABEL_FINISHED: &str = "gateway.dask.org/finished";
+pub const LABEL_FINISHED: &str = "dask-gateway-rs.io/finished";
 /// Label on an unclaimed warm-pool DaskCluster: its pool's key.
-pub const LABEL_POOL: &str = "gateway.dask.org/pool";
+pub const LABEL_POOL: &str = "dask-gateway-rs.io/pool";
 /// `spec.user` of an unclaimed warm-pool DaskCluster (the API shows no owner for it).
 pub const POOL_USER: &str = gateway_backend::POOL_OWNER;
 /// Standard label: the role of the object.
