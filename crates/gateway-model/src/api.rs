@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 /// The cluster model as the stock client parses it. Exactly these eight keys: the client
 /// crashes on any extra key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ClusterModel {
     /// Cluster name (unique id).
     pub name: String,
@@ -30,6 +31,7 @@ pub struct ClusterModel {
 /// to its owner and admins: whose it is, under which group policy, why it stopped. A gateway
 /// extension; the stock client never asks for it (its cluster model admits no extra keys).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ClusterDetails {
     /// Cluster name.
     pub name: String,
@@ -76,6 +78,7 @@ pub struct ClusterDetails {
 
 /// One user option as `GET /api/v1/options` describes it (wire-protocol section 6).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OptionSpec {
     /// The option's key in `cluster_options`.
     pub field: String,
@@ -89,6 +92,7 @@ pub struct OptionSpec {
 
 /// `GET /api/v1/options` answer: the options in display order.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OptionsResponse {
     /// The exposed options.
     pub cluster_options: Vec<OptionSpec>,
@@ -96,6 +100,7 @@ pub struct OptionsResponse {
 
 /// `POST /api/v1/clusters/` body. A missing or null `cluster_options` means `{}`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreateClusterRequest {
     /// The user's option values (validated by the server).
     #[serde(default)]
@@ -104,6 +109,7 @@ pub struct CreateClusterRequest {
 
 /// `POST /api/v1/clusters/` answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreateClusterResponse {
     /// The new cluster's name.
     pub name: String,
@@ -111,6 +117,7 @@ pub struct CreateClusterResponse {
 
 /// `POST .../scale` body. `count` is kept as raw JSON so a bad value gets a clear 422.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ScaleRequest {
     /// Wanted number of workers.
     #[serde(default)]
@@ -119,6 +126,7 @@ pub struct ScaleRequest {
 
 /// `POST .../adapt` body; the client always sends all three keys.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AdaptRequest {
     /// Lower bound (null = none).
     #[serde(default)]
@@ -137,6 +145,7 @@ fn default_true() -> bool {
 
 /// Answer of scale and adapt: `ok` false with a `msg` when the request was clipped.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ScaleResponse {
     /// True when nothing was changed from the request.
     pub ok: bool,
@@ -146,6 +155,7 @@ pub struct ScaleResponse {
 
 /// Heartbeat sent by the scheduler preload (wire-protocol 9.4).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Heartbeat {
     /// `tls://host:port` of the scheduler.
     #[serde(default)]
@@ -192,6 +202,7 @@ pub enum SchedulerMessage {
 
 /// Error body of every API error: `{"error": "..."}`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ErrorBody {
     /// Human readable message.
     pub error: String,
@@ -304,6 +315,7 @@ mod tests {
 /// Whether an event reports normal progress or something that went wrong (as Kubernetes
 /// classifies its Events).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum EventType {
     /// Progress: created, started, scaled, stopped.
     Normal,
@@ -314,6 +326,7 @@ pub enum EventType {
 /// One thing that happened to a cluster, as `GET /api/v1/clusters/{name}/events` lists it
 /// (oldest first). A gateway extension.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ClusterEvent {
     /// When, ms since the Unix epoch.
     pub time: i64,
@@ -352,6 +365,7 @@ impl ClusterEvent {
 
 /// The body of `GET /api/v1/clusters/{name}/events`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ClusterEvents {
     /// The cluster's events, oldest first (at most the most recent few hundred).
     pub events: Vec<ClusterEvent>,

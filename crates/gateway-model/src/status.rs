@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 /// Public status of a cluster, serialised in upper case as the client expects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum ClusterStatus {
     /// Accepted; the scheduler is starting and not yet reachable.

@@ -301,6 +301,7 @@ pub struct ClusterUsage {
 
 /// How `GET /api/v1/usage` groups its rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum UsageGrouping {
     /// One row per user.
@@ -327,6 +328,7 @@ impl std::str::FromStr for UsageGrouping {
 
 /// One row of a usage report.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UsageRow {
     /// The user (by user or cluster), else null.
     pub user: Option<String>,
@@ -350,6 +352,7 @@ pub struct UsageRow {
 
 /// `GET /api/v1/usage`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UsageReport {
     /// Window start, ms since the Unix epoch (inclusive).
     pub since: i64,

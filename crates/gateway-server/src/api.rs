@@ -464,6 +464,13 @@ async fn usage(
     Ok(Json(report).into_response())
 }
 
+/// `GET /api/openapi.json`: the REST API as OpenAPI 3.1 (see [`crate::openapi`]).
+async fn openapi() -> Json<Value> {
+    static DOCUMENT: std::sync::LazyLock<Value> =
+        std::sync::LazyLock::new(crate::openapi::document);
+    Json(DOCUMENT.clone())
+}
+
 async fn version() -> Json<Value> {
     Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
@@ -897,6 +904,7 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
     let mut api_routes = user_routes
         .route("/api/health", get(health))
         .route("/api/version", get(version))
+        .route("/api/openapi.json", get(openapi))
         .route("/api/oauth_callback", get(oauth_callback));
     if with_metrics {
         api_routes = api_routes.route("/metrics", get(metrics));

@@ -12,6 +12,7 @@ pub mod config;
 pub mod hub;
 pub mod jwt;
 pub mod kerberos;
+pub mod openapi;
 pub mod option_target;
 pub mod settings;
 pub mod usage;
