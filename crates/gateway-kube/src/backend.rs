@@ -124,6 +124,27 @@ fn api_error(what: &str, e: kube::Error) -> BackendError {
 }
 
 impl KubeBackend {
+    /// The installation's DaskClusters straight from the API server (not the caches, which
+    /// leave finished ones out): `owner`'s only (by label; callers compare the names
+    /// themselves), and matching `extra` (a label selector) if given.
+    async fn list_from_api(
+        &self,
+        owner: Option<&str>,
+        extra: Option<&str>,
+    ) -> Result<kube::core::ObjectList<DaskCluster>, kube::Error> {
+        let mut selector = names::instance_selector(&self.config.instance);
+        if let Some(extra) = extra {
+            selector.push(',');
+            selector.push_str(extra);
+        }
+        if let Some(o) = owner {
+            selector.push_str(&format!(",{}={}", names::LABEL_USER, names::user_label(o)));
+        }
+        self.clusters_api
+            .list(&ListParams::default().labels(&selector))
+            .await
+    }
+
     /// Starts the watches and waits (bounded) for their first complete listing, so that a
     /// restarted gateway knows every cluster before it answers.
     pub async fn start(
@@ -668,17 +689,9 @@ impl ClusterBackend for KubeBackend {
     }
 
     async fn finished(&self, owner: Option<&str>) -> Result<Vec<ClusterView>, BackendError> {
-        let mut selector = format!(
-            "{},{}=true",
-            names::instance_selector(&self.config.instance),
-            names::LABEL_FINISHED
-        );
-        if let Some(o) = owner {
-            selector.push_str(&format!(",{}={}", names::LABEL_USER, names::user_label(o)));
-        }
+        let finished = format!("{}=true", names::LABEL_FINISHED);
         let list = self
-            .clusters_api
-            .list(&ListParams::default().labels(&selector))
+            .list_from_api(owner, Some(&finished))
             .await
             .map_err(|e| api_error("list finished DaskClusters", e))?;
         let none = HashMap::new();
@@ -728,13 +741,8 @@ impl ClusterBackend for KubeBackend {
         since: i64,
         until: i64,
     ) -> Result<Vec<ClusterUsage>, BackendError> {
-        let mut selector = names::instance_selector(&self.config.instance);
-        if let Some(o) = owner {
-            selector.push_str(&format!(",{}={}", names::LABEL_USER, names::user_label(o)));
-        }
         let list = self
-            .clusters_api
-            .list(&ListParams::default().labels(&selector))
+            .list_from_api(owner, None)
             .await
             .map_err(|e| api_error("list DaskClusters", e))?;
         let now = jiff::Timestamp::now().as_millisecond();

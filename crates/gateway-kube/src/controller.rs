@@ -184,8 +184,8 @@ fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// How long the pod's (first) container has been running.
-fn running_for(pod: &Pod) -> Option<Duration> {
+/// When the pod's (first) container started, if it runs now.
+fn running_since(pod: &Pod) -> Option<jiff::Timestamp> {
     let state = pod
         .status
         .as_ref()?
@@ -194,9 +194,13 @@ fn running_for(pod: &Pod) -> Option<Duration> {
         .first()?
         .state
         .as_ref()?;
-    let started = state.running.as_ref()?.started_at.as_ref()?;
+    Some(state.running.as_ref()?.started_at.as_ref()?.0)
+}
+
+/// How long the pod's (first) container has been running.
+fn running_for(pod: &Pod) -> Option<Duration> {
     jiff::Timestamp::now()
-        .duration_since(started.0)
+        .duration_since(running_since(pod)?)
         .try_into()
         .ok()
 }
@@ -204,23 +208,7 @@ fn running_for(pod: &Pod) -> Option<Duration> {
 /// When the pod's (first) container started running, ms since the Unix epoch; none unless it
 /// runs now.
 fn running_since_ms(pod: &Pod) -> Option<i64> {
-    let state = pod
-        .status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .first()?
-        .state
-        .as_ref()?;
-    Some(
-        state
-            .running
-            .as_ref()?
-            .started_at
-            .as_ref()?
-            .0
-            .as_millisecond(),
-    )
+    running_since(pod).map(|t| t.as_millisecond())
 }
 
 /// Usage buckets one DaskCluster's status keeps (35 days of hours; older ones merge).
