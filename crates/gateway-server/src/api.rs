@@ -1,7 +1,11 @@
 //! The REST API (wire-protocol sections 2–4) and the dashboard routes, as one axum Router.
 
 use crate::auth::{cluster_token, AuthError, Authenticator, User};
-use crate::clusters::{ClusterError, ClusterService, Requester};
+use crate::clusters::{ClusterService, Requester};
+use crate::http_shared::{
+    hub_login_redirect, is_https, refused, set_negotiate_reply, set_session_cookie,
+};
+pub use crate::http_shared::{ApiError, ApiResult, AppState};
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -13,131 +17,13 @@ use gateway_model::{
     AdaptRequest, ClusterModel, ClusterStatus, CreateClusterRequest, CreateClusterResponse,
     Heartbeat, ScaleRequest,
 };
-use gateway_proxy::{ClusterRoute, ConnMeta, HttpForwarder};
+use gateway_proxy::{ClusterRoute, ConnMeta};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
 /// How long a user's DELETE waits for the cluster's processes to exit before answering.
 const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// Shared state of all handlers.
-#[derive(Clone)]
-pub struct AppState {
-    /// The cluster rules over the backend.
-    pub clusters: Arc<ClusterService>,
-    /// User authentication.
-    pub auth: Arc<Authenticator>,
-    /// Dashboard reverse proxy.
-    pub forwarder: HttpForwarder,
-    /// Require owner credentials for dashboards.
-    pub dashboard_auth: bool,
-    /// `Content-Security-Policy` added to every dashboard response (empty: none).
-    pub dashboard_csp: Option<HeaderValue>,
-    /// Bearer token `/metrics` requires (none: open).
-    pub metrics_token: Option<String>,
-    /// Label the usage counters of `/metrics` by user and group.
-    pub usage_metrics_by_user: bool,
-    /// Upper bound on one API request, reading its body included.
-    pub request_timeout: std::time::Duration,
-    /// The in-process DaskCluster controller, if any (its counters join `/metrics`).
-    pub controller: Option<gateway_kube::LiveContext>,
-    /// Open `?follow` event streams per user (each reads the backend once a second).
-    pub event_followers: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
-    /// API requests served since the gateway started (the page's request rate).
-    pub api_requests: Arc<std::sync::atomic::AtomicU64>,
-    /// When the gateway started.
-    pub started: std::time::Instant,
-}
-
-/// An error answered as `{"error": "..."}` with a JSON content type.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-    challenge: Option<&'static str>,
-}
-
-impl ApiError {
-    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-            challenge: None,
-        }
-    }
-
-    fn unauthorized(message: &str, scheme: &'static str) -> Self {
-        ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            message: message.into(),
-            challenge: Some(scheme),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut resp = (self.status, Json(json!({ "error": self.message }))).into_response();
-        if let Some(scheme) = self.challenge {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
-        }
-        resp
-    }
-}
-
-impl From<ClusterError> for ApiError {
-    fn from(e: ClusterError) -> Self {
-        let status = match &e {
-            ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
-            ClusterError::Forbidden { .. } | ClusterError::ForbiddenUsage { .. } => {
-                StatusCode::FORBIDDEN
-            }
-            ClusterError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ClusterError::NotRunning(_) | ClusterError::Conflict(_) => StatusCode::CONFLICT,
-            ClusterError::BadToken => return ApiError::unauthorized("Unauthorized", "token"),
-            ClusterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ClusterError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e.to_string())
-    }
-}
-
-/// A 401 with the authenticator's challenge (`Basic`, `Bearer` for JWT, `jupyterhub`), or a
-/// 502 when the identity provider could not be asked.
-pub(crate) fn refused(auth: &Authenticator, e: AuthError) -> ApiError {
-    match e {
-        AuthError::Unavailable(m) => ApiError::new(StatusCode::BAD_GATEWAY, m),
-        e => ApiError::unauthorized(&e.to_string(), auth.challenge()),
-    }
-}
-
-/// Sends a browser that has no session to the hub's login, to come back to `return_to`
-/// (a path on this gateway) through `/api/oauth_callback`.
-pub(crate) fn hub_login_redirect(
-    state: &AppState,
-    return_to: &str,
-    https: bool,
-) -> Option<Response> {
-    let hub = state.auth.hub_login()?;
-    let nonce = Authenticator::random_state();
-    let url = hub.authorize_url(&nonce)?;
-    use base64::Engine;
-    let back = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(return_to);
-    let cookie = format!(
-        "{}={nonce}.{back}; Max-Age=600; Path={}; HttpOnly; SameSite=Lax{}",
-        state.auth.oauth_state_cookie_name(),
-        state.auth.cookie_path(),
-        if https { "; Secure" } else { "" }
-    );
-    let mut resp = StatusCode::FOUND.into_response();
-    let headers = resp.headers_mut();
-    headers.insert(header::LOCATION, HeaderValue::from_str(&url).ok()?);
-    headers.insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).ok()?);
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Some(resp)
-}
 
 /// `GET /api/oauth_callback?code=..&state=..`: the hub sends the browser back here after its
 /// login. The state must match the cookie set when the login began; the code is exchanged
@@ -190,8 +76,6 @@ async fn oauth_callback(
     set_session_cookie(&state, &mut resp, auth.new_session, https);
     Ok(resp)
 }
-
-type ApiResult<T> = Result<T, ApiError>;
 
 /// Parses a JSON request body, which must be an object; anything else is a 422 with a clear
 /// message (serde would also read a struct from an array, which no client sends).
@@ -247,40 +131,6 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Whether the client reached us over HTTPS: TLS on our port, or `X-Forwarded-Proto: https`
-/// from a proxy in front (which only ever makes the session cookie `Secure`).
-pub(crate) fn is_https(req_headers: &HeaderMap, meta: Option<&ConnMeta>) -> bool {
-    meta.is_some_and(|m| m.tls)
-        || req_headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
-}
-
-/// Adds Kerberos' mutual-authentication reply to the response of a request it authenticated.
-pub(crate) fn set_negotiate_reply(resp: &mut Response, reply: Option<HeaderValue>) {
-    if let Some(v) = reply {
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-    }
-}
-
-/// Adds the session cookie for a fresh login to a successful response.
-pub(crate) fn set_session_cookie(
-    state: &AppState,
-    resp: &mut Response,
-    session: Option<String>,
-    https: bool,
-) {
-    if let Some(token) = session {
-        if resp.status().as_u16() < 400 {
-            if let Some(cookie) = state.auth.session_cookie(&token, https) {
-                resp.headers_mut().append(header::SET_COOKIE, cookie);
-            }
-        }
-    }
 }
 
 /// Middleware for user routes: authenticates, stores the [`User`] as an extension and sets the

@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod clusters;
 pub mod config;
+pub mod http_shared;
 pub mod hub;
 pub mod jwt;
 pub mod kerberos;

@@ -2,10 +2,11 @@
 //! authentication in each method's browser form) and its script and style under `ui/`. The
 //! page itself only calls the REST API, so it can do nothing the API would not allow.
 
-use crate::api::{
-    hub_login_redirect, is_https, refused, set_negotiate_reply, set_session_cookie, AppState,
-};
 use crate::auth::{AuthError, User};
+use crate::http_shared::{
+    hub_login_redirect, is_https, refused, set_negotiate_reply, set_session_cookie, ApiError,
+    AppState,
+};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -158,9 +159,9 @@ pub async fn me(State(state): State<AppState>, Extension(user): Extension<User>)
 pub async fn overview(
     State(state): State<AppState>,
     Extension(user): Extension<User>,
-) -> Result<Json<Value>, crate::api::ApiError> {
+) -> Result<Json<Value>, ApiError> {
     if !user.admin {
-        return Err(crate::api::ApiError::new(
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             format!(
                 "User {} lacks permissions to read the gateway's overview",

@@ -1,0 +1,165 @@
+//! What the HTTP handlers share: the state they run with, the API's error answer, and the
+//! pieces of signing a browser in (challenges, the hub's login redirect, session cookies)
+//! that the API routes, the dashboards and the web page all use.
+
+use crate::auth::{AuthError, Authenticator};
+use crate::clusters::{ClusterError, ClusterService};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use gateway_proxy::{ConnMeta, HttpForwarder};
+use serde_json::json;
+use std::sync::Arc;
+
+/// What a handler answers: its value, or an [`ApiError`].
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Shared state of all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The cluster rules over the backend.
+    pub clusters: Arc<ClusterService>,
+    /// User authentication.
+    pub auth: Arc<Authenticator>,
+    /// Dashboard reverse proxy.
+    pub forwarder: HttpForwarder,
+    /// Require owner credentials for dashboards.
+    pub dashboard_auth: bool,
+    /// `Content-Security-Policy` added to every dashboard response (empty: none).
+    pub dashboard_csp: Option<HeaderValue>,
+    /// Bearer token `/metrics` requires (none: open).
+    pub metrics_token: Option<String>,
+    /// Label the usage counters of `/metrics` by user and group.
+    pub usage_metrics_by_user: bool,
+    /// Upper bound on one API request, reading its body included.
+    pub request_timeout: std::time::Duration,
+    /// The in-process DaskCluster controller, if any (its counters join `/metrics`).
+    pub controller: Option<gateway_kube::LiveContext>,
+    /// Open `?follow` event streams per user (each reads the backend once a second).
+    pub event_followers: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    /// API requests served since the gateway started (the page's request rate).
+    pub api_requests: Arc<std::sync::atomic::AtomicU64>,
+    /// When the gateway started.
+    pub started: std::time::Instant,
+}
+
+/// An error answered as `{"error": "..."}` with a JSON content type.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    challenge: Option<&'static str>,
+}
+
+impl ApiError {
+    /// An error with `status` and `message`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            challenge: None,
+        }
+    }
+
+    /// A 401 with `message` and the `WWW-Authenticate` challenge `scheme`.
+    pub fn unauthorized(message: &str, scheme: &'static str) -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            challenge: Some(scheme),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if let Some(scheme) = self.challenge {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
+        }
+        resp
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        let status = match &e {
+            ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
+            ClusterError::Forbidden { .. } | ClusterError::ForbiddenUsage { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            ClusterError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ClusterError::NotRunning(_) | ClusterError::Conflict(_) => StatusCode::CONFLICT,
+            ClusterError::BadToken => return ApiError::unauthorized("Unauthorized", "token"),
+            ClusterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ClusterError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// A 401 with the authenticator's challenge (`Basic`, `Bearer` for JWT, `jupyterhub`), or a
+/// 502 when the identity provider could not be asked.
+pub fn refused(auth: &Authenticator, e: AuthError) -> ApiError {
+    match e {
+        AuthError::Unavailable(m) => ApiError::new(StatusCode::BAD_GATEWAY, m),
+        e => ApiError::unauthorized(&e.to_string(), auth.challenge()),
+    }
+}
+
+/// Sends a browser that has no session to the hub's login, to come back to `return_to`
+/// (a path on this gateway) through `/api/oauth_callback`.
+pub fn hub_login_redirect(state: &AppState, return_to: &str, https: bool) -> Option<Response> {
+    let hub = state.auth.hub_login()?;
+    let nonce = Authenticator::random_state();
+    let url = hub.authorize_url(&nonce)?;
+    use base64::Engine;
+    let back = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(return_to);
+    let cookie = format!(
+        "{}={nonce}.{back}; Max-Age=600; Path={}; HttpOnly; SameSite=Lax{}",
+        state.auth.oauth_state_cookie_name(),
+        state.auth.cookie_path(),
+        if https { "; Secure" } else { "" }
+    );
+    let mut resp = StatusCode::FOUND.into_response();
+    let headers = resp.headers_mut();
+    headers.insert(header::LOCATION, HeaderValue::from_str(&url).ok()?);
+    headers.insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).ok()?);
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Some(resp)
+}
+
+/// Whether the client reached us over HTTPS: TLS on our port, or `X-Forwarded-Proto: https`
+/// from a proxy in front (which only ever makes the session cookie `Secure`).
+pub fn is_https(req_headers: &HeaderMap, meta: Option<&ConnMeta>) -> bool {
+    meta.is_some_and(|m| m.tls)
+        || req_headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+/// Adds Kerberos' mutual-authentication reply to the response of a request it authenticated.
+pub fn set_negotiate_reply(resp: &mut Response, reply: Option<HeaderValue>) {
+    if let Some(v) = reply {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+}
+
+/// Adds the session cookie for a fresh login to a successful response.
+pub fn set_session_cookie(
+    state: &AppState,
+    resp: &mut Response,
+    session: Option<String>,
+    https: bool,
+) {
+    if let Some(token) = session {
+        if resp.status().as_u16() < 400 {
+            if let Some(cookie) = state.auth.session_cookie(&token, https) {
+                resp.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+        }
+    }
+}
