@@ -79,6 +79,10 @@ pub enum ClusterError {
     /// 422: bad input.
     #[error("{0}")]
     Invalid(String),
+    /// 422 (the stock client's `ValueError`, as the protocol asks): a new cluster would
+    /// exceed one of its owner's quotas; the message names the quota.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// 409: the cluster cannot take the request in its state.
     #[error("cluster {0} is not running")]
     NotRunning(String),
@@ -284,7 +288,7 @@ impl ClusterService {
             };
             if let Some(quota) = over {
                 self.counters.create_refused.fetch_add(1, Ordering::Relaxed);
-                return Err(ClusterError::Invalid(format!(
+                return Err(ClusterError::QuotaExceeded(format!(
                     "A new cluster for {} would exceed the quota of {quota}",
                     user.name
                 )));
@@ -299,7 +303,7 @@ impl ClusterService {
                 .count() as u64;
             if active >= max {
                 self.counters.create_refused.fetch_add(1, Ordering::Relaxed);
-                return Err(ClusterError::Invalid(format!(
+                return Err(ClusterError::QuotaExceeded(format!(
                     "User {} already has {active} active clusters; the maximum per user is {max}",
                     user.name
                 )));

@@ -89,7 +89,9 @@ impl From<ClusterError> for ApiError {
             ClusterError::Forbidden { .. } | ClusterError::ForbiddenUsage { .. } => {
                 StatusCode::FORBIDDEN
             }
-            ClusterError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ClusterError::Invalid(_) | ClusterError::QuotaExceeded(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ClusterError::NotRunning(_) | ClusterError::Conflict(_) => StatusCode::CONFLICT,
             ClusterError::BadToken => return ApiError::unauthorized("Unauthorized", "token"),
             ClusterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -123,7 +123,7 @@ async fn warm_schedulers_are_nobodys_and_invisible() {
         "bob does not see alice's cluster"
     );
     let e = svc.create(&user("alice"), None).await.unwrap_err();
-    assert!(matches!(e, ClusterError::Invalid(_)), "{e}");
+    assert!(matches!(e, ClusterError::QuotaExceeded(_)), "{e}");
 }
 
 #[tokio::test]

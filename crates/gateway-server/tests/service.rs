@@ -402,7 +402,7 @@ async fn per_user_quotas_clip_scale_adapt_and_heartbeats_even_concurrently() {
     b.heartbeat(&third, &hb(0), 0).await.unwrap();
     let before = b.list(Some("alice")).len();
     let e = svc.create(&alice, None).await.unwrap_err();
-    assert!(matches!(e, ClusterError::Invalid(_)), "{e}");
+    assert!(matches!(e, ClusterError::QuotaExceeded(_)), "{e}");
     assert!(e.to_string().contains("6 cores per user"), "{e}");
     assert_eq!(b.list(Some("alice")).len(), before);
 
