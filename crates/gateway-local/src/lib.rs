@@ -4,6 +4,8 @@
 //!   cluster's lifecycle (heartbeat bookkeeping, timeouts, worker failures, teardown, recovery
 //!   after a restart) as one reconcile per cluster.
 //! * [`store`]: its durable state, one SQLite file in the data directory.
+//! * [`setup`]: opening it all from its settings: the data directory (locked against a second
+//!   gateway), the store, the launcher and the engine.
 //! * [`launch`]: [`Launcher`] lays out a private working directory per cluster (credentials
 //!   mode 0600) and launches `dask scheduler` (with `dask_gateway.scheduler_preload`) and
 //!   `dask worker` with the environment and flags of wire-protocol section 9; the engine uses it
@@ -26,6 +28,7 @@ pub mod forkserver;
 pub mod identity;
 pub mod launch;
 pub mod process;
+pub mod setup;
 pub mod store;
 
 pub use engine::{EngineConfig, LocalBackend};
@@ -34,4 +37,5 @@ pub use launch::{
     BoxFuture, ForkConfig, LaunchConfig, Launcher, LocalError, Processes, SchedulerSpec, WorkerSpec,
 };
 pub use process::{group_leaders_under, ProcessExit, ProcessId, ProcessRole};
+pub use setup::{LocalSetup, OpenedBackend, SetupError};
 pub use store::{Store, StoreError};

@@ -24,10 +24,8 @@ use crate::auth::Authenticator;
 use crate::clusters::ClusterService;
 use crate::config::{BackendKind, GatewayConfig};
 use gateway_backend::ClusterBackend;
-use gateway_local::{EngineConfig, Isolation, LaunchConfig, Launcher, LocalBackend, Store};
+use gateway_local::{EngineConfig, Isolation};
 use gateway_proxy::{ClientConnections, ClusterRoute, HttpForwarder, RouteSource};
-use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -39,20 +37,9 @@ const LIFETIME_SWEEP: Duration = Duration::from_secs(1);
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The data directory is unusable.
-    #[error("data directory {path}: {source}")]
-    DataDir {
-        /// The directory.
-        path: std::path::PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Another gateway already uses this data directory.
-    #[error("another gateway-server is already using the data directory {0}")]
-    Locked(std::path::PathBuf),
-    /// The state database failed (opening it, or loading the stored clusters).
+    /// The local backend could not start: its data directory, user isolation, its database.
     #[error(transparent)]
-    Store(#[from] gateway_local::StoreError),
+    Local(#[from] gateway_local::SetupError),
     /// A listen address could not be bound.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -90,27 +77,6 @@ pub enum StartError {
     SessionKey(#[from] gateway_kube::SessionKeyError),
 }
 
-/// Takes an exclusive `flock` on `<data_dir>/gateway.lock` for the life of the process.
-fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
-    use std::os::unix::io::AsRawFd;
-    let path = dir.join("gateway.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| StartError::DataDir {
-            path: path.clone(),
-            source,
-        })?;
-    // SAFETY: flock on a descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(StartError::Locked(dir.to_path_buf()));
-    }
-    Ok(file)
-}
-
 /// The proxy's routes, straight from the backend: a cluster is routable exactly while the
 /// backend reports it RUNNING.
 struct BackendRoutes(Arc<dyn ClusterBackend>, Arc<ClientConnections>);
@@ -127,13 +93,11 @@ impl RouteSource for BackendRoutes {
     }
 }
 
-/// Starts the local process backend: its data directory (locked against a second gateway),
-/// SQLite store, launcher and engine (which re-adopts the stored clusters).
+/// Starts the local process backend (see [`gateway_local::setup`]) from the configuration.
 fn start_local_backend(
     config: &GatewayConfig,
 ) -> Result<(Arc<dyn ClusterBackend>, std::fs::File), StartError> {
     use crate::config::IsolationKind;
-    use std::os::unix::fs::PermissionsExt;
     let data_dir = config.data_dir();
     let isolation = match config.dask.isolation {
         IsolationKind::None => Isolation::Shared,
@@ -144,99 +108,28 @@ fn start_local_backend(
             map_file: data_dir.join("uids.json"),
         },
     };
-    let isolated = isolation != Isolation::Shared;
-    let dir_error = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| StartError::DataDir { path, source }
-    };
-    // With isolation users' processes pass through the data directory to their own cluster
-    // directory (0711: no listing); everything else in it stays the gateway's (0600 files).
-    let mode = if isolated { 0o711 } else { 0o700 };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(&data_dir)
-        .map_err(dir_error(&data_dir))?;
-    if isolated {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(StartError::Isolation(
-                "user isolation (dask.isolation) needs the gateway to run as root, to start \
-                 processes under users' accounts"
-                    .into(),
-            ));
-        }
-        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(mode))
-            .map_err(dir_error(&data_dir))?;
-        for dir in data_dir.ancestors().skip(1) {
-            let meta = std::fs::metadata(dir).map_err(dir_error(dir))?;
-            if meta.permissions().mode() & 0o001 == 0 {
-                return Err(StartError::Isolation(format!(
-                    "user isolation: users' processes cannot reach the data directory {} because \
-                     {} is not searchable by others (mode {:o}); choose a data_dir such as \
-                     /var/lib/dask-gateway-rs",
-                    data_dir.display(),
-                    dir.display(),
-                    meta.permissions().mode() & 0o777
-                )));
-            }
-        }
-    }
-    let identities = Arc::new(
-        gateway_local::Identities::new(isolation)
-            .map_err(|e| StartError::Isolation(e.to_string()))?,
-    );
-    let lock = lock_data_dir(&data_dir)?;
-    let db = data_dir.join("gateway.sqlite");
-    let store = Store::open(&db)?;
-    // The database holds every cluster's token and key: the gateway's alone.
-    for suffix in ["", "-wal", "-shm"] {
-        let path = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
-        if path.exists() {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(dir_error(&path))?;
-        }
-    }
     let (dask_command, path_prefix) = config.dask.command_and_path();
-    let (exit_tx, exit_rx) = tokio::sync::mpsc::unbounded_channel();
-    let launcher = Launcher::new(
-        LaunchConfig {
-            work_root: data_dir.join("clusters"),
-            dask_command,
-            path_prefix,
-            api_url: config.api_url(),
-            bind_host: "127.0.0.1".into(),
-            heartbeat_period: config.cluster.heartbeat_period,
-            adaptive_period: config.cluster.adaptive_period,
-            identities,
-            // The server runs as the gateway's account and its children inherit what it
-            // imported: with user isolation that account is root, and a Python environment a
-            // user can write to would run their code as root. Isolated processes are exec'd.
-            fork: (config.dask.fork_server && !isolated).then(|| gateway_local::ForkConfig {
-                dir: data_dir.join("forkserver"),
-                preimport: config.dask.preimport.clone(),
-            }),
-        },
-        exit_tx,
-    );
     let c = &config.cluster;
-    let engine = EngineConfig {
-        start_timeout: Duration::from_secs_f64(c.start_timeout),
-        heartbeat_timeout: Duration::from_secs_f64(c.heartbeat_timeout()),
-        worker_start_failure_limit: c.worker_start_failure_limit,
-        retention: Duration::from_secs_f64(c.retention),
-        usage_retention: Duration::from_secs_f64(config.usage_retention),
-        ..EngineConfig::default()
-    };
-    let backend = LocalBackend::start(engine, store, Arc::new(launcher), exit_rx)?;
-    if isolated {
-        info!(data_dir = %data_dir.display(), isolation = ?config.dask.isolation, "local process backend ready; each user's processes run under their own uid");
-    } else {
-        // SAFETY: geteuid has no preconditions.
-        let uid = unsafe { libc::geteuid() };
-        info!(data_dir = %data_dir.display(), uid, "local process backend ready in single-user mode: every cluster runs as this gateway's account, so users of one gateway can read each other's cluster credentials; set dask.isolation on a machine shared by several users");
-    }
-    Ok((backend, lock))
+    let opened = gateway_local::setup::open(gateway_local::LocalSetup {
+        data_dir,
+        isolation,
+        dask_command,
+        path_prefix,
+        api_url: config.api_url(),
+        heartbeat_period: c.heartbeat_period,
+        adaptive_period: c.adaptive_period,
+        fork_server: config.dask.fork_server,
+        preimport: config.dask.preimport.clone(),
+        engine: EngineConfig {
+            start_timeout: Duration::from_secs_f64(c.start_timeout),
+            heartbeat_timeout: Duration::from_secs_f64(c.heartbeat_timeout()),
+            worker_start_failure_limit: c.worker_start_failure_limit,
+            retention: Duration::from_secs_f64(c.retention),
+            usage_retention: Duration::from_secs_f64(config.usage_retention),
+            ..EngineConfig::default()
+        },
+    })?;
+    Ok((opened.backend, opened.lock))
 }
 
 /// A Kubernetes client from `KUBECONFIG` (or `~/.kube/config`) or the in-cluster service

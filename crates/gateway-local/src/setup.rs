@@ -1,0 +1,188 @@
+//! Opening the local backend: its data directory (modes for the isolation in use, locked
+//! against a second gateway), the SQLite store (the gateway's alone), the launcher and the
+//! engine, which re-adopts the stored clusters.
+
+use crate::engine::{EngineConfig, LocalBackend};
+use crate::identity::{Identities, Isolation};
+use crate::launch::{ForkConfig, LaunchConfig, Launcher};
+use crate::store::{Store, StoreError};
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tracing::info;
+
+/// What the local backend needs to start.
+#[derive(Clone, Debug)]
+pub struct LocalSetup {
+    /// The data directory: `gateway.sqlite`, `gateway.lock`, `clusters/<name>/`,
+    /// `forkserver/`.
+    pub data_dir: PathBuf,
+    /// Which accounts users' processes run as.
+    pub isolation: Isolation,
+    /// The `dask` command (a path, or a name looked up on `PATH`).
+    pub dask_command: PathBuf,
+    /// Directory put first on the processes' `PATH` (e.g. a venv's `bin`).
+    pub path_prefix: Option<PathBuf>,
+    /// `DASK_GATEWAY_API_URL` given to schedulers.
+    pub api_url: String,
+    /// `--dg-heartbeat-period` in seconds.
+    pub heartbeat_period: f64,
+    /// `--dg-adaptive-period` in seconds.
+    pub adaptive_period: f64,
+    /// Fork processes from a pre-imported Python (only without user isolation: the server
+    /// runs as the gateway's account).
+    pub fork_server: bool,
+    /// Modules the fork server imports ahead.
+    pub preimport: Vec<String>,
+    /// The engine's timing and failure rules.
+    pub engine: EngineConfig,
+}
+
+/// Why the local backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The data directory is unusable.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another gateway already uses this data directory.
+    #[error("another gateway-server is already using the data directory {0}")]
+    Locked(PathBuf),
+    /// User isolation cannot work as configured.
+    #[error("{0}")]
+    Isolation(String),
+    /// The state database failed (opening it, or loading the stored clusters).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A started local backend, and the lock that keeps its data directory its own: hold it for
+/// the life of the process.
+pub struct OpenedBackend {
+    /// The backend.
+    pub backend: Arc<LocalBackend>,
+    /// The exclusive `flock` on `<data_dir>/gateway.lock`.
+    pub lock: File,
+}
+
+fn dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> SetupError {
+    let path = path.to_path_buf();
+    move |source| SetupError::DataDir { path, source }
+}
+
+/// Takes an exclusive `flock` on `<dir>/gateway.lock`.
+fn lock_data_dir(dir: &Path) -> Result<File, SetupError> {
+    let path = dir.join("gateway.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(dir_error(&path))?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(SetupError::Locked(dir.to_path_buf()));
+    }
+    Ok(file)
+}
+
+/// Creates the data directory with the modes `isolated` needs, and checks that users'
+/// processes can reach it when they run under their own accounts.
+fn prepare_data_dir(data_dir: &Path, isolated: bool) -> Result<(), SetupError> {
+    use std::os::unix::fs::DirBuilderExt;
+    // With isolation users' processes pass through the data directory to their own cluster
+    // directory (0711: no listing); everything else in it stays the gateway's (0600 files).
+    let mode = if isolated { 0o711 } else { 0o700 };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(data_dir)
+        .map_err(dir_error(data_dir))?;
+    if !isolated {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(SetupError::Isolation(
+            "user isolation (dask.isolation) needs the gateway to run as root, to start \
+             processes under users' accounts"
+                .into(),
+        ));
+    }
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode))
+        .map_err(dir_error(data_dir))?;
+    for dir in data_dir.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).map_err(dir_error(dir))?;
+        if meta.permissions().mode() & 0o001 == 0 {
+            return Err(SetupError::Isolation(format!(
+                "user isolation: users' processes cannot reach the data directory {} because \
+                 {} is not searchable by others (mode {:o}); choose a data_dir such as \
+                 /var/lib/dask-gateway-rs",
+                data_dir.display(),
+                dir.display(),
+                meta.permissions().mode() & 0o777
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the local backend in `setup.data_dir` and starts its engine (which re-adopts the
+/// stored clusters). Must run inside a Tokio runtime.
+pub fn open(setup: LocalSetup) -> Result<OpenedBackend, SetupError> {
+    let data_dir = setup.data_dir.clone();
+    let isolated = setup.isolation != Isolation::Shared;
+    prepare_data_dir(&data_dir, isolated)?;
+    let identities = Arc::new(
+        Identities::new(setup.isolation.clone())
+            .map_err(|e| SetupError::Isolation(e.to_string()))?,
+    );
+    let lock = lock_data_dir(&data_dir)?;
+    let db = data_dir.join("gateway.sqlite");
+    let store = Store::open(&db)?;
+    // The database holds every cluster's token and key: the gateway's alone.
+    for suffix in ["", "-wal", "-shm"] {
+        let path = PathBuf::from(format!("{}{suffix}", db.display()));
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(dir_error(&path))?;
+        }
+    }
+    let (exit_tx, exit_rx) = tokio::sync::mpsc::unbounded_channel();
+    let launcher = Launcher::new(
+        LaunchConfig {
+            work_root: data_dir.join("clusters"),
+            dask_command: setup.dask_command,
+            path_prefix: setup.path_prefix,
+            api_url: setup.api_url,
+            bind_host: "127.0.0.1".into(),
+            heartbeat_period: setup.heartbeat_period,
+            adaptive_period: setup.adaptive_period,
+            identities,
+            // The server runs as the gateway's account and its children inherit what it
+            // imported: with user isolation that account is root, and a Python environment a
+            // user can write to would run their code as root. Isolated processes are exec'd.
+            fork: (setup.fork_server && !isolated).then(|| ForkConfig {
+                dir: data_dir.join("forkserver"),
+                preimport: setup.preimport,
+            }),
+        },
+        exit_tx,
+    );
+    let backend = LocalBackend::start(setup.engine, store, Arc::new(launcher), exit_rx)?;
+    if isolated {
+        info!(data_dir = %data_dir.display(), "local process backend ready; each user's processes run under their own uid");
+    } else {
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        info!(data_dir = %data_dir.display(), uid, "local process backend ready in single-user mode: every cluster runs as this gateway's account, so users of one gateway can read each other's cluster credentials; set dask.isolation on a machine shared by several users");
+    }
+    Ok(OpenedBackend { backend, lock })
+}
