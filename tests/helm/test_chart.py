@@ -265,6 +265,21 @@ def use_a_cluster(url, user, password, workers=1, during=None):
         gc.collect()
 
 
+def wait_clusters_finished(namespace, instance=None, timeout=120):
+    """What docs/install-kubernetes.md asks before an uninstall: every DaskCluster (of
+    `instance`, or of the namespace) has finished. Its controller tears a stopping cluster
+    down; uninstalled first, it would leave the record Stopping."""
+    selector = [] if instance is None else ["-l", f"dask-gateway-rs.io/instance={instance}"]
+
+    def finished():
+        items = json.loads(kubectl("get", "daskclusters.dask-gateway-rs.io", "-n", namespace,
+                                   *selector, "-o", "json").stdout)["items"]
+        return all((o.get("status") or {}).get("phase") in ("Stopped", "Failed")
+                   for o in items)
+
+    wait_for(f"the clusters of {instance or namespace} to finish", finished, timeout=timeout)
+
+
 def fresh_crd():
     """The chart installs the CRD itself, as on a new Kubernetes cluster: one applied by the
     end-to-end harness (kubectl) or kept by an earlier release is removed first (with whatever
@@ -561,10 +576,16 @@ def test_replicas_with_a_separate_controller(namespace):
         assert len(controllers) == 1
         use_a_cluster(gateway_url(namespace, name), "split-user", "", workers=1)
     finally:
-        helm("uninstall", name, "-n", namespace, "--wait")
+        try:
+            wait_clusters_finished(namespace, "split")
+        finally:
+            helm("uninstall", name, "-n", namespace, "--wait")
 
 
 def test_uninstall_leaves_only_the_crd_and_finished_cluster_records(namespace, release):
+    # The documented order: the clusters have finished (the tests stopped theirs), then the
+    # uninstall.
+    wait_clusters_finished(namespace)
     helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")
     # Pods of the deleted Deployment are removed by garbage collection, after Helm returns.
     wait_for("the release's pods to be gone", lambda: not json.loads(kubectl(

@@ -39,7 +39,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -149,6 +149,11 @@ pub struct Context {
     pub expectations: Mutex<HashMap<String, Expectations>>,
     /// Per cluster id: when its status was last written.
     status_written: Mutex<HashMap<String, Instant>>,
+    /// Clusters whose status this process wrote with a usage record. One that comes back
+    /// without it had it dropped by an API server whose CRD predates usage accounting.
+    usage_written: Mutex<HashSet<String>>,
+    /// Whether that was already reported (once per process).
+    usage_pruned_reported: AtomicBool,
     /// Settings.
     pub settings: ControllerSettings,
     /// Counters.
@@ -219,7 +224,16 @@ const MAX_USAGE_HOURS: usize = 35 * 24;
 /// cluster's settings where they name nothing) from when its container started running (at
 /// the earliest from the cluster's creation or claim) to when a pass sees it gone; an
 /// unclaimed warm-pool member counts against no one.
-fn account(dc: &DaskCluster, observed: &Observed, next: &mut DaskClusterStatus) {
+fn account(
+    ctx: &Context,
+    id: &str,
+    dc: &DaskCluster,
+    observed: &Observed,
+    next: &mut DaskClusterStatus,
+) {
+    if ctx.usage_was_pruned(id, next) {
+        return;
+    }
     let res = &dc.spec.settings.resources;
     let created = crate::backend::created_ms(dc).unwrap_or(0);
     let units: Vec<RunningUnit> = if dc.spec.pool.is_some() || next.phase.is_terminal() {
@@ -460,6 +474,8 @@ impl Context {
             limiter,
             expectations: Mutex::new(HashMap::new()),
             status_written: Mutex::new(HashMap::new()),
+            usage_written: Mutex::new(HashSet::new()),
+            usage_pruned_reported: AtomicBool::new(false),
             settings,
             metrics: ControllerMetrics::default(),
         }
@@ -490,6 +506,28 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        self.usage_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Whether the API server dropped the usage record this process wrote for `id` (its CRD
+    /// has no `status.usage`): accounting then stops for the cluster instead of rewriting the
+    /// record on every pass; reported once.
+    fn usage_was_pruned(&self, id: &str, status: &DaskClusterStatus) -> bool {
+        let written = self
+            .usage_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id);
+        if !written || status.usage.is_some() {
+            return false;
+        }
+        if !self.usage_pruned_reported.swap(true, Ordering::Relaxed) {
+            warn!(cluster = %id, "the API server drops status.usage: the DaskCluster CRD predates usage accounting; apply the chart's CRD (charts/dask-gateway-rs/files/daskcluster-crd.yaml) to account usage");
+        }
+        true
     }
 
     /// Whether a status change that only updates counts should wait (one was written less
@@ -726,6 +764,12 @@ async fn write_status(
     api.replace_status(&id, &PostParams::default(), &obj)
         .await?;
     ctx.status_was_written(&id);
+    if next.usage.is_some() {
+        ctx.usage_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone());
+    }
     Ok(StatusWrite::Written)
 }
 
@@ -781,7 +825,7 @@ pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action
     } else {
         Action::requeue(Duration::from_secs(300))
     };
-    account(&dc, &observed, &mut next);
+    account(&ctx, &id, &dc, &observed, &mut next);
     let written = write_status(&ctx, &dc, &next).await?;
     if written == StatusWrite::Written {
         record_transitions(&ctx, &dc, &status, &next);
