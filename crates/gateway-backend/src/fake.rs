@@ -32,9 +32,11 @@ pub struct FakeBackend {
     /// Per-user quota locks, shared by every service over this backend (like the Leases
     /// gateway replicas share on Kubernetes).
     quota_locks: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    /// Where start and stop times come from (default: the system's wall clock).
+    clock: Option<std::sync::Arc<dyn Fn() -> i64 + Send + Sync>>,
 }
 
-fn now_ms() -> i64 {
+fn system_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -45,6 +47,17 @@ impl FakeBackend {
     /// An empty backend.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Stamps start and stop times with `now_ms` (milliseconds since the Unix epoch) instead
+    /// of the system's wall clock: the clock of the service above it, in tests that move time.
+    pub fn with_clock(mut self, now_ms: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        self.clock = Some(std::sync::Arc::new(now_ms));
+        self
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.clock.as_ref().map_or_else(system_ms, |now| now())
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
@@ -108,7 +121,7 @@ impl ClusterBackend for FakeBackend {
                 key: format!("-----BEGIN PRIVATE KEY-----\n{name}\n-----END PRIVATE KEY-----\n"),
             }),
             addresses: None,
-            start_time: now_ms(),
+            start_time: self.now_ms(),
             stop_time: None,
             target_workers: 0,
             last_client_ms: None,
@@ -199,7 +212,7 @@ impl ClusterBackend for FakeBackend {
         e.view.options = claim.options;
         e.view.settings = claim.settings;
         e.view.pool = None;
-        e.view.start_time = now_ms();
+        e.view.start_time = self.now_ms();
         Ok(Some(e.view.clone()))
     }
 
@@ -251,7 +264,7 @@ impl ClusterBackend for FakeBackend {
                 e.view.status = end;
                 e.view.reason = Some(request.reason);
                 e.view.addresses = None;
-                e.view.stop_time = Some(now_ms());
+                e.view.stop_time = Some(self.now_ms());
                 e.status_tx.send_replace(end);
             }
         }

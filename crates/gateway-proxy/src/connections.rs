@@ -2,10 +2,12 @@
 //! had none: what the gateway's "no client for N seconds" policy reads. Only scheduler TLS
 //! connections spliced by this process count (the Dask clients of notebooks and scripts);
 //! workers reach their scheduler directly and dashboards are not clients.
+//!
+//! Times are tokio's instants, so tests of that policy can pause and advance them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Open client connections per cluster (shared; cheap to update once per connection).
 #[derive(Debug, Default)]

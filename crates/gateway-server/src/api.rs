@@ -269,7 +269,7 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
             .as_ref()
             .map(crate::controller_metrics)
             .unwrap_or_default();
-    let now = crate::clusters::now_ms();
+    let now = state.clusters.clock().now_ms();
     match state.clusters.backend().usage(None, 0, now).await {
         Ok(usage) => crate::usage::metrics_text(&usage, state.usage_metrics_by_user, &mut text),
         Err(e) => tracing::warn!("reading usage for /metrics: {e}"),
@@ -295,7 +295,7 @@ async fn usage(
             (percent_decode(k), percent_decode(v))
         })
         .collect();
-    let query = crate::usage::UsageQuery::parse(&pairs, crate::clusters::now_ms())
+    let query = crate::usage::UsageQuery::parse(&pairs, state.clusters.clock().now_ms())
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let report = crate::usage::report(state.clusters.backend().as_ref(), &user, &query).await?;
     if query.csv {

@@ -5,6 +5,7 @@
 //! sweeper (`lifetime`), warm pools (`pool`) and the service's metrics (`metrics`).
 
 use crate::auth::{token_matches, User};
+use crate::clock::Clock;
 use crate::config::ClusterConfig;
 use crate::settings;
 use gateway_backend::{
@@ -19,7 +20,8 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 mod forward;
@@ -29,12 +31,6 @@ mod pool;
 mod quota;
 pub use pool::{configured_pools, pool_key, WarmPool, POOL_CHECK};
 use quota::has_user_quota;
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
 
 /// Seconds as people say them: `90 s`, `15 min`, `2 h`.
 fn human_seconds(s: f64) -> String {
@@ -157,6 +153,8 @@ pub struct ClusterService {
     pool_backend_config: String,
     /// Woken by each claim, so the pool maintainer refills at once.
     pool_wake: tokio::sync::Notify,
+    /// Where every time this service compares comes from.
+    clock: Clock,
 }
 
 /// Who asks for workers: a user's request (scale, adapt) or the scheduler's heartbeat.
@@ -187,7 +185,19 @@ impl ClusterService {
             pools: Vec::new(),
             pool_backend_config: String::new(),
             pool_wake: tokio::sync::Notify::new(),
+            clock: Clock::system(),
         }
+    }
+
+    /// Reads the time from `clock` instead of the system's (tests: [`Clock::tokio`]).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The clock this service reads the time from.
+    pub fn clock(&self) -> Clock {
+        self.clock
     }
 
     /// Adds warm-scheduler pools ([`configured_pools`], built with the same `backend_config`).
@@ -368,7 +378,7 @@ impl ClusterService {
 
     /// Records an event the gateway itself saw (best effort; a failure is logged).
     async fn note(&self, name: &str, kind: EventType, reason: &str, message: String) {
-        let event = ClusterEvent::new(now_ms(), kind, reason, message, "gateway");
+        let event = ClusterEvent::new(self.clock.now_ms(), kind, reason, message, "gateway");
         if let Err(e) = self.backend.record_event(name, event).await {
             warn!(cluster = %name, "recording an event: {e}");
         }
@@ -467,7 +477,7 @@ impl ClusterService {
                 // A warm scheduler idles until claimed, and its idle clock started before
                 // its user got it: its request counts only once the user has held it for the
                 // idle timeout (the preload asks again every quarter of the timeout).
-                let held_ms = now_ms() - view.start_time;
+                let held_ms = self.clock.now_ms() - view.start_time;
                 if view.pool.is_some() || (held_ms as f64) < view.settings.idle_timeout * 1000.0 {
                     return Ok(());
                 }

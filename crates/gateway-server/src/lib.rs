@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod clusters;
 pub mod config;
 pub mod http_shared;
@@ -363,6 +364,7 @@ pub async fn run(
     }
     let clusters = Arc::new(
         ClusterService::new(backend.clone(), Arc::new(config.cluster.clone()))
+            .with_clock(crate::clock::Clock::system())
             .with_policies(policies)
             .with_pools(pools, backend_config)
             .with_activity(connections),

@@ -1,15 +1,18 @@
 //! Warm-scheduler pools over the in-memory fake backend: claims, refills, privacy, quotas,
-//! the idle-timeout rule and concurrent claims.
+//! the idle-timeout rule and concurrent claims. The service and the backend share a clock that
+//! follows tokio's, so tests about time pause it and move it instead of sleeping.
 
 use gateway_backend::fake::FakeBackend;
 use gateway_backend::{ClusterBackend, SchedulerAddresses};
 use gateway_model::ClusterStatus;
 use gateway_server::auth::User;
+use gateway_server::clock::Clock;
 use gateway_server::clusters::{configured_pools, ClusterError, ClusterService, Requester};
 use gateway_server::config::GatewayConfig;
 use serde_json::json;
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 fn user(name: &str) -> User {
     User::named(name, false)
@@ -22,12 +25,13 @@ fn member_of(u: User, groups: &[&str]) -> User {
 }
 
 fn pooled_service(yaml: &str) -> (Arc<ClusterService>, Arc<FakeBackend>) {
-    let backend = Arc::new(FakeBackend::new());
-    (service_on(&backend, yaml), backend)
+    let clock = Clock::tokio();
+    let backend = Arc::new(FakeBackend::new().with_clock(move || clock.now_ms()));
+    (service_on(&backend, clock, yaml), backend)
 }
 
-/// A service with the configuration `yaml` over an existing backend.
-fn service_on(backend: &Arc<FakeBackend>, yaml: &str) -> Arc<ClusterService> {
+/// A service with the configuration `yaml` over an existing backend (on its clock).
+fn service_on(backend: &Arc<FakeBackend>, clock: Clock, yaml: &str) -> Arc<ClusterService> {
     let config: GatewayConfig = serde_yaml::from_str(yaml).unwrap();
     config.validate().unwrap();
     let policies = config.group_clusters().unwrap();
@@ -37,7 +41,8 @@ fn service_on(backend: &Arc<FakeBackend>, yaml: &str) -> Arc<ClusterService> {
     let pools = configured_pools(&sections, "test").unwrap();
     let svc = ClusterService::new(backend.clone(), Arc::new(config.cluster.clone()))
         .with_policies(policies.clone())
-        .with_pools(pools, "test".into());
+        .with_pools(pools, "test".into())
+        .with_clock(clock);
     Arc::new(svc)
 }
 
@@ -195,7 +200,9 @@ async fn a_shrunk_or_removed_pool_stops_its_unclaimed_members_only() {
     svc.maintain_pools().await;
     let claimed = svc.create(&user("alice"), None).await.unwrap();
     // The same backend under a configuration without pools.
-    service_on(&b, "cluster: {}").maintain_pools().await;
+    service_on(&b, svc.clock(), "cluster: {}")
+        .maintain_pools()
+        .await;
     assert!(members(&b).is_empty());
     assert!(
         b.get(&claimed).unwrap().status.is_active(),
@@ -205,7 +212,7 @@ async fn a_shrunk_or_removed_pool_stops_its_unclaimed_members_only() {
     let (svc, b) = pooled_service("cluster: {warm_schedulers: 3}");
     svc.maintain_pools().await;
     assert_eq!(members(&b).len(), 3);
-    service_on(&b, "cluster: {warm_schedulers: 1}")
+    service_on(&b, svc.clock(), "cluster: {warm_schedulers: 1}")
         .maintain_pools()
         .await;
     assert_eq!(members(&b).len(), 1);
@@ -221,7 +228,7 @@ async fn stop_pools_empties_them() {
     assert!(b.get(&claimed).unwrap().status.is_active());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_idle_timeout_counts_from_the_claim() {
     let (svc, b) = pooled_service("cluster: {warm_schedulers: 1, idle_timeout: 3600}");
     svc.maintain_pools().await;
@@ -240,12 +247,17 @@ async fn the_idle_timeout_counts_from_the_claim() {
         Err(ClusterError::BadToken)
     ));
 
-    // With a short timeout the request counts once the user held the cluster that long.
-    let (svc, b) = pooled_service("cluster: {warm_schedulers: 1, idle_timeout: 0.2}");
+    // The request counts once the user held the cluster that long, however long it waited
+    // in the pool.
+    let (svc, b) = pooled_service("cluster: {warm_schedulers: 1, idle_timeout: 60}");
     svc.maintain_pools().await;
+    tokio::time::advance(Duration::from_secs(3600)).await;
     let name = svc.create(&user("alice"), None).await.unwrap();
     let token = b.get(&name).unwrap().token.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::advance(Duration::from_millis(59_999)).await;
+    svc.stop(&name, Requester::Token(&token)).await.unwrap();
+    assert!(b.get(&name).unwrap().status.is_active(), "one tick early");
+    tokio::time::advance(Duration::from_millis(1)).await;
     svc.stop(&name, Requester::Token(&token)).await.unwrap();
     assert_eq!(b.get(&name).unwrap().status, ClusterStatus::Stopped);
 }
@@ -292,6 +304,29 @@ async fn a_pool_that_keeps_failing_pauses() {
         members(&b).is_empty(),
         "refilling paused after three failures"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_pool_refills_once_its_failures_are_a_minute_old() {
+    let (svc, b) = pooled_service("cluster: {warm_schedulers: 1}");
+    for i in 0..3 {
+        svc.maintain_pools().await;
+        let warm = members(&b).pop().unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        b.stop(
+            &warm,
+            gateway_backend::StopRequest::failed(format!("failure {i}")),
+        )
+        .await
+        .unwrap();
+    }
+    // The failures were at 10, 20 and 30 s; the window is a minute.
+    tokio::time::advance(Duration::from_millis(39_999)).await;
+    svc.maintain_pools().await;
+    assert!(members(&b).is_empty(), "three failures within the minute");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    svc.maintain_pools().await;
+    assert_eq!(members(&b).len(), 1, "the first failure left the window");
 }
 
 #[test]

@@ -1,5 +1,8 @@
 //! The rules above the backend seam (quota, ownership, tokens, clipping, forwarding, `?wait`),
 //! over the in-memory fake backend: no Dask, no processes.
+//!
+//! The service and the backend share a clock that follows tokio's: tests about time run under
+//! paused time and move it with `tokio::time::advance` instead of sleeping.
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -9,6 +12,7 @@ use gateway_backend::fake::FakeBackend;
 use gateway_backend::{ClusterBackend, SchedulerAddresses};
 use gateway_model::{ClusterStatus, Heartbeat};
 use gateway_server::auth::User;
+use gateway_server::clock::Clock;
 use gateway_server::clusters::{ClusterError, ClusterService, Requester};
 use gateway_server::config::ClusterConfig;
 use serde_json::{json, Value};
@@ -19,11 +23,29 @@ fn user(name: &str) -> User {
     User::named(name, false)
 }
 
-fn service(yaml: &str) -> (ClusterService, Arc<FakeBackend>) {
+/// A fake backend that stamps times from `clock`.
+fn fake_backend(clock: Clock) -> Arc<FakeBackend> {
+    Arc::new(FakeBackend::new().with_clock(move || clock.now_ms()))
+}
+
+/// A service with the `cluster` section `yaml` over `backend`, on `clock`.
+fn service_on(backend: &Arc<FakeBackend>, clock: Clock, yaml: &str) -> ClusterService {
     let config: ClusterConfig = serde_yaml::from_str(yaml).unwrap();
-    let backend = Arc::new(FakeBackend::new());
-    let svc = ClusterService::new(backend.clone(), Arc::new(config));
-    (svc, backend)
+    ClusterService::new(backend.clone(), Arc::new(config)).with_clock(clock)
+}
+
+fn service(yaml: &str) -> (ClusterService, Arc<FakeBackend>) {
+    let clock = Clock::tokio();
+    let backend = fake_backend(clock);
+    (service_on(&backend, clock, yaml), backend)
+}
+
+/// Moves tokio's clock (and so the service's) by `ms` without waiting, in a test whose time
+/// runs: paused only for the jump, so the test's real HTTP traffic meets no timer that jumped.
+async fn skip(ms: u64) {
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_millis(ms)).await;
+    tokio::time::resume();
 }
 
 /// A scheduler preload API that records what `/api/comm` receives.
@@ -68,7 +90,21 @@ async fn fake_scheduler_api() -> (String, Comm) {
 }
 
 async fn running_cluster(svc: &ClusterService, b: &FakeBackend, owner: &str, api: &str) -> String {
-    let name = svc.create(&user(owner), None).await.unwrap();
+    running_with_api(svc, b, &user(owner), api).await
+}
+
+/// A running cluster of `owner` whose scheduler API nothing contacts.
+async fn running_as(svc: &ClusterService, b: &FakeBackend, owner: &User) -> String {
+    running_with_api(svc, b, owner, "http://127.0.0.1:1").await
+}
+
+async fn running_with_api(
+    svc: &ClusterService,
+    b: &FakeBackend,
+    owner: &User,
+    api: &str,
+) -> String {
+    let name = svc.create(owner, None).await.unwrap();
     b.make_running(
         &name,
         SchedulerAddresses {
@@ -155,7 +191,7 @@ async fn owners_and_admins() {
     svc.stop("nope", Requester::User(&bob)).await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn wait_holds_until_the_cluster_runs() {
     let (svc, b) = service("{}");
     let name = svc.create(&user("alice"), None).await.unwrap();
@@ -176,12 +212,26 @@ async fn wait_holds_until_the_cluster_runs() {
             },
         );
     });
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let m = svc.get(&user("alice"), &name, true).await.unwrap();
     assert_eq!(m.status, ClusterStatus::Running);
-    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(150),
+        "held until it ran"
+    );
     assert!(m.tls_cert.is_some());
     assert_eq!(m.dashboard_route, Some(format!("/clusters/{name}/status")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_gives_up_after_twenty_seconds() {
+    let (svc, _b) = service("{}");
+    let name = svc.create(&user("alice"), None).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let m = svc.get(&user("alice"), &name, true).await.unwrap();
+    assert_eq!(m.status, ClusterStatus::Pending);
+    assert_eq!(started.elapsed(), Duration::from_secs(20));
 }
 
 #[tokio::test]
@@ -284,7 +334,8 @@ async fn scale_and_adapt_are_checked_clipped_and_forwarded_with_the_token() {
     );
 }
 
-#[tokio::test]
+// Paused: the pauses between the three attempts pass at once.
+#[tokio::test(start_paused = true)]
 async fn an_unreachable_scheduler_fails_its_cluster() {
     let (svc, b) = service("{}");
     // Nothing listens on port 9 of localhost.
@@ -431,8 +482,10 @@ fn grouped(name: &str, groups: &[&str]) -> User {
 fn service_with_groups(yaml: &str) -> (ClusterService, Arc<FakeBackend>) {
     let config: gateway_server::config::GatewayConfig = serde_yaml::from_str(yaml).unwrap();
     config.validate().unwrap();
-    let backend = Arc::new(FakeBackend::new());
+    let clock = Clock::tokio();
+    let backend = fake_backend(clock);
     let svc = ClusterService::new(backend.clone(), Arc::new(config.cluster.clone()))
+        .with_clock(clock)
         .with_policies(config.group_clusters().unwrap());
     (svc, backend)
 }
@@ -538,7 +591,7 @@ fn group_policies_are_checked_at_startup() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn lifetimes_stop_clusters_and_say_why() {
     let connections = Arc::new(gateway_proxy::ClientConnections::default());
     let (svc, b) = service_with_groups(
@@ -549,27 +602,11 @@ groups:
 "#,
     );
     let svc = svc.with_activity(connections.clone());
-    let (api, _comm) = fake_scheduler_api().await;
-    let create_running = |owner: User| {
-        let (svc, b, api) = (&svc, &b, api.clone());
-        async move {
-            let name = svc.create(&owner, None).await.unwrap();
-            b.make_running(
-                &name,
-                SchedulerAddresses {
-                    scheduler: "tls://127.0.0.1:1".into(),
-                    dashboard: None,
-                    api,
-                },
-            );
-            name
-        }
-    };
-    let short = create_running(grouped("s", &["short"])).await;
-    let watched = create_running(grouped("w", &["attended"])).await;
-    let forever = create_running(user("f")).await;
+    let short = running_as(&svc, &b, &grouped("s", &["short"])).await;
+    let watched = running_as(&svc, &b, &grouped("w", &["attended"])).await;
+    let forever = running_as(&svc, &b, &user("f")).await;
     let client = connections.opened(&watched);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::advance(Duration::from_millis(600)).await;
     svc.enforce_lifetimes().await;
     // Past its lifetime: stopped, with the reason kept.
     let v = b.get(&short).unwrap();
@@ -584,7 +621,7 @@ groups:
     drop(client);
     svc.enforce_lifetimes().await;
     assert_eq!(b.get(&watched).unwrap().status, ClusterStatus::Running);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::advance(Duration::from_millis(500)).await;
     svc.enforce_lifetimes().await;
     let v = b.get(&watched).unwrap();
     assert!(!v.status.is_active());
@@ -602,24 +639,83 @@ groups:
     assert_eq!(b.get(&forever).unwrap().status, ClusterStatus::Running);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
+async fn the_sweeper_stops_a_cluster_at_its_maximum_lifetime_not_a_tick_before() {
+    let (svc, b) = service("max_lifetime: 60");
+    let name = running_as(&svc, &b, &user("alice")).await;
+    let pending = svc.create(&user("bob"), None).await.unwrap();
+    tokio::time::advance(Duration::from_millis(59_999)).await;
+    svc.enforce_lifetimes().await;
+    assert_eq!(b.get(&name).unwrap().status, ClusterStatus::Running);
+    assert_eq!(b.get(&pending).unwrap().status, ClusterStatus::Pending);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    svc.enforce_lifetimes().await;
+    // Running or not: the lifetime counts from the create.
+    for n in [&name, &pending] {
+        let v = b.get(n).unwrap();
+        assert_eq!(v.status, ClusterStatus::Stopped);
+        assert_eq!(
+            v.reason.as_deref(),
+            Some("stopped: reached its maximum lifetime of 1 min")
+        );
+        assert_eq!(v.stop_time, Some(v.start_time + 60_000));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_no_client_timeout_counts_from_the_last_client_or_the_first_look() {
+    let connections = Arc::new(gateway_proxy::ClientConnections::default());
+    let (svc, b) = service("no_client_timeout: 30");
+    let svc = svc.with_activity(connections.clone());
+    let attended = running_as(&svc, &b, &user("alice")).await;
+    let client = connections.opened(&attended);
+    // Never a client: counted from the sweep that first saw it running without one.
+    let lonely = running_as(&svc, &b, &user("bob")).await;
+    // Pending clusters have no clients to wait for: their time does not count.
+    let pending = svc.create(&user("carol"), None).await.unwrap();
+    svc.enforce_lifetimes().await;
+    tokio::time::advance(Duration::from_millis(29_999)).await;
+    svc.enforce_lifetimes().await;
+    assert_eq!(b.get(&lonely).unwrap().status, ClusterStatus::Running);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    svc.enforce_lifetimes().await;
+    let v = b.get(&lonely).unwrap();
+    assert_eq!(v.status, ClusterStatus::Stopped);
+    assert_eq!(
+        v.reason.as_deref(),
+        Some("stopped: no client connected for 30 s")
+    );
+    // A connected client holds its cluster however long; the timeout starts when it leaves.
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    svc.enforce_lifetimes().await;
+    assert_eq!(b.get(&attended).unwrap().status, ClusterStatus::Running);
+    drop(client);
+    tokio::time::advance(Duration::from_millis(29_999)).await;
+    svc.enforce_lifetimes().await;
+    assert_eq!(b.get(&attended).unwrap().status, ClusterStatus::Running);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    svc.enforce_lifetimes().await;
+    assert_eq!(b.get(&attended).unwrap().status, ClusterStatus::Stopped);
+    assert_eq!(b.get(&pending).unwrap().status, ClusterStatus::Pending);
+}
+
+#[tokio::test(start_paused = true)]
 async fn replicas_share_client_activity_through_the_backend() {
     // Two gateway replicas over one backend, each with its own proxy connections.
-    let config: ClusterConfig = serde_yaml::from_str("no_client_timeout: 1.5").unwrap();
-    let backend = Arc::new(FakeBackend::new());
+    let yaml = "no_client_timeout: 1.5";
+    let clock = Clock::tokio();
+    let backend = fake_backend(clock);
     let conns_one = Arc::new(gateway_proxy::ClientConnections::default());
     let conns_two = Arc::new(gateway_proxy::ClientConnections::default());
-    let one = ClusterService::new(backend.clone(), Arc::new(config.clone()))
-        .with_activity(conns_one.clone());
-    let two = ClusterService::new(backend.clone(), Arc::new(config)).with_activity(conns_two);
-    let (api, _comm) = fake_scheduler_api().await;
-    let name = running_cluster(&one, &backend, "alice", &api).await;
+    let one = service_on(&backend, clock, yaml).with_activity(conns_one.clone());
+    let two = service_on(&backend, clock, yaml).with_activity(conns_two);
+    let name = running_as(&one, &backend, &user("alice")).await;
     // The client is connected through replica one only.
     let client = conns_one.opened(&name);
     for _ in 0..8 {
         one.enforce_lifetimes().await;
         two.enforce_lifetimes().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::advance(Duration::from_millis(400)).await;
     }
     assert_eq!(
         backend.get(&name).unwrap().status,
@@ -630,7 +726,7 @@ async fn replicas_share_client_activity_through_the_backend() {
     for _ in 0..10 {
         one.enforce_lifetimes().await;
         two.enforce_lifetimes().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::advance(Duration::from_millis(400)).await;
     }
     assert!(!backend.get(&name).unwrap().status.is_active());
 }
@@ -638,13 +734,11 @@ async fn replicas_share_client_activity_through_the_backend() {
 #[tokio::test]
 async fn replicas_cannot_pass_a_quota_together() {
     // Two gateway replicas over one shared backend, each with its own in-process state.
-    let config: ClusterConfig = serde_yaml::from_str("max_workers_per_user: 3").unwrap();
-    let backend = Arc::new(FakeBackend::new());
-    let one = Arc::new(ClusterService::new(
-        backend.clone(),
-        Arc::new(config.clone()),
-    ));
-    let two = Arc::new(ClusterService::new(backend.clone(), Arc::new(config)));
+    let yaml = "max_workers_per_user: 3";
+    let clock = Clock::tokio();
+    let backend = fake_backend(clock);
+    let one = Arc::new(service_on(&backend, clock, yaml));
+    let two = Arc::new(service_on(&backend, clock, yaml));
     let (api_a, comm_a) = fake_scheduler_api().await;
     let (api_b, comm_b) = fake_scheduler_api().await;
     let a = running_cluster(&one, &backend, "alice", &api_a).await;
@@ -696,7 +790,7 @@ async fn a_heartbeat_sent_before_a_scale_does_not_free_its_workers() {
         "{msg}"
     );
     // Once the hold is over, a heartbeat that still asks for none frees them.
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    skip(1300).await;
     svc.heartbeat(&a, &token_a, &hb(0)).await.unwrap();
     assert!(svc.scale(&alice, &c, &json!(3)).await.unwrap().ok);
 }

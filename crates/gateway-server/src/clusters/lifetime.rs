@@ -10,8 +10,8 @@ impl ClusterService {
     /// or from when another gateway replica last recorded a client of it with the backend).
     /// The reason goes to the cluster's status and the log. Called about once a second.
     pub async fn enforce_lifetimes(&self) {
-        let now = Instant::now();
-        let now_ms = now_ms();
+        let now = self.clock.instant();
+        let now_ms = self.clock.now_ms();
         let mut due = Vec::new();
         let mut record = Vec::new();
         {

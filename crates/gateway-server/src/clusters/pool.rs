@@ -14,7 +14,7 @@
 //! held them for that timeout (see [`ClusterService::stop`]). [`ClusterService::maintain_pools`]
 //! refills and trims the pools; [`ClusterService::stop_pools`] empties them.
 
-use super::{now_ms, ClusterService};
+use super::ClusterService;
 use crate::config::ClusterConfig;
 use crate::settings;
 use gateway_backend::{ClusterSettings, ClusterView, NewCluster, StopRequest, POOL_OWNER};
@@ -193,7 +193,7 @@ impl ClusterService {
                     k == &pool.key
                         && v.status == ClusterStatus::Failed
                         && v.stop_time
-                            .is_some_and(|t| now_ms() - t < FAILURE_WINDOW_MS)
+                            .is_some_and(|t| self.clock.now_ms() - t < FAILURE_WINDOW_MS)
                 })
                 .count();
             if recent_failures >= FAILURE_BUDGET {

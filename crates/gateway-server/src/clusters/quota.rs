@@ -134,7 +134,7 @@ impl ClusterService {
             ),
             _ => (wanted, None),
         };
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let current = view.grant.unwrap_or_default();
         let grant = match asker {
             Asker::Request => WorkerGrant {
