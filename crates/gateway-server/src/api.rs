@@ -269,8 +269,12 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
             .as_ref()
             .map(crate::controller_metrics)
             .unwrap_or_default();
-    let now = state.clusters.clock().now_ms();
-    match state.clusters.backend().usage(None, 0, now).await {
+    let backend = state.clusters.backend();
+    let usage = state
+        .metrics_usage
+        .get(|now| backend.usage(None, 0, now))
+        .await;
+    match usage {
         Ok(usage) => crate::usage::metrics_text(&usage, state.usage_metrics_by_user, &mut text),
         Err(e) => tracing::warn!("reading usage for /metrics: {e}"),
     }

@@ -31,6 +31,8 @@ pub struct AppState {
     pub metrics_token: Option<String>,
     /// Label the usage counters of `/metrics` by user and group.
     pub usage_metrics_by_user: bool,
+    /// The usage `/metrics` last read (reused for a few seconds, see [`crate::usage::UsageCache`]).
+    pub metrics_usage: Arc<crate::usage::UsageCache>,
     /// Upper bound on one API request, reading its body included.
     pub request_timeout: std::time::Duration,
     /// The in-process DaskCluster controller, if any (its counters join `/metrics`).

@@ -427,6 +427,10 @@ pub async fn run(
     };
 
     let clusters_for_shutdown = clusters.clone();
+    let metrics_usage = Arc::new(usage::UsageCache::new(
+        clusters.clock(),
+        usage::METRICS_USAGE_TTL,
+    ));
     let state = AppState {
         clusters,
         auth: Arc::new(authenticator),
@@ -437,6 +441,7 @@ pub async fn run(
             .and_then(|csp| http::HeaderValue::from_str(csp).ok()),
         metrics_token,
         usage_metrics_by_user: config.metrics.usage_by_user,
+        metrics_usage,
         request_timeout: Duration::from_secs_f64(config.request_timeout),
         controller: controller_live,
         event_followers: Arc::default(),

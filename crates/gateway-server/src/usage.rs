@@ -1,12 +1,68 @@
 //! `GET /api/v1/usage`: who used how much, from the backend's per-cluster usage
-//! ([`gateway_backend::ClusterBackend::usage`]), and the usage lines of `/metrics`.
+//! ([`gateway_backend::ClusterBackend::usage`]), and the usage lines of `/metrics` (from a
+//! [`UsageCache`]).
 
 use crate::auth::User;
+use crate::clock::Clock;
 use crate::clusters::ClusterError;
 use gateway_backend::{metrics, ClusterBackend};
 use gateway_model::{ClusterUsage, UsageGrouping, UsageReport};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long `/metrics` reuses the usage it last read (on Kubernetes each read lists every
+/// DaskCluster).
+pub const METRICS_USAGE_TTL: Duration = Duration::from_secs(10);
+
+/// The usage `/metrics` last read, reused for a while: one read at a time, and scrapes that
+/// arrive during a read wait for it and share its result. A failed read is not kept.
+pub struct UsageCache {
+    clock: Clock,
+    ttl: Duration,
+    /// When the last read started, and what it returned.
+    last: tokio::sync::Mutex<Option<(Instant, Arc<[ClusterUsage]>)>>,
+}
+
+impl Default for UsageCache {
+    /// On the system clock, for [`METRICS_USAGE_TTL`].
+    fn default() -> Self {
+        UsageCache::new(Clock::system(), METRICS_USAGE_TTL)
+    }
+}
+
+impl UsageCache {
+    /// A cache whose reads are reused for `ttl` of `clock`'s time.
+    pub fn new(clock: Clock, ttl: Duration) -> Self {
+        UsageCache {
+            clock,
+            ttl,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The usage read less than the TTL ago, else what `read(now_ms)` returns now (`now_ms`:
+    /// the end of the window to read, ms since the Unix epoch).
+    pub async fn get<F, Fut, E>(&self, read: F) -> Result<Arc<[ClusterUsage]>, E>
+    where
+        F: FnOnce(i64) -> Fut,
+        Fut: Future<Output = Result<Vec<ClusterUsage>, E>>,
+    {
+        let mut last = self.last.lock().await;
+        let started = self.clock.instant();
+        if let Some((at, usage)) = &*last {
+            if started.duration_since(*at) < self.ttl {
+                return Ok(usage.clone());
+            }
+        }
+        let usage: Arc<[ClusterUsage]> = read(self.clock.now_ms()).await?.into();
+        *last = Some((started, usage.clone()));
+        Ok(usage)
+    }
+}
 
 /// A parsed usage request.
 #[derive(Clone, Debug, PartialEq)]
@@ -161,6 +217,52 @@ pub fn metrics_text(clusters: &[ClusterUsage], by_user: bool, out: &mut String) 
 mod tests {
     use super::*;
     use gateway_model::UsageAmount;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn used_until(until: i64) -> ClusterUsage {
+        ClusterUsage {
+            cluster: "c".into(),
+            owner: "alice".into(),
+            group: None,
+            created: until,
+            amount: UsageAmount::default(),
+            cores_now: 0.0,
+            memory_now: 0.0,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn metrics_read_usage_once_per_window() {
+        let cache = UsageCache::new(Clock::tokio_at(1_000_000), Duration::from_secs(10));
+        let reads = AtomicUsize::new(0);
+        // A read that takes a while (a LIST on Kubernetes).
+        let read = |until: i64| {
+            reads.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, String>(vec![used_until(until)])
+            }
+        };
+        // Two concurrent scrapes: one read, shared.
+        let (a, b) = tokio::join!(cache.get(read), cache.get(read));
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert_eq!(a.unwrap()[0].created, 1_000_000);
+        assert_eq!(b.unwrap()[0].created, 1_000_000);
+        // Another within the window (counted from when the read started): still none.
+        tokio::time::advance(Duration::from_millis(9_699)).await;
+        let c = cache.get(read).await.unwrap();
+        assert_eq!((reads.load(Ordering::SeqCst), c[0].created), (1, 1_000_000));
+        // After it: read again, up to now.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let d = cache.get(read).await.unwrap();
+        assert_eq!((reads.load(Ordering::SeqCst), d[0].created), (2, 1_010_000));
+        // A failed read is not kept: the next scrape reads again.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let failing = |_| async { Err::<Vec<ClusterUsage>, _>("the API server is away") };
+        assert!(cache.get(failing).await.is_err());
+        let e = cache.get(read).await.unwrap();
+        assert_eq!((reads.load(Ordering::SeqCst), e[0].created), (3, 1_020_300));
+    }
 
     fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
         q.iter()

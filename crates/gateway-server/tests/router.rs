@@ -40,6 +40,7 @@ fn app(prefix: &str) -> Router {
         dashboard_csp: None,
         metrics_token: None,
         usage_metrics_by_user: false,
+        metrics_usage: Arc::default(),
         request_timeout: std::time::Duration::from_secs(30),
         controller: None,
         event_followers: Arc::default(),
