@@ -145,15 +145,15 @@ impl KubeBackend {
             .await
     }
 
-    /// Starts the watches and waits (bounded) for their first complete listing, so that a
-    /// restarted gateway knows every cluster before it answers.
-    pub async fn start(
+    /// The backend without its watches: empty caches, nothing synced. [`Self::start`] feeds
+    /// the caches from the watches; tests feed them the same events directly.
+    pub(crate) fn new(
         client: Client,
         config: KubeConfig,
         namespace: String,
         runtime: GatewayRuntime,
     ) -> Arc<Self> {
-        let backend = Arc::new(KubeBackend {
+        Arc::new(KubeBackend {
             clusters_api: Api::namespaced(client.clone(), &namespace),
             quota_locks: crate::quota_lock::QuotaLocks::new(
                 client.clone(),
@@ -171,7 +171,18 @@ impl KubeBackend {
             cache: Mutex::new(Cache::default()),
             synced: [AtomicBool::new(false), AtomicBool::new(false)],
             counters: Counters::default(),
-        });
+        })
+    }
+
+    /// Starts the watches and waits (bounded) for their first complete listing, so that a
+    /// restarted gateway knows every cluster before it answers.
+    pub async fn start(
+        client: Client,
+        config: KubeConfig,
+        namespace: String,
+        runtime: GatewayRuntime,
+    ) -> Arc<Self> {
+        let backend = Self::new(client.clone(), config, namespace.clone(), runtime);
         let selector = names::instance_selector(&backend.config.instance);
         let clusters_selector = names::active_selector(&backend.config.instance);
         let secrets_selector = format!(
@@ -1059,3 +1070,7 @@ impl ClusterBackend for KubeBackend {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "backend_tests.rs"]
+mod tests;

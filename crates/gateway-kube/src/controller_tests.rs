@@ -5,96 +5,16 @@
 use super::*;
 use crate::build::tests::cluster;
 use crate::crd::{DaskClusterStatus, Phase, StopSpec};
-use http::{Method, Request, Response};
+use crate::mock_api::{ApiServer, Call};
+use http::Method;
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, PodCondition,
     PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::client::Body;
 use kube::runtime::reflector::{store, store::Writer};
 use kube::runtime::watcher::Event;
-use serde_json::{json, Value};
-
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-/// The mocked API server: requests arrive in order; each gets an answer from the test.
-struct ApiServer(Handle);
-
-/// One request the controller made.
-struct Call {
-    method: Method,
-    path: String,
-    query: String,
-    body: Value,
-    respond: tower_test::mock::SendResponse<Response<Body>>,
-}
-
-impl Call {
-    fn ok(self, body: Value) {
-        self.respond.send_response(
-            Response::builder()
-                .status(200)
-                .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                .unwrap(),
-        );
-    }
-
-    /// Answers with the request's own body (creations and updates accepted as sent).
-    fn echo(self) {
-        let body = self.body.clone();
-        self.ok(body)
-    }
-
-    fn text(self, text: &str) {
-        self.respond.send_response(
-            Response::builder()
-                .status(200)
-                .body(Body::from(text.as_bytes().to_vec()))
-                .unwrap(),
-        );
-    }
-
-    fn status(self, code: u16, reason: &str) {
-        let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                          "message": reason, "reason": reason, "code": code});
-        self.respond.send_response(
-            Response::builder()
-                .status(code)
-                .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                .unwrap(),
-        );
-    }
-}
-
-impl ApiServer {
-    async fn next(&mut self) -> Call {
-        let (req, respond) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
-            .await
-            .expect("the controller made no further request")
-            .expect("the client was dropped");
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or("").to_string();
-        let bytes = req.into_body().collect_bytes().await.unwrap();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Call {
-            method,
-            path,
-            query,
-            body,
-            respond,
-        }
-    }
-
-    /// Asserts that no request arrives for a while.
-    async fn silent(&mut self) {
-        let r = tokio::time::timeout(Duration::from_millis(300), self.0.next_request()).await;
-        if let Ok(Some((req, _))) = r {
-            panic!("unexpected request {} {}", req.method(), req.uri());
-        }
-    }
-}
+use serde_json::json;
 
 struct Caches {
     pods: Writer<Pod>,
@@ -107,8 +27,7 @@ fn context(batch: usize) -> (Arc<Context>, ApiServer, Caches) {
 }
 
 fn context_with(batch: usize, record_events: bool) -> (Arc<Context>, ApiServer, Caches) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "dask");
+    let (client, api) = crate::mock_api::pair();
     let (pods, pod_writer) = store();
     let (secrets, secret_writer) = store();
     let (services, service_writer) = store();
@@ -128,7 +47,7 @@ fn context_with(batch: usize, record_events: bool) -> (Arc<Context>, ApiServer, 
     );
     (
         Arc::new(ctx),
-        ApiServer(handle),
+        api,
         Caches {
             pods: pod_writer,
             secrets: secret_writer,

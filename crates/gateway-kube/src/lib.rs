@@ -25,6 +25,8 @@ pub mod crd;
 pub mod events;
 pub mod leader;
 pub mod limiter;
+#[cfg(test)]
+mod mock_api;
 pub mod names;
 pub mod quantity;
 pub mod quota_lock;
