@@ -34,6 +34,8 @@ pub struct FakeBackend {
     quota_locks: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     /// Where start and stop times come from (default: the system's wall clock).
     clock: Option<std::sync::Arc<dyn Fn() -> i64 + Send + Sync>>,
+    /// Where new clusters' names come from (default: random ids, as real backends make).
+    names: Option<std::sync::Arc<dyn Fn() -> String + Send + Sync>>,
 }
 
 fn system_ms() -> i64 {
@@ -53,6 +55,13 @@ impl FakeBackend {
     /// of the system's wall clock: the clock of the service above it, in tests that move time.
     pub fn with_clock(mut self, now_ms: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
         self.clock = Some(std::sync::Arc::new(now_ms));
+        self
+    }
+
+    /// Names new clusters `next_name()` instead of a random id (and so their TLS pairs, which
+    /// the fake derives from the name): tests that compare answers byte for byte.
+    pub fn with_names(mut self, next_name: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        self.names = Some(std::sync::Arc::new(next_name));
         self
     }
 
@@ -107,7 +116,10 @@ impl ClusterBackend for FakeBackend {
         {
             return Err(BackendError::Internal(msg));
         }
-        let name = new_cluster_id();
+        let name = self
+            .names
+            .as_ref()
+            .map_or_else(new_cluster_id, |next| next());
         let view = ClusterView {
             name: name.clone(),
             owner: request.owner,
