@@ -1,0 +1,497 @@
+"""Side by side on Kubernetes, driven by `scripts/bench-compare --kube` (a benchmark that prints
+numbers, not a test): OUR gateway and the REFERENCE dask-gateway-server from PyPI, on the same
+tests/kube-env, with the same API write limits (50/s, burst 100), image, pod requests and no-op
+workers, measured in alternating rounds of one run.
+
+How each side runs (on this machine, as it would in a cluster):
+- ours: gateway-server with the Kubernetes backend and its controller in one process, under the
+  chart's namespaced ServiceAccount (as scripts/bench-kube runs it);
+- the reference: `dask-gateway-server` (its API server with KubeBackend) and `dask-gateway-server
+  kube-controller`, under a ServiceAccount of their own bound to cluster-admin (its controller
+  watches pods in every namespace). Its API server forwards a scale request to the scheduler's
+  Service DNS name, which only cluster DNS resolves, so it runs in a private mount namespace
+  whose /etc/resolv.conf names CoreDNS, as a pod's does. Its controller writes Traefik routes, so
+  Traefik's two route CRDs are installed (minimal schemas); no Traefik runs: nothing measured here
+  goes through a proxy.
+
+Measured per round, on each side, through each side's own REST API and real code path:
+1. create -> scheduler Pod object: from POST /api/v1/clusters to the scheduler pod's ADDED event
+   on a watch of the side's namespace;
+2. create -> RUNNING in the API: GET /api/v1/clusters/{name}, polled every 20 ms;
+3. scale 0 -> N (POST .../scale): all N worker Pod objects exist, and all N Running (events of the
+   same watch);
+4. the side's API writes for that scale-up (until 3 s after the last pod ran), counted by user
+   from the API server's audit log (tests/kube-env keeps one);
+5. the side's CPU time for that scale-up: every process of the side (ours: one; the reference:
+   its API server and its controller), from /proc.
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+import manifests
+from kube_bench import BRIDGE_IP, DASK_IMAGE, KUBE_ENV, Gateway, Kube, sh
+
+AUDIT_LOG = Path(os.environ.get("KUBE_ENV_DIR", "/tmp/dgrs-kube-env")) / "audit.log"
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+USER = "bench"
+IDLE_WINDOW = 20  # seconds of each side's idle CPU, measured once
+# Pod sizes small enough for 100 workers on the test node (2 CPU), the same on both sides.
+SCHEDULER_CORES, SCHEDULER_MEMORY = 0.1, "1G"
+WORKER_CORES, WORKER_MEMORY = 0.01, "128M"
+# Worker pods whose container sleeps instead of running Dask (the gateway's arguments go to
+# `sh -c` as positional parameters and are ignored): this measures the gateways, controllers,
+# API server and kubelet, not 100 Python start-ups on 2 cores.
+NO_OP_COMMAND = ["sh", "-c", "exec sleep infinity", "--"]
+
+
+def say(msg):
+    print(msg, flush=True)
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+class PodWatch:
+    """A watch of one namespace's pods (the API server's watch, read line by line), keeping
+    when each pod was first seen and first seen Running, by this process's monotonic clock."""
+
+    def __init__(self, kubeconfig, ns, workdir):
+        cfg = yaml.safe_load(Path(kubeconfig).read_text())
+        cluster, user = cfg["clusters"][0]["cluster"], cfg["users"][0]["user"]
+        files = {}
+        for key in ("certificate-authority-data", "client-certificate-data", "client-key-data"):
+            path = Path(workdir) / f"watch-{key}.pem"
+            path.write_bytes(base64.b64decode(user.get(key) or cluster[key]))
+            path.chmod(0o600)
+            files[key] = str(path)
+        ctx = ssl.create_default_context(cafile=files["certificate-authority-data"])
+        ctx.load_cert_chain(files["client-certificate-data"], files["client-key-data"])
+        url = urllib.parse.urlsplit(cluster["server"])
+        self.conn = http.client.HTTPSConnection(url.hostname, url.port, context=ctx)
+        self.conn.request("GET", f"/api/v1/namespaces/{ns}/pods?watch=1")
+        self.response = self.conn.getresponse()
+        if self.response.status != 200:
+            sys.exit(f"watch of {ns}'s pods: HTTP {self.response.status}")
+        self.cond = threading.Condition()
+        self.pods = {}  # name -> {"component", "added", "running"}
+        self.closed = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for line in self.response:
+                now = time.perf_counter()
+                event = json.loads(line)
+                pod = event["object"]
+                name = pod["metadata"]["name"]
+                component = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
+                with self.cond:
+                    if event["type"] == "DELETED":
+                        self.pods.pop(name, None)
+                    elif event["type"] in ("ADDED", "MODIFIED"):
+                        seen = self.pods.setdefault(name, {"component": component, "added": now,
+                                                           "running": None})
+                        if pod.get("status", {}).get("phase") == "Running" and seen["running"] is None:
+                            seen["running"] = now
+                    self.cond.notify_all()
+        except Exception as e:  # the watch ended: waits fail with the reason below
+            if not self.closed:
+                print(f"pod watch ended: {e!r}", file=sys.stderr)
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def wait(self, predicate, timeout, what):
+        """Waits until `predicate(pods)` returns a value other than None, and returns it."""
+        deadline = time.perf_counter() + timeout
+        with self.cond:
+            while True:
+                value = predicate(self.pods)
+                if value is not None:
+                    return value
+                if self.closed:
+                    sys.exit(f"the pod watch ended while waiting for {what}")
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    seen = {}
+                    for p in self.pods.values():
+                        k = (p["component"] or "?") + (" Running" if p["running"] else "")
+                        seen[k] = seen.get(k, 0) + 1
+                    sys.exit(f"timed out after {timeout} s waiting for {what}; pods seen: {seen}")
+                self.cond.wait(left)
+
+    def close(self):
+        # Shut the socket down rather than close it: a close while the reader thread is in
+        # an SSL read can block; a shutdown ends that read at once.
+        self.closed = True
+        try:
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def api(side, method, path, body=None, timeout=60):
+    headers = {"Authorization": "Basic " + base64.b64encode(f"{USER}:".encode()).decode()}
+    data = None
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(body).encode()
+    req = urllib.request.Request(side.url + path, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None
+
+
+def audit_offset():
+    return AUDIT_LOG.stat().st_size
+
+
+def audit_writes(offset, user):
+    """The writes `user` made since `offset` of the audit log, by resource[/subresource]."""
+    out = {}
+    with open(AUDIT_LOG, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            e = json.loads(line)
+            if e.get("user", {}).get("username") != user or e.get("verb") not in WRITE_VERBS:
+                continue
+            ref = e.get("objectRef", {})
+            key = ref.get("resource", "?") + ("/" + ref["subresource"] if ref.get("subresource") else "")
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+class Ours:
+    label = "ours"
+
+    def __init__(self, kube, binary, workdir):
+        self.ns, kc = kube.namespace("ours")
+        self.user = f"system:serviceaccount:{self.ns}:{manifests.SERVICE_ACCOUNT}"
+        settings = {"worker": {"extraContainerConfig": {"command": NO_OP_COMMAND,
+                                                        "readinessProbe": None}},
+                    "termination_grace_period_seconds": 1}
+        self.gateway = Gateway(binary, workdir, kc, self.ns, 8193, {"kubernetes": settings})
+        self.url = self.gateway.url
+
+    def pids(self):
+        return [self.gateway.proc.pid]
+
+    def stop(self):
+        self.gateway.stop()
+
+
+class Reference:
+    label = "reference"
+
+    def __init__(self, kube, venv, workdir, version):
+        self.version = version
+        self.ns = f"bench-reference-{os.urandom(3).hex()}"
+        kube.kubectl("create", "namespace", self.ns)
+        sa = "reference-gateway"
+        kube.kubectl("create", "serviceaccount", "-n", self.ns, sa)
+        kube.kubectl("create", "clusterrolebinding", f"{self.ns}-{sa}", "--clusterrole",
+                     "cluster-admin", f"--serviceaccount={self.ns}:{sa}")
+        kc = sh(str(KUBE_ENV / "sa-kubeconfig"), self.ns, sa).strip().splitlines()[-1]
+        self.user = f"system:serviceaccount:{self.ns}:{sa}"
+        port = 8194
+        self.url = f"http://127.0.0.1:{port}"
+        work = Path(workdir)
+        config = work / "reference_config.py"
+        config.write_text(REFERENCE_CONFIG.format(
+            port=port, controller_port=port + 1, api_url=f"http://{BRIDGE_IP}:{port}/api", ns=self.ns, image=DASK_IMAGE,
+            scheduler_cores=SCHEDULER_CORES, scheduler_memory=SCHEDULER_MEMORY,
+            worker_cores=WORKER_CORES, worker_memory=WORKER_MEMORY,
+            cpu_limit=os.cpu_count(), no_op=json.dumps(NO_OP_COMMAND)))
+        resolv = work / "resolv.conf"
+        resolv.write_text(f"nameserver {BRIDGE_IP}\nsearch svc.cluster.local cluster.local\n"
+                          "options ndots:5\n")
+        env = dict(os.environ, KUBECONFIG=kc)
+        server = str(Path(venv) / "bin" / "dask-gateway-server")
+        self.logs = [open(work / "reference-api.log", "w"), open(work / "reference-controller.log", "w")]
+        # The API server in a private mount namespace whose resolv.conf is the cluster's.
+        self.api = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+             'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv),
+             server, "-f", str(config)],
+            env=env, stdout=self.logs[0], stderr=self.logs[0], cwd=workdir)
+        self.controller = subprocess.Popen(
+            [server, "kube-controller", "-f", str(config)],
+            env=env, stdout=self.logs[1], stderr=self.logs[1], cwd=workdir)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/api/health", timeout=2).read()
+                break
+            except Exception:
+                if time.time() > deadline or self.api.poll() is not None:
+                    sys.exit(f"the reference gateway did not start; see {work}/reference-api.log")
+                time.sleep(0.2)
+
+    def pids(self):
+        return [self.api.pid, self.controller.pid]
+
+    def stop(self):
+        for p in (self.api, self.controller):
+            p.terminate()
+        for p in (self.api, self.controller):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+REFERENCE_CONFIG = """\
+# The reference's configuration for scripts/kube_compare.py (equivalent to ours there). Its
+# CPU limits default to the requests (0.1 core for the scheduler, which throttles Python's
+# start-up to over 15 s); ours sets none by default, so the reference's are the node's cores.
+c.DaskGateway.address = "0.0.0.0:{port}"
+c.DaskGateway.backend_class = "dask_gateway_server.backends.kubernetes.KubeBackend"
+c.DaskGateway.authenticator_class = "dask_gateway_server.auth.SimpleAuthenticator"
+c.KubeBackend.gateway_instance = "bench-reference"
+c.KubeController.gateway_instance = "bench-reference"
+c.KubeController.address = "127.0.0.1:{controller_port}"
+c.KubeController.api_url = "{api_url}"
+c.KubeController.k8s_api_rate_limit = 50
+c.KubeController.k8s_api_rate_limit_burst = 100
+c.KubeClusterConfig.namespace = "{ns}"
+c.KubeClusterConfig.image = "{image}"
+c.KubeClusterConfig.image_pull_policy = "IfNotPresent"
+c.KubeClusterConfig.scheduler_cmd = ["dask", "scheduler"]
+c.KubeClusterConfig.worker_cmd = ["dask", "worker"]
+c.KubeClusterConfig.scheduler_cores = {scheduler_cores}
+c.KubeClusterConfig.scheduler_cores_limit = {cpu_limit}
+c.KubeClusterConfig.scheduler_memory = "{scheduler_memory}"
+c.KubeClusterConfig.scheduler_memory_limit = "{scheduler_memory}"
+c.KubeClusterConfig.worker_cores = {worker_cores}
+c.KubeClusterConfig.worker_cores_limit = {cpu_limit}
+c.KubeClusterConfig.worker_memory = "{worker_memory}"
+c.KubeClusterConfig.worker_memory_limit = "{worker_memory}"
+c.KubeClusterConfig.worker_threads = 1
+c.KubeClusterConfig.worker_extra_container_config = {{"command": {no_op}}}
+c.KubeClusterConfig.worker_extra_pod_config = {{"terminationGracePeriodSeconds": 1}}
+c.KubeClusterConfig.scheduler_extra_pod_config = {{"terminationGracePeriodSeconds": 1}}
+"""
+
+
+def crd(group, kind, plural, status):
+    version = {"name": "v1alpha1", "served": True, "storage": True,
+               "schema": {"openAPIV3Schema": {"type": "object",
+                                              "x-kubernetes-preserve-unknown-fields": True}}}
+    if status:
+        version["subresources"] = {"status": {}}
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.{group}"},
+            "spec": {"group": group, "scope": "Namespaced", "versions": [version],
+                     "names": {"kind": kind, "plural": plural, "singular": kind.lower(),
+                               "listKind": kind + "List"}}}
+
+
+def reference_crds():
+    """The reference's DaskCluster CRD and Traefik's two route CRDs (schemas left open: nothing
+    here validates them, and the objects are only written and watched)."""
+    return [crd("gateway.dask.org", "DaskCluster", "daskclusters", True),
+            crd("traefik.io", "IngressRoute", "ingressroutes", False),
+            crd("traefik.io", "IngressRouteTCP", "ingressroutetcps", False)]
+
+
+def one_round(side, watch, workers):
+    """One cluster's life on one side; returns its measurements."""
+    r = {}
+    t0 = time.perf_counter()
+    name = api(side, "POST", "/api/v1/clusters/", {"cluster_options": {}})["name"]
+    r["create_answered_s"] = time.perf_counter() - t0
+    while True:
+        status = api(side, "GET", f"/api/v1/clusters/{name}")["status"]
+        if status == "RUNNING":
+            r["create_to_running_s"] = time.perf_counter() - t0
+            break
+        if status in ("FAILED", "STOPPED"):
+            sys.exit(f"{side.label}: cluster {name} ended {status} before RUNNING")
+        if time.perf_counter() - t0 > 180:
+            sys.exit(f"{side.label}: cluster {name} not RUNNING after 180 s")
+        time.sleep(0.02)
+    r["create_to_scheduler_pod_s"] = watch.wait(
+        lambda pods: next((p["added"] - t0 for p in pods.values()
+                           if p["component"] == "dask-scheduler"), None), 5,
+        "the scheduler pod")
+    time.sleep(2)  # let the writes that follow RUNNING settle before the scale-up's window
+
+    offset, cpu0 = audit_offset(), cpu_seconds(side.pids())
+    t1 = time.perf_counter()
+    api(side, "POST", f"/api/v1/clusters/{name}/scale", {"count": workers})
+
+    def workers_where(key):
+        def done(pods):
+            times = [p[key] for p in pods.values()
+                     if p["component"] == "dask-worker" and p[key] is not None]
+            return max(times) - t1 if len(times) >= workers else None
+        return done
+    r["scale_pods_created_s"] = watch.wait(workers_where("added"), 120, f"{workers} worker pods")
+    r["scale_pods_running_s"] = watch.wait(workers_where("running"), 600,
+                                           f"{workers} Running worker pods")
+    time.sleep(3)  # the status writes that follow the last pod's start
+    r["scale_cpu_s"] = cpu_seconds(side.pids()) - cpu0
+    r["scale_window_s"] = time.perf_counter() - t1
+    writes = audit_writes(offset, side.user)
+    r["scale_api_writes"] = sum(writes.values())
+    r["scale_api_writes_by_resource"] = writes
+
+    api(side, "DELETE", f"/api/v1/clusters/{name}")
+    watch.wait(lambda pods: True if not pods else None, 180, f"{side.label}'s pods to go")
+    return r
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def run_rounds(kube, args, workdir):
+    """Starts both sides and runs the rounds, alternating which side goes first."""
+    results = {"ours": [], "reference": []}
+    sides = []
+    try:
+        sides.append(Ours(kube, args.gateway, workdir))
+        sides.append(Reference(kube, args.ref_venv, workdir, args.ref_version))
+        watches = {s.label: PodWatch(args.kubeconfig, s.ns, workdir) for s in sides}
+        # What each side spends with no cluster at all (timers, lease renewals, watches), so
+        # that the scale-up's CPU can also be read net of it.
+        time.sleep(5)
+        before = {s.label: cpu_seconds(s.pids()) for s in sides}
+        time.sleep(IDLE_WINDOW)
+        for s in sides:
+            results[s.label + "_idle_cpu_per_s"] = (cpu_seconds(s.pids()) - before[s.label]) / IDLE_WINDOW
+        say("  idle CPU: " + ", ".join(f"{s.label} {results[s.label + '_idle_cpu_per_s'] * 1000:.1f} ms/s"
+                                       for s in sides))
+        for i in range(args.rounds):
+            for side in (sides if i % 2 == 0 else sides[::-1]):
+                r = one_round(side, watches[side.label], args.workers)
+                results[side.label].append(r)
+                say(f"  round {i + 1} {side.label:9}: scheduler pod "
+                    f"{r['create_to_scheduler_pod_s']:.3f} s, RUNNING "
+                    f"{r['create_to_running_s']:.2f} s; scale 0 -> {args.workers}: created "
+                    f"{r['scale_pods_created_s']:.2f} s, Running "
+                    f"{r['scale_pods_running_s']:.2f} s, {r['scale_api_writes']} writes "
+                    f"{r['scale_api_writes_by_resource']}, CPU {r['scale_cpu_s']:.2f} s")
+        for w in watches.values():
+            w.close()
+    finally:
+        for s in sides:
+            s.stop()
+        for s in sides:
+            kube.kubectl("delete", "namespace", s.ns, "--wait=true", "--timeout=300s",
+                         check=False)
+            if isinstance(s, Reference):
+                kube.kubectl("delete", "clusterrolebinding", f"{s.ns}-reference-gateway",
+                             check=False)
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gateway", required=True)
+    ap.add_argument("--ref-venv", required=True)
+    ap.add_argument("--ref-version", required=True)
+    ap.add_argument("--kubeconfig", required=True)
+    ap.add_argument("--kubectl", required=True)
+    ap.add_argument("--workers", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    # A TERM (bench-compare's Ctrl-C, a timeout) unwinds like an error: both sides are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if not AUDIT_LOG.exists():
+        sys.exit(f"{AUDIT_LOG} is missing: this tests/kube-env runs without its audit log "
+                 "(started by an older version); restart it with tests/kube-env/down")
+    kube = Kube(args.kubeconfig, args.kubectl)
+    # The node holds at most 110 pods: start only once earlier runs' pods are gone.
+    deadline = time.time() + 300
+    while True:
+        left = [line for line in kube.kubectl("get", "pods", "-A", "--no-headers").splitlines()
+                if not line.startswith("kube-system ")]
+        if not left:
+            break
+        if time.time() > deadline:
+            sys.exit(f"{len(left)} pods of earlier runs are still on the node; delete them first")
+        time.sleep(2)
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                 input=yaml.safe_dump_all([manifests.crd(), *reference_crds()]))
+    for c in ["daskclusters.gateway.dask.org", manifests.crd()["metadata"]["name"]]:
+        kube.kubectl("wait", "--for=condition=Established", f"crd/{c}", "--timeout=60s")
+    cores = os.cpu_count()
+    say(f"Kubernetes side by side ({cores} cores; tests/kube-env, real containers from "
+        f"{DASK_IMAGE}; {args.workers} no-op workers per scale-up; {args.rounds} rounds each, "
+        f"alternating; API writes at most 50/s, burst 100, on both sides)")
+    workdir = tempfile.mkdtemp(prefix="dgrs-kube-compare-")
+    try:
+        results = run_rounds(kube, args, workdir)
+    except BaseException:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+    for side in ("ours", "reference"):
+        idle = results[side + "_idle_cpu_per_s"]
+        for r in results[side]:
+            r["scale_cpu_net_s"] = max(0.0, r["scale_cpu_s"] - idle * r["scale_window_s"])
+    rows = []
+    for key, label, unit in [
+        ("create_to_scheduler_pod_s", "create -> scheduler Pod object", "s"),
+        ("create_to_running_s", "create -> cluster RUNNING in the API", "s"),
+        ("scale_pods_created_s", f"scale 0 -> {args.workers}: all worker Pod objects exist", "s"),
+        ("scale_pods_running_s", f"scale 0 -> {args.workers}: all Running (kubelet-bound)", "s"),
+        ("scale_api_writes", f"API writes per {args.workers}-worker scale-up", ""),
+        ("scale_cpu_s", f"gateway + controller CPU per {args.workers}-worker scale-up", "s"),
+        ("scale_cpu_net_s", "the same, net of each side's idle CPU over the window", "s"),
+    ]:
+        ours = [r[key] for r in results["ours"]]
+        ref = [r[key] for r in results["reference"]]
+        o, f = median(ours), median(ref)
+        rows.append({"measure": label, "key": key, "unit": unit, "ours": o, "reference": f,
+                     "ours_all": ours, "reference_all": ref,
+                     "ratio": (o / f) if o is not None and f else None})
+
+    def fmt(v, unit):
+        if v is None:
+            return "-"
+        return f"{v:.3f} {unit}".strip() if unit else f"{v:.0f}"
+    say("")
+    say(f"| measure (median of {args.rounds}) | ours | reference {args.ref_version} | ours / reference |")
+    say("|---|---|---|---|")
+    for row in rows:
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        say(f"| {row['measure']} | {fmt(row['ours'], row['unit'])} | "
+            f"{fmt(row['reference'], row['unit'])} | {ratio} |")
+    summary = {"kind": "kubernetes", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "cores": cores, "loadavg": os.getloadavg(), "workers": args.workers,
+               "rounds": args.rounds, "reference_version": args.ref_version, "rows": rows,
+               "rounds_detail": results}
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    say(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
