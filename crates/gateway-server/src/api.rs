@@ -5,7 +5,7 @@ use crate::clusters::{ClusterService, Requester};
 use crate::http_shared::{
     hub_login_redirect, is_https, refused, set_negotiate_reply, set_session_cookie,
 };
-pub use crate::http_shared::{ApiError, ApiResult, AppState};
+pub use crate::http_shared::{ApiError, ApiResult, AppState, AppStateFields};
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};

@@ -14,9 +14,29 @@ use std::sync::Arc;
 /// What a handler answers: its value, or an [`ApiError`].
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// Shared state of all handlers.
+/// Shared state of all handlers: a handle on [`AppStateFields`] that clones with one reference
+/// count, since every request clones it several times (each middleware layer and each `State`
+/// extractor). Fields read through it as if it were the struct.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateFields>);
+
+impl AppState {
+    /// The state handlers run with.
+    pub fn new(fields: AppStateFields) -> Self {
+        AppState(Arc::new(fields))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateFields;
+
+    fn deref(&self) -> &AppStateFields {
+        &self.0
+    }
+}
+
+/// What the handlers share (see [`AppState`]).
+pub struct AppStateFields {
     /// The cluster rules over the backend.
     pub clusters: Arc<ClusterService>,
     /// User authentication.

@@ -20,7 +20,7 @@ pub mod settings;
 pub mod usage;
 pub mod web;
 
-use crate::api::AppState;
+use crate::api::{AppState, AppStateFields};
 use crate::auth::Authenticator;
 use crate::clusters::ClusterService;
 use crate::config::{BackendKind, GatewayConfig};
@@ -431,7 +431,7 @@ pub async fn run(
         clusters.clock(),
         usage::METRICS_USAGE_TTL,
     ));
-    let state = AppState {
+    let state = AppState::new(AppStateFields {
         clusters,
         auth: Arc::new(authenticator),
         forwarder: HttpForwarder::new(),
@@ -447,7 +447,7 @@ pub async fn run(
         event_followers: Arc::default(),
         api_requests: Arc::default(),
         started: std::time::Instant::now(),
-    };
+    });
     let app = api::router(state.clone(), &config.prefix(), metrics_listener.is_none());
 
     let mut servers = Vec::new();

@@ -42,7 +42,7 @@ use axum::Router;
 use base64::Engine;
 use gateway_backend::fake::FakeBackend;
 use gateway_backend::ClusterBackend;
-use gateway_server::api::{router, AppState};
+use gateway_server::api::{router, AppState, AppStateFields};
 use gateway_server::auth::Authenticator;
 use gateway_server::clock::Clock;
 use gateway_server::clusters::ClusterService;
@@ -139,7 +139,7 @@ impl Script {
             ClusterService::new(backend.clone(), Arc::new(config.cluster.clone()))
                 .with_clock(Clock::tokio_at(T0)),
         );
-        let state = AppState {
+        let state = AppState::new(AppStateFields {
             clusters,
             auth: Arc::new(Authenticator::new(&config.auth, &config.prefix())),
             forwarder: gateway_proxy::HttpForwarder::new(),
@@ -153,7 +153,7 @@ impl Script {
             event_followers: Arc::default(),
             api_requests: Arc::default(),
             started: std::time::Instant::now(),
-        };
+        });
         // The scheduler preload's API (§9.5): records each forwarded message, answers 200.
         let comm = Arc::new(Mutex::new(Vec::new()));
         let scheduler = Router::new().route(

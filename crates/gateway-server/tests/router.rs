@@ -7,7 +7,7 @@ use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use base64::Engine;
 use gateway_backend::fake::FakeBackend;
-use gateway_server::api::{router, AppState};
+use gateway_server::api::{router, AppState, AppStateFields};
 use gateway_server::auth::Authenticator;
 use gateway_server::clusters::ClusterService;
 use gateway_server::config::GatewayConfig;
@@ -32,7 +32,7 @@ fn app(prefix: &str) -> Router {
         backend,
         Arc::new(config.cluster.clone()),
     ));
-    let state = AppState {
+    let state = AppState::new(AppStateFields {
         clusters,
         auth: Arc::new(Authenticator::new(&config.auth, &config.prefix())),
         forwarder: gateway_proxy::HttpForwarder::new(),
@@ -46,7 +46,7 @@ fn app(prefix: &str) -> Router {
         event_followers: Arc::default(),
         api_requests: Arc::default(),
         started: std::time::Instant::now(),
-    };
+    });
     router(state, &config.prefix(), true)
 }
 
