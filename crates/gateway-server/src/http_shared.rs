@@ -65,6 +65,29 @@ pub struct AppStateFields {
     pub started: std::time::Instant,
 }
 
+impl AppStateFields {
+    /// The state for `clusters` and `auth` with every other setting at its default: open
+    /// dashboards and `/metrics`, no dashboard CSP, no per-user usage labels, 30 s per request,
+    /// no in-process controller. The server sets the rest from its configuration.
+    pub fn new(clusters: Arc<ClusterService>, auth: Arc<Authenticator>) -> Self {
+        AppStateFields {
+            clusters,
+            auth,
+            forwarder: HttpForwarder::new(),
+            dashboard_auth: false,
+            dashboard_csp: None,
+            metrics_token: None,
+            usage_metrics_by_user: false,
+            metrics_usage: Arc::default(),
+            request_timeout: std::time::Duration::from_secs(30),
+            controller: None,
+            event_followers: Arc::default(),
+            api_requests: Arc::default(),
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
 /// An error answered as `{"error": "..."}` with a JSON content type.
 #[derive(Debug)]
 pub struct ApiError {

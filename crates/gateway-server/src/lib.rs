@@ -26,7 +26,7 @@ use crate::clusters::ClusterService;
 use crate::config::{BackendKind, GatewayConfig};
 use gateway_backend::ClusterBackend;
 use gateway_local::{EngineConfig, Isolation};
-use gateway_proxy::{ClientConnections, ClusterRoute, HttpForwarder, RouteSource};
+use gateway_proxy::{ClientConnections, ClusterRoute, RouteSource};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -432,9 +432,6 @@ pub async fn run(
         usage::METRICS_USAGE_TTL,
     ));
     let state = AppState::new(AppStateFields {
-        clusters,
-        auth: Arc::new(authenticator),
-        forwarder: HttpForwarder::new(),
         dashboard_auth: config.dashboard_auth,
         dashboard_csp: Some(config.dashboard_csp.as_str())
             .filter(|csp| !csp.trim().is_empty())
@@ -444,9 +441,7 @@ pub async fn run(
         metrics_usage,
         request_timeout: Duration::from_secs_f64(config.request_timeout),
         controller: controller_live,
-        event_followers: Arc::default(),
-        api_requests: Arc::default(),
-        started: std::time::Instant::now(),
+        ..AppStateFields::new(clusters, Arc::new(authenticator))
     });
     let app = api::router(state.clone(), &config.prefix(), metrics_listener.is_none());
 

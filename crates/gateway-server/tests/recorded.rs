@@ -139,21 +139,10 @@ impl Script {
             ClusterService::new(backend.clone(), Arc::new(config.cluster.clone()))
                 .with_clock(Clock::tokio_at(T0)),
         );
-        let state = AppState::new(AppStateFields {
+        let state = AppState::new(AppStateFields::new(
             clusters,
-            auth: Arc::new(Authenticator::new(&config.auth, &config.prefix())),
-            forwarder: gateway_proxy::HttpForwarder::new(),
-            dashboard_auth: false,
-            dashboard_csp: None,
-            metrics_token: None,
-            usage_metrics_by_user: false,
-            metrics_usage: Arc::default(),
-            request_timeout: std::time::Duration::from_secs(30),
-            controller: None,
-            event_followers: Arc::default(),
-            api_requests: Arc::default(),
-            started: std::time::Instant::now(),
-        });
+            Arc::new(Authenticator::new(&config.auth, &config.prefix())),
+        ));
         // The scheduler preload's API (§9.5): records each forwarded message, answers 200.
         let comm = Arc::new(Mutex::new(Vec::new()));
         let scheduler = Router::new().route(

@@ -32,21 +32,10 @@ fn app(prefix: &str) -> Router {
         backend,
         Arc::new(config.cluster.clone()),
     ));
-    let state = AppState::new(AppStateFields {
+    let state = AppState::new(AppStateFields::new(
         clusters,
-        auth: Arc::new(Authenticator::new(&config.auth, &config.prefix())),
-        forwarder: gateway_proxy::HttpForwarder::new(),
-        dashboard_auth: false,
-        dashboard_csp: None,
-        metrics_token: None,
-        usage_metrics_by_user: false,
-        metrics_usage: Arc::default(),
-        request_timeout: std::time::Duration::from_secs(30),
-        controller: None,
-        event_followers: Arc::default(),
-        api_requests: Arc::default(),
-        started: std::time::Instant::now(),
-    });
+        Arc::new(Authenticator::new(&config.auth, &config.prefix())),
+    ));
     router(state, &config.prefix(), true)
 }
 
