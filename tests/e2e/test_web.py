@@ -72,6 +72,11 @@ def test_a_user_runs_a_cluster_from_the_page_and_others_never_see_it(server):
                                  " document.getElementById('notice').textContent",
                                  what="the refusal")
         assert "worker_cores" in notice and "4" in notice, notice
+        # It stays after the page's own polls have run (every 2 s) and succeeded: a refusal is
+        # not wiped by a background read before the user has read it.
+        browser.pump(2.5)
+        assert browser.eval("!document.getElementById('notice').hidden &&"
+                            " document.getElementById('notice').textContent") == notice
         assert server.gateway(HOSTILE).list_clusters() == []
         # Non-default options, one worker at start.
         browser.eval(

@@ -55,22 +55,41 @@ async function api(method, path, body) {
   return data;
 }
 
-function notify(message, kind) {
+// What the notice shows the failure of (an attempt's `what`), or null for a user's message.
+let noticeFrom = null;
+
+function notify(message, kind, from = null) {
   const n = $('notice');
   n.textContent = message;
   n.className = 'notice' + (kind === 'info' ? ' info' : '');
   n.setAttribute('role', kind === 'info' ? 'status' : 'alert');
   n.hidden = !message;
+  noticeFrom = message ? from : null;
 }
 
-/** Runs an action, reporting its failure in the API's words. */
+/** Runs a user's action, reporting its failure in the API's words; a success clears the
+ *  notice. */
 async function attempt(what, action) {
   try {
     const result = await action();
     notify('');
     return result;
   } catch (e) {
-    notify(`${what}: ${e.message}`);
+    notify(`${what}: ${e.message}`, undefined, what);
+    return undefined;
+  }
+}
+
+/** Runs a read the page repeats on its own. A failure is reported like a user's; a success
+ *  clears only the failure of this same read, so the answer to what the user did (a refusal,
+ *  a confirmation) stays until the user acts again, whatever the polls do meanwhile. */
+async function poll(what, action) {
+  try {
+    const result = await action();
+    if (noticeFrom === what) notify('');
+    return result;
+  } catch (e) {
+    notify(`${what}: ${e.message}`, undefined, what);
     return undefined;
   }
 }
@@ -216,7 +235,7 @@ async function createCluster(event) {
     state.open.add(created.name);
     if (workers > 0) pendingScale.set(created.name, workers);
     await refreshClusters();
-    attempt('Reading usage', refreshUsage);
+    poll('Reading usage', refreshUsage);
   } finally {
     button.disabled = false;
   }
@@ -548,7 +567,7 @@ async function refreshHealth() {
 // -- start ---------------------------------------------------------------------------------
 
 async function tick() {
-  await attempt('Reading clusters', refreshClusters);
+  await poll('Reading clusters', refreshClusters);
 }
 
 async function start() {
@@ -559,14 +578,14 @@ async function start() {
   for (const id of ['filter-user', 'filter-group']) $(id).addEventListener('input', renderClusters);
   $('filter-status').addEventListener('change', tick);
   for (const id of ['usage-window', 'usage-by']) {
-    $(id).addEventListener('change', () => attempt('Reading usage', refreshUsage));
+    $(id).addEventListener('change', () => poll('Reading usage', refreshUsage));
   }
   await tick();
-  await attempt('Reading usage', refreshUsage);
-  await attempt('Reading the gateway status', refreshHealth);
+  await poll('Reading usage', refreshUsage);
+  await poll('Reading the gateway status', refreshHealth);
   window.setInterval(tick, POLL_MS);
-  window.setInterval(() => attempt('Reading usage', refreshUsage), 5000);
-  window.setInterval(() => attempt('Reading the gateway status', refreshHealth), 5000);
+  window.setInterval(() => poll('Reading usage', refreshUsage), 5000);
+  window.setInterval(() => poll('Reading the gateway status', refreshHealth), 5000);
 }
 
 document.addEventListener('DOMContentLoaded', start);
