@@ -208,8 +208,7 @@ class Ours:
 class Reference:
     label = "reference"
 
-    def __init__(self, kube, venv, workdir, version):
-        self.version = version
+    def __init__(self, kube, venv, workdir):
         self.ns = f"bench-reference-{os.urandom(3).hex()}"
         kube.kubectl("create", "namespace", self.ns)
         sa = "reference-gateway"
@@ -376,7 +375,7 @@ def run_rounds(kube, args, workdir):
     sides = []
     try:
         sides.append(Ours(kube, args.gateway, workdir))
-        sides.append(Reference(kube, args.ref_venv, workdir, args.ref_version))
+        sides.append(Reference(kube, args.ref_venv, workdir))
         watches = {s.label: PodWatch(args.kubeconfig, s.ns, workdir) for s in sides}
         # What each side spends with no cluster at all (timers, lease renewals, watches), so
         # that the scale-up's CPU can also be read net of it.

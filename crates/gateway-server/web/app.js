@@ -69,24 +69,21 @@ function notify(message, kind, from = null) {
 
 /** Runs a user's action, reporting its failure in the API's words; a success clears the
  *  notice. */
-async function attempt(what, action) {
-  try {
-    const result = await action();
-    notify('');
-    return result;
-  } catch (e) {
-    notify(`${what}: ${e.message}`, undefined, what);
-    return undefined;
-  }
+function attempt(what, action) {
+  return run(what, action, true);
 }
 
 /** Runs a read the page repeats on its own. A failure is reported like a user's; a success
  *  clears only the failure of this same read, so the answer to what the user did (a refusal,
  *  a confirmation) stays until the user acts again, whatever the polls do meanwhile. */
-async function poll(what, action) {
+function poll(what, action) {
+  return run(what, action, false);
+}
+
+async function run(what, action, byUser) {
   try {
     const result = await action();
-    if (noticeFrom === what) notify('');
+    if (byUser || noticeFrom === what) notify('');
     return result;
   } catch (e) {
     notify(`${what}: ${e.message}`, undefined, what);
