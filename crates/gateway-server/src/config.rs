@@ -241,12 +241,12 @@ pub struct AuthConfig {
     #[serde(skip)]
     pub cookie_secret: Option<String>,
     /// Settings of the `jwt` authenticator.
-    pub jwt: Option<crate::jwt::JwtConfig>,
+    pub jwt: Option<crate::auth::jwt::JwtConfig>,
     /// Settings of the `jupyterhub` authenticator (defaults from the hub's environment
     /// variables when the section is left out).
-    pub jupyterhub: Option<crate::hub::HubConfig>,
+    pub jupyterhub: Option<crate::auth::hub::HubConfig>,
     /// Settings of the `kerberos` authenticator (defaults when left out).
-    pub kerberos: Option<crate::kerberos::KerberosConfig>,
+    pub kerberos: Option<crate::auth::kerberos::KerberosConfig>,
 }
 
 impl AuthConfig {

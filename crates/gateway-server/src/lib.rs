@@ -11,9 +11,6 @@ pub mod clock;
 pub mod clusters;
 pub mod config;
 pub mod http_shared;
-pub mod hub;
-pub mod jwt;
-pub mod kerberos;
 pub mod openapi;
 pub mod option_target;
 pub mod settings;
@@ -60,13 +57,13 @@ pub enum StartError {
     Isolation(String),
     /// The JWT authenticator cannot start.
     #[error(transparent)]
-    Jwt(#[from] crate::jwt::JwtSetupError),
+    Jwt(#[from] crate::auth::jwt::JwtSetupError),
     /// The JupyterHub authenticator cannot start.
     #[error(transparent)]
-    Hub(#[from] crate::hub::HubSetupError),
+    Hub(#[from] crate::auth::hub::HubSetupError),
     /// The Kerberos authenticator cannot start.
     #[error(transparent)]
-    Kerberos(#[from] crate::kerberos::KerberosSetupError),
+    Kerberos(#[from] crate::auth::kerberos::KerberosSetupError),
     /// A secret named by the configuration could not be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -292,16 +289,17 @@ pub async fn run(
     let mut authenticator = Authenticator::new(&auth_config, &config.prefix())
         .with_relevant_groups(config.groups.iter().map(|g| g.group.clone()));
     if let Some(jwt) = &config.auth.jwt {
-        authenticator = authenticator.with_jwt(crate::jwt::JwtVerifier::new(jwt.clone()).await?);
+        authenticator =
+            authenticator.with_jwt(crate::auth::jwt::JwtVerifier::new(jwt.clone()).await?);
     }
     if config.auth.kind == crate::config::AuthKind::Jupyterhub {
         let hub = config.auth.jupyterhub.clone().unwrap_or_default();
-        authenticator = authenticator.with_hub(crate::hub::HubAuthenticator::new(&hub)?);
+        authenticator = authenticator.with_hub(crate::auth::hub::HubAuthenticator::new(&hub)?);
     }
     if config.auth.kind == crate::config::AuthKind::Kerberos {
         let krb = config.auth.kerberos.clone().unwrap_or_default();
         authenticator =
-            authenticator.with_kerberos(crate::kerberos::KerberosAuthenticator::new(&krb)?);
+            authenticator.with_kerberos(crate::auth::kerberos::KerberosAuthenticator::new(&krb)?);
     }
     let config = Arc::new(config);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

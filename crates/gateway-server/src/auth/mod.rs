@@ -1,13 +1,17 @@
 //! User authentication: the 401 challenge, HTTP Basic with an optional shared password,
 //! and session cookies (wire-protocol section 3).
 
+pub mod hub;
+pub mod jwt;
+pub mod kerberos;
+
 use crate::config::AuthConfig;
-use crate::hub::{HubAuthenticator, HubError};
-use crate::jwt::JwtVerifier;
-use crate::kerberos::KerberosAuthenticator;
 use base64::Engine;
 use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue};
+use hub::{HubAuthenticator, HubError};
+use jwt::JwtVerifier;
+use kerberos::KerberosAuthenticator;
 use rand::RngCore;
 use std::collections::HashMap;
 use std::sync::Mutex;
