@@ -1,10 +1,8 @@
 //! The REST API (wire-protocol sections 2–4) and the dashboard routes, as one axum Router.
 
-use crate::auth::{cluster_token, AuthError, Authenticator, User};
+use crate::auth::{cluster_token, AuthError, User};
 use crate::clusters::{ClusterService, Requester};
-use crate::http_shared::{
-    hub_login_redirect, is_https, refused, set_negotiate_reply, set_session_cookie,
-};
+use crate::http_shared::{is_https, refused, set_negotiate_reply, set_session_cookie};
 pub use crate::http_shared::{ApiError, ApiResult, AppState, AppStateFields};
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
@@ -25,58 +23,6 @@ use std::sync::Arc;
 /// How long a user's DELETE waits for the cluster's processes to exit before answering.
 const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// `GET /api/oauth_callback?code=..&state=..`: the hub sends the browser back here after its
-/// login. The state must match the cookie set when the login began; the code is exchanged
-/// for the user's identity, a session starts, and the browser goes back where it was.
-async fn oauth_callback(
-    State(state): State<AppState>,
-    meta: Option<Extension<ConnMeta>>,
-    req: Request,
-) -> ApiResult<Response> {
-    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, m);
-    let query = req.uri().query();
-    let code = query_param(query, "code").map(percent_decode);
-    let given = query_param(query, "state").map(percent_decode);
-    let cookie_name = state.auth.oauth_state_cookie_name();
-    let (nonce, back) = Authenticator::cookie(req.headers(), &cookie_name)
-        .and_then(|v| v.split_once('.'))
-        .ok_or_else(|| bad("No login in progress (the login cookie is missing or expired)"))?;
-    let (Some(code), Some(given)) = (code, given) else {
-        return Err(bad("The login callback needs code and state"));
-    };
-    if !crate::auth::token_matches(&given, nonce) {
-        return Err(bad("The login state does not match; start again"));
-    }
-    use base64::Engine;
-    let return_to = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(back)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .filter(|p| p.starts_with('/') && !p.starts_with("//") && !p.contains(['\\', '\r', '\n']))
-        .unwrap_or_else(|| state.auth.cookie_path().to_string());
-    let auth = state
-        .auth
-        .hub_callback(&code)
-        .await
-        .map_err(|e| refused(&state.auth, e))?;
-    let https = is_https(req.headers(), meta.as_ref().map(|m| &m.0));
-    let mut resp = StatusCode::FOUND.into_response();
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::LOCATION,
-        HeaderValue::from_str(&return_to).map_err(|_| bad("Bad return path"))?,
-    );
-    let clear = format!(
-        "{cookie_name}=; Max-Age=0; Path={}; HttpOnly; SameSite=Lax",
-        state.auth.cookie_path()
-    );
-    if let Ok(v) = HeaderValue::from_str(&clear) {
-        headers.append(header::SET_COOKIE, v);
-    }
-    set_session_cookie(&state, &mut resp, auth.new_session, https);
-    Ok(resp)
-}
-
 /// Parses a JSON request body, which must be an object; anything else is a 422 with a clear
 /// message (serde would also read a struct from an array, which no client sends).
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
@@ -89,7 +35,7 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     serde_json::from_value(value).map_err(|e| invalid(format!("Invalid request body: {e}")))
 }
 
-fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+pub(crate) fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == key).then_some(v)
@@ -110,7 +56,7 @@ fn follow_flag(query: Option<&str>) -> bool {
     matches!(query_param(query, "follow"), Some("" | "1" | "true"))
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -670,7 +616,7 @@ async fn dashboard(
                     .path_and_query()
                     .map_or("/", |p| p.as_str())
                     .to_string();
-                if let Some(resp) = hub_login_redirect(&state, &here, https) {
+                if let Some(resp) = state.auth.hub_login_redirect(&here, https) {
                     return resp;
                 }
                 return refused(&state.auth, AuthError::Required).into_response();
@@ -759,7 +705,7 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
         .route("/api/health", get(health))
         .route("/api/version", get(version))
         .route("/api/openapi.json", get(openapi))
-        .route("/api/oauth_callback", get(oauth_callback));
+        .route("/api/oauth_callback", get(crate::auth::hub::oauth_callback));
     if with_metrics {
         api_routes = api_routes.route("/metrics", get(metrics));
     }

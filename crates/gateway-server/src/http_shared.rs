@@ -1,6 +1,6 @@
 //! What the HTTP handlers share: the state they run with, the API's error answer, and the
-//! pieces of signing a browser in (challenges, the hub's login redirect, session cookies)
-//! that the API routes, the dashboards and the web page all use.
+//! pieces of signing a browser in (challenges, session cookies) that the API routes, the
+//! dashboards and the web page all use.
 
 use crate::auth::{AuthError, Authenticator};
 use crate::clusters::{ClusterError, ClusterService};
@@ -153,28 +153,6 @@ pub fn refused(auth: &Authenticator, e: AuthError) -> ApiError {
         AuthError::Unavailable(m) => ApiError::new(StatusCode::BAD_GATEWAY, m),
         e => ApiError::unauthorized(&e.to_string(), auth.challenge()),
     }
-}
-
-/// Sends a browser that has no session to the hub's login, to come back to `return_to`
-/// (a path on this gateway) through `/api/oauth_callback`.
-pub fn hub_login_redirect(state: &AppState, return_to: &str, https: bool) -> Option<Response> {
-    let hub = state.auth.hub_login()?;
-    let nonce = Authenticator::random_state();
-    let url = hub.authorize_url(&nonce)?;
-    use base64::Engine;
-    let back = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(return_to);
-    let cookie = format!(
-        "{}={nonce}.{back}; Max-Age=600; Path={}; HttpOnly; SameSite=Lax{}",
-        state.auth.oauth_state_cookie_name(),
-        state.auth.cookie_path(),
-        if https { "; Secure" } else { "" }
-    );
-    let mut resp = StatusCode::FOUND.into_response();
-    let headers = resp.headers_mut();
-    headers.insert(header::LOCATION, HeaderValue::from_str(&url).ok()?);
-    headers.insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).ok()?);
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Some(resp)
 }
 
 /// Whether the client reached us over HTTPS: TLS on our port, or `X-Forwarded-Proto: https`

@@ -55,15 +55,9 @@ pub enum StartError {
     /// User isolation cannot work as configured.
     #[error("{0}")]
     Isolation(String),
-    /// The JWT authenticator cannot start.
+    /// The configured authentication method (JWT, JupyterHub, Kerberos) cannot start.
     #[error(transparent)]
-    Jwt(#[from] crate::auth::jwt::JwtSetupError),
-    /// The JupyterHub authenticator cannot start.
-    #[error(transparent)]
-    Hub(#[from] crate::auth::hub::HubSetupError),
-    /// The Kerberos authenticator cannot start.
-    #[error(transparent)]
-    Kerberos(#[from] crate::auth::kerberos::KerberosSetupError),
+    Auth(#[from] crate::auth::SetupError),
     /// A secret named by the configuration could not be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -286,21 +280,9 @@ pub async fn run(
             info!("no session cookie secret: sessions last for this process only (set auth.cookie_secret_file or GATEWAY_COOKIE_SECRET to share them between restarts)");
         }
     }
-    let mut authenticator = Authenticator::new(&auth_config, &config.prefix())
+    let authenticator = Authenticator::from_config(&auth_config, &config.prefix())
+        .await?
         .with_relevant_groups(config.groups.iter().map(|g| g.group.clone()));
-    if let Some(jwt) = &config.auth.jwt {
-        authenticator =
-            authenticator.with_jwt(crate::auth::jwt::JwtVerifier::new(jwt.clone()).await?);
-    }
-    if config.auth.kind == crate::config::AuthKind::Jupyterhub {
-        let hub = config.auth.jupyterhub.clone().unwrap_or_default();
-        authenticator = authenticator.with_hub(crate::auth::hub::HubAuthenticator::new(&hub)?);
-    }
-    if config.auth.kind == crate::config::AuthKind::Kerberos {
-        let krb = config.auth.kerberos.clone().unwrap_or_default();
-        authenticator =
-            authenticator.with_kerberos(crate::auth::kerberos::KerberosAuthenticator::new(&krb)?);
-    }
     let config = Arc::new(config);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

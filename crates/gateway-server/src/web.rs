@@ -4,8 +4,7 @@
 
 use crate::auth::{AuthError, User};
 use crate::http_shared::{
-    hub_login_redirect, is_https, refused, set_negotiate_reply, set_session_cookie, ApiError,
-    AppState,
+    is_https, refused, set_negotiate_reply, set_session_cookie, ApiError, AppState,
 };
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -102,7 +101,7 @@ pub async fn page(State(state): State<AppState>, req: Request) -> Response {
         }
         Err(AuthError::Required) => {
             let here = original.path_and_query().map_or("/", |p| p.as_str());
-            if let Some(resp) = hub_login_redirect(&state, here, https) {
+            if let Some(resp) = state.auth.hub_login_redirect(here, https) {
                 return resp;
             }
             let challenge = state.auth.challenge();

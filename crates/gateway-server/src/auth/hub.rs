@@ -3,8 +3,19 @@
 //! with the token owner's name, groups, admin flag and the token's scopes), and browsers reach
 //! dashboards through the hub's OAuth2 authorization-code flow, with the gateway registered as a
 //! hub service (its API token is the OAuth client secret).
+//!
+//! The whole browser login lives here: the redirect that starts it
+//! ([`Authenticator::hub_login_redirect`]), its state cookie, and the handler the hub sends the
+//! browser back to ([`oauth_callback`]).
 
-use reqwest::StatusCode;
+use super::{AuthError, Authenticated, Authenticator, Method};
+use crate::api::{percent_decode, query_param};
+use crate::http_shared::{is_https, refused, set_session_cookie, ApiError, ApiResult, AppState};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use gateway_proxy::ConnMeta;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -338,6 +349,115 @@ impl HubAuthenticator {
             .map_err(|e| HubError::Unavailable(format!("unreadable JupyterHub answer: {e}")))?;
         self.ask_hub(&token.access_token).await
     }
+}
+
+/// A hub that did not vouch for a token or a login, as an [`AuthError`]: refused, or unavailable
+/// (a 502).
+pub(super) fn hub_error(e: HubError) -> AuthError {
+    match e {
+        HubError::Refused(m) => AuthError::Rejected(m),
+        HubError::Unavailable(m) => AuthError::Unavailable(m),
+    }
+}
+
+impl Authenticator {
+    /// The hub, when browsers log in through its OAuth flow.
+    fn hub_login(&self) -> Option<&HubAuthenticator> {
+        match &self.method {
+            Method::Hub(hub) if hub.oauth_enabled() => Some(hub),
+            _ => None,
+        }
+    }
+
+    /// Completes a hub OAuth login: the user behind `code`, logged in with a new session.
+    async fn hub_callback(&self, code: &str) -> Result<Authenticated, AuthError> {
+        let Method::Hub(hub) = &self.method else {
+            return Err(AuthError::Rejected(
+                "JupyterHub login is not configured".into(),
+            ));
+        };
+        let u = hub.complete_login(code).await.map_err(hub_error)?;
+        Ok(self.logged_in(self.user(u.name, u.groups, u.admin)))
+    }
+
+    /// The name of the short-lived cookie holding an OAuth login's state.
+    pub fn oauth_state_cookie_name(&self) -> String {
+        format!("{}-oauth-state", self.cookie_name)
+    }
+
+    /// Sends a browser that has no session to the hub's login, to come back to `return_to`
+    /// (a path on this gateway) through `/api/oauth_callback`.
+    pub fn hub_login_redirect(&self, return_to: &str, https: bool) -> Option<Response> {
+        let hub = self.hub_login()?;
+        let nonce = super::secret::random_hex();
+        let url = hub.authorize_url(&nonce)?;
+        use base64::Engine;
+        let back = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(return_to);
+        let cookie = format!(
+            "{}={nonce}.{back}; Max-Age=600; Path={}; HttpOnly; SameSite=Lax{}",
+            self.oauth_state_cookie_name(),
+            self.cookie_path(),
+            if https { "; Secure" } else { "" }
+        );
+        let mut resp = StatusCode::FOUND.into_response();
+        let headers = resp.headers_mut();
+        headers.insert(header::LOCATION, HeaderValue::from_str(&url).ok()?);
+        headers.insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).ok()?);
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Some(resp)
+    }
+}
+
+/// `GET /api/oauth_callback?code=..&state=..`: the hub sends the browser back here after its
+/// login. The state must match the cookie set when the login began; the code is exchanged
+/// for the user's identity, a session starts, and the browser goes back where it was.
+pub async fn oauth_callback(
+    State(state): State<AppState>,
+    meta: Option<Extension<ConnMeta>>,
+    req: Request,
+) -> ApiResult<Response> {
+    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let query = req.uri().query();
+    let code = query_param(query, "code").map(percent_decode);
+    let given = query_param(query, "state").map(percent_decode);
+    let cookie_name = state.auth.oauth_state_cookie_name();
+    let (nonce, back) = Authenticator::cookie(req.headers(), &cookie_name)
+        .and_then(|v| v.split_once('.'))
+        .ok_or_else(|| bad("No login in progress (the login cookie is missing or expired)"))?;
+    let (Some(code), Some(given)) = (code, given) else {
+        return Err(bad("The login callback needs code and state"));
+    };
+    if !super::token_matches(&given, nonce) {
+        return Err(bad("The login state does not match; start again"));
+    }
+    use base64::Engine;
+    let return_to = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(back)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|p| p.starts_with('/') && !p.starts_with("//") && !p.contains(['\\', '\r', '\n']))
+        .unwrap_or_else(|| state.auth.cookie_path().to_string());
+    let auth = state
+        .auth
+        .hub_callback(&code)
+        .await
+        .map_err(|e| refused(&state.auth, e))?;
+    let https = is_https(req.headers(), meta.as_ref().map(|m| &m.0));
+    let mut resp = StatusCode::FOUND.into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&return_to).map_err(|_| bad("Bad return path"))?,
+    );
+    let clear = format!(
+        "{cookie_name}=; Max-Age=0; Path={}; HttpOnly; SameSite=Lax",
+        state.auth.cookie_path()
+    );
+    if let Ok(v) = HeaderValue::from_str(&clear) {
+        headers.append(header::SET_COOKIE, v);
+    }
+    set_session_cookie(&state, &mut resp, auth.new_session, https);
+    Ok(resp)
 }
 
 #[cfg(test)]
