@@ -1,13 +1,25 @@
-//! The REST API (wire-protocol sections 2–4) and the dashboard routes, as one axum Router.
+//! The REST API (wire-protocol sections 2–4) and the dashboard routes, as one axum Router:
+//! the state and error types, the cluster handlers and the router here; the layers in front of
+//! the handlers in `guard.rs`, request parsing in `http.rs`, the event stream in `events.rs`
+//! and the dashboard proxy in `dashboard.rs`.
 
-use crate::auth::{cluster_token, AuthError, User};
-use crate::clusters::{ClusterService, Requester};
+mod dashboard;
+mod events;
+mod guard;
+pub(crate) mod http;
+
+use self::dashboard::{dashboard_path, dashboard_root};
+use self::events::cluster_events;
+use self::guard::{bounded, count_request, guard_writes, require_user};
+use self::http::{parse_body, percent_decode, query_param, wait_flag};
+use crate::auth::{cluster_token, User};
+use crate::clusters::Requester;
 use crate::http_shared::{is_https, refused, set_negotiate_reply, set_session_cookie};
 pub use crate::http_shared::{ApiError, ApiResult, AppState, AppStateFields};
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
@@ -15,174 +27,11 @@ use gateway_model::{
     AdaptRequest, ClusterModel, ClusterStatus, CreateClusterRequest, CreateClusterResponse,
     Heartbeat, ScaleRequest,
 };
-use gateway_proxy::{ClusterRoute, ConnMeta};
-use serde::de::DeserializeOwned;
+use gateway_proxy::ConnMeta;
 use serde_json::{json, Value};
-use std::sync::Arc;
 
 /// How long a user's DELETE waits for the cluster's processes to exit before answering.
 const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// Parses a JSON request body, which must be an object; anything else is a 422 with a clear
-/// message (serde would also read a struct from an array, which no client sends).
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| invalid(format!("Invalid request body: {e}")))?;
-    if !value.is_object() {
-        return Err(invalid("The request body must be a JSON object".into()));
-    }
-    serde_json::from_value(value).map_err(|e| invalid(format!("Invalid request body: {e}")))
-}
-
-pub(crate) fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == key).then_some(v)
-    })
-}
-
-/// `?wait` semantics: absent → false; empty → true; otherwise a non-zero integer.
-fn wait_flag(query: Option<&str>) -> bool {
-    match query_param(query, "wait") {
-        None => false,
-        Some("") => true,
-        Some(v) => v.parse::<i64>().is_ok_and(|n| n != 0),
-    }
-}
-
-/// `?follow`, `?follow=1` or `?follow=true`.
-fn follow_flag(query: Option<&str>) -> bool {
-    matches!(query_param(query, "follow"), Some("" | "1" | "true"))
-}
-
-pub(crate) fn percent_decode(s: &str) -> String {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = (bytes[i] == b'%' && i + 2 < bytes.len())
-            .then(|| Some(hex(bytes[i + 1])? * 16 + hex(bytes[i + 2])?))
-            .flatten();
-        match (decoded, bytes[i]) {
-            (Some(b), _) => {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-            (None, b'+') => out.push(b' '),
-            (None, b) => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Middleware for user routes: authenticates, stores the [`User`] as an extension and sets the
-/// session cookie on successful responses.
-async fn require_user(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let auth = match state.auth.authenticate(req.headers()).await {
-        Ok(a) => a,
-        Err(e) => return refused(&state.auth, e).into_response(),
-    };
-    let https = is_https(req.headers(), req.extensions().get::<ConnMeta>());
-    req.extensions_mut().insert(auth.user);
-    let mut resp = next.run(req).await;
-    set_session_cookie(&state, &mut resp, auth.new_session, https);
-    set_negotiate_reply(&mut resp, auth.negotiate_reply);
-    resp
-}
-
-/// The host (and port) a browser addressed: `Host`, or the URI authority on HTTP/2.
-fn request_host(req: &Request) -> Option<String> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-}
-
-/// `host[:port]` without the scheme's default port, lowercased, for comparing origins.
-fn normalize_authority(authority: &str, scheme: &str) -> String {
-    let a = authority.trim().to_ascii_lowercase();
-    let default = if scheme == "https" { ":443" } else { ":80" };
-    a.strip_suffix(default).map(str::to_string).unwrap_or(a)
-}
-
-/// Whether an `Origin` header names this gateway (as the browser addressed it directly, or
-/// through a proxy that reports `X-Forwarded-Host`). `null` (sandboxed pages, such as the
-/// dashboards) never does.
-fn origin_is_ours(origin: &HeaderValue, req: &Request) -> bool {
-    let Ok(origin) = origin.to_str() else {
-        return false;
-    };
-    let Some((scheme, authority)) = origin.split_once("://") else {
-        return false;
-    };
-    let scheme = scheme.to_ascii_lowercase();
-    let theirs = normalize_authority(authority, &scheme);
-    let forwarded = req
-        .headers()
-        .get("x-forwarded-host")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(str::to_string);
-    request_host(req)
-        .into_iter()
-        .chain(forwarded)
-        .any(|ours| normalize_authority(&ours, &scheme) == theirs)
-}
-
-/// Whether the body is declared as JSON (`application/json`, parameters allowed).
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
-}
-
-/// Guards state-changing API requests against cross-site use of a browser's credentials:
-/// a request from another origin (`Origin` present and not ours) gets 403, and a POST whose
-/// body is not declared as JSON gets 415 — browsers send `text/plain` and form bodies
-/// cross-site without asking, but never `application/json`.
-async fn guard_writes(req: Request, next: Next) -> Response {
-    let method = req.method();
-    if method == http::Method::GET || method == http::Method::HEAD {
-        return next.run(req).await;
-    }
-    if let Some(origin) = req.headers().get(header::ORIGIN) {
-        if !origin_is_ours(origin, &req) {
-            return ApiError::new(StatusCode::FORBIDDEN, "Cross-origin request refused")
-                .into_response();
-        }
-    }
-    if method == http::Method::POST && !is_json(req.headers()) {
-        return ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "The request body must be JSON, sent with Content-Type: application/json",
-        )
-        .into_response();
-    }
-    next.run(req).await
-}
-
-/// Counts API requests (the page's request rate).
-async fn count_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    state
-        .api_requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    next.run(req).await
-}
-
-/// Bounds every API request (a client trickling its body cannot hold a task forever).
-async fn bounded(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(state.request_timeout, next.run(req)).await {
-        Ok(resp) => resp,
-        Err(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "Request timed out").into_response(),
-    }
-}
 
 async fn health(State(state): State<AppState>) -> Response {
     if state.clusters.healthy().await {
@@ -325,143 +174,6 @@ async fn cluster_details(
     Ok(Json(state.clusters.details(&user, &name).await?))
 }
 
-/// `GET /api/v1/clusters/{name}/events`: the cluster's events as JSON, or with `?follow` as a
-/// stream of server-sent events (`event: cluster-event`, one JSON event per `data:` line) that
-/// starts with the history and ends once the cluster has finished and every event was sent.
-async fn cluster_events(
-    State(state): State<AppState>,
-    Extension(user): Extension<User>,
-    Path(name): Path<String>,
-    req: Request,
-) -> ApiResult<Response> {
-    let events = state.clusters.events(&user, &name).await?;
-    if !follow_flag(req.uri().query()) {
-        return Ok(Json(gateway_model::ClusterEvents { events }).into_response());
-    }
-    let Some(slot) = FollowerSlot::take(&state.event_followers, &user.name) else {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "{MAX_FOLLOWERS_PER_USER} event streams are open for {}; close one first",
-                user.name
-            ),
-        ));
-    };
-    let follow = EventFollower {
-        _slot: slot,
-        clusters: state.clusters.clone(),
-        user,
-        name,
-        queue: events.into(),
-        last: None,
-        finished: false,
-    };
-    let stream = futures_util::stream::unfold(follow, |mut f| async move {
-        let event = f.next().await?;
-        let sse = axum::response::sse::Event::default()
-            .event("cluster-event")
-            .json_data(&event)
-            .ok()?;
-        Some((Ok::<_, std::convert::Infallible>(sse), f))
-    });
-    let mut response = axum::response::sse::Sse::new(stream)
-        .keep_alive(axum::response::sse::KeepAlive::default())
-        .into_response();
-    // Proxies in front must pass events on as they come.
-    response
-        .headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
-}
-
-/// How often a followed cluster's events are read again.
-const EVENT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// `?follow` streams one user may have open at once (each costs a backend read a second).
-const MAX_FOLLOWERS_PER_USER: usize = 8;
-
-/// One of a user's open `?follow` streams; given back when the stream ends or the client goes.
-struct FollowerSlot {
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
-    user: String,
-}
-
-impl FollowerSlot {
-    /// A slot for `user`, unless they have [`MAX_FOLLOWERS_PER_USER`] already.
-    fn take(
-        counts: &Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
-        user: &str,
-    ) -> Option<FollowerSlot> {
-        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(user.to_string()).or_default();
-        if *n >= MAX_FOLLOWERS_PER_USER {
-            return None;
-        }
-        *n += 1;
-        Some(FollowerSlot {
-            counts: counts.clone(),
-            user: user.to_string(),
-        })
-    }
-}
-
-impl Drop for FollowerSlot {
-    fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.user);
-            }
-        }
-    }
-}
-
-/// The state of one `?follow` stream: events read but not yet sent, and the last one sent.
-struct EventFollower {
-    _slot: FollowerSlot,
-    clusters: Arc<ClusterService>,
-    user: User,
-    name: String,
-    queue: std::collections::VecDeque<gateway_model::ClusterEvent>,
-    last: Option<gateway_model::ClusterEvent>,
-    finished: bool,
-}
-
-impl EventFollower {
-    /// The next event to send; `None` ends the stream (the cluster finished and everything was
-    /// sent, or it is gone or no longer this user's to see).
-    async fn next(&mut self) -> Option<gateway_model::ClusterEvent> {
-        loop {
-            if let Some(event) = self.queue.pop_front() {
-                self.last = Some(event.clone());
-                return Some(event);
-            }
-            if self.finished {
-                return None;
-            }
-            tokio::time::sleep(EVENT_POLL).await;
-            // Whether it has finished is read before its events: events a backend writes
-            // before a cluster's status turns final are then in this read.
-            self.finished = self.clusters.has_finished(&self.name).await;
-            let events = self.clusters.events(&self.user, &self.name).await.ok()?;
-            self.queue.extend(events_after(events, self.last.as_ref()));
-        }
-    }
-}
-
-/// The events that came after `last` (all of them if `last` is not among them any more).
-fn events_after(
-    events: Vec<gateway_model::ClusterEvent>,
-    last: Option<&gateway_model::ClusterEvent>,
-) -> Vec<gateway_model::ClusterEvent> {
-    let Some(last) = last else { return events };
-    match events.iter().rposition(|e| e == last) {
-        Some(i) => events[i + 1..].to_vec(),
-        None => events.into_iter().filter(|e| e.time >= last.time).collect(),
-    }
-}
-
 async fn create_cluster(
     State(state): State<AppState>,
     Extension(user): Extension<User>,
@@ -563,115 +275,6 @@ async fn heartbeat(
     Ok(StatusCode::OK.into_response())
 }
 
-async fn dashboard_root(
-    state: State<AppState>,
-    Path(name): Path<String>,
-    req: Request,
-) -> Response {
-    dashboard(state, name, String::new(), req).await
-}
-
-async fn dashboard_path(
-    state: State<AppState>,
-    Path((name, rest)): Path<(String, String)>,
-    req: Request,
-) -> Response {
-    dashboard(state, name, rest, req).await
-}
-
-/// Proxies a dashboard request to the cluster's scheduler.
-///
-/// A dashboard is user-controlled content (anyone can add handlers to their own scheduler), so
-/// it must never act with a visitor's gateway credentials: the request loses `Authorization`
-/// and the session cookie, the response may not set the session cookie or clear site data, and
-/// it carries the configured `Content-Security-Policy` (by default a sandbox: the page runs in
-/// an opaque origin, so it can neither read the gateway's cookies nor read API responses, and
-/// browsers send it no `SameSite` cookies).
-async fn dashboard(
-    State(state): State<AppState>,
-    name: String,
-    rest: String,
-    mut req: Request,
-) -> Response {
-    let not_found = || (StatusCode::NOT_FOUND, "404: Not Found").into_response();
-    let route = state
-        .clusters
-        .backend()
-        .route(&name)
-        .map(|a| ClusterRoute::new(a.scheduler, a.dashboard).dashboard);
-    let Some(target) = route.flatten() else {
-        return not_found();
-    };
-    if state.dashboard_auth {
-        match state.auth.authenticate(req.headers()).await {
-            Ok(a) if state.clusters.may_access(&a.user, &name) => {}
-            Ok(_) => return not_found(),
-            Err(AuthError::Required) if req.method() == http::Method::GET => {
-                let https = is_https(req.headers(), req.extensions().get::<ConnMeta>());
-                // The path as the browser sent it (a nested router strips the prefix).
-                let here = req
-                    .extensions()
-                    .get::<axum::extract::OriginalUri>()
-                    .map_or(req.uri(), |o| &o.0)
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_string();
-                if let Some(resp) = state.auth.hub_login_redirect(&here, https) {
-                    return resp;
-                }
-                return refused(&state.auth, AuthError::Required).into_response();
-            }
-            Err(e) => return refused(&state.auth, e).into_response(),
-        }
-    }
-    // Keep the raw (still percent-encoded) remainder of the path.
-    let raw_path = req.uri().path();
-    let marker = format!("/clusters/{name}");
-    let remainder = raw_path
-        .find(&marker)
-        .map(|i| &raw_path[i + marker.len()..])
-        .unwrap_or("");
-    let remainder = if remainder.is_empty() && !rest.is_empty() {
-        format!("/{rest}")
-    } else {
-        remainder.to_string()
-    };
-    let mut path = if remainder.is_empty() {
-        "/".to_string()
-    } else {
-        remainder
-    };
-    if let Some(q) = req.uri().query() {
-        path.push('?');
-        path.push_str(q);
-    }
-    req.headers_mut().remove(header::AUTHORIZATION);
-    state.auth.strip_session_cookie(req.headers_mut());
-    let mut resp = state.forwarder.forward(req, &target, &path).await;
-    let headers = resp.headers_mut();
-    let set_cookies: Vec<HeaderValue> = headers
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .cloned()
-        .collect();
-    if set_cookies
-        .iter()
-        .any(|c| state.auth.is_session_set_cookie(c))
-    {
-        headers.remove(header::SET_COOKIE);
-        for c in set_cookies {
-            if !state.auth.is_session_set_cookie(&c) {
-                headers.append(header::SET_COOKIE, c);
-            }
-        }
-    }
-    headers.remove("clear-site-data");
-    if let Some(csp) = &state.dashboard_csp {
-        headers.append(header::CONTENT_SECURITY_POLICY, csp.clone());
-    }
-    resp
-}
-
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "404: Not Found").into_response()
 }
@@ -742,70 +345,5 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
                 get(crate::web::page).with_state(state),
             )
             .fallback(not_found)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_user_has_a_bounded_number_of_event_streams() {
-        let counts = Arc::default();
-        let slots: Vec<_> = (0..MAX_FOLLOWERS_PER_USER)
-            .map(|_| FollowerSlot::take(&counts, "alice").unwrap())
-            .collect();
-        assert!(FollowerSlot::take(&counts, "alice").is_none());
-        assert!(FollowerSlot::take(&counts, "bob").is_some(), "per user");
-        drop(slots);
-        assert!(FollowerSlot::take(&counts, "alice").is_some());
-        assert!(
-            counts.lock().unwrap().is_empty(),
-            "closed streams leave nothing"
-        );
-    }
-
-    #[test]
-    fn a_follower_sends_what_came_after_the_last_event_it_sent() {
-        use gateway_model::{ClusterEvent, EventType};
-        let e = |t: i64, r: &str| ClusterEvent::new(t, EventType::Normal, r, "", "gateway");
-        let all = vec![
-            e(1, "Created"),
-            e(2, "Running"),
-            e(2, "ScaleRequested"),
-            e(3, "Stopped"),
-        ];
-        assert_eq!(events_after(all.clone(), None), all);
-        assert_eq!(events_after(all.clone(), Some(&all[1])), all[2..].to_vec());
-        assert!(events_after(all.clone(), Some(&all[3])).is_empty());
-        // The last one sent was dropped from a bounded history: everything not older.
-        assert_eq!(
-            events_after(all[2..].to_vec(), Some(&e(2, "Running"))),
-            all[2..].to_vec()
-        );
-        assert!(follow_flag(Some("follow")));
-        assert!(follow_flag(Some("follow=1")));
-        assert!(follow_flag(Some("x=2&follow=true")));
-        assert!(!follow_flag(Some("follow=0")));
-        assert!(!follow_flag(None));
-    }
-
-    #[test]
-    fn wait_flag_follows_the_protocol() {
-        assert!(!wait_flag(None));
-        assert!(wait_flag(Some("wait")));
-        assert!(wait_flag(Some("wait=")));
-        assert!(wait_flag(Some("wait=1")));
-        assert!(!wait_flag(Some("wait=0")));
-        assert!(!wait_flag(Some("wait=true")));
-        assert!(wait_flag(Some("x=1&wait")));
-    }
-
-    #[test]
-    fn decodes_status_filters() {
-        assert_eq!(percent_decode("RUNNING%2CPENDING"), "RUNNING,PENDING");
-        assert_eq!(percent_decode("a%zz"), "a%zz");
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("%é%4"), "%é%4");
     }
 }

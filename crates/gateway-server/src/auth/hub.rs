@@ -9,7 +9,7 @@
 //! browser back to ([`oauth_callback`]).
 
 use super::{AuthError, Authenticated, Authenticator, Method};
-use crate::api::{percent_decode, query_param};
+use crate::api::http::{percent_decode, query_param};
 use crate::http_shared::{is_https, refused, set_session_cookie, ApiError, ApiResult, AppState};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};

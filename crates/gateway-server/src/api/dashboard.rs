@@ -1,0 +1,119 @@
+//! The dashboard reverse proxy: `/clusters/{name}/...` goes to the cluster's scheduler, with
+//! the visitor's gateway credentials kept away from it (a dashboard is user-controlled content).
+
+use super::AppState;
+use crate::auth::AuthError;
+use crate::http_shared::{is_https, refused};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use gateway_proxy::{ClusterRoute, ConnMeta};
+
+pub(super) async fn dashboard_root(
+    state: State<AppState>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    dashboard(state, name, String::new(), req).await
+}
+
+pub(super) async fn dashboard_path(
+    state: State<AppState>,
+    Path((name, rest)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    dashboard(state, name, rest, req).await
+}
+
+/// Proxies a dashboard request to the cluster's scheduler.
+///
+/// A dashboard is user-controlled content (anyone can add handlers to their own scheduler), so
+/// it must never act with a visitor's gateway credentials: the request loses `Authorization`
+/// and the session cookie, the response may not set the session cookie or clear site data, and
+/// it carries the configured `Content-Security-Policy` (by default a sandbox: the page runs in
+/// an opaque origin, so it can neither read the gateway's cookies nor read API responses, and
+/// browsers send it no `SameSite` cookies).
+async fn dashboard(
+    State(state): State<AppState>,
+    name: String,
+    rest: String,
+    mut req: Request,
+) -> Response {
+    let not_found = || (StatusCode::NOT_FOUND, "404: Not Found").into_response();
+    let route = state
+        .clusters
+        .backend()
+        .route(&name)
+        .map(|a| ClusterRoute::new(a.scheduler, a.dashboard).dashboard);
+    let Some(target) = route.flatten() else {
+        return not_found();
+    };
+    if state.dashboard_auth {
+        match state.auth.authenticate(req.headers()).await {
+            Ok(a) if state.clusters.may_access(&a.user, &name) => {}
+            Ok(_) => return not_found(),
+            Err(AuthError::Required) if req.method() == http::Method::GET => {
+                let https = is_https(req.headers(), req.extensions().get::<ConnMeta>());
+                // The path as the browser sent it (a nested router strips the prefix).
+                let here = req
+                    .extensions()
+                    .get::<axum::extract::OriginalUri>()
+                    .map_or(req.uri(), |o| &o.0)
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                if let Some(resp) = state.auth.hub_login_redirect(&here, https) {
+                    return resp;
+                }
+                return refused(&state.auth, AuthError::Required).into_response();
+            }
+            Err(e) => return refused(&state.auth, e).into_response(),
+        }
+    }
+    // Keep the raw (still percent-encoded) remainder of the path.
+    let raw_path = req.uri().path();
+    let marker = format!("/clusters/{name}");
+    let remainder = raw_path
+        .find(&marker)
+        .map(|i| &raw_path[i + marker.len()..])
+        .unwrap_or("");
+    let remainder = if remainder.is_empty() && !rest.is_empty() {
+        format!("/{rest}")
+    } else {
+        remainder.to_string()
+    };
+    let mut path = if remainder.is_empty() {
+        "/".to_string()
+    } else {
+        remainder
+    };
+    if let Some(q) = req.uri().query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    req.headers_mut().remove(header::AUTHORIZATION);
+    state.auth.strip_session_cookie(req.headers_mut());
+    let mut resp = state.forwarder.forward(req, &target, &path).await;
+    let headers = resp.headers_mut();
+    let set_cookies: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .cloned()
+        .collect();
+    if set_cookies
+        .iter()
+        .any(|c| state.auth.is_session_set_cookie(c))
+    {
+        headers.remove(header::SET_COOKIE);
+        for c in set_cookies {
+            if !state.auth.is_session_set_cookie(&c) {
+                headers.append(header::SET_COOKIE, c);
+            }
+        }
+    }
+    headers.remove("clear-site-data");
+    if let Some(csp) = &state.dashboard_csp {
+        headers.append(header::CONTENT_SECURITY_POLICY, csp.clone());
+    }
+    resp
+}
