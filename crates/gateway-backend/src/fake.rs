@@ -287,7 +287,7 @@ impl ClusterBackend for FakeBackend {
         true
     }
 
-    fn metrics(&self, _out: &mut String) {}
+    fn register_metrics(&self, _registry: &mut crate::metrics::Registry) {}
 
     async fn shutdown(&self, stop_clusters: bool) {
         if !stop_clusters {

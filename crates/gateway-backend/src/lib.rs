@@ -340,8 +340,9 @@ pub trait ClusterBackend: Send + Sync + 'static {
     /// Whether the backend's store or platform answers (health checks).
     async fn healthy(&self) -> bool;
 
-    /// Backend-specific Prometheus lines (with their `# HELP`/`# TYPE` headers).
-    fn metrics(&self, out: &mut String);
+    /// Registers the backend's own metric families (its counters, and collectors of what it
+    /// reads at scrape time) in the gateway's registry, once at start-up (see [`metrics`]).
+    fn register_metrics(&self, registry: &mut metrics::Registry);
 
     /// Called once when the gateway shuts down: stop every active cluster (bounded wait) if
     /// `stop_clusters` is true, then release what the backend holds.

@@ -7,6 +7,7 @@ use crate::config::KubeConfig;
 use crate::crd::{DaskCluster, DaskClusterSpec, Phase, PodTemplate, RuntimeSpec, StopSpec};
 use crate::names;
 use futures_util::StreamExt;
+use gateway_backend::metrics::{self, Counter, Registry};
 use gateway_backend::{
     new_cluster_id, BackendError, ClusterBackend, ClusterView, NewCluster, SchedulerAddresses,
     StopRequest, TlsPair, WorkerGrant,
@@ -19,7 +20,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -70,11 +71,12 @@ struct Cache {
     secrets: HashMap<String, Credentials>,
 }
 
+/// Event counters since start (Prometheus counters, see `register_metrics`).
 #[derive(Default)]
 struct Counters {
-    creates: AtomicU64,
-    spec_patches: AtomicU64,
-    watch_errors: AtomicU64,
+    creates: Counter,
+    spec_patches: Counter,
+    watch_errors: Counter,
 }
 
 /// The gateway side of the Kubernetes backend (see the module docs).
@@ -85,8 +87,9 @@ pub struct KubeBackend {
     namespace: String,
     config: KubeConfig,
     runtime: GatewayRuntime,
-    /// The watch caches. A std mutex, never held across an `.await`.
-    cache: Mutex<Cache>,
+    /// The watch caches. A std mutex, never held across an `.await`; shared with the metrics'
+    /// collector.
+    cache: Arc<Mutex<Cache>>,
     /// Both watches have delivered a complete listing.
     synced: [AtomicBool; 2],
     counters: Counters,
@@ -168,7 +171,7 @@ impl KubeBackend {
             namespace: namespace.clone(),
             config,
             runtime,
-            cache: Mutex::new(Cache::default()),
+            cache: Arc::default(),
             synced: [AtomicBool::new(false), AtomicBool::new(false)],
             counters: Counters::default(),
         })
@@ -240,7 +243,7 @@ impl KubeBackend {
                 match event {
                     Ok(ev) => on_event(&b, ev, &mut buffer),
                     Err(e) => {
-                        b.counters.watch_errors.fetch_add(1, Ordering::Relaxed);
+                        b.counters.watch_errors.inc();
                         warn!("watching {what}: {e}");
                     }
                 }
@@ -527,7 +530,7 @@ impl KubeBackend {
 
     /// Merge-patches the spec of `id`.
     async fn patch_spec(&self, id: &str, patch: serde_json::Value) -> Result<(), BackendError> {
-        self.counters.spec_patches.fetch_add(1, Ordering::Relaxed);
+        self.counters.spec_patches.inc();
         self.merge_patch(id, json!({ "spec": patch }), "update")
             .await
     }
@@ -614,7 +617,7 @@ impl ClusterBackend for KubeBackend {
             let dc = self.new_object(&id, &request)?;
             match self.clusters_api.create(&PostParams::default(), &dc).await {
                 Ok(created) => {
-                    self.counters.creates.fetch_add(1, Ordering::Relaxed);
+                    self.counters.creates.inc();
                     info!(cluster = %names::public_name(&self.namespace, &id), user = ?request.owner, "DaskCluster created");
                     let mut cache = self.lock();
                     self.upsert(&mut cache, created);
@@ -851,7 +854,7 @@ impl ClusterBackend for KubeBackend {
                 {"op": "add", "path": annotation(names::ANNOTATION_CREATED_MS), "value": now_ms().to_string()},
             ]))
             .expect("a well-formed JSON patch");
-            self.counters.spec_patches.fetch_add(1, Ordering::Relaxed);
+            self.counters.spec_patches.inc();
             match self
                 .clusters_api
                 .patch(&id, &PatchParams::default(), &Patch::Json::<()>(patch))
@@ -972,7 +975,7 @@ impl ClusterBackend for KubeBackend {
                 {"op": "add", "path": "/spec/stop", "value": stop},
             ]))
             .expect("a well-formed JSON patch");
-            self.counters.spec_patches.fetch_add(1, Ordering::Relaxed);
+            self.counters.spec_patches.inc();
             return match self
                 .clusters_api
                 .patch(id, &PatchParams::default(), &Patch::Json::<()>(patch))
@@ -1001,41 +1004,42 @@ impl ClusterBackend for KubeBackend {
         self.is_synced()
     }
 
-    fn metrics(&self, out: &mut String) {
-        use gateway_backend::metrics;
-        let (clusters, secrets) = {
-            let c = self.lock();
-            (c.clusters.len() as u64, c.secrets.len() as u64)
-        };
-        metrics::gauge(
-            out,
-            "kube_cached_objects",
-            "Objects in the gateway's watch caches.",
-            [
-                ("kind=\"daskcluster\"", clusters),
-                ("kind=\"secret\"", secrets),
-            ],
-        );
+    fn register_metrics(&self, registry: &mut Registry) {
         let c = &self.counters;
-        for (name, help, v) in [
+        for (name, help, counter) in [
             (
                 "kube_creates",
-                "DaskClusters created by this gateway.",
+                "DaskClusters created by this gateway",
                 &c.creates,
             ),
             (
                 "kube_spec_patches",
-                "DaskCluster spec patches (heartbeats, stops).",
+                "DaskCluster spec patches (heartbeats, stops)",
                 &c.spec_patches,
             ),
             (
                 "kube_watch_errors",
-                "Errors of the DaskCluster and Secret watches.",
+                "Errors of the DaskCluster and Secret watches",
                 &c.watch_errors,
             ),
         ] {
-            metrics::counter(out, name, help, v.load(Ordering::Relaxed));
+            registry.register(name, help, counter.clone());
         }
+        let cache = self.cache.clone();
+        registry.register_collector(metrics::collector("kube caches", move |scrape| {
+            let (clusters, secrets) = {
+                let c = cache.lock().unwrap_or_else(|e| e.into_inner());
+                (c.clusters.len() as u64, c.secrets.len() as u64)
+            };
+            scrape.gauges(
+                "kube_cached_objects",
+                "Objects in the gateway's watch caches",
+                [
+                    ([("kind", "daskcluster")], clusters),
+                    ([("kind", "secret")], secrets),
+                ],
+            )
+        }));
     }
 
     async fn shutdown(&self, stop_clusters: bool) {

@@ -292,7 +292,7 @@ async fn a_create_posts_one_daskcluster_with_owner_options_settings_and_labels()
     // Known at once, before the watch reports it; nothing more is asked of the API server.
     assert_eq!(b.get(&view.name), Some(view.clone()));
     assert_eq!(b.list(Some("alice@example.org")), [view]);
-    assert_eq!(b.counters.creates.load(Ordering::Relaxed), 1);
+    assert_eq!(b.counters.creates.get(), 1);
     api.silent().await;
 }
 
@@ -333,7 +333,7 @@ async fn a_refused_create_is_a_typed_error_and_leaves_nothing_behind() {
         // No retry and no clean-up request (nothing was made); nothing cached or counted.
         api.silent().await;
         assert_eq!(b.list(None), []);
-        assert_eq!(b.counters.creates.load(Ordering::Relaxed), 0);
+        assert_eq!(b.counters.creates.get(), 0);
     }
 }
 
@@ -474,7 +474,7 @@ async fn a_heartbeats_new_worker_count_is_written_once_as_a_merge_patch() {
     current = apply(c, &current);
     done(task).await.unwrap();
     assert_eq!(b.get(&public(A)).unwrap().target_workers, 3);
-    assert_eq!(b.counters.spec_patches.load(Ordering::Relaxed), 1);
+    assert_eq!(b.counters.spec_patches.get(), 1);
 
     // The same count again: nothing to write.
     let hb = Heartbeat {
@@ -528,7 +528,7 @@ async fn heartbeats_of_unknown_stopping_or_finished_clusters_write_nothing() {
     for r in rest {
         r.unwrap();
     }
-    assert_eq!(b.counters.spec_patches.load(Ordering::Relaxed), 0);
+    assert_eq!(b.counters.spec_patches.get(), 0);
 }
 
 #[tokio::test]
@@ -965,4 +965,37 @@ async fn finished_clusters_are_read_from_the_api_server_on_demand() {
         None
     );
     api.silent().await;
+}
+
+#[tokio::test]
+async fn metrics_show_the_cached_objects_and_the_event_counters() {
+    let (b, _api) = backend();
+    let mut registry = metrics::registry();
+    b.register_metrics(&mut registry);
+    listed(
+        &b,
+        vec![object(A, "alice", 1_000), object(B, "bob", 2_000)],
+        vec![credentials(A)],
+    );
+    b.counters.spec_patches.inc();
+    let text = metrics::render(&registry).unwrap();
+    for line in [
+        "# HELP dask_gateway_kube_cached_objects Objects in the gateway's watch caches.",
+        "# TYPE dask_gateway_kube_cached_objects gauge",
+        "dask_gateway_kube_cached_objects{kind=\"daskcluster\"} 2",
+        "dask_gateway_kube_cached_objects{kind=\"secret\"} 1",
+        "# HELP dask_gateway_kube_creates DaskClusters created by this gateway.",
+        "# TYPE dask_gateway_kube_creates counter",
+        "dask_gateway_kube_creates_total 0",
+        "# TYPE dask_gateway_kube_spec_patches counter",
+        "dask_gateway_kube_spec_patches_total 1",
+        "# TYPE dask_gateway_kube_watch_errors counter",
+        "dask_gateway_kube_watch_errors_total 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from\n{text}"
+        );
+    }
+    assert_eq!(text.matches("# TYPE").count(), 4, "{text}");
 }

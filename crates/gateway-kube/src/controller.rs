@@ -28,6 +28,7 @@ use crate::crd::{
     Condition, DaskCluster, DaskClusterStatus, Phase, StatusAddresses, WorkerFailure,
 };
 use crate::limiter::RateLimiter;
+use crate::metrics::ControllerMetrics;
 use crate::names::{self, API_PORT, DASHBOARD_PORT, SCHEDULER_PORT};
 use futures_util::future::join_all;
 use gateway_model::{ClusterEvent, EventType, RunningUnit};
@@ -39,7 +40,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -116,23 +117,6 @@ pub struct Expectations {
     deleted: HashMap<String, Instant>,
 }
 
-/// Counters of the controller (Prometheus).
-#[derive(Default)]
-pub struct ControllerMetrics {
-    /// Reconcile passes.
-    pub reconciles: AtomicU64,
-    /// Passes that ended in an error.
-    pub reconcile_errors: AtomicU64,
-    /// Pods created.
-    pub pods_created: AtomicU64,
-    /// Pods deleted.
-    pub pods_deleted: AtomicU64,
-    /// Clusters that became Running.
-    pub clusters_running: AtomicU64,
-    /// Clusters that failed.
-    pub clusters_failed: AtomicU64,
-}
-
 /// What every reconcile pass shares.
 pub struct Context {
     /// API client.
@@ -156,7 +140,7 @@ pub struct Context {
     usage_pruned_reported: AtomicBool,
     /// Settings.
     pub settings: ControllerSettings,
-    /// Counters.
+    /// Counters (the process's, shared by every leadership term).
     pub metrics: ControllerMetrics,
 }
 
@@ -457,7 +441,7 @@ impl RunningPod {
 }
 
 impl Context {
-    /// A context over `client` and the three caches.
+    /// A context over `client` and the three caches, counting in `metrics`.
     pub fn new(
         client: Client,
         pods: Store<Pod>,
@@ -465,6 +449,7 @@ impl Context {
         services: Store<Service>,
         limiter: RateLimiter,
         settings: ControllerSettings,
+        metrics: ControllerMetrics,
     ) -> Self {
         Context {
             client,
@@ -477,7 +462,7 @@ impl Context {
             usage_written: Mutex::new(HashSet::new()),
             usage_pruned_reported: AtomicBool::new(false),
             settings,
-            metrics: ControllerMetrics::default(),
+            metrics,
         }
     }
 
@@ -666,7 +651,7 @@ where
 async fn delete_pod(ctx: &Context, ns: &str, id: &str, name: &str) -> Result<(), Error> {
     delete::<Pod>(ctx, ns, name).await?;
     ctx.expect_deleted(id, name);
-    ctx.metrics.pods_deleted.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.pods_deleted.inc();
     Ok(())
 }
 
@@ -776,7 +761,7 @@ async fn write_status(
 /// Moves `next` to Stopping because of a failure (teardown follows in the same pass).
 fn fail(ctx: &Context, id: &str, next: &mut DaskClusterStatus, reason: String) {
     warn!(cluster = %id, %reason, "cluster failed");
-    ctx.metrics.clusters_failed.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.clusters_failed.inc();
     next.phase = Phase::Stopping;
     next.stop_failed = true;
     next.reason = Some(reason);
@@ -786,7 +771,7 @@ fn fail(ctx: &Context, id: &str, next: &mut DaskClusterStatus, reason: String) {
 
 /// One pass over one DaskCluster (see the module docs).
 pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.reconciles.inc();
     let (ns, id) = build::identity(&dc)?;
     let status = dc.status.clone().unwrap_or_default();
     let mut next = status.clone();
@@ -984,7 +969,7 @@ async fn bring_up(
         Some(ip) => {
             if next.phase == Phase::Pending {
                 info!(cluster = %id, scheduler = %ip, "cluster running");
-                ctx.metrics.clusters_running.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.clusters_running.inc();
                 next.start_time = Some(now_rfc3339());
             }
             next.phase = Phase::Running;
@@ -1153,7 +1138,7 @@ async fn reconcile_workers(
             match r {
                 Ok(()) => {
                     ctx.expect_created(id, name);
-                    ctx.metrics.pods_created.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.pods_created.inc();
                     count += 1;
                 }
                 Err(e) => {
@@ -1347,7 +1332,7 @@ pub async fn sweep_finished(ctx: &Context, ns: &str, retention: Duration) -> Res
 
 /// When a failed pass is retried: conflicts at once, everything else after a pause.
 pub fn error_policy(dc: Arc<DaskCluster>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.reconcile_errors.inc();
     if error.is_conflict() {
         debug!(cluster = %dc.name_any(), "stale object; reconciling again");
         return Action::requeue(Duration::from_millis(50));

@@ -44,6 +44,7 @@ fn context_with(batch: usize, record_events: bool) -> (Arc<Context>, ApiServer, 
             retention: Duration::from_secs(3600),
             record_events,
         },
+        crate::metrics::ControllerMetrics::default(),
     );
     (
         Arc::new(ctx),
@@ -697,7 +698,7 @@ async fn a_stale_status_write_is_a_conflict_retried_at_once() {
     assert!(err.is_conflict(), "{err}");
     let action = error_policy(Arc::new(dc), &err, ctx.clone());
     assert_eq!(action, Action::requeue(Duration::from_millis(50)));
-    assert_eq!(ctx.metrics.reconcile_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(ctx.metrics.reconcile_errors.get(), 1);
 }
 
 #[tokio::test]

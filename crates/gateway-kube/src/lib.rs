@@ -12,6 +12,7 @@
 //!   so that one replica reconciles; [`limiter`]: the FIFO token bucket pacing its writes.
 //! * [`events`]: a cluster's Kubernetes Events (its DaskCluster's and its pods'), read on
 //!   demand, and recording new ones on the DaskCluster.
+//! * [`metrics`]: the controller's metric families (its counters, whether this process leads).
 //! * [`config`]: the `kubernetes:` section of the gateway configuration.
 //! * [`session_key`]: the session-cookie key the replicas share through a Secret.
 
@@ -25,6 +26,7 @@ pub mod crd;
 pub mod events;
 pub mod leader;
 pub mod limiter;
+pub mod metrics;
 #[cfg(test)]
 mod mock_api;
 pub mod names;

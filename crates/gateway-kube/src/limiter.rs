@@ -3,7 +3,7 @@
 //! first delays another cluster's few writes by at most the requests already queued, and never
 //! starves them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use gateway_backend::metrics::Counter;
 use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -14,8 +14,8 @@ pub struct RateLimiter {
     bucket: Mutex<Bucket>,
     qps: f64,
     burst: f64,
-    /// Tokens handed out since creation (API writes made).
-    granted: AtomicU64,
+    /// Tokens handed out (API writes made): since creation, or see [`RateLimiter::counting_in`].
+    granted: Counter,
 }
 
 struct Bucket {
@@ -34,8 +34,15 @@ impl RateLimiter {
             }),
             qps: qps.max(0.001),
             burst,
-            granted: AtomicU64::new(0),
+            granted: Counter::default(),
         }
+    }
+
+    /// Counts the tokens it hands out in `granted` (a counter that outlives this limiter, such
+    /// as the controller's API writes over every leadership term) instead of its own.
+    pub fn counting_in(mut self, granted: Counter) -> Self {
+        self.granted = granted;
+        self
     }
 
     /// Waits for one token.
@@ -48,7 +55,7 @@ impl RateLimiter {
             b.updated = now;
             if b.tokens >= 1.0 {
                 b.tokens -= 1.0;
-                self.granted.fetch_add(1, Ordering::Relaxed);
+                self.granted.inc();
                 return;
             }
             let wait = (1.0 - b.tokens) / self.qps;
@@ -56,9 +63,9 @@ impl RateLimiter {
         }
     }
 
-    /// Tokens handed out so far.
+    /// Tokens handed out so far (what its counter holds).
     pub fn granted(&self) -> u64 {
-        self.granted.load(Ordering::Relaxed)
+        self.granted.get()
     }
 }
 

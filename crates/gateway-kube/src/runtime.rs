@@ -6,6 +6,7 @@ use crate::controller::{error_policy, reconcile, Context, ControllerSettings};
 use crate::crd::DaskCluster;
 use crate::leader::LeaderElection;
 use crate::limiter::RateLimiter;
+use crate::metrics::ControllerMetrics;
 use crate::names;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
@@ -15,7 +16,8 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -115,8 +117,32 @@ where
     (reader, triggers, task)
 }
 
-/// The controller's context of the current leadership term, for metrics.
-pub type LiveContext = Arc<Mutex<Option<Arc<Context>>>>;
+/// The controller of this process as its metrics see it (see [`crate::metrics`]): whether
+/// this process leads now, and the counters every leadership term adds to. Clones share them.
+#[derive(Clone, Default)]
+pub struct LiveContext(Arc<Live>);
+
+#[derive(Default)]
+struct Live {
+    leading: AtomicBool,
+    metrics: ControllerMetrics,
+}
+
+impl LiveContext {
+    /// Whether this process runs the controller now (a term has started and not ended).
+    pub fn leading(&self) -> bool {
+        self.0.leading.load(Ordering::Relaxed)
+    }
+
+    /// The controller's counters, for the life of the process.
+    pub fn metrics(&self) -> &ControllerMetrics {
+        &self.0.metrics
+    }
+
+    pub(crate) fn set_leading(&self, leading: bool) {
+        self.0.leading.store(leading, Ordering::Relaxed);
+    }
+}
 
 /// Runs the controller once (this process leads): caches, then reconciles until `shutdown`.
 async fn run_term(
@@ -155,7 +181,8 @@ async fn run_term(
         pods,
         secrets,
         services,
-        RateLimiter::new(config.api_qps, config.api_burst),
+        RateLimiter::new(config.api_qps, config.api_burst)
+            .counting_in(live.metrics().api_writes.clone()),
         ControllerSettings {
             namespace: namespace.clone(),
             instance: config.instance.clone(),
@@ -163,8 +190,9 @@ async fn run_term(
             record_events: true,
             retention: Duration::from_secs_f64(config.completed_cluster_max_age),
         },
+        live.metrics().clone(),
     ));
-    *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctx.clone());
+    live.set_leading(true);
     // Finished clusters left the cache: delete them past the retention from here.
     let sweeper = {
         let (ctx, ns) = (ctx.clone(), namespace.clone());
@@ -208,7 +236,7 @@ async fn run_term(
     for task in tasks {
         task.abort();
     }
-    *live.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    live.set_leading(false);
     info!("DaskCluster controller stopped");
 }
 

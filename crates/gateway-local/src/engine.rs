@@ -14,6 +14,7 @@
 use crate::launch::{LocalError, Processes, SchedulerSpec, WorkerSpec};
 use crate::process::{ProcessExit, ProcessId, ProcessRole};
 use crate::store::{ClusterRecord, Store, StoreError, UsageKey, WorkerRecord};
+use gateway_backend::metrics::{self, Counter, Registry};
 use gateway_backend::{
     new_api_token, new_cluster_id, BackendError, ClusterBackend, ClusterCredentials, ClusterView,
     NewCluster, SchedulerAddresses, StopRequest, TlsPair, WorkerGrant,
@@ -22,7 +23,7 @@ use gateway_model::{
     ClusterEvent, ClusterStatus, ClusterUsage, EventType, Heartbeat, RunningUnit, UsageMeter,
 };
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
@@ -272,13 +273,13 @@ impl Effects {
     }
 }
 
-/// Event counters since start (exposed as Prometheus counters).
+/// Event counters since start (Prometheus counters, see [`LocalBackend::register_metrics`]).
 #[derive(Default)]
 struct Counters {
-    clusters_created: AtomicU64,
-    clusters_failed: AtomicU64,
-    workers_started: AtomicU64,
-    worker_failures: AtomicU64,
+    clusters_created: Counter,
+    clusters_failed: Counter,
+    workers_started: Counter,
+    worker_failures: Counter,
 }
 
 /// How an exit looks in an event or a failure reason.
@@ -381,9 +382,7 @@ impl LocalBackend {
             return;
         }
         if request.failed {
-            self.counters
-                .clusters_failed
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.clusters_failed.inc();
             warn!(cluster = %c.record.name, reason = %request.reason, "cluster failed");
             self.event(
                 &c.record.name,
@@ -516,9 +515,7 @@ impl LocalBackend {
                     if let Err(e) = self.store.put_worker(&record) {
                         error!(cluster = %c.record.name, "persisting worker: {e}");
                     }
-                    self.counters
-                        .workers_started
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.workers_started.inc();
                     info!(cluster = %c.record.name, worker = %worker, pid = process.pid, "worker starting");
                     launched += 1;
                     c.workers.insert(
@@ -532,9 +529,7 @@ impl LocalBackend {
                 }
                 Err(e) => {
                     c.worker_failures += 1;
-                    self.counters
-                        .worker_failures
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.worker_failures.inc();
                     error!(cluster = %c.record.name, failures = c.worker_failures, "starting worker: {e}");
                     self.event(
                         &c.record.name,
@@ -673,9 +668,7 @@ impl LocalBackend {
                         );
                     } else {
                         c.worker_failures += 1;
-                        self.counters
-                            .worker_failures
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.counters.worker_failures.inc();
                         warn!(cluster = %exit.cluster, worker = %worker, exit = %code,
                               failures = c.worker_failures, "worker exited unexpectedly");
                         self.event(
@@ -881,52 +874,21 @@ impl LocalBackend {
         Ok(())
     }
 
-    fn metrics_text(&self, out: &mut String) {
-        use gateway_backend::metrics;
+    /// Workers per state, every state included (0 when none).
+    fn workers_by_state(&self) -> Vec<([(&'static str, &'static str); 1], u64)> {
         let mut by_state: HashMap<&'static str, u64> = HashMap::new();
         for c in self.lock().values() {
             for w in c.workers.values() {
                 *by_state.entry(w.state.as_str()).or_default() += 1;
             }
         }
-        let states: Vec<(String, u64)> = WorkerState::ALL
+        WorkerState::ALL
             .iter()
             .map(|s| {
                 let n = by_state.get(s.as_str()).copied().unwrap_or(0);
-                (format!("state=\"{}\"", s.as_str()), n)
+                ([("state", s.as_str())], n)
             })
-            .collect();
-        metrics::gauge(
-            out,
-            "workers",
-            "Worker processes, by state.",
-            states.iter().map(|(l, n)| (l.as_str(), *n)),
-        );
-        let c = &self.counters;
-        for (name, help, value) in [
-            (
-                "clusters_created",
-                "Clusters created since the gateway started.",
-                &c.clusters_created,
-            ),
-            (
-                "clusters_failed",
-                "Clusters that ended FAILED since the gateway started.",
-                &c.clusters_failed,
-            ),
-            (
-                "workers_started",
-                "Worker processes started since the gateway started.",
-                &c.workers_started,
-            ),
-            (
-                "worker_failures",
-                "Worker start failures and unexpected worker exits since the gateway started.",
-                &c.worker_failures,
-            ),
-        ] {
-            metrics::counter(out, name, help, value.load(Ordering::Relaxed));
-        }
+            .collect()
     }
 }
 
@@ -1011,9 +973,7 @@ impl ClusterBackend for LocalBackend {
                     self.processes.remove_dir(&name);
                     return Err(store_error("creating a cluster", e));
                 }
-                self.counters
-                    .clusters_created
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.clusters_created.inc();
                 match &c.record.pool {
                     Some(pool) => {
                         info!(cluster = %name, pool = %pool, pid = pid.pid, "warm scheduler starting")
@@ -1036,9 +996,7 @@ impl ClusterBackend for LocalBackend {
                 c.record.status = ClusterStatus::Failed;
                 self.persist(&c.record);
                 c.set_status_after_store(ClusterStatus::Failed);
-                self.counters
-                    .clusters_failed
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.clusters_failed.inc();
                 self.processes.remove_credentials(&name);
                 Err(BackendError::Internal(
                     "Could not start the Dask scheduler; the gateway's log has the details".into(),
@@ -1183,8 +1141,43 @@ impl ClusterBackend for LocalBackend {
         self.store.ping().is_ok()
     }
 
-    fn metrics(&self, out: &mut String) {
-        self.metrics_text(out)
+    fn register_metrics(&self, registry: &mut Registry) {
+        let c = &self.counters;
+        for (name, help, counter) in [
+            (
+                "clusters_created",
+                "Clusters created since the gateway started",
+                &c.clusters_created,
+            ),
+            (
+                "clusters_failed",
+                "Clusters that ended FAILED since the gateway started",
+                &c.clusters_failed,
+            ),
+            (
+                "workers_started",
+                "Worker processes started since the gateway started",
+                &c.workers_started,
+            ),
+            (
+                "worker_failures",
+                "Worker start failures and unexpected worker exits since the gateway started",
+                &c.worker_failures,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        let me = self.me.clone();
+        registry.register_collector(metrics::collector("local workers", move |scrape| {
+            let Some(backend) = me.upgrade() else {
+                return Ok(());
+            };
+            scrape.gauges(
+                "workers",
+                "Worker processes, by state",
+                backend.workers_by_state(),
+            )
+        }));
     }
 
     async fn shutdown(&self, stop_clusters: bool) {

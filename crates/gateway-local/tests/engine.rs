@@ -704,3 +704,43 @@ async fn usage_counts_every_process_while_it_runs_across_a_restart_until_the_sto
     // Another owner's view has none of it.
     assert!(b.usage(Some("bob"), 0, i64::MAX).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn metrics_show_workers_by_state_and_the_event_counters() {
+    use gateway_backend::metrics;
+    let (b, procs, _) = start("metrics", config()).await;
+    let mut registry = metrics::registry();
+    b.register_metrics(&mut registry);
+    let c = b.create(request()).await.unwrap();
+    b.heartbeat(&c.name, &heartbeat(2, &[], &[], &[]), 2)
+        .await
+        .unwrap();
+    let names: Vec<String> = procs.workers_of(&c.name).into_keys().collect();
+    b.heartbeat(&c.name, &heartbeat(2, &[&names[0]], &[], &[]), 2)
+        .await
+        .unwrap();
+    let text = metrics::render(&registry).unwrap();
+    let expected = [
+        "# HELP dask_gateway_clusters_created Clusters created since the gateway started.",
+        "# TYPE dask_gateway_clusters_created counter",
+        "dask_gateway_clusters_created_total 1",
+        "# HELP dask_gateway_clusters_failed Clusters that ended FAILED since the gateway started.",
+        "# TYPE dask_gateway_clusters_failed counter",
+        "dask_gateway_clusters_failed_total 0",
+        "# HELP dask_gateway_workers_started Worker processes started since the gateway started.",
+        "# TYPE dask_gateway_workers_started counter",
+        "dask_gateway_workers_started_total 2",
+        "# HELP dask_gateway_worker_failures Worker start failures and unexpected worker exits since the gateway started.",
+        "# TYPE dask_gateway_worker_failures counter",
+        "dask_gateway_worker_failures_total 0",
+        "# HELP dask_gateway_workers Worker processes, by state.",
+        "# TYPE dask_gateway_workers gauge",
+        "dask_gateway_workers{state=\"starting\"} 1",
+        "dask_gateway_workers{state=\"running\"} 1",
+        "dask_gateway_workers{state=\"closing\"} 0",
+        "dask_gateway_workers{state=\"retired\"} 0",
+        "dask_gateway_workers{state=\"stopping\"} 0",
+        "# EOF",
+    ];
+    assert_eq!(text.lines().collect::<Vec<_>>(), expected, "{text}");
+}

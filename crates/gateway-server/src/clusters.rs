@@ -8,6 +8,7 @@ use crate::auth::{token_matches, User};
 use crate::clock::Clock;
 use crate::config::ClusterConfig;
 use crate::settings;
+use gateway_backend::metrics::Counter;
 use gateway_backend::{
     BackendError, ClusterBackend, ClusterView, NewCluster, StopRequest, WorkerGrant,
 };
@@ -18,7 +19,6 @@ use gateway_model::{
 use gateway_proxy::{ClientConnections, Clients};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -116,15 +116,16 @@ pub enum Requester<'a> {
     Token(&'a str),
 }
 
-/// Event counters of the API side (Prometheus counters).
+/// Event counters of the API side (Prometheus counters, see
+/// [`ClusterService::register_metrics`]).
 #[derive(Default)]
 struct Counters {
-    create_requests: AtomicU64,
-    create_refused: AtomicU64,
-    forward_failures: AtomicU64,
-    pool_claims: AtomicU64,
-    pool_misses: AtomicU64,
-    pool_starts: AtomicU64,
+    create_requests: Counter,
+    create_refused: Counter,
+    forward_failures: Counter,
+    pool_claims: Counter,
+    pool_misses: Counter,
+    pool_starts: Counter,
 }
 
 /// The shared rules over one backend (see the module docs).
@@ -265,9 +266,7 @@ impl ClusterService {
         user: &User,
         options: Option<&Value>,
     ) -> Result<String, ClusterError> {
-        self.counters
-            .create_requests
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.create_requests.inc();
         let (policy, config) = self.policy_for(user);
         let fields = &config.options;
         let options = validate_options(fields, options).map_err(|e| ClusterError::Invalid(e.0))?;
@@ -297,7 +296,7 @@ impl ClusterService {
                 _ => None,
             };
             if let Some(quota) = over {
-                self.counters.create_refused.fetch_add(1, Ordering::Relaxed);
+                self.counters.create_refused.inc();
                 return Err(ClusterError::QuotaExceeded(format!(
                     "A new cluster for {} would exceed the quota of {quota}",
                     user.name
@@ -312,7 +311,7 @@ impl ClusterService {
                 .filter(|c| c.status.is_active())
                 .count() as u64;
             if active >= max {
-                self.counters.create_refused.fetch_add(1, Ordering::Relaxed);
+                self.counters.create_refused.inc();
                 return Err(ClusterError::QuotaExceeded(format!(
                     "User {} already has {active} active clusters; the maximum per user is {max}",
                     user.name

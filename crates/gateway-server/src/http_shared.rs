@@ -49,14 +49,10 @@ pub struct AppStateFields {
     pub dashboard_csp: Option<HeaderValue>,
     /// Bearer token `/metrics` requires (none: open).
     pub metrics_token: Option<String>,
-    /// Label the usage counters of `/metrics` by user and group.
-    pub usage_metrics_by_user: bool,
-    /// The usage `/metrics` last read (reused for a few seconds, see [`crate::usage::UsageCache`]).
-    pub metrics_usage: Arc<crate::usage::UsageCache>,
+    /// What `/metrics` encodes: the registry every part of the gateway registered in.
+    pub metrics: Arc<crate::metrics::GatewayMetrics>,
     /// Upper bound on one API request, reading its body included.
     pub request_timeout: std::time::Duration,
-    /// The in-process DaskCluster controller, if any (its counters join `/metrics`).
-    pub controller: Option<gateway_kube::LiveContext>,
     /// Open `?follow` event streams per user (each reads the backend once a second).
     pub event_followers: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     /// API requests served since the gateway started (the page's request rate).
@@ -67,9 +63,11 @@ pub struct AppStateFields {
 
 impl AppStateFields {
     /// The state for `clusters` and `auth` with every other setting at its default: open
-    /// dashboards and `/metrics`, no dashboard CSP, no per-user usage labels, 30 s per request,
-    /// no in-process controller. The server sets the rest from its configuration.
+    /// dashboards and `/metrics`, no dashboard CSP, `/metrics` with the families of `clusters`
+    /// (no per-user usage labels, no in-process controller), 30 s per request. The server sets
+    /// the rest from its configuration.
     pub fn new(clusters: Arc<ClusterService>, auth: Arc<Authenticator>) -> Self {
+        let metrics = crate::metrics::GatewayMetrics::new(&clusters, Arc::default(), false);
         AppStateFields {
             clusters,
             auth,
@@ -77,10 +75,8 @@ impl AppStateFields {
             dashboard_auth: false,
             dashboard_csp: None,
             metrics_token: None,
-            usage_metrics_by_user: false,
-            metrics_usage: Arc::default(),
+            metrics: Arc::new(metrics),
             request_timeout: std::time::Duration::from_secs(30),
-            controller: None,
             event_followers: Arc::default(),
             api_requests: Arc::default(),
             started: std::time::Instant::now(),

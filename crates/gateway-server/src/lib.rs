@@ -11,6 +11,7 @@ pub mod clock;
 pub mod clusters;
 pub mod config;
 pub mod http_shared;
+pub mod metrics;
 pub mod openapi;
 pub mod option_target;
 pub mod settings;
@@ -149,63 +150,6 @@ fn gateway_runtime(config: &GatewayConfig) -> gateway_kube::GatewayRuntime {
     }
 }
 
-/// The controller's counters (of the current leadership term) as Prometheus text.
-pub(crate) fn controller_metrics(live: &gateway_kube::LiveContext) -> String {
-    use gateway_backend::metrics;
-    use std::sync::atomic::Ordering::Relaxed;
-    let ctx = live.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let mut out = String::new();
-    metrics::gauge(
-        &mut out,
-        "controller_leading",
-        "Whether this process runs the DaskCluster controller now.",
-        [("", u64::from(ctx.is_some()))],
-    );
-    if let Some(ctx) = ctx {
-        let m = &ctx.metrics;
-        for (name, help, v) in [
-            (
-                "controller_reconciles",
-                "Reconcile passes.",
-                m.reconciles.load(Relaxed),
-            ),
-            (
-                "controller_reconcile_errors",
-                "Reconcile passes that failed (retried).",
-                m.reconcile_errors.load(Relaxed),
-            ),
-            (
-                "controller_pods_created",
-                "Pods created by the controller.",
-                m.pods_created.load(Relaxed),
-            ),
-            (
-                "controller_pods_deleted",
-                "Pods deleted by the controller.",
-                m.pods_deleted.load(Relaxed),
-            ),
-            (
-                "controller_api_writes",
-                "Kubernetes API writes made by the controller.",
-                ctx.limiter.granted(),
-            ),
-            (
-                "controller_clusters_running",
-                "Clusters that became Running.",
-                m.clusters_running.load(Relaxed),
-            ),
-            (
-                "controller_clusters_failed",
-                "Clusters that failed.",
-                m.clusters_failed.load(Relaxed),
-            ),
-        ] {
-            metrics::counter(&mut out, name, help, v);
-        }
-    }
-    out
-}
-
 /// Runs only the DaskCluster controller (no API, no proxy) until `shutdown` resolves; metrics
 /// and health on `address` (`/metrics`, `/api/health`).
 pub async fn run_controller(
@@ -220,7 +164,9 @@ pub async fn run_controller(
             addr: config.address,
             source,
         })?;
-    let live2 = live.clone();
+    let mut registry = gateway_backend::metrics::registry();
+    live.register_metrics(&mut registry);
+    let registry = Arc::new(registry);
     let app = axum::Router::new()
         .route(
             "/api/health",
@@ -229,8 +175,8 @@ pub async fn run_controller(
         .route(
             "/metrics",
             axum::routing::get(move || {
-                let live = live2.clone();
-                async move { controller_metrics(&live) }
+                let text = gateway_backend::metrics::render(&registry);
+                async move { crate::metrics::response(text) }
             }),
         );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -411,16 +357,22 @@ pub async fn run(
         clusters.clock(),
         usage::METRICS_USAGE_TTL,
     ));
+    let metrics =
+        metrics::GatewayMetrics::new(&clusters, metrics_usage, config.metrics.usage_by_user).with(
+            |registry| {
+                if let Some(live) = &controller_live {
+                    live.register_metrics(registry);
+                }
+            },
+        );
     let state = AppState::new(AppStateFields {
         dashboard_auth: config.dashboard_auth,
         dashboard_csp: Some(config.dashboard_csp.as_str())
             .filter(|csp| !csp.trim().is_empty())
             .and_then(|csp| http::HeaderValue::from_str(csp).ok()),
         metrics_token,
-        usage_metrics_by_user: config.metrics.usage_by_user,
-        metrics_usage,
+        metrics: Arc::new(metrics),
         request_timeout: Duration::from_secs_f64(config.request_timeout),
-        controller: controller_live,
         ..AppStateFields::new(clusters, Arc::new(authenticator))
     });
     let app = api::router(state.clone(), &config.prefix(), metrics_listener.is_none());

@@ -249,7 +249,10 @@ const ROUTES: &[Route] = &[
         body: None,
         ok: (
             200,
-            Answer::Media("text/plain", "Prometheus text exposition."),
+            Answer::Media(
+                "application/openmetrics-text",
+                "OpenMetrics text exposition (version 1.0.0), ending with `# EOF`.",
+            ),
         ),
         errors: &[401],
     },

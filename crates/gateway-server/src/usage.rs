@@ -1,14 +1,14 @@
 //! `GET /api/v1/usage`: who used how much, from the backend's per-cluster usage
-//! ([`gateway_backend::ClusterBackend::usage`]), and the usage lines of `/metrics` (from a
+//! ([`gateway_backend::ClusterBackend::usage`]), and the usage families of `/metrics` (from a
 //! [`UsageCache`]).
 
 use crate::auth::User;
 use crate::clock::Clock;
 use crate::clusters::ClusterError;
-use gateway_backend::{metrics, ClusterBackend};
+use gateway_backend::metrics::{self, Registry};
+use gateway_backend::ClusterBackend;
 use gateway_model::{ClusterUsage, UsageGrouping, UsageReport};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,9 @@ pub struct UsageCache {
     ttl: Duration,
     /// When the last read started, and what it returned.
     last: tokio::sync::Mutex<Option<(Instant, Arc<[ClusterUsage]>)>>,
+    /// What the last [`UsageCache::get`] returned (none after a failed read): what the usage
+    /// families show (see [`register_metrics`]).
+    shown: std::sync::Mutex<Option<Arc<[ClusterUsage]>>>,
 }
 
 impl Default for UsageCache {
@@ -41,6 +44,7 @@ impl UsageCache {
             clock,
             ttl,
             last: tokio::sync::Mutex::new(None),
+            shown: std::sync::Mutex::new(None),
         }
     }
 
@@ -55,12 +59,31 @@ impl UsageCache {
         let started = self.clock.instant();
         if let Some((at, usage)) = &*last {
             if started.duration_since(*at) < self.ttl {
+                self.show(Some(usage.clone()));
                 return Ok(usage.clone());
             }
         }
-        let usage: Arc<[ClusterUsage]> = read(self.clock.now_ms()).await?.into();
-        *last = Some((started, usage.clone()));
-        Ok(usage)
+        match read(self.clock.now_ms()).await {
+            Ok(usage) => {
+                let usage: Arc<[ClusterUsage]> = usage.into();
+                *last = Some((started, usage.clone()));
+                self.show(Some(usage.clone()));
+                Ok(usage)
+            }
+            Err(e) => {
+                self.show(None);
+                Err(e)
+            }
+        }
+    }
+
+    /// What the last [`UsageCache::get`] returned; none before the first or after a failed read.
+    pub fn shown(&self) -> Option<Arc<[ClusterUsage]>> {
+        self.shown.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn show(&self, usage: Option<Arc<[ClusterUsage]>>) {
+        *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = usage;
     }
 }
 
@@ -165,10 +188,55 @@ pub async fn report(
     ))
 }
 
-/// The usage lines of `/metrics`: core- and memory-seconds used since the oldest usage kept,
-/// as counters; per `user` and `group` label when `by_user` (one series per user: mind the
-/// cardinality), else one series each.
-pub fn metrics_text(clusters: &[ClusterUsage], by_user: bool, out: &mut String) {
+/// Registers the usage families of `/metrics`: core- and memory-seconds used since the oldest
+/// usage kept, as counters, from what `cache` showed last ([`UsageCache::shown`]: a scrape reads
+/// the usage first, see [`crate::metrics::GatewayMetrics::render`]); per `user` and `group`
+/// label when `by_user` (one series per user: mind the cardinality), else one series each. No
+/// families while the last read failed.
+pub fn register_metrics(registry: &mut Registry, cache: Arc<UsageCache>, by_user: bool) {
+    registry.register_collector(metrics::collector("usage", move |scrape| {
+        let Some(clusters) = cache.shown() else {
+            return Ok(());
+        };
+        let totals = usage_totals(&clusters, by_user);
+        for (name, help, pick) in [
+            (
+                "usage_core_seconds",
+                "Cores requested by running schedulers and workers, times seconds",
+                (|t| t.0) as fn((f64, f64)) -> f64,
+            ),
+            (
+                "usage_memory_byte_seconds",
+                "Memory bytes requested by running schedulers and workers, times seconds",
+                |t| t.1,
+            ),
+        ] {
+            if by_user {
+                scrape.counters(
+                    name,
+                    help,
+                    totals.iter().map(|((user, group), t)| {
+                        (
+                            [("user", user.as_str()), ("group", group.as_str())],
+                            pick(*t),
+                        )
+                    }),
+                )?;
+            } else {
+                // (A fold, not `sum`: the sum of nothing is -0.0.)
+                let total = totals.values().fold(0.0, |sum, t| sum + pick(*t));
+                scrape.counter(name, help, total)?;
+            }
+        }
+        Ok(())
+    }));
+}
+
+/// Core- and memory-seconds per (user, group) when `by_user`, else all under one empty key.
+fn usage_totals(
+    clusters: &[ClusterUsage],
+    by_user: bool,
+) -> BTreeMap<(String, String), (f64, f64)> {
     let mut totals: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
     for c in clusters {
         let key = if by_user {
@@ -180,37 +248,7 @@ pub fn metrics_text(clusters: &[ClusterUsage], by_user: bool, out: &mut String) 
         t.0 += c.amount.core_seconds;
         t.1 += c.amount.memory_byte_seconds;
     }
-    if totals.is_empty() && !by_user {
-        totals.insert(Default::default(), (0.0, 0.0));
-    }
-    for (name, help, pick) in [
-        (
-            "usage_core_seconds_total",
-            "Cores requested by running schedulers and workers, times seconds.",
-            0,
-        ),
-        (
-            "usage_memory_byte_seconds_total",
-            "Memory bytes requested by running schedulers and workers, times seconds.",
-            1,
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP dask_gateway_{name} {help}");
-        let _ = writeln!(out, "# TYPE dask_gateway_{name} counter");
-        for ((user, group), t) in &totals {
-            let value = if pick == 0 { t.0 } else { t.1 };
-            if by_user {
-                let _ = writeln!(
-                    out,
-                    "dask_gateway_{name}{{user=\"{}\",group=\"{}\"}} {value}",
-                    metrics::escape_label(user),
-                    metrics::escape_label(group)
-                );
-            } else {
-                let _ = writeln!(out, "dask_gateway_{name} {value}");
-            }
-        }
-    }
+    totals
 }
 
 #[cfg(test)]
@@ -305,8 +343,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn metrics_label_users_only_when_asked_and_escape_them() {
+    /// The usage families as `/metrics` shows them after a scrape read `usage`.
+    async fn usage_text(usage: Vec<ClusterUsage>, by_user: bool) -> String {
+        let cache = Arc::new(UsageCache::default());
+        let mut registry = metrics::registry();
+        register_metrics(&mut registry, cache.clone(), by_user);
+        cache.get(|_| async { Ok::<_, ()>(usage) }).await.unwrap();
+        metrics::render(&registry).unwrap()
+    }
+
+    #[tokio::test]
+    async fn metrics_label_users_only_when_asked_and_escape_them() {
         let usage = ClusterUsage {
             cluster: "c".into(),
             owner: "ev\"il\n".into(),
@@ -319,25 +366,51 @@ mod tests {
             cores_now: 0.0,
             memory_now: 0.0,
         };
-        let mut out = String::new();
-        metrics_text(std::slice::from_ref(&usage), false, &mut out);
-        assert!(
-            out.contains("dask_gateway_usage_core_seconds_total 2.5\n"),
-            "{out}"
-        );
-        let mut out = String::new();
-        metrics_text(&[usage], true, &mut out);
+        let out = usage_text(vec![usage.clone()], false).await;
+        for line in [
+            "# HELP dask_gateway_usage_core_seconds Cores requested by running schedulers and workers, times seconds.",
+            "# TYPE dask_gateway_usage_core_seconds counter",
+            "dask_gateway_usage_core_seconds_total 2.5",
+            "# TYPE dask_gateway_usage_memory_byte_seconds counter",
+            "dask_gateway_usage_memory_byte_seconds_total 10.0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
+        }
+        let out = usage_text(vec![usage], true).await;
         assert!(
             out.contains(
                 "dask_gateway_usage_core_seconds_total{user=\"ev\\\"il\\n\",group=\"\"} 2.5\n"
             ),
             "{out}"
         );
-        let mut out = String::new();
-        metrics_text(&[], false, &mut out);
+        let out = usage_text(vec![], false).await;
         assert!(
-            out.contains("dask_gateway_usage_memory_byte_seconds_total 0\n"),
+            out.contains("dask_gateway_usage_memory_byte_seconds_total 0.0\n"),
             "{out}"
         );
+        // Per user with no usage: no series, so no families.
+        let out = usage_text(vec![], true).await;
+        assert_eq!(out, "# EOF\n");
+    }
+
+    #[tokio::test]
+    async fn metrics_show_no_usage_after_a_failed_read() {
+        let cache = Arc::new(UsageCache::new(Clock::system(), Duration::ZERO));
+        let mut registry = metrics::registry();
+        register_metrics(&mut registry, cache.clone(), false);
+        assert_eq!(
+            metrics::render(&registry).unwrap(),
+            "# EOF\n",
+            "nothing read yet"
+        );
+        cache.get(|_| async { Ok::<_, ()>(vec![]) }).await.unwrap();
+        assert!(metrics::render(&registry)
+            .unwrap()
+            .contains("usage_core_seconds_total 0.0"));
+        assert!(cache
+            .get(|_| async { Err::<Vec<ClusterUsage>, _>(()) })
+            .await
+            .is_err());
+        assert_eq!(metrics::render(&registry).unwrap(), "# EOF\n");
     }
 }

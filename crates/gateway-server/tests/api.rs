@@ -346,20 +346,30 @@ async fn a_scheduler_that_exits_fails_the_cluster() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, "FAILED");
-    let metrics = c
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let r = c.get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let metrics = r.text().await.unwrap();
+    assert!(metrics.ends_with("\n# EOF\n"), "{metrics}");
+    let mut families: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("# TYPE "))
+        .collect();
+    let count = families.len();
+    families.sort_unstable();
+    families.dedup();
+    assert_eq!(families.len(), count, "each family once:\n{metrics}");
     for line in [
         "dask_gateway_clusters{status=\"failed\"} 1",
         "dask_gateway_clusters{status=\"running\"} 0",
+        "# TYPE dask_gateway_clusters_created counter",
         "dask_gateway_clusters_created_total 1",
         "dask_gateway_clusters_failed_total 1",
         "dask_gateway_routes 0",
+        "dask_gateway_workers{state=\"running\"} 0",
+        "# TYPE dask_gateway_usage_core_seconds counter",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

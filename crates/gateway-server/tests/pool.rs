@@ -91,11 +91,36 @@ async fn a_create_gets_a_warm_scheduler_and_the_pool_refills() {
     // Nothing more once full.
     svc.maintain_pools().await;
     assert_eq!(members(&b).len(), 2);
-    let metrics = svc.metrics_text();
+    let mut registry = gateway_backend::metrics::registry();
+    svc.register_metrics(&mut registry);
+    let metrics = gateway_backend::metrics::render(&registry).unwrap();
     assert!(
         metrics.contains("dask_gateway_warm_scheduler_claims_total 1"),
         "{metrics}"
     );
+    // The unclaimed members by pool and state: the one left running, and the new one.
+    let samples: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("dask_gateway_warm_schedulers{"))
+        .collect();
+    let pool = samples[0].split('"').nth(1).unwrap();
+    assert_eq!(
+        samples,
+        [
+            format!("dask_gateway_warm_schedulers{{pool=\"{pool}\",state=\"running\"}} 1"),
+            format!("dask_gateway_warm_schedulers{{pool=\"{pool}\",state=\"pending\"}} 1"),
+        ],
+        "{metrics}"
+    );
+    for line in [
+        "# HELP dask_gateway_warm_schedulers Unclaimed warm schedulers, by pool and state.",
+        "# TYPE dask_gateway_warm_schedulers gauge",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -34,6 +34,13 @@ fn service_on(backend: &Arc<FakeBackend>, clock: Clock, yaml: &str) -> ClusterSe
     ClusterService::new(backend.clone(), Arc::new(config)).with_clock(clock)
 }
 
+/// What `/metrics` shows of `svc`: its families and its backend's.
+fn metrics_text(svc: &Arc<ClusterService>) -> String {
+    let mut registry = gateway_backend::metrics::registry();
+    svc.register_metrics(&mut registry);
+    gateway_backend::metrics::render(&registry).unwrap()
+}
+
 fn service(yaml: &str) -> (ClusterService, Arc<FakeBackend>) {
     let clock = Clock::tokio();
     let backend = fake_backend(clock);
@@ -353,6 +360,7 @@ async fn an_unreachable_scheduler_fails_its_cluster() {
 #[tokio::test]
 async fn listing_defaults_to_active_clusters() {
     let (svc, _b) = service("{}");
+    let svc = Arc::new(svc);
     let a = svc.create(&user("alice"), None).await.unwrap();
     let s = svc.create(&user("alice"), None).await.unwrap();
     svc.stop(&s, Requester::User(&user("alice"))).await.unwrap();
@@ -371,12 +379,62 @@ async fn listing_defaults_to_active_clusters() {
         ),
         vec![s.clone()]
     );
-    let text = svc.metrics_text();
+    let text = metrics_text(&svc);
     assert!(
         text.contains("dask_gateway_clusters{status=\"pending\"} 1"),
         "{text}"
     );
     assert!(text.contains("dask_gateway_clusters{status=\"stopped\"} 1"));
+}
+
+#[tokio::test]
+async fn metrics_show_the_service_families() {
+    let (svc, b) = service("{}");
+    let svc = Arc::new(svc);
+    let running = svc.create(&user("alice"), None).await.unwrap();
+    b.make_running(
+        &running,
+        SchedulerAddresses {
+            scheduler: "tls://127.0.0.1:1".into(),
+            dashboard: None,
+            api: "http://127.0.0.1:1".into(),
+        },
+    );
+    svc.create(&user("alice"), None).await.unwrap();
+    // The fake backend registers no families of its own, and no pool is configured.
+    let expected = [
+        "# HELP dask_gateway_create_requests Cluster create requests since the gateway started.",
+        "# TYPE dask_gateway_create_requests counter",
+        "dask_gateway_create_requests_total 2",
+        "# HELP dask_gateway_create_refused_quota Cluster creates refused by the per-user quota.",
+        "# TYPE dask_gateway_create_refused_quota counter",
+        "dask_gateway_create_refused_quota_total 0",
+        "# HELP dask_gateway_scheduler_forward_failures Scale/adapt messages that never reached their scheduler.",
+        "# TYPE dask_gateway_scheduler_forward_failures counter",
+        "dask_gateway_scheduler_forward_failures_total 0",
+        "# HELP dask_gateway_warm_scheduler_claims Creates served by a warm scheduler.",
+        "# TYPE dask_gateway_warm_scheduler_claims counter",
+        "dask_gateway_warm_scheduler_claims_total 0",
+        "# HELP dask_gateway_warm_scheduler_misses Creates that fit a warm pool but found it empty.",
+        "# TYPE dask_gateway_warm_scheduler_misses counter",
+        "dask_gateway_warm_scheduler_misses_total 0",
+        "# HELP dask_gateway_warm_scheduler_starts Warm schedulers started to fill the pools.",
+        "# TYPE dask_gateway_warm_scheduler_starts counter",
+        "dask_gateway_warm_scheduler_starts_total 0",
+        "# HELP dask_gateway_clusters Clusters known to the gateway, by status.",
+        "# TYPE dask_gateway_clusters gauge",
+        "dask_gateway_clusters{status=\"pending\"} 1",
+        "dask_gateway_clusters{status=\"running\"} 1",
+        "dask_gateway_clusters{status=\"stopping\"} 0",
+        "dask_gateway_clusters{status=\"stopped\"} 0",
+        "dask_gateway_clusters{status=\"failed\"} 0",
+        "# HELP dask_gateway_routes Clusters reachable through the proxy.",
+        "# TYPE dask_gateway_routes gauge",
+        "dask_gateway_routes 1",
+        "# EOF",
+    ];
+    let text = metrics_text(&svc);
+    assert_eq!(text.lines().collect::<Vec<_>>(), expected, "{text}");
 }
 
 #[tokio::test]

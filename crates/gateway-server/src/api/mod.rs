@@ -57,23 +57,7 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
             return ApiError::unauthorized("Unauthorized", "Bearer").into_response();
         }
     }
-    let content_type = "text/plain; version=0.0.4; charset=utf-8";
-    let mut text = state.clusters.metrics_text()
-        + &state
-            .controller
-            .as_ref()
-            .map(crate::controller_metrics)
-            .unwrap_or_default();
-    let backend = state.clusters.backend();
-    let usage = state
-        .metrics_usage
-        .get(|now| backend.usage(None, 0, now))
-        .await;
-    match usage {
-        Ok(usage) => crate::usage::metrics_text(&usage, state.usage_metrics_by_user, &mut text),
-        Err(e) => tracing::warn!("reading usage for /metrics: {e}"),
-    }
-    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+    state.metrics.response().await
 }
 
 /// `GET /api/v1/usage`: core- and memory-seconds per user, group or cluster within a window

@@ -178,9 +178,7 @@ impl ClusterService {
             }
             warn!(cluster = %name, attempt = attempt + 1, error = %last_error, "forwarding to scheduler failed");
         }
-        self.counters
-            .forward_failures
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.forward_failures.inc();
         let reason = format!("could not reach the scheduler: {last_error}");
         info!(cluster = %name, %reason, "failing cluster");
         if let Err(e) = self.backend.stop(name, StopRequest::failed(reason)).await {

@@ -20,7 +20,6 @@ use crate::settings;
 use gateway_backend::{ClusterSettings, ClusterView, NewCluster, StopRequest, POOL_OWNER};
 use gateway_model::{validate_options, ClusterStatus};
 use serde_json::{json, Map, Value};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -121,16 +120,16 @@ impl ClusterService {
         self.pool_wake.notify_one();
         match claimed {
             Ok(Some(view)) => {
-                self.counters.pool_claims.fetch_add(1, Ordering::Relaxed);
+                self.counters.pool_claims.inc();
                 info!(cluster = %view.name, user = %request.owner, pool = %pool.key, "warm scheduler handed out");
                 Some(view)
             }
             Ok(None) => {
-                self.counters.pool_misses.fetch_add(1, Ordering::Relaxed);
+                self.counters.pool_misses.inc();
                 None
             }
             Err(e) => {
-                self.counters.pool_misses.fetch_add(1, Ordering::Relaxed);
+                self.counters.pool_misses.inc();
                 warn!(pool = %pool.key, "could not hand out a warm scheduler: {e}");
                 None
             }
@@ -218,7 +217,7 @@ impl ClusterService {
                 };
                 match self.backend.create(request).await {
                     Ok(v) => {
-                        self.counters.pool_starts.fetch_add(1, Ordering::Relaxed);
+                        self.counters.pool_starts.inc();
                         info!(cluster = %v.name, pool = %pool.key, source = %pool.source, "warm scheduler started");
                     }
                     Err(e) => {
@@ -256,8 +255,8 @@ impl ClusterService {
         }
     }
 
-    /// Members per pool and state, for the metrics.
-    pub(super) fn pool_gauges(&self) -> Vec<(String, u64)> {
+    /// Members per pool and state, for the metrics: `pool` and `state` labels, and the count.
+    pub(super) fn pool_gauges(&self) -> Vec<([(&'static str, String); 2], u64)> {
         let members = self.pool_members();
         let mut out = Vec::new();
         for pool in &self.pools {
@@ -269,7 +268,7 @@ impl ClusterService {
                     .iter()
                     .filter(|(k, v)| k == &pool.key && v.status == wanted)
                     .count() as u64;
-                out.push((format!("pool=\"{}\",state=\"{state}\"", pool.key), n));
+                out.push(([("pool", pool.key.clone()), ("state", state.into())], n));
             }
         }
         out

@@ -1,0 +1,132 @@
+//! The controller's metric families: its counters ([`ControllerMetrics`], kept for the life of
+//! the process, across leadership terms) and whether this process leads now
+//! (`controller_leading`), registered by [`LiveContext::register_metrics`]. The gateway side's
+//! families are registered by [`crate::KubeBackend`]'s `register_metrics`.
+
+use crate::runtime::LiveContext;
+use gateway_backend::metrics::{self, Counter, Registry};
+
+/// Counters of the controller. One set per process: every leadership term adds to the same
+/// counters, so they never go back when another term starts.
+#[derive(Clone, Debug, Default)]
+pub struct ControllerMetrics {
+    /// Reconcile passes.
+    pub reconciles: Counter,
+    /// Passes that ended in an error.
+    pub reconcile_errors: Counter,
+    /// Pods created.
+    pub pods_created: Counter,
+    /// Pods deleted.
+    pub pods_deleted: Counter,
+    /// Kubernetes API writes (the tokens the write limiter handed out).
+    pub api_writes: Counter,
+    /// Clusters that became Running.
+    pub clusters_running: Counter,
+    /// Clusters that failed.
+    pub clusters_failed: Counter,
+}
+
+impl ControllerMetrics {
+    /// Registers the counters as `controller_<name>_total`.
+    pub fn register(&self, registry: &mut Registry) {
+        for (name, help, counter) in [
+            (
+                "controller_reconciles",
+                "Reconcile passes",
+                &self.reconciles,
+            ),
+            (
+                "controller_reconcile_errors",
+                "Reconcile passes that failed (retried)",
+                &self.reconcile_errors,
+            ),
+            (
+                "controller_pods_created",
+                "Pods created by the controller",
+                &self.pods_created,
+            ),
+            (
+                "controller_pods_deleted",
+                "Pods deleted by the controller",
+                &self.pods_deleted,
+            ),
+            (
+                "controller_api_writes",
+                "Kubernetes API writes made by the controller",
+                &self.api_writes,
+            ),
+            (
+                "controller_clusters_running",
+                "Clusters that became Running",
+                &self.clusters_running,
+            ),
+            (
+                "controller_clusters_failed",
+                "Clusters that failed",
+                &self.clusters_failed,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+    }
+}
+
+impl LiveContext {
+    /// Registers the controller's families: its counters, and `controller_leading` (1 while
+    /// this process runs the controller, 0 while another replica does).
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics().register(registry);
+        let live = self.clone();
+        registry.register_collector(metrics::collector("controller", move |scrape| {
+            scrape.gauge(
+                "controller_leading",
+                "Whether this process runs the DaskCluster controller now",
+                u64::from(live.leading()),
+            )
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_families_count_across_terms() {
+        let live = LiveContext::default();
+        let mut registry = metrics::registry();
+        live.register_metrics(&mut registry);
+        let text = metrics::render(&registry).unwrap();
+        for line in [
+            "# HELP dask_gateway_controller_reconciles Reconcile passes.",
+            "# TYPE dask_gateway_controller_reconciles counter",
+            "dask_gateway_controller_reconciles_total 0",
+            "# TYPE dask_gateway_controller_api_writes counter",
+            "dask_gateway_controller_api_writes_total 0",
+            "# HELP dask_gateway_controller_leading Whether this process runs the DaskCluster controller now.",
+            "# TYPE dask_gateway_controller_leading gauge",
+            "dask_gateway_controller_leading 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        }
+        // A term counts; the next one adds to the same counters.
+        live.set_leading(true);
+        live.metrics().reconciles.inc();
+        live.set_leading(false);
+        live.set_leading(true);
+        live.metrics().reconciles.inc();
+        let text = metrics::render(&registry).unwrap();
+        for line in [
+            "dask_gateway_controller_reconciles_total 2",
+            "dask_gateway_controller_leading 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+        let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
+        assert_eq!(families, 8, "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
