@@ -110,10 +110,14 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }
         // A term counts; the next one adds to the same counters.
-        live.set_leading(true);
+        let term = live.lead();
         live.metrics().reconciles.inc();
-        live.set_leading(false);
-        live.set_leading(true);
+        drop(term);
+        assert!(
+            !live.leading(),
+            "a term that ends (or is dropped) stops leading"
+        );
+        let _term = live.lead();
         live.metrics().reconciles.inc();
         let text = metrics::render(&registry).unwrap();
         for line in [

@@ -139,8 +139,24 @@ impl LiveContext {
         &self.0.metrics
     }
 
-    pub(crate) fn set_leading(&self, leading: bool) {
+    fn set_leading(&self, leading: bool) {
         self.0.leading.store(leading, Ordering::Relaxed);
+    }
+
+    /// Leading until the returned guard drops: when the term ends, or when its future is
+    /// dropped because the lease was lost.
+    pub(crate) fn lead(&self) -> Leading {
+        self.set_leading(true);
+        Leading(self.clone())
+    }
+}
+
+/// This process leads while it lives (see [`LiveContext::lead`]).
+pub(crate) struct Leading(LiveContext);
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        self.0.set_leading(false);
     }
 }
 
@@ -192,7 +208,7 @@ async fn run_term(
         },
         live.metrics().clone(),
     ));
-    live.set_leading(true);
+    let _leading = live.lead();
     // Finished clusters left the cache: delete them past the retention from here.
     let sweeper = {
         let (ctx, ns) = (ctx.clone(), namespace.clone());
@@ -236,7 +252,6 @@ async fn run_term(
     for task in tasks {
         task.abort();
     }
-    live.set_leading(false);
     info!("DaskCluster controller stopped");
 }
 
