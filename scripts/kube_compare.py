@@ -92,34 +92,55 @@ class PodWatch:
         ctx = ssl.create_default_context(cafile=files["certificate-authority-data"])
         ctx.load_cert_chain(files["client-certificate-data"], files["client-key-data"])
         url = urllib.parse.urlsplit(cluster["server"])
-        self.conn = http.client.HTTPSConnection(url.hostname, url.port, context=ctx)
-        self.conn.request("GET", f"/api/v1/namespaces/{ns}/pods?watch=1")
-        self.response = self.conn.getresponse()
-        if self.response.status != 200:
-            sys.exit(f"watch of {ns}'s pods: HTTP {self.response.status}")
+        self.connect = lambda: http.client.HTTPSConnection(url.hostname, url.port, context=ctx)
+        self.path = f"/api/v1/namespaces/{ns}/pods?watch=1"
+        self.conn = None
         self.cond = threading.Condition()
         self.pods = {}  # name -> {"component", "added", "running"}
         self.closed = False
-        threading.Thread(target=self._read, daemon=True).start()
+        response = self._open(None)
+        threading.Thread(target=self._read, args=(response,), daemon=True).start()
 
-    def _read(self):
+    def _open(self, resource_version):
+        """(Re)opens the watch, from `resource_version` on if given."""
+        self.conn = self.connect()
+        path = self.path + (f"&resourceVersion={resource_version}" if resource_version else "")
+        self.conn.request("GET", path)
+        response = self.conn.getresponse()
+        if response.status != 200:
+            sys.exit(f"watch {path}: HTTP {response.status}")
+        return response
+
+    def _read(self, response):
+        # The API server may end a watch at any time (its timeout, a watcher it finds too slow
+        # on a loaded machine): it is resumed from the last resourceVersion seen, so no event
+        # is lost and none is seen twice.
+        resource_version = None
         try:
-            for line in self.response:
-                now = time.perf_counter()
-                event = json.loads(line)
-                pod = event["object"]
-                name = pod["metadata"]["name"]
-                component = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
-                with self.cond:
-                    if event["type"] == "DELETED":
-                        self.pods.pop(name, None)
-                    elif event["type"] in ("ADDED", "MODIFIED"):
-                        seen = self.pods.setdefault(name, {"component": component, "added": now,
-                                                           "running": None})
-                        if pod.get("status", {}).get("phase") == "Running" and seen["running"] is None:
-                            seen["running"] = now
-                    self.cond.notify_all()
-        except Exception as e:  # the watch ended: waits fail with the reason below
+            while True:
+                for line in response:
+                    now = time.perf_counter()
+                    event = json.loads(line)
+                    pod = event["object"]
+                    if event["type"] == "ERROR":
+                        raise RuntimeError(f"watch error: {pod.get('message')}")
+                    resource_version = pod["metadata"]["resourceVersion"]
+                    name = pod["metadata"]["name"]
+                    component = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
+                    with self.cond:
+                        if event["type"] == "DELETED":
+                            self.pods.pop(name, None)
+                        elif event["type"] in ("ADDED", "MODIFIED"):
+                            seen = self.pods.setdefault(name, {"component": component, "added": now,
+                                                               "running": None})
+                            if pod.get("status", {}).get("phase") == "Running" and seen["running"] is None:
+                                seen["running"] = now
+                        self.cond.notify_all()
+                if self.closed:
+                    break
+                self.conn.close()
+                response = self._open(resource_version)
+        except Exception as e:  # the watch failed: waits fail with the reason below
             if not self.closed:
                 print(f"pod watch ended: {e!r}", file=sys.stderr)
         with self.cond:
@@ -151,7 +172,7 @@ class PodWatch:
         self.closed = True
         try:
             self.conn.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+        except (OSError, AttributeError):
             pass
 
 
@@ -374,8 +395,10 @@ def run_rounds(kube, args, workdir):
     results = {"ours": [], "reference": []}
     sides = []
     try:
-        sides.append(Ours(kube, args.gateway, workdir))
-        sides.append(Reference(kube, args.ref_venv, workdir))
+        if "ours" in args.sides:
+            sides.append(Ours(kube, args.gateway, workdir))
+        if "reference" in args.sides:
+            sides.append(Reference(kube, args.ref_venv, workdir))
         watches = {s.label: PodWatch(args.kubeconfig, s.ns, workdir) for s in sides}
         # What each side spends with no cluster at all (timers, lease renewals, watches), so
         # that the scale-up's CPU can also be read net of it.
@@ -420,7 +443,11 @@ def main():
     ap.add_argument("--workers", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--sides", default="ours,reference",
+                    help="which sides to run (comma-separated): measuring one side while "
+                         "working on it is quicker; the ratios need both")
     args = ap.parse_args()
+    args.sides = args.sides.split(",")
     # A TERM (bench-compare's Ctrl-C, a timeout) unwinds like an error: both sides are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not AUDIT_LOG.exists():
@@ -452,7 +479,7 @@ def main():
         print(f"logs kept in {workdir}", file=sys.stderr)
         raise
     shutil.rmtree(workdir, ignore_errors=True)
-    for side in ("ours", "reference"):
+    for side in args.sides:
         idle = results[side + "_idle_cpu_per_s"]
         for r in results[side]:
             r["scale_cpu_net_s"] = max(0.0, r["scale_cpu_s"] - idle * r["scale_window_s"])
