@@ -27,6 +27,7 @@ use crate::build::{self, BuildError};
 use crate::crd::{
     Condition, DaskCluster, DaskClusterStatus, Phase, StatusAddresses, WorkerFailure,
 };
+use crate::lean::LeanPod;
 use crate::limiter::RateLimiter;
 use crate::metrics::ControllerMetrics;
 use crate::names::{self, API_PORT, DASHBOARD_PORT, SCHEDULER_PORT};
@@ -44,6 +45,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
+
+/// Creations and deletions sent to the API server at once, by all passes together. The client
+/// speaks HTTP/1.1, one request per connection at a time: a scale-up that sent its 100 creations
+/// at once opened 100 connections (a TLS handshake each, on both ends) that idled out after it.
+/// A few in flight keep the API server as busy (it answers a creation in milliseconds) over
+/// connections that stay open.
+const WRITES_IN_FLIGHT: usize = 8;
 
 /// How long a stop waits for pods to disappear before the cluster is declared finished anyway
 /// (a node that is gone never confirms; garbage collection finishes the job).
@@ -122,13 +130,16 @@ pub struct Context {
     /// API client.
     pub client: Client,
     /// Pods of this installation (watch cache).
-    pub pods: Store<Pod>,
+    pub pods: Store<LeanPod>,
     /// Secrets of this installation (watch cache).
     pub secrets: Store<Secret>,
     /// Services of this installation (watch cache).
     pub services: Store<Service>,
     /// Paces every write.
     pub limiter: RateLimiter,
+    /// Bounds the creations and deletions waiting for the API server (see
+    /// [`WRITES_IN_FLIGHT`]).
+    in_flight: tokio::sync::Semaphore,
     /// Per cluster id: our writes the caches have not shown yet.
     pub expectations: Mutex<HashMap<String, Expectations>>,
     /// Per cluster id: when its status was last written.
@@ -377,17 +388,31 @@ fn is_hopeless(reason: &str) -> bool {
     matches!(reason, "InvalidImageName" | "ErrImageNeverPull")
 }
 
+/// A pod's label `key`, borrowed.
+fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(key))
+        .map(String::as_str)
+}
+
+/// A pod's name, borrowed (empty if it has none).
+fn pod_name(pod: &Pod) -> &str {
+    pod.metadata.name.as_deref().unwrap_or_default()
+}
+
 /// What exists of one cluster, from the caches corrected by our expectations.
 struct Observed {
     secret: bool,
-    scheduler: Option<Arc<Pod>>,
+    scheduler: Option<Arc<LeanPod>>,
     scheduler_expected: bool,
     service: bool,
     /// Worker pods not being deleted (by us or anyone).
-    workers: Vec<Arc<Pod>>,
+    workers: Vec<Arc<LeanPod>>,
     /// Worker pods being deleted whose container was killed for its memory limit meanwhile
     /// (a worker the scheduler reported gone, deleted as retired before its pod said why).
-    oom_killed_while_deleted: Vec<Arc<Pod>>,
+    oom_killed_while_deleted: Vec<Arc<LeanPod>>,
     /// Names of worker pods we created that the cache does not show yet.
     workers_expected: Vec<String>,
     /// The scheduler pod, if its container runs (being deleted or not).
@@ -444,7 +469,7 @@ impl Context {
     /// A context over `client` and the three caches, counting in `metrics`.
     pub fn new(
         client: Client,
-        pods: Store<Pod>,
+        pods: Store<LeanPod>,
         secrets: Store<Secret>,
         services: Store<Service>,
         limiter: RateLimiter,
@@ -457,6 +482,7 @@ impl Context {
             secrets,
             services,
             limiter,
+            in_flight: tokio::sync::Semaphore::new(WRITES_IN_FLIGHT),
             expectations: Mutex::new(HashMap::new()),
             status_written: Mutex::new(HashMap::new()),
             usage_written: Mutex::new(HashSet::new()),
@@ -533,73 +559,80 @@ impl Context {
     }
 
     fn observe(&self, ns: &str, id: &str) -> Observed {
-        let in_store =
-            |name: &str| -> Option<Arc<Pod>> { self.pods.get(&ObjectRef::new(name).within(ns)) };
-        let mut workers: Vec<Arc<Pod>> = self
+        let in_store = |name: &str| -> Option<Arc<LeanPod>> {
+            self.pods.get(&ObjectRef::new(name).within(ns))
+        };
+        // Runs on every pass over every pod of the installation: compares in place, copies
+        // nothing but the pointers it keeps.
+        let mut workers: Vec<Arc<LeanPod>> = self
             .pods
             .state()
             .into_iter()
             .filter(|p| {
-                p.namespace().as_deref() == Some(ns)
-                    && p.labels().get(names::LABEL_CLUSTER).map(String::as_str) == Some(id)
-                    && p.labels().get(names::LABEL_COMPONENT).map(String::as_str)
-                        == Some(names::COMPONENT_WORKER)
+                p.metadata.namespace.as_deref() == Some(ns)
+                    && label(p, names::LABEL_CLUSTER) == Some(id)
+                    && label(p, names::LABEL_COMPONENT) == Some(names::COMPONENT_WORKER)
             })
             .collect();
         let scheduler_name = names::scheduler_pod_name(id);
+        let (secret_name, service_name) = (names::secret_name(id), names::service_name(id));
         let mut scheduler = in_store(&scheduler_name);
         let secret = self
             .secrets
-            .get(&ObjectRef::new(&names::secret_name(id)).within(ns))
+            .get(&ObjectRef::new(&secret_name).within(ns))
             .is_some();
         let service = self
             .services
-            .get(&ObjectRef::new(&names::service_name(id)).within(ns))
+            .get(&ObjectRef::new(&service_name).within(ns))
             .is_some();
         let mut all = self.expectations.lock().unwrap_or_else(|e| e.into_inner());
         let exp = all.entry(id.to_string()).or_default();
-        let present: HashSet<String> = workers.iter().map(|p| p.name_any()).collect();
-        exp.created.retain(|name, at| {
-            let seen = present.contains(name)
-                || (name == &scheduler_name && scheduler.is_some())
-                || (name == &names::secret_name(id) && secret)
-                || (name == &names::service_name(id) && service);
-            !seen && at.elapsed() < EXPECTATION_TTL
-        });
+        if !exp.created.is_empty() {
+            let present: HashSet<&str> = workers.iter().map(|p| pod_name(p)).collect();
+            exp.created.retain(|name, at| {
+                let seen = present.contains(name.as_str())
+                    || (name == &scheduler_name && scheduler.is_some())
+                    || (name == &secret_name && secret)
+                    || (name == &service_name && service);
+                !seen && at.elapsed() < EXPECTATION_TTL
+            });
+        }
         exp.deleted.retain(|name, at| {
             let still = workers
                 .iter()
                 .chain(scheduler.iter())
-                .any(|p| p.name_any() == *name && !is_being_deleted(p));
+                .any(|p| pod_name(p) == name && !is_being_deleted(p));
             still && at.elapsed() < EXPECTATION_TTL
         });
-        let deleted = exp.deleted.clone();
-        let scheduler_running = scheduler.as_deref().and_then(RunningPod::of);
+        let deleted = &exp.deleted;
+        let gone = |p: &Pod| is_being_deleted(p) || deleted.contains_key(pod_name(p));
+        let scheduler_running = scheduler.as_deref().and_then(|p| RunningPod::of(p));
         let workers_running = workers.iter().filter_map(|p| RunningPod::of(p)).collect();
         let oom_killed_while_deleted = workers
             .iter()
-            .filter(|p| is_being_deleted(p) || deleted.contains_key(&p.name_any()))
+            .filter(|p| gone(p))
             .filter(|p| termination(p).is_some_and(|(_, reason, _)| reason == "OOMKilled"))
             .cloned()
             .collect();
-        workers.retain(|p| !is_being_deleted(p) && !deleted.contains_key(&p.name_any()));
+        workers.retain(|p| !gone(p));
         if scheduler
             .as_ref()
-            .is_some_and(|p| deleted.contains_key(&p.name_any()))
+            .is_some_and(|p| deleted.contains_key(pod_name(p)))
         {
             scheduler = None;
         }
+        let worker_prefix = names::worker_pod_prefix(id);
         let workers_expected = exp
             .created
             .keys()
-            .filter(|n| n.starts_with(&names::worker_pod_prefix(id)))
+            .filter(|n| n.starts_with(&worker_prefix))
             .cloned()
             .collect();
         Observed {
-            secret: secret || exp.created.contains_key(&names::secret_name(id)),
+            secret: secret || exp.created.contains_key(&secret_name),
             scheduler_expected: exp.created.contains_key(&scheduler_name),
             scheduler,
-            service: service || exp.created.contains_key(&names::service_name(id)),
+            service: service || exp.created.contains_key(&service_name),
             workers,
             oom_killed_while_deleted,
             workers_expected,
@@ -609,39 +642,41 @@ impl Context {
     }
 }
 
-/// Creates `obj` unless it exists already (rate limited).
+/// Creates `obj` unless it exists already (rate limited, at most [`WRITES_IN_FLIGHT`] at once).
+/// The API server's answer (the whole object) is read but not decoded: nothing uses it.
 async fn create<K>(ctx: &Context, ns: &str, obj: &K) -> Result<(), Error>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + serde::Serialize,
 {
+    let body = serde_json::to_vec(obj).map_err(kube::Error::SerdeError)?;
+    let request = kube::core::Request::new(K::url_path(&(), Some(ns)))
+        .create(&PostParams::default(), body)
+        .map_err(kube::Error::BuildRequest)?;
     ctx.limiter.acquire().await;
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    match api.create(&PostParams::default(), obj).await {
+    let _slot = ctx.in_flight.acquire().await;
+    match ctx.client.request_text(request).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
 
-/// Deletes object `name` (rate limited); a missing object is fine.
+/// Deletes object `name` (rate limited, at most [`WRITES_IN_FLIGHT`] at once); a missing
+/// object is fine. The answer is not decoded.
 async fn delete<K>(ctx: &Context, ns: &str, name: &str) -> Result<(), Error>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
 {
-    ctx.limiter.acquire().await;
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let dp = DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
         ..DeleteParams::default()
     };
-    match api.delete(name, &dp).await {
+    let request = kube::core::Request::new(K::url_path(&(), Some(ns)))
+        .delete(name, &dp)
+        .map_err(kube::Error::BuildRequest)?;
+    ctx.limiter.acquire().await;
+    let _slot = ctx.in_flight.acquire().await;
+    match ctx.client.request_text(request).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
         Err(e) => Err(e.into()),
@@ -1048,7 +1083,7 @@ async fn reconcile_workers(
     scheduler_address: &str,
 ) -> Result<(), Error> {
     let retired: HashSet<&str> = dc.spec.retired_workers.iter().map(String::as_str).collect();
-    let mut live: Vec<&Arc<Pod>> = Vec::new();
+    let mut live: Vec<&Arc<LeanPod>> = Vec::new();
     let mut last_failure = None;
     // A worker that ended in failure is recorded whichever way its pod goes; one the scheduler
     // reported gone (retired) had joined it, so it is never a start failure.
@@ -1062,18 +1097,18 @@ async fn reconcile_workers(
         record(next, worker_failure(pod));
     }
     for pod in &observed.workers {
-        let name = pod.name_any();
+        let name = pod_name(pod);
         let phase = pod_phase(pod);
         let ended_in_failure = phase == "Failed"
             || termination(pod).is_some_and(|(code, reason, _)| code != 0 || reason == "OOMKilled");
-        if retired.contains(name.as_str()) || phase == "Succeeded" {
+        if retired.contains(name) || phase == "Succeeded" {
             if phase == "Succeeded" {
                 next.worker_failures = 0;
             }
             if ended_in_failure {
                 record(next, worker_failure(pod));
             }
-            delete_pod(ctx, ns, id, &name).await?;
+            delete_pod(ctx, ns, id, name).await?;
         } else if ended_in_failure {
             let mut failure = worker_failure(pod);
             let mut proven =
@@ -1081,7 +1116,7 @@ async fn reconcile_workers(
             let oom = failure.reason == "OOMKilled";
             if !proven || !oom {
                 // Its log tells whether it joined the scheduler, and why it ended.
-                let log = last_log_lines(ctx, ns, &name, "dask-worker", WORKER_LOG_LINES).await;
+                let log = last_log_lines(ctx, ns, name, "dask-worker", WORKER_LOG_LINES).await;
                 proven |= log.contains(WORKER_REGISTERED);
                 let tail: Vec<&str> = log.lines().rev().take(LOG_LINES as usize).collect();
                 if !oom && !tail.is_empty() {
@@ -1098,7 +1133,7 @@ async fn reconcile_workers(
                 last_failure = Some(failure.message.clone());
             }
             record(next, failure);
-            delete_pod(ctx, ns, id, &name).await?;
+            delete_pod(ctx, ns, id, name).await?;
         } else {
             if running_for(pod).is_some_and(|d| d >= WORKER_PROVEN_AFTER) {
                 next.worker_failures = 0;
@@ -1155,7 +1190,7 @@ async fn reconcile_workers(
         }
     } else if count > wanted {
         // Only workers that are not running yet are removed; the scheduler retires running ones.
-        let mut pending: Vec<&&Arc<Pod>> =
+        let mut pending: Vec<&&Arc<LeanPod>> =
             live.iter().filter(|p| pod_phase(p) == "Pending").collect();
         pending.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
         for pod in pending.into_iter().take(count - wanted) {

@@ -5,6 +5,7 @@
 use super::*;
 use crate::build::tests::cluster;
 use crate::crd::{DaskClusterStatus, Phase, StopSpec};
+use crate::lean::LeanPod;
 use crate::mock_api::{ApiServer, Call};
 use http::Method;
 use k8s_openapi::api::core::v1::{
@@ -17,7 +18,7 @@ use kube::runtime::watcher::Event;
 use serde_json::json;
 
 struct Caches {
-    pods: Writer<Pod>,
+    pods: Writer<LeanPod>,
     secrets: Writer<Secret>,
     services: Writer<Service>,
 }
@@ -59,7 +60,7 @@ fn context_with(batch: usize, record_events: bool) -> (Arc<Context>, ApiServer, 
 
 impl Caches {
     fn pod(&mut self, pod: Pod) {
-        self.pods.apply_watcher_event(&Event::Apply(pod));
+        self.pods.apply_watcher_event(&Event::Apply(pod.into()));
     }
     fn children_of(&mut self, dc: &DaskCluster) {
         self.secrets

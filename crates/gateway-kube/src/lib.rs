@@ -14,6 +14,7 @@
 //!   demand, and recording new ones on the DaskCluster.
 //! * [`metrics`]: the controller's metric families (its counters, whether this process leads).
 //! * [`config`]: the `kubernetes:` section of the gateway configuration.
+//! * [`lean`]: pods as the controller's cache decodes them (without `managedFields`).
 //! * [`session_key`]: the session-cookie key the replicas share through a Secret.
 
 #![warn(missing_docs)]
@@ -25,6 +26,7 @@ pub mod controller;
 pub mod crd;
 pub mod events;
 pub mod leader;
+pub mod lean;
 pub mod limiter;
 pub mod metrics;
 #[cfg(test)]

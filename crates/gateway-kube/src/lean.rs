@@ -1,0 +1,185 @@
+//! [`LeanPod`]: a Pod as the controller's watch cache reads it, without `managedFields`.
+//!
+//! Every watch event carries the whole object, and a Pod's `metadata.managedFields` (who set
+//! which field, as a JSON tree per field manager) is often the largest part of it. Decoded into
+//! `k8s-openapi`'s types it is a tree of maps and strings built only to be thrown away: a
+//! profile of a 100-worker scale-up (about 500 pod events) spent a tenth of the process's CPU
+//! there. `LeanPod` decodes the same JSON into the same [`Pod`], skipping that one field without
+//! building anything; the cache then holds no `managedFields` (which nothing reads).
+
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// A [`Pod`] decoded without its `metadata.managedFields`; derefs to the [`Pod`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LeanPod(pub Pod);
+
+impl std::ops::Deref for LeanPod {
+    type Target = Pod;
+    fn deref(&self) -> &Pod {
+        &self.0
+    }
+}
+
+impl From<Pod> for LeanPod {
+    fn from(mut pod: Pod) -> Self {
+        pod.metadata.managed_fields = None;
+        LeanPod(pod)
+    }
+}
+
+impl k8s_openapi::Resource for LeanPod {
+    const API_VERSION: &'static str = <Pod as k8s_openapi::Resource>::API_VERSION;
+    const GROUP: &'static str = <Pod as k8s_openapi::Resource>::GROUP;
+    const KIND: &'static str = <Pod as k8s_openapi::Resource>::KIND;
+    const VERSION: &'static str = <Pod as k8s_openapi::Resource>::VERSION;
+    const URL_PATH_SEGMENT: &'static str = <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    type Scope = <Pod as k8s_openapi::Resource>::Scope;
+}
+
+impl k8s_openapi::Metadata for LeanPod {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.0.metadata
+    }
+}
+
+/// `ObjectMeta`'s fields but `managedFields`, which serde skips as an unknown field.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanMeta {
+    annotations: Option<BTreeMap<String, String>>,
+    creation_timestamp: Option<Time>,
+    deletion_grace_period_seconds: Option<i64>,
+    deletion_timestamp: Option<Time>,
+    finalizers: Option<Vec<String>>,
+    generate_name: Option<String>,
+    generation: Option<i64>,
+    labels: Option<BTreeMap<String, String>>,
+    name: Option<String>,
+    namespace: Option<String>,
+    owner_references: Option<Vec<OwnerReference>>,
+    resource_version: Option<String>,
+    self_link: Option<String>,
+    uid: Option<String>,
+}
+
+impl From<LeanMeta> for ObjectMeta {
+    fn from(m: LeanMeta) -> Self {
+        ObjectMeta {
+            annotations: m.annotations,
+            creation_timestamp: m.creation_timestamp,
+            deletion_grace_period_seconds: m.deletion_grace_period_seconds,
+            deletion_timestamp: m.deletion_timestamp,
+            finalizers: m.finalizers,
+            generate_name: m.generate_name,
+            generation: m.generation,
+            labels: m.labels,
+            managed_fields: None,
+            name: m.name,
+            namespace: m.namespace,
+            owner_references: m.owner_references,
+            resource_version: m.resource_version,
+            self_link: m.self_link,
+            uid: m.uid,
+        }
+    }
+}
+
+/// A Pod's top-level keys, as the decoder tells them apart.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum Field {
+    Metadata,
+    Spec,
+    Status,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for LeanPod {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PodVisitor;
+        impl<'de> Visitor<'de> for PodVisitor {
+            type Value = LeanPod;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a Pod")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<LeanPod, A::Error> {
+                let mut pod = Pod::default();
+                while let Some(key) = map.next_key::<Field>()? {
+                    match key {
+                        Field::Metadata => pod.metadata = map.next_value::<LeanMeta>()?.into(),
+                        Field::Spec => pod.spec = map.next_value::<Option<PodSpec>>()?,
+                        Field::Status => pod.status = map.next_value::<Option<PodStatus>>()?,
+                        // `apiVersion` and `kind` are the type's own.
+                        Field::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(LeanPod(pod))
+            }
+        }
+        deserializer.deserialize_map(PodVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_pod_as_k8s_openapi_does_without_managed_fields() {
+        let json = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "dask-worker-1",
+                "namespace": "ns",
+                "uid": "u-1",
+                "resourceVersion": "42",
+                "generation": 1,
+                "creationTimestamp": "2026-12-05T16:07:14Z",
+                "deletionTimestamp": "2026-12-05T16:08:14Z",
+                "deletionGracePeriodSeconds": 1,
+                "labels": {"app.kubernetes.io/component": "dask-worker"},
+                "annotations": {"a": "b"},
+                "finalizers": ["f"],
+                "generateName": "dask-worker-",
+                "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "x", "uid": "ux"}],
+                "managedFields": [{
+                    "manager": "kubelet",
+                    "operation": "Update",
+                    "apiVersion": "v1",
+                    "time": "2026-12-05T16:07:15Z",
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:status": {"f:phase": {}}},
+                    "subresource": "status"
+                }]
+            },
+            "spec": {"containers": [{"name": "dask-worker", "image": "img",
+                                     "resources": {"requests": {"cpu": "10m"}}}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.7"},
+            "someFutureField": {"x": [1, 2, 3]}
+        });
+        let lean: LeanPod = serde_json::from_value(json.clone()).unwrap();
+        let mut full: Pod = serde_json::from_value(json).unwrap();
+        assert!(full.metadata.managed_fields.is_some());
+        full.metadata.managed_fields = None;
+        assert_eq!(lean.0, full);
+        assert_eq!(LeanPod::from(full.clone()), lean);
+    }
+
+    #[test]
+    fn a_pod_that_is_not_an_object_is_an_error() {
+        assert!(serde_json::from_str::<LeanPod>("[1]").is_err());
+        assert!(serde_json::from_str::<LeanPod>(r#"{"metadata": 3}"#).is_err());
+    }
+}
