@@ -1,7 +1,7 @@
 //! A mocked Kubernetes API server for unit tests (a `tower_test` service under a real
 //! `kube::Client`): requests arrive in order and each test answers them itself, so it sees
 //! exactly which requests the code under test makes. Shared by the controller's tests
-//! (`controller_tests.rs`) and the gateway side's (`backend_tests.rs`).
+//! (`controller/tests.rs`) and the gateway side's (`backend_tests.rs`).
 
 use http::{Method, Request, Response};
 use kube::client::Body;

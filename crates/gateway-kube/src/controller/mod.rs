@@ -1377,5 +1377,4 @@ pub fn error_policy(dc: Arc<DaskCluster>, error: &Error, ctx: Arc<Context>) -> A
 }
 
 #[cfg(test)]
-#[path = "controller_tests.rs"]
 mod tests;
