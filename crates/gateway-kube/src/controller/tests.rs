@@ -1,16 +1,21 @@
 //! Reconcile passes against a mocked API server (a `tower_test` service): each test sets the
 //! watch caches, runs one pass, and checks exactly which requests the controller makes and the
 //! status it writes.
+//!
+//! One file over 500 lines: each test is one scenario through the whole pass, and they share
+//! the fixtures at the top (caches, pods in every state, the status a pass writes).
 
+use super::status::{account, may_defer};
 use super::*;
 use crate::build::tests::cluster;
 use crate::crd::{DaskClusterStatus, Phase, StopSpec};
 use crate::lean::LeanPod;
 use crate::mock_api::{ApiServer, Call};
+use crate::names;
 use http::Method;
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, PodCondition,
-    PodStatus,
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, Pod,
+    PodCondition, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::reflector::{store, store::Writer};

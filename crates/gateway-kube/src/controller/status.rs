@@ -1,0 +1,272 @@
+//! The status a pass writes: conditions, failures, the write itself (skipped when unchanged,
+//! deferred when only counts changed a moment ago), the Kubernetes Events its transitions
+//! record, and usage accounting (the running pods' requests, metered into the status).
+
+use super::observe::{Observed, RunningPod};
+use super::{now_rfc3339, Context, Error};
+use crate::build;
+use crate::crd::{Condition, DaskCluster, DaskClusterStatus, Phase};
+use gateway_model::{ClusterEvent, EventType, RunningUnit};
+use kube::api::{Api, PostParams};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::warn;
+
+/// Status changes of a running cluster that only update counts (workers, ready workers,
+/// conditions) are written at most this often per cluster: a 100-worker scale-up whose pods start over ~20 s then costs
+/// about five status writes beside its 100 pod creations, not one per pod event. Nothing in the
+/// gateway reads these counts; they are what `kubectl get daskclusters` shows.
+pub(crate) const COUNTS_WRITE_EVERY: Duration = Duration::from_secs(5);
+
+/// Usage buckets one DaskCluster's status keeps (35 days of hours; older ones merge).
+const MAX_USAGE_HOURS: usize = 35 * 24;
+
+/// Brings the status's usage record up to now if the running pods changed since it was
+/// written (see [`gateway_model::usage`]). Each pod counts what its containers request (the
+/// cluster's settings where they name nothing) from when its container started running (at
+/// the earliest from the cluster's creation or claim) to when a pass sees it gone; an
+/// unclaimed warm-pool member counts against no one.
+pub(super) fn account(
+    ctx: &Context,
+    id: &str,
+    dc: &DaskCluster,
+    observed: &Observed,
+    next: &mut DaskClusterStatus,
+) {
+    if ctx.usage_was_pruned(id, next) {
+        return;
+    }
+    let res = &dc.spec.settings.resources;
+    let created = crate::backend::created_ms(dc).unwrap_or(0);
+    let units: Vec<RunningUnit> = if dc.spec.pool.is_some() || next.phase.is_terminal() {
+        Vec::new()
+    } else {
+        let unit = |p: &RunningPod, cores: f64, memory: u64| RunningUnit {
+            started_ms: p.since.max(created),
+            cores: p.cores.unwrap_or(cores),
+            memory: p.memory.map_or(memory, |m| m.round() as u64),
+        };
+        observed
+            .scheduler_running
+            .iter()
+            .map(|p| unit(p, res.scheduler_cores, res.scheduler_memory))
+            .chain(
+                observed
+                    .workers_running
+                    .iter()
+                    .map(|p| unit(p, res.worker_cores, res.worker_memory)),
+            )
+            .collect()
+    };
+    let mut ledger = next.usage.clone().unwrap_or_default();
+    if !ledger.meter.needs_accrual(&units) {
+        return;
+    }
+    ledger.accrue(
+        jiff::Timestamp::now().as_millisecond(),
+        &units,
+        MAX_USAGE_HOURS,
+    );
+    next.usage = Some(ledger);
+}
+
+impl Context {
+    /// Whether the API server dropped the usage record this process wrote for `id` (its CRD
+    /// has no `status.usage`): accounting then stops for the cluster instead of rewriting the
+    /// record on every pass; reported once.
+    pub(super) fn usage_was_pruned(&self, id: &str, status: &DaskClusterStatus) -> bool {
+        let written = self
+            .usage_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id);
+        if !written || status.usage.is_some() {
+            return false;
+        }
+        if !self.usage_pruned_reported.swap(true, Ordering::Relaxed) {
+            warn!(cluster = %id, "the API server drops status.usage: the DaskCluster CRD predates usage accounting; apply the chart's CRD (charts/dask-gateway-rs/files/daskcluster-crd.yaml) to account usage");
+        }
+        true
+    }
+
+    /// Whether a status change that only updates counts should wait (one was written less
+    /// than [`COUNTS_WRITE_EVERY`] ago).
+    pub(super) fn counts_write_deferred(&self, id: &str) -> bool {
+        self.status_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .is_some_and(|t| t.elapsed() < COUNTS_WRITE_EVERY)
+    }
+
+    /// Notes that cluster `id`'s status was written now.
+    pub(super) fn status_was_written(&self, id: &str) {
+        self.status_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), Instant::now());
+    }
+}
+
+/// Sets condition `type_` in `status`, keeping its transition time when `status` is unchanged.
+pub(super) fn set_condition(
+    status: &mut DaskClusterStatus,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+) {
+    let value = if ok { "True" } else { "False" };
+    let time = match status.conditions.iter().find(|c| c.type_ == type_) {
+        Some(c) if c.status == value => c.last_transition_time.clone(),
+        _ => now_rfc3339(),
+    };
+    status.conditions.retain(|c| c.type_ != type_);
+    status.conditions.push(Condition {
+        type_: type_.into(),
+        status: value.into(),
+        reason: reason.into(),
+        message: message.chars().take(1024).collect(),
+        last_transition_time: time,
+    });
+    status.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+}
+
+/// Whether `a` and `b` differ in worker counts and conditions only.
+pub(super) fn only_counts_differ(a: &DaskClusterStatus, b: &DaskClusterStatus) -> bool {
+    let strip = |s: &DaskClusterStatus| DaskClusterStatus {
+        replicas: 0,
+        ready_workers: 0,
+        conditions: Vec::new(),
+        usage: None,
+        ..s.clone()
+    };
+    strip(a) == strip(b)
+}
+
+/// Whether writing `next` over `old` may wait for a later pass: only a running cluster's
+/// changes of counts, conditions and usage, when its status was written a moment ago. A
+/// stopping cluster's passes pace its teardown, and a deferral would hold them back.
+pub(super) fn may_defer(
+    old: &DaskClusterStatus,
+    next: &DaskClusterStatus,
+    written_recently: bool,
+) -> bool {
+    next.phase == Phase::Running && only_counts_differ(old, next) && written_recently
+}
+
+/// What became of a status write.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum StatusWrite {
+    /// Nothing changed.
+    Unchanged,
+    /// Written.
+    Written,
+    /// Only counts changed and they were written a moment ago: deferred to a later pass.
+    Deferred,
+}
+
+/// Writes the status if it changed, with the object's resourceVersion as precondition.
+pub(super) async fn write_status(
+    ctx: &Context,
+    dc: &DaskCluster,
+    next: &DaskClusterStatus,
+) -> Result<StatusWrite, Error> {
+    let (ns, id) = build::identity(dc)?;
+    match dc.status.as_ref() {
+        Some(old) if old == next => return Ok(StatusWrite::Unchanged),
+        Some(old) if may_defer(old, next, ctx.counts_write_deferred(&id)) => {
+            return Ok(StatusWrite::Deferred)
+        }
+        _ => {}
+    }
+    let mut obj = dc.clone();
+    obj.status = Some(next.clone());
+    obj.metadata.managed_fields = None;
+    ctx.limiter.acquire().await;
+    let api: Api<DaskCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    api.replace_status(&id, &PostParams::default(), &obj)
+        .await?;
+    ctx.status_was_written(&id);
+    if next.usage.is_some() {
+        ctx.usage_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone());
+    }
+    Ok(StatusWrite::Written)
+}
+
+/// Moves `next` to Stopping because of a failure (teardown follows in the same pass).
+pub(super) fn fail(ctx: &Context, id: &str, next: &mut DaskClusterStatus, reason: String) {
+    warn!(cluster = %id, %reason, "cluster failed");
+    ctx.metrics.clusters_failed.inc();
+    next.phase = Phase::Stopping;
+    next.stop_failed = true;
+    next.reason = Some(reason);
+    next.addresses = None;
+    next.stopping_since.get_or_insert_with(now_rfc3339);
+}
+
+/// The events a written status change tells: the cluster turned Running, began stopping
+/// (failing), ended, or a worker failed. Each is recorded on the DaskCluster in a task of its
+/// own, behind the write budget; a failure to record is logged, never retried.
+pub(super) fn record_transitions(
+    ctx: &Arc<Context>,
+    dc: &DaskCluster,
+    old: &DaskClusterStatus,
+    next: &DaskClusterStatus,
+) {
+    if !ctx.settings.record_events {
+        return;
+    }
+    let reason_text = || next.reason.clone().unwrap_or_default();
+    let mut events = Vec::new();
+    if next.phase != old.phase {
+        match next.phase {
+            Phase::Running => {
+                let at = next
+                    .addresses
+                    .as_ref()
+                    .map_or(String::new(), |a| a.scheduler.clone());
+                events.push((
+                    EventType::Normal,
+                    "Running",
+                    format!("the scheduler is up at {at}"),
+                ));
+            }
+            Phase::Stopping if next.stop_failed => {
+                events.push((EventType::Warning, "Failing", reason_text()))
+            }
+            Phase::Stopping => events.push((EventType::Normal, "Stopping", reason_text())),
+            Phase::Stopped => events.push((EventType::Normal, "Stopped", reason_text())),
+            Phase::Failed => events.push((EventType::Warning, "Failed", reason_text())),
+            Phase::Pending => {}
+        }
+    }
+    if let Some(failure) = &next.last_worker_failure {
+        if old.last_worker_failure.as_ref().map(|f| &f.pod) != Some(&failure.pod) {
+            events.push((EventType::Warning, "WorkerFailed", failure.message.clone()));
+        }
+    }
+    let Ok((ns, id)) = build::identity(dc) else {
+        return;
+    };
+    for (kind, reason, message) in events {
+        let event = ClusterEvent::new(
+            jiff::Timestamp::now().as_millisecond(),
+            kind,
+            reason,
+            message,
+            "controller",
+        );
+        let (ctx, ns, id, uid) = (ctx.clone(), ns.clone(), id.clone(), dc.metadata.uid.clone());
+        tokio::spawn(async move {
+            ctx.limiter.acquire().await;
+            if let Err(e) = crate::events::record(ctx.client.clone(), &ns, &id, uid, &event).await {
+                warn!(cluster = %id, "recording an event: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,92 @@
+//! The controller's writes to the API server other than the status: creating and deleting
+//! children (rate limited, a few in flight at once, answers not decoded), and reading a pod's
+//! last log lines for a failure's reason.
+
+use super::{Context, Error};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, LogParams, PostParams, PropagationPolicy};
+use kube::Resource;
+use tracing::debug;
+
+/// Creations and deletions sent to the API server at once, by all passes together. The client
+/// speaks HTTP/1.1, one request per connection at a time: a scale-up that sent its 100 creations
+/// at once opened 100 connections (a TLS handshake each, on both ends) that idled out after it.
+/// A few in flight keep the API server as busy (it answers a creation in milliseconds) over
+/// connections that stay open.
+pub(super) const WRITES_IN_FLIGHT: usize = 8;
+
+/// Log lines of a failed scheduler or worker quoted in the cluster's status.
+pub(super) const LOG_LINES: i64 = 12;
+
+/// Creates `obj` unless it exists already (rate limited, at most [`WRITES_IN_FLIGHT`] at once).
+/// The API server's answer (the whole object) is read but not decoded: nothing uses it.
+pub(super) async fn create<K>(ctx: &Context, ns: &str, obj: &K) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + serde::Serialize,
+{
+    let body = serde_json::to_vec(obj).map_err(kube::Error::SerdeError)?;
+    let request = kube::core::Request::new(K::url_path(&(), Some(ns)))
+        .create(&PostParams::default(), body)
+        .map_err(kube::Error::BuildRequest)?;
+    ctx.limiter.acquire().await;
+    let _slot = ctx.in_flight.acquire().await;
+    match ctx.client.request_text(request).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes object `name` (rate limited, at most [`WRITES_IN_FLIGHT`] at once); a missing
+/// object is fine. The answer is not decoded.
+pub(super) async fn delete<K>(ctx: &Context, ns: &str, name: &str) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    let dp = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    let request = kube::core::Request::new(K::url_path(&(), Some(ns)))
+        .delete(name, &dp)
+        .map_err(kube::Error::BuildRequest)?;
+    ctx.limiter.acquire().await;
+    let _slot = ctx.in_flight.acquire().await;
+    match ctx.client.request_text(request).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes pod `name` of cluster `id` and remembers it until the cache shows it going.
+pub(super) async fn delete_pod(ctx: &Context, ns: &str, id: &str, name: &str) -> Result<(), Error> {
+    delete::<Pod>(ctx, ns, name).await?;
+    ctx.expect_deleted(id, name);
+    ctx.metrics.pods_deleted.inc();
+    Ok(())
+}
+
+/// The last lines of a pod's log, for failure reasons (empty if unavailable).
+pub(super) async fn last_log_lines(
+    ctx: &Context,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    lines: i64,
+) -> String {
+    ctx.limiter.acquire().await;
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let lp = LogParams {
+        container: Some(container.into()),
+        tail_lines: Some(lines),
+        ..LogParams::default()
+    };
+    match api.logs(pod, &lp).await {
+        Ok(text) => text.trim().to_string(),
+        Err(e) => {
+            debug!(pod, "no logs: {e}");
+            String::new()
+        }
+    }
+}
