@@ -20,6 +20,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 /// Why the controller could not run.
@@ -82,19 +83,19 @@ pub async fn check_crd(client: &Client, namespace: &str) -> Result<(), CrdError>
 /// pass per change made the controller's CPU grow with the square of the workers.
 const TRIGGER_BATCH: Duration = Duration::from_millis(100);
 
-/// A cache of objects of this installation, filled by a watch in its own task, and the stream
-/// of changed objects that triggers the controller. The watch does not depend on the controller
-/// polling it, so the cache completes its first listing before the controller starts (a
-/// controller that reconciled on a half-filled cache would create children that exist).
-/// Changes are passed on in batches of [`TRIGGER_BATCH`], one per owner: the cache itself is
-/// always current, and a pass reads it, so only the number of passes changes.
+/// A cache of objects of this installation, filled by a watch in its own task (spawned in
+/// `tasks`), and the stream of changed objects that triggers the controller. The watch does not
+/// depend on the controller polling it, so the cache completes its first listing before the
+/// controller starts (a controller that reconciled on a half-filled cache would create children
+/// that exist). Changes are passed on in batches of [`TRIGGER_BATCH`], one per owner: the cache
+/// itself is always current, and a pass reads it, so only the number of passes changes.
 fn cache<K>(
     api: Api<K>,
     selector: &str,
+    tasks: &mut JoinSet<()>,
 ) -> (
     Store<K>,
     impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-    tokio::task::JoinHandle<()>,
 )
 where
     K: kube::Resource<DynamicType = ()>
@@ -112,7 +113,7 @@ where
         .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
         .reflect(writer)
         .touched_objects();
-    let task = tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut events = std::pin::pin!(events);
         while let Some(first) = events.next().await {
             let mut batch = TriggerBatch::default();
@@ -138,7 +139,7 @@ where
     let triggers = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|event| (event, rx))
     });
-    (reader, triggers, task)
+    (reader, triggers)
 }
 
 /// The changes of one [`TRIGGER_BATCH`]: the last changed object of each owner (what the
@@ -223,6 +224,11 @@ impl Drop for Leading {
 }
 
 /// Runs the controller once (this process leads): caches, then reconciles until `shutdown`.
+///
+/// The term's tasks (the three cache watches and the sweeper of finished clusters) live in a
+/// [`JoinSet`] owned by this future, which aborts them when it drops: when the term ends, and
+/// also when leader election drops the term because the lease was lost (another replica leads
+/// then, and must be the only one that watches and deletes).
 async fn run_term(
     client: Client,
     config: KubeConfig,
@@ -230,20 +236,23 @@ async fn run_term(
     live: LiveContext,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let mut tasks = JoinSet::new();
     let selector = names::instance_selector(&config.instance);
-    let (pods, pod_events, pod_task) = cache(
+    let (pods, pod_events) = cache(
         Api::<LeanPod>::namespaced(client.clone(), &namespace),
         &selector,
+        &mut tasks,
     );
-    let (secrets, secret_events, secret_task) = cache(
+    let (secrets, secret_events) = cache(
         Api::<Secret>::namespaced(client.clone(), &namespace),
         &selector,
+        &mut tasks,
     );
-    let (services, service_events, service_task) = cache(
+    let (services, service_events) = cache(
         Api::<Service>::namespaced(client.clone(), &namespace),
         &selector,
+        &mut tasks,
     );
-    let tasks = [pod_task, secret_task, service_task];
     for (what, ready) in [
         ("pods", pods.wait_until_ready().await.is_ok()),
         ("secrets", secrets.wait_until_ready().await.is_ok()),
@@ -272,11 +281,11 @@ async fn run_term(
     ));
     let _leading = live.lead();
     // Finished clusters left the cache: delete them past the retention from here.
-    let sweeper = {
+    {
         let (ctx, ns) = (ctx.clone(), namespace.clone());
         let retention = Duration::from_secs_f64(config.completed_cluster_max_age);
         let every = (retention / 10).clamp(Duration::from_secs(10), Duration::from_secs(600));
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 match crate::controller::sweep_finished(&ctx, &ns, retention).await {
                     Ok(0) => {}
@@ -288,8 +297,8 @@ async fn run_term(
                 }
                 tokio::time::sleep(every).await;
             }
-        })
-    };
+        });
+    }
     info!(namespace = %namespace, instance = %config.instance, "DaskCluster controller started");
     // DaskClusters as the controller caches them: slimmed (see `crd::slim_for_controller`).
     let (clusters, writer) = reflector::store();
@@ -310,10 +319,7 @@ async fn run_term(
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
-    sweeper.abort();
-    for task in tasks {
-        task.abort();
-    }
+    tasks.abort_all();
     info!("DaskCluster controller stopped");
 }
 
@@ -373,10 +379,14 @@ pub async fn run_controller(
 
 #[cfg(test)]
 mod tests {
-    use super::TriggerBatch;
+    use super::{run_term, LiveContext, TriggerBatch};
+    use crate::config::KubeConfig;
+    use crate::crd::{GROUP, VERSION};
     use k8s_openapi::api::core::v1::Pod;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
     use kube::runtime::watcher;
+    use serde_json::json;
+    use std::time::Duration;
 
     fn pod(name: &str, owner: Option<&str>, version: &str) -> Pod {
         Pod {
@@ -426,5 +436,66 @@ mod tests {
             "an ownerless object: its own latest"
         );
         assert_eq!(version(&events[4]), "6");
+    }
+
+    /// Leader election drops a term's future when the lease is lost: the term's tasks must go
+    /// with it. Every one of them (the three cache watches, the sweeper of finished clusters)
+    /// holds a clone of the API client, and the test holds none, so once they are all gone
+    /// the mocked API server sees its client dropped; a task left running would keep it (and
+    /// keep watching, or sweep, while another replica leads).
+    #[tokio::test]
+    async fn a_dropped_term_aborts_its_watches_and_its_sweeper() {
+        let (client, mut api) = crate::mock_api::pair();
+        let live = LiveContext::default();
+        let config = KubeConfig {
+            instance: "gw".into(),
+            ..KubeConfig::default()
+        };
+        let never = std::future::pending::<()>();
+        let mut term = Box::pin(run_term(client, config, "dask".into(), live.clone(), never));
+        // Serve the term until every task has shown up: the four watches (the three caches
+        // and the controller's DaskClusters) and the sweeper's listing of finished clusters.
+        let serve = async {
+            let mut watches = Vec::new();
+            let mut swept = false;
+            while watches.len() < 4 || !swept {
+                let call = api.next().await;
+                if call.query.contains("watch=true") {
+                    watches.push(call); // held unanswered: the watch stays open
+                    continue;
+                }
+                let resource = call.path.rsplit('/').next().unwrap_or_default().to_string();
+                let (api_version, kind) = match resource.as_str() {
+                    "pods" => ("v1".to_string(), "PodList"),
+                    "secrets" => ("v1".to_string(), "SecretList"),
+                    "services" => ("v1".to_string(), "ServiceList"),
+                    "daskclusters" => (format!("{GROUP}/{VERSION}"), "DaskClusterList"),
+                    other => panic!("unexpected request for {other}: {}", call.path),
+                };
+                swept |= resource == "daskclusters" && call.query.contains("finished%3Dtrue");
+                call.ok(json!({"apiVersion": api_version, "kind": kind,
+                               "metadata": {"resourceVersion": "1"}, "items": []}));
+            }
+            watches
+        };
+        let watches = tokio::select! {
+            () = &mut term => panic!("the term ended by itself"),
+            watches = serve => watches,
+        };
+        assert!(live.leading());
+
+        drop(term);
+        assert!(!live.leading());
+        let next = tokio::time::timeout(Duration::from_secs(2), api.0.next_request()).await;
+        match next {
+            Ok(None) => {}
+            Ok(Some((req, _))) => panic!(
+                "a task of the dropped term still made {} {}",
+                req.method(),
+                req.uri()
+            ),
+            Err(_) => panic!("a task of the dropped term still holds the API client"),
+        }
+        drop(watches);
     }
 }
