@@ -6,8 +6,8 @@
 
 use crate::auth::{token_matches, User};
 use crate::clock::Clock;
+use crate::config::settings;
 use crate::config::ClusterConfig;
-use crate::settings;
 use gateway_backend::metrics::Counter;
 use gateway_backend::{
     BackendError, ClusterBackend, ClusterView, NewCluster, StopRequest, WorkerGrant,

@@ -13,8 +13,6 @@ pub mod config;
 pub mod http_shared;
 pub mod metrics;
 pub mod openapi;
-pub mod option_target;
-pub mod settings;
 pub mod usage;
 pub mod web;
 

@@ -128,7 +128,7 @@ fn main() -> ExitCode {
             config.api_url = Some("http://unused.invalid/api".into());
         }
     }
-    if let Err(e) = gateway_server::settings::check_config(&config) {
+    if let Err(e) = gateway_server::config::settings::check_config(&config) {
         eprintln!("gateway-server: {e}");
         return ExitCode::from(2);
     }

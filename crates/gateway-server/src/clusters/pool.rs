@@ -15,8 +15,8 @@
 //! refills and trims the pools; [`ClusterService::stop_pools`] empties them.
 
 use super::ClusterService;
+use crate::config::settings;
 use crate::config::ClusterConfig;
-use crate::settings;
 use gateway_backend::{ClusterSettings, ClusterView, NewCluster, StopRequest, POOL_OWNER};
 use gateway_model::{validate_options, ClusterStatus};
 use serde_json::{json, Map, Value};

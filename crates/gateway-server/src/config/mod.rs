@@ -1,9 +1,12 @@
 //! The server configuration: one YAML file, every key optional, documented in
 //! `docs/configuration.md`.
 
-use crate::option_target::OptionTarget;
+pub mod option_target;
+pub mod settings;
+
 use gateway_model::limits::BadMemory;
 use gateway_model::{parse_memory, ClusterResources, OptionField, ResourceLimits};
+use option_target::OptionTarget;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

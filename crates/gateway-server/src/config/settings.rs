@@ -1,7 +1,7 @@
 //! Turning validated user options into one cluster's resolved settings.
 
-use crate::config::{ClusterConfig, ConfigError, GatewayConfig};
-use crate::option_target::OptionTarget;
+use super::option_target::OptionTarget;
+use super::{ClusterConfig, ConfigError, GatewayConfig};
 use gateway_backend::ClusterSettings;
 use gateway_model::{parse_memory, OptionField};
 use serde_json::{Map, Value};
