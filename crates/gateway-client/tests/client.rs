@@ -62,7 +62,7 @@ impl Gateway {
             python_env()
         );
         let config: gateway_server::config::GatewayConfig = serde_yaml::from_str(&yaml).unwrap();
-        config.validate().unwrap();
+        let config = config.check().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(gateway_server::run(config, async move {
             let _ = rx.await;

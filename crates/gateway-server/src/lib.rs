@@ -19,7 +19,7 @@ pub mod web;
 use crate::api::{AppState, AppStateFields};
 use crate::auth::Authenticator;
 use crate::clusters::ClusterService;
-use crate::config::{BackendKind, GatewayConfig};
+use crate::config::{BackendKind, CheckedConfig, GatewayConfig};
 use gateway_backend::ClusterBackend;
 use gateway_local::{EngineConfig, Isolation};
 use gateway_proxy::{ClientConnections, ClusterRoute, RouteSource};
@@ -151,7 +151,7 @@ fn gateway_runtime(config: &GatewayConfig) -> gateway_kube::GatewayRuntime {
 /// Runs only the DaskCluster controller (no API, no proxy) until `shutdown` resolves; metrics
 /// and health on `address` (`/metrics`, `/api/health`).
 pub async fn run_controller(
-    config: GatewayConfig,
+    config: CheckedConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let (client, namespace) = kube_client(&config).await?;
@@ -197,7 +197,7 @@ pub async fn run_controller(
 
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(
-    config: GatewayConfig,
+    config: CheckedConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let metrics_token = config.metrics.token()?;
@@ -270,17 +270,14 @@ pub async fn run(
     let connections = Arc::new(ClientConnections::default());
     let routes: Arc<dyn RouteSource> =
         Arc::new(BackendRoutes(backend.clone(), connections.clone()));
-    let policies = config.group_clusters()?;
+    let policies = config.policies().to_vec();
     // Pool keys cover the backend's section: new pod templates or Python settings retire
     // the warm schedulers started under the old ones.
     let backend_config = match config.backend {
         BackendKind::Local => format!("{:?}", config.dask),
         BackendKind::Kubernetes => format!("{:?}", config.kubernetes),
     };
-    let sections: Vec<(Option<&str>, &crate::config::ClusterConfig)> =
-        std::iter::once((None, &config.cluster))
-            .chain(policies.iter().map(|(g, c)| (Some(g.as_str()), c)))
-            .collect();
+    let sections: Vec<_> = config.sections().collect();
     let pools = clusters::configured_pools(&sections, &backend_config)
         .map_err(crate::config::ConfigError::Invalid)?;
     for p in &pools {

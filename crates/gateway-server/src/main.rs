@@ -90,7 +90,7 @@ async fn shutdown_signal() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut config = match &cli.config {
-        Some(path) => match GatewayConfig::load(path) {
+        Some(path) => match GatewayConfig::read(path) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("gateway-server: {e}");
@@ -128,10 +128,13 @@ fn main() -> ExitCode {
             config.api_url = Some("http://unused.invalid/api".into());
         }
     }
-    if let Err(e) = gateway_server::config::settings::check_config(&config) {
-        eprintln!("gateway-server: {e}");
-        return ExitCode::from(2);
-    }
+    let config = match config.check() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gateway-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if cli.check_config {
         println!("configuration OK");
         return ExitCode::SUCCESS;

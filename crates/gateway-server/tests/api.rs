@@ -44,8 +44,8 @@ async fn start_tweaked(yaml: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Ga
     let mut config: GatewayConfig = serde_yaml::from_str(yaml).unwrap();
     config.address = format!("127.0.0.1:{port}").parse().unwrap();
     config.data_dir = Some(dir.clone());
-    config.validate().unwrap();
-    tweak(&mut config);
+    let mut config = config.check().unwrap();
+    tweak(config.unchecked_mut());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(gateway_server::run(config, async move {
         let _ = rx.await;
@@ -390,7 +390,9 @@ async fn one_gateway_per_data_directory() {
     let mut second: GatewayConfig = serde_yaml::from_str(CONFIG).unwrap();
     second.address = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     second.data_dir = Some(gw._dir.0.clone());
-    let err = gateway_server::run(second, async {}).await.unwrap_err();
+    let err = gateway_server::run(second.check().unwrap(), async {})
+        .await
+        .unwrap_err();
     assert!(
         err.to_string().contains("already using the data directory"),
         "{err}"

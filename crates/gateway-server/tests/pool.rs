@@ -33,11 +33,9 @@ fn pooled_service(yaml: &str) -> (Arc<ClusterService>, Arc<FakeBackend>) {
 /// A service with the configuration `yaml` over an existing backend (on its clock).
 fn service_on(backend: &Arc<FakeBackend>, clock: Clock, yaml: &str) -> Arc<ClusterService> {
     let config: GatewayConfig = serde_yaml::from_str(yaml).unwrap();
-    config.validate().unwrap();
-    let policies = config.group_clusters().unwrap();
-    let sections: Vec<_> = std::iter::once((None, &config.cluster))
-        .chain(policies.iter().map(|(g, c)| (Some(g.as_str()), c)))
-        .collect();
+    let config = config.check().unwrap();
+    let policies = config.policies().to_vec();
+    let sections: Vec<_> = config.sections().collect();
     let pools = configured_pools(&sections, "test").unwrap();
     let svc = ClusterService::new(backend.clone(), Arc::new(config.cluster.clone()))
         .with_policies(policies.clone())

@@ -539,12 +539,12 @@ fn grouped(name: &str, groups: &[&str]) -> User {
 
 fn service_with_groups(yaml: &str) -> (ClusterService, Arc<FakeBackend>) {
     let config: gateway_server::config::GatewayConfig = serde_yaml::from_str(yaml).unwrap();
-    config.validate().unwrap();
+    let config = config.check().unwrap();
     let clock = Clock::tokio();
     let backend = fake_backend(clock);
     let svc = ClusterService::new(backend.clone(), Arc::new(config.cluster.clone()))
         .with_clock(clock)
-        .with_policies(config.group_clusters().unwrap());
+        .with_policies(config.policies().to_vec());
     (svc, backend)
 }
 

@@ -10,6 +10,7 @@
 
 use super::{AuthError, Authenticated, Authenticator, Method};
 use crate::api::http::{percent_decode, query_param};
+use crate::config::HubConfig;
 use crate::http_shared::{is_https, refused, set_session_cookie, ApiError, ApiResult, AppState};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -18,7 +19,6 @@ use axum::Extension;
 use gateway_proxy::ConnMeta;
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -26,48 +26,6 @@ use std::time::{Duration, Instant};
 pub const HUB_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a token's owner is remembered without asking the hub again.
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(60);
-
-/// `auth.jupyterhub` in the configuration.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HubConfig {
-    /// The hub's API URL as the gateway reaches it, e.g. `http://hub:8081/hub/api` (default:
-    /// the `JUPYTERHUB_API_URL` environment variable).
-    pub api_url: Option<String>,
-    /// The hub's URL as browsers reach it, for the OAuth redirect (e.g.
-    /// `https://hub.example.org/hub`; default: `api_url` without its `/api`).
-    pub public_url: Option<String>,
-    /// A file with the gateway's own hub API token (its service token, the OAuth client
-    /// secret). Default: the `JUPYTERHUB_API_TOKEN` environment variable.
-    pub api_token_file: Option<PathBuf>,
-    /// The environment variable with that token when no file is given.
-    pub api_token_env: String,
-    /// The gateway's service name on the hub. Tokens must carry `access:services` or
-    /// `access:services!service=<name>`. Default: `JUPYTERHUB_SERVICE_NAME`, else `dask-gateway`.
-    pub service_name: Option<String>,
-    /// OAuth client id (default `service-<service_name>`, the hub's default for services).
-    pub oauth_client_id: Option<String>,
-    /// Where the hub sends browsers back: `<the gateway's public URL>/api/oauth_callback`.
-    /// Without it, dashboards cannot log in through the hub (API use is unaffected).
-    pub oauth_redirect_uri: Option<String>,
-    /// Hub admins are gateway admins too.
-    pub hub_admins_are_admins: bool,
-}
-
-impl Default for HubConfig {
-    fn default() -> Self {
-        HubConfig {
-            api_url: None,
-            public_url: None,
-            api_token_file: None,
-            api_token_env: "JUPYTERHUB_API_TOKEN".into(),
-            service_name: None,
-            oauth_client_id: None,
-            oauth_redirect_uri: None,
-            hub_admins_are_admins: false,
-        }
-    }
-}
 
 /// Why the JupyterHub authenticator cannot start.
 #[derive(Debug, thiserror::Error)]

@@ -5,13 +5,12 @@
 //! most every [`REFETCH_PAUSE`], bounded by [`FETCH_TIMEOUT`] so a slow or dead identity provider
 //! never holds requests for long.
 
+use crate::config::JwtConfig;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
@@ -19,49 +18,6 @@ use std::time::{Duration, Instant};
 pub const REFETCH_PAUSE: Duration = Duration::from_secs(5);
 /// How long one JWKS fetch may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// `auth.jwt` in the configuration.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct JwtConfig {
-    /// A file holding the HS256 shared secret.
-    pub secret_file: Option<PathBuf>,
-    /// An environment variable holding the HS256 shared secret.
-    pub secret_env: Option<String>,
-    /// A JWKS file (RS256 / ES256 public keys).
-    pub jwks_file: Option<PathBuf>,
-    /// A JWKS URL (fetched at startup and on unknown key ids).
-    pub jwks_url: Option<String>,
-    /// Required `iss`.
-    pub issuer: Option<String>,
-    /// Required `aud` (one of the token's audiences).
-    pub audience: Option<String>,
-    /// Seconds of clock skew allowed on `exp` and `nbf`.
-    pub leeway: u64,
-    /// The claim holding the user name.
-    pub username_claim: String,
-    /// The claim holding the user's groups (a list of strings).
-    pub groups_claim: String,
-    /// Members of these groups are admins.
-    pub admin_groups: Vec<String>,
-}
-
-impl Default for JwtConfig {
-    fn default() -> Self {
-        JwtConfig {
-            secret_file: None,
-            secret_env: None,
-            jwks_file: None,
-            jwks_url: None,
-            issuer: None,
-            audience: None,
-            leeway: 30,
-            username_claim: "sub".into(),
-            groups_claim: "groups".into(),
-            admin_groups: Vec::new(),
-        }
-    }
-}
 
 /// Why a JWT setup cannot start.
 #[derive(Debug, thiserror::Error)]

@@ -6,32 +6,8 @@
 //!
 //! GSSAPI calls block (keytab and replay-cache files), so each runs on tokio's blocking pool.
 
-use serde::Deserialize;
+use crate::config::KerberosConfig;
 use std::path::PathBuf;
-
-/// `auth.kerberos` in the configuration.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KerberosConfig {
-    /// The keytab with the service's keys (default: `KRB5_KTNAME`, else the system keytab).
-    pub keytab: Option<PathBuf>,
-    /// The acceptor's service name: `HTTP` accepts any `HTTP/<host>` key in the keytab;
-    /// `HTTP@host` only that host's.
-    pub service_name: String,
-    /// Keep the realm in user names (`alice@EXAMPLE.ORG` rather than `alice`). Needed when
-    /// several realms are trusted and the same short name could mean different people.
-    pub keep_realm: bool,
-}
-
-impl Default for KerberosConfig {
-    fn default() -> Self {
-        KerberosConfig {
-            keytab: None,
-            service_name: "HTTP".into(),
-            keep_realm: false,
-        }
-    }
-}
 
 /// Why the Kerberos authenticator cannot start.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,7 @@
 //! Turning validated user options into one cluster's resolved settings.
 
 use super::option_target::OptionTarget;
-use super::{ClusterConfig, ConfigError, GatewayConfig};
+use super::ClusterConfig;
 use gateway_backend::ClusterSettings;
 use gateway_model::{parse_memory, OptionField};
 use serde_json::{Map, Value};
@@ -29,24 +29,9 @@ fn memory(field: &str, v: &Value) -> Result<u64, String> {
     }
 }
 
-/// Checks a whole configuration at start-up: [`GatewayConfig::validate`], then
-/// [`check_targets`] for the `cluster` section and every group policy.
-pub fn check_config(config: &GatewayConfig) -> Result<(), ConfigError> {
-    config.validate()?;
-    let sections = std::iter::once(("cluster".to_string(), config.cluster.clone())).chain(
-        config
-            .group_clusters()?
-            .into_iter()
-            .map(|(group, c)| (format!("groups[{group}].cluster"), c)),
-    );
-    for (section, c) in sections {
-        check_targets(&c).map_err(|e| ConfigError::Invalid(format!("{section}: {e}")))?;
-    }
-    Ok(())
-}
-
 /// Checks at start-up that every value an option can give its target is usable: each
-/// valued `select` choice, and the default of every other targeted option.
+/// valued `select` choice, and the default of every other targeted option
+/// ([`GatewayConfig::check`](super::GatewayConfig::check) runs it on every section).
 pub fn check_targets(base: &ClusterConfig) -> Result<(), String> {
     let fields = &base.options;
     let defaults = gateway_model::validate_options(fields, None).map_err(|e| e.0)?;
@@ -311,9 +296,8 @@ options:
     #[test]
     fn start_up_checks_every_choice_of_every_section() {
         let check = |yaml: &str| {
-            let c: GatewayConfig = serde_yaml::from_str(yaml).unwrap();
-            c.validate().unwrap();
-            check_config(&c).map_err(|e| e.to_string())
+            let c: crate::config::GatewayConfig = serde_yaml::from_str(yaml).unwrap();
+            c.check().map(drop).map_err(|e| e.to_string())
         };
         let select = "{options: [{field: m, type: select, default: a, options: [a, {key: b, value: lots}], target: worker_memory}]}";
         let e = check(&format!("cluster: {select}")).unwrap_err();
