@@ -13,187 +13,28 @@ pub mod config;
 pub mod http_shared;
 pub mod metrics;
 pub mod openapi;
+mod start;
 pub mod usage;
 pub mod web;
+
+pub use start::kube::run_controller;
+pub use start::StartError;
 
 use crate::api::{AppState, AppStateFields};
 use crate::auth::Authenticator;
 use crate::clusters::ClusterService;
-use crate::config::{BackendKind, CheckedConfig, GatewayConfig};
+use crate::config::{BackendKind, CheckedConfig};
 use gateway_backend::ClusterBackend;
-use gateway_local::{EngineConfig, Isolation};
-use gateway_proxy::{ClientConnections, ClusterRoute, RouteSource};
+use gateway_proxy::{ClientConnections, RouteSource};
+use start::kube::{gateway_runtime, kube_client};
+use start::local::start_local_backend;
+use start::BackendRoutes;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
 /// How often the gateway checks clusters against their maximum lifetime and no-client timeout.
 const LIFETIME_SWEEP: Duration = Duration::from_secs(1);
-
-/// Why the server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The local backend could not start: its data directory, user isolation, its database.
-    #[error(transparent)]
-    Local(#[from] gateway_local::SetupError),
-    /// A listen address could not be bound.
-    #[error("listening on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The HTTPS certificate or key could not be loaded.
-    #[error(transparent)]
-    Tls(#[from] gateway_proxy::ProxyError),
-    /// No Kubernetes configuration (neither `KUBECONFIG`/`~/.kube/config` nor in-cluster).
-    #[error("connecting to Kubernetes: {0}")]
-    Kube(String),
-    /// User isolation cannot work as configured.
-    #[error("{0}")]
-    Isolation(String),
-    /// The configured authentication method (JWT, JupyterHub, Kerberos) cannot start.
-    #[error(transparent)]
-    Auth(#[from] crate::auth::SetupError),
-    /// A secret named by the configuration could not be read.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    /// DaskClusters cannot be used: the CRD is missing, or RBAC refuses.
-    #[error(transparent)]
-    Controller(#[from] gateway_kube::ControllerError),
-    /// The session key the replicas share could not be read or made.
-    #[error(transparent)]
-    SessionKey(#[from] gateway_kube::SessionKeyError),
-}
-
-/// The proxy's routes, straight from the backend: a cluster is routable exactly while the
-/// backend reports it RUNNING.
-struct BackendRoutes(Arc<dyn ClusterBackend>, Arc<ClientConnections>);
-
-impl RouteSource for BackendRoutes {
-    fn route(&self, cluster: &str) -> Option<ClusterRoute> {
-        self.0
-            .route(cluster)
-            .map(|a| ClusterRoute::new(a.scheduler, a.dashboard))
-    }
-
-    fn connections(&self) -> Option<&Arc<ClientConnections>> {
-        Some(&self.1)
-    }
-}
-
-/// Starts the local process backend (see [`gateway_local::setup`]) from the configuration.
-fn start_local_backend(
-    config: &GatewayConfig,
-) -> Result<(Arc<dyn ClusterBackend>, std::fs::File), StartError> {
-    use crate::config::IsolationKind;
-    let data_dir = config.data_dir();
-    let isolation = match config.dask.isolation {
-        IsolationKind::None => Isolation::Shared,
-        IsolationKind::SystemUsers => Isolation::SystemUsers,
-        IsolationKind::UidRange => Isolation::UidRange {
-            first: config.dask.uid_range.first,
-            count: config.dask.uid_range.count,
-            map_file: data_dir.join("uids.json"),
-        },
-    };
-    let (dask_command, path_prefix) = config.dask.command_and_path();
-    let c = &config.cluster;
-    let opened = gateway_local::setup::open(gateway_local::LocalSetup {
-        data_dir,
-        isolation,
-        dask_command,
-        path_prefix,
-        api_url: config.api_url(),
-        heartbeat_period: c.heartbeat_period,
-        adaptive_period: c.adaptive_period,
-        fork_server: config.dask.fork_server,
-        preimport: config.dask.preimport.clone(),
-        engine: EngineConfig {
-            start_timeout: Duration::from_secs_f64(c.start_timeout),
-            heartbeat_timeout: Duration::from_secs_f64(c.heartbeat_timeout()),
-            worker_start_failure_limit: c.worker_start_failure_limit,
-            retention: Duration::from_secs_f64(c.retention),
-            usage_retention: Duration::from_secs_f64(config.usage_retention),
-            ..EngineConfig::default()
-        },
-    })?;
-    Ok((opened.backend, opened.lock))
-}
-
-/// A Kubernetes client from `KUBECONFIG` (or `~/.kube/config`) or the in-cluster service
-/// account, and the namespace to manage (configured, else the client's default).
-async fn kube_client(config: &GatewayConfig) -> Result<(kube::Client, String), StartError> {
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| StartError::Kube(e.to_string()))?;
-    let namespace = config
-        .kubernetes
-        .namespace
-        .clone()
-        .unwrap_or_else(|| client.default_namespace().to_string());
-    Ok((client, namespace))
-}
-
-/// What pods need from the gateway's own configuration.
-fn gateway_runtime(config: &GatewayConfig) -> gateway_kube::GatewayRuntime {
-    gateway_kube::GatewayRuntime {
-        api_url: config.api_url(),
-        heartbeat_period: config.cluster.heartbeat_period,
-        adaptive_period: config.cluster.adaptive_period,
-        start_timeout: config.cluster.start_timeout,
-        worker_failure_limit: config.cluster.worker_start_failure_limit,
-    }
-}
-
-/// Runs only the DaskCluster controller (no API, no proxy) until `shutdown` resolves; metrics
-/// and health on `address` (`/metrics`, `/api/health`).
-pub async fn run_controller(
-    config: CheckedConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    let (client, namespace) = kube_client(&config).await?;
-    let live: gateway_kube::LiveContext = Default::default();
-    let listener = TcpListener::bind(config.address)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.address,
-            source,
-        })?;
-    let mut registry = gateway_backend::metrics::registry();
-    live.register_metrics(&mut registry);
-    let registry = Arc::new(registry);
-    let app = axum::Router::new()
-        .route(
-            "/api/health",
-            axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "pass"})) }),
-        )
-        .route(
-            "/metrics",
-            axum::routing::get(move || {
-                let text = gateway_backend::metrics::render(&registry);
-                async move { crate::metrics::response(text) }
-            }),
-        );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(async move {
-        let mut rx = stop_rx;
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|v| *v).await;
-            })
-            .await;
-    });
-    info!(namespace = %namespace, address = %config.address, "controller only: metrics and health listening");
-    let result =
-        gateway_kube::run_controller(client, config.kubernetes.clone(), namespace, live, shutdown)
-            .await;
-    let _ = stop_tx.send(true);
-    let _ = server.await;
-    Ok(result?)
-}
 
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(
