@@ -19,9 +19,11 @@ pub mod credentials;
 pub mod fake;
 pub mod metrics;
 pub mod settings;
+pub mod timing;
 
 pub use credentials::{new_api_token, new_cluster_id, ClusterCredentials};
 pub use settings::{ClusterSettings, ContainerLimits};
+pub use timing::ClusterTiming;
 
 use gateway_model::{ClusterEvent, ClusterModel, ClusterStatus, ClusterUsage, Heartbeat};
 use serde_json::{Map, Value};

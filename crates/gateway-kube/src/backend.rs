@@ -9,8 +9,8 @@ use crate::names;
 use futures_util::StreamExt;
 use gateway_backend::metrics::{self, Counter, Registry};
 use gateway_backend::{
-    new_cluster_id, BackendError, ClusterBackend, ClusterView, NewCluster, SchedulerAddresses,
-    StopRequest, TlsPair, WorkerGrant,
+    new_cluster_id, BackendError, ClusterBackend, ClusterTiming, ClusterView, NewCluster,
+    SchedulerAddresses, StopRequest, TlsPair, WorkerGrant,
 };
 use gateway_model::{ClusterEvent, ClusterStatus, ClusterUsage, Heartbeat, UsageAmount};
 use k8s_openapi::api::core::v1::Secret;
@@ -40,14 +40,9 @@ const INITIAL_SYNC: Duration = Duration::from_secs(30);
 pub struct GatewayRuntime {
     /// `DASK_GATEWAY_API_URL` for schedulers.
     pub api_url: String,
-    /// `--dg-heartbeat-period`.
-    pub heartbeat_period: f64,
-    /// `--dg-adaptive-period`.
-    pub adaptive_period: f64,
-    /// Seconds the scheduler may take to become ready.
-    pub start_timeout: f64,
-    /// Worker pods failing in a row that fail the cluster.
-    pub worker_failure_limit: u32,
+    /// The clusters' timing: the periods schedulers are told, the seconds a scheduler may take
+    /// to become ready, and the worker pods failing in a row that fail the cluster.
+    pub timing: ClusterTiming,
 }
 
 /// A cluster's credentials, from its Secret.
@@ -476,10 +471,10 @@ impl KubeBackend {
                 image_pull_secrets: self.config.image_pull_secrets.clone(),
                 service_account_name: self.config.service_account.clone(),
                 api_url: self.runtime.api_url.clone(),
-                heartbeat_period: self.runtime.heartbeat_period,
-                adaptive_period: self.runtime.adaptive_period,
-                start_timeout: self.runtime.start_timeout,
-                worker_failure_limit: self.runtime.worker_failure_limit.max(1),
+                heartbeat_period: self.runtime.timing.heartbeat_period,
+                adaptive_period: self.runtime.timing.adaptive_period,
+                start_timeout: self.runtime.timing.start_timeout,
+                worker_failure_limit: self.runtime.timing.worker_start_failure_limit.max(1),
                 termination_grace_period_seconds: self.config.termination_grace_period_seconds,
                 pod_security_context: Some(self.config.pod_security_context.clone())
                     .filter(|v| !v.is_null()),

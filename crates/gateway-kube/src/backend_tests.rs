@@ -34,10 +34,7 @@ fn backend() -> (Arc<KubeBackend>, ApiServer) {
     };
     let runtime = GatewayRuntime {
         api_url: "http://gateway:8000/api".into(),
-        heartbeat_period: 15.0,
-        adaptive_period: 3.0,
-        start_timeout: 60.0,
-        worker_failure_limit: 3,
+        timing: gateway_backend::ClusterTiming::default(),
     };
     (
         KubeBackend::new(client, config, "dask".into(), runtime),

@@ -16,8 +16,8 @@ use crate::process::{ProcessExit, ProcessId, ProcessRole};
 use crate::store::{ClusterRecord, Store, StoreError, UsageKey, WorkerRecord};
 use gateway_backend::metrics::{self, Counter, Registry};
 use gateway_backend::{
-    new_api_token, new_cluster_id, BackendError, ClusterBackend, ClusterCredentials, ClusterView,
-    NewCluster, SchedulerAddresses, StopRequest, TlsPair, WorkerGrant,
+    new_api_token, new_cluster_id, BackendError, ClusterBackend, ClusterCredentials, ClusterTiming,
+    ClusterView, NewCluster, SchedulerAddresses, StopRequest, TlsPair, WorkerGrant,
 };
 use gateway_model::{
     ClusterEvent, ClusterStatus, ClusterUsage, EventType, Heartbeat, RunningUnit, UsageMeter,
@@ -36,12 +36,11 @@ const START_BATCH: usize = 16;
 /// Timing and failure rules of the engine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// A scheduler that has not sent its first heartbeat after this long fails the cluster.
-    pub start_timeout: Duration,
-    /// A RUNNING cluster without a heartbeat for this long fails.
-    pub heartbeat_timeout: Duration,
-    /// Consecutive worker failures (start errors or unexpected exits) that fail the cluster.
-    pub worker_start_failure_limit: u32,
+    /// The clusters' timing: a scheduler that has not sent its first heartbeat after its
+    /// `start_timeout` fails the cluster, so does a RUNNING cluster without a heartbeat for its
+    /// `heartbeat_timeout`, and so do `worker_start_failure_limit` consecutive worker failures
+    /// (start errors or unexpected exits).
+    pub timing: ClusterTiming,
     /// How long finished clusters stay listable.
     pub retention: Duration,
     /// Grace between SIGTERM and SIGKILL when stopping processes.
@@ -55,9 +54,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            start_timeout: Duration::from_secs(60),
-            heartbeat_timeout: Duration::from_secs(30),
-            worker_start_failure_limit: 3,
+            timing: ClusterTiming::default(),
             retention: Duration::from_secs(86400),
             stop_grace: Duration::from_secs(5),
             sweep_period: Duration::from_secs(1),
@@ -417,21 +414,19 @@ impl LocalBackend {
     /// workers and starts missing ones; once STOPPING starts its teardown (once).
     fn reconcile(&self, c: &mut Cluster, now: Instant) -> Effects {
         let mut fx = Effects::default();
+        let start_timeout = Duration::from_secs_f64(self.config.timing.start_timeout);
+        let heartbeat_timeout = Duration::from_secs_f64(self.config.timing.heartbeat_timeout);
         let timeout = match c.record.status {
-            ClusterStatus::Pending
-                if now.duration_since(c.pending_since) > self.config.start_timeout =>
-            {
+            ClusterStatus::Pending if now.duration_since(c.pending_since) > start_timeout => {
                 Some(format!(
                     "the scheduler did not start within {} s",
-                    self.config.start_timeout.as_secs_f64()
+                    start_timeout.as_secs_f64()
                 ))
             }
-            ClusterStatus::Running
-                if now.duration_since(c.last_heartbeat) > self.config.heartbeat_timeout =>
-            {
+            ClusterStatus::Running if now.duration_since(c.last_heartbeat) > heartbeat_timeout => {
                 Some(format!(
                     "no heartbeat from the scheduler for {} s",
-                    self.config.heartbeat_timeout.as_secs_f64()
+                    heartbeat_timeout.as_secs_f64()
                 ))
             }
             _ => None,
@@ -489,7 +484,7 @@ impl LocalBackend {
                 fx.terminate.push(w.process);
             }
         }
-        let limit = self.config.worker_start_failure_limit.max(1);
+        let limit = self.config.timing.worker_start_failure_limit.max(1);
         let Some(address) = c.record.scheduler_address.clone() else {
             return;
         };
@@ -679,7 +674,7 @@ impl LocalBackend {
                                 "worker {worker} exited unexpectedly ({code}); it is replaced"
                             ),
                         );
-                        let limit = self.config.worker_start_failure_limit.max(1);
+                        let limit = self.config.timing.worker_start_failure_limit.max(1);
                         if c.worker_failures >= limit {
                             let reason = format!(
                                 "{} consecutive worker failures; the last: a worker exited unexpectedly ({code})",

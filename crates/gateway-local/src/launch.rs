@@ -5,7 +5,7 @@ pub use crate::error::LocalError;
 use crate::forkserver::{python_behind, ForkRequest, ForkServers};
 use crate::identity::{Identities, Identity};
 use crate::process::{watch_adopted, ProcessExit, ProcessId, ProcessRole};
-use gateway_backend::{ClusterCredentials, ClusterSettings};
+use gateway_backend::{ClusterCredentials, ClusterSettings, ClusterTiming};
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::future::Future;
@@ -32,23 +32,30 @@ const PASS_THROUGH_ENV: &[&str] = &[
     "TMPDIR",
 ];
 
+/// The `dask` command and the API it reports to: what the operator chooses about launching
+/// Dask, whatever account a process runs under.
+#[derive(Clone, Debug)]
+pub struct DaskLaunch {
+    /// The `dask` command (a path, or a name looked up on `PATH`).
+    pub command: PathBuf,
+    /// Directory put first on the processes' `PATH` (e.g. a venv's `bin`).
+    pub path_prefix: Option<PathBuf>,
+    /// `DASK_GATEWAY_API_URL` given to schedulers (ends in `/api`).
+    pub api_url: String,
+}
+
 /// How Dask is launched on this machine.
 #[derive(Clone, Debug)]
 pub struct LaunchConfig {
     /// Parent of the per-cluster working directories.
     pub work_root: PathBuf,
-    /// The `dask` command (a path, or a name looked up on `PATH`).
-    pub dask_command: PathBuf,
-    /// Directory put first on the processes' `PATH` (e.g. a venv's `bin`).
-    pub path_prefix: Option<PathBuf>,
-    /// `DASK_GATEWAY_API_URL` given to schedulers (ends in `/api`).
-    pub api_url: String,
+    /// The `dask` command, its `PATH` and the API URL.
+    pub dask: DaskLaunch,
     /// Host schedulers and workers bind to.
     pub bind_host: String,
-    /// `--dg-heartbeat-period` in seconds.
-    pub heartbeat_period: f64,
-    /// `--dg-adaptive-period` in seconds.
-    pub adaptive_period: f64,
+    /// The clusters' timing: schedulers get `--dg-heartbeat-period` and
+    /// `--dg-adaptive-period` from it.
+    pub timing: ClusterTiming,
     /// The accounts users' processes run as (single-user by default).
     pub identities: Arc<Identities>,
     /// Start processes by forking them from a pre-imported Python (see [`crate::forkserver`]);
@@ -187,7 +194,7 @@ impl Launcher {
     /// processes are exec'd until it is ready.
     pub fn new(config: LaunchConfig, events: mpsc::UnboundedSender<ProcessExit>) -> Self {
         let forks = config.fork.as_ref().and_then(|fork| {
-            let env = pass_through_env(config.path_prefix.as_deref());
+            let env = pass_through_env(config.dask.path_prefix.as_deref());
             match ForkServers::new(&fork.dir, fork.preimport.clone(), env, events.clone()) {
                 Ok(servers) => Some(Arc::new(servers)),
                 Err(e) => {
@@ -220,8 +227,8 @@ impl Launcher {
 
     /// The default environment's interpreter.
     fn default_python(&self) -> Option<PathBuf> {
-        let path = pass_through_env(self.config.path_prefix.as_deref()).remove("PATH");
-        self.python_for(&self.config.dask_command, path.as_deref())
+        let path = pass_through_env(self.config.dask.path_prefix.as_deref()).remove("PATH");
+        self.python_for(&self.config.dask.command, path.as_deref())
     }
 
     /// The cluster's private working directory.
@@ -312,8 +319,8 @@ impl Launcher {
     ) -> Result<(PathBuf, Option<PathBuf>), LocalError> {
         match &settings.python_env {
             None => Ok((
-                self.config.dask_command.clone(),
-                self.config.path_prefix.clone(),
+                self.config.dask.command.clone(),
+                self.config.dask.path_prefix.clone(),
             )),
             Some(env) => {
                 let bin = Path::new(env).join("bin");
@@ -483,7 +490,8 @@ impl Launcher {
         // A bare `dask` is looked up on the gateway's own PATH, never on one a cluster's
         // environment sets: the server is shared by every cluster of the environment.
         let prefix = dask.parent().filter(|p| !p.as_os_str().is_empty());
-        let path = pass_through_env(prefix.or(self.config.path_prefix.as_deref())).remove("PATH");
+        let path =
+            pass_through_env(prefix.or(self.config.dask.path_prefix.as_deref())).remove("PATH");
         let python = self.python_for(dask, path.as_deref())?;
         let (command, args) = args.split_first()?;
         let work = self.work_dir(cluster);
@@ -523,7 +531,10 @@ impl Launcher {
         // in the environment: other processes of the same account could read it there.
         let token_file = self.certs_dir(spec.cluster).join("api-token");
         write_private(&token_file, spec.token, identity.as_ref())?;
-        env.insert("DASK_GATEWAY_API_URL".into(), self.config.api_url.clone());
+        env.insert(
+            "DASK_GATEWAY_API_URL".into(),
+            self.config.dask.api_url.clone(),
+        );
         env.insert(
             "DASK_GATEWAY_API_TOKEN".into(),
             token_file.display().to_string(),
@@ -544,9 +555,9 @@ impl Launcher {
             "--dg-api-address".into(),
             format!("{h}:0"),
             "--dg-heartbeat-period".into(),
-            self.config.heartbeat_period.to_string(),
+            self.config.timing.heartbeat_period.to_string(),
             "--dg-adaptive-period".into(),
-            self.config.adaptive_period.to_string(),
+            self.config.timing.adaptive_period.to_string(),
             "--dg-idle-timeout".into(),
             spec.settings.idle_timeout.to_string(),
         ];
@@ -682,12 +693,13 @@ mod tests {
         let backend = Launcher::new(
             LaunchConfig {
                 work_root: root.clone(),
-                dask_command: "/bin/sh".into(),
-                path_prefix: None,
-                api_url: "http://127.0.0.1:1/api".into(),
+                dask: DaskLaunch {
+                    command: "/bin/sh".into(),
+                    path_prefix: None,
+                    api_url: "http://127.0.0.1:1/api".into(),
+                },
                 bind_host: "127.0.0.1".into(),
-                heartbeat_period: 15.0,
-                adaptive_period: 3.0,
+                timing: ClusterTiming::default(),
                 identities: Arc::new(Identities::new(Default::default()).unwrap()),
                 fork: None,
             },

@@ -34,7 +34,8 @@ pub mod store;
 pub use engine::{EngineConfig, LocalBackend};
 pub use identity::{Identities, Identity, Isolation};
 pub use launch::{
-    BoxFuture, ForkConfig, LaunchConfig, Launcher, LocalError, Processes, SchedulerSpec, WorkerSpec,
+    BoxFuture, DaskLaunch, ForkConfig, LaunchConfig, Launcher, LocalError, Processes,
+    SchedulerSpec, WorkerSpec,
 };
 pub use process::{group_leaders_under, ProcessExit, ProcessId, ProcessRole};
 pub use setup::{LocalSetup, OpenedBackend, SetupError};

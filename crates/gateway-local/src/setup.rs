@@ -4,7 +4,7 @@
 
 use crate::engine::{EngineConfig, LocalBackend};
 use crate::identity::{Identities, Isolation};
-use crate::launch::{ForkConfig, LaunchConfig, Launcher};
+use crate::launch::{DaskLaunch, ForkConfig, LaunchConfig, Launcher};
 use crate::store::{Store, StoreError};
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -21,22 +21,15 @@ pub struct LocalSetup {
     pub data_dir: PathBuf,
     /// Which accounts users' processes run as.
     pub isolation: Isolation,
-    /// The `dask` command (a path, or a name looked up on `PATH`).
-    pub dask_command: PathBuf,
-    /// Directory put first on the processes' `PATH` (e.g. a venv's `bin`).
-    pub path_prefix: Option<PathBuf>,
-    /// `DASK_GATEWAY_API_URL` given to schedulers.
-    pub api_url: String,
-    /// `--dg-heartbeat-period` in seconds.
-    pub heartbeat_period: f64,
-    /// `--dg-adaptive-period` in seconds.
-    pub adaptive_period: f64,
+    /// The `dask` command, its `PATH` and the API URL schedulers report to.
+    pub dask: DaskLaunch,
     /// Fork processes from a pre-imported Python (only without user isolation: the server
     /// runs as the gateway's account).
     pub fork_server: bool,
     /// Modules the fork server imports ahead.
     pub preimport: Vec<String>,
-    /// The engine's timing and failure rules.
+    /// The engine's timing and failure rules (the launcher takes the clusters' timing from it
+    /// too).
     pub engine: EngineConfig,
 }
 
@@ -159,12 +152,9 @@ pub fn open(setup: LocalSetup) -> Result<OpenedBackend, SetupError> {
     let launcher = Launcher::new(
         LaunchConfig {
             work_root: data_dir.join("clusters"),
-            dask_command: setup.dask_command,
-            path_prefix: setup.path_prefix,
-            api_url: setup.api_url,
+            dask: setup.dask,
             bind_host: "127.0.0.1".into(),
-            heartbeat_period: setup.heartbeat_period,
-            adaptive_period: setup.adaptive_period,
+            timing: setup.engine.timing,
             identities,
             // The server runs as the gateway's account and its children inherit what it
             // imported: with user isolation that account is root, and a Python environment a

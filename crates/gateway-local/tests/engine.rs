@@ -3,7 +3,7 @@
 //! processes: fast, and no Dask needed.
 
 use gateway_backend::{
-    ClusterBackend, ClusterCredentials, ClusterSettings, NewCluster, StopRequest,
+    ClusterBackend, ClusterCredentials, ClusterSettings, ClusterTiming, NewCluster, StopRequest,
 };
 use gateway_local::{
     BoxFuture, EngineConfig, LocalBackend, LocalError, ProcessExit, ProcessId, ProcessRole,
@@ -175,9 +175,12 @@ impl Processes for FakeProcesses {
 
 fn config() -> EngineConfig {
     EngineConfig {
-        start_timeout: Duration::from_secs(30),
-        heartbeat_timeout: Duration::from_secs(30),
-        worker_start_failure_limit: 3,
+        timing: ClusterTiming {
+            start_timeout: 30.0,
+            heartbeat_timeout: 30.0,
+            worker_start_failure_limit: 3,
+            ..ClusterTiming::default()
+        },
         retention: Duration::from_secs(3600),
         stop_grace: Duration::from_millis(10),
         sweep_period: Duration::from_millis(20),
@@ -410,7 +413,10 @@ async fn worker_start_errors_fail_the_cluster() {
 #[tokio::test]
 async fn a_scheduler_that_never_reports_times_out() {
     let cfg = EngineConfig {
-        start_timeout: Duration::from_millis(200),
+        timing: ClusterTiming {
+            start_timeout: 0.2,
+            ..config().timing
+        },
         ..config()
     };
     let (b, procs, _) = start("start-timeout", cfg).await;
@@ -429,7 +435,10 @@ async fn a_scheduler_that_never_reports_times_out() {
 #[tokio::test]
 async fn a_silent_running_cluster_fails() {
     let cfg = EngineConfig {
-        heartbeat_timeout: Duration::from_millis(200),
+        timing: ClusterTiming {
+            heartbeat_timeout: 0.2,
+            ..config().timing
+        },
         ..config()
     };
     let (b, _, _) = start("heartbeat-timeout", cfg).await;

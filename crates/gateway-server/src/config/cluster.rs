@@ -200,6 +200,17 @@ impl ClusterConfig {
             .unwrap_or(2.0 * self.heartbeat_period)
             .max(1.0)
     }
+
+    /// The timing every backend gives this section's clusters.
+    pub fn timing(&self) -> gateway_backend::ClusterTiming {
+        gateway_backend::ClusterTiming {
+            heartbeat_period: self.heartbeat_period,
+            adaptive_period: self.adaptive_period,
+            start_timeout: self.start_timeout,
+            heartbeat_timeout: self.heartbeat_timeout(),
+            worker_start_failure_limit: self.worker_start_failure_limit,
+        }
+    }
 }
 
 /// What one group's users get instead of the `cluster` section's settings.

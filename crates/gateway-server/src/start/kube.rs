@@ -28,10 +28,7 @@ pub(crate) async fn kube_client(
 pub(crate) fn gateway_runtime(config: &GatewayConfig) -> gateway_kube::GatewayRuntime {
     gateway_kube::GatewayRuntime {
         api_url: config.api_url(),
-        heartbeat_period: config.cluster.heartbeat_period,
-        adaptive_period: config.cluster.adaptive_period,
-        start_timeout: config.cluster.start_timeout,
-        worker_failure_limit: config.cluster.worker_start_failure_limit,
+        timing: config.cluster.timing(),
     }
 }
 

@@ -5,7 +5,7 @@
 use super::StartError;
 use crate::config::{GatewayConfig, IsolationKind};
 use gateway_backend::ClusterBackend;
-use gateway_local::{EngineConfig, Isolation};
+use gateway_local::{DaskLaunch, EngineConfig, Isolation};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,23 +23,20 @@ pub(crate) fn start_local_backend(
             map_file: data_dir.join("uids.json"),
         },
     };
-    let (dask_command, path_prefix) = config.dask.command_and_path();
-    let c = &config.cluster;
+    let (command, path_prefix) = config.dask.command_and_path();
     let opened = gateway_local::setup::open(gateway_local::LocalSetup {
         data_dir,
         isolation,
-        dask_command,
-        path_prefix,
-        api_url: config.api_url(),
-        heartbeat_period: c.heartbeat_period,
-        adaptive_period: c.adaptive_period,
+        dask: DaskLaunch {
+            command,
+            path_prefix,
+            api_url: config.api_url(),
+        },
         fork_server: config.dask.fork_server,
         preimport: config.dask.preimport.clone(),
         engine: EngineConfig {
-            start_timeout: Duration::from_secs_f64(c.start_timeout),
-            heartbeat_timeout: Duration::from_secs_f64(c.heartbeat_timeout()),
-            worker_start_failure_limit: c.worker_start_failure_limit,
-            retention: Duration::from_secs_f64(c.retention),
+            timing: config.cluster.timing(),
+            retention: Duration::from_secs_f64(config.cluster.retention),
             usage_retention: Duration::from_secs_f64(config.usage_retention),
             ..EngineConfig::default()
         },
