@@ -20,7 +20,7 @@ pub(super) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
 }
 
 /// The raw (still percent-encoded) value of `key` in a query string; `Some("")` for a bare key.
-pub(crate) fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+pub(super) fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == key).then_some(v)
@@ -42,7 +42,7 @@ pub(super) fn follow_flag(query: Option<&str>) -> bool {
 }
 
 /// Decodes `%XX` escapes and `+` (a space) in a query value; malformed escapes stay as they are.
-pub(crate) fn percent_decode(s: &str) -> String {
+pub(super) fn percent_decode(s: &str) -> String {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

@@ -6,12 +6,14 @@
 mod dashboard;
 mod events;
 mod guard;
-pub(crate) mod http;
+mod http;
+mod login;
 
 use self::dashboard::{dashboard_path, dashboard_root};
 use self::events::cluster_events;
 use self::guard::{bounded, count_request, guard_writes, require_user};
 use self::http::{parse_body, percent_decode, query_param, wait_flag};
+pub(crate) use self::login::hub_login_redirect;
 use crate::auth::{cluster_token, User};
 use crate::clusters::Requester;
 use crate::http_shared::{is_https, refused, set_negotiate_reply, set_session_cookie};
@@ -292,7 +294,7 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
         .route("/api/health", get(health))
         .route("/api/version", get(version))
         .route("/api/openapi.json", get(openapi))
-        .route("/api/oauth_callback", get(crate::auth::hub::oauth_callback));
+        .route("/api/oauth_callback", get(login::oauth_callback));
     if with_metrics {
         api_routes = api_routes.route("/metrics", get(metrics));
     }

@@ -4,19 +4,15 @@
 //! dashboards through the hub's OAuth2 authorization-code flow, with the gateway registered as a
 //! hub service (its API token is the OAuth client secret).
 //!
-//! The whole browser login lives here: the redirect that starts it
-//! ([`Authenticator::hub_login_redirect`]), its state cookie, and the handler the hub sends the
-//! browser back to ([`oauth_callback`]).
+//! The browser login's OAuth lives here as plain functions: where a login starts and its state
+//! cookie ([`Authenticator::hub_login_start`]), and checking that cookie and exchanging the
+//! code when the hub sends the browser back ([`Authenticator::hub_login_finish`]). The HTTP
+//! handlers that call them are in `api/login.rs`.
 
 use super::{AuthError, Authenticated, Authenticator, Method};
-use crate::api::http::{percent_decode, query_param};
 use crate::config::HubConfig;
-use crate::http_shared::{is_https, refused, set_session_cookie, ApiError, ApiResult, AppState};
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Extension;
-use gateway_proxy::ConnMeta;
+use http::HeaderMap;
+use reqwest::StatusCode;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -343,79 +339,95 @@ impl Authenticator {
         format!("{}-oauth-state", self.cookie_name)
     }
 
-    /// Sends a browser that has no session to the hub's login, to come back to `return_to`
-    /// (a path on this gateway) through `/api/oauth_callback`.
-    pub fn hub_login_redirect(&self, return_to: &str, https: bool) -> Option<Response> {
+    /// Starts a hub login for a browser that has no session, to come back to `return_to` (a
+    /// path on this gateway) through `/api/oauth_callback`; none when browsers do not log in
+    /// through the hub.
+    pub fn hub_login_start(&self, return_to: &str, https: bool) -> Option<HubLoginStart> {
         let hub = self.hub_login()?;
         let nonce = super::secret::random_hex();
-        let url = hub.authorize_url(&nonce)?;
+        let location = hub.authorize_url(&nonce)?;
         use base64::Engine;
         let back = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(return_to);
-        let cookie = format!(
+        let state_cookie = format!(
             "{}={nonce}.{back}; Max-Age=600; Path={}; HttpOnly; SameSite=Lax{}",
             self.oauth_state_cookie_name(),
             self.cookie_path(),
             if https { "; Secure" } else { "" }
         );
-        let mut resp = StatusCode::FOUND.into_response();
-        let headers = resp.headers_mut();
-        headers.insert(header::LOCATION, HeaderValue::from_str(&url).ok()?);
-        headers.insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).ok()?);
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        Some(resp)
+        Some(HubLoginStart {
+            location,
+            state_cookie,
+        })
+    }
+
+    /// Finishes a hub login: the `state` the hub sent back must match the state cookie in
+    /// `headers` (set when the login began); the `code` is exchanged for the user's identity
+    /// and a session starts. Says where the browser goes back to.
+    pub async fn hub_login_finish(
+        &self,
+        headers: &HeaderMap,
+        code: Option<String>,
+        state: Option<String>,
+    ) -> Result<HubLogin, LoginError> {
+        let bad = LoginError::BadRequest;
+        let cookie_name = self.oauth_state_cookie_name();
+        let (nonce, back) = Authenticator::cookie(headers, &cookie_name)
+            .and_then(|v| v.split_once('.'))
+            .ok_or_else(|| bad("No login in progress (the login cookie is missing or expired)"))?;
+        let (Some(code), Some(given)) = (code, state) else {
+            return Err(bad("The login callback needs code and state"));
+        };
+        if !super::token_matches(&given, nonce) {
+            return Err(bad("The login state does not match; start again"));
+        }
+        use base64::Engine;
+        let return_to = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(back)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|p| {
+                p.starts_with('/') && !p.starts_with("//") && !p.contains(['\\', '\r', '\n'])
+            })
+            .unwrap_or_else(|| self.cookie_path().to_string());
+        let auth = self.hub_callback(&code).await.map_err(LoginError::Auth)?;
+        Ok(HubLogin {
+            auth,
+            return_to,
+            clear_state_cookie: format!(
+                "{cookie_name}=; Max-Age=0; Path={}; HttpOnly; SameSite=Lax",
+                self.cookie_path()
+            ),
+        })
     }
 }
 
-/// `GET /api/oauth_callback?code=..&state=..`: the hub sends the browser back here after its
-/// login. The state must match the cookie set when the login began; the code is exchanged
-/// for the user's identity, a session starts, and the browser goes back where it was.
-pub async fn oauth_callback(
-    State(state): State<AppState>,
-    meta: Option<Extension<ConnMeta>>,
-    req: Request,
-) -> ApiResult<Response> {
-    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, m);
-    let query = req.uri().query();
-    let code = query_param(query, "code").map(percent_decode);
-    let given = query_param(query, "state").map(percent_decode);
-    let cookie_name = state.auth.oauth_state_cookie_name();
-    let (nonce, back) = Authenticator::cookie(req.headers(), &cookie_name)
-        .and_then(|v| v.split_once('.'))
-        .ok_or_else(|| bad("No login in progress (the login cookie is missing or expired)"))?;
-    let (Some(code), Some(given)) = (code, given) else {
-        return Err(bad("The login callback needs code and state"));
-    };
-    if !super::token_matches(&given, nonce) {
-        return Err(bad("The login state does not match; start again"));
-    }
-    use base64::Engine;
-    let return_to = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(back)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .filter(|p| p.starts_with('/') && !p.starts_with("//") && !p.contains(['\\', '\r', '\n']))
-        .unwrap_or_else(|| state.auth.cookie_path().to_string());
-    let auth = state
-        .auth
-        .hub_callback(&code)
-        .await
-        .map_err(|e| refused(&state.auth, e))?;
-    let https = is_https(req.headers(), meta.as_ref().map(|m| &m.0));
-    let mut resp = StatusCode::FOUND.into_response();
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::LOCATION,
-        HeaderValue::from_str(&return_to).map_err(|_| bad("Bad return path"))?,
-    );
-    let clear = format!(
-        "{cookie_name}=; Max-Age=0; Path={}; HttpOnly; SameSite=Lax",
-        state.auth.cookie_path()
-    );
-    if let Ok(v) = HeaderValue::from_str(&clear) {
-        headers.append(header::SET_COOKIE, v);
-    }
-    set_session_cookie(&state, &mut resp, auth.new_session, https);
-    Ok(resp)
+/// A hub login that has begun: send the browser to `location` with `state_cookie` set.
+#[derive(Clone, Debug)]
+pub struct HubLoginStart {
+    /// The hub's authorize URL.
+    pub location: String,
+    /// The `Set-Cookie` value holding the login's state and where to return.
+    pub state_cookie: String,
+}
+
+/// A hub login that has completed.
+#[derive(Debug)]
+pub struct HubLogin {
+    /// The user, with the new session.
+    pub auth: Authenticated,
+    /// The path on this gateway the login began from.
+    pub return_to: String,
+    /// The `Set-Cookie` value that removes the state cookie.
+    pub clear_state_cookie: String,
+}
+
+/// Why a hub login could not complete.
+#[derive(Debug)]
+pub enum LoginError {
+    /// The callback itself is wrong: no login in progress, parameters missing, state mismatch.
+    BadRequest(&'static str),
+    /// The hub did not vouch for the code.
+    Auth(AuthError),
 }
 
 #[cfg(test)]
