@@ -40,5 +40,6 @@ pub mod session_key;
 pub use backend::{GatewayRuntime, KubeBackend};
 pub use config::{KubeConfig, Profile};
 pub use crd::{DaskCluster, DaskClusterSpec, DaskClusterStatus, Phase, PodTemplate};
-pub use runtime::{check_crd, run_controller, ControllerError, CrdError, LiveContext};
+pub use metrics::LiveContext;
+pub use runtime::{check_crd, run_controller, ControllerError, CrdError};
 pub use session_key::{shared_session_key, SessionKeyError};

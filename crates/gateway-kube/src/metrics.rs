@@ -1,10 +1,11 @@
 //! The controller's metric families: its counters ([`ControllerMetrics`], kept for the life of
-//! the process, across leadership terms) and whether this process leads now
+//! the process, across leadership terms) and whether this process leads now ([`LiveContext`])
 //! (`controller_leading`), registered by [`LiveContext::register_metrics`]. The gateway side's
 //! families are registered by [`crate::KubeBackend`]'s `register_metrics`.
 
-use crate::runtime::LiveContext;
 use gateway_backend::metrics::{self, Counter, Registry};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Counters of the controller. One set per process: every leadership term adds to the same
 /// counters, so they never go back when another term starts.
@@ -68,6 +69,49 @@ impl ControllerMetrics {
         ] {
             registry.register(name, help, counter.clone());
         }
+    }
+}
+
+/// The controller of this process as its metrics see it : whether
+/// this process leads now, and the counters every leadership term adds to. Clones share them.
+#[derive(Clone, Default)]
+pub struct LiveContext(Arc<Live>);
+
+#[derive(Default)]
+struct Live {
+    leading: AtomicBool,
+    metrics: ControllerMetrics,
+}
+
+impl LiveContext {
+    /// Whether this process runs the controller now (a term has started and not ended).
+    pub fn leading(&self) -> bool {
+        self.0.leading.load(Ordering::Relaxed)
+    }
+
+    /// The controller's counters, for the life of the process.
+    pub fn metrics(&self) -> &ControllerMetrics {
+        &self.0.metrics
+    }
+
+    fn set_leading(&self, leading: bool) {
+        self.0.leading.store(leading, Ordering::Relaxed);
+    }
+
+    /// Leading until the returned guard drops: when the term ends, or when its future is
+    /// dropped because the lease was lost.
+    pub(crate) fn lead(&self) -> Leading {
+        self.set_leading(true);
+        Leading(self.clone())
+    }
+}
+
+/// This process leads while it lives (see [`LiveContext::lead`]).
+pub(crate) struct Leading(LiveContext);
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        self.0.set_leading(false);
     }
 }
 

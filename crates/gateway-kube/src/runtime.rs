@@ -7,7 +7,7 @@ use crate::crd::DaskCluster;
 use crate::leader::LeaderElection;
 use crate::lean::LeanPod;
 use crate::limiter::RateLimiter;
-use crate::metrics::ControllerMetrics;
+use crate::metrics::LiveContext;
 use crate::names;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Secret, Service};
@@ -17,7 +17,6 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -177,49 +176,6 @@ impl<K: kube::Resource> TriggerBatch<K> {
                 self.events.push(event);
             }
         }
-    }
-}
-
-/// The controller of this process as its metrics see it (see [`crate::metrics`]): whether
-/// this process leads now, and the counters every leadership term adds to. Clones share them.
-#[derive(Clone, Default)]
-pub struct LiveContext(Arc<Live>);
-
-#[derive(Default)]
-struct Live {
-    leading: AtomicBool,
-    metrics: ControllerMetrics,
-}
-
-impl LiveContext {
-    /// Whether this process runs the controller now (a term has started and not ended).
-    pub fn leading(&self) -> bool {
-        self.0.leading.load(Ordering::Relaxed)
-    }
-
-    /// The controller's counters, for the life of the process.
-    pub fn metrics(&self) -> &ControllerMetrics {
-        &self.0.metrics
-    }
-
-    fn set_leading(&self, leading: bool) {
-        self.0.leading.store(leading, Ordering::Relaxed);
-    }
-
-    /// Leading until the returned guard drops: when the term ends, or when its future is
-    /// dropped because the lease was lost.
-    pub(crate) fn lead(&self) -> Leading {
-        self.set_leading(true);
-        Leading(self.clone())
-    }
-}
-
-/// This process leads while it lives (see [`LiveContext::lead`]).
-pub(crate) struct Leading(LiveContext);
-
-impl Drop for Leading {
-    fn drop(&mut self) {
-        self.0.set_leading(false);
     }
 }
 

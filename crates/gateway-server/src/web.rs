@@ -101,7 +101,7 @@ pub async fn page(State(state): State<AppState>, req: Request) -> Response {
         }
         Err(AuthError::Required) => {
             let here = original.path_and_query().map_or("/", |p| p.as_str());
-            if let Some(resp) = crate::api::hub_login_redirect(&state.auth, here, https) {
+            if let Some(resp) = crate::api::login::hub_login_redirect(&state.auth, here, https) {
                 return resp;
             }
             let challenge = state.auth.challenge();

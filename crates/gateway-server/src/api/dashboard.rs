@@ -62,7 +62,7 @@ async fn dashboard(
                     .path_and_query()
                     .map_or("/", |p| p.as_str())
                     .to_string();
-                if let Some(resp) = super::hub_login_redirect(&state.auth, &here, https) {
+                if let Some(resp) = super::login::hub_login_redirect(&state.auth, &here, https) {
                     return resp;
                 }
                 return refused(&state.auth, AuthError::Required).into_response();

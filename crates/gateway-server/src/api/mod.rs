@@ -7,13 +7,12 @@ mod dashboard;
 mod events;
 mod guard;
 mod http;
-mod login;
+pub(crate) mod login;
 
 use self::dashboard::{dashboard_path, dashboard_root};
 use self::events::cluster_events;
 use self::guard::{bounded, count_request, guard_writes, require_user};
 use self::http::{parse_body, percent_decode, query_param, wait_flag};
-pub(crate) use self::login::hub_login_redirect;
 use crate::auth::{cluster_token, User};
 use crate::clusters::Requester;
 use crate::http_shared::{is_https, refused, set_negotiate_reply, set_session_cookie};
