@@ -1,20 +1,19 @@
 //! The rules every backend shares, above the [`ClusterBackend`] seam: option validation and
-//! settings, ownership and admin checks, cluster-token checks, the `?wait` long-poll, events
-//! the gateway notes, and the cluster JSON. By job, in rooms of their own: per-user quotas
-//! (`quota`), scale and adapt and their forwarding to the scheduler (`forward`), the lifetime
-//! sweeper (`lifetime`), warm pools (`pool`) and the service's metrics (`metrics`).
+//! settings, creation with its admission lock, stops, heartbeats and the events the gateway
+//! notes. By job, in rooms of their own: reading clusters as a user may (`access`), the refusals
+//! (`error`), per-user quotas (`quota`), scale and adapt and their forwarding to the scheduler
+//! (`forward`), the lifetime sweeper (`lifetime`), warm pools (`pool`) and the service's metrics
+//! (`metrics`).
 
 use crate::auth::{token_matches, User};
 use crate::clock::Clock;
 use crate::config::settings;
 use crate::config::ClusterConfig;
 use gateway_backend::metrics::Counter;
-use gateway_backend::{
-    BackendError, ClusterBackend, ClusterView, NewCluster, StopRequest, WorkerGrant,
-};
+use gateway_backend::{ClusterBackend, ClusterView, NewCluster, StopRequest, WorkerGrant};
 use gateway_model::{
-    as_count, format_memory, py_repr, validate_options, ClusterEvent, ClusterModel, ClusterStatus,
-    EventType, Heartbeat, ScaleResponse, SchedulerMessage,
+    as_count, format_memory, py_repr, validate_options, ClusterEvent, ClusterStatus, EventType,
+    Heartbeat, ScaleResponse, SchedulerMessage,
 };
 use gateway_proxy::{ClientConnections, Clients};
 use serde_json::Value;
@@ -24,11 +23,14 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+mod access;
+mod error;
 mod forward;
 mod lifetime;
 mod metrics;
 mod pool;
 mod quota;
+pub use error::{ClusterError, Requester};
 pub use pool::{configured_pools, pool_key, WarmPool, POOL_CHECK};
 use quota::has_user_quota;
 
@@ -44,77 +46,9 @@ fn human_seconds(s: f64) -> String {
 }
 
 /// How long `?wait` holds a request.
-const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Pauses between the three attempts to reach a scheduler's `/api/comm`.
 const FORWARD_PAUSES_MS: [u64; 3] = [0, 100, 200];
-
-/// Failures the API maps to status codes.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    /// 404.
-    #[error("Cluster {0} not found")]
-    NotFound(String),
-    /// 403.
-    #[error("User {user} lacks permissions to {action} cluster {name}")]
-    Forbidden {
-        /// Who asked.
-        user: String,
-        /// What they tried.
-        action: &'static str,
-        /// Which cluster.
-        name: String,
-    },
-    /// 403: a user asked for another user's usage.
-    #[error("User {user} lacks permissions to view the usage of user {other}")]
-    ForbiddenUsage {
-        /// Who asked.
-        user: String,
-        /// Whose usage they asked for.
-        other: String,
-    },
-    /// 422: bad input.
-    #[error("{0}")]
-    Invalid(String),
-    /// 422 (the stock client's `ValueError`, as the protocol asks): a new cluster would
-    /// exceed one of its owner's quotas; the message names the quota.
-    #[error("{0}")]
-    QuotaExceeded(String),
-    /// 409: the cluster cannot take the request in its state.
-    #[error("cluster {0} is not running")]
-    NotRunning(String),
-    /// 409: the backend refused the request in the cluster's state.
-    #[error("{0}")]
-    Conflict(String),
-    /// 401 on token-only routes.
-    #[error("Unauthorized")]
-    BadToken,
-    /// 503: the backend's store or platform does not answer.
-    #[error("{0}")]
-    Unavailable(String),
-    /// 500.
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<BackendError> for ClusterError {
-    fn from(e: BackendError) -> Self {
-        match e {
-            BackendError::NotFound(n) => ClusterError::NotFound(n),
-            BackendError::Invalid(m) => ClusterError::Invalid(m),
-            BackendError::Conflict(m) => ClusterError::Conflict(m),
-            BackendError::Unavailable(m) => ClusterError::Unavailable(m),
-            BackendError::Internal(m) => ClusterError::Internal(m),
-        }
-    }
-}
-
-/// Who asks to stop a cluster.
-pub enum Requester<'a> {
-    /// An authenticated user.
-    User(&'a User),
-    /// The cluster itself, by its token (the preload's idle timeout).
-    Token(&'a str),
-}
 
 /// Event counters of the API side (Prometheus counters, see
 /// [`ClusterService::register_metrics`]).
@@ -328,53 +262,6 @@ impl ClusterService {
         Ok(view.name)
     }
 
-    /// The cluster `name`: from the backend's memory, else among the finished clusters it
-    /// keeps elsewhere.
-    async fn lookup(&self, name: &str) -> Result<Option<ClusterView>, ClusterError> {
-        if let Some(view) = self.backend.get(name) {
-            return Ok(Some(view));
-        }
-        Ok(self.backend.finished_cluster(name).await?)
-    }
-
-    /// The cluster `name` if `user` may act on it.
-    async fn accessible(
-        &self,
-        user: &User,
-        name: &str,
-        action: &'static str,
-    ) -> Result<ClusterView, ClusterError> {
-        let view = self
-            .lookup(name)
-            .await?
-            .filter(|v| v.pool.is_none())
-            .ok_or_else(|| ClusterError::NotFound(name.to_string()))?;
-        if !user.may_access(&view.owner) {
-            return Err(ClusterError::Forbidden {
-                user: user.name.clone(),
-                action,
-                name: name.to_string(),
-            });
-        }
-        Ok(view)
-    }
-
-    /// What happened to cluster `name`, oldest first (owner or admin).
-    pub async fn events(&self, user: &User, name: &str) -> Result<Vec<ClusterEvent>, ClusterError> {
-        let view = self.accessible(user, name, "view").await?;
-        Ok(self.backend.events(&view.name).await?)
-    }
-
-    /// Whether cluster `name` has finished (STOPPED or FAILED) or is gone: no more events come.
-    /// A failed lookup counts as not finished (it is asked again).
-    pub async fn has_finished(&self, name: &str) -> bool {
-        match self.lookup(name).await {
-            Ok(Some(v)) => v.status.is_terminal(),
-            Ok(None) => true,
-            Err(_) => false,
-        }
-    }
-
     /// Records an event the gateway itself saw (best effort; a failure is logged).
     async fn note(&self, name: &str, kind: EventType, reason: &str, message: String) {
         let event = ClusterEvent::new(self.clock.now_ms(), kind, reason, message, "gateway");
@@ -389,64 +276,6 @@ impl ClusterService {
             self.note(name, EventType::Warning, "RequestClipped", why.to_string())
                 .await;
         }
-    }
-
-    /// The cluster's model; with `wait`, first holds until it has left PENDING (at most 20 s).
-    pub async fn get(
-        &self,
-        user: &User,
-        name: &str,
-        wait: bool,
-    ) -> Result<ClusterModel, ClusterError> {
-        let view = self.accessible(user, name, "view").await?;
-        if !wait || view.status != ClusterStatus::Pending {
-            return Ok(view.model());
-        }
-        if let Some(mut rx) = self.backend.subscribe(name) {
-            let _ =
-                tokio::time::timeout(WAIT_TIMEOUT, rx.wait_for(|s| *s != ClusterStatus::Pending))
-                    .await;
-        }
-        Ok(self.accessible(user, name, "view").await?.model())
-    }
-
-    /// The user's clusters (every cluster for admins) with one of `statuses` (default: the
-    /// active ones), oldest first.
-    pub async fn list(
-        &self,
-        user: &User,
-        statuses: Option<&[ClusterStatus]>,
-    ) -> Result<Vec<ClusterModel>, ClusterError> {
-        Ok(self
-            .visible(user, statuses)
-            .await?
-            .iter()
-            .map(ClusterView::model)
-            .collect())
-    }
-
-    /// The clusters `user` may list (all for admins) with one of `statuses` (default: the
-    /// active ones), oldest first.
-    async fn visible(
-        &self,
-        user: &User,
-        statuses: Option<&[ClusterStatus]>,
-    ) -> Result<Vec<ClusterView>, ClusterError> {
-        let owner = (!user.admin).then_some(user.name.as_str());
-        let mut views = self.backend.list(owner);
-        if statuses.is_some_and(|wanted| wanted.iter().any(|s| s.is_terminal())) {
-            let known: std::collections::HashSet<String> =
-                views.iter().map(|v| v.name.clone()).collect();
-            let finished = self.backend.finished(owner).await?;
-            views.extend(finished.into_iter().filter(|v| !known.contains(&v.name)));
-            views.sort_by(|a, b| (a.start_time, &a.name).cmp(&(b.start_time, &b.name)));
-        }
-        views.retain(|c| c.pool.is_none());
-        views.retain(|c| match statuses {
-            Some(list) => list.contains(&c.status),
-            None => c.status.is_active(),
-        });
-        Ok(views)
     }
 
     /// Stops a cluster (idempotent: unknown or finished clusters are fine).
@@ -499,21 +328,6 @@ impl ClusterService {
         }
     }
 
-    /// Whether `user` may access cluster `name` (false for unknown clusters).
-    pub fn may_access(&self, user: &User, name: &str) -> bool {
-        self.backend
-            .get(name)
-            .is_some_and(|c| c.pool.is_none() && user.may_access(&c.owner))
-    }
-
-    /// Whether `token` is the token of cluster `name`.
-    pub fn token_is_valid(&self, name: &str, token: &str) -> bool {
-        self.backend
-            .get(name)
-            .and_then(|c| c.token)
-            .is_some_and(|t| token_matches(token, &t))
-    }
-
     /// Handles a scheduler heartbeat (wire-protocol 9.4): checks the token, clips the wanted
     /// worker count to the cluster's cap, hands the rest to the backend.
     pub async fn heartbeat(
@@ -545,57 +359,8 @@ impl ClusterService {
         Ok(())
     }
 
-    /// The cluster's details (owner, group policy, why it stopped) for its owner and admins.
-    pub async fn details(
-        &self,
-        user: &User,
-        name: &str,
-    ) -> Result<gateway_model::ClusterDetails, ClusterError> {
-        Ok(details_of(&self.accessible(user, name, "view").await?))
-    }
-
-    /// [`Self::list`] with details.
-    pub async fn list_details(
-        &self,
-        user: &User,
-        statuses: Option<&[ClusterStatus]>,
-    ) -> Result<Vec<gateway_model::ClusterDetails>, ClusterError> {
-        Ok(self
-            .visible(user, statuses)
-            .await?
-            .iter()
-            .map(details_of)
-            .collect())
-    }
-
     /// Whether the backend answers (health checks).
     pub async fn healthy(&self) -> bool {
         self.backend.healthy().await
-    }
-}
-
-/// What the details endpoints tell about one cluster.
-fn details_of(v: &ClusterView) -> gateway_model::ClusterDetails {
-    let m = v.model();
-    let s = &v.settings;
-    gateway_model::ClusterDetails {
-        name: m.name,
-        owner: v.owner.clone(),
-        status: m.status,
-        reason: v.reason.clone(),
-        group: s.policy.clone(),
-        start_time: m.start_time,
-        stop_time: m.stop_time,
-        dashboard_route: m.dashboard_route,
-        options: m.options,
-        workers: v.target_workers,
-        expires_at: (s.max_lifetime > 0.0).then(|| v.start_time + (s.max_lifetime * 1000.0) as i64),
-        no_client_timeout: (s.no_client_timeout > 0.0).then_some(s.no_client_timeout),
-        workers_running: v.workers_running,
-        cores: s.resources.scheduler_cores + v.target_workers as f64 * s.resources.worker_cores,
-        memory: s
-            .resources
-            .scheduler_memory
-            .saturating_add(v.target_workers.saturating_mul(s.resources.worker_memory)),
     }
 }
