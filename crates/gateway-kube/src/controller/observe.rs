@@ -6,7 +6,7 @@
 use super::Context;
 use crate::lean::LeanPod;
 use crate::names;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerState, Pod};
 use kube::runtime::reflector::ObjectRef;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -187,16 +187,20 @@ pub(super) fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// When the pod's (first) container started, if it runs now.
-fn running_since(pod: &Pod) -> Option<jiff::Timestamp> {
-    let state = pod
-        .status
+/// The state of the pod's (first) container, once the kubelet reports one.
+pub(super) fn first_container_state(pod: &Pod) -> Option<&ContainerState> {
+    pod.status
         .as_ref()?
         .container_statuses
         .as_ref()?
         .first()?
         .state
-        .as_ref()?;
+        .as_ref()
+}
+
+/// When the pod's (first) container started, if it runs now.
+fn running_since(pod: &Pod) -> Option<jiff::Timestamp> {
+    let state = first_container_state(pod)?;
     Some(state.running.as_ref()?.started_at.as_ref()?.0)
 }
 

@@ -2,7 +2,9 @@
 //! deletes finished, retired and surplus ones, and tells a worker that failed at work from one
 //! that failed to start (its readiness, how long it ran, and its log).
 
-use super::observe::{pod_name, pod_phase, pod_ready, running_for, termination, Observed};
+use super::observe::{
+    first_container_state, pod_name, pod_phase, pod_ready, running_for, termination, Observed,
+};
 use super::status::{fail, set_condition};
 use super::writes::{create, delete_pod, last_log_lines, LOG_LINES};
 use super::{Context, Error};
@@ -192,14 +194,7 @@ fn was_ready(pod: &Pod) -> bool {
 
 /// How long the pod's (first) container ran before it ended.
 fn ran_for(pod: &Pod) -> Option<Duration> {
-    let state = pod
-        .status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .first()?
-        .state
-        .as_ref()?;
+    let state = first_container_state(pod)?;
     let t = state.terminated.as_ref()?;
     let (started, finished) = (t.started_at.as_ref()?, t.finished_at.as_ref()?);
     finished.0.duration_since(started.0).try_into().ok()
