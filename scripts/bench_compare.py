@@ -480,8 +480,10 @@ def warm_pool_ready(server):
     """Whether our server's warm pool has a running member and none starting."""
     with urllib.request.urlopen(f"{server.address}/metrics", timeout=5) as r:
         text = r.read().decode()
-    running = sum(int(n) for n in re.findall(r'state="running"\} (\d+)', text))
-    pending = sum(int(n) for n in re.findall(r'state="pending"\} (\d+)', text))
+    # Only the pool's family: dask_gateway_workers{state="running"} counts workers.
+    pool = r'^dask_gateway_warm_schedulers\{pool="[^"]*",state="%s"\} (\d+)$'
+    running = sum(int(n) for n in re.findall(pool % "running", text, re.M))
+    pending = sum(int(n) for n in re.findall(pool % "pending", text, re.M))
     return running >= 1 and pending == 0
 
 
