@@ -179,6 +179,19 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def holds(predicate, seconds, interval=0.5, what="condition"):
+    """Poll `predicate` for `seconds` and fail at the first poll where it is false: a state
+    that must hold throughout (a cluster that must stay up, a count that must stay under a
+    quota), checked as it is, not only once at the end."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = predicate()
+        assert value, f"{what} stopped holding ({value!r})"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
 def wait_for(predicate, timeout, interval=0.5, what="condition"):
     """Poll `predicate` until it returns a truthy value (returned); fail after `timeout` s.
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from dask_gateway import GatewayWarning
 
-from conftest import new_cluster, wait_for, wait_workers
+from conftest import holds, new_cluster, wait_for, wait_workers
 
 GPU_OPTIONS = [
     {"field": "worker_cores", "type": "int", "default": 1, "min": 1, "max": 8,
@@ -154,9 +154,9 @@ def test_a_cluster_without_clients_stops_after_its_no_client_timeout(server, tmp
         name = kernel.stdout.readline().strip()
         assert name, "the kernel did not start its cluster"
         # While it lives (its GatewayCluster and Client hold connections), the cluster stays
-        # well past the 8 s timeout.
-        time.sleep(12)
-        assert details(server, "ada", name)["status"] == "RUNNING"
+        # up, polled throughout, well past the 8 s timeout.
+        holds(lambda: details(server, "ada", name)["status"] == "RUNNING", 12,
+              what="the cluster running while its kernel's client is connected")
     finally:
         kernel.kill()
         kernel.wait()

@@ -8,6 +8,7 @@ import time
 import urllib.parse
 from http.cookies import SimpleCookie
 
+import aiohttp
 import pytest
 from dask_gateway import Gateway, JupyterHubAuth
 
@@ -74,8 +75,9 @@ def test_stock_client_with_hub_tokens(env):
         assert [c.name for c in alice.list_clusters()] == [cluster.name]
         # Bob is another user: he sees none of it and cannot stop it.
         assert bob.list_clusters() == []
-        with pytest.raises(Exception):
+        with pytest.raises(aiohttp.ClientResponseError) as refused:
             bob.stop_cluster(cluster.name)
+        assert refused.value.status == 403
         # alice is in the hub group team-a: its policy applies (two clusters, not one).
         r = raw(server, "GET", f"/api/v1/clusters/{cluster.name}/details", hub.token("alice"))
         assert r.status == 200 and r.json()["group"] == "team-a", r

@@ -391,10 +391,10 @@ def test_the_controller_can_run_on_its_own(module_servers):
     srv = module_servers("split", kubernetes={"controller": False})
     gw = srv.gateway(USER)
     c = gw.submit()
-    # Nobody reconciles yet: the cluster waits in PENDING.
-    import time
-    time.sleep(3)
-    assert gw.get_cluster(c).status.name == "PENDING"
+    # Nobody reconciles yet: the cluster waits in PENDING, polled throughout.
+    from conftest import holds
+    holds(lambda: gw.get_cluster(c).status.name == "PENDING", 3,
+          what="PENDING while no controller runs")
     config = dict(srv.config)
     config["address"] = f"127.0.0.1:{free_port()}"
     config["kubernetes"] = {**config["kubernetes"], "controller": True}

@@ -9,7 +9,8 @@ import warnings
 import pytest
 import yaml
 
-from conftest import OPTIONS_CONFIG, GatewayServer, new_cluster, server_binary, wait_workers
+from conftest import (OPTIONS_CONFIG, GatewayServer, holds, n_workers, new_cluster, server_binary,
+                      wait_workers)
 from dask_gateway import GatewayWarning
 
 USER = "limited-user"
@@ -134,6 +135,10 @@ def test_per_user_worker_quota_spans_all_of_a_users_clusters(module_servers):
             # Adaptive scaling of the second cluster is held to the room left too.
             with pytest.warns(GatewayWarning, match="quota"):
                 second.adapt(minimum=3, maximum=5)
+            # Its adaptive loop (every 1 s) and heartbeats (every 2 s) ask again and again;
+            # the user's workers stay within the quota all along, not just at one moment.
+            holds(lambda: n_workers(c2) <= 1 and n_workers(c1) + n_workers(c2) <= 3, 6,
+                  what="the user's workers within the quota of 3")
             wait_workers(c2, 1)
         # Another user is not affected by this one's usage.
         other = new_cluster(srv.gateway("other-quota-user"))
