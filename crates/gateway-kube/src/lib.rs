@@ -13,6 +13,7 @@
 //! * [`events`]: a cluster's Kubernetes Events (its DaskCluster's and its pods'), read on
 //!   demand, and recording new ones on the DaskCluster.
 //! * [`metrics`]: the controller's metric families (its counters, whether this process leads).
+//! * [`client`]: the Kubernetes client, over HTTP/2 where the API server offers it.
 //! * [`config`]: the `kubernetes:` section of the gateway configuration.
 //! * [`lean`]: pods as the controller's cache decodes them (without `managedFields`).
 //! * [`session_key`]: the session-cookie key the replicas share through a Secret.
@@ -21,6 +22,7 @@
 
 pub mod backend;
 pub mod build;
+pub mod client;
 pub mod config;
 pub mod controller;
 pub mod crd;

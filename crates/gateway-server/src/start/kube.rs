@@ -9,11 +9,11 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 /// A Kubernetes client from `KUBECONFIG` (or `~/.kube/config`) or the in-cluster service
-/// account, and the namespace to manage (configured, else the client's default).
+/// account (over HTTP/2 where the API server offers it), and the namespace to manage (configured, else the client's default).
 pub(crate) async fn kube_client(
     config: &GatewayConfig,
 ) -> Result<(kube::Client, String), StartError> {
-    let client = kube::Client::try_default()
+    let client = gateway_kube::client::client()
         .await
         .map_err(|e| StartError::Kube(e.to_string()))?;
     let namespace = config

@@ -1,0 +1,155 @@
+//! The Kubernetes client: kube-rs's own layers (base URL, credentials, extra headers, retries
+//! on 429/503/504) over a connection pool that speaks HTTP/2 when the API server offers it.
+//!
+//! kube-rs's default client offers only HTTP/1.1, so every request in flight holds a
+//! connection of its own: a 100-worker scale-up opened about 100 TLS connections, a handshake
+//! each, and every watch held one more. Over HTTP/2 (what `kubectl` and client-go use) the
+//! watches and the creations share one connection. A server that answers ALPN with HTTP/1.1
+//! (or a plain-HTTP URL) gets HTTP/1.1 as before.
+
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use kube::client::{retry::RetryPolicy, ConfigExt};
+use std::time::Duration;
+use tower::ServiceBuilder;
+
+/// How often an HTTP/2 connection is pinged, busy or idle, so that a dead one is found and
+/// replaced instead of stalling every request on it.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before its connection is closed.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Neither a kubeconfig nor an in-cluster service account was usable.
+    #[error("no Kubernetes configuration: {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    /// The configuration was found but a client cannot be built from it (TLS material,
+    /// credentials, headers).
+    #[error("Kubernetes client: {0}")]
+    Build(#[from] kube::Error),
+}
+
+/// A client from `KUBECONFIG` (or `~/.kube/config`) or the in-cluster service account, like
+/// `kube::Client::try_default`, but over HTTP/2 where the API server offers it.
+pub async fn client() -> Result<kube::Client, ClientError> {
+    let config = kube::Config::infer().await?;
+    from_config(config)
+}
+
+/// A client for `config` (see [`client`]). A configuration that names a proxy gets kube-rs's
+/// default client, which knows how to tunnel through it.
+pub fn from_config(config: kube::Config) -> Result<kube::Client, ClientError> {
+    if config.proxy_url.is_some() {
+        return Ok(kube::Client::try_from(config)?);
+    }
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    // Requests share the connection, and an HTTP/2 request is a HEADERS and a DATA frame
+    // written one after the other: with Nagle's algorithm the second waits for the peer's
+    // delayed ACK (~40 ms on Linux), once per write.
+    http.set_nodelay(true);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config.rustls_client_config()?)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    let pool = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .http2_keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .http2_keep_alive_while_idle(true)
+        .build(https);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(
+            config
+                .default_retry
+                .then(|| tower::retry::RetryLayer::new(RetryPolicy::server_retry())),
+        )
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(pool);
+    Ok(kube::Client::new(service, config.default_namespace))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+    use std::sync::Arc;
+
+    /// A TLS server on 127.0.0.1 that offers `alpn` and answers every request with the HTTP
+    /// version it was made in; its URL and its certificate (DER).
+    async fn version_server(alpn: &[&[u8]]) -> (String, Vec<u8>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let cert = ck.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+        tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let answer = hyper::service::service_fn(|req: http::Request<_>| async move {
+                        let text = format!("{:?}", req.version());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(text),
+                        )))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), answer)
+                        .await;
+                });
+            }
+        });
+        (url, cert.to_vec())
+    }
+
+    /// The HTTP version the client used for two requests at once to a server offering `alpn`.
+    async fn versions_used(alpn: &[&[u8]]) -> Vec<String> {
+        let (url, ca) = version_server(alpn).await;
+        let mut config = kube::Config::new(url.parse().unwrap());
+        config.root_cert = Some(vec![ca]);
+        let client = from_config(config).unwrap();
+        let ask = || {
+            let client = client.clone();
+            async move {
+                let request = http::Request::get("/version").body(Vec::new()).unwrap();
+                client.request_text(request).await.unwrap()
+            }
+        };
+        let (a, b) = tokio::join!(ask(), ask());
+        vec![a, b]
+    }
+
+    #[tokio::test]
+    async fn speaks_http2_where_the_server_offers_it() {
+        assert_eq!(versions_used(&[b"h2", b"http/1.1"]).await, ["HTTP/2.0"; 2]);
+    }
+
+    #[tokio::test]
+    async fn speaks_http1_to_a_server_that_offers_only_that() {
+        assert_eq!(versions_used(&[b"http/1.1"]).await, ["HTTP/1.1"; 2]);
+    }
+}
