@@ -53,7 +53,6 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 pub use lifecycle::{sweep_finished, FINISHED_SETTLE};
-pub(crate) use status::COUNTS_WRITE_EVERY;
 
 /// Why a reconcile pass failed; the error policy decides when to retry.
 #[derive(Debug, thiserror::Error)]
@@ -123,8 +122,8 @@ pub struct Context {
     in_flight: tokio::sync::Semaphore,
     /// Per cluster id: our writes the caches have not shown yet.
     pub expectations: Mutex<HashMap<String, Expectations>>,
-    /// Per cluster id: when its status was last written.
-    status_written: Mutex<HashMap<String, Instant>>,
+    /// Per cluster id: since when a counts-only status change waits to be written.
+    pending_counts: Mutex<HashMap<String, Instant>>,
     /// Clusters whose status this process wrote with a usage record. One that comes back
     /// without it had it dropped by an API server whose CRD predates usage accounting.
     usage_written: Mutex<HashSet<String>>,
@@ -155,7 +154,7 @@ impl Context {
             limiter,
             in_flight: tokio::sync::Semaphore::new(writes::WRITES_IN_FLIGHT),
             expectations: Mutex::new(HashMap::new()),
-            status_written: Mutex::new(HashMap::new()),
+            pending_counts: Mutex::new(HashMap::new()),
             usage_written: Mutex::new(HashSet::new()),
             usage_pruned_reported: AtomicBool::new(false),
             settings,
@@ -187,10 +186,7 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        self.status_written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.status_is_written(id);
         self.usage_written
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -244,8 +240,10 @@ pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action
     if written == StatusWrite::Written {
         record_transitions(&ctx, &dc, &status, &next);
     }
-    if written == StatusWrite::Deferred && !more_to_create(&dc, &next) {
-        return Ok(Action::requeue(COUNTS_WRITE_EVERY));
+    if let StatusWrite::Deferred(wait) = written {
+        if !more_to_create(&dc, &next) {
+            return Ok(Action::requeue(wait));
+        }
     }
     Ok(action)
 }

@@ -13,11 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::warn;
 
-/// Status changes of a running cluster that only update counts (workers, ready workers,
-/// conditions) are written at most this often per cluster: a 100-worker scale-up whose pods start over ~20 s then costs
-/// about five status writes beside its 100 pod creations, not one per pod event. Nothing in the
-/// gateway reads these counts; they are what `kubectl get daskclusters` shows.
-pub(crate) const COUNTS_WRITE_EVERY: Duration = Duration::from_secs(5);
+/// While a running cluster's workers are on their way to its target (pods created, starting,
+/// stopping), status changes that only update counts (workers, ready workers, conditions,
+/// usage) wait until the target is reached, or at most this long after the first change that
+/// waits: a 100-worker scale-up, whose pods start one after another over ~20 s, then costs one
+/// status write beside its 100 pod creations instead of one per pod event (or one every few
+/// seconds), and a slower one still shows its progress. The gateway shows the written
+/// ready-worker count (`workers_running`).
+pub(crate) const COUNTS_WAIT_AT_MOST: Duration = Duration::from_secs(30);
 
 /// Usage buckets one DaskCluster's status keeps (35 days of hours; older ones merge).
 const MAX_USAGE_HOURS: usize = 35 * 24;
@@ -90,22 +93,32 @@ impl Context {
         true
     }
 
-    /// Whether a status change that only updates counts should wait (one was written less
-    /// than [`COUNTS_WRITE_EVERY`] ago).
-    pub(super) fn counts_write_deferred(&self, id: &str) -> bool {
-        self.status_written
+    /// How much longer cluster `id`'s counts-only status change should wait before it is
+    /// written (none: write it now), while its workers are short of or over `target`; see
+    /// [`COUNTS_WAIT_AT_MOST`].
+    pub(super) fn counts_wait(
+        &self,
+        id: &str,
+        next: &DaskClusterStatus,
+        target: i32,
+    ) -> Option<Duration> {
+        if next.replicas == target && next.ready_workers == target {
+            return None;
+        }
+        let mut pending = self
+            .pending_counts
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .is_some_and(|t| t.elapsed() < COUNTS_WRITE_EVERY)
+            .unwrap_or_else(|e| e.into_inner());
+        let first = *pending.entry(id.to_string()).or_insert_with(Instant::now);
+        Some(COUNTS_WAIT_AT_MOST.saturating_sub(first.elapsed())).filter(|w| !w.is_zero())
     }
 
-    /// Notes that cluster `id`'s status was written now.
-    pub(super) fn status_was_written(&self, id: &str) {
-        self.status_written
+    /// Notes that cluster `id`'s status is as written (nothing waits to be written).
+    pub(super) fn status_is_written(&self, id: &str) {
+        self.pending_counts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), Instant::now());
+            .remove(id);
     }
 }
 
@@ -146,14 +159,10 @@ pub(super) fn only_counts_differ(a: &DaskClusterStatus, b: &DaskClusterStatus) -
 }
 
 /// Whether writing `next` over `old` may wait for a later pass: only a running cluster's
-/// changes of counts, conditions and usage, when its status was written a moment ago. A
-/// stopping cluster's passes pace its teardown, and a deferral would hold them back.
-pub(super) fn may_defer(
-    old: &DaskClusterStatus,
-    next: &DaskClusterStatus,
-    written_recently: bool,
-) -> bool {
-    next.phase == Phase::Running && only_counts_differ(old, next) && written_recently
+/// changes of counts, conditions and usage. A stopping cluster's passes pace its teardown,
+/// and a deferral would hold them back.
+pub(super) fn may_defer(old: &DaskClusterStatus, next: &DaskClusterStatus) -> bool {
+    next.phase == Phase::Running && only_counts_differ(old, next)
 }
 
 /// What became of a status write.
@@ -163,8 +172,8 @@ pub(super) enum StatusWrite {
     Unchanged,
     /// Written.
     Written,
-    /// Only counts changed and they were written a moment ago: deferred to a later pass.
-    Deferred,
+    /// Only counts changed, and they are still changing: deferred to a pass this much later.
+    Deferred(Duration),
 }
 
 /// Writes the status if it changed, with the object's resourceVersion as precondition.
@@ -175,9 +184,14 @@ pub(super) async fn write_status(
 ) -> Result<StatusWrite, Error> {
     let (ns, id) = build::identity(dc)?;
     match dc.status.as_ref() {
-        Some(old) if old == next => return Ok(StatusWrite::Unchanged),
-        Some(old) if may_defer(old, next, ctx.counts_write_deferred(&id)) => {
-            return Ok(StatusWrite::Deferred)
+        Some(old) if old == next => {
+            ctx.status_is_written(&id);
+            return Ok(StatusWrite::Unchanged);
+        }
+        Some(old) if may_defer(old, next) => {
+            if let Some(wait) = ctx.counts_wait(&id, next, dc.spec.replicas.max(0)) {
+                return Ok(StatusWrite::Deferred(wait));
+            }
         }
         _ => {}
     }
@@ -188,7 +202,7 @@ pub(super) async fn write_status(
     let api: Api<DaskCluster> = Api::namespaced(ctx.client.clone(), &ns);
     api.replace_status(&id, &PostParams::default(), &obj)
         .await?;
-    ctx.status_was_written(&id);
+    ctx.status_is_written(&id);
     if next.usage.is_some() {
         ctx.usage_written
             .lock()

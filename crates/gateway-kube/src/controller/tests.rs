@@ -5,7 +5,7 @@
 //! One file over 500 lines: each test is one scenario through the whole pass, and they share
 //! the fixtures at the top (caches, pods in every state, the status a pass writes).
 
-use super::status::{account, may_defer};
+use super::status::{account, may_defer, COUNTS_WAIT_AT_MOST};
 use super::*;
 use crate::build::tests::cluster;
 use crate::crd::{DaskClusterStatus, Phase, StopSpec};
@@ -285,31 +285,62 @@ async fn phase_changes_and_worker_failures_are_recorded_as_events_on_the_daskclu
     pass.await.unwrap().unwrap();
 }
 
+/// Moves the start of cluster `id`'s waiting counts-only change back in time by `by`.
+fn age_pending_counts(ctx: &Context, id: &str, by: Duration) {
+    let mut pending = ctx.pending_counts.lock().unwrap();
+    *pending.get_mut(id).expect("a counts change waits") -= by;
+}
+
 #[tokio::test]
-async fn count_only_status_changes_are_written_at_most_once_a_second() {
+async fn count_only_status_changes_wait_until_the_workers_reach_their_target() {
     let (ctx, mut api, mut caches) = context(10);
     let mut dc = with_status(cluster(ID), Phase::Running);
-    dc.spec.replicas = 2;
+    dc.spec.replicas = 3;
     caches.children_of(&dc);
     caches.pod(ready_scheduler(&dc));
     caches.pod(worker(&dc, "dask-worker-x-a", "Running", None));
     caches.pod(worker(&dc, "dask-worker-x-b", "Pending", None));
+    caches.pod(worker(&dc, "dask-worker-x-c", "Pending", None));
     let pass = run(dc.clone(), &ctx).await;
     let c = api.next().await;
     let st = written_status(&c);
-    assert_eq!((st.phase, st.replicas), (Phase::Running, 2));
+    assert_eq!(
+        (st.phase, st.replicas, st.ready_workers),
+        (Phase::Running, 3, 1)
+    );
     c.echo();
     pass.await.unwrap().unwrap();
-    // The second worker starts: only counts change; written a moment ago, so deferred.
-    caches.pod(worker(&dc, "dask-worker-x-b", "Running", None));
     let mut dc2 = dc.clone();
-    dc2.status = Some(st);
-    let pass = run(dc2, &ctx).await;
+    dc2.status = Some(st.clone());
+    // The second worker starts: only counts change and the target is not reached, so nothing
+    // is written yet, and the pass comes back before the wait is over.
+    caches.pod(worker(&dc, "dask-worker-x-b", "Running", None));
+    let pass = run(dc2.clone(), &ctx).await;
     api.silent().await;
-    assert_eq!(
-        pass.await.unwrap().unwrap(),
-        Action::requeue(COUNTS_WRITE_EVERY)
-    );
+    let action = pass.await.unwrap().unwrap();
+    assert_ne!(action, Action::requeue(Duration::from_secs(300)));
+    assert_ne!(action, Action::requeue(Duration::ZERO));
+    // The third starts: the target is reached, so the counts are written at once.
+    caches.pod(worker(&dc, "dask-worker-x-c", "Running", None));
+    let pass = run(dc2.clone(), &ctx).await;
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!(st.ready_workers, 3);
+    c.echo();
+    pass.await.unwrap().unwrap();
+    assert!(ctx.pending_counts.lock().unwrap().is_empty());
+    // Counts short of the target are written once the first change waited long enough.
+    dc2.status = Some(st);
+    caches.pod(worker(&dc, "dask-worker-x-c", "Pending", None));
+    let pass = run(dc2.clone(), &ctx).await;
+    api.silent().await;
+    pass.await.unwrap().unwrap();
+    age_pending_counts(&ctx, ID, COUNTS_WAIT_AT_MOST);
+    let pass = run(dc2, &ctx).await;
+    let c = api.next().await;
+    assert_eq!(written_status(&c).ready_workers, 2);
+    c.echo();
+    pass.await.unwrap().unwrap();
     // A change that matters (the gateway stops the cluster) is written at once.
     dc.spec.active = false;
     let pass = run(dc, &ctx).await;
@@ -915,11 +946,7 @@ fn only_a_running_clusters_count_changes_wait() {
         usage: Some(Default::default()),
         ..running.clone()
     };
-    assert!(may_defer(&running, &counted, true));
-    assert!(
-        !may_defer(&running, &counted, false),
-        "not written a moment ago"
-    );
+    assert!(may_defer(&running, &counted));
     let stopping = DaskClusterStatus {
         phase: Phase::Stopping,
         ..running.clone()
@@ -929,7 +956,7 @@ fn only_a_running_clusters_count_changes_wait() {
         ..stopping.clone()
     };
     assert!(
-        !may_defer(&stopping, &stopping_counted, true),
+        !may_defer(&stopping, &stopping_counted),
         "a teardown is never held back"
     );
     let failed = DaskClusterStatus {
@@ -937,12 +964,12 @@ fn only_a_running_clusters_count_changes_wait() {
         ..counted.clone()
     };
     assert!(
-        !may_defer(&running, &failed, true),
+        !may_defer(&running, &failed),
         "a phase change is written at once"
     );
     let reason = DaskClusterStatus {
         reason: Some("why".into()),
         ..counted
     };
-    assert!(!may_defer(&running, &reason, true));
+    assert!(!may_defer(&running, &reason));
 }
