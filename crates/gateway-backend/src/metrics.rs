@@ -79,12 +79,9 @@ pub struct Scrape<'a> {
 impl Scrape<'_> {
     /// A gauge family with one sample without labels.
     pub fn gauge(&mut self, name: &str, help: &str, value: impl EncodeGaugeValue) -> fmt::Result {
-        let help = format!("{help}.");
-        let metric = ConstGauge::new(value);
-        let encoder = self
-            .encoder
-            .encode_descriptor(name, &help, None, MetricType::Gauge)?;
-        metric.encode(encoder)
+        self.single(name, help, MetricType::Gauge, |e| {
+            ConstGauge::new(value).encode(e)
+        })
     }
 
     /// A gauge family with one sample per `(labels, value)`, labels as `[("state", "running")]`;
@@ -111,12 +108,21 @@ impl Scrape<'_> {
         help: &str,
         value: impl EncodeCounterValue,
     ) -> fmt::Result {
+        self.single(name, help, MetricType::Counter, |e| {
+            ConstCounter::new(value).encode(e)
+        })
+    }
+
+    /// A family of `kind` whose one sample, without labels, `encode` writes.
+    fn single(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        encode: impl FnOnce(prometheus_client::encoding::MetricEncoder<'_>) -> fmt::Result,
+    ) -> fmt::Result {
         let help = format!("{help}.");
-        let metric = ConstCounter::new(value);
-        let encoder = self
-            .encoder
-            .encode_descriptor(name, &help, None, MetricType::Counter)?;
-        metric.encode(encoder)
+        encode(self.encoder.encode_descriptor(name, &help, None, kind)?)
     }
 
     /// A counter family with one sample per `(labels, value)` (`<name>_total{...}`); nothing
