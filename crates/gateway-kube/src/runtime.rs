@@ -184,7 +184,8 @@ impl<K: kube::Resource> TriggerBatch<K> {
 /// The term's tasks (the three cache watches and the sweeper of finished clusters) live in a
 /// [`JoinSet`] owned by this future, which aborts them when it drops: when the term ends, and
 /// also when leader election drops the term because the lease was lost (another replica leads
-/// then, and must be the only one that watches and deletes).
+/// then, and must be the only one that watches, deletes and records). The Event recordings its
+/// passes start are aborted with it too.
 async fn run_term(
     client: Client,
     config: KubeConfig,
@@ -235,6 +236,8 @@ async fn run_term(
         },
         live.metrics().clone(),
     ));
+    // The term's Event recordings end with it, however it ends (a lost lease drops it).
+    let _events = AbortEventsOnDrop(ctx.clone());
     let _leading = live.lead();
     // Finished clusters left the cache: delete them past the retention from here.
     {
@@ -277,6 +280,15 @@ async fn run_term(
         .await;
     tasks.abort_all();
     info!("DaskCluster controller stopped");
+}
+
+/// Aborts a term's Event recordings when dropped (see [`Context::abort_event_tasks`]).
+struct AbortEventsOnDrop(Arc<Context>);
+
+impl Drop for AbortEventsOnDrop {
+    fn drop(&mut self) {
+        self.0.abort_event_tasks();
+    }
 }
 
 /// The controller's leader-election Lease of the installation `instance`.

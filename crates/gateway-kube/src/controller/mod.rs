@@ -47,9 +47,11 @@ use kube::{Client, ResourceExt};
 use lifecycle::{bring_up, finished, tear_down};
 use status::{account, fail, record_transitions, write_status, StatusWrite};
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 pub use lifecycle::{sweep_finished, FINISHED_SETTLE};
@@ -129,6 +131,8 @@ pub struct Context {
     usage_written: Mutex<HashSet<String>>,
     /// Whether that was already reported (once per process).
     usage_pruned_reported: AtomicBool,
+    /// Event recordings in flight (see [`Context::abort_event_tasks`]).
+    event_tasks: Mutex<JoinSet<()>>,
     /// Settings.
     pub settings: ControllerSettings,
     /// Counters (the process's, shared by every leadership term).
@@ -157,9 +161,26 @@ impl Context {
             pending_counts: Mutex::new(HashMap::new()),
             usage_written: Mutex::new(HashSet::new()),
             usage_pruned_reported: AtomicBool::new(false),
+            event_tasks: Mutex::new(JoinSet::new()),
             settings,
             metrics,
         }
+    }
+
+    /// Runs `task` (an Event recording) as one of this context's tasks.
+    fn spawn_event_task(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.event_tasks.lock().unwrap_or_else(|e| e.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
+    }
+
+    /// Aborts the Event recordings still in flight. The leadership term that made them ended,
+    /// and another replica may lead now: it records its own.
+    pub fn abort_event_tasks(&self) {
+        self.event_tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abort_all();
     }
 
     /// Remembers that this pass created `name` for cluster `id`.

@@ -225,7 +225,8 @@ pub(super) fn fail(ctx: &Context, id: &str, next: &mut DaskClusterStatus, reason
 
 /// The events a written status change tells: the cluster turned Running, began stopping
 /// (failing), ended, or a worker failed. Each is recorded on the DaskCluster in a task of its
-/// own, behind the write budget; a failure to record is logged, never retried.
+/// own (one of the term's: see [`Context::abort_event_tasks`]), behind the write budget; a
+/// failure to record is logged, never retried.
 pub(super) fn record_transitions(
     ctx: &Arc<Context>,
     dc: &DaskCluster,
@@ -275,10 +276,12 @@ pub(super) fn record_transitions(
             message,
             "controller",
         );
-        let (ctx, ns, id, uid) = (ctx.clone(), ns.clone(), id.clone(), dc.metadata.uid.clone());
-        tokio::spawn(async move {
-            ctx.limiter.acquire().await;
-            if let Err(e) = crate::events::record(ctx.client.clone(), &ns, &id, uid, &event).await {
+        let task_ctx = ctx.clone();
+        let (ns, id, uid) = (ns.clone(), id.clone(), dc.metadata.uid.clone());
+        ctx.spawn_event_task(async move {
+            task_ctx.limiter.acquire().await;
+            let client = task_ctx.client.clone();
+            if let Err(e) = crate::events::record(client, &ns, &id, uid, &event).await {
                 warn!(cluster = %id, "recording an event: {e}");
             }
         });

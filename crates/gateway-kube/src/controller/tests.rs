@@ -5,7 +5,7 @@
 //! One file over 500 lines: each test is one scenario through the whole pass, and they share
 //! the fixtures at the top (caches, pods in every state, the status a pass writes).
 
-use super::status::{account, may_defer, COUNTS_WAIT_AT_MOST};
+use super::status::{account, may_defer, record_transitions, COUNTS_WAIT_AT_MOST};
 use super::*;
 use crate::build::tests::cluster;
 use crate::crd::{DaskClusterStatus, Phase, StopSpec};
@@ -972,4 +972,37 @@ fn only_a_running_clusters_count_changes_wait() {
         ..counted
     };
     assert!(!may_defer(&running, &reason));
+}
+
+#[tokio::test]
+async fn event_recordings_in_flight_end_with_the_term() {
+    let (ctx, mut api, _caches) = context_with(10, true);
+    let old = DaskClusterStatus {
+        phase: Phase::Pending,
+        ..Default::default()
+    };
+    let next = DaskClusterStatus {
+        phase: Phase::Running,
+        ..Default::default()
+    };
+    let dc = with_status(cluster(ID), Phase::Pending);
+    record_transitions(&ctx, &dc, &old, &next);
+    // The recording reaches the API server, which does not answer yet; meanwhile the term ends.
+    let c = api.next().await;
+    assert_eq!(c.method, Method::POST);
+    assert!(c.path.contains("/events"), "{}", c.path);
+    assert!(
+        Arc::strong_count(&ctx) > 1,
+        "the recording holds the context"
+    );
+    ctx.abort_event_tasks();
+    // The recording is gone, and with it its hold on the context (and its client).
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while Arc::strong_count(&ctx) > 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the aborted recording released the context");
+    drop(c);
 }
