@@ -79,8 +79,10 @@ pub async fn check_crd(client: &Client, namespace: &str) -> Result<(), CrdError>
 /// How long a change of a child (a pod's status, mostly) may wait to trigger its cluster's pass,
 /// so that the changes of many children in that time trigger one pass. A 100-worker scale-up
 /// brings about 500 pod changes in ~20 s, and each pass looks at every pod of the cluster: one
-/// pass per change made the controller's CPU grow with the square of the workers.
-const TRIGGER_BATCH: Duration = Duration::from_millis(100);
+/// pass per change made the controller's CPU grow with the square of the workers. A change
+/// after a quiet spell (the scheduler turning ready, a worker failing) waits for nothing; see
+/// [`forward_in_batches`].
+const TRIGGER_BATCH: Duration = Duration::from_millis(250);
 
 /// A cache of objects of this installation, filled by a watch in its own task (spawned in
 /// `tasks`), and the stream of changed objects that triggers the controller. The watch does not
@@ -112,33 +114,61 @@ where
         .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
         .reflect(writer)
         .touched_objects();
-    tasks.spawn(async move {
-        let mut events = std::pin::pin!(events);
-        while let Some(first) = events.next().await {
-            let mut batch = TriggerBatch::default();
-            batch.add(first);
-            let until = tokio::time::sleep(TRIGGER_BATCH);
-            tokio::pin!(until);
-            loop {
-                tokio::select! {
-                    event = events.next() => match event {
-                        Some(event) => batch.add(event),
-                        None => break,
-                    },
-                    () = &mut until => break,
-                }
-            }
-            for event in batch.events {
-                if tx.send(event).is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    tasks.spawn(forward_in_batches(events, tx, TRIGGER_BATCH));
     let triggers = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|event| (event, rx))
     });
     (reader, triggers)
+}
+
+/// Passes `events` on to `tx` in batches of `window`, one change per owner ([`TriggerBatch`]),
+/// until either side ends. The first change after a quiet spell (nothing passed on for
+/// `window`) goes on at once, and the changes within `window` after it wait for the batch; a
+/// steady stream of changes goes on once per `window`.
+async fn forward_in_batches<K, S>(
+    events: S,
+    tx: tokio::sync::mpsc::UnboundedSender<Result<K, watcher::Error>>,
+    window: Duration,
+) where
+    K: kube::Resource,
+    S: futures_util::Stream<Item = Result<K, watcher::Error>>,
+{
+    let mut events = std::pin::pin!(events);
+    let mut last_sent: Option<tokio::time::Instant> = None;
+    while let Some(first) = events.next().await {
+        let mut batch = TriggerBatch::default();
+        if last_sent.is_none_or(|t| t.elapsed() >= window) {
+            if tx.send(first).is_err() {
+                return;
+            }
+        } else {
+            batch.add(first);
+        }
+        let until = tokio::time::sleep(window);
+        tokio::pin!(until);
+        let mut ended = false;
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(event) => batch.add(event),
+                    None => {
+                        ended = true;
+                        break;
+                    }
+                },
+                () = &mut until => break,
+            }
+        }
+        for event in batch.events {
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+        if ended {
+            return;
+        }
+        last_sent = Some(tokio::time::Instant::now());
+    }
 }
 
 /// The changes of one [`TRIGGER_BATCH`]: the last changed object of each owner (what the
@@ -347,7 +377,7 @@ pub async fn run_controller(
 
 #[cfg(test)]
 mod tests {
-    use super::{run_term, LiveContext, TriggerBatch};
+    use super::{forward_in_batches, run_term, LiveContext, TriggerBatch};
     use crate::config::KubeConfig;
     use crate::crd::{GROUP, VERSION};
     use k8s_openapi::api::core::v1::Pod;
@@ -381,6 +411,39 @@ mod tests {
             .resource_version
             .as_deref()
             .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_after_a_quiet_spell_goes_on_at_once_and_a_burst_in_one_batch() {
+        use tokio::time::{timeout, Instant};
+        let window = Duration::from_millis(250);
+        let (changes, changes_rx) = tokio::sync::mpsc::unbounded_channel();
+        let events = futures_util::stream::unfold(changes_rx, |mut rx| async move {
+            rx.recv().await.map(|event| (event, rx))
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(forward_in_batches(events, tx, window));
+        let owner = Some("cluster-a");
+        // The first change goes on at once.
+        let start = Instant::now();
+        changes.send(Ok(pod("w1", owner, "1"))).unwrap();
+        assert_eq!(version(&rx.recv().await.unwrap()), "1");
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // The changes right after it wait for the end of its window, and go on as one.
+        changes.send(Ok(pod("w2", owner, "2"))).unwrap();
+        changes.send(Ok(pod("w3", owner, "3"))).unwrap();
+        assert_eq!(version(&rx.recv().await.unwrap()), "3");
+        assert_eq!(start.elapsed(), window);
+        // A change right after a batch is part of a steady stream: it waits for a window too.
+        changes.send(Ok(pod("w4", owner, "4"))).unwrap();
+        assert!(timeout(window / 2, rx.recv()).await.is_err());
+        assert_eq!(version(&rx.recv().await.unwrap()), "4");
+        // After a quiet spell, a change goes on at once again.
+        tokio::time::sleep(window * 4).await;
+        let quiet = Instant::now();
+        changes.send(Ok(pod("w5", owner, "5"))).unwrap();
+        assert_eq!(version(&rx.recv().await.unwrap()), "5");
+        assert_eq!(quiet.elapsed(), Duration::ZERO);
     }
 
     #[test]
