@@ -5,7 +5,9 @@
 //! connection of its own: a 100-worker scale-up opened about 100 TLS connections, a handshake
 //! each, and every watch held one more. Over HTTP/2 (what `kubectl` and client-go use) the
 //! watches and the creations share one connection. A server that answers ALPN with HTTP/1.1
-//! (or a plain-HTTP URL) gets HTTP/1.1 as before.
+//! (or a plain-HTTP URL) gets HTTP/1.1 as before, and so does every server when the environment
+//! sets `DISABLE_HTTP2` (client-go's switch, for proxies in front of an API server that
+//! mishandle HTTP/2).
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -53,9 +55,12 @@ pub fn from_config(config: kube::Config) -> Result<kube::Client, ClientError> {
     http.set_connect_timeout(config.connect_timeout);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config.rustls_client_config()?)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
+        .https_or_http();
+    let https = if std::env::var_os("DISABLE_HTTP2").is_some() {
+        https.enable_http1().wrap_connector(http)
+    } else {
+        https.enable_all_versions().wrap_connector(http)
+    };
     let pool = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
