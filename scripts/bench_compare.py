@@ -195,7 +195,7 @@ class Server:
 
 
 class Ours(Server):
-    def __init__(self, work, binary, venv, name="ours", warm_schedulers=0):
+    def __init__(self, work, binary, venv, name="ours", warm_schedulers=0, worker_threads=None):
         super().__init__(name, name, work)
         self.clusters_root = os.path.join(self.dir, "data", "clusters")
         config = os.path.join(self.dir, "gateway.yaml")
@@ -210,7 +210,11 @@ class Ours(Server):
                 f"  warm_schedulers: {warm_schedulers}\n"
             )
         self.config_text = open(config).read()
-        self.popen([binary, "--config", config])
+        env = None
+        if worker_threads:
+            # tokio's own setting: the runtime's worker threads (default: one per core).
+            env = dict(os.environ, TOKIO_WORKER_THREADS=str(worker_threads))
+        self.popen([binary, "--config", config], env)
 
 
 class Reference(Server):
@@ -381,6 +385,19 @@ def measure_api(servers, args, results, workdir):
             continue
         r = api_rate(server, 16, "Cookie", cookie, args, workdir)
         results[server.name]["api_cookie_16"] = r
+    # Ours again on one worker thread: wrk then has the other core to itself, as it has beside
+    # the reference (one Python thread). With a thread per core, the server's two threads and
+    # wrk's take turns on 2 cores, and a request that waits out another thread's time slice
+    # (a few ms) sets the p99.
+    say("== API again, ours on one worker thread (TOKIO_WORKER_THREADS=1)")
+    one = Ours(workdir, args.server, args.venv, name="ours-1-thread", worker_threads=1)
+    try:
+        one.wait_ready()
+        session_cookie(one, USER_API)
+        r = api_rate(one, 16, "Authorization", basic_header(USER_API), args, workdir)
+        results["ours"]["api_basic_one_thread_16"] = r
+    finally:
+        one.stop()
 
 
 # -- 2.-5. with the stock client and real Dask ---------------------------------------------
@@ -731,6 +748,11 @@ def rows_from(results, args):
         add(f"server CPU per request, {callers}", "µs", ["api_basic", k, "server_cpu_us_per_request"], "{:.1f}")
     add("API req/s, 16 callers, session cookie", "req/s", ["api_cookie_16", "requests_per_s"])
     add("API p99 latency, 16 callers, cookie", "ms", ["api_cookie_16", "latency_ms", "p99"], "{:.3f}")
+    add("API req/s, 16 callers, ours on one worker thread", "req/s",
+        ["api_basic_one_thread_16", "requests_per_s"], ref_path=["api_basic", "16", "requests_per_s"])
+    add("API p99 latency, 16 callers, ours on one worker thread", "ms",
+        ["api_basic_one_thread_16", "latency_ms", "p99"], "{:.3f}",
+        ref_path=["api_basic", "16", "latency_ms", "p99"])
     add("create → client connected (median)", "s", ["create_connected", "median_s"], "{:.2f}")
     add("create → client connected, ours from a warm pool (median)", "s",
         ["create_connected_warm", "median_s"], "{:.3f}", ref_path=["create_connected", "median_s"])
