@@ -31,6 +31,9 @@ pub enum ClientError {
     /// credentials, headers).
     #[error("Kubernetes client: {0}")]
     Build(#[from] kube::Error),
+    /// The kubeconfig's `tls-server-name` is not a DNS name or an IP address.
+    #[error("Kubernetes client: tls-server-name {0:?} is not a DNS name or an IP address")]
+    ServerName(String),
 }
 
 /// A client from `KUBECONFIG` (or `~/.kube/config`) or the in-cluster service account, like
@@ -53,9 +56,15 @@ pub fn from_config(config: kube::Config) -> Result<kube::Client, ClientError> {
     // delayed ACK (~40 ms on Linux), once per write.
     http.set_nodelay(true);
     http.set_connect_timeout(config.connect_timeout);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let mut https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config.rustls_client_config()?)
         .https_or_http();
+    if let Some(name) = &config.tls_server_name {
+        // The name the API server's certificate must carry, when it is not the URL's host.
+        let name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|_| ClientError::ServerName(name.clone()))?;
+        https = https.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name));
+    }
     let https = if std::env::var_os("DISABLE_HTTP2").is_some() {
         https.enable_http1().wrap_connector(http)
     } else {
@@ -91,9 +100,14 @@ mod tests {
     use std::sync::Arc;
 
     /// A TLS server on 127.0.0.1 that offers `alpn` and answers every request with the HTTP
-    /// version it was made in; its URL and its certificate (DER).
+    /// version it was made in; its URL and its certificate (DER) for 127.0.0.1.
     async fn version_server(alpn: &[&[u8]]) -> (String, Vec<u8>) {
-        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        version_server_named(alpn, "127.0.0.1").await
+    }
+
+    /// The same, with a certificate for `name`.
+    async fn version_server_named(alpn: &[&[u8]], name: &str) -> (String, Vec<u8>) {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
         let cert = ck.cert.der().clone();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
         let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -151,6 +165,31 @@ mod tests {
     #[tokio::test]
     async fn speaks_http2_where_the_server_offers_it() {
         assert_eq!(versions_used(&[b"h2", b"http/1.1"]).await, ["HTTP/2.0"; 2]);
+    }
+
+    #[tokio::test]
+    async fn checks_the_certificate_against_the_configured_tls_server_name() {
+        let (url, ca) = version_server_named(&[b"h2"], "api.cluster.test").await;
+        let ask = |server_name: Option<&str>| {
+            let mut config = kube::Config::new(url.parse().unwrap());
+            config.root_cert = Some(vec![ca.clone()]);
+            config.tls_server_name = server_name.map(str::to_string);
+            async move {
+                let client = from_config(config).unwrap();
+                let request = http::Request::get("/version").body(Vec::new()).unwrap();
+                client.request_text(request).await
+            }
+        };
+        // The certificate names api.cluster.test, not the address in the URL.
+        assert!(ask(None).await.is_err());
+        assert_eq!(ask(Some("api.cluster.test")).await.unwrap(), "HTTP/2.0");
+        assert!(ask(Some("other.test")).await.is_err());
+        let mut config = kube::Config::new(url.parse().unwrap());
+        config.tls_server_name = Some("not a name".into());
+        assert!(matches!(
+            from_config(config),
+            Err(ClientError::ServerName(_))
+        ));
     }
 
     #[tokio::test]
