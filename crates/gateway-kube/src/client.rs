@@ -4,14 +4,19 @@
 //! kube-rs's default client offers only HTTP/1.1, so every request in flight holds a
 //! connection of its own: a 100-worker scale-up opened about 100 TLS connections, a handshake
 //! each, and every watch held one more. Over HTTP/2 (what `kubectl` and client-go use) the
-//! watches and the creations share one connection. A server that answers ALPN with HTTP/1.1
+//! creations share one connection and the watches another. A server that answers ALPN with HTTP/1.1
 //! (or a plain-HTTP URL) gets HTTP/1.1 as before, and so does every server when the environment
 //! sets `DISABLE_HTTP2` (client-go's switch, for proxies in front of an API server that
 //! mishandle HTTP/2).
+//!
+//! Watches and all other requests go through two pools of their own, so over HTTP/2 they are
+//! two connections: a burst of creations does not queue, in either direction, behind the event
+//! streams of the watches that report on the same pods.
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::client::{retry::RetryPolicy, ConfigExt};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::ServiceBuilder;
 
@@ -70,13 +75,17 @@ pub fn from_config(config: kube::Config) -> Result<kube::Client, ClientError> {
     } else {
         https.enable_all_versions().wrap_connector(http)
     };
-    let pool = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+    let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
         .http2_keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-        .http2_keep_alive_while_idle(true)
-        .build(https);
+        .http2_keep_alive_while_idle(true);
+    let pool = SplitPools {
+        requests: builder.build(https.clone()),
+        watches: builder.build(https),
+    };
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .option_layer(
@@ -91,6 +100,47 @@ pub fn from_config(config: kube::Config) -> Result<kube::Client, ClientError> {
     Ok(kube::Client::new(service, config.default_namespace))
 }
 
+/// A connection pool to the API server.
+type Pool = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<HttpConnector>,
+    kube::client::Body,
+>;
+
+/// Two pools to the same API server: watches take one, every other request the other.
+#[derive(Clone)]
+struct SplitPools {
+    requests: Pool,
+    watches: Pool,
+}
+
+impl tower::Service<http::Request<kube::client::Body>> for SplitPools {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = hyper_util::client::legacy::ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // A pool is always ready: it queues a request until a connection takes it.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        if is_watch(request.uri()) {
+            self.watches.request(request)
+        } else {
+            self.requests.request(request)
+        }
+    }
+}
+
+/// Whether a request to the API server is a watch (`?watch=true`, or `watch=1`).
+fn is_watch(uri: &http::Uri) -> bool {
+    uri.query().is_some_and(|query| {
+        query
+            .split('&')
+            .any(|pair| pair == "watch=true" || pair == "watch=1")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,7 +150,8 @@ mod tests {
     use std::sync::Arc;
 
     /// A TLS server on 127.0.0.1 that offers `alpn` and answers every request with the HTTP
-    /// version it was made in; its URL and its certificate (DER) for 127.0.0.1.
+    /// version it was made in and the client's port (one per connection); its URL and its
+    /// certificate (DER) for 127.0.0.1.
     async fn version_server(alpn: &[&[u8]]) -> (String, Vec<u8>) {
         version_server_named(alpn, "127.0.0.1").await
     }
@@ -124,18 +175,19 @@ mod tests {
         let url = format!("https://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
             loop {
-                let (tcp, _) = listener.accept().await.unwrap();
+                let (tcp, peer) = listener.accept().await.unwrap();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let answer = hyper::service::service_fn(|req: http::Request<_>| async move {
-                        let text = format!("{:?}", req.version());
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::from(text),
-                        )))
-                    });
+                    let answer =
+                        hyper::service::service_fn(move |req: http::Request<_>| async move {
+                            let text = format!("{:?} {}", req.version(), peer.port());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from(text),
+                            )))
+                        });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), answer)
                         .await;
@@ -159,7 +211,50 @@ mod tests {
             }
         };
         let (a, b) = tokio::join!(ask(), ask());
-        vec![a, b]
+        [a, b]
+            .iter()
+            .map(|answer| version(answer).to_string())
+            .collect()
+    }
+
+    /// The HTTP version in a test server's answer.
+    fn version(answer: &str) -> &str {
+        answer.split(' ').next().unwrap()
+    }
+
+    #[tokio::test]
+    async fn watches_have_a_connection_of_their_own() {
+        let (url, ca) = version_server(&[b"h2"]).await;
+        let mut config = kube::Config::new(url.parse().unwrap());
+        config.root_cert = Some(vec![ca]);
+        let client = from_config(config).unwrap();
+        let ask = |path: &str| {
+            let client = client.clone();
+            let request = http::Request::get(path).body(Vec::new()).unwrap();
+            async move { client.request_text(request).await.unwrap() }
+        };
+        let plain = ask("/api/v1/namespaces/dask/pods").await;
+        let watch = ask("/api/v1/namespaces/dask/pods?&watch=true&resourceVersion=1").await;
+        let again = ask("/api/v1/namespaces/dask/pods?limit=500").await;
+        let watch_again = ask("/api/v1/namespaces/dask/secrets?watch=1").await;
+        assert_eq!(version(&plain), "HTTP/2.0");
+        // One connection for the plain requests, another for the watches.
+        assert_eq!(plain, again);
+        assert_eq!(watch, watch_again);
+        assert_ne!(plain, watch);
+    }
+
+    #[test]
+    fn tells_a_watch_from_other_requests() {
+        let watch = |uri: &str| is_watch(&uri.parse().unwrap());
+        assert!(watch(
+            "https://k/api/v1/pods?&watch=true&timeoutSeconds=290"
+        ));
+        assert!(watch("https://k/api/v1/pods?labelSelector=a%3Db&watch=1"));
+        assert!(!watch("https://k/api/v1/pods"));
+        assert!(!watch("https://k/api/v1/pods?watch=false"));
+        assert!(!watch("https://k/api/v1/pods?labelSelector=watch%3Dtrue"));
+        assert!(!watch("https://k/api/v1/namespaces/watch/pods?limit=1"));
     }
 
     #[tokio::test]
@@ -182,7 +277,10 @@ mod tests {
         };
         // The certificate names api.cluster.test, not the address in the URL.
         assert!(ask(None).await.is_err());
-        assert_eq!(ask(Some("api.cluster.test")).await.unwrap(), "HTTP/2.0");
+        assert_eq!(
+            version(&ask(Some("api.cluster.test")).await.unwrap()),
+            "HTTP/2.0"
+        );
         assert!(ask(Some("other.test")).await.is_err());
         let mut config = kube::Config::new(url.parse().unwrap());
         config.tls_server_name = Some("not a name".into());
