@@ -1,5 +1,5 @@
 //! [`LeanPod`]: a Pod as the controller's watch cache reads it: without `managedFields`, and
-//! with only the part of its spec the controller reads.
+//! with only the parts of its spec and its status the controller reads.
 //!
 //! Every watch event carries the whole object, and a Pod's `metadata.managedFields` (who set
 //! which field, as a JSON tree per field manager) is often the largest part of it. Decoded into
@@ -7,18 +7,25 @@
 //! profile of a 100-worker scale-up (about 500 pod events) spent a tenth of the process's CPU
 //! there. The spec is the next largest part (each container's command, environment and mounts,
 //! the volumes, the tolerations the API server adds), and the controller reads only each
-//! container's name and resources from it (for accounting and for an OOM kill's message).
+//! container's name and resources from it (for accounting and for an OOM kill's message). Of
+//! the status it reads the phase, the pod's IP, the conditions and each container's state; the
+//! rest (each container's image, image ID, container ID, mounts, user and resources, the host's
+//! and the pod's IP lists, the QoS class) changes on every kubelet update and is never read.
 //! `LeanPod` decodes the same JSON into the same [`Pod`], skipping the rest without building
-//! anything; the metadata and the status are decoded whole.
+//! anything; the metadata is decoded whole.
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus, ResourceRequirements};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerState, ContainerStatus, Pod, PodCondition, PodSpec, PodStatus,
+    ResourceRequirements,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-/// A [`Pod`] decoded without its `metadata.managedFields`, and with each container's name and
-/// resources as its whole spec; derefs to the [`Pod`].
+/// A [`Pod`] decoded without its `metadata.managedFields`, with each container's name and
+/// resources as its whole spec, and with only the status fields [`LeanStatus`] names; derefs to
+/// the [`Pod`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LeanPod(pub Pod);
 
@@ -43,7 +50,82 @@ impl From<Pod> for LeanPod {
                     .collect(),
             )
         });
+        pod.status = pod.status.map(|status| {
+            LeanStatus {
+                conditions: status.conditions,
+                container_statuses: status.container_statuses.map(|cs| {
+                    cs.into_iter()
+                        .map(|c| LeanContainerStatus {
+                            name: c.name,
+                            ready: c.ready,
+                            restart_count: c.restart_count,
+                            started: c.started,
+                            state: c.state,
+                            last_state: c.last_state,
+                        })
+                        .collect()
+                }),
+                message: status.message,
+                phase: status.phase,
+                pod_ip: status.pod_ip,
+                reason: status.reason,
+            }
+            .into()
+        });
         LeanPod(pod)
+    }
+}
+
+/// The part of a pod's status the controller reads; serde skips every other field.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanStatus {
+    conditions: Option<Vec<PodCondition>>,
+    container_statuses: Option<Vec<LeanContainerStatus>>,
+    message: Option<String>,
+    phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    reason: Option<String>,
+}
+
+/// The part of a container's status the controller reads.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanContainerStatus {
+    name: String,
+    #[serde(default)]
+    ready: bool,
+    #[serde(default)]
+    restart_count: i32,
+    started: Option<bool>,
+    state: Option<ContainerState>,
+    last_state: Option<ContainerState>,
+}
+
+impl From<LeanStatus> for PodStatus {
+    fn from(s: LeanStatus) -> Self {
+        PodStatus {
+            conditions: s.conditions,
+            container_statuses: s.container_statuses.map(|cs| {
+                cs.into_iter()
+                    .map(|c| ContainerStatus {
+                        name: c.name,
+                        ready: c.ready,
+                        restart_count: c.restart_count,
+                        started: c.started,
+                        state: c.state,
+                        last_state: c.last_state,
+                        ..ContainerStatus::default()
+                    })
+                    .collect()
+            }),
+            message: s.message,
+            phase: s.phase,
+            pod_ip: s.pod_ip,
+            reason: s.reason,
+            ..PodStatus::default()
+        }
     }
 }
 
@@ -167,7 +249,9 @@ impl<'de> Deserialize<'de> for LeanPod {
                                 .next_value::<Option<LeanSpec>>()?
                                 .map(|s| lean_spec(s.containers))
                         }
-                        Field::Status => pod.status = map.next_value::<Option<PodStatus>>()?,
+                        Field::Status => {
+                            pod.status = map.next_value::<Option<LeanStatus>>()?.map(Into::into)
+                        }
                         // `apiVersion` and `kind` are the type's own.
                         Field::Other => {
                             map.next_value::<IgnoredAny>()?;
@@ -222,7 +306,30 @@ mod tests {
                      "volumes": [{"name": "v", "emptyDir": {}}],
                      "nodeName": "n1",
                      "tolerations": [{"key": "k", "operator": "Exists"}]},
-            "status": {"phase": "Running", "podIP": "10.0.0.7"},
+            "status": {
+                "phase": "Running",
+                "podIP": "10.0.0.7",
+                "podIPs": [{"ip": "10.0.0.7"}],
+                "hostIP": "192.168.1.2",
+                "hostIPs": [{"ip": "192.168.1.2"}],
+                "qosClass": "Burstable",
+                "startTime": "2026-12-05T16:07:14Z",
+                "conditions": [{"type": "Ready", "status": "True",
+                                "lastTransitionTime": "2026-12-05T16:07:20Z"}],
+                "containerStatuses": [{
+                    "name": "dask-worker",
+                    "image": "img",
+                    "imageID": "sha256:0123",
+                    "containerID": "containerd://abc",
+                    "ready": true,
+                    "restartCount": 2,
+                    "started": true,
+                    "state": {"running": {"startedAt": "2026-12-05T16:07:18Z"}},
+                    "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+                    "volumeMounts": [{"name": "v", "mountPath": "/v"}],
+                    "user": {"linux": {"uid": 1000, "gid": 1000}}
+                }]
+            },
             "someFutureField": {"x": [1, 2, 3]}
         });
         let lean: LeanPod = serde_json::from_value(json.clone()).unwrap();
@@ -244,20 +351,45 @@ mod tests {
         assert_eq!(spec.node_name, None);
         assert_eq!(spec.volumes, None);
         assert_eq!(spec.containers[0].env, None);
-        let mut rest = full.clone();
-        rest.spec = Some(lean_spec(
-            full.spec
-                .clone()
-                .unwrap()
-                .containers
-                .into_iter()
-                .map(|c| LeanContainer {
-                    name: c.name,
-                    resources: c.resources,
-                })
-                .collect(),
-        ));
-        assert_eq!(lean.0, rest);
+        // Of the status, what the controller reads, as the full decode has it; nothing else.
+        let (status, full_status) = (
+            lean.0.status.as_ref().unwrap(),
+            full.status.as_ref().unwrap(),
+        );
+        assert_eq!(status.phase, full_status.phase);
+        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.7"));
+        assert_eq!(status.conditions, full_status.conditions);
+        let (c, full_c) = (
+            &status.container_statuses.as_ref().unwrap()[0],
+            &full_status.container_statuses.as_ref().unwrap()[0],
+        );
+        assert_eq!(
+            (c.name.as_str(), c.ready, c.restart_count, c.started),
+            ("dask-worker", true, 2, Some(true))
+        );
+        assert_eq!(
+            (&c.state, &c.last_state),
+            (&full_c.state, &full_c.last_state)
+        );
+        assert!(c.last_state.as_ref().unwrap().terminated.is_some());
+        assert_eq!(
+            (c.image.as_str(), c.image_id.as_str(), &c.container_id),
+            ("", "", &None)
+        );
+        assert_eq!((&c.volume_mounts, &c.user), (&None, &None));
+        assert_eq!(
+            (&status.host_ip, &status.pod_ips, &status.qos_class),
+            (&None, &None, &None)
+        );
+        assert_eq!(status.start_time, None);
+        // The metadata is whole but for managedFields; the rest of the pod is nothing.
+        assert_eq!(lean.0.metadata, full.metadata);
+        let mut rest = lean.0.clone();
+        rest.metadata = Default::default();
+        rest.spec = None;
+        rest.status = None;
+        assert_eq!(rest, Pod::default());
+        // Trimming a decoded pod gives the same.
         assert_eq!(LeanPod::from(full.clone()), lean);
     }
 
