@@ -851,9 +851,8 @@ async fn the_sweep_deletes_labelled_clusters_past_the_retention_only() {
     api.silent().await;
 }
 
-/// `pod` with its first container running since `secs` ago.
-fn running_since(mut pod: Pod, secs: i64) -> Pod {
-    let started = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(secs);
+/// `pod` with its first container running since `started`.
+fn running_since(mut pod: Pod, started: jiff::Timestamp) -> Pod {
     let status = pod.status.get_or_insert_with(Default::default);
     status.container_statuses = Some(vec![ContainerStatus {
         name: "main".into(),
@@ -877,15 +876,20 @@ async fn running_pods_are_metered_from_their_start_and_only_changes_are_written(
     ));
     dc.spec.replicas = 2;
     let r = dc.spec.settings.resources;
+    // Start times to the whole second: the API server writes no finer, and the cache holds a
+    // pod as it would come from a watch.
+    let now = jiff::Timestamp::now();
+    let ago = |secs: i64| jiff::Timestamp::from_second(now.as_second() - secs).unwrap();
+    let ran = |secs: i64| now.duration_since(ago(secs)).as_secs_f64();
     caches.children_of(&dc);
-    caches.pod(running_since(ready_scheduler(&dc), 60));
+    caches.pod(running_since(ready_scheduler(&dc), ago(60)));
     caches.pod(running_since(
         worker(&dc, "dask-worker-x-a", "Running", None),
-        30,
+        ago(30),
     ));
     caches.pod(running_since(
         worker(&dc, "dask-worker-x-b", "Running", None),
-        30,
+        ago(30),
     ));
     let pass = run(dc.clone(), &ctx).await;
     let c = api.next().await;
@@ -894,7 +898,7 @@ async fn running_pods_are_metered_from_their_start_and_only_changes_are_written(
     pass.await.unwrap().unwrap();
     let usage = st.usage.clone().expect("a usage record");
     assert_eq!(usage.meter.cores, r.scheduler_cores + 2.0 * r.worker_cores);
-    let expected = 60.0 * r.scheduler_cores + 2.0 * 30.0 * r.worker_cores;
+    let expected = ran(60) * r.scheduler_cores + 2.0 * ran(30) * r.worker_cores;
     let got = usage
         .within(usage.meter.accounted_until, 0, i64::MAX)
         .core_seconds;
