@@ -3,15 +3,13 @@
 //!
 //! kube-rs's default client offers only HTTP/1.1, so every request in flight holds a
 //! connection of its own: a 100-worker scale-up opened about 100 TLS connections, a handshake
-//! each, and every watch held one more. Over HTTP/2 (what `kubectl` and client-go use) the
-//! creations share one connection and the watches another. A server that answers ALPN with HTTP/1.1
-//! (or a plain-HTTP URL) gets HTTP/1.1 as before, and so does every server when the environment
-//! sets `DISABLE_HTTP2` (client-go's switch, for proxies in front of an API server that
-//! mishandle HTTP/2).
-//!
-//! Watches and all other requests go through two pools of their own, so over HTTP/2 they are
-//! two connections: a burst of creations does not queue, in either direction, behind the event
-//! streams of the watches that report on the same pods.
+//! each, and every watch held one more. Over HTTP/2 (what `kubectl` and client-go use) they are
+//! streams of two connections: watches go through one pool and all other requests through
+//! another, so a burst of creations does not queue, in either direction, behind the event
+//! streams of the watches that report on the same pods. A server that answers ALPN with
+//! HTTP/1.1 (or a plain-HTTP URL) gets HTTP/1.1 as before, and so does every server when the
+//! environment sets `DISABLE_HTTP2` (client-go's switch, for proxies in front of an API server
+//! that mishandle HTTP/2).
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
