@@ -265,6 +265,17 @@ def use_a_cluster(url, user, password, workers=1, during=None):
         gc.collect()
 
 
+def uninstall(release, namespace, *args):
+    """`helm uninstall --wait`, then waits for the release's pods to be gone too: Helm returns
+    once the Deployments are deleted, and their pods (a 5 s preStop pause, then the shutdown)
+    are removed by garbage collection afterwards. A later test that counts what is left in the
+    namespace must not find them."""
+    helm("uninstall", release, "-n", namespace, "--wait", *args)
+    wait_for(f"the pods of {release} to be gone", lambda: not json.loads(kubectl(
+        "get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={release}",
+        "-o", "json").stdout)["items"], timeout=90)
+
+
 def wait_clusters_finished(namespace, instance=None, timeout=120):
     """What docs/install-kubernetes.md asks before an uninstall: every DaskCluster (of
     `instance`, or of the namespace) has finished. Its controller tears a stopping cluster
@@ -579,18 +590,14 @@ def test_replicas_with_a_separate_controller(namespace):
         try:
             wait_clusters_finished(namespace, "split")
         finally:
-            helm("uninstall", name, "-n", namespace, "--wait")
+            uninstall(name, namespace)
 
 
 def test_uninstall_leaves_only_the_crd_and_finished_cluster_records(namespace, release):
     # The documented order: the clusters have finished (the tests stopped theirs), then the
     # uninstall.
     wait_clusters_finished(namespace)
-    helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")
-    # Pods of the deleted Deployment are removed by garbage collection, after Helm returns.
-    wait_for("the release's pods to be gone", lambda: not json.loads(kubectl(
-        "get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={release}",
-        "-o", "json").stdout)["items"], timeout=90)
+    uninstall(release, namespace, "--timeout", "120s")
     def ours():
         left = json.loads(kubectl("get", "all,configmaps,secrets,serviceaccounts,roles,"
                                   "rolebindings,leases,poddisruptionbudgets,"
