@@ -447,6 +447,8 @@ def main():
     ap.add_argument("--workers", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--ours-build", default="host's glibc build",
+                    help="which build of gateway-server --gateway is, for the heading and JSON")
     ap.add_argument("--sides", default="ours,reference",
                     help="which sides to run (comma-separated): measuring one side while "
                          "working on it is quicker; the ratios need both")
@@ -475,7 +477,8 @@ def main():
     cores = os.cpu_count()
     say(f"Kubernetes side by side ({cores} cores; tests/kube-env, real containers from "
         f"{DASK_IMAGE}; {args.workers} no-op workers per scale-up; {args.rounds} rounds each, "
-        f"alternating; API writes at most 50/s, burst 100, on both sides)")
+        f"alternating; API writes at most 50/s, burst 100, on both sides; ours: the "
+        f"{args.ours_build})")
     workdir = tempfile.mkdtemp(prefix="dgrs-kube-compare-")
     try:
         results = run_rounds(kube, args, workdir)
@@ -518,7 +521,8 @@ def main():
             f"{fmt(row['reference'], row['unit'])} | {ratio} |")
     summary = {"kind": "kubernetes", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "cores": cores, "loadavg": os.getloadavg(), "workers": args.workers,
-               "rounds": args.rounds, "reference_version": args.ref_version, "rows": rows,
+               "rounds": args.rounds, "reference_version": args.ref_version,
+               "ours_build": args.ours_build, "rows": rows,
                "rounds_detail": results}
     Path(args.out).write_text(json.dumps(summary, indent=2))
     say(f"\nJSON: {args.out}")

@@ -10,6 +10,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The static musl build (the gateway image) uses mimalloc: musl's allocator is much slower
+/// under the controller's and proxy's many small allocations (docs/benchmarks.md).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Command-line flags; each overrides the matching configuration key.
 #[derive(Parser, Debug)]
 #[command(
