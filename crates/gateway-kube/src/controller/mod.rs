@@ -45,7 +45,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use lifecycle::{bring_up, finished, tear_down};
-use status::{account, fail, record_transitions, write_status, StatusWrite};
+use status::{account, fail, record_transitions, write_status, StatusWrite, UnwrittenUsage};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
@@ -126,6 +126,10 @@ pub struct Context {
     pub expectations: Mutex<HashMap<String, Expectations>>,
     /// Per cluster id: since when a counts-only status change waits to be written.
     pending_counts: Mutex<HashMap<String, Instant>>,
+    /// Per cluster id: usage accrued by passes whose status was not written (deferred counts,
+    /// a teardown's progress), and the meter of the written record it continues; see
+    /// [`Context::unwritten_usage`].
+    unwritten_usage: Mutex<HashMap<String, UnwrittenUsage>>,
     /// Clusters whose status this process wrote with a usage record. One that comes back
     /// without it had it dropped by an API server whose CRD predates usage accounting.
     usage_written: Mutex<HashSet<String>>,
@@ -159,6 +163,7 @@ impl Context {
             in_flight: tokio::sync::Semaphore::new(writes::WRITES_IN_FLIGHT),
             expectations: Mutex::new(HashMap::new()),
             pending_counts: Mutex::new(HashMap::new()),
+            unwritten_usage: Mutex::new(HashMap::new()),
             usage_written: Mutex::new(HashSet::new()),
             usage_pruned_reported: AtomicBool::new(false),
             event_tasks: Mutex::new(JoinSet::new()),

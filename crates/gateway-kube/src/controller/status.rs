@@ -6,7 +6,7 @@ use super::observe::{Observed, RunningPod};
 use super::{now_rfc3339, Context, Error};
 use crate::build;
 use crate::crd::{Condition, DaskCluster, DaskClusterStatus, Phase};
-use gateway_model::{ClusterEvent, EventType, RunningUnit};
+use gateway_model::{ClusterEvent, EventType, RunningUnit, UsageLedger, UsageMeter};
 use kube::api::{Api, PostParams};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -62,16 +62,31 @@ pub(super) fn account(
             )
             .collect()
     };
-    let mut ledger = next.usage.clone().unwrap_or_default();
-    if !ledger.meter.needs_accrual(&units) {
+    // Passes whose status waited accrued on top of the written record: continue from there,
+    // so that a pod that ended meanwhile is counted until the pass that saw it gone, not until
+    // the status is written at last.
+    let unwritten = ctx.unwritten_usage(id, next.usage.as_ref());
+    let continues_unwritten = unwritten.is_some();
+    let mut ledger = unwritten.or_else(|| next.usage.clone()).unwrap_or_default();
+    let needs_accrual = ledger.meter.needs_accrual(&units);
+    if !needs_accrual && !continues_unwritten {
         return;
     }
-    ledger.accrue(
-        jiff::Timestamp::now().as_millisecond(),
-        &units,
-        MAX_USAGE_HOURS,
-    );
+    if needs_accrual {
+        ledger.accrue(
+            jiff::Timestamp::now().as_millisecond(),
+            &units,
+            MAX_USAGE_HOURS,
+        );
+    }
     next.usage = Some(ledger);
+}
+
+/// Usage a pass accrued but did not write (its status change waited), and the meter of the
+/// written record it continues.
+pub(super) struct UnwrittenUsage {
+    written: Option<UsageMeter>,
+    ledger: UsageLedger,
 }
 
 impl Context {
@@ -119,6 +134,54 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        self.unwritten_usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// The usage cluster `id`'s unwritten passes accrued on top of `written` (the status's
+    /// record), if they did. None if nothing waits, or if the status holds another record than
+    /// the one they continued (another leader wrote since).
+    pub(super) fn unwritten_usage(
+        &self,
+        id: &str,
+        written: Option<&UsageLedger>,
+    ) -> Option<UsageLedger> {
+        let unwritten = self
+            .unwritten_usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let u = unwritten.get(id)?;
+        (u.written == written.map(|w| w.meter)).then(|| u.ledger.clone())
+    }
+
+    /// Keeps the usage of cluster `id`'s pass whose status was not written: `written` is the
+    /// status's record, `accrued` the pass's.
+    fn keep_unwritten_usage(
+        &self,
+        id: &str,
+        written: Option<&UsageLedger>,
+        accrued: Option<&UsageLedger>,
+    ) {
+        let mut unwritten = self
+            .unwritten_usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match accrued {
+            Some(ledger) if accrued != written => {
+                unwritten.insert(
+                    id.to_string(),
+                    UnwrittenUsage {
+                        written: written.map(|w| w.meter),
+                        ledger: ledger.clone(),
+                    },
+                );
+            }
+            _ => {
+                unwritten.remove(id);
+            }
+        }
     }
 }
 
@@ -160,9 +223,19 @@ pub(super) fn only_counts_differ(a: &DaskClusterStatus, b: &DaskClusterStatus) -
 
 /// Whether writing `next` over `old` may wait for a later pass: only a running cluster's
 /// changes of counts, conditions and usage. A stopping cluster's passes pace its teardown,
-/// and a deferral would hold them back.
+/// and a deferral would hold them back (see [`is_teardown_progress`] for its counts).
 pub(super) fn may_defer(old: &DaskClusterStatus, next: &DaskClusterStatus) -> bool {
     next.phase == Phase::Running && only_counts_differ(old, next)
+}
+
+/// Whether `next` only counts the progress of a teardown already written as Stopping: its
+/// worker pods going one after another, the conditions and the usage they accrue. Such a
+/// status is not written at all; the write that ends the teardown (Stopped or Failed) carries
+/// the final counts and the usage up to that moment. A 100-worker teardown used to write its
+/// status once per pass, about 25 times in a few seconds; nothing reads those counts while
+/// the cluster stops (the gateway shows STOPPING).
+pub(super) fn is_teardown_progress(old: &DaskClusterStatus, next: &DaskClusterStatus) -> bool {
+    old.phase == Phase::Stopping && next.phase == Phase::Stopping && only_counts_differ(old, next)
 }
 
 /// What became of a status write.
@@ -174,6 +247,9 @@ pub(super) enum StatusWrite {
     Written,
     /// Only counts changed, and they are still changing: deferred to a pass this much later.
     Deferred(Duration),
+    /// Only a teardown's progress changed: left for the write that ends it
+    /// ([`is_teardown_progress`]).
+    Held,
 }
 
 /// Writes the status if it changed, with the object's resourceVersion as precondition.
@@ -190,8 +266,13 @@ pub(super) async fn write_status(
         }
         Some(old) if may_defer(old, next) => {
             if let Some(wait) = ctx.counts_wait(&id, next, dc.spec.replicas.max(0)) {
+                ctx.keep_unwritten_usage(&id, old.usage.as_ref(), next.usage.as_ref());
                 return Ok(StatusWrite::Deferred(wait));
             }
+        }
+        Some(old) if is_teardown_progress(old, next) => {
+            ctx.keep_unwritten_usage(&id, old.usage.as_ref(), next.usage.as_ref());
+            return Ok(StatusWrite::Held);
         }
         _ => {}
     }

@@ -5,7 +5,9 @@
 //! One file over 500 lines: each test is one scenario through the whole pass, and they share
 //! the fixtures at the top (caches, pods in every state, the status a pass writes).
 
-use super::status::{account, may_defer, record_transitions, COUNTS_WAIT_AT_MOST};
+use super::status::{
+    account, is_teardown_progress, may_defer, record_transitions, COUNTS_WAIT_AT_MOST,
+};
 use super::*;
 use crate::build::tests::cluster;
 use crate::crd::{DaskClusterStatus, Phase, StopSpec};
@@ -937,6 +939,88 @@ async fn running_pods_are_metered_from_their_start_and_only_changes_are_written(
     assert_eq!(next, pruned, "no usage record is rewritten");
 }
 
+#[tokio::test]
+async fn a_teardown_writes_its_status_once_it_ends_and_meters_each_pod_until_seen_gone() {
+    let (ctx, mut api, mut caches) = context(10);
+    let now = jiff::Timestamp::now();
+    let ago = |secs: i64| jiff::Timestamp::from_second(now.as_second() - secs).unwrap();
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.metadata.creation_timestamp = Some(Time(ago(600)));
+    dc.spec.active = false;
+    dc.spec.stop = Some(StopSpec {
+        reason: "stopped by alice".into(),
+        failed: false,
+    });
+    let terminating = |name: &str| {
+        let mut pod = running_since(worker(&dc, name, "Running", None), ago(30));
+        pod.metadata.deletion_timestamp = Some(Time(now));
+        pod
+    };
+    let (a, b) = (
+        terminating("dask-worker-x-a"),
+        terminating("dask-worker-x-b"),
+    );
+    caches.pod(a.clone());
+    caches.pod(b.clone());
+    // What the teardown's first pass wrote: Stopping, with both workers metered.
+    let mut written = dc.status.clone().unwrap();
+    written.phase = Phase::Stopping;
+    written.stopping_since = Some(now_rfc3339());
+    written.replicas = 2;
+    account(&ctx, ID, &dc, &ctx.observe("dask", ID), &mut written);
+    let base = written.usage.clone().expect("a usage record");
+    dc.status = Some(written.clone());
+
+    // Worker a is gone, b still stops: progress only, nothing is written.
+    caches
+        .pods
+        .apply_watcher_event(&Event::Delete(LeanPod::from(a)));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let pass = run(dc.clone(), &ctx).await;
+    api.silent().await;
+    pass.await.unwrap().unwrap();
+    let seen_gone = ctx
+        .unwritten_usage(ID, written.usage.as_ref())
+        .expect("the pass's usage is kept until it is written");
+    assert_eq!(
+        seen_gone.meter.cores,
+        dc.spec.settings.resources.worker_cores
+    );
+
+    // b is gone too: one write ends the teardown, with a metered until the pass that saw it
+    // gone and b until now.
+    caches
+        .pods
+        .apply_watcher_event(&Event::Delete(LeanPod::from(b)));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let pass = run(dc, &ctx).await;
+    let c = api.next().await;
+    let st = written_status(&c);
+    c.echo();
+    pass.await.unwrap().unwrap();
+    assert_eq!(st.phase, Phase::Stopped);
+    assert_eq!((st.replicas, st.ready_workers), (0, 0));
+    let usage = st.usage.expect("a usage record");
+    let (t0, t1, t2) = (
+        base.meter.accounted_until,
+        seen_gone.meter.accounted_until,
+        usage.meter.accounted_until,
+    );
+    assert!(t0 < t1 && t1 < t2, "{t0} < {t1} < {t2}");
+    let total = |l: &gateway_model::UsageLedger| {
+        l.within(l.meter.accounted_until, 0, i64::MAX).core_seconds
+    };
+    let worker_cores = base.meter.cores / 2.0;
+    let expected =
+        total(&base) + worker_cores * (2.0 * (t1 - t0) as f64 + (t2 - t1) as f64) / 1000.0;
+    assert!(
+        (total(&usage) - expected).abs() < 1e-6,
+        "{} core-seconds, expected {expected}",
+        total(&usage)
+    );
+    assert_eq!((usage.meter.cores, usage.meter.memory), (0.0, 0.0));
+}
+
 #[test]
 fn only_a_running_clusters_count_changes_wait() {
     let running = DaskClusterStatus {
@@ -962,6 +1046,19 @@ fn only_a_running_clusters_count_changes_wait() {
     assert!(
         !may_defer(&stopping, &stopping_counted),
         "a teardown is never held back"
+    );
+    assert!(is_teardown_progress(&stopping, &stopping_counted));
+    assert!(
+        !is_teardown_progress(&running, &stopping),
+        "the change to Stopping is written"
+    );
+    let stopped = DaskClusterStatus {
+        phase: Phase::Stopped,
+        ..stopping_counted.clone()
+    };
+    assert!(
+        !is_teardown_progress(&stopping, &stopped),
+        "the end of a teardown is written"
     );
     let failed = DaskClusterStatus {
         phase: Phase::Stopping,
