@@ -130,6 +130,9 @@ pub struct Context {
     /// a teardown's progress), and the meter of the written record it continues; see
     /// [`Context::unwritten_usage`].
     unwritten_usage: Mutex<HashMap<String, UnwrittenUsage>>,
+    /// Per cluster id: the resourceVersion our last status write replaced, and the one it made
+    /// (see [`Context::predates_own_write`]).
+    status_writes: Mutex<HashMap<String, (String, String)>>,
     /// Clusters whose status this process wrote with a usage record. One that comes back
     /// without it had it dropped by an API server whose CRD predates usage accounting.
     usage_written: Mutex<HashSet<String>>,
@@ -164,6 +167,7 @@ impl Context {
             expectations: Mutex::new(HashMap::new()),
             pending_counts: Mutex::new(HashMap::new()),
             unwritten_usage: Mutex::new(HashMap::new()),
+            status_writes: Mutex::new(HashMap::new()),
             usage_written: Mutex::new(HashSet::new()),
             usage_pruned_reported: AtomicBool::new(false),
             event_tasks: Mutex::new(JoinSet::new()),
@@ -217,13 +221,51 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        self.status_writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Notes that our status write replaced version `replaced` of cluster `id` with `made`.
+    fn note_status_write(&self, id: &str, replaced: Option<&str>, made: Option<&str>) {
+        let mut writes = self.status_writes.lock().unwrap_or_else(|e| e.into_inner());
+        match (replaced, made) {
+            (Some(replaced), Some(made)) if replaced != made => {
+                writes.insert(id.to_string(), (replaced.to_string(), made.to_string()));
+            }
+            _ => {
+                writes.remove(id);
+            }
+        }
+    }
+
+    /// Whether `dc` is the very version our last status write replaced: the cache has not
+    /// shown that write yet. A pass over it would decide from a status we already changed,
+    /// and its own write would fail its precondition (a conflict, then a repeated pass); the
+    /// watch event of our write triggers the next pass instead. Right after a create, the
+    /// events of the children the first pass made used to trigger such a pass every time.
+    fn predates_own_write(&self, id: &str, dc: &DaskCluster) -> bool {
+        let writes = self.status_writes.lock().unwrap_or_else(|e| e.into_inner());
+        writes.get(id).is_some_and(|(replaced, _)| {
+            dc.metadata.resource_version.as_deref() == Some(replaced.as_str())
+        })
     }
 }
+
+/// When a pass skipped over a cluster the cache showed older than our own status write looks
+/// again, should the watch event of that write not arrive first (it normally does, within
+/// milliseconds).
+const OWN_WRITE_RETRY: Duration = Duration::from_secs(1);
 
 /// One pass over one DaskCluster (see the module docs).
 pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciles.inc();
     let (ns, id) = build::identity(&dc)?;
+    if ctx.predates_own_write(&id, &dc) {
+        debug!(cluster = %id, "the cache has not shown our status write yet; waiting for it");
+        return Ok(Action::requeue(OWN_WRITE_RETRY));
+    }
     let status = dc.status.clone().unwrap_or_default();
     let mut next = status.clone();
     let observed = ctx.observe(&ns, &id);

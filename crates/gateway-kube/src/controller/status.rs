@@ -281,8 +281,14 @@ pub(super) async fn write_status(
     obj.metadata.managed_fields = None;
     ctx.limiter.acquire().await;
     let api: Api<DaskCluster> = Api::namespaced(ctx.client.clone(), &ns);
-    api.replace_status(&id, &PostParams::default(), &obj)
+    let written = api
+        .replace_status(&id, &PostParams::default(), &obj)
         .await?;
+    ctx.note_status_write(
+        &id,
+        dc.metadata.resource_version.as_deref(),
+        written.metadata.resource_version.as_deref(),
+    );
     ctx.status_is_written(&id);
     if next.usage.is_some() {
         ctx.usage_written

@@ -741,6 +741,48 @@ async fn a_stale_status_write_is_a_conflict_retried_at_once() {
 }
 
 #[tokio::test]
+async fn a_pass_over_the_version_its_own_status_write_replaced_waits_for_the_cache() {
+    let (ctx, mut api, mut caches) = context(10);
+    let dc = with_status(cluster(ID), Phase::Pending);
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    let pass = run(dc.clone(), &ctx).await;
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!(st.phase, Phase::Running);
+    let mut made = c.body.clone();
+    made["metadata"]["resourceVersion"] = json!("8");
+    c.ok(made);
+    pass.await.unwrap().unwrap();
+    // A child's event triggers a pass before the cache shows the write (version 7 still):
+    // nothing is decided from the old status, nothing is written.
+    let pass = run(dc.clone(), &ctx).await;
+    api.silent().await;
+    assert_eq!(
+        pass.await.unwrap().unwrap(),
+        Action::requeue(OWN_WRITE_RETRY)
+    );
+    // Once the cache shows the write, passes go on as usual.
+    let mut caught_up = dc.clone();
+    caught_up.metadata.resource_version = Some("8".into());
+    caught_up.status = Some(st);
+    let pass = run(caught_up, &ctx).await;
+    api.silent().await;
+    assert_ne!(
+        pass.await.unwrap().unwrap(),
+        Action::requeue(OWN_WRITE_RETRY)
+    );
+    // Another version than the one replaced (someone else wrote meanwhile) is acted on.
+    let mut other = dc;
+    other.metadata.resource_version = Some("9".into());
+    let pass = run(other, &ctx).await;
+    let c = api.next().await;
+    assert_eq!(written_status(&c).phase, Phase::Running);
+    c.echo();
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn finished_clusters_are_deleted_after_the_retention() {
     let (ctx, mut api, _caches) = context(10);
     let mut dc = with_status(cluster(ID), Phase::Stopped);
