@@ -256,9 +256,7 @@ async fn a_ready_scheduler_makes_the_cluster_running_and_workers_follow_once() {
 #[tokio::test]
 async fn phase_changes_and_worker_failures_are_recorded_as_events_on_the_daskcluster() {
     let (ctx, mut api, mut caches) = context_with(10, true);
-    let dc = with_status(cluster(ID), Phase::Pending);
-    caches.children_of(&dc);
-    caches.pod(ready_scheduler(&dc));
+    let dc = pending_with_a_ready_scheduler(&mut caches);
     let pass = run(dc.clone(), &ctx).await;
     let c = api.next().await;
     let st = written_status(&c);
@@ -719,12 +717,19 @@ async fn an_unschedulable_scheduler_fails_after_the_start_timeout() {
     pass.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn a_stale_status_write_is_a_conflict_retried_at_once() {
-    let (ctx, mut api, mut caches) = context(10);
+/// A Pending cluster whose children exist and whose scheduler is ready: a pass writes it
+/// Running.
+fn pending_with_a_ready_scheduler(caches: &mut Caches) -> DaskCluster {
     let dc = with_status(cluster(ID), Phase::Pending);
     caches.children_of(&dc);
     caches.pod(ready_scheduler(&dc));
+    dc
+}
+
+#[tokio::test]
+async fn a_stale_status_write_is_a_conflict_retried_at_once() {
+    let (ctx, mut api, mut caches) = context(10);
+    let dc = pending_with_a_ready_scheduler(&mut caches);
     let pass = run(dc.clone(), &ctx).await;
     let c = api.next().await;
     assert_eq!(c.method, Method::PUT);
@@ -743,9 +748,7 @@ async fn a_stale_status_write_is_a_conflict_retried_at_once() {
 #[tokio::test]
 async fn a_pass_over_the_version_its_own_status_write_replaced_waits_for_the_cache() {
     let (ctx, mut api, mut caches) = context(10);
-    let dc = with_status(cluster(ID), Phase::Pending);
-    caches.children_of(&dc);
-    caches.pod(ready_scheduler(&dc));
+    let dc = pending_with_a_ready_scheduler(&mut caches);
     let pass = run(dc.clone(), &ctx).await;
     let c = api.next().await;
     let st = written_status(&c);
@@ -1064,57 +1067,53 @@ async fn a_teardown_writes_its_status_once_it_ends_and_meters_each_pod_until_see
 }
 
 #[test]
-fn only_a_running_clusters_count_changes_wait() {
-    let running = DaskClusterStatus {
-        phase: Phase::Running,
+fn which_status_changes_wait_and_which_are_written_at_once() {
+    let status = |phase: Phase, ready_workers: i32| DaskClusterStatus {
+        phase,
         replicas: 2,
-        ready_workers: 1,
+        ready_workers,
         ..Default::default()
     };
+    let running = status(Phase::Running, 1);
     let counted = DaskClusterStatus {
-        ready_workers: 2,
         usage: Some(Default::default()),
-        ..running.clone()
+        ..status(Phase::Running, 2)
     };
-    assert!(may_defer(&running, &counted));
-    let stopping = DaskClusterStatus {
-        phase: Phase::Stopping,
-        ..running.clone()
-    };
-    let stopping_counted = DaskClusterStatus {
-        ready_workers: 0,
-        ..stopping.clone()
-    };
-    assert!(
-        !may_defer(&stopping, &stopping_counted),
-        "a teardown is never held back"
-    );
-    assert!(is_teardown_progress(&stopping, &stopping_counted));
-    assert!(
-        !is_teardown_progress(&running, &stopping),
-        "the change to Stopping is written"
-    );
-    let stopped = DaskClusterStatus {
-        phase: Phase::Stopped,
-        ..stopping_counted.clone()
-    };
-    assert!(
-        !is_teardown_progress(&stopping, &stopped),
-        "the end of a teardown is written"
-    );
-    let failed = DaskClusterStatus {
-        phase: Phase::Stopping,
-        ..counted.clone()
-    };
-    assert!(
-        !may_defer(&running, &failed),
-        "a phase change is written at once"
-    );
+    let stopping = status(Phase::Stopping, 1);
     let reason = DaskClusterStatus {
         reason: Some("why".into()),
-        ..counted
+        ..counted.clone()
     };
-    assert!(!may_defer(&running, &reason));
+    // (old, next, may wait for the target, is a teardown's progress, what it is)
+    let cases = [
+        (
+            &running,
+            &counted,
+            true,
+            false,
+            "a running cluster's counts",
+        ),
+        (&running, &reason, false, false, "a new reason"),
+        (&running, &stopping, false, false, "the change to Stopping"),
+        (
+            &stopping,
+            &status(Phase::Stopping, 0),
+            false,
+            true,
+            "a teardown's counts",
+        ),
+        (
+            &stopping,
+            &status(Phase::Stopped, 0),
+            false,
+            false,
+            "the end of a teardown",
+        ),
+    ];
+    for (old, next, deferred, held, what) in cases {
+        assert_eq!(may_defer(old, next), deferred, "{what}: may_defer");
+        assert_eq!(is_teardown_progress(old, next), held, "{what}: held");
+    }
 }
 
 #[tokio::test]
