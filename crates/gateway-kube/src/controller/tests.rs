@@ -985,6 +985,59 @@ async fn running_pods_are_metered_from_their_start_and_only_changes_are_written(
 }
 
 #[tokio::test]
+async fn deferred_counts_keep_the_usage_their_passes_accrued() {
+    let (ctx, mut api, mut caches) = context(10);
+    let now = jiff::Timestamp::now();
+    let ago = |secs: i64| jiff::Timestamp::from_second(now.as_second() - secs).unwrap();
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.metadata.creation_timestamp = Some(Time(ago(600)));
+    dc.spec.replicas = 3;
+    let running = |name: &str| running_since(worker(&dc, name, "Running", None), ago(30));
+    let gone = running("dask-worker-x-c");
+    for pod in [
+        running("dask-worker-x-a"),
+        running("dask-worker-x-b"),
+        gone.clone(),
+    ] {
+        caches.pod(pod);
+    }
+    let mut written = dc.status.clone().unwrap();
+    (written.replicas, written.ready_workers) = (3, 3);
+    account(&ctx, ID, &dc, &ctx.observe("dask", ID), &mut written);
+    dc.status = Some(written.clone());
+
+    // Worker c goes; its replacement is on its way: the counts wait for the target, and the
+    // pass's usage (c metered until now) waits with them.
+    caches
+        .pods
+        .apply_watcher_event(&Event::Delete(LeanPod::from(gone)));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut short = written.clone();
+    short.ready_workers = 2;
+    account(&ctx, ID, &dc, &ctx.observe("dask", ID), &mut short);
+    let seen_gone = short.usage.clone().unwrap();
+    assert!(matches!(
+        write_status(&ctx, &dc, &short).await.unwrap(),
+        StatusWrite::Deferred(_)
+    ));
+    // The replacement is ready (not running in the cache yet): written with c metered until
+    // the pass that saw it gone, not until this one.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut back = written.clone();
+    back.ready_workers = 3;
+    account(&ctx, ID, &dc, &ctx.observe("dask", ID), &mut back);
+    assert_eq!(back.usage.as_ref(), Some(&seen_gone));
+    let write = tokio::spawn({
+        let (ctx, dc) = (ctx.clone(), dc.clone());
+        async move { write_status(&ctx, &dc, &back).await }
+    });
+    let c = api.next().await;
+    assert_eq!(written_status(&c).usage, Some(seen_gone));
+    c.echo();
+    assert_eq!(write.await.unwrap().unwrap(), StatusWrite::Written);
+}
+
+#[tokio::test]
 async fn a_teardown_writes_its_status_once_it_ends_and_meters_each_pod_until_seen_gone() {
     let (ctx, mut api, mut caches) = context(10);
     let now = jiff::Timestamp::now();
