@@ -52,6 +52,7 @@ import yaml
 
 import dask_gateway
 from dask_gateway import BasicAuth, Gateway
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -161,12 +162,6 @@ def check_options(opts):
 
 DEFAULT_OPTIONS = {k: v[2] for k, v in EXPECTED_OPTIONS.items()}
 CONFIG_ENV = {"E2E_FROM_CONFIG": "config-value"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deep_merge(base: dict, over: dict) -> dict:

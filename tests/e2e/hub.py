@@ -36,7 +36,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,12 +61,6 @@ def hub_venv() -> Path:
                              text=True, stdout=subprocess.PIPE, timeout=900)
         _venv_cache = Path(out.stdout.strip().splitlines()[-1])
     return _venv_cache
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- HTTP without redirects ---------------------------------------------------------------

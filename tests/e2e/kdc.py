@@ -33,6 +33,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 DEFAULT_USERS = {"alice": "alice-password", "bob": "bob-password"}
@@ -48,12 +50,6 @@ def kdc_sbin():
     out = subprocess.run([str(REPO / "tests" / "env" / "kdc")], check=True, text=True,
                          stdout=subprocess.PIPE, timeout=900)
     return out.stdout.strip().splitlines()[-1]
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class KdcError(Exception):
@@ -181,7 +177,7 @@ class Kdc:
     def start(self):
         self._sbin = kdc_sbin()
         self.rcache_dir.mkdir(exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self._write_config()
         if not (self.dir / "principal").exists():
             self._run([f"{self._sbin}/kdb5_util", "-r", self.realm, "create", "-s",

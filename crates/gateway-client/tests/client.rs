@@ -32,12 +32,23 @@ fn python_env() -> String {
         .to_string()
 }
 
+/// A free port that no other test of this process has been given. A port from `bind(0)` is
+/// free again as soon as it is returned, and the kernel may hand the same one to a test running
+/// alongside: two gateways would then share an address (and a data directory) and one of them
+/// would fail to start.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 struct Gateway {
@@ -67,15 +78,26 @@ impl Gateway {
         let task = tokio::spawn(gateway_server::run(config, async move {
             let _ = rx.await;
         }));
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+        let mut task = task;
+        let started = tokio::time::timeout(Duration::from_secs(30), async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
-                .is_ok()
+                .is_err()
             {
-                break;
+                if task.is_finished() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await;
+        if task.is_finished() {
+            panic!(
+                "the gateway stopped while starting: {:?}",
+                (&mut task).await
+            );
         }
+        assert!(started.is_ok(), "the gateway did not listen within 30 s");
         Gateway {
             port,
             dir,

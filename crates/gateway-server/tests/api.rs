@@ -20,12 +20,23 @@ impl Drop for TempDir {
     }
 }
 
+/// A free port that no other test of this process has been given. A port from `bind(0)` is
+/// free again as soon as it is returned, and the kernel may hand the same one to a test running
+/// alongside: two gateways would then share an address (or a data directory) and one of them
+/// would fail to start.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 async fn start(yaml: &str) -> Gateway {
@@ -51,12 +62,26 @@ async fn start_tweaked(yaml: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Ga
         let _ = rx.await;
     }));
     let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if reqwest::get(format!("{base}/api/health")).await.is_ok() {
-            break;
+    let mut task = task;
+    let started = tokio::time::timeout(Duration::from_secs(30), async {
+        while reqwest::get(format!("{base}/api/health")).await.is_err() {
+            if task.is_finished() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    })
+    .await;
+    if task.is_finished() {
+        panic!(
+            "the gateway stopped while starting: {:?}",
+            (&mut task).await
+        );
     }
+    assert!(
+        started.is_ok(),
+        "the gateway did not answer /api/health within 30 s"
+    );
     Gateway {
         base,
         stop: Some(tx),
