@@ -39,7 +39,11 @@ pub(super) async fn bring_up(
     next.credentials = Some(names::secret_name(id));
     let scheduler_name = names::scheduler_pod_name(id);
     let scheduler = match &observed.scheduler {
-        Some(pod) => pod.clone(),
+        Some(pod) => {
+            // Named here too: the pass that created it may not have written its status.
+            next.scheduler_pod = Some(scheduler_name);
+            pod.clone()
+        }
         None if observed.scheduler_expected => {
             next.scheduler_pod = Some(scheduler_name);
             return Ok(());

@@ -124,8 +124,9 @@ pub struct Context {
     in_flight: tokio::sync::Semaphore,
     /// Per cluster id: our writes the caches have not shown yet.
     pub expectations: Mutex<HashMap<String, Expectations>>,
-    /// Per cluster id: since when a counts-only status change waits to be written.
-    pending_counts: Mutex<HashMap<String, Instant>>,
+    /// Per cluster id: since when a status change waits to be written (a running cluster's
+    /// counts, a start's progress).
+    waiting_since: Mutex<HashMap<String, Instant>>,
     /// Per cluster id: usage accrued by passes whose status was not written (deferred counts,
     /// a teardown's progress), and the meter of the written record it continues; see
     /// [`Context::unwritten_usage`].
@@ -165,7 +166,7 @@ impl Context {
             limiter,
             in_flight: tokio::sync::Semaphore::new(writes::WRITES_IN_FLIGHT),
             expectations: Mutex::new(HashMap::new()),
-            pending_counts: Mutex::new(HashMap::new()),
+            waiting_since: Mutex::new(HashMap::new()),
             unwritten_usage: Mutex::new(HashMap::new()),
             status_writes: Mutex::new(HashMap::new()),
             usage_written: Mutex::new(HashSet::new()),
@@ -290,30 +291,37 @@ pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action
             }
         }
     }
-    let action = if next.phase == Phase::Stopping {
-        tear_down(&ctx, &ns, &id, &observed, &mut next).await?
+    // When to look again if nothing happens before: a stopping cluster as its teardown says;
+    // otherwise after this long.
+    let (teardown, look_again) = if next.phase == Phase::Stopping {
+        let action = tear_down(&ctx, &ns, &id, &observed, &mut next).await?;
+        (Some(action), Duration::ZERO)
     } else if next.phase == Phase::Pending {
+        // Until the start timeout is checked.
         let remaining =
             Duration::from_secs_f64(dc.spec.runtime.start_timeout).saturating_sub(created_age(&dc));
-        Action::requeue(remaining.clamp(Duration::from_millis(500), Duration::from_secs(10)))
+        let look_again = remaining.clamp(Duration::from_millis(500), Duration::from_secs(10));
+        (None, look_again)
     } else if more_to_create(&dc, &next) {
         // More workers to create: continue at once, behind the clusters already queued (the
         // write budget is shared first come, first served).
-        Action::requeue(Duration::ZERO)
+        (None, Duration::ZERO)
     } else {
-        Action::requeue(Duration::from_secs(300))
+        (None, Duration::from_secs(300))
     };
     account(&ctx, &id, &dc, &observed, &mut next);
     let written = write_status(&ctx, &dc, &next).await?;
     if written == StatusWrite::Written {
         record_transitions(&ctx, &dc, &status, &next);
     }
-    if let StatusWrite::Deferred(wait) = written {
-        if !more_to_create(&dc, &next) {
-            return Ok(Action::requeue(wait));
-        }
+    if let Some(action) = teardown {
+        return Ok(action);
     }
-    Ok(action)
+    Ok(Action::requeue(match written {
+        // The pass that writes the waiting status comes when the wait ends, or sooner.
+        StatusWrite::Deferred(wait) => wait.min(look_again),
+        _ => look_again,
+    }))
 }
 
 /// When a failed pass is retried: conflicts at once, everything else after a pause.

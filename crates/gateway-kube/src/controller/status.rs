@@ -22,6 +22,14 @@ use tracing::warn;
 /// ready-worker count (`workers_running`).
 pub(crate) const COUNTS_WAIT_AT_MOST: Duration = Duration::from_secs(30);
 
+/// While a cluster starts (Pending before and after a pass), its status changes (the
+/// credentials and scheduler pod named, then the scheduler's condition going Created,
+/// Starting, ContainerCreating, Starting again) wait at most this long after the first change
+/// that waits. A scheduler on a ready node is ready in about 2 s, so a start writes its status
+/// once, as Running, instead of five times; a slow one (an image pull, a full node) still shows
+/// why it waits a few seconds later. A failure or a stop is written at once.
+pub(crate) const START_PROGRESS_WAIT_AT_MOST: Duration = Duration::from_secs(3);
+
 /// Usage buckets one DaskCluster's status keeps (35 days of hours; older ones merge).
 const MAX_USAGE_HOURS: usize = 35 * 24;
 
@@ -120,17 +128,20 @@ impl Context {
         if next.replicas == target && next.ready_workers == target {
             return None;
         }
-        let mut pending = self
-            .pending_counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let first = *pending.entry(id.to_string()).or_insert_with(Instant::now);
-        Some(COUNTS_WAIT_AT_MOST.saturating_sub(first.elapsed())).filter(|w| !w.is_zero())
+        self.wait_left(id, COUNTS_WAIT_AT_MOST)
+    }
+
+    /// How much longer cluster `id`'s status change should wait, `at_most` after the first
+    /// change that waited (none: write it now).
+    pub(super) fn wait_left(&self, id: &str, at_most: Duration) -> Option<Duration> {
+        let mut waiting = self.waiting_since.lock().unwrap_or_else(|e| e.into_inner());
+        let first = *waiting.entry(id.to_string()).or_insert_with(Instant::now);
+        Some(at_most.saturating_sub(first.elapsed())).filter(|w| !w.is_zero())
     }
 
     /// Notes that cluster `id`'s status is as written (nothing waits to be written).
     pub(super) fn status_is_written(&self, id: &str) {
-        self.pending_counts
+        self.waiting_since
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
@@ -238,6 +249,13 @@ pub(super) fn is_teardown_progress(old: &DaskClusterStatus, next: &DaskClusterSt
     old.phase == Phase::Stopping && next.phase == Phase::Stopping && only_counts_differ(old, next)
 }
 
+/// Whether `next` only tells how a start goes: the cluster is Pending before and after (a
+/// failure or a stop is not: it leaves Pending). Such a change waits at most
+/// [`START_PROGRESS_WAIT_AT_MOST`]. A cluster without a status yet counts as Pending.
+pub(super) fn is_start_progress(old: &DaskClusterStatus, next: &DaskClusterStatus) -> bool {
+    old.phase == Phase::Pending && next.phase == Phase::Pending
+}
+
 /// What became of a status write.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum StatusWrite {
@@ -245,7 +263,8 @@ pub(super) enum StatusWrite {
     Unchanged,
     /// Written.
     Written,
-    /// Only counts changed, and they are still changing: deferred to a pass this much later.
+    /// Only counts changed and they are still changing, or the cluster is still starting:
+    /// deferred to a pass this much later.
     Deferred(Duration),
     /// Only a teardown's progress changed: left for the write that ends it
     /// ([`is_teardown_progress`]).
@@ -259,22 +278,24 @@ pub(super) async fn write_status(
     next: &DaskClusterStatus,
 ) -> Result<StatusWrite, Error> {
     let (ns, id) = build::identity(dc)?;
-    match dc.status.as_ref() {
-        Some(old) if old == next => {
-            ctx.status_is_written(&id);
-            return Ok(StatusWrite::Unchanged);
-        }
-        Some(old) if may_defer(old, next) => {
-            if let Some(wait) = ctx.counts_wait(&id, next, dc.spec.replicas.max(0)) {
-                ctx.keep_unwritten_usage(&id, old.usage.as_ref(), next.usage.as_ref());
-                return Ok(StatusWrite::Deferred(wait));
-            }
-        }
-        Some(old) if is_teardown_progress(old, next) => {
-            ctx.keep_unwritten_usage(&id, old.usage.as_ref(), next.usage.as_ref());
-            return Ok(StatusWrite::Held);
-        }
-        _ => {}
+    let none = DaskClusterStatus::default();
+    let old = dc.status.as_ref().unwrap_or(&none);
+    let wait = if dc.status.as_ref() == Some(next) {
+        ctx.status_is_written(&id);
+        return Ok(StatusWrite::Unchanged);
+    } else if may_defer(old, next) {
+        ctx.counts_wait(&id, next, dc.spec.replicas.max(0))
+    } else if is_start_progress(old, next) {
+        ctx.wait_left(&id, START_PROGRESS_WAIT_AT_MOST)
+    } else if is_teardown_progress(old, next) {
+        ctx.keep_unwritten_usage(&id, old.usage.as_ref(), next.usage.as_ref());
+        return Ok(StatusWrite::Held);
+    } else {
+        None
+    };
+    if let Some(wait) = wait {
+        ctx.keep_unwritten_usage(&id, old.usage.as_ref(), next.usage.as_ref());
+        return Ok(StatusWrite::Deferred(wait));
     }
     let mut obj = dc.clone();
     obj.status = Some(next.clone());

@@ -6,7 +6,8 @@
 //! the fixtures at the top (caches, pods in every state, the status a pass writes).
 
 use super::status::{
-    account, is_teardown_progress, may_defer, record_transitions, COUNTS_WAIT_AT_MOST,
+    account, is_start_progress, is_teardown_progress, may_defer, record_transitions,
+    COUNTS_WAIT_AT_MOST, START_PROGRESS_WAIT_AT_MOST,
 };
 use super::*;
 use crate::build::tests::cluster;
@@ -16,8 +17,8 @@ use crate::mock_api::{ApiServer, Call};
 use crate::names;
 use http::Method;
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, Pod,
-    PodCondition, PodStatus,
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    ContainerStatus, Pod, PodCondition, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::reflector::{store, store::Writer};
@@ -169,12 +170,35 @@ async fn run(
     tokio::spawn(async move { reconcile(Arc::new(dc), ctx).await })
 }
 
+/// The scheduler pod of `dc`, its container waiting for `reason`.
+fn waiting_scheduler(dc: &DaskCluster, reason: &str) -> Pod {
+    let mut pod = build::scheduler_pod(dc).unwrap();
+    pod.status = Some(PodStatus {
+        phase: Some("Pending".into()),
+        container_statuses: Some(vec![ContainerStatus {
+            name: "dask-scheduler".into(),
+            state: Some(ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some(reason.into()),
+                    message: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    pod
+}
+
 #[tokio::test]
-async fn a_new_cluster_gets_credentials_and_a_scheduler_pod() {
-    let (ctx, mut api, _caches) = context(10);
+async fn a_start_writes_its_status_when_running_or_once_it_waited_long_enough() {
+    let (ctx, mut api, mut caches) = context(10);
     let mut dc = cluster(ID);
     dc.metadata.creation_timestamp = Some(Time(jiff::Timestamp::now()));
-    let pass = run(dc, &ctx).await;
+    // The first pass makes the credentials and the scheduler pod, and writes no status yet:
+    // it comes back when the wait is over.
+    let pass = run(dc.clone(), &ctx).await;
     let c = api.next().await;
     assert_eq!(
         (c.method.clone(), c.path.as_str()),
@@ -189,6 +213,19 @@ async fn a_new_cluster_gets_credentials_and_a_scheduler_pod() {
     );
     assert_eq!(c.body["metadata"]["name"], format!("dask-scheduler-{ID}"));
     c.echo();
+    api.silent().await;
+    let action = pass.await.unwrap().unwrap();
+    assert_ne!(action, Action::requeue(Duration::ZERO));
+    assert_ne!(action, Action::requeue(Duration::from_secs(10)));
+    // The scheduler's image is being pulled: still nothing written.
+    caches.children_of(&dc);
+    caches.pod(waiting_scheduler(&dc, "ContainerCreating"));
+    let pass = run(dc.clone(), &ctx).await;
+    api.silent().await;
+    pass.await.unwrap().unwrap();
+    // Once the first change waited long enough, the start's progress is written.
+    age_waiting(&ctx, ID, START_PROGRESS_WAIT_AT_MOST);
+    let pass = run(dc.clone(), &ctx).await;
     let c = api.next().await;
     let st = written_status(&c);
     assert_eq!(st.phase, Phase::Pending);
@@ -200,7 +237,64 @@ async fn a_new_cluster_gets_credentials_and_a_scheduler_pod() {
         st.scheduler_pod.as_deref(),
         Some(names::scheduler_pod_name(ID).as_str())
     );
+    assert_eq!(
+        st.reason.as_deref(),
+        Some("waiting for the scheduler (ContainerCreating)")
+    );
     c.echo();
+    pass.await.unwrap().unwrap();
+    assert!(ctx.waiting_since.lock().unwrap().is_empty());
+    // Its container starts (a new change waits), then it is ready: Running is written at once.
+    dc.metadata.resource_version = Some("8".into());
+    dc.status = Some(st);
+    let mut starting = ready_scheduler(&dc);
+    starting
+        .status
+        .as_mut()
+        .unwrap()
+        .conditions
+        .as_mut()
+        .unwrap()[0]
+        .status = "False".into();
+    caches.pod(starting);
+    let pass = run(dc.clone(), &ctx).await;
+    api.silent().await;
+    pass.await.unwrap().unwrap();
+    caches.pod(ready_scheduler(&dc));
+    let pass = run(dc, &ctx).await;
+    let c = api.next().await;
+    let st = written_status(&c);
+    assert_eq!(st.phase, Phase::Running);
+    assert!(st.addresses.is_some());
+    c.echo();
+    pass.await.unwrap().unwrap();
+    assert!(ctx.waiting_since.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_scheduler_that_cannot_start_fails_the_cluster_at_once() {
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = cluster(ID);
+    dc.metadata.creation_timestamp = Some(Time(jiff::Timestamp::now()));
+    caches.children_of(&dc);
+    caches.pod(waiting_scheduler(&dc, "InvalidImageName"));
+    let pass = run(dc, &ctx).await;
+    let st = loop {
+        let c = api.next().await;
+        if c.method == Method::PUT {
+            let st = written_status(&c);
+            c.echo();
+            break st;
+        }
+        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    };
+    assert_eq!(st.phase, Phase::Stopping);
+    assert!(st.stop_failed);
+    assert!(
+        st.reason.as_deref().unwrap().contains("InvalidImageName"),
+        "{:?}",
+        st.reason
+    );
     pass.await.unwrap().unwrap();
 }
 
@@ -285,10 +379,10 @@ async fn phase_changes_and_worker_failures_are_recorded_as_events_on_the_daskclu
     pass.await.unwrap().unwrap();
 }
 
-/// Moves the start of cluster `id`'s waiting counts-only change back in time by `by`.
-fn age_pending_counts(ctx: &Context, id: &str, by: Duration) {
-    let mut pending = ctx.pending_counts.lock().unwrap();
-    *pending.get_mut(id).expect("a counts change waits") -= by;
+/// Moves the start of cluster `id`'s waiting status change back in time by `by`.
+fn age_waiting(ctx: &Context, id: &str, by: Duration) {
+    let mut waiting = ctx.waiting_since.lock().unwrap();
+    *waiting.get_mut(id).expect("a status change waits") -= by;
 }
 
 #[tokio::test]
@@ -328,14 +422,14 @@ async fn count_only_status_changes_wait_until_the_workers_reach_their_target() {
     assert_eq!(st.ready_workers, 3);
     c.echo();
     pass.await.unwrap().unwrap();
-    assert!(ctx.pending_counts.lock().unwrap().is_empty());
+    assert!(ctx.waiting_since.lock().unwrap().is_empty());
     // Counts short of the target are written once the first change waited long enough.
     dc2.status = Some(st);
     caches.pod(worker(&dc, "dask-worker-x-c", "Pending", None));
     let pass = run(dc2.clone(), &ctx).await;
     api.silent().await;
     pass.await.unwrap().unwrap();
-    age_pending_counts(&ctx, ID, COUNTS_WAIT_AT_MOST);
+    age_waiting(&ctx, ID, COUNTS_WAIT_AT_MOST);
     let pass = run(dc2, &ctx).await;
     let c = api.next().await;
     assert_eq!(written_status(&c).ready_workers, 2);
@@ -1143,38 +1237,50 @@ fn which_status_changes_wait_and_which_are_written_at_once() {
         ..status(Phase::Running, 2)
     };
     let stopping = status(Phase::Stopping, 1);
+    let pending = status(Phase::Pending, 0);
+    let starting = DaskClusterStatus {
+        reason: Some("waiting for the scheduler (ContainerCreating)".into()),
+        ..pending.clone()
+    };
     let reason = DaskClusterStatus {
         reason: Some("why".into()),
         ..counted.clone()
     };
-    // (old, next, may wait for the target, is a teardown's progress, what it is)
+    // (old, next, [may wait for the target, is a start's progress, is a teardown's
+    // progress], what it is)
     let cases = [
         (
             &running,
             &counted,
-            true,
-            false,
+            [true, false, false],
             "a running cluster's counts",
         ),
-        (&running, &reason, false, false, "a new reason"),
-        (&running, &stopping, false, false, "the change to Stopping"),
+        (&running, &reason, [false; 3], "a new reason"),
+        (&running, &stopping, [false; 3], "the change to Stopping"),
+        (
+            &pending,
+            &starting,
+            [false, true, false],
+            "a start's progress",
+        ),
+        (&pending, &running, [false; 3], "the change to Running"),
+        (&pending, &stopping, [false; 3], "a failed start"),
         (
             &stopping,
             &status(Phase::Stopping, 0),
-            false,
-            true,
+            [false, false, true],
             "a teardown's counts",
         ),
         (
             &stopping,
             &status(Phase::Stopped, 0),
-            false,
-            false,
+            [false; 3],
             "the end of a teardown",
         ),
     ];
-    for (old, next, deferred, held, what) in cases {
+    for (old, next, [deferred, starts, held], what) in cases {
         assert_eq!(may_defer(old, next), deferred, "{what}: may_defer");
+        assert_eq!(is_start_progress(old, next), starts, "{what}: start");
         assert_eq!(is_teardown_progress(old, next), held, "{what}: held");
     }
 }
