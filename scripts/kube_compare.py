@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -186,6 +187,16 @@ def api(side, method, path, body=None, timeout=60):
     with urllib.request.urlopen(req, timeout=timeout) as r:
         raw = r.read()
     return json.loads(raw) if raw else None
+
+
+def cluster_status(side, name):
+    """Cluster `name`'s status in `side`'s API, None once the API no longer knows it."""
+    try:
+        return api(side, "GET", f"/api/v1/clusters/{name}")["status"]
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
 
 
 def audit_offset():
@@ -342,6 +353,7 @@ def reference_crds():
 def one_round(side, watch, workers):
     """One cluster's life on one side; returns its measurements."""
     r = {}
+    create_offset = audit_offset()
     t0 = time.perf_counter()
     name = api(side, "POST", "/api/v1/clusters/", {"cluster_options": {}})["name"]
     r["create_answered_s"] = time.perf_counter() - t0
@@ -360,6 +372,11 @@ def one_round(side, watch, workers):
                            if p["component"] == "dask-scheduler"), None), 5,
         "the scheduler pod")
     time.sleep(2)  # let the writes that follow RUNNING settle before the scale-up's window
+    # The start's writes (the DaskCluster, its children, its status), without lease renewals.
+    writes = audit_writes(create_offset, side.user)
+    writes.pop("leases", None)
+    r["create_api_writes"] = sum(writes.values())
+    r["create_api_writes_by_resource"] = writes
 
     offset, cpu0 = audit_offset(), cpu_seconds(side.pids())
     t1 = time.perf_counter()
@@ -387,6 +404,14 @@ def one_round(side, watch, workers):
 
     api(side, "DELETE", f"/api/v1/clusters/{name}")
     watch.wait(lambda pods: True if not pods else None, 180, f"{side.label}'s pods to go")
+    # The cluster's last status write comes after its pods are gone: wait for it, so that it
+    # is not counted in the next round's writes.
+    deadline = time.perf_counter() + 60
+    while cluster_status(side, name) not in ("STOPPED", "FAILED", None):
+        if time.perf_counter() > deadline:
+            sys.exit(f"{side.label}: cluster {name} not STOPPED 60 s after its pods went")
+        time.sleep(0.1)
+    time.sleep(1)  # and for the Event that records it
     return r
 
 
@@ -419,7 +444,8 @@ def run_rounds(kube, args, workdir):
                 results[side.label].append(r)
                 say(f"  round {i + 1} {side.label:9}: scheduler pod "
                     f"{r['create_to_scheduler_pod_s']:.3f} s, RUNNING "
-                    f"{r['create_to_running_s']:.2f} s; scale 0 -> {args.workers}: created "
+                    f"{r['create_to_running_s']:.2f} s, {r['create_api_writes']} writes "
+                    f"{r['create_api_writes_by_resource']}; scale 0 -> {args.workers}: created "
                     f"{r['scale_pods_created_s']:.2f} s, Running "
                     f"{r['scale_pods_running_s']:.2f} s, {r['scale_api_writes']} writes "
                     f"{r['scale_api_writes_by_resource']}, CPU {r['scale_cpu_s']:.2f} s")
@@ -494,6 +520,7 @@ def main():
     for key, label, unit in [
         ("create_to_scheduler_pod_s", "create -> scheduler Pod object", "s"),
         ("create_to_running_s", "create -> cluster RUNNING in the API", "s"),
+        ("create_api_writes", "API writes from create to RUNNING (2 s after), without leases", ""),
         ("scale_pods_created_s", f"scale 0 -> {args.workers}: all worker Pod objects exist", "s"),
         ("scale_pods_running_s", f"scale 0 -> {args.workers}: all Running (kubelet-bound)", "s"),
         ("scale_api_writes", f"API writes per {args.workers}-worker scale-up", ""),
