@@ -1,6 +1,7 @@
-//! The status a pass writes: conditions, failures, the write itself (skipped when unchanged,
-//! deferred when only counts changed a moment ago), the Kubernetes Events its transitions
-//! record, and usage accounting (the running pods' requests, metered into the status).
+//! The status a pass writes: conditions, failures, the write itself (skipped when unchanged;
+//! deferred while only a running cluster's counts change or a start progresses; held while a
+//! teardown progresses), the Kubernetes Events its transitions record, and usage accounting
+//! (the running pods' requests, metered into the status).
 
 use super::observe::{Observed, RunningPod};
 use super::{now_rfc3339, Context, Error};
