@@ -162,6 +162,20 @@ fn written_status(call: &Call) -> DaskClusterStatus {
     serde_json::from_value(call.body["status"].clone()).unwrap()
 }
 
+/// Answers a pass's requests before its status write (deletions, log reads) with success, and
+/// returns the status it writes.
+async fn status_after_other_requests(api: &mut ApiServer) -> DaskClusterStatus {
+    loop {
+        let c = api.next().await;
+        if c.method == Method::PUT {
+            let st = written_status(&c);
+            c.echo();
+            return st;
+        }
+        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    }
+}
+
 async fn run(
     dc: DaskCluster,
     ctx: &Arc<Context>,
@@ -279,15 +293,7 @@ async fn a_scheduler_that_cannot_start_fails_the_cluster_at_once() {
     caches.children_of(&dc);
     caches.pod(waiting_scheduler(&dc, "InvalidImageName"));
     let pass = run(dc, &ctx).await;
-    let st = loop {
-        let c = api.next().await;
-        if c.method == Method::PUT {
-            let st = written_status(&c);
-            c.echo();
-            break st;
-        }
-        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
-    };
+    let st = status_after_other_requests(&mut api).await;
     assert_eq!(st.phase, Phase::Stopping);
     assert!(st.stop_failed);
     assert!(
@@ -438,15 +444,7 @@ async fn count_only_status_changes_wait_until_the_workers_reach_their_target() {
     // A change that matters (the gateway stops the cluster) is written at once.
     dc.spec.active = false;
     let pass = run(dc, &ctx).await;
-    let st = loop {
-        let c = api.next().await;
-        if c.method == Method::PUT {
-            let st = written_status(&c);
-            c.echo();
-            break st;
-        }
-        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
-    };
+    let st = status_after_other_requests(&mut api).await;
     assert_eq!(st.phase, Phase::Stopping);
     pass.await.unwrap().unwrap();
 }
@@ -791,15 +789,7 @@ async fn an_unschedulable_scheduler_fails_after_the_start_timeout() {
     });
     caches.pod(sched);
     let pass = run(dc, &ctx).await;
-    let reason = loop {
-        let c = api.next().await;
-        if c.method == Method::PUT {
-            let st = written_status(&c);
-            c.echo();
-            break st.reason.unwrap();
-        }
-        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
-    };
+    let reason = status_after_other_requests(&mut api).await.reason.unwrap();
     assert!(
         reason.contains("did not become ready within 5 s"),
         "{reason}"
