@@ -75,10 +75,9 @@ impl Gateway {
         let config: gateway_server::config::GatewayConfig = serde_yaml::from_str(&yaml).unwrap();
         let config = config.check().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(gateway_server::run(config, async move {
+        let mut task = tokio::spawn(gateway_server::run(config, async move {
             let _ = rx.await;
         }));
-        let mut task = task;
         let started = tokio::time::timeout(Duration::from_secs(30), async {
             while tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await

@@ -58,11 +58,10 @@ async fn start_tweaked(yaml: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Ga
     let mut config = config.check().unwrap();
     tweak(config.unchecked_mut());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(gateway_server::run(config, async move {
+    let mut task = tokio::spawn(gateway_server::run(config, async move {
         let _ = rx.await;
     }));
     let base = format!("http://127.0.0.1:{port}");
-    let mut task = task;
     let started = tokio::time::timeout(Duration::from_secs(30), async {
         while reqwest::get(format!("{base}/api/health")).await.is_err() {
             if task.is_finished() {

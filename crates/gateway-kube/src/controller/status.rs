@@ -134,7 +134,7 @@ impl Context {
 
     /// How much longer cluster `id`'s status change should wait, `at_most` after the first
     /// change that waited (none: write it now).
-    pub(super) fn wait_left(&self, id: &str, at_most: Duration) -> Option<Duration> {
+    fn wait_left(&self, id: &str, at_most: Duration) -> Option<Duration> {
         let mut waiting = self.waiting_since.lock().unwrap_or_else(|e| e.into_inner());
         let first = *waiting.entry(id.to_string()).or_insert_with(Instant::now);
         Some(at_most.saturating_sub(first.elapsed())).filter(|w| !w.is_zero())
