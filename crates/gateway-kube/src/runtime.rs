@@ -467,32 +467,21 @@ mod tests {
             .unwrap()
     }
 
-    /// Where a test sends changes to `forward_in_batches`.
-    type ChangesIn = tokio::sync::mpsc::UnboundedSender<Result<Pod, watcher::Error>>;
-    /// Where a test receives what `forward_in_batches` passed on.
-    type ChangesOut = tokio::sync::mpsc::UnboundedReceiver<Result<Pod, watcher::Error>>;
-
-    /// Changes sent to `forward_in_batches` (over `window`, first listing done when `listed`
-    /// resolves) in a task of its own: the sender of the changes, and the receiver of what it
-    /// passes on.
-    fn batching(
-        window: Duration,
-        listed: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> (ChangesIn, ChangesOut) {
-        let (changes, changes_rx) = tokio::sync::mpsc::unbounded_channel();
-        let events = futures_util::stream::unfold(changes_rx, |mut rx| async move {
-            rx.recv().await.map(|event| (event, rx))
-        });
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(forward_in_batches(events, listed, tx, window));
-        (changes, rx)
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_change_after_a_quiet_spell_goes_on_at_once_and_a_burst_in_one_batch() {
         use tokio::time::{timeout, Instant};
         let window = Duration::from_millis(250);
-        let (changes, mut rx) = batching(window, std::future::ready(()));
+        let (changes, changes_rx) = tokio::sync::mpsc::unbounded_channel();
+        let events = futures_util::stream::unfold(changes_rx, |mut rx| async move {
+            rx.recv().await.map(|event| (event, rx))
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(forward_in_batches(
+            events,
+            std::future::ready(()),
+            tx,
+            window,
+        ));
         let owner = Some("cluster-a");
         // The first change goes on at once.
         let start = Instant::now();
@@ -574,11 +563,16 @@ mod tests {
     async fn changes_go_on_at_once_until_the_first_listing_is_done() {
         use tokio::time::Instant;
         let window = Duration::from_millis(250);
+        let (changes, changes_rx) = tokio::sync::mpsc::unbounded_channel();
+        let events = futures_util::stream::unfold(changes_rx, |mut rx| async move {
+            rx.recv().await.map(|event| (event, rx))
+        });
         let (listed_tx, listed_rx) = tokio::sync::oneshot::channel::<()>();
         let listed = async move {
             let _ = listed_rx.await;
         };
-        let (changes, mut rx) = batching(window, listed);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(forward_in_batches(events, listed, tx, window));
         let start = Instant::now();
         for i in 1..=3 {
             changes
@@ -605,7 +599,17 @@ mod tests {
     async fn a_steady_stream_does_not_hold_a_batch_back() {
         use tokio::time::Instant;
         let window = Duration::from_millis(250);
-        let (changes, mut rx) = batching(window, std::future::ready(()));
+        let (changes, changes_rx) = tokio::sync::mpsc::unbounded_channel();
+        let events = futures_util::stream::unfold(changes_rx, |mut rx| async move {
+            rx.recv().await.map(|event| (event, rx))
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(forward_in_batches(
+            events,
+            std::future::ready(()),
+            tx,
+            window,
+        ));
         let start = Instant::now();
         tokio::spawn(async move {
             for i in 0..1000 {
