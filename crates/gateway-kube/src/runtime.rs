@@ -84,28 +84,12 @@ pub async fn check_crd(client: &Client, namespace: &str) -> Result<(), CrdError>
 /// [`forward_in_batches`].
 const TRIGGER_BATCH: Duration = Duration::from_millis(250);
 
-/// Events read at the end of a batch's window between two yields to the runtime.
-const DRAIN_YIELD_EVERY: usize = 256;
-
-/// How long the end of a batch's window waits for the next event before it counts the batch as
-/// read. What a watch has received is usually there at once; over HTTP/1.1, though, the
-/// connection's task reads the socket only when asked, a moment after the first poll.
-const DRAIN_GRACE: Duration = Duration::from_millis(2);
-
-/// How long the end of a batch's window reads at most: events that keep coming (a burst of
-/// thousands of pods) go to the next batch, so that this one's triggers are not held back.
-const DRAIN_AT_MOST: Duration = Duration::from_millis(25);
-
 /// A cache of objects of this installation, filled by a watch in its own task (spawned in
 /// `tasks`), and the stream of changed objects that triggers the controller. The watch does not
 /// depend on the controller polling it, so the cache completes its first listing before the
 /// controller starts (a controller that reconciled on a half-filled cache would create children
-/// that exist). Changes are passed on in batches of [`TRIGGER_BATCH`], one per owner, and the
-/// watch is read once per batch (see [`forward_in_batches`]): a pass reads the cache, which
-/// holds every change its trigger names, so only the number of passes changes. A pass started
-/// otherwise (a DaskCluster's change, a requeue) may find the cache up to a batch behind, as a
-/// watch always may be: the controller remembers its own creations and deletions until the
-/// cache shows them.
+/// that exist). Changes are passed on in batches of [`TRIGGER_BATCH`], one per owner: the cache
+/// itself is always current, and a pass reads it, so only the number of passes changes.
 fn cache<K>(
     api: Api<K>,
     selector: &str,
@@ -130,13 +114,7 @@ where
         .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
         .reflect(writer)
         .touched_objects();
-    let listed = {
-        let reader = reader.clone();
-        async move {
-            let _ = reader.wait_until_ready().await;
-        }
-    };
-    tasks.spawn(forward_in_batches(events, listed, tx, TRIGGER_BATCH));
+    tasks.spawn(forward_in_batches(events, tx, TRIGGER_BATCH));
     let triggers = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|event| (event, rx))
     });
@@ -147,17 +125,8 @@ where
 /// until either side ends. The first change after a quiet spell (nothing passed on for
 /// `window`) goes on at once, and the changes within `window` after it wait for the batch; a
 /// steady stream of changes goes on once per `window`.
-///
-/// `events` is not polled while a batch waits: the changes of its window are read when it
-/// ends, all at once, as far as they have arrived. A watch's events are read (and applied to
-/// its cache) when its stream is polled, so a burst of pod changes is read in one go per
-/// window instead of one wake-up, read and decode each as it arrives; the cache is as current
-/// as the triggers, which only ever name changes already in it. Until `listed` resolves (the
-/// cache has its first listing), changes go on at once and the watch is read as it comes, so
-/// that a listing of many pages is not read a window per page.
 async fn forward_in_batches<K, S>(
     events: S,
-    listed: impl std::future::Future<Output = ()>,
     tx: tokio::sync::mpsc::UnboundedSender<Result<K, watcher::Error>>,
     window: Duration,
 ) where
@@ -165,21 +134,6 @@ async fn forward_in_batches<K, S>(
     S: futures_util::Stream<Item = Result<K, watcher::Error>>,
 {
     let mut events = std::pin::pin!(events);
-    let mut listed = std::pin::pin!(listed);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut listed => break,
-            event = events.next() => match event {
-                Some(event) => {
-                    if tx.send(event).is_err() {
-                        return;
-                    }
-                }
-                None => return,
-            },
-        }
-    }
     let mut last_sent: Option<tokio::time::Instant> = None;
     while let Some(first) = events.next().await {
         let mut batch = TriggerBatch::default();
@@ -190,25 +144,19 @@ async fn forward_in_batches<K, S>(
         } else {
             batch.add(first);
         }
-        tokio::time::sleep(window).await;
-        // What arrived meanwhile, until nothing more comes within `DRAIN_GRACE`. Outside the
-        // runtime's budget of work per poll, which would otherwise cut a large burst short
-        // (the rest waiting for the next window); a yield now and then lets other tasks run.
+        let until = tokio::time::sleep(window);
+        tokio::pin!(until);
         let mut ended = false;
-        let drain_ends = tokio::time::Instant::now() + DRAIN_AT_MOST;
-        for read in 1usize.. {
-            let next = tokio::task::unconstrained(events.next());
-            let until = drain_ends.min(tokio::time::Instant::now() + DRAIN_GRACE);
-            match tokio::time::timeout_at(until, next).await {
-                Ok(Some(event)) => batch.add(event),
-                Ok(None) => {
-                    ended = true;
-                    break;
-                }
-                Err(_) => break,
-            }
-            if read % DRAIN_YIELD_EVERY == 0 {
-                tokio::task::yield_now().await;
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(event) => batch.add(event),
+                    None => {
+                        ended = true;
+                        break;
+                    }
+                },
+                () = &mut until => break,
             }
         }
         for event in batch.events {
@@ -429,9 +377,7 @@ pub async fn run_controller(
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        forward_in_batches, run_term, LiveContext, TriggerBatch, DRAIN_AT_MOST, DRAIN_GRACE,
-    };
+    use super::{forward_in_batches, run_term, LiveContext, TriggerBatch};
     use crate::config::KubeConfig;
     use crate::crd::{GROUP, VERSION};
     use k8s_openapi::api::core::v1::Pod;
@@ -476,12 +422,7 @@ mod tests {
             rx.recv().await.map(|event| (event, rx))
         });
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(forward_in_batches(
-            events,
-            std::future::ready(()),
-            tx,
-            window,
-        ));
+        tokio::spawn(forward_in_batches(events, tx, window));
         let owner = Some("cluster-a");
         // The first change goes on at once.
         let start = Instant::now();
@@ -492,7 +433,7 @@ mod tests {
         changes.send(Ok(pod("w2", owner, "2"))).unwrap();
         changes.send(Ok(pod("w3", owner, "3"))).unwrap();
         assert_eq!(version(&rx.recv().await.unwrap()), "3");
-        assert_eq!(start.elapsed(), window + DRAIN_GRACE);
+        assert_eq!(start.elapsed(), window);
         // A change right after a batch is part of a steady stream: it waits for a window too.
         changes.send(Ok(pod("w4", owner, "4"))).unwrap();
         assert!(timeout(window / 2, rx.recv()).await.is_err());
@@ -503,138 +444,6 @@ mod tests {
         changes.send(Ok(pod("w5", owner, "5"))).unwrap();
         assert_eq!(version(&rx.recv().await.unwrap()), "5");
         assert_eq!(quiet.elapsed(), Duration::ZERO);
-    }
-
-    /// A watch is read when its stream is polled: while a batch waits, the stream is left
-    /// alone, and at the window's end everything that arrived is read at once, however much
-    /// (more than the runtime's budget of work per poll, here 1,000 changes).
-    #[tokio::test(start_paused = true)]
-    async fn a_batch_reads_what_arrived_in_its_window_at_its_end_all_at_once() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
-        use tokio::time::Instant;
-        let window = Duration::from_millis(250);
-        let (changes, mut changes_rx) = tokio::sync::mpsc::unbounded_channel();
-        let polls = Arc::new(AtomicUsize::new(0));
-        let counted = polls.clone();
-        let events = futures_util::stream::poll_fn(move |cx| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            changes_rx.poll_recv(cx)
-        });
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(forward_in_batches(
-            events,
-            std::future::ready(()),
-            tx,
-            window,
-        ));
-        let start = Instant::now();
-        changes
-            .send(Ok(pod("first", Some("cluster-0"), "0")))
-            .unwrap();
-        assert_eq!(version(&rx.recv().await.unwrap()), "0");
-        tokio::task::yield_now().await;
-        let polled = polls.load(Ordering::SeqCst);
-        for i in 1..=1000 {
-            let owner = format!("cluster-{i}");
-            changes
-                .send(Ok(pod("w", Some(&owner), &i.to_string())))
-                .unwrap();
-        }
-        tokio::time::sleep(window / 2).await;
-        assert_eq!(
-            polls.load(Ordering::SeqCst),
-            polled,
-            "polled during the window"
-        );
-        for i in 1..=1000 {
-            assert_eq!(version(&rx.recv().await.unwrap()), i.to_string());
-            assert_eq!(
-                start.elapsed(),
-                window + DRAIN_GRACE,
-                "change {i} came late"
-            );
-        }
-    }
-
-    /// Until the cache has its first listing, every change goes on at once (a listing of
-    /// many pages is not read a window per page); batches start after it.
-    #[tokio::test(start_paused = true)]
-    async fn changes_go_on_at_once_until_the_first_listing_is_done() {
-        use tokio::time::Instant;
-        let window = Duration::from_millis(250);
-        let (changes, changes_rx) = tokio::sync::mpsc::unbounded_channel();
-        let events = futures_util::stream::unfold(changes_rx, |mut rx| async move {
-            rx.recv().await.map(|event| (event, rx))
-        });
-        let (listed_tx, listed_rx) = tokio::sync::oneshot::channel::<()>();
-        let listed = async move {
-            let _ = listed_rx.await;
-        };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(forward_in_batches(events, listed, tx, window));
-        let start = Instant::now();
-        for i in 1..=3 {
-            changes
-                .send(Ok(pod("w", Some("cluster-a"), &i.to_string())))
-                .unwrap();
-        }
-        for i in 1..=3 {
-            assert_eq!(version(&rx.recv().await.unwrap()), i.to_string());
-        }
-        assert_eq!(start.elapsed(), Duration::ZERO);
-        listed_tx.send(()).unwrap();
-        changes.send(Ok(pod("w", Some("cluster-a"), "4"))).unwrap();
-        changes.send(Ok(pod("w", Some("cluster-a"), "5"))).unwrap();
-        assert_eq!(version(&rx.recv().await.unwrap()), "4");
-        assert_eq!(start.elapsed(), Duration::ZERO);
-        assert_eq!(version(&rx.recv().await.unwrap()), "5");
-        assert_eq!(start.elapsed(), window + DRAIN_GRACE);
-    }
-
-    /// Changes that keep coming at the end of a window (every millisecond, within the grace)
-    /// are read for at most `DRAIN_AT_MOST`: the batch then goes on, and the rest wait for the
-    /// next one.
-    #[tokio::test(start_paused = true)]
-    async fn a_steady_stream_does_not_hold_a_batch_back() {
-        use tokio::time::Instant;
-        let window = Duration::from_millis(250);
-        let (changes, changes_rx) = tokio::sync::mpsc::unbounded_channel();
-        let events = futures_util::stream::unfold(changes_rx, |mut rx| async move {
-            rx.recv().await.map(|event| (event, rx))
-        });
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(forward_in_batches(
-            events,
-            std::future::ready(()),
-            tx,
-            window,
-        ));
-        let start = Instant::now();
-        tokio::spawn(async move {
-            for i in 0..1000 {
-                let owner = format!("cluster-{i}");
-                if changes
-                    .send(Ok(pod("w", Some(&owner), &i.to_string())))
-                    .is_err()
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        });
-        assert_eq!(version(&rx.recv().await.unwrap()), "0");
-        // The batch: everything read until the drain had read for DRAIN_AT_MOST.
-        let first: u32 = version(&rx.recv().await.unwrap()).parse().unwrap();
-        let sent = start.elapsed();
-        let mut last = first;
-        while let Ok(event) = rx.try_recv() {
-            last = version(&event).parse().unwrap();
-        }
-        assert_eq!(first, 1);
-        assert!(sent >= window + DRAIN_AT_MOST, "{sent:?}");
-        assert!(sent <= window + DRAIN_AT_MOST + DRAIN_GRACE, "{sent:?}");
-        assert!(last >= 270, "the batch ended at change {last}");
     }
 
     #[test]
