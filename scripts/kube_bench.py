@@ -10,7 +10,10 @@ ServiceAccount the Helm chart ships (manifests/dask-gateway-rs.yaml):
    `dask worker` (a PATH shim): this measures the gateway, controller, API server and kubelet,
    not Python imports of 100 Dask workers on 2 cores. Then a scale-up of real Dask workers
    until they have joined the scheduler.
-3. Gateway RSS with M DaskCluster objects in its watch cache (a second gateway with the
+3. create -> scheduler reachable from a warm pool: the same as 1 on a gateway with
+   `warm_schedulers: 1`, each round once the pool has a ready scheduler again, split into
+   `new_cluster()` (the claim) and `get_client()` + the first RPC.
+4. Gateway RSS with M DaskCluster objects in its watch cache (a second gateway with the
    controller off, so the objects stay PENDING and no pods start), and list latency.
 """
 
@@ -138,6 +141,44 @@ def bench_create(gw, n):
         gc.collect()
     g.close()
     return times
+
+
+def warm_pool_ready(gw):
+    """Whether the gateway's warm pool has a running scheduler and none starting."""
+    text = urllib.request.urlopen(gw.url + "/metrics", timeout=10).read().decode()
+    pool = r'^dask_gateway_warm_schedulers\{pool="[^"]*",state="%s"\} (\d+)$'
+    running = sum(int(n) for n in re.findall(pool % "running", text, re.M))
+    pending = sum(int(n) for n in re.findall(pool % "pending", text, re.M))
+    return running >= 1 and pending == 0
+
+
+def bench_warm(gw, n):
+    """Create -> reachable from a warm pool of one, `n` times: each round waits until the pool
+    has refilled and its scheduler has settled. Returns (total, new_cluster) seconds per round."""
+    from dask_gateway import BasicAuth
+    from dask_gateway import Gateway as StockGateway
+    g = StockGateway(gw.url, auth=BasicAuth("bench-warm", ""))
+    rows = []
+    for _ in range(n):
+        deadline = time.time() + 120
+        while not warm_pool_ready(gw):
+            if time.time() > deadline:
+                sys.exit("the warm pool did not refill within 120 s")
+            time.sleep(0.1)
+        time.sleep(1.0)  # as a pool waits between users
+        claims = gw.metric("dask_gateway_warm_scheduler_claims_total")
+        t = time.perf_counter()
+        c = g.new_cluster()
+        t1 = time.perf_counter()
+        with c.get_client(set_as_default=False) as client:
+            client.scheduler_info()
+        rows.append((time.perf_counter() - t, t1 - t))
+        if gw.metric("dask_gateway_warm_scheduler_claims_total") != claims + 1:
+            sys.exit("a create that should have claimed the warm scheduler started a cold one")
+        c.shutdown()
+        gc.collect()
+    g.close()
+    return rows
 
 
 def bench_scale(kube, ns, gw, n, real_workers):
@@ -302,8 +343,9 @@ def main():
     ap.add_argument("--churn", type=int, default=0,
                     help="cluster lifecycles of the churn measurement (0: skip)")
     ap.add_argument("--churn-users", type=int, default=3)
-    ap.add_argument("--only", default="pods,memory,churn",
+    ap.add_argument("--only", default="pods,warm,memory,churn",
                     help="comma-separated parts: pods (create, 0 -> N pods, real workers), "
+                         "warm (create from a warm pool), "
                          "memory (1,000 clusters), churn (with --churn > 0)")
     args = ap.parse_args()
     kube = Kube(args.kubeconfig, args.kubectl)
@@ -322,12 +364,30 @@ def main():
                 print(f"  error: {e}")
         if "pods" in parts:
             bench_pods(kube, args, workdir)
+        if "warm" in parts:
+            bench_pool(kube, args, workdir)
         if "memory" in parts:
             idle, full, rate, lat = bench_memory(kube, args.gateway, workdir, args.clusters)
             print(f"gateway RSS: {idle:.1f} MiB with no clusters, {full:.1f} MiB with "
                   f"{args.clusters} DaskCluster objects cached; creates through the API "
                   f"{rate:.0f}/s ({CREATORS} callers); list of one user's clusters median "
                   f"{lat * 1000:.1f} ms")
+
+
+def bench_pool(kube, args, workdir):
+    """Create -> reachable from a warm pool of one scheduler."""
+    ns, kc = kube.namespace("warm")
+    gw = Gateway(args.gateway, workdir, kc, ns, 8194,
+                 {"cluster": {"warm_schedulers": 1},
+                  "kubernetes": {"termination_grace_period_seconds": 1}})
+    rows = bench_warm(gw, args.creates)
+    totals = [r[0] for r in rows]
+    print(f"create -> scheduler reachable from a warm pool (warm_schedulers: 1), {len(rows)} "
+          f"clusters: median {statistics.median(totals):.3f} s, min {min(totals):.3f} s, "
+          f"max {max(totals):.3f} s; of which new_cluster (the claim) median "
+          f"{statistics.median(r[1] for r in rows):.3f} s")
+    gw.stop()
+    kube.kubectl("delete", "namespace", ns, "--wait=false")
 
 
 def bench_pods(kube, args, workdir):
