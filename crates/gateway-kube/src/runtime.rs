@@ -84,12 +84,28 @@ pub async fn check_crd(client: &Client, namespace: &str) -> Result<(), CrdError>
 /// [`forward_in_batches`].
 const TRIGGER_BATCH: Duration = Duration::from_millis(250);
 
+/// Events read at the end of a batch's window between two yields to the runtime.
+const DRAIN_YIELD_EVERY: usize = 256;
+
+/// How long the end of a batch's window waits for the next event before it counts the batch as
+/// read. What a watch has received is usually there at once; over HTTP/1.1, though, the
+/// connection's task reads the socket only when asked, a moment after the first poll.
+const DRAIN_GRACE: Duration = Duration::from_millis(2);
+
+/// How long the end of a batch's window reads at most: events that keep coming (a burst of
+/// thousands of pods) go to the next batch, so that this one's triggers are not held back.
+const DRAIN_AT_MOST: Duration = Duration::from_millis(25);
+
 /// A cache of objects of this installation, filled by a watch in its own task (spawned in
 /// `tasks`), and the stream of changed objects that triggers the controller. The watch does not
 /// depend on the controller polling it, so the cache completes its first listing before the
 /// controller starts (a controller that reconciled on a half-filled cache would create children
-/// that exist). Changes are passed on in batches of [`TRIGGER_BATCH`], one per owner: the cache
-/// itself is always current, and a pass reads it, so only the number of passes changes.
+/// that exist). Changes are passed on in batches of [`TRIGGER_BATCH`], one per owner, and the
+/// watch is read once per batch (see [`forward_in_batches`]): a pass reads the cache, which
+/// holds every change its trigger names, so only the number of passes changes. A pass started
+/// otherwise (a DaskCluster's change, a requeue) may find the cache up to a batch behind, as a
+/// watch always may be: the controller remembers its own creations and deletions until the
+/// cache shows them.
 fn cache<K>(
     api: Api<K>,
     selector: &str,
@@ -112,8 +128,7 @@ where
     let events = watcher(api, watcher::Config::default().labels(selector))
         .default_backoff()
         .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
-        .reflect(writer)
-        .touched_objects();
+        .reflect(writer);
     tasks.spawn(forward_in_batches(events, tx, TRIGGER_BATCH));
     let triggers = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|event| (event, rx))
@@ -121,21 +136,36 @@ where
     (reader, triggers)
 }
 
-/// Passes `events` on to `tx` in batches of `window`, one change per owner ([`TriggerBatch`]),
-/// until either side ends. The first change after a quiet spell (nothing passed on for
-/// `window`) goes on at once, and the changes within `window` after it wait for the batch; a
-/// steady stream of changes goes on once per `window`.
+/// Passes the changes of a watch's `events` on to `tx` in batches of `window`, one change per
+/// owner ([`TriggerBatch`]), until either side ends. The first change after a quiet spell
+/// (nothing passed on for `window`) goes on at once, and the changes within `window` after it
+/// wait for the batch; a steady stream of changes goes on once per `window`.
+///
+/// `events` is not polled while a batch waits: the changes of its window are read when it
+/// ends, all at once, as far as they have arrived. A watch's events are read (and applied to
+/// its cache) when its stream is polled, so a burst of pod changes is read in one go per
+/// window instead of one wake-up, read and decode each as it arrives; the cache is as current
+/// as the triggers, which only ever name changes already in it. A listing under way (the
+/// first, or again after the watch lost its place) is read as it comes: the watcher asks for
+/// each page only once the last one has been read.
+///
+/// The listing is followed in the events themselves (`Init` to `InitDone`), not by waiting on
+/// the cache's readiness: a [`Store`]'s `wait_until_ready` wakes only the last task that
+/// polled it, and `run_term` waits on it too.
 async fn forward_in_batches<K, S>(
     events: S,
     tx: tokio::sync::mpsc::UnboundedSender<Result<K, watcher::Error>>,
     window: Duration,
 ) where
     K: kube::Resource,
-    S: futures_util::Stream<Item = Result<K, watcher::Error>>,
+    S: futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
-    let mut events = std::pin::pin!(events);
+    let mut changes = Changes {
+        events: Box::pin(events),
+        listing: false,
+    };
     let mut last_sent: Option<tokio::time::Instant> = None;
-    while let Some(first) = events.next().await {
+    while let Some(first) = changes.next().await {
         let mut batch = TriggerBatch::default();
         if last_sent.is_none_or(|t| t.elapsed() >= window) {
             if tx.send(first).is_err() {
@@ -147,17 +177,18 @@ async fn forward_in_batches<K, S>(
         let until = tokio::time::sleep(window);
         tokio::pin!(until);
         let mut ended = false;
-        loop {
+        while changes.listing && !ended {
             tokio::select! {
-                event = events.next() => match event {
-                    Some(event) => batch.add(event),
-                    None => {
-                        ended = true;
-                        break;
-                    }
+                change = changes.next() => match change {
+                    Some(change) => batch.add(change),
+                    None => ended = true,
                 },
                 () = &mut until => break,
             }
+        }
+        if !ended {
+            until.await;
+            ended = changes.drain_into(&mut batch).await;
         }
         for event in batch.events {
             if tx.send(event).is_err() {
@@ -168,6 +199,64 @@ async fn forward_in_batches<K, S>(
             return;
         }
         last_sent = Some(tokio::time::Instant::now());
+    }
+}
+
+/// A watch's events, reflected into its cache, as changed objects; `Init` and `InitDone` only
+/// mark a listing under way.
+struct Changes<S> {
+    events: std::pin::Pin<Box<S>>,
+    /// Between `Init` and `InitDone`.
+    listing: bool,
+}
+
+impl<K, S> Changes<S>
+where
+    S: futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    /// The next changed object (or watch error); `None` once the watch ended. Cancel safe.
+    async fn next(&mut self) -> Option<Result<K, watcher::Error>> {
+        loop {
+            return match self.events.next().await? {
+                Ok(
+                    watcher::Event::Apply(obj)
+                    | watcher::Event::InitApply(obj)
+                    | watcher::Event::Delete(obj),
+                ) => Some(Ok(obj)),
+                Ok(watcher::Event::Init) => {
+                    self.listing = true;
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    self.listing = false;
+                    continue;
+                }
+                Err(e) => Some(Err(e)),
+            };
+        }
+    }
+
+    /// Reads what arrived into `batch`, until nothing more comes within [`DRAIN_GRACE`], for at
+    /// most [`DRAIN_AT_MOST`]; whether the watch ended. Outside the runtime's budget of work per
+    /// poll, which would otherwise cut a large burst short (the rest waiting for the next
+    /// window); a yield now and then lets other tasks run.
+    async fn drain_into(&mut self, batch: &mut TriggerBatch<K>) -> bool
+    where
+        K: kube::Resource,
+    {
+        let drain_ends = tokio::time::Instant::now() + DRAIN_AT_MOST;
+        for read in 1usize.. {
+            let until = drain_ends.min(tokio::time::Instant::now() + DRAIN_GRACE);
+            match tokio::time::timeout_at(until, tokio::task::unconstrained(self.next())).await {
+                Ok(Some(change)) => batch.add(change),
+                Ok(None) => return true,
+                Err(_) => return false,
+            }
+            if read % DRAIN_YIELD_EVERY == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        false
     }
 }
 
@@ -377,13 +466,17 @@ pub async fn run_controller(
 
 #[cfg(test)]
 mod tests {
-    use super::{forward_in_batches, run_term, LiveContext, TriggerBatch};
+    use super::{
+        forward_in_batches, run_term, LiveContext, TriggerBatch, DRAIN_AT_MOST, DRAIN_GRACE,
+    };
     use crate::config::KubeConfig;
     use crate::crd::{GROUP, VERSION};
     use k8s_openapi::api::core::v1::Pod;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
     use kube::runtime::watcher;
     use serde_json::json;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     fn pod(name: &str, owner: Option<&str>, version: &str) -> Pod {
@@ -413,37 +506,180 @@ mod tests {
             .unwrap()
     }
 
+    /// A pod's change as a watch reports it.
+    fn applied(pod: Pod) -> Result<watcher::Event<Pod>, watcher::Error> {
+        Ok(watcher::Event::Apply(pod))
+    }
+
+    /// Where a test sends watch events to `forward_in_batches`.
+    type ChangesIn =
+        tokio::sync::mpsc::UnboundedSender<Result<watcher::Event<Pod>, watcher::Error>>;
+    /// Where a test receives what `forward_in_batches` passed on.
+    type ChangesOut = tokio::sync::mpsc::UnboundedReceiver<Result<Pod, watcher::Error>>;
+
+    /// Watch events sent to `forward_in_batches` (over `window`) in a task of its own: the
+    /// sender of the events, the receiver of what it passes on, and how often it has polled
+    /// the events.
+    fn batching(window: Duration) -> (ChangesIn, ChangesOut, Arc<AtomicUsize>) {
+        let (changes, mut changes_rx) = tokio::sync::mpsc::unbounded_channel();
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = polls.clone();
+        let events = futures_util::stream::poll_fn(move |cx| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            changes_rx.poll_recv(cx)
+        });
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(forward_in_batches(events, tx, window));
+        (changes, rx, polls)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_change_after_a_quiet_spell_goes_on_at_once_and_a_burst_in_one_batch() {
         use tokio::time::{timeout, Instant};
         let window = Duration::from_millis(250);
-        let (changes, changes_rx) = tokio::sync::mpsc::unbounded_channel();
-        let events = futures_util::stream::unfold(changes_rx, |mut rx| async move {
-            rx.recv().await.map(|event| (event, rx))
-        });
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(forward_in_batches(events, tx, window));
+        let (changes, mut rx, _) = batching(window);
         let owner = Some("cluster-a");
         // The first change goes on at once.
         let start = Instant::now();
-        changes.send(Ok(pod("w1", owner, "1"))).unwrap();
+        changes.send(applied(pod("w1", owner, "1"))).unwrap();
         assert_eq!(version(&rx.recv().await.unwrap()), "1");
         assert_eq!(start.elapsed(), Duration::ZERO);
         // The changes right after it wait for the end of its window, and go on as one.
-        changes.send(Ok(pod("w2", owner, "2"))).unwrap();
-        changes.send(Ok(pod("w3", owner, "3"))).unwrap();
+        changes.send(applied(pod("w2", owner, "2"))).unwrap();
+        changes.send(applied(pod("w3", owner, "3"))).unwrap();
         assert_eq!(version(&rx.recv().await.unwrap()), "3");
-        assert_eq!(start.elapsed(), window);
+        assert_eq!(start.elapsed(), window + DRAIN_GRACE);
         // A change right after a batch is part of a steady stream: it waits for a window too.
-        changes.send(Ok(pod("w4", owner, "4"))).unwrap();
+        changes.send(applied(pod("w4", owner, "4"))).unwrap();
         assert!(timeout(window / 2, rx.recv()).await.is_err());
         assert_eq!(version(&rx.recv().await.unwrap()), "4");
         // After a quiet spell, a change goes on at once again.
         tokio::time::sleep(window * 4).await;
         let quiet = Instant::now();
-        changes.send(Ok(pod("w5", owner, "5"))).unwrap();
+        changes.send(applied(pod("w5", owner, "5"))).unwrap();
         assert_eq!(version(&rx.recv().await.unwrap()), "5");
         assert_eq!(quiet.elapsed(), Duration::ZERO);
+    }
+
+    /// A watch is read when its stream is polled: while a batch waits, the stream is left
+    /// alone, and at the window's end everything that arrived is read at once, however much
+    /// (more than the runtime's budget of work per poll, here 1,000 changes).
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_reads_what_arrived_in_its_window_at_its_end_all_at_once() {
+        use tokio::time::Instant;
+        let window = Duration::from_millis(250);
+        let (changes, mut rx, polls) = batching(window);
+        let start = Instant::now();
+        changes
+            .send(applied(pod("first", Some("cluster-0"), "0")))
+            .unwrap();
+        assert_eq!(version(&rx.recv().await.unwrap()), "0");
+        tokio::task::yield_now().await;
+        let polled = polls.load(Ordering::SeqCst);
+        for i in 1..=1000 {
+            let owner = format!("cluster-{i}");
+            changes
+                .send(applied(pod("w", Some(&owner), &i.to_string())))
+                .unwrap();
+        }
+        tokio::time::sleep(window / 2).await;
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            polled,
+            "polled during the window"
+        );
+        for i in 1..=1000 {
+            assert_eq!(version(&rx.recv().await.unwrap()), i.to_string());
+            assert_eq!(
+                start.elapsed(),
+                window + DRAIN_GRACE,
+                "change {i} came late"
+            );
+        }
+    }
+
+    /// A listing under way (from `Init` to `InitDone`) is read as it comes, its changes still
+    /// passed on as one batch: the watcher asks for a listing's next page only once it has read
+    /// the last. After `InitDone`, the watch is left alone during a window again.
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_is_read_as_it_comes_and_passed_on_in_a_batch() {
+        use tokio::time::Instant;
+        let window = Duration::from_millis(250);
+        let (changes, mut rx, polls) = batching(window);
+        let listed = |i: u32| {
+            Ok(watcher::Event::InitApply(pod(
+                "w",
+                Some("cluster-a"),
+                &i.to_string(),
+            )))
+        };
+        let start = Instant::now();
+        changes.send(Ok(watcher::Event::Init)).unwrap();
+        changes.send(listed(1)).unwrap();
+        assert_eq!(version(&rx.recv().await.unwrap()), "1");
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // The next page, mid-window: read as it comes, passed on at the window's end.
+        tokio::time::sleep(window / 5).await;
+        let before = polls.load(Ordering::SeqCst);
+        changes.send(listed(2)).unwrap();
+        changes.send(listed(3)).unwrap();
+        changes.send(Ok(watcher::Event::InitDone)).unwrap();
+        tokio::task::yield_now().await;
+        assert!(
+            polls.load(Ordering::SeqCst) >= before + 3,
+            "the listing was not read as it came"
+        );
+        assert_eq!(version(&rx.recv().await.unwrap()), "3");
+        assert_eq!(start.elapsed(), window + DRAIN_GRACE);
+        // Listed: a change right after waits for a window, unread until its end.
+        changes
+            .send(applied(pod("w", Some("cluster-a"), "4")))
+            .unwrap();
+        tokio::task::yield_now().await;
+        let polled = polls.load(Ordering::SeqCst);
+        tokio::time::sleep(window / 2).await;
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            polled,
+            "polled during the window"
+        );
+        assert_eq!(version(&rx.recv().await.unwrap()), "4");
+        assert_eq!(start.elapsed(), (window + DRAIN_GRACE) * 2);
+    }
+
+    /// Changes that keep coming at the end of a window (every millisecond, within the grace)
+    /// are read for at most `DRAIN_AT_MOST`: the batch then goes on, and the rest wait for the
+    /// next one.
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_does_not_hold_a_batch_back() {
+        use tokio::time::Instant;
+        let window = Duration::from_millis(250);
+        let (changes, mut rx, _) = batching(window);
+        let start = Instant::now();
+        tokio::spawn(async move {
+            for i in 0..1000 {
+                let owner = format!("cluster-{i}");
+                if changes
+                    .send(applied(pod("w", Some(&owner), &i.to_string())))
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        assert_eq!(version(&rx.recv().await.unwrap()), "0");
+        // The batch: everything read until the drain had read for DRAIN_AT_MOST.
+        let first: u32 = version(&rx.recv().await.unwrap()).parse().unwrap();
+        let sent = start.elapsed();
+        let mut last = first;
+        while let Ok(event) = rx.try_recv() {
+            last = version(&event).parse().unwrap();
+        }
+        assert_eq!(first, 1);
+        assert!(sent >= window + DRAIN_AT_MOST, "{sent:?}");
+        assert!(sent <= window + DRAIN_AT_MOST + DRAIN_GRACE, "{sent:?}");
+        assert!(last >= 270, "the batch ended at change {last}");
     }
 
     #[test]
@@ -467,6 +703,54 @@ mod tests {
             "an ownerless object: its own latest"
         );
         assert_eq!(version(&events[4]), "6");
+    }
+
+    /// A term polled by nothing but its own wake-ups (in a task of its own, as when the lease
+    /// is not renewed meanwhile) starts its controller once the caches have listed: the
+    /// controller's DaskCluster watch comes. A wake-up lost while the term waits for the
+    /// caches (a second task waiting on a store's readiness takes it) would leave it waiting.
+    #[tokio::test]
+    async fn a_term_starts_its_controller_once_its_caches_have_listed() {
+        let (client, mut api) = crate::mock_api::pair();
+        let config = KubeConfig {
+            instance: "gw".into(),
+            ..KubeConfig::default()
+        };
+        let never = std::future::pending::<()>();
+        let term = tokio::spawn(run_term(
+            client,
+            config,
+            "dask".into(),
+            LiveContext::default(),
+            never,
+        ));
+        let serve = async {
+            let mut watches = Vec::new();
+            loop {
+                let call = api.next().await;
+                let resource = call.path.rsplit('/').next().unwrap_or_default().to_string();
+                if call.query.contains("watch=true") {
+                    if resource == "daskclusters" {
+                        return watches;
+                    }
+                    watches.push(call); // held unanswered: the watch stays open
+                    continue;
+                }
+                let (api_version, kind) = match resource.as_str() {
+                    "pods" => ("v1".to_string(), "PodList"),
+                    "secrets" => ("v1".to_string(), "SecretList"),
+                    "services" => ("v1".to_string(), "ServiceList"),
+                    "daskclusters" => (format!("{GROUP}/{VERSION}"), "DaskClusterList"),
+                    other => panic!("unexpected request for {other}: {}", call.path),
+                };
+                call.ok(json!({"apiVersion": api_version, "kind": kind,
+                               "metadata": {"resourceVersion": "1"}, "items": []}));
+            }
+        };
+        // The mocked API server fails the test if no further request comes within its wait.
+        let watches = serve.await;
+        assert_eq!(watches.len(), 3, "the three caches watch");
+        term.abort();
     }
 
     /// Leader election drops a term's future when the lease is lost: the term's tasks must go
