@@ -705,6 +705,19 @@ mod tests {
         assert_eq!(version(&events[4]), "6");
     }
 
+    /// Answers a listing of `resource` (the last part of `call`'s path) with no objects.
+    fn list_nothing(call: crate::mock_api::Call, resource: &str) {
+        let (api_version, kind) = match resource {
+            "pods" => ("v1".to_string(), "PodList"),
+            "secrets" => ("v1".to_string(), "SecretList"),
+            "services" => ("v1".to_string(), "ServiceList"),
+            "daskclusters" => (format!("{GROUP}/{VERSION}"), "DaskClusterList"),
+            other => panic!("unexpected request for {other}: {}", call.path),
+        };
+        call.ok(json!({"apiVersion": api_version, "kind": kind,
+                       "metadata": {"resourceVersion": "1"}, "items": []}));
+    }
+
     /// A term polled by nothing but its own wake-ups (in a task of its own, as when the lease
     /// is not renewed meanwhile) starts its controller once the caches have listed: the
     /// controller's DaskCluster watch comes. A wake-up lost while the term waits for the
@@ -736,15 +749,7 @@ mod tests {
                     watches.push(call); // held unanswered: the watch stays open
                     continue;
                 }
-                let (api_version, kind) = match resource.as_str() {
-                    "pods" => ("v1".to_string(), "PodList"),
-                    "secrets" => ("v1".to_string(), "SecretList"),
-                    "services" => ("v1".to_string(), "ServiceList"),
-                    "daskclusters" => (format!("{GROUP}/{VERSION}"), "DaskClusterList"),
-                    other => panic!("unexpected request for {other}: {}", call.path),
-                };
-                call.ok(json!({"apiVersion": api_version, "kind": kind,
-                               "metadata": {"resourceVersion": "1"}, "items": []}));
+                list_nothing(call, &resource);
             }
         };
         // The mocked API server fails the test if no further request comes within its wait.
@@ -780,16 +785,8 @@ mod tests {
                     continue;
                 }
                 let resource = call.path.rsplit('/').next().unwrap_or_default().to_string();
-                let (api_version, kind) = match resource.as_str() {
-                    "pods" => ("v1".to_string(), "PodList"),
-                    "secrets" => ("v1".to_string(), "SecretList"),
-                    "services" => ("v1".to_string(), "ServiceList"),
-                    "daskclusters" => (format!("{GROUP}/{VERSION}"), "DaskClusterList"),
-                    other => panic!("unexpected request for {other}: {}", call.path),
-                };
                 swept |= resource == "daskclusters" && call.query.contains("finished%3Dtrue");
-                call.ok(json!({"apiVersion": api_version, "kind": kind,
-                               "metadata": {"resourceVersion": "1"}, "items": []}));
+                list_nothing(call, &resource);
             }
             watches
         };
