@@ -39,7 +39,11 @@ def page_url(server):
 def open_page(browser, server):
     browser.viewport(1280, 900)
     browser.open(page_url(server))
-    browser.wait_js("!!document.querySelector('#whoami strong')", what="the signed-in user")
+    # The page signs in, then builds the form and reads the clusters: done when not busy.
+    browser.wait_js("!!document.querySelector('#whoami strong') &&"
+                    " !document.querySelector('main').hasAttribute('aria-busy')",
+                    what="the signed-in user and the page's first read")
+    assert browser.eval("document.getElementById('create').disabled") is False
 
 
 def row_text(browser, name, selector):

@@ -567,19 +567,28 @@ async function tick() {
   await poll('Reading clusters', refreshClusters);
 }
 
+/** Signs in, builds the form from the options, reads everything once, then polls. The page
+ *  is marked busy (`aria-busy` on `main`) until that first read is done, and the create button
+ *  is enabled once the form has its fields: a click before would send the defaults, or submit
+ *  the bare form and reload the page. */
 async function start() {
-  const ok = await attempt('Signing in', loadMe);
-  if (!ok && !state.me) return;
-  await attempt('Reading options', loadOptions);
-  $('new-cluster').addEventListener('submit', createCluster);
-  for (const id of ['filter-user', 'filter-group']) $(id).addEventListener('input', renderClusters);
-  $('filter-status').addEventListener('change', tick);
-  for (const id of ['usage-window', 'usage-by']) {
-    $(id).addEventListener('change', () => poll('Reading usage', refreshUsage));
+  try {
+    const ok = await attempt('Signing in', loadMe);
+    if (!ok && !state.me) return;
+    await attempt('Reading options', loadOptions);
+    $('new-cluster').addEventListener('submit', createCluster);
+    $('create').disabled = false;
+    for (const id of ['filter-user', 'filter-group']) $(id).addEventListener('input', renderClusters);
+    $('filter-status').addEventListener('change', tick);
+    for (const id of ['usage-window', 'usage-by']) {
+      $(id).addEventListener('change', () => poll('Reading usage', refreshUsage));
+    }
+    await tick();
+    await poll('Reading usage', refreshUsage);
+    await poll('Reading the gateway status', refreshHealth);
+  } finally {
+    document.querySelector('main').removeAttribute('aria-busy');
   }
-  await tick();
-  await poll('Reading usage', refreshUsage);
-  await poll('Reading the gateway status', refreshHealth);
   window.setInterval(tick, POLL_MS);
   window.setInterval(() => poll('Reading usage', refreshUsage), 5000);
   window.setInterval(() => poll('Reading the gateway status', refreshHealth), 5000);
