@@ -106,10 +106,14 @@ class Gateway:
                 time.sleep(0.2)
         sys.exit(f"gateway on {port} did not become healthy")
 
-    def metric(self, name):
+    def metric(self, name, **labels):
+        """The sum of the series of `name` whose labels include `labels` (0 if there is none)."""
         text = urllib.request.urlopen(self.url + "/metrics", timeout=10).read().decode()
-        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
+        total = 0.0
+        for series, value in re.findall(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M):
+            if all(re.search(rf'[{{,]{k}="{re.escape(v)}"[,}}]', series) for k, v in labels.items()):
+                total += float(value)
+        return total
 
     def rss_mib(self):
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -145,11 +149,8 @@ def bench_create(gw, n):
 
 def warm_pool_ready(gw):
     """Whether the gateway's warm pool has a running scheduler and none starting."""
-    text = urllib.request.urlopen(gw.url + "/metrics", timeout=10).read().decode()
-    pool = r'^dask_gateway_warm_schedulers\{pool="[^"]*",state="%s"\} (\d+)$'
-    running = sum(int(n) for n in re.findall(pool % "running", text, re.M))
-    pending = sum(int(n) for n in re.findall(pool % "pending", text, re.M))
-    return running >= 1 and pending == 0
+    return (gw.metric("dask_gateway_warm_schedulers", state="running") >= 1
+            and gw.metric("dask_gateway_warm_schedulers", state="pending") == 0)
 
 
 def bench_warm(gw, n):
@@ -380,14 +381,16 @@ def bench_pool(kube, args, workdir):
     gw = Gateway(args.gateway, workdir, kc, ns, 8194,
                  {"cluster": {"warm_schedulers": 1},
                   "kubernetes": {"termination_grace_period_seconds": 1}})
-    rows = bench_warm(gw, args.creates)
+    try:
+        rows = bench_warm(gw, args.creates)
+    finally:  # the gateway stops its pool as it shuts down, also when a round failed
+        gw.stop()
+        kube.kubectl("delete", "namespace", ns, "--wait=false")
     totals = [r[0] for r in rows]
     print(f"create -> scheduler reachable from a warm pool (warm_schedulers: 1), {len(rows)} "
           f"clusters: median {statistics.median(totals):.3f} s, min {min(totals):.3f} s, "
           f"max {max(totals):.3f} s; of which new_cluster (the claim) median "
           f"{statistics.median(r[1] for r in rows):.3f} s")
-    gw.stop()
-    kube.kubectl("delete", "namespace", ns, "--wait=false")
 
 
 def bench_pods(kube, args, workdir):

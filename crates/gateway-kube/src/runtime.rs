@@ -217,22 +217,16 @@ where
     /// The next changed object (or watch error); `None` once the watch ended. Cancel safe.
     async fn next(&mut self) -> Option<Result<K, watcher::Error>> {
         loop {
-            return match self.events.next().await? {
+            match self.events.next().await? {
                 Ok(
                     watcher::Event::Apply(obj)
                     | watcher::Event::InitApply(obj)
                     | watcher::Event::Delete(obj),
-                ) => Some(Ok(obj)),
-                Ok(watcher::Event::Init) => {
-                    self.listing = true;
-                    continue;
-                }
-                Ok(watcher::Event::InitDone) => {
-                    self.listing = false;
-                    continue;
-                }
-                Err(e) => Some(Err(e)),
-            };
+                ) => return Some(Ok(obj)),
+                Ok(watcher::Event::Init) => self.listing = true,
+                Ok(watcher::Event::InitDone) => self.listing = false,
+                Err(e) => return Some(Err(e)),
+            }
         }
     }
 
@@ -245,18 +239,19 @@ where
         K: kube::Resource,
     {
         let drain_ends = tokio::time::Instant::now() + DRAIN_AT_MOST;
-        for read in 1usize.. {
+        let mut read = 0usize;
+        loop {
             let until = drain_ends.min(tokio::time::Instant::now() + DRAIN_GRACE);
             match tokio::time::timeout_at(until, tokio::task::unconstrained(self.next())).await {
                 Ok(Some(change)) => batch.add(change),
                 Ok(None) => return true,
                 Err(_) => return false,
             }
-            if read % DRAIN_YIELD_EVERY == 0 {
+            read += 1;
+            if read.is_multiple_of(DRAIN_YIELD_EVERY) {
                 tokio::task::yield_now().await;
             }
         }
-        false
     }
 }
 
