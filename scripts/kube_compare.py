@@ -203,8 +203,11 @@ def audit_offset():
     return AUDIT_LOG.stat().st_size
 
 
-def audit_writes(offset, user):
-    """The writes `user` made since `offset` of the audit log, by resource[/subresource]."""
+def audit_writes(offset, user, cluster=None):
+    """The writes `user` made since `offset` of the audit log, by resource[/subresource]. With
+    `cluster`, writes to any other DaskCluster are left out: an earlier round's cluster, stopped
+    before this round, is still labelled finished 30 s after it ended (ours), which is that
+    cluster's stop, not this round's scale-up."""
     out = {}
     with open(AUDIT_LOG, "rb") as f:
         f.seek(offset)
@@ -213,6 +216,10 @@ def audit_writes(offset, user):
             if e.get("user", {}).get("username") != user or e.get("verb") not in WRITE_VERBS:
                 continue
             ref = e.get("objectRef", {})
+            # The reference names a cluster `<namespace>.<object name>`; ours by its object name.
+            if cluster and ref.get("resource") == "daskclusters" \
+                    and ref.get("name", "") not in cluster:
+                continue
             key = ref.get("resource", "?") + ("/" + ref["subresource"] if ref.get("subresource") else "")
             out[key] = out.get(key, 0) + 1
     return out
@@ -394,7 +401,7 @@ def one_round(side, watch, workers):
     time.sleep(5)  # the status writes that follow the last pod's start
     r["scale_cpu_s"] = cpu_seconds(side.pids()) - cpu0
     r["scale_window_s"] = time.perf_counter() - t1
-    writes = audit_writes(offset, side.user)
+    writes = audit_writes(offset, side.user, cluster=name)
     r["scale_api_writes"] = sum(writes.values())
     r["scale_api_writes_by_resource"] = writes
     # Leader election renews its Lease every few seconds whatever the controller does (ours
