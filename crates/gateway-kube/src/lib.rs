@@ -34,6 +34,7 @@ pub mod metrics;
 #[cfg(test)]
 mod mock_api;
 pub mod names;
+pub mod pod_cache;
 pub mod quantity;
 pub mod quota_lock;
 pub mod runtime;

@@ -9,7 +9,8 @@ use crate::lean::LeanPod;
 use crate::limiter::RateLimiter;
 use crate::metrics::LiveContext;
 use crate::names;
-use futures_util::StreamExt;
+use crate::pod_cache::pod_cache;
+use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
@@ -97,15 +98,42 @@ const DRAIN_GRACE: Duration = Duration::from_millis(2);
 const DRAIN_AT_MOST: Duration = Duration::from_millis(25);
 
 /// A cache of objects of this installation, filled by a watch in its own task (spawned in
-/// `tasks`), and the stream of changed objects that triggers the controller. The watch does not
-/// depend on the controller polling it, so the cache completes its first listing before the
-/// controller starts (a controller that reconciled on a half-filled cache would create children
-/// that exist). Changes are passed on in batches of [`TRIGGER_BATCH`], one per owner, and the
-/// watch is read once per batch (see [`forward_in_batches`]): a pass reads the cache, which
-/// holds every change its trigger names, so only the number of passes changes. A pass started
-/// otherwise (a DaskCluster's change, a requeue) may find the cache up to a batch behind, as a
-/// watch always may be: the controller remembers its own creations and deletions until the
-/// cache shows them.
+/// `tasks`) that hands each event to `apply` (a cache's writer), and the stream of changed
+/// objects that triggers the controller. The watch does not depend on the controller polling
+/// it, so the cache completes its first listing before the controller starts (a controller
+/// that reconciled on a half-filled cache would create children that exist). Changes are
+/// passed on in batches of [`TRIGGER_BATCH`], one per owner, and the watch is read once per
+/// batch (see [`forward_in_batches`]): a pass reads the cache, which holds every change its
+/// trigger names, so only the number of passes changes. A pass started otherwise (a
+/// DaskCluster's change, a requeue) may find the cache up to a batch behind, as a watch always
+/// may be: the controller remembers its own creations and deletions until the cache shows them.
+fn watch_into<K>(
+    api: Api<K>,
+    selector: &str,
+    tasks: &mut JoinSet<()>,
+    mut apply: impl FnMut(&watcher::Event<K>) + Send + 'static,
+) -> impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let events = watcher(api, watcher::Config::default().labels(selector))
+        .default_backoff()
+        .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
+        .inspect_ok(move |event| apply(event));
+    tasks.spawn(forward_in_batches(events, tx, TRIGGER_BATCH));
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|event| (event, rx))
+    })
+}
+
+/// A kube-runtime [`Store`] filled by [`watch_into`], and the watch's triggers.
 fn cache<K>(
     api: Api<K>,
     selector: &str,
@@ -123,15 +151,9 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let events = watcher(api, watcher::Config::default().labels(selector))
-        .default_backoff()
-        .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
-        .reflect(writer);
-    tasks.spawn(forward_in_batches(events, tx, TRIGGER_BATCH));
-    let triggers = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|event| (event, rx))
+    let (reader, mut writer) = reflector::store();
+    let triggers = watch_into(api, selector, tasks, move |event| {
+        writer.apply_watcher_event(event)
     });
     (reader, triggers)
 }
@@ -309,10 +331,13 @@ async fn run_term(
 ) {
     let mut tasks = JoinSet::new();
     let selector = names::instance_selector(&config.instance);
-    let (pods, pod_events) = cache(
+    // Pods are read one cluster at a time (see `crate::pod_cache`).
+    let (pods, mut pod_writer) = pod_cache();
+    let pod_events = watch_into(
         Api::<LeanPod>::namespaced(client.clone(), &namespace),
         &selector,
         &mut tasks,
+        move |event| pod_writer.apply_watcher_event(event),
     );
     let (secrets, secret_events) = cache(
         Api::<Secret>::namespaced(client.clone(), &namespace),
@@ -325,7 +350,7 @@ async fn run_term(
         &mut tasks,
     );
     for (what, ready) in [
-        ("pods", pods.wait_until_ready().await.is_ok()),
+        ("pods", pods.wait_until_ready().await),
         ("secrets", secrets.wait_until_ready().await.is_ok()),
         ("services", services.wait_until_ready().await.is_ok()),
     ] {

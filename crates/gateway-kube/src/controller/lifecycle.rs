@@ -179,15 +179,7 @@ pub(super) async fn tear_down(
     next.addresses = None;
     delete_children(ctx, ns, id, observed).await?;
     // Pods stay in the cache until the kubelet has stopped them.
-    let remaining = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.namespace().as_deref() == Some(ns)
-                && p.labels().get(names::LABEL_CLUSTER).map(String::as_str) == Some(id)
-        })
-        .count();
+    let remaining = ctx.pods.count(ns, id);
     let since = next.stopping_since.get_or_insert_with(now_rfc3339).clone();
     let waited = age(&since).unwrap_or_default();
     if remaining == 0 || waited > STOP_WAIT {

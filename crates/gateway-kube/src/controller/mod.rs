@@ -37,9 +37,9 @@ mod writes;
 
 use crate::build::{self, BuildError};
 use crate::crd::{DaskCluster, DaskClusterStatus, Phase};
-use crate::lean::LeanPod;
 use crate::limiter::RateLimiter;
 use crate::metrics::ControllerMetrics;
+use crate::pod_cache::PodCache;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
@@ -111,8 +111,8 @@ pub struct Expectations {
 pub struct Context {
     /// API client.
     pub client: Client,
-    /// Pods of this installation (watch cache).
-    pub pods: Store<LeanPod>,
+    /// Pods of this installation (watch cache), read one cluster at a time.
+    pub pods: PodCache,
     /// Secrets of this installation (watch cache).
     pub secrets: Store<Secret>,
     /// Services of this installation (watch cache).
@@ -151,7 +151,7 @@ impl Context {
     /// A context over `client` and the three caches, counting in `metrics`.
     pub fn new(
         client: Client,
-        pods: Store<LeanPod>,
+        pods: PodCache,
         secrets: Store<Secret>,
         services: Store<Service>,
         limiter: RateLimiter,

@@ -9,7 +9,6 @@ use crate::names;
 use k8s_openapi::api::core::v1::{ContainerState, Pod};
 use kube::runtime::reflector::ObjectRef;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// How long our own creations and deletions are remembered while the cache catches up.
@@ -18,14 +17,14 @@ const EXPECTATION_TTL: Duration = Duration::from_secs(60);
 /// What exists of one cluster, from the caches corrected by our expectations.
 pub(super) struct Observed {
     pub(super) secret: bool,
-    pub(super) scheduler: Option<Arc<LeanPod>>,
+    pub(super) scheduler: Option<LeanPod>,
     pub(super) scheduler_expected: bool,
     pub(super) service: bool,
     /// Worker pods not being deleted (by us or anyone).
-    pub(super) workers: Vec<Arc<LeanPod>>,
+    pub(super) workers: Vec<LeanPod>,
     /// Worker pods being deleted whose container was killed for its memory limit meanwhile
     /// (a worker the scheduler reported gone, deleted as retired before its pod said why).
-    pub(super) oom_killed_while_deleted: Vec<Arc<LeanPod>>,
+    pub(super) oom_killed_while_deleted: Vec<LeanPod>,
     /// Names of worker pods we created that the cache does not show yet.
     pub(super) workers_expected: Vec<String>,
     /// The scheduler pod, if its container runs (being deleted or not).
@@ -83,24 +82,18 @@ impl Context {
     /// What exists of cluster `id` in `ns`: the caches, corrected by our expectations (which
     /// it prunes of what the caches show now, and of what is older than [`EXPECTATION_TTL`]).
     pub(super) fn observe(&self, ns: &str, id: &str) -> Observed {
-        let in_store = |name: &str| -> Option<Arc<LeanPod>> {
-            self.pods.get(&ObjectRef::new(name).within(ns))
-        };
-        // Runs on every pass over every pod of the installation: compares in place, copies
-        // nothing but the pointers it keeps.
-        let mut workers: Vec<Arc<LeanPod>> = self
-            .pods
-            .state()
-            .into_iter()
-            .filter(|p| {
-                p.metadata.namespace.as_deref() == Some(ns)
-                    && label(p, names::LABEL_CLUSTER) == Some(id)
-                    && label(p, names::LABEL_COMPONENT) == Some(names::COMPONENT_WORKER)
-            })
-            .collect();
+        // Only this cluster's pods (see `crate::pod_cache`); the scheduler among them.
         let scheduler_name = names::scheduler_pod_name(id);
+        let mut scheduler = None;
+        let mut workers: Vec<LeanPod> = Vec::new();
+        for pod in self.pods.cluster_pods(ns, id) {
+            if pod_name(&pod) == scheduler_name {
+                scheduler = Some(pod);
+            } else if label(&pod, names::LABEL_COMPONENT) == Some(names::COMPONENT_WORKER) {
+                workers.push(pod);
+            }
+        }
         let (secret_name, service_name) = (names::secret_name(id), names::service_name(id));
-        let mut scheduler = in_store(&scheduler_name);
         let secret = self
             .secrets
             .get(&ObjectRef::new(&secret_name).within(ns))
@@ -130,7 +123,7 @@ impl Context {
         });
         let deleted = &exp.deleted;
         let gone = |p: &Pod| is_being_deleted(p) || deleted.contains_key(pod_name(p));
-        let scheduler_running = scheduler.as_deref().and_then(|p| RunningPod::of(p));
+        let scheduler_running = scheduler.as_deref().and_then(RunningPod::of);
         let workers_running = workers.iter().filter_map(|p| RunningPod::of(p)).collect();
         let oom_killed_while_deleted = workers
             .iter()

@@ -5,6 +5,7 @@
 //! One file over 500 lines: each test is one scenario through the whole pass, and they share
 //! the fixtures at the top (caches, pods in every state, the status a pass writes).
 
+use super::observe::pod_name;
 use super::status::{
     account, is_start_progress, is_teardown_progress, may_defer, record_transitions,
     COUNTS_WAIT_AT_MOST, START_PROGRESS_WAIT_AT_MOST,
@@ -15,6 +16,7 @@ use crate::crd::{DaskClusterStatus, Phase, StopSpec};
 use crate::lean::LeanPod;
 use crate::mock_api::{ApiServer, Call};
 use crate::names;
+use crate::pod_cache::{pod_cache, PodCacheWriter};
 use http::Method;
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
@@ -26,7 +28,7 @@ use kube::runtime::watcher::Event;
 use serde_json::json;
 
 struct Caches {
-    pods: Writer<LeanPod>,
+    pods: PodCacheWriter,
     secrets: Writer<Secret>,
     services: Writer<Service>,
 }
@@ -37,7 +39,7 @@ fn context(batch: usize) -> (Arc<Context>, ApiServer, Caches) {
 
 fn context_with(batch: usize, record_events: bool) -> (Arc<Context>, ApiServer, Caches) {
     let (client, api) = crate::mock_api::pair();
-    let (pods, pod_writer) = store();
+    let (pods, pod_writer) = pod_cache();
     let (secrets, secret_writer) = store();
     let (services, service_writer) = store();
     let ctx = Context::new(
@@ -1306,4 +1308,45 @@ async fn event_recordings_in_flight_end_with_the_term() {
     .await
     .expect("the aborted recording released the context");
     drop(c);
+}
+
+/// A pass reads its own cluster's pods only: another cluster's pods in the namespace, and a
+/// pod with the cluster's label in another namespace, are not its workers (nor its scheduler).
+#[tokio::test]
+async fn a_pass_observes_only_its_own_clusters_pods() {
+    const OTHER: &str = "fedcba9876543210fedcba9876543210";
+    let (ctx, _api, mut caches) = context(100);
+    let (dc, other) = (cluster(ID), cluster(OTHER));
+    caches.pod(ready_scheduler(&dc));
+    caches.pod(worker(
+        &dc,
+        &format!("{}a", names::worker_pod_prefix(ID)),
+        "Running",
+        None,
+    ));
+    caches.pod(ready_scheduler(&other));
+    for i in 0..3 {
+        let name = format!("{}{i}", names::worker_pod_prefix(OTHER));
+        caches.pod(worker(&other, &name, "Running", None));
+    }
+    let mut elsewhere = worker(
+        &dc,
+        &format!("{}b", names::worker_pod_prefix(ID)),
+        "Running",
+        None,
+    );
+    elsewhere.metadata.namespace = Some("elsewhere".into());
+    caches.pod(elsewhere);
+
+    let observed = ctx.observe("dask", ID);
+    let workers: Vec<&str> = observed.workers.iter().map(|p| pod_name(p)).collect();
+    assert_eq!(workers, [format!("{}a", names::worker_pod_prefix(ID))]);
+    assert_eq!(observed.workers_running.len(), 1);
+    assert_eq!(
+        observed.scheduler.as_ref().map(|p| pod_name(p).to_string()),
+        Some(names::scheduler_pod_name(ID))
+    );
+    assert_eq!(ctx.observe("dask", OTHER).workers.len(), 3);
+    assert_eq!(ctx.pods.count("dask", ID), 2);
+    assert_eq!(ctx.pods.count("elsewhere", ID), 1);
 }

@@ -16,7 +16,6 @@ use futures_util::future::join_all;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -42,7 +41,7 @@ pub(super) async fn reconcile_workers(
     scheduler_address: &str,
 ) -> Result<(), Error> {
     let retired: HashSet<&str> = dc.spec.retired_workers.iter().map(String::as_str).collect();
-    let mut live: Vec<&Arc<LeanPod>> = Vec::new();
+    let mut live: Vec<&LeanPod> = Vec::new();
     let mut last_failure = None;
     // A worker that ended in failure is recorded whichever way its pod goes; one the scheduler
     // reported gone (retired) had joined it, so it is never a start failure.
@@ -149,7 +148,7 @@ pub(super) async fn reconcile_workers(
         }
     } else if count > wanted {
         // Only workers that are not running yet are removed; the scheduler retires running ones.
-        let mut pending: Vec<&&Arc<LeanPod>> =
+        let mut pending: Vec<&&LeanPod> =
             live.iter().filter(|p| pod_phase(p) == "Pending").collect();
         pending.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
         for pod in pending.into_iter().take(count - wanted) {
