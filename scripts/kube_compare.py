@@ -28,6 +28,7 @@ Measured per round, on each side, through each side's own REST API and real code
 
 import argparse
 import base64
+import datetime
 import http.client
 import json
 import os
@@ -225,6 +226,31 @@ def audit_writes(offset, user, cluster=None):
     return out
 
 
+def audit_pod_creates(offset, user, since):
+    """When the API server received the last pod creation `user` sent since `offset` of the
+    audit log, and when it answered the last one, in seconds after the wall-clock time `since`:
+    how long the side took to send its pods, and how long the API server took to store them."""
+    received, answered = [], []
+    with open(AUDIT_LOG, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            e = json.loads(line)
+            ref = e.get("objectRef", {})
+            if (e.get("user", {}).get("username") != user or e.get("verb") != "create"
+                    or ref.get("resource") != "pods" or ref.get("subresource")):
+                continue
+            received.append(audit_time(e["requestReceivedTimestamp"]))
+            answered.append(audit_time(e["stageTimestamp"]))
+    if not received:
+        return None, None
+    return max(received) - since, max(answered) - since
+
+
+def audit_time(stamp):
+    """An audit log timestamp (RFC 3339, microseconds, UTC) as seconds since the epoch."""
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
 class Ours:
     label = "ours"
 
@@ -386,7 +412,7 @@ def one_round(side, watch, workers):
     r["create_api_writes_by_resource"] = writes
 
     offset, cpu0 = audit_offset(), cpu_seconds(side.pids())
-    t1 = time.perf_counter()
+    t1, t1_wall = time.perf_counter(), time.time()
     api(side, "POST", f"/api/v1/clusters/{name}/scale", {"count": workers})
 
     def workers_where(key):
@@ -398,6 +424,10 @@ def one_round(side, watch, workers):
     r["scale_pods_created_s"] = watch.wait(workers_where("added"), 120, f"{workers} worker pods")
     r["scale_pods_running_s"] = watch.wait(workers_where("running"), 600,
                                            f"{workers} Running worker pods")
+    # The pod objects' time from the audit log, in two parts: the side's (sending the
+    # creations) and the API server's (storing them), which the watch's time adds up with the
+    # watch's delivery. Read once the pods run, when the log has every creation's answer.
+    r["scale_pods_sent_s"], r["scale_pods_stored_s"] = audit_pod_creates(offset, side.user, t1_wall)
     time.sleep(5)  # the status writes that follow the last pod's start
     r["scale_cpu_s"] = cpu_seconds(side.pids()) - cpu0
     r["scale_window_s"] = time.perf_counter() - t1
@@ -422,7 +452,13 @@ def one_round(side, watch, workers):
     return r
 
 
+def seconds(value):
+    """`value` (seconds, or none) for a round's line."""
+    return "-" if value is None else f"{value:.2f} s"
+
+
 def median(values):
+    values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
 
@@ -453,7 +489,8 @@ def run_rounds(kube, args, workdir):
                     f"{r['create_to_scheduler_pod_s']:.3f} s, RUNNING "
                     f"{r['create_to_running_s']:.2f} s, {r['create_api_writes']} writes "
                     f"{r['create_api_writes_by_resource']}; scale 0 -> {args.workers}: created "
-                    f"{r['scale_pods_created_s']:.2f} s, Running "
+                    f"{r['scale_pods_created_s']:.2f} s (sent {seconds(r['scale_pods_sent_s'])}, "
+                    f"stored {seconds(r['scale_pods_stored_s'])}), Running "
                     f"{r['scale_pods_running_s']:.2f} s, {r['scale_api_writes']} writes "
                     f"{r['scale_api_writes_by_resource']}, CPU {r['scale_cpu_s']:.2f} s")
         for w in watches.values():
@@ -529,6 +566,8 @@ def main():
         ("create_to_running_s", "create -> cluster RUNNING in the API", "s"),
         ("create_api_writes", "API writes from create to RUNNING (2 s after), without leases", ""),
         ("scale_pods_created_s", f"scale 0 -> {args.workers}: all worker Pod objects exist", "s"),
+        ("scale_pods_sent_s", f"scale 0 -> {args.workers}: the last pod creation sent (audit log)", "s"),
+        ("scale_pods_stored_s", f"scale 0 -> {args.workers}: the last pod creation answered (audit log)", "s"),
         ("scale_pods_running_s", f"scale 0 -> {args.workers}: all Running (kubelet-bound)", "s"),
         ("scale_api_writes", f"API writes per {args.workers}-worker scale-up", ""),
         ("scale_api_writes_no_leases", "the same, without leader-lease renewals", ""),
