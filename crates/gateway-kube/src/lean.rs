@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// A [`Pod`] decoded without its `metadata.managedFields`, with each container's name and
-/// resources as its whole spec, and with only the status fields [`LeanStatus`] names; derefs to
+/// resources as its whole spec, and with only the status fields `LeanStatus` names; derefs to
 /// the [`Pod`], and clones by a reference count.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LeanPod(pub Arc<Pod>);

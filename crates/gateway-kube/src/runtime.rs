@@ -14,7 +14,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 use std::future::Future;
@@ -133,29 +133,13 @@ where
     })
 }
 
-/// A kube-runtime [`Store`] filled by [`watch_into`], and the watch's triggers.
-fn cache<K>(
-    api: Api<K>,
-    selector: &str,
-    tasks: &mut JoinSet<()>,
-) -> (
-    Store<K>,
-    impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-)
+/// For [`watch_into`]: applies a watch's events to the kube-runtime
+/// [`Store`](reflector::Store) of `writer`.
+fn into_store<K>(mut writer: Writer<K>) -> impl FnMut(&watcher::Event<K>) + Send + 'static
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    let (reader, mut writer) = reflector::store();
-    let triggers = watch_into(api, selector, tasks, move |event| {
-        writer.apply_watcher_event(event)
-    });
-    (reader, triggers)
+    move |event| writer.apply_watcher_event(event)
 }
 
 /// Passes the changes of a watch's `events` on to `tx` in batches of `window`, one change per
@@ -172,7 +156,7 @@ where
 /// each page only once the last one has been read.
 ///
 /// The listing is followed in the events themselves (`Init` to `InitDone`), not by waiting on
-/// the cache's readiness: a [`Store`]'s `wait_until_ready` wakes only the last task that
+/// the cache's readiness: a [`Store`](reflector::Store)'s `wait_until_ready` wakes only the last task that
 /// polled it, and `run_term` waits on it too.
 async fn forward_in_batches<K, S>(
     events: S,
@@ -339,15 +323,19 @@ async fn run_term(
         &mut tasks,
         move |event| pod_writer.apply_watcher_event(event),
     );
-    let (secrets, secret_events) = cache(
+    let (secrets, secret_writer) = reflector::store();
+    let secret_events = watch_into(
         Api::<Secret>::namespaced(client.clone(), &namespace),
         &selector,
         &mut tasks,
+        into_store(secret_writer),
     );
-    let (services, service_events) = cache(
+    let (services, service_writer) = reflector::store();
+    let service_events = watch_into(
         Api::<Service>::namespaced(client.clone(), &namespace),
         &selector,
         &mut tasks,
+        into_store(service_writer),
     );
     for (what, ready) in [
         ("pods", pods.wait_until_ready().await),
