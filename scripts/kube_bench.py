@@ -403,26 +403,34 @@ def bench_pods(kube, args, workdir):
     kube_settings = {"worker": no_op_worker, "termination_grace_period_seconds": 1}
     if os.environ.get("BENCH_WORKER_BATCH"):
         kube_settings["worker_batch"] = int(os.environ["BENCH_WORKER_BATCH"])
-    no_op = Gateway(args.gateway, workdir, kc, ns, 8190, {"kubernetes": kube_settings})
-    print(f"Kubernetes backend benchmark ({os.cpu_count()} cores; tests/kube-env, "
-          f"real containers from {DASK_IMAGE})")
-    times = bench_create(no_op, args.creates)
-    print(f"create -> scheduler reachable (new_cluster + first RPC through the proxy), "
-          f"{len(times)} clusters: median {statistics.median(times):.2f} s, "
-          f"min {min(times):.2f} s, max {max(times):.2f} s")
-    created, running, _, writes = bench_scale(kube, ns, no_op, args.workers, False)
-    print(f"scale 0 -> {args.workers} worker pods (no-op worker command): all created "
-          f"{created:.2f} s, all Running {running:.2f} s; controller API writes "
-          f"{writes:.0f} ({writes / args.workers:.2f} per worker)")
-    no_op.stop()
-    real = Gateway(args.gateway, workdir, kc, ns, 8192,
-                   {"kubernetes": {"termination_grace_period_seconds": 1}})
-    created, running, joined, writes = bench_scale(kube, ns, real, args.real_workers, True)
-    print(f"scale 0 -> {args.real_workers} real Dask workers: pods created {created:.2f} s, "
-          f"Running {running:.2f} s, joined the scheduler {joined:.2f} s; "
-          f"API writes {writes:.0f}")
-    real.stop()
-    kube.kubectl("delete", "namespace", ns, "--wait=false")
+    # Each gateway is stopped, and the namespace deleted, however the part ends.
+    gateways = []
+    try:
+        no_op = Gateway(args.gateway, workdir, kc, ns, 8190, {"kubernetes": kube_settings})
+        gateways.append(no_op)
+        print(f"Kubernetes backend benchmark ({os.cpu_count()} cores; tests/kube-env, "
+              f"real containers from {DASK_IMAGE})")
+        times = bench_create(no_op, args.creates)
+        print(f"create -> scheduler reachable (new_cluster + first RPC through the proxy), "
+              f"{len(times)} clusters: median {statistics.median(times):.2f} s, "
+              f"min {min(times):.2f} s, max {max(times):.2f} s")
+        created, running, _, writes = bench_scale(kube, ns, no_op, args.workers, False)
+        print(f"scale 0 -> {args.workers} worker pods (no-op worker command): all created "
+              f"{created:.2f} s, all Running {running:.2f} s; controller API writes "
+              f"{writes:.0f} ({writes / args.workers:.2f} per worker)")
+        no_op.stop()
+        gateways.remove(no_op)
+        real = Gateway(args.gateway, workdir, kc, ns, 8192,
+                       {"kubernetes": {"termination_grace_period_seconds": 1}})
+        gateways.append(real)
+        created, running, joined, writes = bench_scale(kube, ns, real, args.real_workers, True)
+        print(f"scale 0 -> {args.real_workers} real Dask workers: pods created {created:.2f} s, "
+              f"Running {running:.2f} s, joined the scheduler {joined:.2f} s; "
+              f"API writes {writes:.0f}")
+    finally:
+        for gw in gateways:
+            gw.stop()
+        kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 if __name__ == "__main__":
