@@ -43,22 +43,11 @@ impl Pods {
             self.remove(pod);
             return;
         };
-        // Looked up by reference first: an update of a known pod allocates nothing.
-        if !self.0.contains_key(ns) {
-            self.0.insert(ns.to_string(), Namespace::default());
-        }
-        let Some(entry) = self.0.get_mut(ns) else {
-            return;
-        };
+        let entry = slot(&mut self.0, ns);
         if entry.cluster_of.get(name).is_some_and(|c| c != cluster) {
             entry.forget(name);
         }
-        if !entry.clusters.contains_key(cluster) {
-            entry.clusters.insert(cluster.to_string(), HashMap::new());
-        }
-        let Some(pods) = entry.clusters.get_mut(cluster) else {
-            return;
-        };
+        let pods = slot(&mut entry.clusters, cluster);
         match pods.get_mut(name) {
             Some(last) => *last = pod.clone(),
             None => {
@@ -68,6 +57,11 @@ impl Pods {
                     .insert(name.to_string(), cluster.to_string());
             }
         }
+    }
+
+    /// The pods filed under cluster `cluster` of namespace `ns`.
+    fn cluster(&self, ns: &str, cluster: &str) -> Option<&HashMap<String, LeanPod>> {
+        self.0.get(ns)?.clusters.get(cluster)
     }
 
     /// Removes `pod` (found by its namespace and name).
@@ -142,9 +136,7 @@ impl PodCache {
         let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
         shared
             .current
-            .0
-            .get(ns)
-            .and_then(|entry| entry.clusters.get(cluster))
+            .cluster(ns, cluster)
             .map(|pods| pods.values().cloned().collect())
             .unwrap_or_default()
     }
@@ -152,20 +144,16 @@ impl PodCache {
     /// How many pods cluster `cluster` in namespace `ns` has.
     pub fn count(&self, ns: &str, cluster: &str) -> usize {
         let shared = self.shared.read().unwrap_or_else(|e| e.into_inner());
-        shared
-            .current
-            .0
-            .get(ns)
-            .and_then(|entry| entry.clusters.get(cluster))
-            .map_or(0, HashMap::len)
+        shared.current.cluster(ns, cluster).map_or(0, HashMap::len)
     }
 
     /// Waits until the first listing is complete; false if the writer went before that.
     /// Any number of tasks may wait at once.
     pub async fn wait_until_ready(&self) -> bool {
         let mut ready = self.ready.clone();
-        let result = ready.wait_for(|r| *r).await.is_ok();
-        result
+        // Bound first: the result borrows `ready`, which must outlive it.
+        let waited = ready.wait_for(|r| *r).await;
+        waited.is_ok()
     }
 }
 
@@ -185,6 +173,15 @@ impl PodCacheWriter {
             }
         }
     }
+}
+
+/// The value of `map` at `key`, inserted (as the default) if missing. Looked up by reference
+/// first, so that the common case, a key already there, allocates nothing.
+fn slot<'a, V: Default>(map: &'a mut HashMap<String, V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted just above")
 }
 
 fn namespace_of(pod: &LeanPod) -> &str {

@@ -156,8 +156,8 @@ where
 /// each page only once the last one has been read.
 ///
 /// The listing is followed in the events themselves (`Init` to `InitDone`), not by waiting on
-/// the cache's readiness: a [`Store`](reflector::Store)'s `wait_until_ready` wakes only the last task that
-/// polled it, and `run_term` waits on it too.
+/// the cache's readiness: a kube-runtime [`Store`](reflector::Store)'s `wait_until_ready`
+/// wakes only the last task that polled it, and `run_term` waits on it too.
 async fn forward_in_batches<K, S>(
     events: S,
     tx: tokio::sync::mpsc::UnboundedSender<Result<K, watcher::Error>>,
