@@ -381,6 +381,39 @@ def test_two_gateway_replicas_share_a_namespace(module_servers):
     leader.start()  # so the fixture can shut it down cleanly
 
 
+def test_the_next_request_after_a_create_finds_the_cluster_on_the_other_replica(module_servers):
+    """Behind something that spreads requests over the replicas (an Ingress does, per request),
+    a create answered by one replica may be followed at once by a request to the other, whose
+    watch has not brought the new DaskCluster yet. It must find the cluster: no 404 for its
+    owner, a 403 for anyone else, and a stop that is carried out, not dropped. Here the watch
+    mostly wins that race; the unit test `a_cluster_another_replica_just_created_is_read_kept_
+    and_can_be_stopped` (backend_tests.rs) pins the case where it has not."""
+    import json
+
+    a = module_servers("fresh-a")
+    b = module_servers("fresh-b", kube_namespace=a.namespace, kube_kubeconfig=a.kubeconfig)
+    owner = "fresh owner"
+    names = []
+    for _ in range(10):
+        created = a.http("POST", "/api/v1/clusters/", user=owner, body={"cluster_options": {}})
+        assert created.status == 201, created.body
+        name = json.loads(created.body)["name"]
+        names.append(name)
+        got = b.http("GET", f"/api/v1/clusters/{name}", user=owner)
+        assert got.status == 200, got.body
+        assert json.loads(got.body)["name"] == name
+        stranger = b.http("GET", f"/api/v1/clusters/{name}", user="fresh stranger")
+        assert stranger.status == 403, stranger.body
+        stopped = b.http("DELETE", f"/api/v1/clusters/{name}", user=owner)
+        assert stopped.status == 204, stopped.body
+    gw = a.gateway(owner)
+    for name in names:
+        wait_status(gw, name, "STOPPED", timeout=90)
+    for name in names:
+        wait_for(lambda: children(a, name) == {"pods": [], "secrets": [], "services": []},
+                 60, what="the stopped cluster's objects to be removed")
+
+
 def test_the_controller_can_run_on_its_own(module_servers):
     """`gateway-server controller` reconciles for a gateway that runs none itself."""
     import subprocess

@@ -268,8 +268,12 @@ pub trait ClusterBackend: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
-    /// One finished cluster that [`Self::get`] no longer knows (see [`Self::finished`]).
-    async fn finished_cluster(&self, name: &str) -> Result<Option<ClusterView>, BackendError> {
+    /// One cluster that [`Self::get`] does not know, read from where the backend stores
+    /// clusters: a finished one it no longer keeps in memory (see [`Self::finished`]), or, with
+    /// several gateway replicas, one that another replica created a moment ago and that this
+    /// one has not heard of yet, which it keeps in memory from then on. `None` if there is no
+    /// such cluster. A backend that keeps every cluster in memory has none.
+    async fn stored_cluster(&self, name: &str) -> Result<Option<ClusterView>, BackendError> {
         let _ = name;
         Ok(None)
     }

@@ -258,7 +258,7 @@ impl KubeBackend {
     fn upsert(&self, cache: &mut Cache, mut dc: DaskCluster) {
         let id = dc.name_any();
         if dc.labels().contains_key(names::LABEL_FINISHED) {
-            // Out of the hot cache; read on demand (`finished`, `finished_cluster`).
+            // Out of the hot cache; read on demand (`finished`, `stored_cluster`).
             cache.clusters.remove(&id);
             return;
         }
@@ -715,7 +715,7 @@ impl ClusterBackend for KubeBackend {
         Ok(out)
     }
 
-    async fn finished_cluster(&self, name: &str) -> Result<Option<ClusterView>, BackendError> {
+    async fn stored_cluster(&self, name: &str) -> Result<Option<ClusterView>, BackendError> {
         let Some(id) = self.id(name) else {
             return Ok(None);
         };
@@ -723,13 +723,25 @@ impl ClusterBackend for KubeBackend {
             .clusters_api
             .get_opt(id)
             .await
-            .map_err(|e| api_error("read a finished DaskCluster", e))?;
-        Ok(dc
-            .filter(|dc| {
-                dc.labels().get(names::LABEL_INSTANCE) == Some(&self.config.instance)
-                    && dc.labels().contains_key(names::LABEL_FINISHED)
-            })
-            .map(|dc| self.view(&dc, &HashMap::new())))
+            .map_err(|e| api_error("read a DaskCluster", e))?;
+        let Some(dc) =
+            dc.filter(|dc| dc.labels().get(names::LABEL_INSTANCE) == Some(&self.config.instance))
+        else {
+            return Ok(None);
+        };
+        if dc.labels().contains_key(names::LABEL_FINISHED) {
+            return Ok(Some(self.view(&dc, &HashMap::new())));
+        }
+        // Active, so the watch brings it soon: another replica created it a moment ago (a
+        // user's create answered there, the next request of the same user here). Kept now, as
+        // the create's answer is on the replica that made it, so that this request and the
+        // next (a `?wait`, a scale, a stop) find it.
+        let mut cache = self.lock();
+        self.upsert(&mut cache, dc);
+        Ok(cache
+            .clusters
+            .get(id)
+            .map(|e| self.view(&e.cluster, &cache.secrets)))
     }
 
     async fn events(&self, name: &str) -> Result<Vec<ClusterEvent>, BackendError> {

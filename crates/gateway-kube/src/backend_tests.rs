@@ -933,8 +933,8 @@ async fn finished_clusters_are_read_from_the_api_server_on_demand() {
     );
     assert_eq!(b.list(None), [], "not cached");
 
-    // One by name: a GET of that object; only a finished one of this installation counts.
-    let task = spawn(&b, |b| async move { b.finished_cluster(&public(A)).await });
+    // One by name: a GET of that object, of this installation.
+    let task = spawn(&b, |b| async move { b.stored_cluster(&public(A)).await });
     let c = api.next().await;
     assert_eq!(
         (&c.method, c.path.clone()),
@@ -947,20 +947,61 @@ async fn finished_clusters_are_read_from_the_api_server_on_demand() {
     c.ok(serde_json::to_value(&labelled).unwrap());
     let view = done(task).await.unwrap().unwrap();
     assert_eq!((view.status, view.token), (ClusterStatus::Stopped, None));
-    let task = spawn(&b, |b| async move { b.finished_cluster(&public(A)).await });
-    api.next()
-        .await
-        .ok(serde_json::to_value(running(object(A, "alice", 2_000))).unwrap());
-    assert_eq!(done(task).await.unwrap(), None, "not finished");
-    let task = spawn(&b, |b| async move { b.finished_cluster(&public(B)).await });
+    assert_eq!(b.list(None), [], "a finished one is not cached");
+    let task = spawn(&b, |b| async move { b.stored_cluster(&public(B)).await });
     api.next().await.status(404, "NotFound");
     assert_eq!(done(task).await.unwrap(), None);
     assert_eq!(
-        no_request(b.finished_cluster(&format!("other.{A}")))
+        no_request(b.stored_cluster(&format!("other.{A}")))
             .await
             .unwrap(),
         None
     );
+    api.silent().await;
+}
+
+#[tokio::test]
+async fn a_cluster_another_replica_just_created_is_read_kept_and_can_be_stopped() {
+    let (b, mut api) = backend();
+    listed(&b, vec![], vec![]);
+    // Created through the other replica; this one's watch has not brought it yet.
+    let created = object(A, "alice", 2_000);
+    let task = spawn(&b, |b| async move { b.stored_cluster(&public(A)).await });
+    let c = api.next().await;
+    assert_eq!(
+        (&c.method, c.path.clone()),
+        (&Method::GET, format!("{CLUSTERS}/{A}"))
+    );
+    c.ok(serde_json::to_value(&created).unwrap());
+    let view = done(task).await.unwrap().unwrap();
+    assert_eq!(
+        (view.name.as_str(), view.owner.as_str(), view.status),
+        (public(A).as_str(), "alice", ClusterStatus::Pending)
+    );
+    assert_eq!(
+        b.get(&public(A)).map(|v| v.name),
+        Some(public(A)),
+        "kept in memory"
+    );
+    // So a stop that follows is written, not dropped as one of an unknown cluster.
+    let task = spawn(&b, |b| async move {
+        b.stop(&public(A), StopRequest::stopped("user asked")).await
+    });
+    let c = api.next().await;
+    assert_eq!(c.content_type, MERGE);
+    assert_eq!(c.body["spec"]["active"], json!(false));
+    apply(c, &created);
+    done(task).await.unwrap();
+
+    // One of another installation in the same namespace is not ours, and is not kept.
+    let mut other = object(B, "alice", 2_000);
+    other
+        .labels_mut()
+        .insert(names::LABEL_INSTANCE.into(), "other".into());
+    let task = spawn(&b, |b| async move { b.stored_cluster(&public(B)).await });
+    api.next().await.ok(serde_json::to_value(&other).unwrap());
+    assert_eq!(done(task).await.unwrap(), None);
+    assert_eq!(b.get(&public(B)), None);
     api.silent().await;
 }
 

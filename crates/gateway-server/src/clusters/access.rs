@@ -7,13 +7,13 @@ use gateway_backend::ClusterView;
 use gateway_model::{ClusterEvent, ClusterModel, ClusterStatus};
 
 impl ClusterService {
-    /// The cluster `name`: from the backend's memory, else among the finished clusters it
-    /// keeps elsewhere.
+    /// The cluster `name`: from the backend's memory, else from where the backend stores
+    /// clusters (a finished one, or one another replica has just created).
     pub(super) async fn lookup(&self, name: &str) -> Result<Option<ClusterView>, ClusterError> {
         if let Some(view) = self.backend.get(name) {
             return Ok(Some(view));
         }
-        Ok(self.backend.finished_cluster(name).await?)
+        Ok(self.backend.stored_cluster(name).await?)
     }
 
     /// The cluster `name` if `user` may act on it.
