@@ -30,9 +30,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 import warnings
+
+from bench_rest import basic_header, percentile, rest
 
 QUICK = bool(os.environ.get("BENCH_QUICK"))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -291,10 +292,6 @@ end
 """
 
 
-def basic_header(user):
-    return "Basic " + base64.b64encode(f"{user}:".encode()).decode()
-
-
 def session_cookie(server, user):
     """The cookie the server sets in answer to one Basic-authenticated request (what the stock
     client sends from its second request on), and the body length."""
@@ -532,34 +529,6 @@ def measure_create_warm(work, binary, venv, rounds, results):
         "rounds": rows, "median_s": median([x["total_s"] for x in rows])}
 
 
-def rest(server, method, path, user, body=None, timeout=120):
-    """One API request with Basic auth: (status, parsed body or text, seconds)."""
-    headers = {"Authorization": basic_header(user)}
-    data = None
-    if body is not None:
-        headers["Content-Type"] = "application/json"
-        data = json.dumps(body).encode()
-    req = urllib.request.Request(server.address + path, method=method, headers=headers, data=data)
-    t0 = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    except OSError as e:
-        return None, repr(e), time.perf_counter() - t0
-    took = time.perf_counter() - t0
-    try:
-        return status, json.loads(raw or b"null"), took
-    except ValueError:
-        return status, raw.decode("utf-8", "replace"), took
-
-
-def percentile(values, q):
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))] if v else None
-
-
 def measure_burst(servers, users, results):
     """`users` users create a cluster each at the same moment (REST, one request each): every
     answer's status and latency, then the time until every cluster is RUNNING."""
@@ -570,7 +539,7 @@ def measure_burst(servers, users, results):
 
         def create(i):
             barrier.wait()
-            answers[i] = rest(server, "POST", "/api/v1/clusters/", f"burst{i}",
+            answers[i] = rest(server.address, "POST", "/api/v1/clusters/", f"burst{i}",
                               {"cluster_options": {}})
 
         t0 = time.perf_counter()
@@ -589,13 +558,13 @@ def measure_burst(servers, users, results):
         deadline = time.perf_counter() + 300
         while pending and time.perf_counter() < deadline:
             for user, name in list(pending):
-                st, body, _ = rest(server, "GET", f"/api/v1/clusters/{name}", user)
+                st, body, _ = rest(server.address, "GET", f"/api/v1/clusters/{name}", user)
                 if st == 200 and isinstance(body, dict) and body.get("status") in ("RUNNING", "FAILED", "STOPPED"):
                     pending.discard((user, name))
             time.sleep(0.5)
         all_running = time.perf_counter() - t0 if not pending else None
         for user, name in names:
-            rest(server, "DELETE", f"/api/v1/clusters/{name}", user)
+            rest(server.address, "DELETE", f"/api/v1/clusters/{name}", user)
         wait_no_pids_under(server.clusters_root, 120)
         res = {"users": users, "statuses": statuses,
                "create_latency_s": {"p50": round(percentile(lat, 0.5), 3),

@@ -15,6 +15,11 @@ ServiceAccount the Helm chart ships (manifests/dask-gateway-rs.yaml):
    `new_cluster()` (the claim) and `get_client()` + the first RPC.
 4. Gateway RSS with M DaskCluster objects in its watch cache (a second gateway with the
    controller off, so the objects stay PENDING and no pods start), and list latency.
+5. Burst (`--only burst`): U users each create a cluster at the same moment through the REST
+   API, then scale it to W no-op workers as soon as it is RUNNING (field notes 7.9: a 30-user
+   tutorial that could not reach the gateway; 100 concurrent clusters hitting timeouts). Every
+   answer's status and latency, each cluster's time to RUNNING, the time until every worker pod
+   is Running, the gateway's CPU and the controller's API writes.
 """
 
 import argparse
@@ -31,12 +36,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from base64 import b64encode
 from pathlib import Path
 
 import yaml
 
 import manifests
+from bench_rest import basic_header, percentile, rest
 
 REPO = Path(__file__).resolve().parents[1]
 KUBE_ENV = REPO / "tests" / "kube-env"
@@ -127,7 +132,7 @@ class Gateway:
 
 
 def auth_headers(user):
-    return {"Authorization": "Basic " + b64encode(f"{user}:".encode()).decode()}
+    return {"Authorization": basic_header(user)}
 
 
 def bench_create(gw, n):
@@ -268,6 +273,158 @@ def bench_memory(kube, binary, workdir, m):
     return idle, full, create_rate, statistics.median(lat)
 
 
+def process_cpu_s(pids):
+    """User + system CPU seconds of processes (from /proc, in clock ticks)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+# Pod sizes of the burst: real Dask schedulers with small requests, so that 50 clusters with a
+# worker each fit the test node (2 CPU, 24 GiB, 110 pods); workers are no-op stand-ins.
+BURST_SCHEDULER_CORES, BURST_SCHEDULER_MEMORY = 0.02, "400M"
+BURST_WORKER_MEMORY = "32M"
+
+
+def run_burst(url, users, per_user, worker_pods, pids):
+    """`users` users create a cluster each at the same moment through the REST API at `url` (one
+    call each, released by a barrier), wait until it is RUNNING as the stock client does, and
+    scale it to `per_user`
+    workers; then waits (at most 300 s) until `worker_pods()` (the worker pods, as the API
+    server lists them) has that many Running. `pids`: the gateway's processes, whose CPU is
+    counted. Returns what it measured; the clusters are left running (see `stop_burst`)."""
+    t0 = []
+    barrier = threading.Barrier(users, action=lambda: t0.append(time.perf_counter()))
+    rows = [None] * users
+
+    def user(i):
+        name = f"burst{i}"
+        barrier.wait()
+        status, body, took = rest(url, "POST", "/api/v1/clusters/", name, {"cluster_options": {}})
+        row = rows[i] = {"user": name, "create_status": status, "create_s": took, "error": None}
+        if status != 201 or not isinstance(body, dict) or "name" not in body:
+            row["error"] = f"create answered {status}: {str(body)[:200]}"
+            return
+        cluster = row["cluster"] = body["name"]
+        # As the stock client waits: `?wait` (held until the cluster leaves PENDING, or the
+        # server's timeout), again 0.5 s after each PENDING answer.
+        deadline = time.perf_counter() + 600
+        while time.perf_counter() < deadline:
+            st, info, _ = rest(url, "GET", f"/api/v1/clusters/{cluster}?wait", name)
+            if st != 200 or not isinstance(info, dict):
+                row["error"] = f"get answered {st}: {str(info)[:200]}"
+                return
+            if info.get("status") != "PENDING":
+                row["final"] = info.get("status")
+                row["running_s"] = time.perf_counter() - t0[0]
+                break
+            time.sleep(0.5)
+        if row.get("final") != "RUNNING":
+            row["error"] = f"{cluster} ended {row.get('final', 'PENDING after 600 s')}"
+            return
+        st, body, _ = rest(url, "POST", f"/api/v1/clusters/{cluster}/scale", name,
+                           {"count": per_user})
+        if st != 200:
+            row["error"] = f"scale answered {st}: {str(body)[:200]}"
+
+    cpu0 = process_cpu_s(pids)
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = sum(per_user for r in rows if r and not r["error"])
+    workers_running, pods = None, []
+    deadline = time.perf_counter() + 300
+    while time.perf_counter() < deadline:
+        pods = worker_pods()
+        if sum(p["status"].get("phase") == "Running" for p in pods) >= want:
+            workers_running = time.perf_counter() - t0[0]
+            break
+        time.sleep(0.5)
+    time.sleep(2)  # the status writes that follow the last workers
+    phases = {}
+    for p in pods:
+        phases[p["status"].get("phase")] = phases.get(p["status"].get("phase"), 0) + 1
+    statuses = {}
+    for r in rows:
+        statuses[str(r["create_status"])] = statuses.get(str(r["create_status"]), 0) + 1
+    lat = [r["create_s"] for r in rows if r["create_status"] is not None]
+    running = [r["running_s"] for r in rows if r.get("final") == "RUNNING"]
+    rnd = lambda v: None if v is None else round(v, 3)  # noqa: E731
+    return {
+        "users": users, "workers_each": per_user, "statuses": statuses,
+        "create_latency_s": {"p50": rnd(percentile(lat, 0.5)), "p99": rnd(percentile(lat, 0.99)),
+                             "max": rnd(max(lat) if lat else None)},
+        "running": len(running),
+        "running_s": {"p50": rnd(percentile(running, 0.5)), "p99": rnd(percentile(running, 0.99)),
+                      "last": rnd(max(running) if running else None)},
+        "workers_running_s": rnd(workers_running),
+        "worker_phases": phases,
+        "pending_because": next((c.get("message") for p in pods
+                                 for c in p["status"].get("conditions", [])
+                                 if c.get("status") == "False" and c.get("message")), None),
+        "cpu_s": round(process_cpu_s(pids) - cpu0, 2),
+        "errors": [r["error"] for r in rows if r["error"]],
+        "clusters": [(r["user"], r["cluster"]) for r in rows if r.get("cluster")],
+    }
+
+
+def stop_burst(url, result, pods, timeout=180):
+    """Stops the burst's clusters and waits until `pods()` lists none."""
+    for user, cluster in result["clusters"]:
+        rest(url, "DELETE", f"/api/v1/clusters/{cluster}", user)
+    deadline = time.time() + timeout
+    while time.time() < deadline and pods():
+        time.sleep(1)
+
+
+def print_burst(label, r):
+    fmt = lambda v: "--" if v is None else f"{v:.2f} s"  # noqa: E731
+    lat, run = r["create_latency_s"], r["running_s"]
+    print(f"{label}burst: {r['users']} users create a cluster at the same moment, each then "
+          f"scales to {r['workers_each']} no-op worker(s)")
+    print(f"  create answers {r['statuses']}; latency p50 {fmt(lat['p50'])}, p99 "
+          f"{fmt(lat['p99'])}, max {fmt(lat['max'])}")
+    print(f"  RUNNING: {r['running']} of {r['users']}; after p50 {fmt(run['p50'])}, p99 "
+          f"{fmt(run['p99'])}, last {fmt(run['last'])}")
+    print(f"  all worker pods Running after {fmt(r['workers_running_s'])}"
+          + ("" if r["workers_running_s"] is not None else
+             f" (after 300 s: {r['worker_phases']}; {r['pending_because'] or ''})")
+          + f"; gateway CPU {r['cpu_s']:.2f} s"
+          + (f", API writes {r['api_writes']}" if "api_writes" in r else ""))
+    print(f"  errors: {len(r['errors'])}")
+    for e in r["errors"][:10]:
+        print(f"    {e}")
+
+
+def bench_burst(kube, args, workdir):
+    """The burst (`run_burst`) against our gateway, with the controller's API writes."""
+    ns, kc = kube.namespace("burst")
+    gw = Gateway(args.gateway, workdir, kc, ns, 8195, {
+        "cluster": {"scheduler_cores": BURST_SCHEDULER_CORES,
+                    "scheduler_memory": BURST_SCHEDULER_MEMORY,
+                    "worker_memory": BURST_WORKER_MEMORY, "start_timeout": 600},
+        "kubernetes": {"termination_grace_period_seconds": 1,
+                       "worker": {"extraContainerConfig": {
+                           "command": ["sh", "-c", "exec sleep infinity", "--"],
+                           "readinessProbe": None}}},
+    })
+    try:
+        writes0 = gw.metric("dask_gateway_controller_api_writes_total")
+        result = run_burst(gw.url, args.burst, args.burst_workers,
+                           lambda: kube.pods(ns, "app.kubernetes.io/component=dask-worker"),
+                           [gw.proc.pid])
+        result["api_writes"] = int(gw.metric("dask_gateway_controller_api_writes_total") - writes0)
+        print_burst("", result)
+        stop_burst(gw.url, result, lambda: kube.pods(ns, "app.kubernetes.io/component"))
+    finally:
+        gw.stop()
+        kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
 def bench_churn(kube, binary, workdir, lifecycles, users):
     """Cluster lifecycles through the REST API (create, then stop once the controller has made
     its scheduler pod), `users` at a time, with the gateway's RSS sampled as finished clusters
@@ -344,10 +501,15 @@ def main():
     ap.add_argument("--churn", type=int, default=0,
                     help="cluster lifecycles of the churn measurement (0: skip)")
     ap.add_argument("--churn-users", type=int, default=3)
+    ap.add_argument("--burst", type=int, default=50,
+                    help="users creating a cluster at the same moment (burst part)")
+    ap.add_argument("--burst-workers", type=int, default=1,
+                    help="no-op workers each burst cluster scales to")
     ap.add_argument("--only", default="pods,warm,memory,churn",
                     help="comma-separated parts: pods (create, 0 -> N pods, real workers), "
                          "warm (create from a warm pool), "
-                         "memory (1,000 clusters), churn (with --churn > 0)")
+                         "memory (1,000 clusters), churn (with --churn > 0), "
+                         "burst (U users at once; not in the default set)")
     args = ap.parse_args()
     kube = Kube(args.kubeconfig, args.kubectl)
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
@@ -367,6 +529,8 @@ def main():
             bench_pods(kube, args, workdir)
         if "warm" in parts:
             bench_pool(kube, args, workdir)
+        if "burst" in parts:
+            bench_burst(kube, args, workdir)
         if "memory" in parts:
             idle, full, rate, lat = bench_memory(kube, args.gateway, workdir, args.clusters)
             print(f"gateway RSS: {idle:.1f} MiB with no clusters, {full:.1f} MiB with "

@@ -50,7 +50,9 @@ from pathlib import Path
 import yaml
 
 import manifests
-from kube_bench import BRIDGE_IP, DASK_IMAGE, KUBE_ENV, Gateway, Kube, sh
+from kube_bench import (BRIDGE_IP, BURST_SCHEDULER_CORES, BURST_SCHEDULER_MEMORY,
+                        BURST_WORKER_MEMORY, DASK_IMAGE, KUBE_ENV, Gateway, Kube, print_burst,
+                        run_burst, sh, stop_burst)
 
 AUDIT_LOG = Path(os.environ.get("KUBE_ENV_DIR", "/tmp/dgrs-kube-env")) / "audit.log"
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
@@ -60,6 +62,11 @@ IDLE_WINDOW = 20  # seconds of each side's idle CPU, measured once
 # Pod sizes small enough for 100 workers on the test node (2 CPU), the same on both sides.
 SCHEDULER_CORES, SCHEDULER_MEMORY = 0.1, "1G"
 WORKER_CORES, WORKER_MEMORY = 0.01, "128M"
+ROUND_SIZES = {"scheduler_cores": SCHEDULER_CORES, "scheduler_memory": SCHEDULER_MEMORY,
+               "worker_cores": WORKER_CORES, "worker_memory": WORKER_MEMORY}
+# The burst's: 50 real schedulers with a worker each on the same node, on both sides.
+BURST_SIZES = {"scheduler_cores": BURST_SCHEDULER_CORES, "scheduler_memory": BURST_SCHEDULER_MEMORY,
+               "worker_cores": WORKER_CORES, "worker_memory": BURST_WORKER_MEMORY}
 # Worker pods whose container sleeps instead of running Dask (the gateway's arguments go to
 # `sh -c` as positional parameters and are ignored): this measures the gateways, controllers,
 # API server and kubelet, not 100 Python start-ups on 2 cores.
@@ -254,13 +261,16 @@ def audit_time(stamp):
 class Ours:
     label = "ours"
 
-    def __init__(self, kube, binary, workdir):
+    def __init__(self, kube, binary, workdir, sizes=ROUND_SIZES):
         self.ns, kc = kube.namespace("ours")
         self.user = f"system:serviceaccount:{self.ns}:{manifests.SERVICE_ACCOUNT}"
         settings = {"worker": {"extraContainerConfig": {"command": NO_OP_COMMAND,
                                                         "readinessProbe": None}},
                     "termination_grace_period_seconds": 1}
-        self.gateway = Gateway(binary, workdir, kc, self.ns, 8193, {"kubernetes": settings})
+        # No start timeout in the way of a burst's schedulers (the reference has none).
+        cluster = dict(sizes, start_timeout=600)
+        self.gateway = Gateway(binary, workdir, kc, self.ns, 8193,
+                               {"kubernetes": settings, "cluster": cluster})
         self.url = self.gateway.url
 
     def pids(self):
@@ -273,7 +283,7 @@ class Ours:
 class Reference:
     label = "reference"
 
-    def __init__(self, kube, venv, workdir):
+    def __init__(self, kube, venv, workdir, sizes=ROUND_SIZES):
         self.ns = f"bench-reference-{os.urandom(3).hex()}"
         kube.kubectl("create", "namespace", self.ns)
         sa = "reference-gateway"
@@ -288,9 +298,7 @@ class Reference:
         config = work / "reference_config.py"
         config.write_text(REFERENCE_CONFIG.format(
             port=port, controller_port=port + 1, api_url=f"http://{BRIDGE_IP}:{port}/api", ns=self.ns, image=DASK_IMAGE,
-            scheduler_cores=SCHEDULER_CORES, scheduler_memory=SCHEDULER_MEMORY,
-            worker_cores=WORKER_CORES, worker_memory=WORKER_MEMORY,
-            cpu_limit=os.cpu_count(), no_op=json.dumps(NO_OP_COMMAND)))
+            **sizes, cpu_limit=os.cpu_count(), no_op=json.dumps(NO_OP_COMMAND)))
         resolv = work / "resolv.conf"
         resolv.write_text(f"nameserver {BRIDGE_IP}\nsearch svc.cluster.local cluster.local\n"
                           "options ndots:5\n")
@@ -452,6 +460,34 @@ def one_round(side, watch, workers):
     return r
 
 
+def run_bursts(kube, args, workdir):
+    """The burst (`kube_bench.run_burst`) on each side in turn, alone on the node: each side
+    starts, idles 5 s, takes the burst, stops its clusters and goes. Returns side -> result,
+    with the side's API writes from the audit log (without lease renewals)."""
+    results = {}
+    makers = {"ours": lambda: Ours(kube, args.gateway, workdir, BURST_SIZES),
+              "reference": lambda: Reference(kube, args.ref_venv, workdir, BURST_SIZES)}
+    for label in args.sides:
+        side = makers[label]()
+        try:
+            time.sleep(5)
+            offset = audit_offset()
+            workers = lambda: kube.pods(side.ns, "app.kubernetes.io/component=dask-worker")  # noqa: E731
+            r = run_burst(side.url, args.burst, args.burst_workers, workers, side.pids())
+            writes = audit_writes(offset, side.user)
+            writes.pop("leases", None)
+            r["api_writes"] = sum(writes.values())
+            r["api_writes_by_resource"] = writes
+            results[label] = r
+            print_burst(f"{label}: ", r)
+            sys.stdout.flush()
+            stop_burst(side.url, r, lambda: kube.pods(side.ns, "app.kubernetes.io/component"))
+        finally:
+            side.stop()
+            remove_side(kube, side)
+    return results
+
+
 def seconds(value):
     """`value` (seconds, or none) for a round's line."""
     return "-" if value is None else f"{value:.2f} s"
@@ -499,12 +535,16 @@ def run_rounds(kube, args, workdir):
         for s in sides:
             s.stop()
         for s in sides:
-            kube.kubectl("delete", "namespace", s.ns, "--wait=true", "--timeout=300s",
-                         check=False)
-            if isinstance(s, Reference):
-                kube.kubectl("delete", "clusterrolebinding", f"{s.ns}-reference-gateway",
-                             check=False)
+            remove_side(kube, s)
     return results
+
+
+def remove_side(kube, side):
+    """Deletes what a stopped side leaves in the cluster: its namespace (waiting until it is
+    gone, so that the node has room for what comes next) and the reference's role binding."""
+    kube.kubectl("delete", "namespace", side.ns, "--wait=true", "--timeout=300s", check=False)
+    if isinstance(side, Reference):
+        kube.kubectl("delete", "clusterrolebinding", f"{side.ns}-reference-gateway", check=False)
 
 
 def main():
@@ -519,6 +559,11 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--ours-build", default="host's glibc build",
                     help="which build of gateway-server --gateway is, for the heading and JSON")
+    ap.add_argument("--burst", type=int, default=0,
+                    help="also a burst: this many users create a cluster at the same moment "
+                         "(0: none); --rounds 0 runs the burst alone")
+    ap.add_argument("--burst-workers", type=int, default=1,
+                    help="no-op workers each burst cluster scales to once RUNNING")
     ap.add_argument("--sides", default="ours,reference",
                     help="which sides to run (comma-separated): measuring one side while "
                          "working on it is quicker; the ratios need both")
@@ -550,14 +595,21 @@ def main():
         f"alternating; API writes at most 50/s, burst 100, on both sides; ours: the "
         f"{args.ours_build})")
     workdir = tempfile.mkdtemp(prefix="dgrs-kube-compare-")
+    results = {"ours": [], "reference": []}
+    bursts = {}
     try:
-        results = run_rounds(kube, args, workdir)
+        if args.rounds > 0:
+            results = run_rounds(kube, args, workdir)
+        if args.burst > 0:
+            say(f"== burst: {args.burst} users create a cluster at the same moment, each side "
+                f"alone on the node")
+            bursts = run_bursts(kube, args, workdir)
     except BaseException:
         print(f"logs kept in {workdir}", file=sys.stderr)
         raise
     shutil.rmtree(workdir, ignore_errors=True)
     for side in args.sides:
-        idle = results[side + "_idle_cpu_per_s"]
+        idle = results.get(side + "_idle_cpu_per_s", 0.0)
         for r in results[side]:
             r["scale_cpu_net_s"] = max(0.0, r["scale_cpu_s"] - idle * r["scale_window_s"])
     rows = []
@@ -573,7 +625,7 @@ def main():
         ("scale_api_writes_no_leases", "the same, without leader-lease renewals", ""),
         ("scale_cpu_s", f"gateway + controller CPU per {args.workers}-worker scale-up", "s"),
         ("scale_cpu_net_s", "the same, net of each side's idle CPU over the window", "s"),
-    ]:
+    ] if args.rounds > 0 else []:
         ours = [r[key] for r in results["ours"]]
         ref = [r[key] for r in results["reference"]]
         o, f = median(ours), median(ref)
@@ -581,12 +633,35 @@ def main():
                      "ours_all": ours, "reference_all": ref,
                      "ratio": (o / f) if o is not None and f else None})
 
+    # The burst: one run per side, no median.
+    for key, label, unit in [
+        (("statuses", "201"), "answered 201 Created", ""),
+        (("create_latency_s", "p50"), "create answered, p50", "s"),
+        (("create_latency_s", "p99"), "create answered, p99", "s"),
+        (("running",), "clusters RUNNING", ""),
+        (("running_s", "p50"), "burst start -> cluster RUNNING, p50", "s"),
+        (("running_s", "last"), "burst start -> the last cluster RUNNING", "s"),
+        (("workers_running_s",), "burst start -> every worker pod Running", "s"),
+        (("api_writes",), "API writes, without leases", ""),
+        (("cpu_s",), "gateway + controller CPU over the burst", "s"),
+    ] if bursts else []:
+        def get(side):
+            v = bursts.get(side, {})
+            for k in key:
+                v = v.get(k) if isinstance(v, dict) else None
+            return v
+        o, f = get("ours"), get("reference")
+        rows.append({"measure": f"burst of {args.burst}: {label}", "key": "burst." + ".".join(key),
+                     "unit": unit, "ours": o, "reference": f,
+                     "ratio": (o / f) if o is not None and f else None})
+
     def fmt(v, unit):
         if v is None:
             return "-"
         return f"{v:.3f} {unit}".strip() if unit else f"{v:.0f}"
     say("")
-    say(f"| measure (median of {args.rounds}) | ours | reference {args.ref_version} | ours / reference |")
+    heading = f"measure (rounds: median of {args.rounds})" if args.rounds > 0 else "measure"
+    say(f"| {heading} | ours | reference {args.ref_version} | ours / reference |")
     say("|---|---|---|---|")
     for row in rows:
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
@@ -596,7 +671,7 @@ def main():
                "cores": cores, "loadavg": os.getloadavg(), "workers": args.workers,
                "rounds": args.rounds, "reference_version": args.ref_version,
                "ours_build": args.ours_build, "rows": rows,
-               "rounds_detail": results}
+               "rounds_detail": results, "burst": bursts}
     Path(args.out).write_text(json.dumps(summary, indent=2))
     say(f"\nJSON: {args.out}")
 
