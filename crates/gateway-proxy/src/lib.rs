@@ -47,7 +47,7 @@ pub use connections::{ClientConnections, Clients, ConnectionGuard};
 pub use forward::HttpForwarder;
 pub use listener::{bind, serve_scheduler, serve_shared, ConnMeta};
 pub use rewind::Rewind;
-pub use routes::{ClusterRoute, RouteSource, RouteTable};
+pub use routes::{ClusterRoute, RouteFuture, RouteSource, RouteTable};
 pub use tls::load_server_tls;
 
 /// SNI prefix the stock client puts before the cluster name.
@@ -59,6 +59,10 @@ pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Timeout for dialling a scheduler or a dashboard.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a scheduler connection for a cluster that is still starting here waits for its
+/// route (see [`RouteSource::route_soon`]) before it is closed.
+pub const ROUTE_WAIT: Duration = Duration::from_secs(3);
 
 /// Time an HTTP/1 connection may take to send a request head; also the idle keep-alive limit.
 pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(30);

@@ -21,7 +21,7 @@ use tower::ServiceExt;
 use crate::rewind::Rewind;
 use crate::routes::RouteSource;
 use crate::sni::{self, SniError, Sniff};
-use crate::{cluster_from_sni, DIAL_TIMEOUT, HTTP_HEADER_TIMEOUT, SNIFF_TIMEOUT};
+use crate::{cluster_from_sni, DIAL_TIMEOUT, HTTP_HEADER_TIMEOUT, ROUTE_WAIT, SNIFF_TIMEOUT};
 
 /// The HTTP/2 connection preface a prior-knowledge h2 client starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -363,7 +363,7 @@ async fn splice(
     routes: &Arc<dyn RouteSource>,
     peer: SocketAddr,
 ) {
-    let Some(route) = routes.route(cluster) else {
+    let Some(route) = routes.route_soon(cluster, ROUTE_WAIT).await else {
         tracing::info!(cluster = %cluster, %peer, "no route for cluster; closing scheduler connection");
         return;
     };

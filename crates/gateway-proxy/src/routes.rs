@@ -2,7 +2,13 @@
 //! shared [`RouteTable`] implementing it.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+/// What [`RouteSource::route_soon`] returns: a route, later.
+pub type RouteFuture<'a> = Pin<Box<dyn Future<Output = Option<ClusterRoute>> + Send + 'a>>;
 
 /// What the proxy knows about one cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +59,15 @@ fn strip(addr: &str, scheme: &str) -> String {
 pub trait RouteSource: Send + Sync + 'static {
     /// The route of `cluster`, if it is routable now.
     fn route(&self, cluster: &str) -> Option<ClusterRoute>;
+
+    /// The route of `cluster` as soon as it is routable, waiting at most `within` if the
+    /// source knows the cluster as starting; unknown clusters get `None` at once. With several
+    /// gateway replicas, one may hear that a cluster runs a moment after another has told its
+    /// user, who connects at once. The default waits for nothing.
+    fn route_soon<'a>(&'a self, cluster: &'a str, within: Duration) -> RouteFuture<'a> {
+        let _ = within;
+        Box::pin(std::future::ready(self.route(cluster)))
+    }
 
     /// Where spliced scheduler connections are counted, if anywhere.
     fn connections(&self) -> Option<&std::sync::Arc<crate::ClientConnections>> {

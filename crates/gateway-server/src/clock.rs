@@ -2,8 +2,8 @@
 //!
 //! [`Clock::system`] is the production clock: Unix time from the system's wall clock, instants
 //! from tokio's clock. [`Clock::tokio`] makes Unix time follow tokio's clock as well, so a test
-//! under paused time (`#[tokio::test(start_paused = true)]`, [`tokio::time::pause`]) moves both
-//! with [`tokio::time::advance`] (or a sleep that auto-advances) instead of waiting for them.
+//! under paused time (`#[tokio::test(start_paused = true)]`, `tokio::time::pause`) moves both
+//! with `tokio::time::advance` (or a sleep that auto-advances) instead of waiting for them.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;

@@ -6,8 +6,10 @@ pub mod kube;
 pub mod local;
 
 use gateway_backend::ClusterBackend;
-use gateway_proxy::{ClientConnections, ClusterRoute, RouteSource};
+use gateway_model::ClusterStatus;
+use gateway_proxy::{ClientConnections, ClusterRoute, RouteFuture, RouteSource};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +62,66 @@ impl RouteSource for BackendRoutes {
             .map(|a| ClusterRoute::new(a.scheduler, a.dashboard))
     }
 
+    /// Waits while the backend has the cluster PENDING: this replica may learn that it runs a
+    /// moment after the replica that answered the user's `?wait` did.
+    fn route_soon<'a>(&'a self, cluster: &'a str, within: Duration) -> RouteFuture<'a> {
+        Box::pin(async move {
+            if let Some(route) = self.route(cluster) {
+                return Some(route);
+            }
+            let mut status = self.0.subscribe(cluster)?;
+            let _ = tokio::time::timeout(within, status.wait_for(|s| *s != ClusterStatus::Pending))
+                .await;
+            self.route(cluster)
+        })
+    }
+
     fn connections(&self) -> Option<&Arc<ClientConnections>> {
         Some(&self.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_backend::fake::FakeBackend;
+    use gateway_backend::{ClusterSettings, NewCluster, SchedulerAddresses};
+
+    fn addresses() -> SchedulerAddresses {
+        SchedulerAddresses {
+            scheduler: "tls://10.0.0.1:8786".into(),
+            dashboard: None,
+            api: "http://10.0.0.1:8788".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_scheduler_connection_waits_for_a_starting_cluster_not_for_an_unknown_one() {
+        let backend = Arc::new(FakeBackend::new());
+        let routes = BackendRoutes(backend.clone(), Arc::new(ClientConnections::default()));
+        let new = || NewCluster::owned("alice", Default::default(), ClusterSettings::example());
+        let wait = Duration::from_secs(3);
+
+        // Unknown here: closed at once (paused time would have jumped the whole wait).
+        let t = tokio::time::Instant::now();
+        assert_eq!(routes.route_soon("nope", wait).await, None);
+        assert_eq!(t.elapsed(), Duration::ZERO);
+
+        // Starting here (running already, as another replica may have told its user): the
+        // connection goes through as soon as this replica hears that it runs.
+        let starting = backend.create(new()).await.unwrap();
+        let t = tokio::time::Instant::now();
+        let (route, ()) = tokio::join!(routes.route_soon(&starting.name, wait), async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            backend.make_running(&starting.name, addresses());
+        });
+        assert_eq!(route.map(|r| r.scheduler).as_deref(), Some("10.0.0.1:8786"));
+        assert_eq!(t.elapsed(), Duration::from_millis(200));
+
+        // Still starting when the wait is over: closed then.
+        let slow = backend.create(new()).await.unwrap();
+        let t = tokio::time::Instant::now();
+        assert_eq!(routes.route_soon(&slow.name, wait).await, None);
+        assert_eq!(t.elapsed(), wait);
     }
 }
