@@ -23,6 +23,7 @@ ServiceAccount the Helm chart ships (manifests/dask-gateway-rs.yaml):
 """
 
 import argparse
+import collections
 import concurrent.futures
 import gc
 import json
@@ -48,6 +49,12 @@ KUBE_ENV = REPO / "tests" / "kube-env"
 BRIDGE_IP = os.environ.get("KUBE_ENV_BRIDGE_IP", "10.244.0.1")
 # The Dask image in the test cluster (scripts/bench-kube builds and imports it).
 DASK_IMAGE = os.environ["BENCH_DASK_IMAGE"]
+
+# Worker pods whose container sleeps instead of running Dask (the gateway's arguments go to
+# `sh -c` as positional parameters and are ignored): what is measured is the gateway,
+# controller, API server and kubelet, not Python start-ups of Dask workers on 2 cores.
+NO_OP_COMMAND = ["sh", "-c", "exec sleep infinity", "--"]
+NO_OP_WORKER = {"extraContainerConfig": {"command": NO_OP_COMMAND, "readinessProbe": None}}
 
 
 def sh(*args, input=None, check=True):
@@ -273,12 +280,12 @@ def bench_memory(kube, binary, workdir, m):
     return idle, full, create_rate, statistics.median(lat)
 
 
-def process_cpu_s(pids):
-    """User + system CPU seconds of processes (from /proc, in clock ticks)."""
+def cpu_seconds(pids):
+    """User + system CPU seconds of processes `pids`, from /proc."""
     total = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
+        total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -291,10 +298,10 @@ BURST_WORKER_MEMORY = "32M"
 def run_burst(url, users, per_user, worker_pods, pids):
     """`users` users create a cluster each at the same moment through the REST API at `url` (one
     call each, released by a barrier), wait until it is RUNNING as the stock client does, and
-    scale it to `per_user`
-    workers; then waits (at most 300 s) until `worker_pods()` (the worker pods, as the API
-    server lists them) has that many Running. `pids`: the gateway's processes, whose CPU is
-    counted. Returns what it measured; the clusters are left running (see `stop_burst`)."""
+    scale it to `per_user` workers; then waits (at most 300 s) until `worker_pods()` (the
+    worker pods, as the API server lists them) has that many Running. `pids`: the gateway's
+    processes, whose CPU is counted. Returns what it measured; the clusters are left running
+    (see `stop_burst`)."""
     t0 = []
     barrier = threading.Barrier(users, action=lambda: t0.append(time.perf_counter()))
     rows = [None] * users
@@ -329,7 +336,7 @@ def run_burst(url, users, per_user, worker_pods, pids):
         if st != 200:
             row["error"] = f"scale answered {st}: {str(body)[:200]}"
 
-    cpu0 = process_cpu_s(pids)
+    cpu0 = cpu_seconds(pids)
     threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
     for t in threads:
         t.start()
@@ -345,12 +352,8 @@ def run_burst(url, users, per_user, worker_pods, pids):
             break
         time.sleep(0.5)
     time.sleep(2)  # the status writes that follow the last workers
-    phases = {}
-    for p in pods:
-        phases[p["status"].get("phase")] = phases.get(p["status"].get("phase"), 0) + 1
-    statuses = {}
-    for r in rows:
-        statuses[str(r["create_status"])] = statuses.get(str(r["create_status"]), 0) + 1
+    phases = dict(collections.Counter(p["status"].get("phase") for p in pods))
+    statuses = dict(collections.Counter(str(r["create_status"]) for r in rows))
     lat = [r["create_s"] for r in rows if r["create_status"] is not None]
     running = [r["running_s"] for r in rows if r.get("final") == "RUNNING"]
     rnd = lambda v: None if v is None else round(v, 3)  # noqa: E731
@@ -366,7 +369,7 @@ def run_burst(url, users, per_user, worker_pods, pids):
         "pending_because": next((c.get("message") for p in pods
                                  for c in p["status"].get("conditions", [])
                                  if c.get("status") == "False" and c.get("message")), None),
-        "cpu_s": round(process_cpu_s(pids) - cpu0, 2),
+        "cpu_s": round(cpu_seconds(pids) - cpu0, 2),
         "errors": [r["error"] for r in rows if r["error"]],
         "clusters": [(r["user"], r["cluster"]) for r in rows if r.get("cluster")],
     }
@@ -407,10 +410,7 @@ def bench_burst(kube, args, workdir):
         "cluster": {"scheduler_cores": BURST_SCHEDULER_CORES,
                     "scheduler_memory": BURST_SCHEDULER_MEMORY,
                     "worker_memory": BURST_WORKER_MEMORY, "start_timeout": 600},
-        "kubernetes": {"termination_grace_period_seconds": 1,
-                       "worker": {"extraContainerConfig": {
-                           "command": ["sh", "-c", "exec sleep infinity", "--"],
-                           "readinessProbe": None}}},
+        "kubernetes": {"termination_grace_period_seconds": 1, "worker": NO_OP_WORKER},
     })
     try:
         writes0 = gw.metric("dask_gateway_controller_api_writes_total")
@@ -560,11 +560,7 @@ def bench_pool(kube, args, workdir):
 def bench_pods(kube, args, workdir):
     """Create -> reachable, 0 -> N no-op worker pods, 0 -> M real Dask workers."""
     ns, kc = kube.namespace("main")
-    # No-op workers: the worker container sleeps instead of running Dask (the gateway's
-    # arguments go to `sh -c` as positional parameters and are ignored).
-    no_op_worker = {"extraContainerConfig": {"command": ["sh", "-c", "exec sleep infinity", "--"],
-                                             "readinessProbe": None}}
-    kube_settings = {"worker": no_op_worker, "termination_grace_period_seconds": 1}
+    kube_settings = {"worker": NO_OP_WORKER, "termination_grace_period_seconds": 1}
     if os.environ.get("BENCH_WORKER_BATCH"):
         kube_settings["worker_batch"] = int(os.environ["BENCH_WORKER_BATCH"])
     # Each gateway is stopped, and the namespace deleted, however the part ends.

@@ -51,12 +51,11 @@ import yaml
 
 import manifests
 from kube_bench import (BRIDGE_IP, BURST_SCHEDULER_CORES, BURST_SCHEDULER_MEMORY,
-                        BURST_WORKER_MEMORY, DASK_IMAGE, KUBE_ENV, Gateway, Kube, print_burst,
-                        run_burst, sh, stop_burst)
+                        BURST_WORKER_MEMORY, DASK_IMAGE, KUBE_ENV, NO_OP_COMMAND, NO_OP_WORKER,
+                        Gateway, Kube, cpu_seconds, print_burst, run_burst, sh, stop_burst)
 
 AUDIT_LOG = Path(os.environ.get("KUBE_ENV_DIR", "/tmp/dgrs-kube-env")) / "audit.log"
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 USER = "bench"
 IDLE_WINDOW = 20  # seconds of each side's idle CPU, measured once
 # Pod sizes small enough for 100 workers on the test node (2 CPU), the same on both sides.
@@ -67,22 +66,10 @@ ROUND_SIZES = {"scheduler_cores": SCHEDULER_CORES, "scheduler_memory": SCHEDULER
 # The burst's: 50 real schedulers with a worker each on the same node, on both sides.
 BURST_SIZES = {"scheduler_cores": BURST_SCHEDULER_CORES, "scheduler_memory": BURST_SCHEDULER_MEMORY,
                "worker_cores": WORKER_CORES, "worker_memory": BURST_WORKER_MEMORY}
-# Worker pods whose container sleeps instead of running Dask (the gateway's arguments go to
-# `sh -c` as positional parameters and are ignored): this measures the gateways, controllers,
-# API server and kubelet, not 100 Python start-ups on 2 cores.
-NO_OP_COMMAND = ["sh", "-c", "exec sleep infinity", "--"]
 
 
 def say(msg):
     print(msg, flush=True)
-
-
-def cpu_seconds(pids):
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
 
 
 class PodWatch:
@@ -264,9 +251,7 @@ class Ours:
     def __init__(self, kube, binary, workdir, sizes=ROUND_SIZES):
         self.ns, kc = kube.namespace("ours")
         self.user = f"system:serviceaccount:{self.ns}:{manifests.SERVICE_ACCOUNT}"
-        settings = {"worker": {"extraContainerConfig": {"command": NO_OP_COMMAND,
-                                                        "readinessProbe": None}},
-                    "termination_grace_period_seconds": 1}
+        settings = {"worker": NO_OP_WORKER, "termination_grace_period_seconds": 1}
         # No start timeout in the way of a burst's schedulers (the reference has none).
         cluster = dict(sizes, start_timeout=600)
         self.gateway = Gateway(binary, workdir, kc, self.ns, 8193,
