@@ -20,15 +20,22 @@ ServiceAccount the Helm chart ships (manifests/dask-gateway-rs.yaml):
    tutorial that could not reach the gateway; 100 concurrent clusters hitting timeouts). Every
    answer's status and latency, each cluster's time to RUNNING, the time until every worker pod
    is Running, the gateway's CPU and the controller's API writes.
+6. Fairness (`--only fair`): F clusters scale up at the same moment and a newcomer creates a
+   cluster right after; the newcomer's create -> scheduler Pod object and -> RUNNING, with the
+   controller's write budget low enough that the scale-ups queue seconds of writes.
 """
 
 import argparse
+import base64
 import collections
 import concurrent.futures
 import gc
+import http.client
 import json
 import os
 import re
+import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -36,6 +43,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -82,6 +90,106 @@ class Kube:
 
     def pods(self, ns, selector):
         return json.loads(self.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json"))["items"]
+
+
+class PodWatch:
+    """A watch of one namespace's pods (the API server's watch, read line by line), keeping
+    when each pod was first seen and first seen Running, by this process's monotonic clock."""
+
+    def __init__(self, kubeconfig, ns, workdir):
+        cfg = yaml.safe_load(Path(kubeconfig).read_text())
+        cluster, user = cfg["clusters"][0]["cluster"], cfg["users"][0]["user"]
+        files = {}
+        for key in ("certificate-authority-data", "client-certificate-data", "client-key-data"):
+            path = Path(workdir) / f"watch-{key}.pem"
+            path.write_bytes(base64.b64decode(user.get(key) or cluster[key]))
+            path.chmod(0o600)
+            files[key] = str(path)
+        ctx = ssl.create_default_context(cafile=files["certificate-authority-data"])
+        ctx.load_cert_chain(files["client-certificate-data"], files["client-key-data"])
+        url = urllib.parse.urlsplit(cluster["server"])
+        self.connect = lambda: http.client.HTTPSConnection(url.hostname, url.port, context=ctx)
+        self.path = f"/api/v1/namespaces/{ns}/pods?watch=1"
+        self.conn = None
+        self.cond = threading.Condition()
+        self.pods = {}  # name -> {"component", "added", "running"}
+        self.closed = False
+        response = self._open(None)
+        threading.Thread(target=self._read, args=(response,), daemon=True).start()
+
+    def _open(self, resource_version):
+        """(Re)opens the watch, from `resource_version` on if given."""
+        self.conn = self.connect()
+        path = self.path + (f"&resourceVersion={resource_version}" if resource_version else "")
+        self.conn.request("GET", path)
+        response = self.conn.getresponse()
+        if response.status != 200:
+            sys.exit(f"watch {path}: HTTP {response.status}")
+        return response
+
+    def _read(self, response):
+        # The API server may end a watch at any time (its timeout, a watcher it finds too slow
+        # on a loaded machine): it is resumed from the last resourceVersion seen, so no event
+        # is lost and none is seen twice.
+        resource_version = None
+        try:
+            while True:
+                for line in response:
+                    now = time.perf_counter()
+                    event = json.loads(line)
+                    pod = event["object"]
+                    if event["type"] == "ERROR":
+                        raise RuntimeError(f"watch error: {pod.get('message')}")
+                    resource_version = pod["metadata"]["resourceVersion"]
+                    name = pod["metadata"]["name"]
+                    component = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
+                    with self.cond:
+                        if event["type"] == "DELETED":
+                            self.pods.pop(name, None)
+                        elif event["type"] in ("ADDED", "MODIFIED"):
+                            seen = self.pods.setdefault(name, {"component": component, "added": now,
+                                                               "running": None})
+                            if pod.get("status", {}).get("phase") == "Running" and seen["running"] is None:
+                                seen["running"] = now
+                        self.cond.notify_all()
+                if self.closed:
+                    break
+                self.conn.close()
+                response = self._open(resource_version)
+        except Exception as e:  # the watch failed: waits fail with the reason below
+            if not self.closed:
+                print(f"pod watch ended: {e!r}", file=sys.stderr)
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def wait(self, predicate, timeout, what):
+        """Waits until `predicate(pods)` returns a value other than None, and returns it."""
+        deadline = time.perf_counter() + timeout
+        with self.cond:
+            while True:
+                value = predicate(self.pods)
+                if value is not None:
+                    return value
+                if self.closed:
+                    sys.exit(f"the pod watch ended while waiting for {what}")
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    seen = {}
+                    for p in self.pods.values():
+                        k = (p["component"] or "?") + (" Running" if p["running"] else "")
+                        seen[k] = seen.get(k, 0) + 1
+                    sys.exit(f"timed out after {timeout} s waiting for {what}; pods seen: {seen}")
+                self.cond.wait(left)
+
+    def close(self):
+        # Shut the socket down rather than close it: a close while the reader thread is in
+        # an SSL read can block; a shutdown ends that read at once.
+        self.closed = True
+        try:
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
+            pass
 
 
 class Gateway:
@@ -425,6 +533,99 @@ def bench_burst(kube, args, workdir):
         kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
+def wait_running(url, user, cluster, timeout=300):
+    """Waits as the stock client does (`GET ?wait`, again 0.5 s after a PENDING answer) until
+    `cluster` leaves PENDING; exits unless it is then RUNNING."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        st, info, _ = rest(url, "GET", f"/api/v1/clusters/{cluster}?wait", user)
+        if st != 200 or not isinstance(info, dict):
+            sys.exit(f"GET {cluster} answered {st}: {str(info)[:200]}")
+        if info.get("status") == "RUNNING":
+            return
+        if info.get("status") != "PENDING":
+            sys.exit(f"{cluster} ended {info.get('status')}")
+        time.sleep(0.5)
+    sys.exit(f"{cluster} was not RUNNING after {timeout} s")
+
+
+def bench_fair(kube, args, workdir):
+    """A cluster starting while others scale up (`--only fair`). `--fair-clusters` users' clusters
+    scale to `--fair-workers` no-op workers each at the same moment, and right after that a
+    newcomer creates a cluster. The controller's write budget is `--fair-qps` per second (burst
+    the same), low enough that the scale-ups queue seconds of writes on this small node, as 30
+    users scaling to 20 workers each queue 12 s of them at the default 50 per second. Measured:
+    the newcomer's create -> its scheduler Pod object and -> RUNNING, and the time until the
+    scale-ups' worker Pod objects all exist (events of a pod watch)."""
+    clusters, workers = args.fair_clusters, args.fair_workers
+    ns, kc = kube.namespace("fair")
+    qps = args.fair_qps
+    gw = Gateway(args.gateway, workdir, kc, ns, 8196, {"kubernetes": {
+        "api_qps": qps, "api_burst": max(1, int(qps)), "termination_grace_period_seconds": 1,
+        "worker": NO_OP_WORKER}})
+    watch = PodWatch(args.kubeconfig, ns, workdir)
+    made = []
+    try:
+        for i in range(clusters):
+            user = f"busy{i}"
+            st, body, _ = rest(gw.url, "POST", "/api/v1/clusters/", user, {"cluster_options": {}})
+            if st != 201:
+                sys.exit(f"create answered {st}: {str(body)[:200]}")
+            made.append((user, body["name"]))
+        for user, name in made:
+            wait_running(gw.url, user, name)
+        time.sleep(2)  # the starts' last status writes and events
+        barrier = threading.Barrier(clusters + 1)
+
+        def scale(user, name):
+            barrier.wait()
+            st, body, _ = rest(gw.url, "POST", f"/api/v1/clusters/{name}/scale", user,
+                               {"count": workers})
+            if st != 200:
+                print(f"scale answered {st}: {str(body)[:200]}", file=sys.stderr)
+
+        threads = [threading.Thread(target=scale, args=m) for m in made]
+        for th in threads:
+            th.start()
+        barrier.wait()
+        t_scale = time.perf_counter()
+        for th in threads:
+            th.join()
+        st, body, _ = rest(gw.url, "POST", "/api/v1/clusters/", "newcomer", {"cluster_options": {}})
+        t_create = time.perf_counter()
+        if st != 201:
+            sys.exit(f"the newcomer's create answered {st}: {str(body)[:200]}")
+        name = body["name"]
+        made.append(("newcomer", name))
+        scheduler = f"dask-scheduler-{name.rsplit('.', 1)[-1]}"  # the name is <namespace>.<id>
+        pod_at = watch.wait(lambda pods: pods[scheduler]["added"] if scheduler in pods else None,
+                            300, "the newcomer's scheduler pod")
+        wait_running(gw.url, "newcomer", name)
+        running_at = time.perf_counter()
+
+        def all_workers(pods):
+            added = [p["added"] for p in pods.values() if p["component"] == "dask-worker"]
+            return max(added) if len(added) >= clusters * workers else None
+
+        workers_at = watch.wait(all_workers, 300, f"{clusters * workers} worker pods")
+        print(f"fairness: {clusters} clusters scale 0 -> {workers} no-op workers at the same "
+              f"moment, then a newcomer creates a cluster (API writes {qps:g}/s, burst "
+              f"{max(1, int(qps))})")
+        print(f"  newcomer: create -> scheduler Pod object {pod_at - t_create:.2f} s, "
+              f"-> RUNNING {running_at - t_create:.2f} s")
+        print(f"  the scale-ups' {clusters * workers} worker Pod objects all exist after "
+              f"{workers_at - t_scale:.2f} s")
+    finally:
+        watch.close()
+        for user, name in made:
+            rest(gw.url, "DELETE", f"/api/v1/clusters/{name}", user)
+        deadline = time.time() + 180
+        while time.time() < deadline and kube.pods(ns, "app.kubernetes.io/component"):
+            time.sleep(1)
+        gw.stop()
+        kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
 def bench_churn(kube, binary, workdir, lifecycles, users):
     """Cluster lifecycles through the REST API (create, then stop once the controller has made
     its scheduler pod), `users` at a time, with the gateway's RSS sampled as finished clusters
@@ -505,11 +706,18 @@ def main():
                     help="users creating a cluster at the same moment (burst part)")
     ap.add_argument("--burst-workers", type=int, default=1,
                     help="no-op workers each burst cluster scales to")
+    ap.add_argument("--fair-clusters", type=int, default=4,
+                    help="clusters scaling up at once in the fairness part")
+    ap.add_argument("--fair-workers", type=int, default=20,
+                    help="no-op workers each of them scales to")
+    ap.add_argument("--fair-qps", type=float, default=10,
+                    help="the controller's API writes per second (and burst) in that part")
     ap.add_argument("--only", default="pods,warm,memory,churn",
                     help="comma-separated parts: pods (create, 0 -> N pods, real workers), "
                          "warm (create from a warm pool), "
                          "memory (1,000 clusters), churn (with --churn > 0), "
-                         "burst (U users at once; not in the default set)")
+                         "burst (U users at once), fair (a start while others scale up); "
+                         "the last two are not in the default set")
     args = ap.parse_args()
     kube = Kube(args.kubeconfig, args.kubectl)
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
@@ -531,6 +739,8 @@ def main():
             bench_pool(kube, args, workdir)
         if "burst" in parts:
             bench_burst(kube, args, workdir)
+        if "fair" in parts:
+            bench_fair(kube, args, workdir)
         if "memory" in parts:
             idle, full, rate, lat = bench_memory(kube, args.gateway, workdir, args.clusters)
             print(f"gateway RSS: {idle:.1f} MiB with no clusters, {full:.1f} MiB with "

@@ -29,18 +29,14 @@ Measured per round, on each side, through each side's own REST API and real code
 import argparse
 import base64
 import datetime
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -52,7 +48,8 @@ import yaml
 import manifests
 from kube_bench import (BRIDGE_IP, BURST_SCHEDULER_CORES, BURST_SCHEDULER_MEMORY,
                         BURST_WORKER_MEMORY, DASK_IMAGE, KUBE_ENV, NO_OP_COMMAND, NO_OP_WORKER,
-                        Gateway, Kube, cpu_seconds, print_burst, run_burst, sh, stop_burst)
+                        Gateway, Kube, PodWatch, cpu_seconds, print_burst, run_burst, sh,
+                        stop_burst)
 
 AUDIT_LOG = Path(os.environ.get("KUBE_ENV_DIR", "/tmp/dgrs-kube-env")) / "audit.log"
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
@@ -70,106 +67,6 @@ BURST_SIZES = {"scheduler_cores": BURST_SCHEDULER_CORES, "scheduler_memory": BUR
 
 def say(msg):
     print(msg, flush=True)
-
-
-class PodWatch:
-    """A watch of one namespace's pods (the API server's watch, read line by line), keeping
-    when each pod was first seen and first seen Running, by this process's monotonic clock."""
-
-    def __init__(self, kubeconfig, ns, workdir):
-        cfg = yaml.safe_load(Path(kubeconfig).read_text())
-        cluster, user = cfg["clusters"][0]["cluster"], cfg["users"][0]["user"]
-        files = {}
-        for key in ("certificate-authority-data", "client-certificate-data", "client-key-data"):
-            path = Path(workdir) / f"watch-{key}.pem"
-            path.write_bytes(base64.b64decode(user.get(key) or cluster[key]))
-            path.chmod(0o600)
-            files[key] = str(path)
-        ctx = ssl.create_default_context(cafile=files["certificate-authority-data"])
-        ctx.load_cert_chain(files["client-certificate-data"], files["client-key-data"])
-        url = urllib.parse.urlsplit(cluster["server"])
-        self.connect = lambda: http.client.HTTPSConnection(url.hostname, url.port, context=ctx)
-        self.path = f"/api/v1/namespaces/{ns}/pods?watch=1"
-        self.conn = None
-        self.cond = threading.Condition()
-        self.pods = {}  # name -> {"component", "added", "running"}
-        self.closed = False
-        response = self._open(None)
-        threading.Thread(target=self._read, args=(response,), daemon=True).start()
-
-    def _open(self, resource_version):
-        """(Re)opens the watch, from `resource_version` on if given."""
-        self.conn = self.connect()
-        path = self.path + (f"&resourceVersion={resource_version}" if resource_version else "")
-        self.conn.request("GET", path)
-        response = self.conn.getresponse()
-        if response.status != 200:
-            sys.exit(f"watch {path}: HTTP {response.status}")
-        return response
-
-    def _read(self, response):
-        # The API server may end a watch at any time (its timeout, a watcher it finds too slow
-        # on a loaded machine): it is resumed from the last resourceVersion seen, so no event
-        # is lost and none is seen twice.
-        resource_version = None
-        try:
-            while True:
-                for line in response:
-                    now = time.perf_counter()
-                    event = json.loads(line)
-                    pod = event["object"]
-                    if event["type"] == "ERROR":
-                        raise RuntimeError(f"watch error: {pod.get('message')}")
-                    resource_version = pod["metadata"]["resourceVersion"]
-                    name = pod["metadata"]["name"]
-                    component = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
-                    with self.cond:
-                        if event["type"] == "DELETED":
-                            self.pods.pop(name, None)
-                        elif event["type"] in ("ADDED", "MODIFIED"):
-                            seen = self.pods.setdefault(name, {"component": component, "added": now,
-                                                               "running": None})
-                            if pod.get("status", {}).get("phase") == "Running" and seen["running"] is None:
-                                seen["running"] = now
-                        self.cond.notify_all()
-                if self.closed:
-                    break
-                self.conn.close()
-                response = self._open(resource_version)
-        except Exception as e:  # the watch failed: waits fail with the reason below
-            if not self.closed:
-                print(f"pod watch ended: {e!r}", file=sys.stderr)
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-    def wait(self, predicate, timeout, what):
-        """Waits until `predicate(pods)` returns a value other than None, and returns it."""
-        deadline = time.perf_counter() + timeout
-        with self.cond:
-            while True:
-                value = predicate(self.pods)
-                if value is not None:
-                    return value
-                if self.closed:
-                    sys.exit(f"the pod watch ended while waiting for {what}")
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    seen = {}
-                    for p in self.pods.values():
-                        k = (p["component"] or "?") + (" Running" if p["running"] else "")
-                        seen[k] = seen.get(k, 0) + 1
-                    sys.exit(f"timed out after {timeout} s waiting for {what}; pods seen: {seen}")
-                self.cond.wait(left)
-
-    def close(self):
-        # Shut the socket down rather than close it: a close while the reader thread is in
-        # an SSL read can block; a shutdown ends that read at once.
-        self.closed = True
-        try:
-            self.conn.sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, AttributeError):
-            pass
 
 
 def api(side, method, path, body=None, timeout=60):

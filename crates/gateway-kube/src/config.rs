@@ -47,7 +47,9 @@ pub struct KubeConfig {
     pub api_qps: f64,
     /// Controller: API write burst (token bucket size).
     pub api_burst: u32,
-    /// Controller: clusters reconciled at the same time.
+    /// Controller: clusters reconciled at the same time. A pass that waits for write tokens
+    /// keeps its place, and the clusters take turns at the tokens, so this should exceed the
+    /// clusters that scale up at the same time.
     pub reconcile_concurrency: u16,
     /// Controller: worker pods created per reconcile of one cluster (one big scale-up then
     /// proceeds in slices and never holds back other clusters).
@@ -107,7 +109,7 @@ impl Default for KubeConfig {
             leader_election: true,
             api_qps: 50.0,
             api_burst: 100,
-            reconcile_concurrency: 16,
+            reconcile_concurrency: 64,
             worker_batch: 100,
             completed_cluster_max_age: 86400.0,
         }

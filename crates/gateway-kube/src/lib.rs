@@ -9,7 +9,8 @@
 //!   Secret, the scheduler Pod and Service, and the worker Pods, and reports the status.
 //! * [`build`]: the pure builders of those objects; [`names`]: their names and labels.
 //! * [`runtime`]: the controller's watch caches and kube-runtime loop, under [`leader`] election
-//!   so that one replica reconciles; [`limiter`]: the FIFO token bucket pacing its writes.
+//!   so that one replica reconciles; [`limiter`]: the token bucket pacing its writes, the clusters
+//!   taking turns.
 //! * [`events`]: a cluster's Kubernetes Events (its DaskCluster's and its pods'), read on
 //!   demand, and recording new ones on the DaskCluster.
 //! * [`metrics`]: the controller's metric families (its counters, whether this process leads).

@@ -33,7 +33,7 @@ pub(super) async fn bring_up(
     next: &mut DaskClusterStatus,
 ) -> Result<(), Error> {
     if !observed.secret {
-        create(ctx, ns, &build::secret(dc)?).await?;
+        create(ctx, ns, id, &build::secret(dc)?).await?;
         ctx.expect_created(id, &names::secret_name(id));
     }
     next.credentials = Some(names::secret_name(id));
@@ -53,7 +53,7 @@ pub(super) async fn bring_up(
             return Ok(());
         }
         None => {
-            create(ctx, ns, &build::scheduler_pod(dc)?).await?;
+            create(ctx, ns, id, &build::scheduler_pod(dc)?).await?;
             ctx.expect_created(id, &scheduler_name);
             next.scheduler_pod = Some(scheduler_name);
             set_condition(
@@ -67,7 +67,7 @@ pub(super) async fn bring_up(
         }
     };
     if !observed.service {
-        create(ctx, ns, &build::service(dc)?).await?;
+        create(ctx, ns, id, &build::service(dc)?).await?;
         ctx.expect_created(id, &names::service_name(id));
     }
     next.service = Some(names::service_name(id));
@@ -77,8 +77,15 @@ pub(super) async fn bring_up(
         matches!(pod_phase(&scheduler), "Failed" | "Succeeded")
             .then(|| (-1, String::new(), String::new()))
     }) {
-        let logs =
-            last_log_lines(ctx, ns, &scheduler.name_any(), "dask-scheduler", LOG_LINES).await;
+        let logs = last_log_lines(
+            ctx,
+            ns,
+            id,
+            &scheduler.name_any(),
+            "dask-scheduler",
+            LOG_LINES,
+        )
+        .await;
         let mut why = format!("the scheduler exited (exit code {code}");
         if !reason.is_empty() {
             why.push_str(&format!(", {reason}"));
@@ -217,7 +224,7 @@ pub(super) async fn finished(
     let retention = ctx.settings.retention;
     if ended >= retention {
         info!(cluster = %id, "deleting finished cluster past its retention");
-        delete::<DaskCluster>(ctx, ns, id).await?;
+        delete::<DaskCluster>(ctx, ns, id, id).await?;
         ctx.forget_expectations(id);
         return Ok(Action::await_change());
     }
@@ -259,10 +266,10 @@ async fn delete_children(
         delete_pod(ctx, ns, id, &s.name_any()).await?;
     }
     if observed.service {
-        delete::<Service>(ctx, ns, &names::service_name(id)).await?;
+        delete::<Service>(ctx, ns, id, &names::service_name(id)).await?;
     }
     if observed.secret {
-        delete::<Secret>(ctx, ns, &names::secret_name(id)).await?;
+        delete::<Secret>(ctx, ns, id, &names::secret_name(id)).await?;
     }
     Ok(())
 }
@@ -281,7 +288,7 @@ pub const FINISHED_SETTLE: Duration = Duration::from_secs(30);
 
 /// Labels a finished DaskCluster `dask-gateway-rs.io/finished=true`.
 async fn mark_finished(ctx: &Context, ns: &str, id: &str) -> Result<(), Error> {
-    ctx.limiter.acquire().await;
+    ctx.limiter.acquire(id).await;
     let api: Api<DaskCluster> = Api::namespaced(ctx.client.clone(), ns);
     let patch = serde_json::json!({"metadata": {"labels": {names::LABEL_FINISHED: "true"}}});
     match api
@@ -294,6 +301,10 @@ async fn mark_finished(ctx: &Context, ns: &str, id: &str) -> Result<(), Error> {
     }
 }
 
+/// The write limiter's flow of the retention sweep's listing (no cluster's: cluster names are
+/// never empty).
+const SWEEP_FLOW: &str = "";
+
 /// Deletes the finished (labelled) DaskClusters of `instance` in `ns` whose completion is
 /// older than `retention`; returns how many. The controller runs it periodically.
 pub async fn sweep_finished(ctx: &Context, ns: &str, retention: Duration) -> Result<usize, Error> {
@@ -303,12 +314,13 @@ pub async fn sweep_finished(ctx: &Context, ns: &str, retention: Duration) -> Res
         names::instance_selector(&ctx.settings.instance),
         names::LABEL_FINISHED
     );
-    ctx.limiter.acquire().await;
+    ctx.limiter.acquire(SWEEP_FLOW).await;
     let list = api.list(&ListParams::default().labels(&selector)).await?;
     let mut deleted = 0;
     for dc in list.items {
         if finished_for(&dc) >= retention {
-            delete::<DaskCluster>(ctx, ns, &dc.name_any()).await?;
+            let id = dc.name_any();
+            delete::<DaskCluster>(ctx, ns, &id, &id).await?;
             deleted += 1;
         }
     }

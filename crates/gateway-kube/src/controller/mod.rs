@@ -17,7 +17,7 @@
 //! * **Stopping** (`spec.active: false`, or a failure): delete every child, then `Stopped` or
 //!   `Failed` with the completion time. Finished DaskClusters are deleted after the retention.
 //!
-//! Writes go through a FIFO token bucket ([`RateLimiter`]). The watch caches lag behind our own
+//! Writes go through a token bucket ([`RateLimiter`]) at which the clusters take turns. The watch caches lag behind our own
 //! writes, so creations and deletions made in a pass are remembered ([`Expectations`]) until the
 //! cache shows them; a second pass never creates the same workers twice. The status is written
 //! with the object's resourceVersion: a pass based on a stale object gets a conflict and is
@@ -303,8 +303,8 @@ pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action
         let look_again = remaining.clamp(Duration::from_millis(500), Duration::from_secs(10));
         (None, look_again)
     } else if more_to_create(&dc, &next) {
-        // More workers to create: continue at once, behind the clusters already queued (the
-        // write budget is shared first come, first served).
+        // More workers to create: continue at once, behind the clusters already queued (and
+        // their writes take turns with everyone else's at the write budget).
         (None, Duration::ZERO)
     } else {
         (None, Duration::from_secs(300))

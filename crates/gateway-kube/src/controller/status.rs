@@ -301,7 +301,7 @@ pub(super) async fn write_status(
     let mut obj = dc.clone();
     obj.status = Some(next.clone());
     obj.metadata.managed_fields = None;
-    ctx.limiter.acquire().await;
+    ctx.limiter.acquire(&id).await;
     let api: Api<DaskCluster> = Api::namespaced(ctx.client.clone(), &ns);
     let written = api
         .replace_status(&id, &PostParams::default(), &obj)
@@ -388,7 +388,7 @@ pub(super) fn record_transitions(
         let task_ctx = ctx.clone();
         let (ns, id, uid) = (ns.clone(), id.clone(), dc.metadata.uid.clone());
         ctx.spawn_event_task(async move {
-            task_ctx.limiter.acquire().await;
+            task_ctx.limiter.acquire(&id).await;
             let client = task_ctx.client.clone();
             if let Err(e) = crate::events::record(client, &ns, &id, uid, &event).await {
                 warn!(cluster = %id, "recording an event: {e}");

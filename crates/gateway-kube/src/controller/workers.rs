@@ -74,7 +74,7 @@ pub(super) async fn reconcile_workers(
             let oom = failure.reason == "OOMKilled";
             if !proven || !oom {
                 // Its log tells whether it joined the scheduler, and why it ended.
-                let log = last_log_lines(ctx, ns, name, "dask-worker", WORKER_LOG_LINES).await;
+                let log = last_log_lines(ctx, ns, id, name, "dask-worker", WORKER_LOG_LINES).await;
                 proven |= log.contains(WORKER_REGISTERED);
                 let tail: Vec<&str> = log.lines().rev().take(LOG_LINES as usize).collect();
                 if !oom && !tail.is_empty() {
@@ -125,7 +125,7 @@ pub(super) async fn reconcile_workers(
                 build::worker_pod(dc, &name, scheduler_address)?,
             ));
         }
-        let results = join_all(pods.iter().map(|(_, p)| create(ctx, ns, p))).await;
+        let results = join_all(pods.iter().map(|(_, p)| create(ctx, ns, id, p))).await;
         let mut first_error = None;
         for ((name, _), r) in pods.iter().zip(results) {
             match r {

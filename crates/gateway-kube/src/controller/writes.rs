@@ -20,9 +20,10 @@ pub(super) const WRITES_IN_FLIGHT: usize = 100;
 /// Log lines of a failed scheduler or worker quoted in the cluster's status.
 pub(super) const LOG_LINES: i64 = 12;
 
-/// Creates `obj` unless it exists already (rate limited, at most [`WRITES_IN_FLIGHT`] at once).
-/// The API server's answer (the whole object) is read but not decoded: nothing uses it.
-pub(super) async fn create<K>(ctx: &Context, ns: &str, obj: &K) -> Result<(), Error>
+/// Creates `obj`, a child of cluster `id`, unless it exists already (rate limited in `id`'s
+/// turn, at most [`WRITES_IN_FLIGHT`] at once). The API server's answer (the whole object) is
+/// read but not decoded: nothing uses it.
+pub(super) async fn create<K>(ctx: &Context, ns: &str, id: &str, obj: &K) -> Result<(), Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + serde::Serialize,
 {
@@ -30,7 +31,7 @@ where
     let request = kube::core::Request::new(K::url_path(&(), Some(ns)))
         .create(&PostParams::default(), body)
         .map_err(kube::Error::BuildRequest)?;
-    ctx.limiter.acquire().await;
+    ctx.limiter.acquire(id).await;
     let _slot = ctx.in_flight.acquire().await;
     match ctx.client.request_text(request).await {
         Ok(_) => Ok(()),
@@ -39,9 +40,9 @@ where
     }
 }
 
-/// Deletes object `name` (rate limited, at most [`WRITES_IN_FLIGHT`] at once); a missing
-/// object is fine. The answer is not decoded.
-pub(super) async fn delete<K>(ctx: &Context, ns: &str, name: &str) -> Result<(), Error>
+/// Deletes object `name` of cluster `id` (rate limited in `id`'s turn, at most
+/// [`WRITES_IN_FLIGHT`] at once); a missing object is fine. The answer is not decoded.
+pub(super) async fn delete<K>(ctx: &Context, ns: &str, id: &str, name: &str) -> Result<(), Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
 {
@@ -52,7 +53,7 @@ where
     let request = kube::core::Request::new(K::url_path(&(), Some(ns)))
         .delete(name, &dp)
         .map_err(kube::Error::BuildRequest)?;
-    ctx.limiter.acquire().await;
+    ctx.limiter.acquire(id).await;
     let _slot = ctx.in_flight.acquire().await;
     match ctx.client.request_text(request).await {
         Ok(_) => Ok(()),
@@ -63,21 +64,23 @@ where
 
 /// Deletes pod `name` of cluster `id` and remembers it until the cache shows it going.
 pub(super) async fn delete_pod(ctx: &Context, ns: &str, id: &str, name: &str) -> Result<(), Error> {
-    delete::<Pod>(ctx, ns, name).await?;
+    delete::<Pod>(ctx, ns, id, name).await?;
     ctx.expect_deleted(id, name);
     ctx.metrics.pods_deleted.inc();
     Ok(())
 }
 
-/// The last lines of a pod's log, for failure reasons (empty if unavailable).
+/// The last lines of the log of pod `pod` of cluster `id`, for failure reasons (empty if
+/// unavailable).
 pub(super) async fn last_log_lines(
     ctx: &Context,
     ns: &str,
+    id: &str,
     pod: &str,
     container: &str,
     lines: i64,
 ) -> String {
-    ctx.limiter.acquire().await;
+    ctx.limiter.acquire(id).await;
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let lp = LogParams {
         container: Some(container.into()),
