@@ -27,6 +27,7 @@ pub use timing::ClusterTiming;
 
 use gateway_model::{ClusterEvent, ClusterModel, ClusterStatus, ClusterUsage, Heartbeat};
 use serde_json::{Map, Value};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Workers a gateway process granted one cluster within its owner's quotas.
@@ -249,6 +250,20 @@ pub trait ClusterBackend: Send + Sync + 'static {
 
     /// Status updates of one cluster, for `?wait` and for DELETE waiting on the teardown.
     fn subscribe(&self, name: &str) -> Option<watch::Receiver<ClusterStatus>>;
+
+    /// The route of a cluster as soon as it runs: at once while it runs, after waiting at most
+    /// `within` while this backend has it PENDING, `None` at once for a cluster it does not
+    /// know. With several gateway replicas one may hear that a cluster runs a moment after
+    /// another has told its user, who connects at once.
+    async fn route_soon(&self, name: &str, within: Duration) -> Option<SchedulerAddresses> {
+        if let Some(route) = self.route(name) {
+            return Some(route);
+        }
+        let mut status = self.subscribe(name)?;
+        let _ =
+            tokio::time::timeout(within, status.wait_for(|s| *s != ClusterStatus::Pending)).await;
+        self.route(name)
+    }
 
     /// Applies a scheduler heartbeat whose token the caller has checked. `target_workers` is
     /// the heartbeat's `count` after the cluster's worker cap. Heartbeats for clusters that are

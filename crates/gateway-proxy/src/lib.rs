@@ -60,8 +60,9 @@ pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout for dialling a scheduler or a dashboard.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a scheduler connection for a cluster that is still starting here waits for its
-/// route (see [`RouteSource::route_soon`]) before it is closed.
+/// How long a scheduler connection or a dashboard request for a cluster that is still starting
+/// here waits for its route (see [`RouteSource::route_soon`]) before it is closed (or answered
+/// 404).
 pub const ROUTE_WAIT: Duration = Duration::from_secs(3);
 
 /// Time an HTTP/1 connection may take to send a request head; also the idle keep-alive limit.

@@ -1,18 +1,21 @@
-//! The REST API and the web page called without a socket (`tower::ServiceExt::oneshot`) over
-//! the in-memory backend: the status codes, headers and bodies each route promises, for good
-//! and for bad input.
+//! The REST API, the web page and the dashboard proxy called without a socket
+//! (`tower::ServiceExt::oneshot`) over the in-memory backend: the status codes, headers and
+//! bodies each route promises, for good and for bad input. (The dashboard proxy forwards to a
+//! real local HTTP server standing in for a scheduler's dashboard.)
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use base64::Engine;
 use gateway_backend::fake::FakeBackend;
+use gateway_backend::{ClusterBackend, ClusterSettings, NewCluster, SchedulerAddresses};
 use gateway_server::api::{router, AppState, AppStateFields};
 use gateway_server::auth::Authenticator;
 use gateway_server::clusters::ClusterService;
 use gateway_server::config::GatewayConfig;
 use serde_json::Value;
 use std::sync::Arc;
+use std::time::Duration;
 use tower::ServiceExt;
 
 const CONFIG: &str = "
@@ -24,10 +27,14 @@ auth:
 
 /// The gateway's router over a fresh in-memory backend, with `prefix`.
 fn app(prefix: &str) -> Router {
+    app_on(Arc::new(FakeBackend::new()), prefix)
+}
+
+/// The gateway's router over `backend`, with `prefix`.
+fn app_on(backend: Arc<FakeBackend>, prefix: &str) -> Router {
     let mut config: GatewayConfig = serde_yaml::from_str(CONFIG).unwrap();
     config.prefix = prefix.into();
     config.validate().unwrap();
-    let backend = Arc::new(FakeBackend::new());
     let clusters = Arc::new(ClusterService::new(
         backend,
         Arc::new(config.cluster.clone()),
@@ -228,4 +235,54 @@ async fn under_a_prefix_the_page_is_at_the_prefix_with_a_slash() {
         get(&app, "/gw/api/v1/usage", Some("alice")).await.status,
         StatusCode::OK
     );
+}
+
+/// A scheduler's dashboard on a local port: `GET /status` answers a fixed page.
+async fn dashboard_server() -> String {
+    let page = Router::new().route(
+        "/status",
+        axum::routing::get(|| async { "the scheduler's dashboard" }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, page).await.unwrap() });
+    address
+}
+
+/// With several replicas, the one a browser reaches may hear that a cluster runs a moment after
+/// the one that told its user: a dashboard request for a cluster this replica has as starting
+/// waits for it to run (at most `ROUTE_WAIT`) instead of answering 404. An unknown name is
+/// answered 404 at once.
+#[tokio::test]
+async fn a_dashboard_request_for_a_cluster_starting_here_is_served_once_it_runs() {
+    let dashboard = dashboard_server().await;
+    let backend = Arc::new(FakeBackend::new());
+    let app = app_on(backend.clone(), "");
+
+    assert_eq!(
+        get(&app, "/clusters/nope/status", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let new = NewCluster::owned("alice", Default::default(), ClusterSettings::example());
+    let starting = backend.create(new).await.unwrap();
+    let name = starting.name.clone();
+    let runs = tokio::spawn({
+        let backend = backend.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            backend.make_running(
+                &name,
+                SchedulerAddresses {
+                    scheduler: "tls://127.0.0.1:1".into(),
+                    dashboard: Some(dashboard),
+                    api: "http://127.0.0.1:1".into(),
+                },
+            );
+        }
+    });
+    let page = get(&app, &format!("/clusters/{}/status", starting.name), None).await;
+    runs.await.unwrap();
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(page.body, b"the scheduler's dashboard");
 }

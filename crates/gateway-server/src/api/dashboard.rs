@@ -7,7 +7,7 @@ use crate::http_shared::{is_https, refused};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use gateway_proxy::{ClusterRoute, ConnMeta};
+use gateway_proxy::{ClusterRoute, ConnMeta, ROUTE_WAIT};
 
 pub(super) async fn dashboard_root(
     state: State<AppState>,
@@ -40,10 +40,12 @@ async fn dashboard(
     mut req: Request,
 ) -> Response {
     let not_found = || (StatusCode::NOT_FOUND, "404: Not Found").into_response();
+    // A cluster still starting here may already run for another replica, which told its user.
     let route = state
         .clusters
         .backend()
-        .route(&name)
+        .route_soon(&name, ROUTE_WAIT)
+        .await
         .map(|a| ClusterRoute::new(a.scheduler, a.dashboard).dashboard);
     let Some(target) = route.flatten() else {
         return not_found();

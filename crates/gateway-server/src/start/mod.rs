@@ -6,7 +6,6 @@ pub mod kube;
 pub mod local;
 
 use gateway_backend::ClusterBackend;
-use gateway_model::ClusterStatus;
 use gateway_proxy::{ClientConnections, ClusterRoute, RouteFuture, RouteSource};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,17 +61,13 @@ impl RouteSource for BackendRoutes {
             .map(|a| ClusterRoute::new(a.scheduler, a.dashboard))
     }
 
-    /// Waits while the backend has the cluster PENDING: this replica may learn that it runs a
-    /// moment after the replica that answered the user's `?wait` did.
+    /// Waits while the backend has the cluster PENDING ([`ClusterBackend::route_soon`]): this
+    /// replica may learn that it runs a moment after the replica that answered the user's
+    /// `?wait` did.
     fn route_soon<'a>(&'a self, cluster: &'a str, within: Duration) -> RouteFuture<'a> {
         Box::pin(async move {
-            if let Some(route) = self.route(cluster) {
-                return Some(route);
-            }
-            let mut status = self.0.subscribe(cluster)?;
-            let _ = tokio::time::timeout(within, status.wait_for(|s| *s != ClusterStatus::Pending))
-                .await;
-            self.route(cluster)
+            let a = self.0.route_soon(cluster, within).await?;
+            Some(ClusterRoute::new(a.scheduler, a.dashboard))
         })
     }
 
