@@ -17,9 +17,10 @@
 //! * **Stopping** (`spec.active: false`, or a failure): delete every child, then `Stopped` or
 //!   `Failed` with the completion time. Finished DaskClusters are deleted after the retention.
 //!
-//! Writes go through a token bucket ([`RateLimiter`]) at which the clusters take turns. The watch caches lag behind our own
-//! writes, so creations and deletions made in a pass are remembered ([`Expectations`]) until the
-//! cache shows them; a second pass never creates the same workers twice. The status is written
+//! Writes go through a token bucket ([`RateLimiter`]) at which the clusters take turns. The
+//! watch caches lag behind our own writes, so creations and deletions made in a pass are
+//! remembered ([`Expectations`]) until the cache shows them; a second pass never creates the
+//! same workers twice. The status is written
 //! with the object's resourceVersion: a pass based on a stale object gets a conflict and is
 //! simply run again.
 //!
