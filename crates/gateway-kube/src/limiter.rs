@@ -11,9 +11,12 @@
 //! With tokens in the bucket and nobody waiting, `acquire` takes one at once. Otherwise the
 //! caller queues, and a dealer task (spawned while anyone waits, gone when nobody does) hands
 //! the tokens out as they accrue. A waiter that gives up (its future dropped) uses no token.
+//! How many writes wait is a gauge (`controller_api_writes_waiting`): one that stays high says
+//! the budget is too small for the installation's scale-ups.
 
 use gateway_backend::metrics::Counter;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -31,6 +34,8 @@ struct Shared {
     burst: f64,
     /// Tokens handed out (API writes made): since creation, or see [`RateLimiter::counting_in`].
     granted: Counter,
+    /// Callers waiting for a token now (see [`RateLimiter::waiting_in`]).
+    waiting: Arc<AtomicU64>,
 }
 
 struct State {
@@ -47,10 +52,15 @@ struct State {
 impl RateLimiter {
     /// A full bucket of `burst` tokens refilled at `qps` per second.
     pub fn new(qps: f64, burst: u32) -> Self {
-        Self::with_counter(qps.max(0.001), f64::from(burst.max(1)), Counter::default())
+        Self::build(
+            qps.max(0.001),
+            f64::from(burst.max(1)),
+            Counter::default(),
+            Arc::default(),
+        )
     }
 
-    fn with_counter(qps: f64, burst: f64, granted: Counter) -> Self {
+    fn build(qps: f64, burst: f64, granted: Counter, waiting: Arc<AtomicU64>) -> Self {
         RateLimiter {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
@@ -63,6 +73,7 @@ impl RateLimiter {
                 qps,
                 burst,
                 granted,
+                waiting,
             }),
         }
     }
@@ -70,7 +81,15 @@ impl RateLimiter {
     /// Counts the tokens it hands out in `granted` (a counter that outlives this limiter, such
     /// as the controller's API writes over every leadership term) instead of its own.
     pub fn counting_in(self, granted: Counter) -> Self {
-        Self::with_counter(self.shared.qps, self.shared.burst, granted)
+        let s = &self.shared;
+        Self::build(s.qps, s.burst, granted, s.waiting.clone())
+    }
+
+    /// Keeps the number of callers waiting for a token in `waiting` (a gauge that outlives this
+    /// limiter) instead of its own.
+    pub fn waiting_in(self, waiting: Arc<AtomicU64>) -> Self {
+        let s = &self.shared;
+        Self::build(s.qps, s.burst, s.granted.clone(), waiting)
     }
 
     /// Waits for one token for a write of `flow` (the cluster it is for; see the module docs).
@@ -94,8 +113,11 @@ impl RateLimiter {
                 state.dealing = true;
                 tokio::spawn(deal(self.shared.clone()));
             }
+            self.shared.waiting.fetch_add(1, Ordering::Relaxed);
             rx
         };
+        // Counted out when served, and also when the caller gives up.
+        let _waiting = Waiting(&self.shared.waiting);
         // An error would mean the dealer is gone, which happens only as the runtime shuts down.
         let _ = granted.await;
     }
@@ -103,6 +125,20 @@ impl RateLimiter {
     /// Tokens handed out so far (what its counter holds).
     pub fn granted(&self) -> u64 {
         self.shared.granted.get()
+    }
+
+    /// Callers waiting for a token now.
+    pub fn waiting(&self) -> u64 {
+        self.shared.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// One caller counted as waiting until it is dropped.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -221,14 +257,22 @@ mod tests {
         let order = order_served(l.clone(), &waiters).await;
         assert_eq!(order, vec![0, 100, 200, 1, 201, 2, 3, 4, 5]);
         assert_eq!(l.granted(), 10);
+        assert_eq!(l.waiting(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_that_gives_up_takes_no_token() {
         let l = Arc::new(RateLimiter::new(1.0, 1));
         l.acquire("a").await;
-        let gave_up = tokio::time::timeout(Duration::from_millis(500), l.acquire("a")).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(500), async {
+            tokio::join!(l.acquire("a"), async {
+                tokio::task::yield_now().await;
+                assert_eq!(l.waiting(), 1, "a caller that waits is counted");
+            })
+        })
+        .await;
         assert!(gave_up.is_err());
+        assert_eq!(l.waiting(), 0, "a caller that gave up is not counted");
         let start = Instant::now();
         l.acquire("b").await;
         assert_eq!(

@@ -4,7 +4,7 @@
 //! families are registered by [`crate::KubeBackend`]'s `register_metrics`.
 
 use gateway_backend::metrics::{self, Counter, Registry};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Counters of the controller. One set per process: every leadership term adds to the same
@@ -21,6 +21,8 @@ pub struct ControllerMetrics {
     pub pods_deleted: Counter,
     /// Kubernetes API writes (the tokens the write limiter handed out).
     pub api_writes: Counter,
+    /// Kubernetes API writes waiting for the write limiter now (a gauge).
+    pub api_writes_waiting: Arc<AtomicU64>,
     /// Clusters that became Running.
     pub clusters_running: Counter,
     /// Clusters that failed.
@@ -116,8 +118,9 @@ impl Drop for Leading {
 }
 
 impl LiveContext {
-    /// Registers the controller's families: its counters, and `controller_leading` (1 while
-    /// this process runs the controller, 0 while another replica does).
+    /// Registers the controller's families: its counters, `controller_leading` (1 while this
+    /// process runs the controller, 0 while another replica does) and
+    /// `controller_api_writes_waiting`.
     pub fn register_metrics(&self, registry: &mut Registry) {
         self.metrics().register(registry);
         let live = self.clone();
@@ -126,6 +129,11 @@ impl LiveContext {
                 "controller_leading",
                 "Whether this process runs the DaskCluster controller now",
                 u64::from(live.leading()),
+            )?;
+            scrape.gauge(
+                "controller_api_writes_waiting",
+                "Kubernetes API writes waiting for the controller's write budget now",
+                live.metrics().api_writes_waiting.load(Ordering::Relaxed),
             )
         }));
     }
@@ -150,6 +158,8 @@ mod tests {
             "# HELP dask_gateway_controller_leading Whether this process runs the DaskCluster controller now.",
             "# TYPE dask_gateway_controller_leading gauge",
             "dask_gateway_controller_leading 0",
+            "# TYPE dask_gateway_controller_api_writes_waiting gauge",
+            "dask_gateway_controller_api_writes_waiting 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }
@@ -174,7 +184,7 @@ mod tests {
             );
         }
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(families, 8, "{text}");
+        assert_eq!(families, 9, "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -353,7 +353,8 @@ async fn run_term(
         secrets,
         services,
         RateLimiter::new(config.api_qps, config.api_burst)
-            .counting_in(live.metrics().api_writes.clone()),
+            .counting_in(live.metrics().api_writes.clone())
+            .waiting_in(live.metrics().api_writes_waiting.clone()),
         ControllerSettings {
             namespace: namespace.clone(),
             instance: config.instance.clone(),
