@@ -414,6 +414,49 @@ def test_the_next_request_after_a_create_finds_the_cluster_on_the_other_replica(
                  60, what="the stopped cluster's objects to be removed")
 
 
+def test_a_starting_cluster_takes_turns_with_a_scale_up_at_the_write_budget(module_servers):
+    """The controller's writes share one budget (`api_qps`); while writes wait, the clusters take
+    turns at it. A cluster created just after another asked for 24 workers gets its scheduler pod
+    while most of those workers' pods are still to come; served first come, first served, it got
+    it after all of them. The budget is 4 writes per second here, so the scale-up queues 6 s of
+    writes (pods' creation times are whole seconds). The worker pods only sleep."""
+    import json
+
+    srv = module_servers(
+        "turns",
+        cluster={"heartbeat_period": 2, "worker_memory": "128M"},
+        kubernetes={
+            "api_qps": 4,
+            "api_burst": 1,
+            "worker": {
+                "resources": {"requests": {"cpu": "10m"}},
+                "extraContainerConfig": {"command": ["sh", "-c", "exec sleep infinity", "--"],
+                                         "readinessProbe": None},
+            },
+        },
+    )
+    busy, newcomer = "turns busy", "turns newcomer"
+    a = new_cluster(srv.gateway(busy), shutdown_on_close=False).name
+    scaled = srv.http("POST", f"/api/v1/clusters/{a}/scale", user=busy, body={"count": 24})
+    assert scaled.status == 200, scaled.body
+    created = srv.http("POST", "/api/v1/clusters/", user=newcomer, body={"cluster_options": {}})
+    assert created.status == 201, created.body
+    b = json.loads(created.body)["name"]
+    wait_for(lambda: len(pods(srv, a, "dask-worker")) >= 24 and pods(srv, b, "dask-scheduler"),
+             120, what="the 24 worker pods and the newcomer's scheduler pod")
+    [scheduler] = pods(srv, b, "dask-scheduler")
+    at = scheduler["metadata"]["creationTimestamp"]
+    later = [p["metadata"]["name"] for p in pods(srv, a, "dask-worker")
+             if p["metadata"]["creationTimestamp"] > at]
+    assert len(later) >= 8, (f"only {len(later)} of the 24 worker pods were created after the "
+                             f"newcomer's scheduler pod ({at})")
+    for user, name in ((busy, a), (newcomer, b)):
+        stopped = srv.http("DELETE", f"/api/v1/clusters/{name}", user=user)
+        assert stopped.status == 204, stopped.body
+    for user, name in ((busy, a), (newcomer, b)):
+        wait_status(srv.gateway(user), name, "STOPPED", timeout=90)
+
+
 def test_the_controller_can_run_on_its_own(module_servers):
     """`gateway-server controller` reconciles for a gateway that runs none itself."""
     import subprocess
