@@ -563,9 +563,9 @@ def bench_fair(kube, args, workdir):
     gw = Gateway(args.gateway, workdir, kc, ns, 8196, {"kubernetes": {
         "api_qps": qps, "api_burst": max(1, int(qps)), "termination_grace_period_seconds": 1,
         "worker": NO_OP_WORKER}})
-    watch = PodWatch(args.kubeconfig, ns, workdir)
-    made = []
+    watch, made = None, []
     try:
+        watch = PodWatch(args.kubeconfig, ns, workdir)
         for i in range(clusters):
             user = f"busy{i}"
             st, body, _ = rest(gw.url, "POST", "/api/v1/clusters/", user, {"cluster_options": {}})
@@ -616,7 +616,8 @@ def bench_fair(kube, args, workdir):
         print(f"  the scale-ups' {clusters * workers} worker Pod objects all exist after "
               f"{workers_at - t_scale:.2f} s")
     finally:
-        watch.close()
+        if watch:
+            watch.close()
         for user, name in made:
             rest(gw.url, "DELETE", f"/api/v1/clusters/{name}", user)
         deadline = time.time() + 180
