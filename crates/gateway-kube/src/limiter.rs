@@ -43,8 +43,8 @@ struct State {
     updated: Instant,
     /// The flows with waiters, in the order of their next turn.
     turns: VecDeque<Arc<str>>,
-    /// Each flow's waiters, first come first served.
-    waiting: HashMap<Arc<str>, VecDeque<oneshot::Sender<()>>>,
+    /// Each flow's waiters, first come first served (one that gave up stays until passed over).
+    queues: HashMap<Arc<str>, VecDeque<oneshot::Sender<()>>>,
     /// Whether a dealer task runs.
     dealing: bool,
 }
@@ -67,7 +67,7 @@ impl RateLimiter {
                     tokens: burst,
                     updated: Instant::now(),
                     turns: VecDeque::new(),
-                    waiting: HashMap::new(),
+                    queues: HashMap::new(),
                     dealing: false,
                 }),
                 qps,
@@ -102,11 +102,11 @@ impl RateLimiter {
                 return;
             }
             let (tx, rx) = oneshot::channel();
-            if let Some(queue) = state.waiting.get_mut(flow) {
+            if let Some(queue) = state.queues.get_mut(flow) {
                 queue.push_back(tx);
             } else {
                 let flow: Arc<str> = flow.into();
-                state.waiting.insert(flow.clone(), VecDeque::from([tx]));
+                state.queues.insert(flow.clone(), VecDeque::from([tx]));
                 state.turns.push_back(flow);
             }
             if !state.dealing {
@@ -170,11 +170,11 @@ async fn deal(shared: Arc<Shared>) {
                     state.turns.push_front(flow);
                     break (1.0 - state.tokens) / shared.qps;
                 }
-                let waiter = match state.waiting.get_mut(&flow) {
+                let waiter = match state.queues.get_mut(&flow) {
                     Some(queue) => {
                         let waiter = queue.pop_front();
                         if queue.is_empty() {
-                            state.waiting.remove(&flow);
+                            state.queues.remove(&flow);
                         } else {
                             state.turns.push_back(flow);
                         }
