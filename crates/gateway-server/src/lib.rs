@@ -26,7 +26,7 @@ use crate::clusters::ClusterService;
 use crate::config::{BackendKind, CheckedConfig};
 use gateway_backend::ClusterBackend;
 use gateway_proxy::{ClientConnections, RouteSource};
-use start::kube::{gateway_runtime, kube_client};
+use start::kube::{gateway_runtime, kube_access, spawn_controller, KubeAccess};
 use start::local::start_local_backend;
 use start::BackendRoutes;
 use std::sync::Arc;
@@ -45,18 +45,21 @@ pub async fn run(
     // Kubernetes: a client, and the CRD checked before anything is written.
     let kube = match config.backend {
         BackendKind::Kubernetes => {
-            let (client, namespace) = kube_client(&config).await?;
-            gateway_kube::check_crd(&client, &namespace)
+            let access = kube_access(&config).await?;
+            gateway_kube::check_crd(&access.client, &access.namespace)
                 .await
                 .map_err(gateway_kube::ControllerError::from)?;
-            Some((client, namespace))
+            Some(access)
         }
         BackendKind::Local => None,
     };
     let mut auth_config = config.auth.clone();
     auth_config.cookie_secret = auth_config.resolve_cookie_secret()?;
     if auth_config.cookie_secret.is_none() {
-        if let Some((client, namespace)) = &kube {
+        if let Some(KubeAccess {
+            client, namespace, ..
+        }) = &kube
+        {
             let instance = &config.kubernetes.instance;
             auth_config.cookie_secret =
                 Some(gateway_kube::shared_session_key(client, namespace, instance).await?);
@@ -76,7 +79,7 @@ pub async fn run(
     let (controller_stop_tx, controller_stop_rx) = tokio::sync::watch::channel(false);
     let mut _data_dir_lock = None;
     let mut controller_live: Option<gateway_kube::LiveContext> = None;
-    let mut controller_task = None;
+    let mut controller_thread = None;
     // A Kubernetes client exists exactly when the backend is Kubernetes.
     let backend: Arc<dyn ClusterBackend> = match kube {
         None => {
@@ -84,19 +87,26 @@ pub async fn run(
             _data_dir_lock = Some(lock);
             backend
         }
-        Some((client, namespace)) => {
+        Some(KubeAccess {
+            client,
+            config: kube_config,
+            namespace,
+        }) => {
             if config.kubernetes.controller {
                 let live: gateway_kube::LiveContext = Default::default();
                 controller_live = Some(live.clone());
-                let (client, kc, ns) =
-                    (client.clone(), config.kubernetes.clone(), namespace.clone());
                 // Stopped last, after the backend's shutdown (which may need it to stop clusters).
                 let stop = stopped(controller_stop_rx.clone());
-                controller_task = Some(tokio::spawn(async move {
-                    if let Err(e) = gateway_kube::run_controller(client, kc, ns, live, stop).await {
-                        tracing::error!("the DaskCluster controller could not run: {e}");
-                    }
-                }));
+                controller_thread = Some(
+                    spawn_controller(
+                        kube_config,
+                        config.kubernetes.clone(),
+                        namespace.clone(),
+                        live,
+                        stop,
+                    )
+                    .map_err(StartError::ControllerThread)?,
+                );
             }
             info!(namespace = %namespace, instance = %config.kubernetes.instance, controller = config.kubernetes.controller, "kubernetes backend");
             gateway_kube::KubeBackend::start(
@@ -257,8 +267,8 @@ pub async fn run(
     }
     backend.shutdown(config.stop_clusters_on_shutdown).await;
     let _ = controller_stop_tx.send(true);
-    if let Some(task) = controller_task {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    if let Some(thread) = controller_thread {
+        thread.join(Duration::from_secs(5)).await;
     }
     for s in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), s).await;

@@ -146,10 +146,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The controller alone is many small wake-ups and little work: one thread serves it with
+    // fewer of them than a pool of threads would (see `start::kube::spawn_controller`).
+    let mut builder = if controller_only {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("gateway-server: starting the runtime: {e}");

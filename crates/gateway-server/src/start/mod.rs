@@ -42,6 +42,9 @@ pub enum StartError {
     /// DaskClusters cannot be used: the CRD is missing, or RBAC refuses.
     #[error(transparent)]
     Controller(#[from] gateway_kube::ControllerError),
+    /// The operating system would not start the controller's thread.
+    #[error("starting the DaskCluster controller's thread: {0}")]
+    ControllerThread(#[source] std::io::Error),
     /// The session key the replicas share could not be read or made.
     #[error(transparent)]
     SessionKey(#[from] gateway_kube::SessionKeyError),
