@@ -39,15 +39,11 @@ pub enum ClientError {
     ServerName(String),
 }
 
-/// A client from `KUBECONFIG` (or `~/.kube/config`) or the in-cluster service account, like
-/// `kube::Client::try_default`, but over HTTP/2 where the API server offers it.
-pub async fn client() -> Result<kube::Client, ClientError> {
-    let config = kube::Config::infer().await?;
-    from_config(config)
-}
-
-/// A client for `config` (see [`client`]). A configuration that names a proxy gets kube-rs's
-/// default client, which knows how to tunnel through it.
+/// A client for `config` (usually `kube::Config::infer()`: `KUBECONFIG`, `~/.kube/config` or
+/// the in-cluster service account), like `kube::Client::try_from`, but over HTTP/2 where the
+/// API server offers it. A configuration that names a proxy gets kube-rs's default client,
+/// which knows how to tunnel through it. Make it inside the tokio runtime that will use it:
+/// its request queue and its connections run as tasks of that runtime.
 pub fn from_config(config: kube::Config) -> Result<kube::Client, ClientError> {
     if config.proxy_url.is_some() {
         return Ok(kube::Client::try_from(config)?);
