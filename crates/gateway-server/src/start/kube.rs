@@ -98,7 +98,9 @@ pub(crate) fn spawn_controller(
                     // Its tasks (watches, connections) end with the runtime, before `done`.
                     drop(runtime);
                 }
-                Err(e) => tracing::error!("the DaskCluster controller's runtime: {e}"),
+                Err(e) => {
+                    tracing::error!("the DaskCluster controller could not start its runtime: {e}")
+                }
             }
             let _ = done.send(());
         })?;
