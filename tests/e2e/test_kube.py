@@ -457,9 +457,67 @@ def test_a_starting_cluster_takes_turns_with_a_scale_up_at_the_write_budget(modu
         wait_status(srv.gateway(user), name, "STOPPED", timeout=90)
 
 
+class Forwarder:
+    """A TCP forwarder from a free port on 127.0.0.1 to `target` (host, port): nothing listens
+    there until `start()`, and `close()` stops taking connections."""
+
+    def __init__(self, target):
+        from conftest import free_port
+
+        self.target = target
+        self.port = free_port()
+        self.listener = None
+
+    def start(self):
+        import socket
+        import threading
+
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(self.target)
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        if self.listener is not None:
+            self.listener.close()
+
+
 def test_the_controller_can_run_on_its_own(module_servers):
-    """`gateway-server controller` reconciles for a gateway that runs none itself."""
+    """`gateway-server controller` reconciles for a gateway that runs none itself; started
+    while the API server cannot be reached, it waits that out instead of giving up."""
     import subprocess
+    from urllib.parse import urlsplit
+
     import yaml
 
     from conftest import free_port, server_binary
@@ -476,11 +534,24 @@ def test_the_controller_can_run_on_its_own(module_servers):
     config["kubernetes"] = {**config["kubernetes"], "controller": True}
     path = srv.base_dir / "controller.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = open(srv.base_dir / "controller.log", "ab")
+    # The controller reaches the API server through a forwarder that is not there yet.
+    kubeconfig = yaml.safe_load(open(srv.kubeconfig))
+    api = urlsplit(kubeconfig["clusters"][0]["cluster"]["server"])
+    forwarder = Forwarder((api.hostname, api.port))
+    for entry in kubeconfig["clusters"]:
+        entry["cluster"]["server"] = f"https://127.0.0.1:{forwarder.port}"
+    unreachable = srv.base_dir / "controller.kubeconfig"
+    unreachable.write_text(yaml.safe_dump(kubeconfig))
+    log_path = srv.base_dir / "controller.log"
+    log = open(log_path, "ab")
     proc = subprocess.Popen([str(server_binary()), "controller", "--config", str(path)],
-                            env={**os.environ, "KUBECONFIG": srv.kubeconfig},
+                            env={**os.environ, "KUBECONFIG": str(unreachable)},
                             stdout=log, stderr=log)
     try:
+        wait_for(lambda: b"cannot start yet" in log_path.read_bytes(), 30,
+                 what="the controller to report the unreachable API server")
+        assert proc.poll() is None, "the controller gave up on an unreachable API server"
+        forwarder.start()
         cluster = connect(gw, c)
         cluster.scale(1)
         compute(cluster, 1)
@@ -495,6 +566,7 @@ def test_the_controller_can_run_on_its_own(module_servers):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        forwarder.close()
 
 
 def test_a_restarted_gateway_takes_over_where_the_last_one_stopped(module_servers):

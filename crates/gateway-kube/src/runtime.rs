@@ -424,8 +424,20 @@ pub fn lease_name(instance: &str) -> String {
     format!("{instance}-controller")
 }
 
+/// How long the controller waits after its first failed check of DaskClusters before the
+/// next; each further wait doubles, up to [`START_RETRY_AT_MOST`].
+const START_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two checks of DaskClusters at the controller's start.
+const START_RETRY_AT_MOST: Duration = Duration::from_secs(30);
+
 /// Runs the controller for `namespace` until `shutdown` resolves: checks that DaskClusters
 /// can be listed, then (with leader election unless disabled) runs terms of leadership.
+///
+/// A missing CRD or a refusal by RBAC ends it with an error at once: it needs an operator.
+/// Any other failure of the check (the API server unreachable, restarting or overloaded) is
+/// logged and the check tried again, after 1 s, then 2 s, ... up to every 30 s, until it
+/// passes or `shutdown` resolves: a controller that gave up on a passing outage would leave
+/// the gateway taking clusters that never start.
 pub async fn run_controller(
     client: Client,
     config: KubeConfig,
@@ -433,7 +445,24 @@ pub async fn run_controller(
     live: LiveContext,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
-    check_crd(&client, &namespace).await?;
+    let mut shutdown = Box::pin(shutdown);
+    let mut wait = START_RETRY_FIRST;
+    loop {
+        match check_crd(&client, &namespace).await {
+            Ok(()) => break,
+            Err(e @ CrdError::Api { .. }) => {
+                warn!(
+                    "the DaskCluster controller cannot start yet ({e}); trying again in {wait:?}"
+                );
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(START_RETRY_AT_MOST);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -476,7 +505,8 @@ pub async fn run_controller(
 #[cfg(test)]
 mod tests {
     use super::{
-        forward_in_batches, run_term, LiveContext, TriggerBatch, DRAIN_AT_MOST, DRAIN_GRACE,
+        forward_in_batches, run_controller, run_term, ControllerError, CrdError, LiveContext,
+        TriggerBatch, DRAIN_AT_MOST, DRAIN_GRACE,
     };
     use crate::config::KubeConfig;
     use crate::crd::{GROUP, VERSION};
@@ -818,5 +848,75 @@ mod tests {
             Err(_) => panic!("a task of the dropped term still holds the API client"),
         }
         drop(watches);
+    }
+
+    /// The API server failing the start's check of DaskClusters (restarting, overloaded) does
+    /// not end the controller: it checks again, 1 s and then 2 s later, and once the check
+    /// passes it goes on to lead and watch. It stops, with no error, when told to.
+    #[tokio::test(start_paused = true)]
+    async fn the_controller_waits_out_an_api_server_that_fails_at_its_start() {
+        let (client, mut api) = crate::mock_api::pair();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = KubeConfig {
+            instance: "gw".into(),
+            leader_election: false,
+            ..KubeConfig::default()
+        };
+        let controller = tokio::spawn(run_controller(
+            client,
+            config,
+            "dask".into(),
+            LiveContext::default(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let start = tokio::time::Instant::now();
+        let mut checks = Vec::new();
+        for answer in [503, 500, 200] {
+            let call = api.next().await;
+            assert!(call.path.ends_with("/daskclusters"), "{}", call.path);
+            assert!(call.query.contains("limit=1"), "{}", call.query);
+            checks.push(start.elapsed().as_secs());
+            match answer {
+                200 => list_nothing(call, "daskclusters"),
+                code => call.status(code, "the API server is restarting"),
+            }
+        }
+        assert_eq!(checks, [0, 1, 3]);
+        // It went on: the caches list and watch.
+        let call = api.next().await;
+        assert!(!call.path.ends_with("/daskclusters"), "{}", call.path);
+        stop.send(()).unwrap();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), controller).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
+
+    /// A missing CRD and a refusal are not waited out: they need an operator, and the error
+    /// says what to do.
+    #[tokio::test]
+    async fn a_missing_crd_or_a_refusal_ends_the_controller_at_once() {
+        for (code, want) in [
+            (404, "is not installed"),
+            (403, "may not list DaskClusters"),
+        ] {
+            let (client, mut api) = crate::mock_api::pair();
+            let controller = tokio::spawn(run_controller(
+                client,
+                KubeConfig::default(),
+                "dask".into(),
+                LiveContext::default(),
+                std::future::pending(),
+            ));
+            api.next().await.status(code, "no");
+            let result = controller.await.unwrap();
+            let Err(ControllerError::Crd(
+                e @ (CrdError::NotInstalled { .. } | CrdError::Forbidden { .. }),
+            )) = result
+            else {
+                panic!("{code}: {result:?}");
+            };
+            assert!(e.to_string().contains(want), "{e}");
+        }
     }
 }

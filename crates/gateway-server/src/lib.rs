@@ -31,7 +31,7 @@ use start::local::start_local_backend;
 use start::BackendRoutes;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::info;
+use tracing::{error, info};
 
 /// How often the gateway checks clusters against their maximum lifetime and no-client timeout.
 const LIFETIME_SWEEP: Duration = Duration::from_secs(1);
@@ -256,7 +256,20 @@ pub async fn run(
         stopped(stop_rx),
     )));
 
-    shutdown.await;
+    // The embedded controller runs until the end: if it stops first, so does the gateway
+    // (with an error, so that it is restarted) rather than take clusters that never start.
+    let controller_stopped = tokio::select! {
+        () = shutdown => None,
+        why = async {
+            match controller_thread.as_mut() {
+                Some(thread) => thread.ended().await.err().unwrap_or_else(|| "by itself".into()),
+                None => std::future::pending().await,
+            }
+        } => Some(why),
+    };
+    if let Some(why) = &controller_stopped {
+        error!("the DaskCluster controller stopped: {why}; the gateway stops too");
+    }
     info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
@@ -273,5 +286,8 @@ pub async fn run(
     for s in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
     }
-    Ok(())
+    match controller_stopped {
+        Some(why) => Err(StartError::ControllerStopped(why)),
+        None => Ok(()),
+    }
 }

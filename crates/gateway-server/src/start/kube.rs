@@ -47,12 +47,25 @@ fn kube_client(config: kube::Config) -> Result<kube::Client, StartError> {
 }
 
 /// The DaskCluster controller running on its own thread (see [`spawn_controller`]).
-pub(crate) struct ControllerThread(tokio::sync::oneshot::Receiver<()>);
+pub(crate) struct ControllerThread(Option<tokio::sync::oneshot::Receiver<Result<(), String>>>);
 
 impl ControllerThread {
+    /// Resolves when the controller has stopped: `Ok` if it ended without an error, else
+    /// why it ended. Never resolves a second time.
+    pub(crate) async fn ended(&mut self) -> Result<(), String> {
+        let Some(done) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = done.await;
+        self.0 = None;
+        result.unwrap_or_else(|_| Err("its thread panicked".to_string()))
+    }
+
     /// Waits, at most `limit`, until the controller has stopped and its thread has ended.
     pub(crate) async fn join(self, limit: Duration) {
-        let _ = tokio::time::timeout(limit, self.0).await;
+        if let Some(done) = self.0 {
+            let _ = tokio::time::timeout(limit, done).await;
+        }
     }
 }
 
@@ -77,34 +90,26 @@ pub(crate) fn spawn_controller(
     std::thread::Builder::new()
         .name("dask-controller".into())
         .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
+            let result = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
                 Ok(runtime) => {
-                    runtime.block_on(async move {
-                        let run = async {
-                            let client = kube_client(kube_config)?;
-                            gateway_kube::run_controller(
-                                client, settings, namespace, live, shutdown,
-                            )
+                    let result = runtime.block_on(async move {
+                        let client = kube_client(kube_config)?;
+                        gateway_kube::run_controller(client, settings, namespace, live, shutdown)
                             .await?;
-                            Ok::<(), StartError>(())
-                        };
-                        if let Err(e) = run.await {
-                            tracing::error!("the DaskCluster controller could not run: {e}");
-                        }
+                        Ok::<(), StartError>(())
                     });
                     // Its tasks (watches, connections) end with the runtime, before `done`.
                     drop(runtime);
+                    result.map_err(|e| e.to_string())
                 }
-                Err(e) => {
-                    tracing::error!("the DaskCluster controller could not start its runtime: {e}")
-                }
-            }
-            let _ = done.send(());
+                Err(e) => Err(format!("it could not start its runtime: {e}")),
+            };
+            let _ = done.send(result);
         })?;
-    Ok(ControllerThread(joined))
+    Ok(ControllerThread(Some(joined)))
 }
 
 /// What pods need from the gateway's own configuration.
@@ -162,4 +167,83 @@ pub async fn run_controller(
     let _ = stop_tx.send(true);
     let _ = server.await;
     Ok(result?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An API server on 127.0.0.1 that answers every request `404 Not Found` (as one without
+    /// the DaskCluster CRD answers its listing), and its URL.
+    async fn api_server_without_the_crd() -> String {
+        let app = axum::Router::new().fallback(|| async {
+            (
+                http::StatusCode::NOT_FOUND,
+                axum::Json(serde_json::json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "NotFound", "message": "the server could not find the requested resource",
+                    "code": 404,
+                })),
+            )
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    /// A controller that cannot run ends its thread, and the gateway learns why (it then stops
+    /// too, rather than take clusters nobody would start).
+    #[tokio::test]
+    async fn a_controller_that_cannot_run_says_why_it_ended() {
+        let url = api_server_without_the_crd().await;
+        let config = kube::Config::new(url.parse().unwrap());
+        let mut thread = spawn_controller(
+            config,
+            gateway_kube::KubeConfig::default(),
+            "dask".into(),
+            Default::default(),
+            std::future::pending(),
+        )
+        .unwrap();
+        let why = tokio::time::timeout(Duration::from_secs(10), thread.ended())
+            .await
+            .expect("the controller's thread did not end")
+            .unwrap_err();
+        assert!(
+            why.contains("CRD") && why.contains("is not installed"),
+            "{why}"
+        );
+        // Joining an ended thread returns at once.
+        tokio::time::timeout(Duration::from_secs(1), thread.join(Duration::from_secs(5)))
+            .await
+            .unwrap();
+    }
+
+    /// A running controller has not ended; told to stop, it stops and its thread ends.
+    #[tokio::test]
+    async fn a_controller_told_to_stop_ends_its_thread() {
+        // Nothing listens here: the controller waits out the failed check until told to stop.
+        let unused = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", unused.local_addr().unwrap());
+        drop(unused);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut thread = spawn_controller(
+            kube::Config::new(url.parse().unwrap()),
+            gateway_kube::KubeConfig::default(),
+            "dask".into(),
+            Default::default(),
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(1500), thread.ended()).await;
+        assert!(early.is_err(), "the controller ended by itself: {early:?}");
+        stop.send(()).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), thread.ended())
+            .await
+            .expect("the controller's thread did not end when told to stop");
+        assert_eq!(ended, Ok(()));
+    }
 }

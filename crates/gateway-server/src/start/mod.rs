@@ -45,6 +45,9 @@ pub enum StartError {
     /// The operating system would not start the controller's thread.
     #[error("starting the DaskCluster controller's thread: {0}")]
     ControllerThread(#[source] std::io::Error),
+    /// The embedded controller stopped before the gateway was told to (its error, or why).
+    #[error("the DaskCluster controller stopped: {0}")]
+    ControllerStopped(String),
     /// The session key the replicas share could not be read or made.
     #[error(transparent)]
     SessionKey(#[from] gateway_kube::SessionKeyError),
