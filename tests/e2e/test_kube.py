@@ -8,6 +8,8 @@ Runs with E2E_BACKEND=kubernetes (tests/run does), against tests/kube-env.
 import os
 import re
 import signal
+import socket
+import threading
 
 import pytest
 from dask_gateway import GatewayClusterError
@@ -469,9 +471,6 @@ class Forwarder:
         self.listener = None
 
     def start(self):
-        import socket
-        import threading
-
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", self.port))
@@ -479,22 +478,22 @@ class Forwarder:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
-        import socket
-        import threading
-
         while True:
             try:
                 near, _ = self.listener.accept()
             except OSError:
-                return
-            far = socket.create_connection(self.target)
+                return  # closed
+            try:
+                far = socket.create_connection(self.target, timeout=10)
+                far.settimeout(None)
+            except OSError:
+                near.close()  # the client sees the connection fail, and the forwarder goes on
+                continue
             for a, b in ((near, far), (far, near)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pipe(src, dst):
-        import socket
-
         try:
             while data := src.recv(65536):
                 dst.sendall(data)

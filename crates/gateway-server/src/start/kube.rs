@@ -79,6 +79,9 @@ impl ControllerThread {
 /// is read, cached and acted on where it arrived. Measured on `tests/kube-env` (12 scale-ups
 /// each, `docs/benchmarks.md`): 0.11 s of CPU per 100-worker scale-up instead of 0.135 s. The
 /// API, the proxy and the gateway's own watches keep the multi-threaded runtime.
+///
+/// The controller runs until `shutdown` resolves; [`ControllerThread::ended`] says when and why
+/// it ended sooner (a missing CRD, an RBAC refusal), which stops the gateway too.
 pub(crate) fn spawn_controller(
     kube_config: kube::Config,
     settings: gateway_kube::KubeConfig,
