@@ -678,3 +678,33 @@ def test_finished_clusters_leave_the_caches_and_are_read_on_demand(server):
     r = server.http("POST", f"/api/v1/clusters/{name}/scale", user=USER, body={"count": 1})
     assert r.status == 409, r
     gw.close()
+
+
+
+def test_a_deleted_service_is_made_again_and_a_deleted_secret_fails_the_cluster(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw)
+    try:
+        c.scale(1)
+        compute(c, 1)
+        oid = object_id(c.name)
+        kube = KubeEnv.get()
+        # The Service holds nothing of its own: it is made again, and new clients connect.
+        kube.kubectl("delete", "service", "-n", server.namespace, f"dask-{oid}")
+        wait_for(lambda: children(server, c.name)["services"] == [f"dask-{oid}"], 30,
+                 what="the Service made again")
+        compute(gw.connect(c.name), 1)
+        # The Secret holds the certificate the running scheduler trusts: new credentials
+        # would leave a RUNNING cluster no client can reach. It fails, saying why.
+        kube.kubectl("delete", "secret", "-n", server.namespace, f"dask-credentials-{oid}")
+        wait_status(gw, c.name, "FAILED", 60)
+        dc = daskcluster(server, c.name)
+        assert dc["status"]["reason"] == (
+            "the cluster's credentials Secret was deleted while its scheduler used it")
+        wait_for(lambda: children(server, c.name) == {"pods": [], "secrets": [],
+                                                       "services": []},
+                 60, what="the failed cluster's pods, Secret and Service to be gone")
+        with pytest.raises(GatewayClusterError):
+            gw.connect(c.name)
+    finally:
+        c.shutdown()

@@ -7,7 +7,7 @@
 use super::observe::{is_hopeless, pod_phase, pod_ready, termination, waiting_reason, Observed};
 use super::status::{fail, set_condition};
 use super::workers::reconcile_workers;
-use super::writes::{create, delete, delete_pod, last_log_lines, LOG_LINES};
+use super::writes::{create, delete, delete_pod, exists, last_log_lines, LOG_LINES};
 use super::{age, created_age, now_rfc3339, Context, Error};
 use crate::build;
 use crate::crd::{DaskCluster, DaskClusterStatus, Phase, StatusAddresses};
@@ -33,8 +33,26 @@ pub(super) async fn bring_up(
     next: &mut DaskClusterStatus,
 ) -> Result<(), Error> {
     if !observed.secret {
-        create(ctx, ns, id, &build::secret(dc)?).await?;
-        ctx.expect_created(id, &names::secret_name(id));
+        let secret_name = names::secret_name(id);
+        let scheduler_made = observed.scheduler.is_some()
+            || observed.scheduler_expected
+            || next.scheduler_pod.is_some();
+        if !scheduler_made {
+            create(ctx, ns, id, &build::secret(dc)?).await?;
+            ctx.expect_created(id, &secret_name);
+        } else if !exists::<Secret>(ctx, ns, id, &secret_name).await? {
+            // The scheduler read its certificate from this Secret when it started. A new
+            // Secret would hold new credentials that neither it nor its workers trust: clients
+            // would time out against a cluster shown as running, new workers would never join.
+            fail(
+                ctx,
+                id,
+                next,
+                "the cluster's credentials Secret was deleted while its scheduler used it".into(),
+            );
+            return Ok(());
+        }
+        // Otherwise the Secret exists and the cache is only behind the API server.
     }
     next.credentials = Some(names::secret_name(id));
     let scheduler_name = names::scheduler_pod_name(id);

@@ -723,6 +723,78 @@ async fn a_dead_scheduler_fails_the_cluster_with_its_last_log_lines() {
     pass.await.unwrap().unwrap();
 }
 
+/// A running cluster with its scheduler and Service in the caches but not its Secret.
+fn running_without_its_secret_in_the_cache(caches: &mut Caches) -> DaskCluster {
+    let dc = with_status(cluster(ID), Phase::Running);
+    caches
+        .services
+        .apply_watcher_event(&Event::Apply(build::service(&dc).unwrap()));
+    caches.pod(ready_scheduler(&dc));
+    dc
+}
+
+#[tokio::test]
+async fn a_running_clusters_deleted_secret_fails_it_instead_of_new_credentials() {
+    let (ctx, mut api, mut caches) = context(10);
+    let dc = running_without_its_secret_in_the_cache(&mut caches);
+    let pass = run(dc, &ctx).await;
+    let c = api.next().await;
+    assert_eq!(c.method, Method::GET, "asks the API server, never creates");
+    assert_eq!(
+        c.path,
+        format!("/api/v1/namespaces/dask/secrets/{}", names::secret_name(ID))
+    );
+    c.status(404, "NotFound");
+    let st = status_after_other_requests(&mut api).await;
+    assert_eq!(st.phase, Phase::Stopping);
+    assert!(st.stop_failed);
+    assert!(st.addresses.is_none());
+    assert_eq!(
+        st.reason.as_deref(),
+        Some("the cluster's credentials Secret was deleted while its scheduler used it")
+    );
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_secret_only_missing_from_a_cache_behind_the_api_server_fails_nothing() {
+    let (ctx, mut api, mut caches) = context(10);
+    let dc = running_without_its_secret_in_the_cache(&mut caches);
+    let pass = run(dc, &ctx).await;
+    let c = api.next().await;
+    assert_eq!(c.method, Method::GET);
+    c.ok(json!({"kind": "Secret", "apiVersion": "v1",
+                "metadata": {"name": names::secret_name(ID), "namespace": "dask"}}));
+    // No Secret created: the next request is the pass's status write, still running.
+    let c = api.next().await;
+    let st = written_status(&c);
+    c.echo();
+    assert_eq!(st.phase, Phase::Running);
+    assert!(!st.stop_failed);
+    assert_eq!(st.reason, None);
+    pass.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_starting_clusters_missing_secret_is_created() {
+    let (ctx, mut api, _caches) = context(10);
+    let mut dc = cluster(ID);
+    dc.metadata.creation_timestamp = Some(Time(jiff::Timestamp::now()));
+    let pass = run(dc, &ctx).await;
+    let c = api.next().await;
+    assert_eq!(c.method, Method::POST);
+    assert_eq!(c.path, "/api/v1/namespaces/dask/secrets");
+    c.echo();
+    let c = api.next().await;
+    assert_eq!(c.method, Method::POST);
+    assert_eq!(
+        c.path, "/api/v1/namespaces/dask/pods",
+        "then the scheduler pod"
+    );
+    c.echo();
+    pass.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_stop_deletes_every_child_then_ends_stopped() {
     let (ctx, mut api, mut caches) = context(10);

@@ -1,6 +1,7 @@
 //! The controller's writes to the API server other than the status: creating and deleting
-//! children (rate limited, a few in flight at once, answers not decoded), and reading a pod's
-//! last log lines for a failure's reason.
+//! children (rate limited, a few in flight at once, answers not decoded); and its two reads
+//! past the caches: a pod's last log lines for a failure's reason, and whether a child the
+//! caches miss really is gone.
 
 use super::{Context, Error};
 use k8s_openapi::api::core::v1::Pod;
@@ -93,5 +94,23 @@ pub(super) async fn last_log_lines(
             debug!(pod, "no logs: {e}");
             String::new()
         }
+    }
+}
+
+/// Whether child `name` of cluster `id` exists, asked of the API server itself (rate limited in
+/// `id`'s turn): for a child the caches miss whose loss would fail the cluster, so that a cache
+/// that is only behind fails nothing. The answer is not decoded.
+pub(super) async fn exists<K>(ctx: &Context, ns: &str, id: &str, name: &str) -> Result<bool, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    let request = kube::core::Request::new(K::url_path(&(), Some(ns)))
+        .get(name, &Default::default())
+        .map_err(kube::Error::BuildRequest)?;
+    ctx.limiter.acquire(id).await;
+    match ctx.client.request_text(request).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
