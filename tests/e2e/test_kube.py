@@ -708,3 +708,34 @@ def test_a_deleted_service_is_made_again_and_a_deleted_secret_fails_the_cluster(
             gw.connect(c.name)
     finally:
         c.shutdown()
+
+
+
+def test_a_deleted_scheduler_pod_or_daskcluster_ends_the_cluster_and_says_so(server):
+    gw = server.gateway(USER)
+    kube = KubeEnv.get()
+    c = new_cluster(gw)
+    c.scale(1)
+    compute(c, 1)
+    kube.kubectl("delete", "pod", "-n", server.namespace,
+                 f"dask-scheduler-{object_id(c.name)}", "--wait=false")
+    wait_status(gw, c.name, "FAILED", 60)
+    reason = daskcluster(server, c.name)["status"]["reason"]
+    # Deleted by someone: its container got SIGTERM and ended "Completed", which alone would
+    # read as if the scheduler had chosen to stop.
+    assert reason.startswith("the scheduler pod was deleted; it exited (exit code "), reason
+    wait_for(lambda: children(server, c.name) == {"pods": [], "secrets": [], "services": []},
+             60, what="the failed cluster's children to be gone")
+
+    # An admin deletes a running DaskCluster: its children go with it (owner references), and
+    # the owner is told it is gone.
+    c2 = new_cluster(gw)
+    c2.scale(1)
+    compute(c2, 1)
+    kube.kubectl("delete", "daskcluster", "-n", server.namespace, object_id(c2.name))
+    wait_for(lambda: children(server, c2.name) == {"pods": [], "secrets": [], "services": []},
+             60, what="the deleted DaskCluster's children to be gone")
+    assert c2.name not in [x.name for x in gw.list_clusters()]
+    with pytest.raises(ValueError, match="not found"):
+        gw.connect(c2.name)
+    c2.shutdown()  # stopping what is gone is fine

@@ -4,7 +4,10 @@
 //! deleted past the retention) and the retention sweep of labelled clusters
 //! ([`sweep_finished`]).
 
-use super::observe::{is_hopeless, pod_phase, pod_ready, termination, waiting_reason, Observed};
+use super::observe::{
+    disruption, is_being_deleted, is_hopeless, pod_phase, pod_ready, termination, waiting_reason,
+    Observed,
+};
 use super::status::{fail, set_condition};
 use super::workers::reconcile_workers;
 use super::writes::{create, delete, delete_pod, exists, last_log_lines, LOG_LINES};
@@ -12,7 +15,7 @@ use super::{age, created_age, now_rfc3339, Context, Error};
 use crate::build;
 use crate::crd::{DaskCluster, DaskClusterStatus, Phase, StatusAddresses};
 use crate::names::{self, API_PORT, DASHBOARD_PORT, SCHEDULER_PORT};
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::ResourceExt;
@@ -91,10 +94,8 @@ pub(super) async fn bring_up(
     next.service = Some(names::service_name(id));
 
     // The scheduler ended: the cluster fails with what it said last.
-    if let Some((code, reason, message)) = termination(&scheduler).or_else(|| {
-        matches!(pod_phase(&scheduler), "Failed" | "Succeeded")
-            .then(|| (-1, String::new(), String::new()))
-    }) {
+    let exit = termination(&scheduler);
+    if exit.is_some() || matches!(pod_phase(&scheduler), "Failed" | "Succeeded") {
         let logs = last_log_lines(
             ctx,
             ns,
@@ -104,17 +105,7 @@ pub(super) async fn bring_up(
             LOG_LINES,
         )
         .await;
-        let mut why = format!("the scheduler exited (exit code {code}");
-        if !reason.is_empty() {
-            why.push_str(&format!(", {reason}"));
-        }
-        why.push(')');
-        if !message.is_empty() {
-            why.push_str(&format!(": {message}"));
-        }
-        if !logs.is_empty() {
-            why.push_str(&format!("; last log lines:\n{logs}"));
-        }
+        let why = scheduler_end(&scheduler, exit, &logs);
         set_condition(next, "SchedulerReady", false, "Terminated", &why);
         fail(ctx, id, next, why);
         return Ok(());
@@ -191,6 +182,39 @@ pub(super) async fn bring_up(
         .map(|a| a.scheduler.clone())
         .unwrap_or_default();
     reconcile_workers(dc, ctx, ns, id, observed, next, &address).await
+}
+
+/// Why the scheduler pod `pod` ended, as the cluster's reason: who ended it, when that was not
+/// the scheduler itself (a deletion, or Kubernetes' eviction or preemption, which says why; our
+/// own deletions never reach here), how its container exited, and its last log lines.
+pub(super) fn scheduler_end(pod: &Pod, exit: Option<(i32, String, String)>, logs: &str) -> String {
+    let ended_by = match (is_being_deleted(pod), disruption(pod)) {
+        (true, Some(d)) => Some(format!("the scheduler pod was deleted ({d})")),
+        (true, None) => Some("the scheduler pod was deleted".to_string()),
+        (false, Some(d)) => Some(format!("the scheduler pod ended ({d})")),
+        (false, None) => None,
+    };
+    let exited = exit.map(|(code, reason, message)| {
+        let mut e = format!("exited (exit code {code}");
+        if !reason.is_empty() {
+            e.push_str(&format!(", {reason}"));
+        }
+        e.push(')');
+        if !message.is_empty() {
+            e.push_str(&format!(": {message}"));
+        }
+        e
+    });
+    let mut why = match (ended_by, exited) {
+        (Some(by), Some(exited)) => format!("{by}; it {exited}"),
+        (Some(by), None) => by,
+        (None, Some(exited)) => format!("the scheduler {exited}"),
+        (None, None) => format!("the scheduler pod ended (phase {})", pod_phase(pod)),
+    };
+    if !logs.is_empty() {
+        why.push_str(&format!("; last log lines:\n{logs}"));
+    }
+    why
 }
 
 /// Stopping: delete every child; finished once nothing is left (or after [`STOP_WAIT`]).

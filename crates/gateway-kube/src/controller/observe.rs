@@ -172,6 +172,30 @@ pub(super) fn is_being_deleted(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
 }
 
+/// Why Kubernetes itself ended or is ending the pod, if it says: its `DisruptionTarget`
+/// condition (preemption, eviction through the API, a node's taint or shutdown) or the pod's
+/// own reason (`Evicted` by a node under pressure), as "reason: message".
+pub(super) fn disruption(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let condition = status.conditions.as_ref().and_then(|cs| {
+        cs.iter()
+            .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+    });
+    let (reason, message) = match condition {
+        Some(c) => (c.reason.as_deref(), c.message.as_deref()),
+        None => (status.reason.as_deref(), status.message.as_deref()),
+    };
+    match (
+        reason.filter(|r| !r.is_empty()),
+        message.filter(|m| !m.is_empty()),
+    ) {
+        (Some(r), Some(m)) => Some(format!("{r}: {m}")),
+        (Some(r), None) => Some(r.to_string()),
+        (None, Some(m)) => Some(m.to_string()),
+        (None, None) => None,
+    }
+}
+
 /// Whether the pod's Ready condition is true.
 pub(super) fn pod_ready(pod: &Pod) -> bool {
     pod.status

@@ -723,6 +723,58 @@ async fn a_dead_scheduler_fails_the_cluster_with_its_last_log_lines() {
     pass.await.unwrap().unwrap();
 }
 
+#[test]
+fn a_scheduler_pod_ended_by_someone_else_says_who_ended_it() {
+    let dc = with_status(cluster(ID), Phase::Running);
+    let exited = |code: i32, reason: &str| Some((code, reason.to_string(), String::new()));
+    let mut deleted = ready_scheduler(&dc);
+    deleted.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+    assert_eq!(
+        lifecycle::scheduler_end(&deleted, exited(0, "Completed"), "Received signal SIGTERM"),
+        "the scheduler pod was deleted; it exited (exit code 0, Completed); \
+         last log lines:\nReceived signal SIGTERM"
+    );
+    let mut preempted = deleted.clone();
+    preempted
+        .status
+        .as_mut()
+        .unwrap()
+        .conditions
+        .as_mut()
+        .unwrap()
+        .push(PodCondition {
+            type_: "DisruptionTarget".into(),
+            status: "True".into(),
+            reason: Some("PreemptionByScheduler".into()),
+            message: Some("Preempted in order to admit critical pod".into()),
+            ..Default::default()
+        });
+    assert_eq!(
+        lifecycle::scheduler_end(&preempted, exited(143, "Error"), ""),
+        "the scheduler pod was deleted (PreemptionByScheduler: Preempted in order to admit \
+         critical pod); it exited (exit code 143, Error)"
+    );
+    let mut evicted = ready_scheduler(&dc);
+    let status = evicted.status.as_mut().unwrap();
+    status.phase = Some("Failed".into());
+    status.reason = Some("Evicted".into());
+    status.message = Some("The node was low on resource: memory.".into());
+    assert_eq!(
+        lifecycle::scheduler_end(&evicted, None, ""),
+        "the scheduler pod ended (Evicted: The node was low on resource: memory.)"
+    );
+    let mut failed = ready_scheduler(&dc);
+    failed.status.as_mut().unwrap().phase = Some("Failed".into());
+    assert_eq!(
+        lifecycle::scheduler_end(&failed, None, ""),
+        "the scheduler pod ended (phase Failed)"
+    );
+    assert_eq!(
+        lifecycle::scheduler_end(&failed, exited(1, "Error"), ""),
+        "the scheduler exited (exit code 1, Error)"
+    );
+}
+
 /// A running cluster with its scheduler and Service in the caches but not its Secret.
 fn running_without_its_secret_in_the_cache(caches: &mut Caches) -> DaskCluster {
     let dc = with_status(cluster(ID), Phase::Running);
