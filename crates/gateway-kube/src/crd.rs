@@ -329,7 +329,8 @@ pub struct StatusAddresses {
 pub struct WorkerFailure {
     /// The pod's name (also the Dask worker's name).
     pub pod: String,
-    /// The container's termination reason (`OOMKilled`, `Error`, ...).
+    /// The container's termination reason (`OOMKilled`, `Error`, ...), or the pod's when
+    /// Kubernetes ended it without one (`Evicted`).
     pub reason: String,
     /// The container's exit code (137 for a kill).
     pub exit_code: i32,

@@ -775,6 +775,34 @@ fn a_scheduler_pod_ended_by_someone_else_says_who_ended_it() {
     );
 }
 
+#[test]
+fn a_worker_pod_evicted_before_its_container_ended_says_why() {
+    let dc = with_status(cluster(ID), Phase::Running);
+    let mut pod = worker(&dc, "w-evicted", "Failed", None);
+    let status = pod.status.as_mut().unwrap();
+    status.container_statuses = None;
+    status.reason = Some("Evicted".into());
+    status.message = Some("The node was low on resource: memory.".into());
+    let failure = workers::worker_failure(&pod);
+    assert_eq!(failure.reason, "Evicted");
+    assert_eq!(
+        failure.message,
+        "worker pod w-evicted ended (Evicted: The node was low on resource: memory.)"
+    );
+    let mut pod = worker(&dc, "w-failed", "Failed", Some(1));
+    let failure = workers::worker_failure(&pod);
+    assert_eq!(failure.reason, "Error");
+    assert_eq!(
+        failure.message,
+        "worker pod w-failed failed (Error, exit code 1)"
+    );
+    pod.status.as_mut().unwrap().container_statuses = None;
+    assert_eq!(
+        workers::worker_failure(&pod).message,
+        "worker pod w-failed failed (ended, exit code -1)"
+    );
+}
+
 /// A running cluster with its scheduler and Service in the caches but not its Secret.
 fn running_without_its_secret_in_the_cache(caches: &mut Caches) -> DaskCluster {
     let dc = with_status(cluster(ID), Phase::Running);

@@ -3,7 +3,8 @@
 //! that failed to start (its readiness, how long it ran, and its log).
 
 use super::observe::{
-    first_container_state, pod_name, pod_phase, pod_ready, running_for, termination, Observed,
+    disruption, first_container_state, pod_name, pod_phase, pod_ready, running_for, termination,
+    Observed,
 };
 use super::status::{fail, set_condition};
 use super::writes::{create, delete_pod, last_log_lines, LOG_LINES};
@@ -200,7 +201,7 @@ fn ran_for(pod: &Pod) -> Option<Duration> {
 }
 
 /// What became of a failed worker pod, from its container's termination.
-fn worker_failure(pod: &Pod) -> WorkerFailure {
+pub(super) fn worker_failure(pod: &Pod) -> WorkerFailure {
     let name = pod.name_any();
     let (exit_code, reason, message) =
         termination(pod).unwrap_or((-1, String::new(), String::new()));
@@ -230,6 +231,10 @@ fn worker_failure(pod: &Pod) -> WorkerFailure {
             })
             .unwrap_or_default();
         format!("worker pod {name} was killed for exceeding its memory limit{limit} (OOMKilled)")
+    } else if let (None, Some(why)) = (state, disruption(pod)) {
+        // Ended by Kubernetes before its container said anything (a node under pressure
+        // evicted it): Kubernetes' own reason.
+        format!("worker pod {name} ended ({why})")
     } else {
         let reason = if reason.is_empty() { "ended" } else { &reason };
         let detail = if message.is_empty() {
@@ -238,6 +243,11 @@ fn worker_failure(pod: &Pod) -> WorkerFailure {
             format!(": {message}")
         };
         format!("worker pod {name} failed ({reason}, exit code {exit_code}){detail}")
+    };
+    // A pod Kubernetes ended has its reason on the pod (`Evicted`), not on a container.
+    let reason = match pod.status.as_ref().and_then(|s| s.reason.clone()) {
+        Some(pod_reason) if reason.is_empty() => pod_reason,
+        _ => reason,
     };
     WorkerFailure {
         pod: name,
