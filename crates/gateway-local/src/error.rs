@@ -19,8 +19,10 @@ pub enum LocalError {
     /// The user has no account to run as (user isolation).
     #[error("{0}")]
     Identity(String),
-    /// A cluster's Python environment has no `bin/dask`.
-    #[error("the Python environment {0:?} has no bin/dask")]
+    /// A cluster's Python environment has no `bin/dask` (or is not an absolute path).
+    #[error(
+        "the Python environment {0:?} has no bin/dask (an absolute path to a venv or conda prefix)"
+    )]
     NoPythonEnv(String),
     /// The Dask command could not be started.
     #[error("starting {command}: {source}")]

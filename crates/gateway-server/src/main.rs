@@ -115,7 +115,8 @@ fn main() -> ExitCode {
         config.data_dir = Some(d);
     }
     if let Some(p) = cli.python_env {
-        config.dask.python_env = Some(p);
+        // Relative to where it was started, as a user typing it means.
+        config.dask.python_env = Some(std::path::absolute(&p).unwrap_or(p));
     }
     if let Some(p) = cli.auth_password {
         config.auth.password = Some(p);

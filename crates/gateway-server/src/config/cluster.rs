@@ -226,6 +226,18 @@ pub struct GroupPolicy {
     pub cluster: serde_yaml::Mapping,
 }
 
+/// Keys of the `cluster` section the gateway applies to every cluster alike (the timing every
+/// scheduler is started with and judged by, and how long finished clusters are kept), so a
+/// group policy may not set them.
+const GATEWAY_WIDE_KEYS: [&str; 6] = [
+    "heartbeat_period",
+    "heartbeat_timeout",
+    "adaptive_period",
+    "start_timeout",
+    "worker_start_failure_limit",
+    "retention",
+];
+
 impl GatewayConfig {
     /// The cluster settings of each group policy, in priority order: the `cluster` section
     /// with the policy's keys replaced, each checked like the `cluster` section.
@@ -251,6 +263,15 @@ impl GatewayConfig {
                 return Err(ConfigError::Invalid(format!(
                     "groups: {} is listed twice",
                     policy.group
+                )));
+            }
+            if let Some(key) = policy.cluster.keys().find_map(|k| {
+                k.as_str()
+                    .filter(|k| GATEWAY_WIDE_KEYS.contains(k))
+                    .map(str::to_string)
+            }) {
+                return Err(ConfigError::Invalid(format!(
+                    "{section}.{key}: set for the whole gateway, in the cluster section; a group policy cannot change it"
                 )));
             }
             let mut merged = base.clone();
@@ -289,6 +310,16 @@ impl GatewayConfig {
             if !(v.is_finite() && v > 0.0) {
                 return bad(format!(
                     "{section}.{name} must be a positive number, got {v}"
+                ));
+            }
+        }
+        if let Some(t) = c.heartbeat_timeout {
+            // A scheduler heartbeats once per period: a shorter timeout fails every cluster
+            // between two heartbeats.
+            if !(t.is_finite() && t > c.heartbeat_period) {
+                return bad(format!(
+                    "{section}.heartbeat_timeout must be longer than heartbeat_period ({} s), got {t}",
+                    c.heartbeat_period
                 ));
             }
         }
@@ -419,5 +450,75 @@ mod tests {
             .to_string()
             .contains("only a select option may do"));
         let _ = std::fs::remove_dir_all(env);
+    }
+
+    #[test]
+    fn the_gateways_own_python_env_must_be_real() {
+        let config = |env: &str| -> GatewayConfig {
+            serde_yaml::from_str(&format!("dask: {{python_env: '{env}'}}")).unwrap()
+        };
+        let err = config("/nonexistent/env")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dask.python_env: "), "{err}");
+        assert!(err.contains("has no bin/dask"), "{err}");
+        assert!(config("relative/env").validate().is_err());
+        let env = std::env::temp_dir().join(format!("dgrs-own-pyenv-{}", std::process::id()));
+        std::fs::create_dir_all(env.join("bin")).unwrap();
+        std::fs::write(env.join("bin/dask"), "#!/bin/sh\n").unwrap();
+        config(env.to_str().unwrap()).validate().unwrap();
+        // On Kubernetes the image holds the environment: the gateway's own path is not used.
+        let mut kube = config("/nonexistent/env");
+        kube.backend = BackendKind::Kubernetes;
+        kube.api_url = Some("http://gw:8000/api".into());
+        assert!(!kube
+            .validate()
+            .err()
+            .is_some_and(|e| e.to_string().contains("python_env")));
+        let _ = std::fs::remove_dir_all(env);
+    }
+
+    #[test]
+    fn a_heartbeat_timeout_must_outlast_the_heartbeat_period() {
+        let config = |yaml: &str| -> GatewayConfig { serde_yaml::from_str(yaml).unwrap() };
+        let err = config("cluster: {heartbeat_period: 5, heartbeat_timeout: 3}")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(
+                "cluster.heartbeat_timeout must be longer than heartbeat_period (5 s), got 3"
+            ),
+            "{err}"
+        );
+        assert!(
+            config("cluster: {heartbeat_period: 5, heartbeat_timeout: 5}")
+                .validate()
+                .is_err()
+        );
+        config("cluster: {heartbeat_period: 5, heartbeat_timeout: 12}")
+            .validate()
+            .unwrap();
+        config("cluster: {heartbeat_period: 5}").validate().unwrap();
+    }
+
+    #[test]
+    fn group_policies_cannot_set_what_applies_to_every_cluster() {
+        let config = |yaml: &str| -> GatewayConfig { serde_yaml::from_str(yaml).unwrap() };
+        let err = config("groups: [{group: g, cluster: {idle_timeout: 60, heartbeat_period: 30}}]")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(
+                "groups[g].cluster.heartbeat_period: set for the whole gateway, in the cluster \
+                 section; a group policy cannot change it"
+            ),
+            "{err}"
+        );
+        config("groups: [{group: g, cluster: {idle_timeout: 60}}]")
+            .validate()
+            .unwrap();
     }
 }

@@ -278,6 +278,10 @@ impl GatewayConfig {
             ));
         }
         self.dask.check()?;
+        if let (Some(env), BackendKind::Local) = (&self.dask.python_env, self.backend) {
+            gateway_local::Launcher::check_python_env(&env.to_string_lossy())
+                .map_err(|e| ConfigError::Invalid(format!("dask.python_env: {e}")))?;
+        }
         self.validate_cluster(&self.cluster, "cluster")?;
         let policies = self.group_clusters()?;
         if self.backend == BackendKind::Kubernetes {
