@@ -125,8 +125,12 @@ struct Worker {
 struct Cluster {
     record: ClusterRecord,
     workers: HashMap<String, Worker>,
-    /// When the last heartbeat arrived (or the cluster was created or re-adopted).
+    /// When the last heartbeat arrived (or the cluster was created or re-adopted), moved on
+    /// by any time the gateway itself stood still (see [`LocalBackend::reconcile`]).
     last_heartbeat: Instant,
+    /// When the cluster was last reconciled: every sweep does, so a longer gap means the
+    /// gateway itself did not run.
+    last_reconciled: Instant,
     /// When the cluster was created (or re-adopted while PENDING).
     pending_since: Instant,
     /// Worker start failures and unexpected exits in a row.
@@ -149,6 +153,7 @@ impl Cluster {
             record,
             workers: HashMap::new(),
             last_heartbeat: Instant::now(),
+            last_reconciled: Instant::now(),
             pending_since: Instant::now(),
             worker_failures: 0,
             tearing_down: false,
@@ -409,13 +414,36 @@ impl LocalBackend {
         self.persist(&c.record);
     }
 
+    /// How long `record`'s RUNNING cluster may go without a heartbeat: the configured timeout,
+    /// stretched by as much as its scheduler's own period (fixed when it started) is longer
+    /// than the configured one, so that a restart with a shorter period fails no cluster whose
+    /// scheduler still heartbeats at the old one.
+    fn heartbeat_timeout(&self, record: &ClusterRecord) -> Duration {
+        let timing = &self.config.timing;
+        let stretch = record
+            .heartbeat_period
+            .filter(|p| p.is_finite())
+            .map_or(1.0, |p| (p / timing.heartbeat_period).max(1.0));
+        Duration::try_from_secs_f64(timing.heartbeat_timeout * stretch).unwrap_or(Duration::MAX)
+    }
+
     /// Brings one cluster towards what it should be, from what was last observed: fails it on
     /// a timeout or too many worker failures; while RUNNING terminates surplus and retired
     /// workers and starts missing ones; once STOPPING starts its teardown (once).
     fn reconcile(&self, c: &mut Cluster, now: Instant) -> Effects {
         let mut fx = Effects::default();
+        // A gateway that stood still (stopped, frozen, starved) heard no heartbeat meanwhile:
+        // that time is not the scheduler's silence, and is not held against its timeouts.
+        let stall_after = self.config.sweep_period * 5 + Duration::from_secs(1);
+        let gap = now.saturating_duration_since(c.last_reconciled);
+        if gap > stall_after {
+            warn!(cluster = %c.record.name, "the gateway did not run for {:.1} s; its timeouts resume from now", gap.as_secs_f64());
+            c.last_heartbeat = (c.last_heartbeat + gap).min(now);
+            c.pending_since = (c.pending_since + gap).min(now);
+        }
+        c.last_reconciled = c.last_reconciled.max(now);
         let start_timeout = Duration::from_secs_f64(self.config.timing.start_timeout);
-        let heartbeat_timeout = Duration::from_secs_f64(self.config.timing.heartbeat_timeout);
+        let heartbeat_timeout = self.heartbeat_timeout(&c.record);
         let timeout = match c.record.status {
             ClusterStatus::Pending if now.duration_since(c.pending_since) > start_timeout => {
                 Some(format!(
@@ -942,6 +970,7 @@ impl ClusterBackend for LocalBackend {
             start_time: now_ms(),
             stop_time: None,
             pool: request.pool,
+            heartbeat_period: Some(self.config.timing.heartbeat_period),
         };
         let mut clusters = self.lock();
         if let Err(e) = self.store.put_cluster(&record) {

@@ -73,6 +73,10 @@ pub struct ClusterRecord {
     pub stop_time: Option<i64>,
     /// The warm pool this unclaimed cluster belongs to (its owner is empty meanwhile).
     pub pool: Option<String>,
+    /// Seconds between heartbeats its scheduler was started with (`--dg-heartbeat-period`):
+    /// a later configuration may change the period, not what a running scheduler does. `None`
+    /// in records of gateways that did not keep it (the configured period is assumed).
+    pub heartbeat_period: Option<f64>,
 }
 
 /// A stored worker process.
@@ -124,7 +128,8 @@ CREATE TABLE IF NOT EXISTS clusters (
     target INTEGER NOT NULL DEFAULT 0,
     start_time INTEGER NOT NULL,
     stop_time INTEGER,
-    pool TEXT
+    pool TEXT,
+    heartbeat_period REAL
 );
 CREATE TABLE IF NOT EXISTS workers (
     cluster TEXT NOT NULL,
@@ -170,11 +175,13 @@ pub const EVENTS_PER_CLUSTER: i64 = 200;
 /// Creates the tables, and adds the columns a database made by an older gateway lacks.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch(SCHEMA)?;
-    let has_pool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('clusters') WHERE name = 'pool'")?
-        .exists([])?;
-    if !has_pool {
-        conn.execute_batch("ALTER TABLE clusters ADD COLUMN pool TEXT")?;
+    for (column, kind) in [("pool", "TEXT"), ("heartbeat_period", "REAL")] {
+        let has = conn
+            .prepare("SELECT 1 FROM pragma_table_info('clusters') WHERE name = ?1")?
+            .exists([column])?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE clusters ADD COLUMN {column} {kind}"))?;
+        }
     }
     Ok(())
 }
@@ -217,8 +224,9 @@ impl Store {
         self.conn().execute(
             "INSERT OR REPLACE INTO clusters (name, owner, status, reason, final_status, options, settings, token,
                 tls_cert, tls_key, scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address,
-                api_address, target, start_time, stop_time, pool)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                api_address, target, start_time, stop_time, pool, heartbeat_period)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+                ?20)",
             params![
                 c.name,
                 c.owner,
@@ -239,6 +247,7 @@ impl Store {
                 c.start_time,
                 c.stop_time,
                 c.pool,
+                c.heartbeat_period,
             ],
         )?;
         Ok(())
@@ -482,7 +491,8 @@ impl Store {
         let mut stmt = conn.prepare(
             "SELECT name, owner, status, reason, final_status, options, settings, token, tls_cert,
                     tls_key, scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address,
-                    api_address, target, start_time, stop_time, pool FROM clusters ORDER BY start_time",
+                    api_address, target, start_time, stop_time, pool, heartbeat_period
+             FROM clusters ORDER BY start_time",
         )?;
         let rows = stmt.query_map([], |r| {
             let pid: Option<i64> = r.get(10)?;
@@ -512,6 +522,7 @@ impl Store {
                 start_time: r.get(16)?,
                 stop_time: r.get(17)?,
                 pool: r.get(18)?,
+                heartbeat_period: r.get(19)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -678,27 +689,39 @@ mod tests {
             start_time: 5,
             stop_time: None,
             pool: None,
+            heartbeat_period: Some(15.0),
         }
     }
 
     #[test]
-    fn a_database_of_an_older_gateway_gets_the_pool_column() {
+    fn a_database_of_an_older_gateway_gets_the_new_columns() {
         let dir = std::env::temp_dir().join(format!("store-migrate-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("old.sqlite");
         let _ = std::fs::remove_file(&path);
         {
             let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(&SCHEMA.replace(",\n    pool TEXT", ""))
+            conn.execute_batch(&SCHEMA.replace(",\n    pool TEXT,\n    heartbeat_period REAL", ""))
                 .unwrap();
-            let has_pool = conn
-                .prepare("SELECT 1 FROM pragma_table_info('clusters') WHERE name = 'pool'")
+            let columns = conn
+                .prepare("SELECT 1 FROM pragma_table_info('clusters') WHERE name IN ('pool', 'heartbeat_period')")
                 .unwrap()
                 .exists([])
                 .unwrap();
-            assert!(!has_pool, "the old schema has no pool column");
+            assert!(!columns, "the old schema has neither column");
+            conn.execute(
+                "INSERT INTO clusters (name, owner, status, options, settings, token, tls_cert, tls_key, start_time)
+                 VALUES ('old', 'bob', 'RUNNING', '{}', ?1, 't', 'c', 'k', 1)",
+                [serde_json::to_string(&ClusterSettings::example()).unwrap()],
+            )
+            .unwrap();
         }
         let store = Store::open(&path).unwrap();
+        let [old] = &store.load_clusters().unwrap()[..] else {
+            panic!("the old row")
+        };
+        assert_eq!((old.pool.as_deref(), old.heartbeat_period), (None, None));
+        store.delete_cluster("old").unwrap();
         let mut c = record("a");
         c.pool = Some("k".into());
         store.put_cluster(&c).unwrap();

@@ -460,6 +460,68 @@ async fn a_silent_running_cluster_fails() {
 }
 
 #[tokio::test]
+async fn a_gateway_that_stood_still_does_not_blame_the_schedulers() {
+    let cfg = EngineConfig {
+        timing: ClusterTiming {
+            // Longer than a stall is allowed before it is excused (5 sweeps and a second):
+            // any pause of the test is either shorter than the timeout or excused.
+            heartbeat_timeout: 1.5,
+            ..config().timing
+        },
+        ..config()
+    };
+    let (b, _, _) = start("stall", cfg).await;
+    let c = b.create(request()).await.unwrap();
+    b.heartbeat(&c.name, &heartbeat(0, &[], &[], &[]), 0)
+        .await
+        .unwrap();
+    // The runtime (one thread in this test) stands still for longer than the timeout, as a
+    // gateway stopped with SIGSTOP or frozen in its cgroup would.
+    std::thread::sleep(Duration::from_millis(2500));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(status(&b, &c.name), ClusterStatus::Running);
+    // Its timeout still runs from the gateway's return.
+    eventually("the silent cluster to fail", || {
+        status(&b, &c.name) == ClusterStatus::Failed
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_scheduler_started_with_a_longer_heartbeat_period_is_judged_by_it() {
+    let (b, procs, db) = start("period-change", config()).await;
+    let c = b.create(request()).await.unwrap();
+    b.heartbeat(&c.name, &heartbeat(0, &[], &[], &[]), 0)
+        .await
+        .unwrap();
+    drop(b);
+    // Restarted with a period 30 times shorter: the running scheduler still heartbeats every
+    // 15 s, as it was started.
+    let shorter = EngineConfig {
+        timing: ClusterTiming {
+            heartbeat_period: 0.5,
+            heartbeat_timeout: 1.0,
+            ..config().timing
+        },
+        ..config()
+    };
+    let (procs2, exits) = procs.reattach();
+    let b = LocalBackend::start(shorter, Store::open(&db).unwrap(), procs2, exits).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status(&b, &c.name), ClusterStatus::Running);
+    // A cluster started now is judged by the new period.
+    let new = b.create(request()).await.unwrap();
+    b.heartbeat(&new.name, &heartbeat(0, &[], &[], &[]), 0)
+        .await
+        .unwrap();
+    eventually("the new silent cluster to fail", || {
+        status(&b, &new.name) == ClusterStatus::Failed
+    })
+    .await;
+    assert_eq!(status(&b, &c.name), ClusterStatus::Running);
+}
+
+#[tokio::test]
 async fn a_dead_scheduler_fails_the_cluster() {
     let (b, procs, _) = start("scheduler-exit", config()).await;
     let c = b.create(request()).await.unwrap();
