@@ -79,6 +79,11 @@ def test_the_stock_client_works_with_a_token(hs_server):
         (lambda: hs256("u", nbf=int(time.time()) + 600), "not valid yet"),
         (lambda: hs256("u", aud="other"), "wrong audience"),
         (lambda: hs256("u", iss="https://evil.example"), "wrong issuer"),
+        # A configured audience or issuer must be in the token, not merely not contradicted.
+        (lambda: jwt.encode({k: v for k, v in claims("u").items() if k != "aud"}, SECRET,
+                            algorithm="HS256"), "wrong audience"),
+        (lambda: jwt.encode({k: v for k, v in claims("u").items() if k != "iss"}, SECRET,
+                            algorithm="HS256"), "wrong issuer"),
         (lambda: jwt.encode(claims("u"), "another-secret-32-bytes-long!!!!", algorithm="HS256"),
          "bad signature"),
         (lambda: "not-a-token", "malformed"),

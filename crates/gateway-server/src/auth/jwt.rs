@@ -7,7 +7,6 @@
 
 use crate::config::JwtConfig;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -64,22 +63,65 @@ impl std::fmt::Debug for JwtVerifier {
     }
 }
 
+/// The signing keys of a JWKS document by key id. Keys this gateway cannot use (encryption
+/// keys, algorithms it does not know, keys without an id) are skipped with a log line, so that
+/// an identity provider publishing one does not take the others down with it.
 fn parse_jwks(text: &str) -> Result<HashMap<String, (DecodingKey, Algorithm)>, String> {
-    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    #[derive(serde::Deserialize)]
+    struct RawSet {
+        keys: Vec<Value>,
+    }
+    let set: RawSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
     let mut out = HashMap::new();
-    for jwk in &set.keys {
-        let Some(kid) = jwk.common.key_id.clone() else {
-            continue;
+    for raw in set.keys {
+        let kid = raw
+            .get("kid")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let jwk: jsonwebtoken::jwk::Jwk = match serde_json::from_value(raw) {
+            Ok(jwk) => jwk,
+            Err(e) => {
+                tracing::info!(kid, "skipping a JWKS key this gateway cannot use: {e}");
+                continue;
+            }
         };
+        if kid.is_empty()
+            || jwk.common.public_key_use == Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+        {
+            continue;
+        }
         let alg = match &jwk.algorithm {
             jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
             jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
             _ => continue,
         };
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid}: {e}"))?;
-        out.insert(kid, (key, alg));
+        match DecodingKey::from_jwk(&jwk) {
+            Ok(key) => {
+                out.insert(kid, (key, alg));
+            }
+            Err(e) => tracing::info!(kid, "skipping a JWKS key this gateway cannot use: {e}"),
+        }
     }
     Ok(out)
+}
+
+/// The longest user name a token may carry, in bytes (it goes into session cookies, listings
+/// and labels).
+const MAX_USER_NAME: usize = 256;
+
+/// Whether the token's header lists critical parameters (`crit`): none is understood here,
+/// and a token that has them must be refused (RFC 7515, 4.1.11).
+fn critical_header(token: &str) -> bool {
+    use base64::Engine as _;
+    let Some(header) = token.split('.').next() else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Map<String, Value>>(&bytes).ok())
+        .is_some_and(|h| h.contains_key("crit"))
 }
 
 impl JwtVerifier {
@@ -102,7 +144,12 @@ impl JwtVerifier {
         let keys = if let Some(path) = &config.secret_file {
             let secret = std::fs::read(path)
                 .map_err(|e| JwtSetupError::Keys(format!("{}: {e}", path.display())))?;
-            let secret = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();
+            // A text secret loses the whitespace around it (an editor's final newline); any
+            // other file is the key, byte for byte.
+            let secret = match std::str::from_utf8(&secret) {
+                Ok(text) => text.trim().as_bytes().to_vec(),
+                Err(_) => secret,
+            };
             if secret.len() < 16 {
                 return Err(JwtSetupError::Keys(format!(
                     "the secret in {} is shorter than 16 bytes",
@@ -216,10 +263,19 @@ impl JwtVerifier {
         if header.alg != alg {
             return Err(format!("algorithm {:?} is not allowed", header.alg));
         }
+        if critical_header(token) {
+            return Err(
+                "the token has critical header parameters this gateway does not know".into(),
+            );
+        }
         let mut validation = Validation::new(alg);
         validation.leeway = self.config.leeway;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        // A configured issuer or audience must be in the token, not merely not contradicted.
+        let mut required = vec!["exp"];
+        required.extend(self.config.issuer.as_ref().map(|_| "iss"));
+        required.extend(self.config.audience.as_ref().map(|_| "aud"));
+        validation.set_required_spec_claims(&required);
         match &self.config.audience {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
@@ -235,6 +291,8 @@ impl JwtVerifier {
                     ErrorKind::InvalidAudience => "wrong audience",
                     ErrorKind::InvalidIssuer => "wrong issuer",
                     ErrorKind::InvalidSignature => "bad signature",
+                    ErrorKind::MissingRequiredClaim(c) if c == "iss" => "wrong issuer",
+                    ErrorKind::MissingRequiredClaim(c) if c == "aud" => "wrong audience",
                     ErrorKind::MissingRequiredClaim(_) => "a required claim (exp) is missing",
                     ErrorKind::InvalidAlgorithm => "algorithm not allowed",
                     _ => "malformed token",
@@ -242,10 +300,19 @@ impl JwtVerifier {
                 .to_string()
             })?;
         let claims = data.claims;
+        // The library skips time and issuer claims of the wrong type; they are refused here.
+        if claims.get("nbf").is_some_and(|v| !v.is_number()) {
+            return Err("malformed token".into());
+        }
+        if self.config.issuer.is_some() && !claims.get("iss").is_some_and(Value::is_string) {
+            return Err("wrong issuer".into());
+        }
         let name = claims
             .get(&self.config.username_claim)
             .and_then(Value::as_str)
-            .filter(|n| !n.is_empty() && !n.chars().any(char::is_control))
+            .filter(|n| {
+                !n.is_empty() && n.len() <= MAX_USER_NAME && !n.chars().any(char::is_control)
+            })
             .ok_or_else(|| {
                 format!(
                     "the token has no usable user name claim ({})",
@@ -342,6 +409,42 @@ mod tests {
                 "bad signature",
             ),
             ("not.a.jwt".to_string(), "malformed"),
+            (with("aud", Value::Null), "wrong audience"),
+            (with("aud", json!(5)), "wrong audience"),
+            (with("iss", json!(5)), "wrong issuer"),
+            (
+                with("iss", json!(["https://idp", "https://evil"])),
+                "wrong issuer",
+            ),
+            (with("nbf", json!(format!("{}", now() + 600))), "malformed"),
+            (
+                with("sub", json!("a".repeat(MAX_USER_NAME + 1))),
+                "user name",
+            ),
+            (
+                encode(
+                    &Header::new(Algorithm::HS256),
+                    &good,
+                    &EncodingKey::from_secret(secret.as_bytes()),
+                )
+                .map(|t| {
+                    use base64::Engine as _;
+                    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .encode(r#"{"alg":"HS256","typ":"JWT","crit":["exp-unknown"]}"#);
+                    let rest = t.split_once('.').unwrap().1.to_string();
+                    // Signed again over the new header.
+                    let signing_input = format!("{header}.{}", rest.split_once('.').unwrap().0);
+                    let sig = jsonwebtoken::crypto::sign(
+                        signing_input.as_bytes(),
+                        &EncodingKey::from_secret(secret.as_bytes()),
+                        Algorithm::HS256,
+                    )
+                    .unwrap();
+                    format!("{signing_input}.{sig}")
+                })
+                .unwrap(),
+                "critical header",
+            ),
         ] {
             let e = v.verify(&t).await.unwrap_err();
             assert!(e.contains(why), "{why}: {e}");
@@ -349,13 +452,71 @@ mod tests {
         }
         // Within the leeway an expired token still passes.
         assert!(v.verify(&with("exp", json!(now() - 2))).await.is_ok());
-        let mut no_exp = good.clone();
-        no_exp.as_object_mut().unwrap().remove("exp");
-        assert!(v
-            .verify(&token(secret, no_exp))
-            .await
-            .unwrap_err()
-            .contains("exp"));
+        let without = |claim: &str| {
+            let mut g = good.clone();
+            g.as_object_mut().unwrap().remove(claim);
+            token(secret, g)
+        };
+        for (claim, why) in [
+            ("exp", "exp"),
+            ("iss", "wrong issuer"),
+            ("aud", "wrong audience"),
+        ] {
+            let e = v.verify(&without(claim)).await.unwrap_err();
+            assert!(e.contains(why), "without {claim}: {e}");
+        }
+        // Without an issuer or audience configured, tokens need not carry them.
+        let open = hs256(JwtConfig::default(), secret).await;
+        let mut bare = good.clone();
+        bare.as_object_mut().unwrap().remove("iss");
+        bare.as_object_mut().unwrap().remove("aud");
+        assert_eq!(
+            open.verify(&token(secret, bare)).await.unwrap().name,
+            "alice"
+        );
+    }
+
+    #[test]
+    fn a_jwks_key_this_gateway_cannot_use_leaves_the_others_usable() {
+        let rsa = json!({"kty": "RSA", "kid": "r2", "use": "sig", "alg": "RS256",
+            "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw",
+            "e": "AQAB"});
+        let unusable = json!({"kty": "RSA", "kid": "enc1", "use": "enc", "alg": "RSA-OAEP-512",
+            "n": "sXch", "e": "AQAB"});
+        let no_kid = json!({"kty": "RSA", "n": rsa["n"], "e": "AQAB"});
+        let doc = json!({"keys": [unusable, rsa, no_kid]}).to_string();
+        let keys = parse_jwks(&doc).unwrap();
+        assert_eq!(keys.keys().collect::<Vec<_>>(), ["r2"]);
+        assert!(parse_jwks("{\"nokeys\": 1}").is_err(), "not a JWKS at all");
+    }
+
+    #[tokio::test]
+    async fn a_binary_secret_file_is_the_key_byte_for_byte() {
+        let secret: Vec<u8> = (0..32u8)
+            .map(|i| i.wrapping_mul(37).wrapping_add(200))
+            .collect();
+        assert!(std::str::from_utf8(&secret).is_err());
+        let path = std::env::temp_dir().join(format!("dgrs-jwt-bin-{}", std::process::id()));
+        std::fs::write(&path, &secret).unwrap();
+        let v = JwtVerifier::new(JwtConfig {
+            secret_file: Some(path.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        std::fs::remove_file(path).unwrap();
+        let claims = json!({"sub": "alice", "exp": now() + 60});
+        let signed = |key: &[u8]| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(key),
+            )
+            .unwrap()
+        };
+        assert_eq!(v.verify(&signed(&secret)).await.unwrap().name, "alice");
+        let lossy = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();
+        assert!(v.verify(&signed(&lossy)).await.is_err());
     }
 
     #[tokio::test]
