@@ -36,6 +36,9 @@ pub struct Claims {
     pub name: String,
     /// Groups.
     pub groups: Vec<String>,
+    /// When the token expires (`exp`, seconds since the Unix epoch): the session it opens
+    /// ends then too.
+    pub expires: Option<u64>,
 }
 
 enum Keys {
@@ -330,7 +333,12 @@ impl JwtVerifier {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(Claims { name, groups })
+        let expires = claims.get("exp").and_then(Value::as_u64);
+        Ok(Claims {
+            name,
+            groups,
+            expires,
+        })
     }
 
     /// Whether these groups make their member an admin.

@@ -190,6 +190,7 @@ impl Authenticator {
     }
 
     fn with_method(config: &AuthConfig, prefix: &str, method: Method) -> Self {
+        let vouching = session::who_vouches(config, &method);
         Authenticator {
             method,
             admins: config.admin_users.clone(),
@@ -202,13 +203,13 @@ impl Authenticator {
                 .unwrap_or_else(|| format!("dask-gateway-{}", secret::random_hex())),
             cookie_path: format!("{prefix}/"),
             max_age: Duration::from_secs(config.cookie_max_age.max(1)),
-            session_key: ring::hmac::Key::new(
-                ring::hmac::HMAC_SHA256,
+            session_key: session::session_key(
                 config
                     .cookie_secret
                     .as_deref()
                     .map(str::as_bytes)
                     .unwrap_or(&session::random_key()),
+                &vouching,
             ),
             issued: Mutex::new(HashMap::new()),
         }
@@ -248,7 +249,13 @@ impl Authenticator {
 
     /// A successful login: the user and a session for its cookie.
     fn logged_in(&self, user: User) -> Authenticated {
-        let token = self.session_for(&user);
+        self.logged_in_until(user, None)
+    }
+
+    /// A successful login whose credentials expire at `until` (seconds since the Unix epoch):
+    /// its session ends then too, if sooner than the usual session age.
+    fn logged_in_until(&self, user: User, until: Option<u64>) -> Authenticated {
+        let token = self.session_for(&user, until);
         Authenticated {
             user,
             new_session: Some(token),
@@ -286,7 +293,8 @@ impl Authenticator {
             Method::Jwt(jwt) => {
                 let claims = jwt.verify(rest.trim()).await.map_err(AuthError::Rejected)?;
                 let admin = jwt.is_admin_group(&claims.groups);
-                Ok(self.logged_in(self.user(claims.name, claims.groups, admin)))
+                let until = claims.expires;
+                Ok(self.logged_in_until(self.user(claims.name, claims.groups, admin), until))
             }
             Method::Hub(hub) => {
                 let u = hub

@@ -27,6 +27,43 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The key session values are signed with: `secret` (the configured cookie secret, or a
+/// random one) bound to what vouches for identities here (see [`who_vouches`]). A gateway
+/// that shares the secret but authenticates differently, or was restarted with other admins,
+/// groups or identity settings, does not accept these sessions: their users log in again.
+pub(super) fn session_key(secret: &[u8], vouching: &str) -> ring::hmac::Key {
+    let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let tag = ring::hmac::sign(
+        &derive,
+        format!("dask-gateway-rs session key\n{vouching}").as_bytes(),
+    );
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, tag.as_ref())
+}
+
+/// What decides who a session's user is and what they may do: the method in use and the
+/// authentication settings (admins, groups, the method's own section), without the session
+/// settings themselves. Never shown anywhere: only signed into the session key.
+pub(super) fn who_vouches(config: &crate::config::AuthConfig, method: &super::Method) -> String {
+    let crate::config::AuthConfig {
+        kind: _,
+        password,
+        admin_users,
+        admin_groups,
+        groups,
+        cookie_max_age: _,
+        cookie_name: _,
+        cookie_secret_file: _,
+        cookie_secret: _,
+        jwt,
+        jupyterhub,
+        kerberos,
+    } = config;
+    format!(
+        "{:?}\n{password:?}\n{admin_users:?}\n{admin_groups:?}\n{groups:?}\n{jwt:?}\n{jupyterhub:?}\n{kerberos:?}",
+        method.challenge()
+    )
+}
+
 /// A random session-signing key (when none is configured).
 pub(super) fn random_key() -> [u8; 32] {
     let mut k = [0u8; 32];
@@ -97,19 +134,25 @@ impl Authenticator {
         let text = String::from_utf8_lossy(value.as_bytes());
         let name = text.split(';').next().unwrap_or("");
         let name = name.split_once('=').map_or(name, |(k, _)| k).trim();
-        name == self.cookie_name || name == self.oauth_state_cookie_name()
+        // A nameless cookie (`=<name>=<value>`) is one some browsers send back as
+        // `<name>=<value>`: dropped as well.
+        name.is_empty() || name == self.cookie_name || name == self.oauth_state_cookie_name()
     }
 
-    /// The user of the first valid session cookie in `headers`.
+    /// The user of the valid session cookies in `headers`. Valid sessions of two different
+    /// users (a cookie planted beside the user's own) stand for no one: the request must
+    /// authenticate afresh.
     pub(super) fn session_user(&self, headers: &HeaderMap) -> Option<User> {
-        headers
+        let mut users = headers
             .get_all(COOKIE)
             .iter()
             .filter_map(|h| h.to_str().ok())
             .flat_map(|text| text.split(';'))
             .filter_map(|pair| pair.trim().split_once('='))
             .filter(|(k, _)| *k == self.cookie_name)
-            .find_map(|(_, v)| self.verify_session(v.trim()))
+            .filter_map(|(_, v)| self.verify_session(v.trim()));
+        let first = users.next()?;
+        users.all(|u| u.name == first.name).then_some(first)
     }
 
     /// The user a session value stands for, if its signature is ours and it has not expired.
@@ -129,13 +172,14 @@ impl Authenticator {
     /// A session value for `user`: who they are and until when, signed with the session key
     /// (so every replica sharing the key, and this one after a restart, accepts it). The value
     /// last handed to the same user is reused while it has most of its life left.
-    pub(super) fn session_for(&self, user: &User) -> String {
+    pub(super) fn session_for(&self, user: &User, until: Option<u64>) -> String {
         use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
         let now = unix_now();
         let max_age = self.max_age.as_secs();
+        let expiry = until.map_or(now + max_age, |u| u.min(now + max_age));
         let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((token, for_user, exp)) = issued.get(&user.name) {
-            if for_user == user && *exp > now + max_age / 2 {
+            if for_user == user && *exp > now + max_age / 2 && *exp <= expiry {
                 return token.clone();
             }
         }
@@ -146,7 +190,7 @@ impl Authenticator {
             n: user.name.clone(),
             a: user.admin,
             g: user.groups.clone(),
-            e: now + max_age,
+            e: expiry,
         };
         let body = B64.encode(serde_json::to_vec(&claims).unwrap_or_default());
         let mac = ring::hmac::sign(&self.session_key, body.as_bytes());
@@ -196,6 +240,8 @@ mod tests {
         assert!(a.is_session_set_cookie(&"gw-oauth-state=n.b".parse().unwrap()));
         assert!(!a.is_session_set_cookie(&"x-gw=1".parse().unwrap()));
         assert!(!a.is_session_set_cookie(&"gwx=1".parse().unwrap()));
+        assert!(a.is_session_set_cookie(&"=gw=planted; Path=/api".parse().unwrap()));
+        assert!(a.is_session_set_cookie(&" =x".parse().unwrap()));
     }
 
     fn cookie_header(a: &Authenticator, token: &str) -> HeaderMap {
@@ -257,6 +303,125 @@ mod tests {
         let mac = ring::hmac::sign(&two.session_key, body.as_bytes());
         let expired = format!("{body}.{}", B64.encode(mac.as_ref()));
         assert!(two.verify_session(&expired).is_none());
+    }
+
+    #[test]
+    fn sessions_do_not_cross_to_a_gateway_that_vouches_differently() {
+        let config = AuthConfig {
+            cookie_name: Some("gw".into()),
+            cookie_secret: Some("k".repeat(32)),
+            admin_users: vec!["mallory".into()],
+            ..Default::default()
+        };
+        let token = Authenticator::new(&config, "")
+            .auth_now(&basic("mallory", ""))
+            .unwrap()
+            .new_session
+            .unwrap();
+        // A replica, or this gateway restarted, with the same settings accepts it.
+        let same = Authenticator::new(&config, "");
+        assert!(
+            same.auth_now(&cookie_header(&same, &token))
+                .unwrap()
+                .user
+                .admin
+        );
+        // Same secret, mallory no longer an admin: her session is refused, and she logs in
+        // again as what she is now.
+        let demoted = Authenticator::new(
+            &AuthConfig {
+                admin_users: vec![],
+                ..config.clone()
+            },
+            "",
+        );
+        assert_eq!(
+            demoted
+                .auth_now(&cookie_header(&demoted, &token))
+                .unwrap_err(),
+            AuthError::Required
+        );
+        assert!(!demoted.auth_now(&basic("mallory", "")).unwrap().user.admin);
+        // Same secret, another way of vouching (a password now): refused too.
+        let other = Authenticator::new(
+            &AuthConfig {
+                password: Some("pw".into()),
+                ..config.clone()
+            },
+            "",
+        );
+        assert_eq!(
+            other.auth_now(&cookie_header(&other, &token)).unwrap_err(),
+            AuthError::Required
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_ends_when_the_token_that_opened_it_expires() {
+        let path = std::env::temp_dir().join(format!("dgrs-session-jwt-{}", std::process::id()));
+        let secret = "a-shared-secret-of-32-bytes-long!";
+        std::fs::write(&path, secret).unwrap();
+        let config = AuthConfig {
+            kind: crate::config::AuthKind::Jwt,
+            jwt: Some(crate::config::JwtConfig {
+                secret_file: Some(path.clone()),
+                ..Default::default()
+            }),
+            cookie_max_age: 300,
+            ..Default::default()
+        };
+        let a = Authenticator::from_config(&config, "").await.unwrap();
+        std::fs::remove_file(path).unwrap();
+        let now = unix_now();
+        let mut expiries = Vec::new();
+        for exp in [now + 20, now + 3600] {
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &serde_json::json!({"sub": "shorty", "exp": exp}),
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {token}").parse().unwrap(),
+            );
+            let value = a.authenticate(&h).await.unwrap().new_session.unwrap();
+            use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+            let body = B64.decode(value.split_once('.').unwrap().0).unwrap();
+            expiries.push(serde_json::from_slice::<SessionClaims>(&body).unwrap().e);
+        }
+        assert_eq!(expiries[0], now + 20, "the token's end, not 300 s later");
+        let long = expiries[1];
+        assert!((now + 299..=now + 301).contains(&long), "{long}");
+    }
+
+    #[test]
+    fn valid_sessions_of_two_users_stand_for_no_one() {
+        let a = auth(None);
+        let session = |user: &str| a.auth_now(&basic(user, "")).unwrap().new_session.unwrap();
+        let (alice, mallory) = (session("alice"), session("mallory"));
+        let with = |pairs: &[&str]| {
+            let mut h = HeaderMap::new();
+            let v = pairs
+                .iter()
+                .map(|t| format!("{}={t}", a.cookie_name))
+                .collect::<Vec<_>>()
+                .join("; ");
+            h.insert(COOKIE, v.parse().unwrap());
+            h
+        };
+        assert_eq!(
+            a.auth_now(&with(&[&mallory, &alice])).unwrap_err(),
+            AuthError::Required
+        );
+        assert_eq!(
+            a.auth_now(&with(&["forged.x", &alice, &alice]))
+                .unwrap()
+                .user
+                .name,
+            "alice"
+        );
     }
 
     #[test]
