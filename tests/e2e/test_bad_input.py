@@ -119,6 +119,10 @@ def test_create_with_bad_body(server, unchanged, body):
         ({"debug": "yes"}, "debug"),
         ({"environment": ["A=1"]}, "environment"),
         ({"environment": 3}, "environment"),
+        # No process could start with it (the kernel's limit is 128 KiB per variable).
+        ({"environment": {"PYTHONBIG": "v" * 200_000}}, "cluster_options take"),
+        ({"environment": {"BIG": "v" * 40_000}}, "BIG is longer than 32768 bytes"),
+        ({"environment": {f"V{i}": "1" for i in range(300)}}, "at most 256 environment"),
     ],
 )
 def test_create_with_bad_option(gw, unchanged, options, field):

@@ -50,6 +50,10 @@ pub(crate) const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Pauses between the three attempts to reach a scheduler's `/api/comm`.
 const FORWARD_PAUSES_MS: [u64; 3] = [0, 100, 200];
 
+/// The largest `cluster_options` a create accepts, serialized (64 KiB: far more than any set
+/// of options needs; each cluster's are stored and listed).
+const MAX_OPTIONS_BYTES: usize = 64 * 1024;
+
 /// Event counters of the API side (Prometheus counters, see
 /// [`ClusterService::register_metrics`]).
 #[derive(Default)]
@@ -203,6 +207,15 @@ impl ClusterService {
         self.counters.create_requests.inc();
         let (policy, config) = self.policy_for(user);
         let fields = &config.options;
+        if let Some(given) = options {
+            // Options are kept with the cluster (and for its retention after): no room for bulk.
+            let size = serde_json::to_vec(given).map_or(usize::MAX, |b| b.len());
+            if size > MAX_OPTIONS_BYTES {
+                return Err(ClusterError::Invalid(format!(
+                    "cluster_options take {size} bytes; at most {MAX_OPTIONS_BYTES} are accepted"
+                )));
+            }
+        }
         let options = validate_options(fields, options).map_err(|e| ClusterError::Invalid(e.0))?;
         let mut settings =
             settings::resolve(config, fields, &options).map_err(ClusterError::Invalid)?;

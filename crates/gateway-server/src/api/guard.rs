@@ -19,7 +19,11 @@ pub(super) async fn require_user(
 ) -> Response {
     let auth = match state.auth.authenticate(req.headers()).await {
         Ok(a) => a,
-        Err(e) => return refused(&state.auth, e).into_response(),
+        Err(e) => {
+            let resp = refused(&state.auth, e).into_response();
+            drain_body(req).await;
+            return resp;
+        }
     };
     let https = is_https(req.headers(), req.extensions().get::<ConnMeta>());
     req.extensions_mut().insert(auth.user);
@@ -27,6 +31,23 @@ pub(super) async fn require_user(
     set_session_cookie(&state, &mut resp, auth.new_session, https);
     set_negotiate_reply(&mut resp, auth.negotiate_reply);
     resp
+}
+
+/// The most of a refused request's body read before answering: axum's default body limit,
+/// what an accepted request may send.
+const DRAIN_LIMIT: usize = 2 * 1024 * 1024;
+
+/// How long a refused request's body is waited for.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and discards what is left of a refused request's body (bounded in size and time).
+/// Answering before reading it would close the connection under a client still sending, which
+/// then fails to write instead of reading the answer: the stock client sends its first request
+/// without credentials and only answers the 401's challenge, so a create with large options
+/// failed with a broken pipe.
+async fn drain_body(req: Request) {
+    let body = axum::body::to_bytes(req.into_body(), DRAIN_LIMIT);
+    let _ = tokio::time::timeout(DRAIN_WAIT, body).await;
 }
 
 /// The host (and port) a browser addressed: `Host`, or the URI authority on HTTP/2.
@@ -89,11 +110,13 @@ pub(super) async fn guard_writes(req: Request, next: Next) -> Response {
     }
     if let Some(origin) = req.headers().get(header::ORIGIN) {
         if !origin_is_ours(origin, &req) {
+            drain_body(req).await;
             return ApiError::new(StatusCode::FORBIDDEN, "Cross-origin request refused")
                 .into_response();
         }
     }
     if method == http::Method::POST && !is_json(req.headers()) {
+        drain_body(req).await;
         return ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "The request body must be JSON, sent with Content-Type: application/json",

@@ -56,6 +56,12 @@ fn text(field: &str, v: &Value) -> Result<String, String> {
     }
 }
 
+/// Environment variables an option may set.
+const MAX_ENV_VARS: usize = 256;
+
+/// The longest `NAME=value` an option may set (the kernel's limit per variable is 128 KiB).
+const MAX_ENV_VAR_BYTES: usize = 32 * 1024;
+
 /// Applies the validated `options` to the operator's defaults and checks the result against
 /// the cluster limits. Errors are user-facing (422).
 pub fn resolve(
@@ -104,6 +110,12 @@ pub fn resolve(
                 let Value::Object(map) = &v else {
                     return Err(format!("{name} must be a mapping"));
                 };
+                if map.len() > MAX_ENV_VARS {
+                    return Err(format!(
+                        "{name}: at most {MAX_ENV_VARS} environment variables, got {}",
+                        map.len()
+                    ));
+                }
                 for (k, val) in map {
                     let valid_key = !k.is_empty() && !k.contains(['=', '\0']);
                     let text = match val {
@@ -120,6 +132,12 @@ pub fn resolve(
                     };
                     if !valid_key || text.contains('\0') {
                         return Err(format!("{name}: invalid environment variable {k:?}"));
+                    }
+                    // The kernel refuses to start a process with a longer variable.
+                    if k.len() + 1 + text.len() > MAX_ENV_VAR_BYTES {
+                        return Err(format!(
+                            "{name}: {k} is longer than {MAX_ENV_VAR_BYTES} bytes (name=value)"
+                        ));
                     }
                     if k.starts_with("DASK_GATEWAY_") {
                         return Err(format!(
@@ -240,6 +258,28 @@ options:
             let opts = validate_options(&fields, Some(&json!({ "env": env }))).unwrap();
             assert!(resolve(&cfg, &fields, &opts).is_err());
         }
+    }
+
+    #[test]
+    fn refuses_environments_no_process_could_start_with() {
+        let (cfg, fields) = setup();
+        let resolved = |env: Value| {
+            let opts = validate_options(&fields, Some(&json!({ "env": env }))).unwrap();
+            resolve(&cfg, &fields, &opts)
+        };
+        let long = "v".repeat(MAX_ENV_VAR_BYTES);
+        let err = resolved(json!({ "PYTHONBIG": long })).unwrap_err();
+        assert!(
+            err.contains("PYTHONBIG is longer than 32768 bytes"),
+            "{err}"
+        );
+        let fits = "v".repeat(MAX_ENV_VAR_BYTES - "FITS=".len());
+        assert!(resolved(json!({ "FITS": fits })).is_ok());
+        let many: serde_json::Map<String, Value> = (0..=MAX_ENV_VARS)
+            .map(|i| (format!("V{i}"), json!("1")))
+            .collect();
+        let err = resolved(Value::Object(many)).unwrap_err();
+        assert!(err.contains("at most 256 environment variables"), "{err}");
     }
 
     #[test]
