@@ -173,3 +173,15 @@ def test_owner_and_admin_may_act(env):
                 {"minimum": 1, "maximum": 1}).status == 200
     r = call(server, "GET /api/v1/clusters/{a}/details", a, admin)
     assert r.json()["owner"] == "alice"
+
+
+def test_a_dashboard_path_that_percent_encodes_the_cluster_name_is_not_found(env):
+    server, a, _, b_token = env
+    owner = headers_for("owner", b_token)
+    assert server.http("GET", f"/clusters/{a.name}/status", headers=owner).status == 200
+    # The same name with one character percent-encoded: no link the gateway makes. Its decoded
+    # rest must not be forwarded (a `%3F` would become a query, a `%2F` a path separator).
+    encoded = f"%{ord(a.name[0]):02X}{a.name[1:]}"
+    for rest in ["status", "x%3Fy=1", "a%2Fb"]:
+        r = server.http("GET", f"/clusters/{encoded}/{rest}", headers=owner)
+        assert r.status == 404, (rest, r)

@@ -14,15 +14,16 @@ pub(super) async fn dashboard_root(
     Path(name): Path<String>,
     req: Request,
 ) -> Response {
-    dashboard(state, name, String::new(), req).await
+    dashboard(state, name, req).await
 }
 
 pub(super) async fn dashboard_path(
     state: State<AppState>,
-    Path((name, rest)): Path<(String, String)>,
+    // The decoded remainder is not used: the raw one is forwarded (see `dashboard`).
+    Path((name, _rest)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    dashboard(state, name, rest, req).await
+    dashboard(state, name, req).await
 }
 
 /// Proxies a dashboard request to the cluster's scheduler.
@@ -33,12 +34,7 @@ pub(super) async fn dashboard_path(
 /// it carries the configured `Content-Security-Policy` (by default a sandbox: the page runs in
 /// an opaque origin, so it can neither read the gateway's cookies nor read API responses, and
 /// browsers send it no `SameSite` cookies).
-async fn dashboard(
-    State(state): State<AppState>,
-    name: String,
-    rest: String,
-    mut req: Request,
-) -> Response {
+async fn dashboard(State(state): State<AppState>, name: String, mut req: Request) -> Response {
     let not_found = || (StatusCode::NOT_FOUND, "404: Not Found").into_response();
     // A cluster still starting here may already run for another replica, which told its user.
     let route = state
@@ -72,22 +68,19 @@ async fn dashboard(
             Err(e) => return refused(&state.auth, e).into_response(),
         }
     }
-    // Keep the raw (still percent-encoded) remainder of the path.
+    // Keep the raw (still percent-encoded) remainder of the path. A cluster name is plain
+    // text: a path that percent-encodes it is no link the gateway made, and its decoded rest
+    // must not be passed on (`%3F` would become a query, `%2F` a real `/`).
     let raw_path = req.uri().path();
     let marker = format!("/clusters/{name}");
-    let remainder = raw_path
-        .find(&marker)
-        .map(|i| &raw_path[i + marker.len()..])
-        .unwrap_or("");
-    let remainder = if remainder.is_empty() && !rest.is_empty() {
-        format!("/{rest}")
-    } else {
-        remainder.to_string()
+    let Some(at) = raw_path.find(&marker) else {
+        return not_found();
     };
+    let remainder = &raw_path[at + marker.len()..];
     let mut path = if remainder.is_empty() {
         "/".to_string()
     } else {
-        remainder
+        remainder.to_string()
     };
     if let Some(q) = req.uri().query() {
         path.push('?');
