@@ -149,6 +149,35 @@ def test_sigterm_keeps_clusters_by_default(server):
     wait_status(gw2, name, "STOPPED")
 
 
+@pytest.mark.local_only  # the local backend's state database
+def test_a_lost_state_database_stops_the_restart_not_the_clusters(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    c.close()
+    sched = server.cluster_processes(name, "scheduler")
+    server.terminate()
+    files = [server.data_dir / f"gateway.sqlite{s}" for s in ("", "-wal", "-shm")]
+    moved = [(f, f.with_name(f.name + ".moved")) for f in files if f.exists()]
+    for f, away in moved:
+        f.rename(away)
+    # Starting would make an empty database and stop every process no record accounts for.
+    with pytest.raises(pytest.fail.Exception, match="exited with"):
+        server.start(timeout=30)
+    assert "gateway.sqlite is missing" in server.log_tail()
+    assert all(p.is_running() for p in sched), "the cluster's scheduler was left alone"
+    for f, away in moved:
+        away.rename(f)
+    server.start()
+    gw2 = server.gateway(USER)
+    wait_status(gw2, name, "RUNNING", timeout=60)
+    c2 = connect(gw2, name, shutdown_on_close=True)
+    c2.scale(1)
+    compute_on(c2, 1)
+    c2.close()
+    wait_status(gw2, name, "STOPPED")
+
+
 def test_sigterm_with_stop_clusters_on_shutdown(module_servers):
     srv = module_servers("stop-on-shutdown", stop_clusters_on_shutdown=True)
     gw = srv.gateway(USER)

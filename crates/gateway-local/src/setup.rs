@@ -53,6 +53,21 @@ pub enum SetupError {
     /// The state database failed (opening it, or loading the stored clusters).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The data directory holds clusters but no state database: starting would forget them
+    /// and stop their processes.
+    #[error(
+        "{db} is missing, but {clusters} holds the directories of {count} cluster(s): the state \
+         database was lost or moved. Put it back; or, to start afresh and stop those clusters, \
+         remove {clusters}"
+    )]
+    DatabaseMissing {
+        /// Where the database should be.
+        db: PathBuf,
+        /// The clusters' directories.
+        clusters: PathBuf,
+        /// How many there are.
+        count: usize,
+    },
 }
 
 /// A started local backend, and the lock that keeps its data directory its own: hold it for
@@ -127,6 +142,29 @@ fn prepare_data_dir(data_dir: &Path, isolated: bool) -> Result<(), SetupError> {
     Ok(())
 }
 
+/// A data directory whose state database is gone but whose clusters are not: opening it would
+/// make an empty database, and the engine would stop every process no record accounts for.
+fn refuse_clusters_without_database(db: &Path, clusters: &Path) -> Result<(), SetupError> {
+    if db.exists() {
+        return Ok(());
+    }
+    let count = match std::fs::read_dir(clusters) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .count(),
+        Err(_) => 0,
+    };
+    if count == 0 {
+        return Ok(());
+    }
+    Err(SetupError::DatabaseMissing {
+        db: db.to_path_buf(),
+        clusters: clusters.to_path_buf(),
+        count,
+    })
+}
+
 /// Opens the local backend in `setup.data_dir` and starts its engine (which re-adopts the
 /// stored clusters). Must run inside a Tokio runtime.
 pub fn open(setup: LocalSetup) -> Result<OpenedBackend, SetupError> {
@@ -139,6 +177,7 @@ pub fn open(setup: LocalSetup) -> Result<OpenedBackend, SetupError> {
     );
     let lock = lock_data_dir(&data_dir)?;
     let db = data_dir.join("gateway.sqlite");
+    refuse_clusters_without_database(&db, &data_dir.join("clusters"))?;
     let store = Store::open(&db)?;
     // The database holds every cluster's token and key: the gateway's alone.
     for suffix in ["", "-wal", "-shm"] {
@@ -175,4 +214,31 @@ pub fn open(setup: LocalSetup) -> Result<OpenedBackend, SetupError> {
         info!(data_dir = %data_dir.display(), uid, "local process backend ready in single-user mode: every cluster runs as this gateway's account, so users of one gateway can read each other's cluster credentials; set dask.isolation on a machine shared by several users");
     }
     Ok(OpenedBackend { backend, lock })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clusters_without_their_database_are_refused_not_forgotten() {
+        let dir = std::env::temp_dir().join(format!("dgrs-setup-nodb-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (db, clusters) = (dir.join("gateway.sqlite"), dir.join("clusters"));
+        // A fresh data directory, and one with an empty clusters directory, are fine.
+        refuse_clusters_without_database(&db, &clusters).unwrap();
+        std::fs::create_dir_all(&clusters).unwrap();
+        refuse_clusters_without_database(&db, &clusters).unwrap();
+        std::fs::create_dir_all(clusters.join("0123abcd")).unwrap();
+        let err = refuse_clusters_without_database(&db, &clusters).unwrap_err();
+        assert!(matches!(err, SetupError::DatabaseMissing { count: 1, .. }));
+        assert!(
+            err.to_string().contains("gateway.sqlite is missing"),
+            "{err}"
+        );
+        // With its database, the same directory opens.
+        std::fs::write(&db, b"").unwrap();
+        refuse_clusters_without_database(&db, &clusters).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
