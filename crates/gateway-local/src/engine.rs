@@ -1146,6 +1146,11 @@ impl ClusterBackend for LocalBackend {
     }
 
     async fn stop(&self, name: &str, request: StopRequest) -> Result<(), BackendError> {
+        // A stop that could not be recorded would be answered as done and come back after a
+        // restart as a cluster that failed: refuse it while the database takes no writes.
+        self.store
+            .probe_write()
+            .map_err(|e| store_error("recording a stop", e))?;
         let fx = {
             let mut clusters = self.lock();
             let Some(c) = clusters.get_mut(name) else {
@@ -1162,7 +1167,15 @@ impl ClusterBackend for LocalBackend {
     }
 
     async fn healthy(&self) -> bool {
-        self.store.ping().is_ok()
+        // Writes, not only reads: with a full disk or a read-only file nothing a cluster does
+        // can be recorded.
+        match self.store.probe_write() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("health: the state database takes no writes: {e}");
+                false
+            }
+        }
     }
 
     fn register_metrics(&self, registry: &mut Registry) {

@@ -158,6 +158,10 @@ CREATE TABLE IF NOT EXISTS usage_meters (
     accounted_until INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_meters_by_owner ON usage_meters (owner);
+CREATE TABLE IF NOT EXISTS write_probe (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS usage_hours (
     cluster TEXT NOT NULL,
     hour INTEGER NOT NULL,
@@ -551,6 +555,19 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the database takes a write now (one row, rewritten in place): a full disk, a
+    /// read-only or damaged file fails it where a read would pass.
+    pub fn probe_write(&self) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.conn().execute(
+            "INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, ?1)",
+            params![now],
+        )?;
+        Ok(())
+    }
+
     /// Whether a cluster is stored (tests).
     #[cfg(test)]
     fn has_cluster(&self, name: &str) -> Result<bool, StoreError> {
@@ -728,6 +745,20 @@ mod tests {
         assert_eq!(store.load_clusters().unwrap(), vec![c]);
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_write_probe_fails_where_reads_still_pass() {
+        let store = Store::in_memory().unwrap();
+        store.probe_write().unwrap();
+        store.probe_write().unwrap();
+        // As a full disk or a read-only file would: reads pass, writes fail.
+        store
+            .conn()
+            .pragma_update(None, "query_only", true)
+            .unwrap();
+        store.ping().unwrap();
+        assert!(store.probe_write().is_err());
     }
 
     #[test]
