@@ -130,6 +130,8 @@ struct Server {
     python: PathBuf,
     ready: AtomicBool,
     alive: AtomicBool,
+    /// When it was found dead (the next one is started no sooner than [`RETRY_AFTER`] later).
+    died_at: Mutex<Option<Instant>>,
     /// Held for a whole request and its answer, so answers come in request order.
     stdin: Mutex<Option<ChildStdin>>,
     shared: Arc<Mutex<Shared>>,
@@ -202,10 +204,13 @@ impl ForkServers {
         match slots.get(python) {
             Some(Slot::Up(s)) if s.alive.load(Ordering::Acquire) => return Some(s.clone()),
             Some(Slot::Down(at)) if at.elapsed() < RETRY_AFTER => return None,
-            Some(Slot::Up(_)) => {
-                // It died: try a new one no sooner than a minute after.
-                slots.insert(python.to_path_buf(), Slot::Down(Instant::now()));
-                return None;
+            Some(Slot::Up(dead)) => {
+                // It died: a new one no sooner than a minute after its death.
+                let died = dead.death_time();
+                slots.insert(python.to_path_buf(), Slot::Down(died));
+                if died.elapsed() < RETRY_AFTER {
+                    return None;
+                }
             }
             _ => {}
         }
@@ -247,6 +252,7 @@ impl ForkServers {
             python: python.to_path_buf(),
             ready: AtomicBool::new(false),
             alive: AtomicBool::new(true),
+            died_at: Mutex::new(None),
             stdin: Mutex::new(stdin),
             shared: Arc::new(Mutex::new(Shared::default())),
         });
@@ -320,8 +326,26 @@ impl Server {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn failed(&self, reason: String) -> ForkError {
+    /// Marks it dead, remembering when first.
+    fn died(&self) {
         self.alive.store(false, Ordering::Release);
+        self.died_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// When it was found dead (now, if it was not yet marked).
+    fn death_time(&self) -> Instant {
+        *self
+            .died_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now)
+    }
+
+    fn failed(&self, reason: String) -> ForkError {
+        self.died();
         ForkError::Server {
             python: self.python.clone(),
             reason,
@@ -376,7 +400,7 @@ fn read_answers(
             }
         }
     }
-    server.alive.store(false, Ordering::Release);
+    server.died();
     // A request waiting for its answer learns at once that none comes.
     server.shared().pending = None;
     let status = child.wait();
