@@ -422,3 +422,18 @@ def test_stopped_cluster_is_not_running(server, gw, cluster):
     gw.stop_cluster(name)
     assert gw.get_cluster(name).status.name == "STOPPED"
     assert gw.get_cluster(cluster.name).status.name == "RUNNING"
+
+
+@pytest.mark.parametrize(
+    "method,path,body,status",
+    [
+        ("PUT", "/api/v1/clusters/", None, 405),
+        ("GET", "/api/v1/no-such-endpoint", None, 404),
+        ("GET", "/api/v1/clusters/%ff", None, 400),
+        ("POST", "/api/v1/clusters/", b"[" * 3_000_000, 413),
+    ],
+)
+def test_every_api_error_is_json(server, unchanged, method, path, body, status):
+    headers = {"Content-Type": "application/json"} if body else {}
+    r = server.http(method, path, user=USER, body=body, headers=headers)
+    assert_json_error(r, status)

@@ -319,7 +319,7 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
         .merge(dashboard_routes)
         .fallback(not_found)
         .with_state(state.clone());
-    if prefix.is_empty() {
+    let app = if prefix.is_empty() {
         app
     } else {
         // A nested router serves `{prefix}` for its `/`; the page lives at `{prefix}/`.
@@ -330,5 +330,54 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
                 get(crate::web::page).with_state(state),
             )
             .fallback(not_found)
+    };
+    let api_root = format!("{prefix}/api/");
+    app.layer(middleware::from_fn(
+        move |req: Request, next: middleware::Next| {
+            let api = req.uri().path().starts_with(&api_root);
+            async move {
+                let resp = next.run(req).await;
+                if api {
+                    json_error_body(resp).await
+                } else {
+                    resp
+                }
+            }
+        },
+    ))
+}
+
+/// An API error answer as `{"error": ...}`, whoever made it: axum's own refusals (an unknown
+/// path, a method the route lacks, a body too large, a path that is not UTF-8) come as plain
+/// text or empty, and clients read every API error as JSON.
+async fn json_error_body(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
     }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let text = text.trim();
+    let message = match text.strip_prefix(&format!("{}: ", status.as_u16())) {
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("Error").to_string(),
+        Some(rest) => rest.to_string(),
+        None => text.to_string(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(
+        parts,
+        axum::body::Body::from(json!({ "error": message }).to_string()),
+    )
 }
