@@ -341,6 +341,21 @@ impl JwtVerifier {
         })
     }
 
+    /// The user name `token` claims, unverified (to tell whether it is someone else's than a
+    /// session's; only [`JwtVerifier::verify`] says whether it is true).
+    pub fn claimed_name(&self, token: &str) -> Option<String> {
+        use base64::Engine as _;
+        let payload = token.trim().split('.').nth(1)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()?;
+        let claims: Map<String, Value> = serde_json::from_slice(&bytes).ok()?;
+        claims
+            .get(&self.config.username_claim)?
+            .as_str()
+            .map(str::to_string)
+    }
+
     /// Whether these groups make their member an admin.
     pub fn is_admin_group(&self, groups: &[String]) -> bool {
         groups.iter().any(|g| self.config.admin_groups.contains(g))

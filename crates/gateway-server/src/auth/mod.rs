@@ -247,6 +247,23 @@ impl Authenticator {
         }
     }
 
+    /// Whether the `Authorization` header says it is someone other than `session_user` (Basic
+    /// and JWT name their user; a hub token or a Kerberos ticket does not without asking, and
+    /// the session stands). A browser behind a proxy that adds the signed-in user's token keeps
+    /// the previous user's cookie: the token decides.
+    fn header_names_another_user(&self, headers: &HeaderMap, session_user: &str) -> bool {
+        let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        let claimed = match &self.method {
+            Method::Basic(_) if scheme.eq_ignore_ascii_case("basic") => basic::claimed_name(rest),
+            Method::Jwt(jwt) if scheme.eq_ignore_ascii_case("bearer") => jwt.claimed_name(rest),
+            _ => None,
+        };
+        claimed.is_some_and(|name| name != session_user)
+    }
+
     /// A successful login: the user and a session for its cookie.
     fn logged_in(&self, user: User) -> Authenticated {
         self.logged_in_until(user, None)
@@ -263,15 +280,18 @@ impl Authenticator {
         }
     }
 
-    /// Authenticates a request: a valid session cookie wins; otherwise the `Authorization`
-    /// header, in the configured method's scheme (`Basic`, `Bearer` with JWT, ...).
+    /// Authenticates a request: a valid session cookie wins, unless the `Authorization` header
+    /// names another user; otherwise the header, in the configured method's scheme (`Basic`,
+    /// `Bearer` with JWT, ...).
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Authenticated, AuthError> {
         if let Some(user) = self.session_user(headers) {
-            return Ok(Authenticated {
-                user,
-                new_session: None,
-                negotiate_reply: None,
-            });
+            if !self.header_names_another_user(headers, &user.name) {
+                return Ok(Authenticated {
+                    user,
+                    new_session: None,
+                    negotiate_reply: None,
+                });
+            }
         }
         let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
             return Err(AuthError::Required);

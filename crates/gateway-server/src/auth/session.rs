@@ -392,6 +392,31 @@ mod tests {
             expiries.push(serde_json::from_slice::<SessionClaims>(&body).unwrap().e);
         }
         assert_eq!(expiries[0], now + 20, "the token's end, not 300 s later");
+        // Another user's token beside a session: the token decides (a proxy that adds the
+        // signed-in user's token to a browser that kept the previous user's cookie).
+        let bearer = |sub: &str| {
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &serde_json::json!({"sub": sub, "exp": now + 600}),
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {token}").parse().unwrap(),
+            );
+            h
+        };
+        let shorty = a.authenticate(&bearer("shorty")).await.unwrap();
+        let mut h = bearer("next-user");
+        h.insert(
+            COOKIE,
+            format!("{}={}", a.cookie_name, shorty.new_session.unwrap())
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(a.authenticate(&h).await.unwrap().user.name, "next-user");
         let long = expiries[1];
         assert!((now + 299..=now + 301).contains(&long), "{long}");
     }
@@ -422,6 +447,32 @@ mod tests {
                 .name,
             "alice"
         );
+    }
+
+    #[test]
+    fn credentials_of_another_user_outweigh_the_session_cookie() {
+        let a = auth(None);
+        let alice = a
+            .auth_now(&basic("alice", ""))
+            .unwrap()
+            .new_session
+            .unwrap();
+        let mut h = basic("bob", "");
+        h.insert(
+            COOKIE,
+            format!("{}={alice}", a.cookie_name).parse().unwrap(),
+        );
+        let got = a.auth_now(&h).unwrap();
+        assert_eq!(got.user.name, "bob");
+        assert!(got.new_session.is_some(), "bob gets a session of his own");
+        // The cookie's own user's credentials beside it: the session stands, as before.
+        let mut h = basic("alice", "");
+        h.insert(
+            COOKIE,
+            format!("{}={alice}", a.cookie_name).parse().unwrap(),
+        );
+        let got = a.auth_now(&h).unwrap();
+        assert_eq!((got.user.name.as_str(), got.new_session), ("alice", None));
     }
 
     #[test]
