@@ -808,8 +808,15 @@ impl LocalBackend {
                             ),
                         );
                     }
-                    _ => {
-                        let reason = "the scheduler process was gone when the gateway restarted";
+                    gone => {
+                        let reason = if gone.is_none() {
+                            // Recorded, but the gateway stopped before it recorded the
+                            // scheduler it was starting (which, if it started, is stopped
+                            // below as a process no record accounts for).
+                            "the gateway stopped while it was starting the scheduler"
+                        } else {
+                            "the scheduler process was gone when the gateway restarted"
+                        };
                         self.begin_stop(&mut c, StopRequest::failed(reason));
                     }
                 }

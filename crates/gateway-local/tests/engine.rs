@@ -620,6 +620,47 @@ async fn a_restarted_engine_readopts_running_clusters_and_fails_dead_ones() {
 }
 
 #[tokio::test]
+async fn a_gateway_stopped_while_starting_a_scheduler_says_so_after_a_restart() {
+    let db = db_path("interrupted-start");
+    // What a gateway killed between recording a cluster and recording its scheduler leaves.
+    Store::open(&db)
+        .unwrap()
+        .put_cluster(&gateway_local::store::ClusterRecord {
+            name: "0123456789abcdef0123456789abcdef".into(),
+            owner: "alice".into(),
+            status: ClusterStatus::Pending,
+            reason: None,
+            final_status: None,
+            options: Default::default(),
+            settings: ClusterSettings::example(),
+            token: "t".into(),
+            tls_cert: "c".into(),
+            tls_key: "k".into(),
+            scheduler: None,
+            scheduler_address: None,
+            dashboard_address: None,
+            api_address: None,
+            target_workers: 0,
+            start_time: 1,
+            stop_time: None,
+            pool: None,
+            heartbeat_period: Some(15.0),
+        })
+        .unwrap();
+    let (procs, exits) = FakeProcesses::new();
+    let b = LocalBackend::start(config(), Store::open(&db).unwrap(), procs, exits).unwrap();
+    let name = "0123456789abcdef0123456789abcdef";
+    eventually("the cluster to end", || {
+        status(&b, name) == ClusterStatus::Failed
+    })
+    .await;
+    assert_eq!(
+        b.get(name).unwrap().reason.as_deref(),
+        Some("the gateway stopped while it was starting the scheduler")
+    );
+}
+
+#[tokio::test]
 async fn an_interrupted_stop_is_finished_after_a_restart() {
     let (b, procs, db) = start("resume-stop", config()).await;
     let c = b.create(request()).await.unwrap();
