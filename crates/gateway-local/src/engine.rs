@@ -49,6 +49,9 @@ pub struct EngineConfig {
     pub sweep_period: Duration,
     /// How long usage (hourly core- and memory-seconds per cluster) is kept (zero: forever).
     pub usage_retention: Duration,
+    /// The gateway API URL schedulers are started with (`DASK_GATEWAY_API_URL`), recorded with
+    /// each cluster so that a restart on another URL can say why old schedulers fall silent.
+    pub api_url: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +62,7 @@ impl Default for EngineConfig {
             stop_grace: Duration::from_secs(5),
             sweep_period: Duration::from_secs(1),
             usage_retention: Duration::from_secs(400 * 86400),
+            api_url: None,
         }
     }
 }
@@ -131,6 +135,9 @@ struct Cluster {
     /// When the cluster was last reconciled: every sweep does, so a longer gap means the
     /// gateway itself did not run.
     last_reconciled: Instant,
+    /// The API URL its scheduler reports to, when this gateway no longer serves it (set at
+    /// re-adoption, cleared by the first heartbeat: the old URL still reaches us then).
+    reports_elsewhere: Option<String>,
     /// When the cluster was created (or re-adopted while PENDING).
     pending_since: Instant,
     /// Worker start failures and unexpected exits in a row.
@@ -154,6 +161,7 @@ impl Cluster {
             workers: HashMap::new(),
             last_heartbeat: Instant::now(),
             last_reconciled: Instant::now(),
+            reports_elsewhere: None,
             pending_since: Instant::now(),
             worker_failures: 0,
             tearing_down: false,
@@ -452,10 +460,16 @@ impl LocalBackend {
                 ))
             }
             ClusterStatus::Running if now.duration_since(c.last_heartbeat) > heartbeat_timeout => {
-                Some(format!(
+                let mut why = format!(
                     "no heartbeat from the scheduler for {} s",
                     heartbeat_timeout.as_secs_f64()
-                ))
+                );
+                if let Some(url) = &c.reports_elsewhere {
+                    why.push_str(&format!(
+                        " (it reports to {url}, which this gateway no longer serves)"
+                    ));
+                }
+                Some(why)
             }
             _ => None,
         };
@@ -796,6 +810,14 @@ impl LocalBackend {
                 match c.record.scheduler {
                     Some(id) if self.processes.is_alive(id) => {
                         self.processes.adopt(&name, ProcessRole::Scheduler, id);
+                        if let (Some(was), Some(now)) =
+                            (&c.record.gateway_api_url, &self.config.api_url)
+                        {
+                            if was != now {
+                                warn!(cluster = %name, started_with = %was, serving = %now, "this cluster's scheduler reports to an API URL this gateway no longer serves: unless that URL still reaches it, the cluster fails after heartbeat_timeout");
+                                c.reports_elsewhere = Some(was.clone());
+                            }
+                        }
                         info!(cluster = %name, status = %c.record.status, workers = c.workers.len(), "re-adopted cluster");
                         self.event(
                             &name,
@@ -851,6 +873,7 @@ impl LocalBackend {
         target: u64,
     ) -> Result<(), BackendError> {
         c.last_heartbeat = Instant::now();
+        c.reports_elsewhere = None;
         let mut dirty = false;
         let mut now_running = false;
         if c.record.status == ClusterStatus::Pending && !hb.scheduler_address.is_empty() {
@@ -978,6 +1001,7 @@ impl ClusterBackend for LocalBackend {
             stop_time: None,
             pool: request.pool,
             heartbeat_period: Some(self.config.timing.heartbeat_period),
+            gateway_api_url: self.config.api_url.clone(),
         };
         let mut clusters = self.lock();
         if let Err(e) = self.store.put_cluster(&record) {

@@ -77,6 +77,9 @@ pub struct ClusterRecord {
     /// a later configuration may change the period, not what a running scheduler does. `None`
     /// in records of gateways that did not keep it (the configured period is assumed).
     pub heartbeat_period: Option<f64>,
+    /// The gateway API URL its scheduler was started with (`DASK_GATEWAY_API_URL`), where its
+    /// heartbeats go. `None` in records of gateways that did not keep it.
+    pub gateway_api_url: Option<String>,
 }
 
 /// A stored worker process.
@@ -129,7 +132,8 @@ CREATE TABLE IF NOT EXISTS clusters (
     start_time INTEGER NOT NULL,
     stop_time INTEGER,
     pool TEXT,
-    heartbeat_period REAL
+    heartbeat_period REAL,
+    gateway_api_url TEXT
 );
 CREATE TABLE IF NOT EXISTS workers (
     cluster TEXT NOT NULL,
@@ -179,7 +183,11 @@ pub const EVENTS_PER_CLUSTER: i64 = 200;
 /// Creates the tables, and adds the columns a database made by an older gateway lacks.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch(SCHEMA)?;
-    for (column, kind) in [("pool", "TEXT"), ("heartbeat_period", "REAL")] {
+    for (column, kind) in [
+        ("pool", "TEXT"),
+        ("heartbeat_period", "REAL"),
+        ("gateway_api_url", "TEXT"),
+    ] {
         let has = conn
             .prepare("SELECT 1 FROM pragma_table_info('clusters') WHERE name = ?1")?
             .exists([column])?;
@@ -228,9 +236,9 @@ impl Store {
         self.conn().execute(
             "INSERT OR REPLACE INTO clusters (name, owner, status, reason, final_status, options, settings, token,
                 tls_cert, tls_key, scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address,
-                api_address, target, start_time, stop_time, pool, heartbeat_period)
+                api_address, target, start_time, stop_time, pool, heartbeat_period, gateway_api_url)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-                ?20)",
+                ?20, ?21)",
             params![
                 c.name,
                 c.owner,
@@ -252,6 +260,7 @@ impl Store {
                 c.stop_time,
                 c.pool,
                 c.heartbeat_period,
+                c.gateway_api_url,
             ],
         )?;
         Ok(())
@@ -495,7 +504,8 @@ impl Store {
         let mut stmt = conn.prepare(
             "SELECT name, owner, status, reason, final_status, options, settings, token, tls_cert,
                     tls_key, scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address,
-                    api_address, target, start_time, stop_time, pool, heartbeat_period
+                    api_address, target, start_time, stop_time, pool, heartbeat_period,
+                    gateway_api_url
              FROM clusters ORDER BY start_time",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -527,6 +537,7 @@ impl Store {
                 stop_time: r.get(17)?,
                 pool: r.get(18)?,
                 heartbeat_period: r.get(19)?,
+                gateway_api_url: r.get(20)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -707,6 +718,7 @@ mod tests {
             stop_time: None,
             pool: None,
             heartbeat_period: Some(15.0),
+            gateway_api_url: Some("http://127.0.0.1:8000/api".into()),
         }
     }
 
@@ -718,14 +730,17 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         {
             let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(&SCHEMA.replace(",\n    pool TEXT,\n    heartbeat_period REAL", ""))
-                .unwrap();
+            conn.execute_batch(&SCHEMA.replace(
+                ",\n    pool TEXT,\n    heartbeat_period REAL,\n    gateway_api_url TEXT",
+                "",
+            ))
+            .unwrap();
             let columns = conn
-                .prepare("SELECT 1 FROM pragma_table_info('clusters') WHERE name IN ('pool', 'heartbeat_period')")
+                .prepare("SELECT 1 FROM pragma_table_info('clusters') WHERE name IN ('pool', 'heartbeat_period', 'gateway_api_url')")
                 .unwrap()
                 .exists([])
                 .unwrap();
-            assert!(!columns, "the old schema has neither column");
+            assert!(!columns, "the old schema has none of the new columns");
             conn.execute(
                 "INSERT INTO clusters (name, owner, status, options, settings, token, tls_cert, tls_key, start_time)
                  VALUES ('old', 'bob', 'RUNNING', '{}', ?1, 't', 'c', 'k', 1)",
@@ -737,7 +752,14 @@ mod tests {
         let [old] = &store.load_clusters().unwrap()[..] else {
             panic!("the old row")
         };
-        assert_eq!((old.pool.as_deref(), old.heartbeat_period), (None, None));
+        assert_eq!(
+            (
+                old.pool.as_deref(),
+                old.heartbeat_period,
+                old.gateway_api_url.as_deref()
+            ),
+            (None, None, None)
+        );
         store.delete_cluster("old").unwrap();
         let mut c = record("a");
         c.pool = Some("k".into());

@@ -185,6 +185,7 @@ fn config() -> EngineConfig {
         stop_grace: Duration::from_millis(10),
         sweep_period: Duration::from_millis(20),
         usage_retention: Duration::from_secs(86400),
+        api_url: Some("http://127.0.0.1:8000/api".into()),
     }
 }
 
@@ -620,6 +621,37 @@ async fn a_restarted_engine_readopts_running_clusters_and_fails_dead_ones() {
 }
 
 #[tokio::test]
+async fn a_scheduler_reporting_to_a_url_no_longer_served_fails_saying_so() {
+    let (b, procs, db) = start("moved-url", config()).await;
+    let c = b.create(request()).await.unwrap();
+    b.heartbeat(&c.name, &heartbeat(0, &[], &[], &[]), 0)
+        .await
+        .unwrap();
+    drop(b);
+    let moved = EngineConfig {
+        api_url: Some("http://127.0.0.1:9999/api".into()),
+        timing: ClusterTiming {
+            heartbeat_timeout: 1.5,
+            ..config().timing
+        },
+        ..config()
+    };
+    let (procs2, exits) = procs.reattach();
+    let b = LocalBackend::start(moved, Store::open(&db).unwrap(), procs2, exits).unwrap();
+    eventually("the silent cluster to fail", || {
+        status(&b, &c.name) == ClusterStatus::Failed
+    })
+    .await;
+    let reason = b.get(&c.name).unwrap().reason.unwrap();
+    assert!(
+        reason.ends_with(
+            "(it reports to http://127.0.0.1:8000/api, which this gateway no longer serves)"
+        ),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
 async fn a_gateway_stopped_while_starting_a_scheduler_says_so_after_a_restart() {
     let db = db_path("interrupted-start");
     // What a gateway killed between recording a cluster and recording its scheduler leaves.
@@ -645,6 +677,7 @@ async fn a_gateway_stopped_while_starting_a_scheduler_says_so_after_a_restart() 
             stop_time: None,
             pool: None,
             heartbeat_period: Some(15.0),
+            gateway_api_url: None,
         })
         .unwrap();
     let (procs, exits) = FakeProcesses::new();

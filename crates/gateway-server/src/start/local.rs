@@ -38,6 +38,7 @@ pub(crate) fn start_local_backend(
             timing: config.cluster.timing(),
             retention: Duration::from_secs_f64(config.cluster.retention),
             usage_retention: Duration::from_secs_f64(config.usage_retention),
+            api_url: Some(config.api_url()),
             ..EngineConfig::default()
         },
     })?;
