@@ -333,7 +333,13 @@ impl JwtVerifier {
                     .collect()
             })
             .unwrap_or_default();
-        let expires = claims.get("exp").and_then(Value::as_u64);
+        let expires = claims.get("exp").and_then(|v| {
+            v.as_u64().or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.is_finite() && *f >= 0.0)
+                    .map(|f| f as u64)
+            })
+        });
         Ok(Claims {
             name,
             groups,
