@@ -130,6 +130,18 @@ def test_scheduler_death_marks_cluster_failed(server):
              what="workers of the failed cluster to be stopped")
 
 
+def restart_and_finish(server, name):
+    """Starts the gateway again; its cluster `name` is RUNNING, scales, computes and stops."""
+    server.start()
+    gw = server.gateway(USER)
+    wait_status(gw, name, "RUNNING", timeout=60)
+    c = connect(gw, name, shutdown_on_close=True)
+    c.scale(1)
+    compute_on(c, 1)
+    c.close()
+    wait_status(gw, name, "STOPPED")
+
+
 def test_sigterm_keeps_clusters_by_default(server):
     gw = server.gateway(USER)
     c = new_cluster(gw, shutdown_on_close=False)
@@ -139,14 +151,7 @@ def test_sigterm_keeps_clusters_by_default(server):
     server.terminate()
     assert server.proc.returncode is not None
     assert all(p.is_running() for p in sched)
-    server.start()
-    gw2 = server.gateway(USER)
-    wait_status(gw2, name, "RUNNING", timeout=60)
-    c2 = connect(gw2, name, shutdown_on_close=True)
-    c2.scale(1)
-    compute_on(c2, 1)
-    c2.close()
-    wait_status(gw2, name, "STOPPED")
+    restart_and_finish(server, name)
 
 
 @pytest.mark.local_only  # the local backend's state database
@@ -168,14 +173,7 @@ def test_a_lost_state_database_stops_the_restart_not_the_clusters(server):
     assert all(p.is_running() for p in sched), "the cluster's scheduler was left alone"
     for f, away in moved:
         away.rename(f)
-    server.start()
-    gw2 = server.gateway(USER)
-    wait_status(gw2, name, "RUNNING", timeout=60)
-    c2 = connect(gw2, name, shutdown_on_close=True)
-    c2.scale(1)
-    compute_on(c2, 1)
-    c2.close()
-    wait_status(gw2, name, "STOPPED")
+    restart_and_finish(server, name)
 
 
 def test_sigterm_with_stop_clusters_on_shutdown(module_servers):

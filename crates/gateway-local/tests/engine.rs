@@ -653,44 +653,31 @@ async fn a_scheduler_reporting_to_a_url_no_longer_served_fails_saying_so() {
 
 #[tokio::test]
 async fn a_gateway_stopped_while_starting_a_scheduler_says_so_after_a_restart() {
-    let db = db_path("interrupted-start");
-    // What a gateway killed between recording a cluster and recording its scheduler leaves.
-    Store::open(&db)
-        .unwrap()
-        .put_cluster(&gateway_local::store::ClusterRecord {
-            name: "0123456789abcdef0123456789abcdef".into(),
-            owner: "alice".into(),
-            status: ClusterStatus::Pending,
-            reason: None,
-            final_status: None,
-            options: Default::default(),
-            settings: ClusterSettings::example(),
-            token: "t".into(),
-            tls_cert: "c".into(),
-            tls_key: "k".into(),
-            scheduler: None,
-            scheduler_address: None,
-            dashboard_address: None,
-            api_address: None,
-            target_workers: 0,
-            start_time: 1,
-            stop_time: None,
-            pool: None,
-            heartbeat_period: Some(15.0),
-            gateway_api_url: None,
-        })
-        .unwrap();
-    let (procs, exits) = FakeProcesses::new();
-    let b = LocalBackend::start(config(), Store::open(&db).unwrap(), procs, exits).unwrap();
-    let name = "0123456789abcdef0123456789abcdef";
+    let (b, procs, db) = start("interrupted-start", config()).await;
+    let name = b.create(request()).await.unwrap().name;
+    drop(b);
+    // What a gateway killed between recording a cluster and recording its scheduler leaves:
+    // the record without its scheduler (and a scheduler no record accounts for).
+    let store = Store::open(&db).unwrap();
+    let mut record = store.load_clusters().unwrap().pop().unwrap();
+    record.scheduler = None;
+    store.put_cluster(&record).unwrap();
+    drop(store);
+    let (procs2, exits) = procs.reattach();
+    let b =
+        LocalBackend::start(config(), Store::open(&db).unwrap(), procs2.clone(), exits).unwrap();
     eventually("the cluster to end", || {
-        status(&b, name) == ClusterStatus::Failed
+        status(&b, &name) == ClusterStatus::Failed
     })
     .await;
     assert_eq!(
-        b.get(name).unwrap().reason.as_deref(),
+        b.get(&name).unwrap().reason.as_deref(),
         Some("the gateway stopped while it was starting the scheduler")
     );
+    eventually("the unrecorded scheduler to be stopped", || {
+        procs2.alive_count() == 0
+    })
+    .await;
 }
 
 #[tokio::test]
