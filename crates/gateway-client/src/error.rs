@@ -71,3 +71,13 @@ impl ClientError {
         }
     }
 }
+
+impl From<gateway_comm::CommError> for ClientError {
+    fn from(e: gateway_comm::CommError) -> Self {
+        use gateway_comm::CommError;
+        match e {
+            CommError::Connection(m) | CommError::Tls(m) => ClientError::Proxy(m),
+            CommError::Protocol(m) => ClientError::Protocol(m),
+        }
+    }
+}

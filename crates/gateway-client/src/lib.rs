@@ -15,22 +15,24 @@
 
 #![warn(missing_docs)]
 
-pub mod comm;
 pub mod config;
 pub mod error;
-pub mod tls;
 pub mod tunnel;
 
-pub use comm::{SchedulerIdentity, WorkerIdentity};
 pub use config::{Auth, ClientConfig};
 pub use error::ClientError;
+/// Dask's comm protocol (the requests this library sends to schedulers).
+pub use gateway_comm::protocol as comm;
+/// TLS with a cluster's own credentials.
+pub use gateway_comm::tls;
+pub use gateway_comm::ClusterTls;
+pub use gateway_comm::{SchedulerIdentity, WorkerIdentity};
 /// The API types shared with the server.
 pub use gateway_model as model;
 pub use gateway_model::{
     ClusterDetails, ClusterEvent, ClusterModel, ClusterStatus, EventType, OptionSpec,
     ScaleResponse, UsageGrouping, UsageReport, UsageRow,
 };
-pub use tls::ClusterTls;
 
 use gateway_model::{
     AdaptRequest, ClusterEvents, CreateClusterRequest, CreateClusterResponse, ErrorBody,
@@ -434,7 +436,7 @@ impl GatewayClient {
     pub async fn credentials(&self, name: &str) -> Result<ClusterTls, ClientError> {
         let model = self.get(name).await?;
         match (&model.tls_cert, &model.tls_key) {
-            (Some(cert), Some(key)) => ClusterTls::from_pem(cert, key),
+            (Some(cert), Some(key)) => Ok(ClusterTls::from_pem(cert, key)?),
             _ => Err(ClientError::Conflict(format!(
                 "cluster {name} is {}, not running: it has no credentials yet",
                 model.status.as_str()
@@ -468,18 +470,9 @@ pub async fn connect_via_proxy(
     name: &str,
     tls: &ClusterTls,
 ) -> Result<SchedulerStream, ClientError> {
-    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(proxy))
-        .await
-        .map_err(|_| ClientError::Proxy(format!("connecting to {proxy} timed out")))?
-        .map_err(|e| ClientError::Proxy(format!("connecting to {proxy}: {e}")))?;
-    let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls.client_config()?));
-    let sni = rustls::pki_types::ServerName::try_from(format!("daskgateway-{name}"))
-        .map_err(|e| ClientError::Config(format!("cluster name {name:?}: {e}")))?;
-    tokio::time::timeout(Duration::from_secs(20), connector.connect(sni, tcp))
-        .await
-        .map_err(|_| ClientError::Proxy("the TLS handshake timed out".into()))?
-        .map_err(|e| ClientError::Proxy(format!("TLS to cluster {name}: {e}")))
+    // The proxy routes on the name; the scheduler's certificate is checked, not the name.
+    let sni = format!("daskgateway-{name}");
+    Ok(gateway_comm::connect(proxy, &sni, tls, Duration::from_secs(20)).await?)
 }
 
 /// Cluster names go into URL paths: refuse anything but the characters names are made of.

@@ -352,7 +352,7 @@ async fn unreachable_gateways_and_bad_addresses_are_clear_errors() {
     ));
     let e = GatewayClient::new(ClientConfig::new("127.0.0.1:1")).unwrap_err();
     assert!(matches!(e, ClientError::Config(_)));
-    let tls = gateway_client::ClusterTls::from_pem("nope", "nope");
+    let tls = gateway_client::ClusterTls::from_pem("nope", "nope").map_err(ClientError::from);
     assert!(matches!(tls, Err(ClientError::Protocol(_))));
     let _ = Value::Null;
 }

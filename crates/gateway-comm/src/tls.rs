@@ -2,7 +2,7 @@
 //! trusted, on both ends, exactly as Dask's own TLS does with the gateway's credentials (the
 //! certificate is its own CA; host names are not checked, the certificate is).
 
-use crate::error::ClientError;
+use crate::CommError;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -28,9 +28,9 @@ impl std::fmt::Debug for ClusterTls {
 
 impl ClusterTls {
     /// Parses the PEM certificate and key of a cluster.
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, ClientError> {
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CommError> {
         let bad =
-            |what: &str| ClientError::Protocol(format!("the cluster's {what} is not valid PEM"));
+            |what: &str| CommError::Protocol(format!("the cluster's {what} is not valid PEM"));
         let cert = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .next()
             .and_then(|c| c.ok())
@@ -52,34 +52,34 @@ impl ClusterTls {
     }
 
     /// Client side: present the cluster certificate, accept only a server presenting it too.
-    pub fn client_config(&self) -> Result<rustls::ClientConfig, ClientError> {
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, CommError> {
         let provider = Self::provider();
         let config = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Proxy(e.to_string()))?
+            .map_err(|e| CommError::Tls(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Pinned {
                 cert: self.cert.clone(),
                 provider,
             }))
             .with_client_auth_cert(vec![self.cert.clone()], self.key.clone_key())
-            .map_err(|e| ClientError::Proxy(format!("the cluster's key: {e}")))?;
+            .map_err(|e| CommError::Tls(format!("the cluster's key: {e}")))?;
         Ok(config)
     }
 
     /// Server side (the local end of a tunnel): present the cluster certificate, require
     /// clients to present it too.
-    pub fn server_config(&self) -> Result<rustls::ServerConfig, ClientError> {
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, CommError> {
         let provider = Self::provider();
         rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Proxy(e.to_string()))?
+            .map_err(|e| CommError::Tls(e.to_string()))?
             .with_client_cert_verifier(Arc::new(Pinned {
                 cert: self.cert.clone(),
                 provider,
             }))
             .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
-            .map_err(|e| ClientError::Proxy(format!("the cluster's key: {e}")))
+            .map_err(|e| CommError::Tls(format!("the cluster's key: {e}")))
     }
 }
 

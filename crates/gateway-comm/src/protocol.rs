@@ -1,11 +1,12 @@
-//! Just enough of Dask's comm protocol to ask a scheduler who it is: the framing of
-//! `distributed.comm.tcp`, the connection handshake, and the `identity` request.
+//! Just enough of Dask's comm protocol to ask a scheduler who it is and whether it is idle:
+//! the framing of `distributed.comm.tcp`, the connection handshake, and the `identity` and
+//! `check_idle` requests.
 //!
 //! A message is msgpack in the first of its frames. On the wire: a little-endian `u64` with the
 //! length of what follows up to the "split" frames, then the prelude (`u64` frame count, one
 //! `u64` length per frame), then the frames.
 
-use crate::error::ClientError;
+use crate::CommError;
 use rmpv::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -52,10 +53,10 @@ pub struct WorkerIdentity {
 pub async fn write_message<S: AsyncWrite + Unpin>(
     stream: &mut S,
     msg: &Value,
-) -> Result<(), ClientError> {
+) -> Result<(), CommError> {
     let mut frame = Vec::new();
     rmpv::encode::write_value(&mut frame, msg)
-        .map_err(|e| ClientError::Protocol(format!("encoding a message: {e}")))?;
+        .map_err(|e| CommError::Protocol(format!("encoding a message: {e}")))?;
     let mut out = Vec::with_capacity(frame.len() + 24);
     let prelude_len = 16u64;
     out.extend_from_slice(&(prelude_len + frame.len() as u64).to_le_bytes());
@@ -67,16 +68,16 @@ pub async fn write_message<S: AsyncWrite + Unpin>(
 }
 
 /// Reads one message (its first frame, decoded).
-pub async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Value, ClientError> {
+pub async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Value, CommError> {
     let first = read_u64(stream).await?;
     if !(8..=MAX_MESSAGE).contains(&first) {
-        return Err(ClientError::Protocol(format!("bad message length {first}")));
+        return Err(CommError::Protocol(format!("bad message length {first}")));
     }
     let mut head = vec![0u8; first as usize];
     stream.read_exact(&mut head).await.map_err(io)?;
     let n_frames = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
     if n_frames == 0 || n_frames > 1 << 20 || 8 * (1 + n_frames) > first {
-        return Err(ClientError::Protocol(format!("bad frame count {n_frames}")));
+        return Err(CommError::Protocol(format!("bad frame count {n_frames}")));
     }
     let prelude = 8 * (1 + n_frames);
     let lengths: Vec<u64> = (0..n_frames as usize)
@@ -87,7 +88,7 @@ pub async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Value,
         .try_fold(0u64, |sum, l| sum.checked_add(*l))
         .unwrap_or(u64::MAX);
     if total > MAX_MESSAGE {
-        return Err(ClientError::Protocol("message too large".into()));
+        return Err(CommError::Protocol("message too large".into()));
     }
     // Frames not covered by the first length follow on their own.
     let mut rest = vec![0u8; (total + prelude).saturating_sub(first) as usize];
@@ -97,19 +98,19 @@ pub async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Value,
     let end = start + lengths[0] as usize;
     let mut frame = head
         .get(start..end)
-        .ok_or_else(|| ClientError::Protocol("truncated frame".into()))?;
+        .ok_or_else(|| CommError::Protocol("truncated frame".into()))?;
     rmpv::decode::read_value(&mut frame)
-        .map_err(|e| ClientError::Protocol(format!("decoding a message: {e}")))
+        .map_err(|e| CommError::Protocol(format!("decoding a message: {e}")))
 }
 
-async fn read_u64<S: AsyncRead + Unpin>(stream: &mut S) -> Result<u64, ClientError> {
+async fn read_u64<S: AsyncRead + Unpin>(stream: &mut S) -> Result<u64, CommError> {
     let mut b = [0u8; 8];
     stream.read_exact(&mut b).await.map_err(io)?;
     Ok(u64::from_le_bytes(b))
 }
 
-fn io(e: std::io::Error) -> ClientError {
-    ClientError::Proxy(e.to_string())
+fn io(e: std::io::Error) -> CommError {
+    CommError::Connection(e.to_string())
 }
 
 fn map(pairs: Vec<(&str, Value)>) -> Value {
@@ -147,9 +148,7 @@ fn number(v: Option<&Value>) -> u64 {
 }
 
 /// The handshake both ends of a new Dask comm send first: no compression.
-pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-) -> Result<(), ClientError> {
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<(), CommError> {
     let info = map(vec![
         ("compression", Value::Nil),
         (
@@ -161,7 +160,7 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     write_message(stream, &info).await?;
     let remote = read_message(stream).await?;
     if get(&remote, "compression").is_none() && get(&remote, "pickle-protocol").is_none() {
-        return Err(ClientError::Protocol(
+        return Err(CommError::Protocol(
             "the peer did not answer the Dask handshake".into(),
         ));
     }
@@ -171,7 +170,7 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 /// Asks the scheduler on `stream` (already handshaken) for its identity, all workers included.
 pub async fn identity<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-) -> Result<SchedulerIdentity, ClientError> {
+) -> Result<SchedulerIdentity, CommError> {
     let request = map(vec![
         ("op", Value::from("identity")),
         ("reply", Value::Boolean(true)),
@@ -181,7 +180,7 @@ pub async fn identity<S: AsyncRead + AsyncWrite + Unpin>(
     let reply = read_message(stream).await?;
     if let Some(status) = get(&reply, "status").and_then(Value::as_str) {
         if status != "OK" {
-            return Err(ClientError::Protocol(format!(
+            return Err(CommError::Protocol(format!(
                 "identity failed: {}",
                 text(get(&reply, "exception_text").or(get(&reply, "text")))
             )));
@@ -204,6 +203,37 @@ pub async fn identity<S: AsyncRead + AsyncWrite + Unpin>(
         address: text(get(&reply, "address")),
         workers,
     })
+}
+
+/// Asks the scheduler on `stream` (already handshaken) whether it is idle, by its own measure
+/// (`Scheduler.check_idle`): the time since which it has made no task transitions and had
+/// nothing queued, unrunnable or processing (seconds since the Unix epoch on the scheduler's
+/// clock), or `None` while it is busy.
+///
+/// The check has a memory: it compares the scheduler's transition count with the one the
+/// previous check saw, so a scheduler answers `None` on the first check after any work and
+/// the time of that second check afterwards.
+pub async fn check_idle<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<Option<f64>, CommError> {
+    let request = map(vec![
+        ("op", Value::from("check_idle")),
+        ("reply", Value::Boolean(true)),
+    ]);
+    write_message(stream, &request).await?;
+    match read_message(stream).await? {
+        Value::Nil => Ok(None),
+        Value::F64(t) if t.is_finite() => Ok(Some(t)),
+        Value::F32(t) if t.is_finite() => Ok(Some(f64::from(t))),
+        Value::Integer(t) => Ok(t.as_f64()),
+        other => Err(CommError::Protocol(format!(
+            "check_idle failed: {}",
+            match get(&other, "status") {
+                Some(_) => text(get(&other, "exception_text").or(get(&other, "text"))),
+                None => format!("unexpected answer {other}"),
+            }
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -259,6 +289,43 @@ mod tests {
             a.write_all(&wire).await.unwrap();
             drop(a);
             assert!(read_message(&mut b).await.is_err());
+        }
+    }
+
+    /// A scheduler stand-in: answers the first request on `b` with `reply`, hands back the request.
+    async fn answer(mut b: tokio::io::DuplexStream, reply: Value) -> Value {
+        let request = read_message(&mut b).await.unwrap();
+        write_message(&mut b, &reply).await.unwrap();
+        request
+    }
+
+    #[tokio::test]
+    async fn check_idle_reads_a_time_a_nil_or_a_refusal() {
+        for (reply, want) in [
+            (Value::F64(1_796_641_009.5), Ok(Some(1_796_641_009.5))),
+            (Value::Nil, Ok(None)),
+            (Value::from(1_796_641_009u64), Ok(Some(1_796_641_009.0))),
+            (
+                map(vec![
+                    ("status", Value::from("uncaught-error")),
+                    ("text", Value::from("No handler check_idle found")),
+                ]),
+                Err("check_idle failed: No handler check_idle found".to_string()),
+            ),
+            (
+                Value::from("busy"),
+                Err("check_idle failed: unexpected answer \"busy\"".to_string()),
+            ),
+        ] {
+            let (mut a, b) = tokio::io::duplex(1 << 16);
+            let peer = tokio::spawn(answer(b, reply));
+            let got = check_idle(&mut a).await.map_err(|e| e.to_string());
+            assert_eq!(got, want);
+            let request = peer.await.unwrap();
+            assert_eq!(
+                get(&request, "op").and_then(Value::as_str),
+                Some("check_idle")
+            );
         }
     }
 }
