@@ -230,7 +230,6 @@ class Hub:
 
     # lifecycle
     def _config(self) -> str:
-        everyone = self.users + self.admin_users
         service = {"name": self.service_name, "api_token": self.service_token,
                    "oauth_redirect_uri": self.oauth_redirect_uri, "oauth_no_confirm": True,
                    "oauth_client_allowed_scopes": self.oauth_client_allowed_scopes}

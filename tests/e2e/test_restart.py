@@ -13,8 +13,8 @@ import time
 import psutil
 import pytest
 
-from conftest import (connect, new_cluster, wait_computes, wait_for, wait_status,
-                      wait_workers)
+from conftest import (KUBE, KubeEnv, connect, new_cluster, wait_computes, wait_for,
+                      wait_status, wait_workers)
 
 pytestmark = pytest.mark.process_control
 
@@ -103,6 +103,49 @@ def test_cluster_stopped_while_gateway_down_is_failed_after_restart(server):
     wait_status(gw2, name, "FAILED", timeout=90)
     assert gw2.get_cluster(name).stop_time is not None
     assert name not in [x.name for x in gw2.list_clusters()]
+
+
+def scheduler_log(server, name):
+    """What cluster `name`'s scheduler has logged so far."""
+    if KUBE:
+        pods = [p["metadata"]["name"] for p in server.kube_objects("pods", name)
+                if p["metadata"]["labels"]["app.kubernetes.io/component"] == "dask-scheduler"]
+        if not pods:
+            return ""
+        return KubeEnv.get().kubectl("logs", "-n", server.namespace, pods[0], check=False).stdout
+    path = server.data_dir / "clusters" / name / "logs" / "scheduler.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_an_idle_timeout_that_passes_while_the_gateway_is_down_still_stops_the_cluster(
+        module_servers):
+    # The scheduler asks once to be stopped when idle; that request meets a dead gateway.
+    srv = module_servers("idle-restart", cluster={"idle_timeout": 3})
+    gw = srv.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    c.close()
+    gw.close()
+    srv.kill9()
+    wait_for(lambda: "has been idle" in scheduler_log(srv, name), 60,
+             what="the scheduler to ask, in vain, to be stopped")
+    srv.start()
+    gw2 = srv.gateway(USER)
+    # The gateway finds the idleness itself: the cluster does not run idle for good.
+    wait_status(gw2, name, "STOPPED", timeout=60)
+    r = srv.http("GET", f"/api/v1/clusters/{name}/events", user=USER)
+    assert r.status == 200, (r.status, r.body)
+    messages = [e["message"] for e in r.json()["events"]]
+    assert any("request to stop never arrived" in m for m in messages), messages
+    # A cluster that works is not stopped however long it runs past the timeout.
+    busy = new_cluster(gw2, shutdown_on_close=False)
+    busy.scale(1)
+    with busy.get_client(set_as_default=False) as client:
+        wait_workers(client, 1, timeout=90)
+        fut = client.submit(time.sleep, 15, pure=False)
+        fut.result(timeout=60)
+        assert gw2.get_cluster(busy.name).status.name == "RUNNING"
+    busy.shutdown()
 
 
 def test_scheduler_death_marks_cluster_failed(server):

@@ -2,8 +2,8 @@
 //! settings, creation with its admission lock, stops, heartbeats and the events the gateway
 //! notes. By job, in rooms of their own: reading clusters as a user may (`access`), the refusals
 //! (`error`), per-user quotas (`quota`), scale and adapt and their forwarding to the scheduler
-//! (`forward`), the lifetime sweeper (`lifetime`), warm pools (`pool`) and the service's metrics
-//! (`metrics`).
+//! (`forward`), the lifetime sweeper (`lifetime`), the idle backstop (`idleness`), warm pools
+//! (`pool`) and the service's metrics (`metrics`).
 
 use crate::auth::{token_matches, User};
 use crate::clock::Clock;
@@ -21,11 +21,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 mod access;
 mod error;
 mod forward;
+mod idleness;
 mod lifetime;
 mod metrics;
 mod pool;
@@ -64,6 +65,7 @@ struct Counters {
     pool_claims: Counter,
     pool_misses: Counter,
     pool_starts: Counter,
+    idle_stops: Counter,
 }
 
 /// The shared rules over one backend (see the module docs).
@@ -79,6 +81,8 @@ pub struct ClusterService {
     unattended_since: Mutex<HashMap<String, Instant>>,
     /// When this process last recorded a connected client with the backend, per cluster.
     client_recorded: Mutex<HashMap<String, Instant>>,
+    /// What this process has seen of each running cluster's idleness ([`idleness`]).
+    idle_watches: Mutex<HashMap<String, idleness::IdleWatch>>,
     /// Client for the schedulers' `/api/comm` (plain HTTP inside the cluster network).
     http: reqwest::Client,
     /// One lock per user, held while counting that user's clusters and creating one, so
@@ -118,6 +122,7 @@ impl ClusterService {
             activity: Arc::new(ClientConnections::default()),
             unattended_since: Mutex::new(HashMap::new()),
             client_recorded: Mutex::new(HashMap::new()),
+            idle_watches: Mutex::new(HashMap::new()),
             http,
             admission: Mutex::new(HashMap::new()),
             counters: Counters::default(),

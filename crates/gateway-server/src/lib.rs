@@ -171,6 +171,23 @@ pub async fn run(
         })
     };
 
+    // The idle backstop (clusters::idleness): its questions to schedulers take network time,
+    // so it runs beside the lifetime sweeper, not in it.
+    let idle_checker = {
+        let clusters = clusters.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LIFETIME_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = async { tick.tick().await; clusters.check_idleness().await } => {}
+                    _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                }
+            }
+        })
+    };
+
     let http_tls = match &config.tls {
         Some(t) => Some(gateway_proxy::load_server_tls(&t.cert, &t.key)?),
         None => None,
@@ -273,6 +290,7 @@ pub async fn run(
     info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
+    let _ = idle_checker.await;
     let _ = pool_keeper.await;
     // Local pools are this process's alone; on Kubernetes the other replicas keep using them.
     if config.backend == BackendKind::Local {

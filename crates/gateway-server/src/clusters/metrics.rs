@@ -39,6 +39,11 @@ impl ClusterService {
                 "Warm schedulers started to fill the pools",
                 &c.pool_starts,
             ),
+            (
+                "idle_clusters_stopped_by_gateway",
+                "Idle clusters the gateway stopped because their scheduler's request never came",
+                &c.idle_stops,
+            ),
         ] {
             registry.register(name, help, counter.clone());
         }
