@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import socket
+import sqlite3
 import threading
 import time
 
@@ -216,6 +217,29 @@ def test_a_lost_state_database_stops_the_restart_not_the_clusters(server):
     assert all(p.is_running() for p in sched), "the cluster's scheduler was left alone"
     for f, away in moved:
         away.rename(f)
+    restart_and_finish(server, name)
+
+
+@pytest.mark.local_only  # the local backend's state database
+def test_a_damaged_record_stops_the_restart_naming_its_cluster(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    c.close()
+    sched = server.cluster_processes(name, "scheduler")
+    server.terminate()
+    db = sqlite3.connect(server.data_dir / "gateway.sqlite")
+    (settings,) = db.execute("SELECT settings FROM clusters WHERE name = ?", (name,)).fetchone()
+    with db:
+        db.execute("UPDATE clusters SET settings = '{oops' WHERE name = ?", (name,))
+    with pytest.raises(pytest.fail.Exception, match="exited with"):
+        server.start(timeout=30)
+    log = server.log_tail()
+    assert f"the record of cluster {name} is damaged (column settings:" in log, log
+    assert all(p.is_running() for p in sched), "the cluster's scheduler was left alone"
+    with db:
+        db.execute("UPDATE clusters SET settings = ? WHERE name = ?", (settings, name))
+    db.close()
     restart_and_finish(server, name)
 
 

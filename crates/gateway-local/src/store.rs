@@ -22,6 +22,18 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("state database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// One cluster's stored record cannot be read back (a column edited or damaged by hand).
+    #[error(
+        "state database: the record of cluster {cluster} is damaged ({detail}); repair that \
+         row, or delete it (`DELETE FROM clusters WHERE name = '{cluster}'`) after stopping \
+         the cluster's processes"
+    )]
+    DamagedRecord {
+        /// The cluster.
+        cluster: String,
+        /// The column and what is wrong with it.
+        detail: String,
+    },
 }
 
 /// Maps a decoding failure of column `index` to SQLite's conversion error.
@@ -31,6 +43,65 @@ fn decoded<T, E: std::error::Error + Send + Sync + 'static>(
 ) -> rusqlite::Result<T> {
     value.map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// The columns of a cluster record, in the order [`cluster_from_row`] reads them.
+const CLUSTER_COLUMNS: [&str; 21] = [
+    "name",
+    "owner",
+    "status",
+    "reason",
+    "final_status",
+    "options",
+    "settings",
+    "token",
+    "tls_cert",
+    "tls_key",
+    "scheduler_pid",
+    "scheduler_ticks",
+    "scheduler_address",
+    "dashboard_address",
+    "api_address",
+    "target",
+    "start_time",
+    "stop_time",
+    "pool",
+    "heartbeat_period",
+    "gateway_api_url",
+];
+
+/// One cluster record from a row of [`CLUSTER_COLUMNS`].
+fn cluster_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClusterRecord> {
+    let pid: Option<i64> = r.get(10)?;
+    let ticks: Option<i64> = r.get(11)?;
+    Ok(ClusterRecord {
+        name: r.get(0)?,
+        owner: r.get(1)?,
+        status: decoded(2, r.get::<_, String>(2)?.parse::<ClusterStatus>())?,
+        reason: r.get(3)?,
+        final_status: r
+            .get::<_, Option<String>>(4)?
+            .map(|s| decoded(4, s.parse::<ClusterStatus>()))
+            .transpose()?,
+        options: decoded(5, serde_json::from_str(&r.get::<_, String>(5)?))?,
+        settings: decoded(6, serde_json::from_str(&r.get::<_, String>(6)?))?,
+        token: r.get(7)?,
+        tls_cert: r.get(8)?,
+        tls_key: r.get(9)?,
+        scheduler: pid.zip(ticks).map(|(pid, ticks)| ProcessId {
+            pid: pid as u32,
+            start_ticks: ticks as u64,
+        }),
+        scheduler_address: r.get(12)?,
+        dashboard_address: r.get(13)?,
+        api_address: r.get(14)?,
+        target_workers: r.get::<_, i64>(15)?.max(0) as u64,
+        start_time: r.get(16)?,
+        stop_time: r.get(17)?,
+        pool: r.get(18)?,
+        heartbeat_period: r.get(19)?,
+        gateway_api_url: r.get(20)?,
     })
 }
 
@@ -498,49 +569,42 @@ impl Store {
         Ok(())
     }
 
-    /// Every stored cluster, oldest first.
+    /// Every stored cluster, oldest first. A record that cannot be read back is an error
+    /// naming its cluster and column ([`StoreError::DamagedRecord`]).
     pub fn load_clusters(&self) -> Result<Vec<ClusterRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT name, owner, status, reason, final_status, options, settings, token, tls_cert,
-                    tls_key, scheduler_pid, scheduler_ticks, scheduler_address, dashboard_address,
-                    api_address, target, start_time, stop_time, pool, heartbeat_period,
-                    gateway_api_url
-             FROM clusters ORDER BY start_time",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let pid: Option<i64> = r.get(10)?;
-            let ticks: Option<i64> = r.get(11)?;
-            Ok(ClusterRecord {
-                name: r.get(0)?,
-                owner: r.get(1)?,
-                status: decoded(2, r.get::<_, String>(2)?.parse::<ClusterStatus>())?,
-                reason: r.get(3)?,
-                final_status: r
-                    .get::<_, Option<String>>(4)?
-                    .map(|s| decoded(4, s.parse::<ClusterStatus>()))
-                    .transpose()?,
-                options: decoded(5, serde_json::from_str(&r.get::<_, String>(5)?))?,
-                settings: decoded(6, serde_json::from_str(&r.get::<_, String>(6)?))?,
-                token: r.get(7)?,
-                tls_cert: r.get(8)?,
-                tls_key: r.get(9)?,
-                scheduler: pid.zip(ticks).map(|(pid, ticks)| ProcessId {
-                    pid: pid as u32,
-                    start_ticks: ticks as u64,
-                }),
-                scheduler_address: r.get(12)?,
-                dashboard_address: r.get(13)?,
-                api_address: r.get(14)?,
-                target_workers: r.get::<_, i64>(15)?.max(0) as u64,
-                start_time: r.get(16)?,
-                stop_time: r.get(17)?,
-                pool: r.get(18)?,
-                heartbeat_period: r.get(19)?,
-                gateway_api_url: r.get(20)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {} FROM clusters ORDER BY start_time",
+            CLUSTER_COLUMNS.join(", ")
+        ))?;
+        let mut rows = stmt.query([])?;
+        let mut records = Vec::new();
+        while let Some(row) = rows.next()? {
+            let name = match row.get_ref(0)? {
+                rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                other => format!("{other:?}"),
+            };
+            let record = cluster_from_row(row).map_err(|e| StoreError::DamagedRecord {
+                cluster: name,
+                detail: match &e {
+                    rusqlite::Error::FromSqlConversionFailure(i, _, why) => {
+                        format!("column {}: {why}", CLUSTER_COLUMNS[*i])
+                    }
+                    rusqlite::Error::InvalidColumnType(i, _, found) => {
+                        format!(
+                            "column {}: {found} where it should not be",
+                            CLUSTER_COLUMNS[*i]
+                        )
+                    }
+                    rusqlite::Error::IntegralValueOutOfRange(i, v) => {
+                        format!("column {}: {v} is out of range", CLUSTER_COLUMNS[*i])
+                    }
+                    other => other.to_string(),
+                },
+            })?;
+            records.push(record);
+        }
+        Ok(records)
     }
 
     /// Stored workers of one cluster.
@@ -793,9 +857,27 @@ mod tests {
             .unwrap();
         let err = store.load_clusters().unwrap_err().to_string();
         assert!(
-            err.contains("'SIDEWAYS' is not a valid ClusterStatus"),
+            err.contains("the record of cluster a is damaged (column status: 'SIDEWAYS' is not a valid ClusterStatus)"),
             "{err}"
         );
+        assert!(err.contains("WHERE name = 'a'"), "{err}");
+        // Any column, any kind of damage: the cluster and the column are named.
+        for (column, bad, wanted) in [
+            ("settings", "'{'", "column settings: "),
+            ("options", "'[1]'", "column options: "),
+            ("owner", "x'ff'", "column owner: "),
+            ("target", "'many'", "column target: "),
+        ] {
+            let store = Store::in_memory().unwrap();
+            store.put_cluster(&record("b")).unwrap();
+            store
+                .conn()
+                .execute(&format!("UPDATE clusters SET {column} = {bad}"), [])
+                .unwrap();
+            let err = store.load_clusters().unwrap_err().to_string();
+            assert!(err.contains("cluster b is damaged"), "{column}: {err}");
+            assert!(err.contains(wanted), "{column}: {err}");
+        }
     }
 
     #[test]
