@@ -5,6 +5,7 @@ lives, and the cluster ends FAILED with its workers cleaned up.
 
 import os
 import select
+import shutil
 import signal
 import socket
 import sqlite3
@@ -241,6 +242,21 @@ def test_a_damaged_record_stops_the_restart_naming_its_cluster(server):
         db.execute("UPDATE clusters SET settings = ? WHERE name = ?", (settings, name))
     db.close()
     restart_and_finish(server, name)
+
+
+@pytest.mark.local_only  # the local backend's cluster directories
+def test_a_clusters_deleted_files_come_back_for_its_new_workers(server):
+    # A cleaner of old files (tmpfiles, a cron job) or a careless operator removes a running
+    # cluster's credentials and logs: the next workers still start and join.
+    gw = server.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=True)
+    cluster_dir = server.data_dir / "clusters" / c.name
+    shutil.rmtree(cluster_dir / ".certs")
+    shutil.rmtree(cluster_dir / "logs")
+    c.scale(1)
+    compute_on(c, 1)
+    assert (cluster_dir / ".certs" / "dask.pem").stat().st_mode & 0o777 == 0o600
+    c.close()
 
 
 def test_sigterm_with_stop_clusters_on_shutdown(module_servers):

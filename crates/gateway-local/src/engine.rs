@@ -530,6 +530,25 @@ impl LocalBackend {
         let Some(address) = c.record.scheduler_address.clone() else {
             return;
         };
+        if c.live_workers() < target && c.worker_failures < limit {
+            // New workers read the cluster's files: bring back any that were deleted.
+            let creds = ClusterCredentials {
+                cert_pem: c.record.tls_cert.clone(),
+                key_pem: c.record.tls_key.clone(),
+            };
+            match self
+                .processes
+                .restore_missing(&c.record.name, &c.record.owner, &creds)
+            {
+                Ok(false) => {}
+                Ok(true) => {
+                    warn!(cluster = %c.record.name, "the cluster's directory had lost files (credentials, logs or work directory); laid out again from its record")
+                }
+                Err(e) => {
+                    error!(cluster = %c.record.name, "restoring the cluster's directory: {e}")
+                }
+            }
+        }
         let mut started = 0;
         let mut launched = 0;
         while c.live_workers() < target && started < START_BATCH && c.worker_failures < limit {

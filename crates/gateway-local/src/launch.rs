@@ -118,6 +118,17 @@ pub trait Processes: Send + Sync + 'static {
         owner: &str,
         credentials: &ClusterCredentials,
     ) -> Result<(), LocalError>;
+    /// Lays out again whatever of the cluster's directory is gone (deleted by hand or by a
+    /// cleaner of old files), with the credentials given; true if anything was missing.
+    fn restore_missing(
+        &self,
+        cluster: &str,
+        owner: &str,
+        credentials: &ClusterCredentials,
+    ) -> Result<bool, LocalError> {
+        let _ = (cluster, owner, credentials);
+        Ok(false)
+    }
     /// Removes the cluster's directory (credentials and logs).
     fn remove_dir(&self, cluster: &str);
     /// Removes the cluster's credentials, keeping its logs.
@@ -254,6 +265,9 @@ impl Launcher {
     /// * `work/` — the processes' working directory, 0700, the user's;
     /// * `logs/` — the processes' output, written by the gateway, 0700, the gateway's (a user
     ///   cannot plant links there).
+    ///
+    /// Parts that exist are left as they are, so this also restores a directory that lost
+    /// some of them ([`Launcher::restore_missing`]).
     pub fn prepare(
         &self,
         cluster: &str,
@@ -281,13 +295,19 @@ impl Launcher {
             dir.join("logs"),
             self.work_dir(cluster),
         ] {
-            fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&sub)
-                .map_err(err(&sub))?;
+            match fs::DirBuilder::new().mode(0o700).create(&sub) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(err(&sub)(e))
+                }
+                _ => {}
+            }
         }
         for (file, text) in [("dask.crt", &creds.cert_pem), ("dask.pem", &creds.key_pem)] {
-            write_private(&self.certs_dir(cluster).join(file), text, identity.as_ref())?;
+            // Running processes may be reading a file that exists: it is never rewritten.
+            let path = self.certs_dir(cluster).join(file);
+            if fs::symlink_metadata(&path).is_err() {
+                write_private(&path, text, identity.as_ref())?;
+            }
         }
         if let Some(id) = &identity {
             for path in [self.certs_dir(cluster), self.work_dir(cluster)] {
@@ -295,6 +315,37 @@ impl Launcher {
             }
         }
         Ok(())
+    }
+
+    /// The parts of the cluster's directory every new process needs.
+    fn required_parts(&self, cluster: &str) -> [PathBuf; 4] {
+        let certs = self.certs_dir(cluster);
+        [
+            certs.join("dask.crt"),
+            certs.join("dask.pem"),
+            self.cluster_dir(cluster).join("logs"),
+            self.work_dir(cluster),
+        ]
+    }
+
+    /// Lays out again the parts of the cluster's directory that are gone, with the
+    /// credentials from its record; true if any was missing.
+    pub fn restore_missing(
+        &self,
+        cluster: &str,
+        owner: &str,
+        creds: &ClusterCredentials,
+    ) -> Result<bool, LocalError> {
+        safe_name(cluster)?;
+        if self
+            .required_parts(cluster)
+            .iter()
+            .all(|p| fs::symlink_metadata(p).is_ok())
+        {
+            return Ok(false);
+        }
+        self.prepare(cluster, owner, creds)?;
+        Ok(true)
     }
 
     /// Removes the cluster's working directory (credentials and logs).
@@ -623,6 +674,15 @@ impl Processes for Launcher {
         Launcher::prepare(self, cluster, owner, credentials)
     }
 
+    fn restore_missing(
+        &self,
+        cluster: &str,
+        owner: &str,
+        credentials: &ClusterCredentials,
+    ) -> Result<bool, LocalError> {
+        Launcher::restore_missing(self, cluster, owner, credentials)
+    }
+
     fn remove_dir(&self, cluster: &str) {
         Launcher::remove_dir(self, cluster)
     }
@@ -719,6 +779,29 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(key_mode, 0o600);
+        // Deleted parts come back with the record's credentials; nothing else is touched.
+        assert!(!backend.restore_missing("c1", "alice", &creds).unwrap());
+        let log = backend.cluster_dir("c1").join("logs").join("scheduler.log");
+        fs::write(&log, "kept").unwrap();
+        fs::remove_dir_all(backend.certs_dir("c1")).unwrap();
+        assert!(backend.restore_missing("c1", "alice", &creds).unwrap());
+        let key = backend.certs_dir("c1").join("dask.pem");
+        assert_eq!(fs::read_to_string(&key).unwrap(), creds.key_pem);
+        assert_eq!(
+            fs::read_to_string(backend.certs_dir("c1").join("dask.crt")).unwrap(),
+            creds.cert_pem
+        );
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let certs_mode = fs::metadata(backend.certs_dir("c1"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(certs_mode & 0o777, 0o700);
+        assert_eq!(fs::read_to_string(&log).unwrap(), "kept");
+        assert!(!backend.restore_missing("c1", "alice", &creds).unwrap());
         // A cluster directory from an older gateway has no work/: it is made on start.
         fs::remove_dir(backend.work_dir("c1")).unwrap();
         // "/bin/sh scheduler ..." fails at once: the exit must still be reported with its code.
