@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from conftest import OPTIONS_CONFIG, new_cluster, wait_for, wait_status, wait_workers
@@ -126,14 +127,27 @@ def test_events_outlive_a_gateway_restart_and_the_cluster(server):
     gw = server.gateway(OWNER)
     cluster = new_cluster(gw)
     name = cluster.name
+    cluster.scale(1)
+    with cluster.get_client(set_as_default=False) as client:
+        wait_workers(client, 1, timeout=90)
     before = events(server, name)
     server.kill9()
+    # A worker that dies while no gateway watches is told about after the restart.
+    workers = server.cluster_processes(name, "worker")
+    assert workers, "the worker (and its nanny) run"
+    for p in workers:
+        p.kill()
+    psutil.wait_procs(workers, timeout=30)
     server.start()
     wait_for(lambda: "Adopted" in reasons(events(server, name)), 30, what="the Adopted event")
     after = events(server, name)
     assert after[:len(before)] == before
-    adopted = after[-1]
-    assert adopted["reason"] == "Adopted" and "restarted gateway" in adopted["message"]
+    new = after[len(before):]
+    assert reasons(new)[:2] == ["Adopted", "WorkerExited"], new
+    adopted, lost = new[0], new[1]
+    assert "restarted gateway with 0 workers" in adopted["message"], adopted
+    assert lost["type"] == "Warning"
+    assert "ended while the gateway was down; it is replaced" in lost["message"], lost
     gw2 = server.gateway(OWNER)
     gw2.stop_cluster(name)
     wait_status(gw2, name, "STOPPED")

@@ -802,6 +802,8 @@ impl LocalBackend {
             let workers = self.store.load_workers(&name)?;
             let mut c = Cluster::new(record);
             c.meter = self.store.usage_meter(&name)?.unwrap_or_default();
+            // Workers that ended while no gateway watched: told in the events, as when watched.
+            let mut lost = Vec::new();
             if !c.record.status.is_terminal() {
                 for w in workers {
                     if self.processes.is_alive(w.process) {
@@ -820,8 +822,11 @@ impl LocalBackend {
                                 started_ms: 0,
                             },
                         );
-                    } else if let Err(e) = self.store.delete_worker(&name, &w.name) {
-                        error!(cluster = %name, "forgetting worker: {e}");
+                    } else {
+                        if let Err(e) = self.store.delete_worker(&name, &w.name) {
+                            error!(cluster = %name, "forgetting worker: {e}");
+                        }
+                        lost.push(w.name);
                     }
                 }
             }
@@ -860,6 +865,29 @@ impl LocalBackend {
                         };
                         self.begin_stop(&mut c, StopRequest::failed(reason));
                     }
+                }
+            }
+            for worker in &lost {
+                if !matches!(
+                    c.record.status,
+                    ClusterStatus::Pending | ClusterStatus::Running
+                ) {
+                    self.event(
+                        &name,
+                        EventType::Normal,
+                        "WorkerStopped",
+                        &format!("worker {worker} stopped while the gateway was down"),
+                    );
+                } else {
+                    warn!(cluster = %name, worker = %worker, "a worker ended while the gateway was down");
+                    self.event(
+                        &name,
+                        EventType::Warning,
+                        "WorkerExited",
+                        &format!(
+                            "worker {worker} ended while the gateway was down; it is replaced"
+                        ),
+                    );
                 }
             }
             clusters.insert(name, c);
