@@ -138,26 +138,34 @@ impl UsageQuery {
     }
 }
 
-/// A time as RFC 3339, a UTC date, or ms since the Unix epoch.
+/// A time as RFC 3339, a UTC date, or ms since the Unix epoch. A value of one of these forms
+/// that cannot be used (out of range, a 13th month) says so, rather than that it has no form.
 fn parse_instant(s: &str) -> Result<i64, String> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return if ms >= 0 {
-            Ok(ms)
-        } else {
-            Err(format!("{s} is before 1970"))
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'-') && !s[1..].contains('-')
+    {
+        return match s.parse::<i64>() {
+            Ok(ms) if ms >= 0 => Ok(ms),
+            Ok(_) => Err(format!("{s} is before 1970")),
+            Err(_) => Err(format!("{s} is too large for milliseconds since 1970")),
         };
     }
-    if let Ok(ts) = s.parse::<jiff::Timestamp>() {
-        return Ok(ts.as_millisecond().max(0));
+    let looks_like_time = s.contains(['T', 't', ' ']);
+    match s.parse::<jiff::Timestamp>() {
+        Ok(ts) => return Ok(ts.as_millisecond().max(0)),
+        Err(e) if looks_like_time => return Err(format!("{s:?} is not a usable time: {e}")),
+        Err(_) => {}
     }
-    if let Ok(date) = s.parse::<jiff::civil::Date>() {
-        if let Ok(zoned) = date.to_zoned(jiff::tz::TimeZone::UTC) {
-            return Ok(zoned.timestamp().as_millisecond().max(0));
-        }
+    let looks_like_date = s.len() == 10 && s.as_bytes()[4] == b'-' && s.as_bytes()[7] == b'-';
+    match s.parse::<jiff::civil::Date>() {
+        Ok(date) => date
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .map(|zoned| zoned.timestamp().as_millisecond().max(0))
+            .map_err(|e| format!("{s:?} is out of range: {e}")),
+        Err(e) if looks_like_date => Err(format!("{s:?} is not a valid date: {e}")),
+        Err(_) => Err(format!(
+            "{s:?} is not an RFC 3339 time, a date (YYYY-MM-DD) or milliseconds since 1970"
+        )),
     }
-    Err(format!(
-        "{s:?} is not an RFC 3339 time, a date (YYYY-MM-DD) or milliseconds since 1970"
-    ))
 }
 
 /// The usage report `user` may see: everyone's (or `query.user`'s) for an admin, their own
@@ -337,6 +345,26 @@ mod tests {
             (vec![("by", "planet")], "by must be"),
             (vec![("format", "xml")], "format must be"),
             (vec![("limit", "3")], "unknown parameter"),
+            (
+                vec![("until", "9999-12-31")],
+                "\"9999-12-31\" is out of range",
+            ),
+            (
+                vec![("until", "2026-13-01")],
+                "\"2026-13-01\" is not a valid date",
+            ),
+            (vec![("since", "2026-02-30")], "is not a valid date"),
+            (
+                vec![("since", "2026-12-01T25:00:00Z")],
+                "is not a usable time",
+            ),
+            (
+                vec![("since", "2026-12-01T00:00:00")],
+                "is not a usable time",
+            ),
+            (vec![("since", "99999999999999999999")], "too large"),
+            (vec![("since", "")], "is not an RFC 3339 time"),
+            (vec![("since", "1-2")], "is not an RFC 3339 time"),
         ] {
             let err = UsageQuery::parse(&pairs(&q), 100).unwrap_err();
             assert!(err.contains(needle), "{q:?}: {err}");
