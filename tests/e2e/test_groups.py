@@ -6,6 +6,8 @@ Groups come from `auth.groups` here (the simple authenticator has none of its ow
 JupyterHub groups go through the same code (test_jwt.py, test_jupyterhub.py).
 """
 
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -166,3 +168,37 @@ def test_a_cluster_without_clients_stops_after_its_no_client_timeout(server, tmp
     assert time.monotonic() - gone >= 6
     assert "no client connected for 8" in details(server, "ada", name)["reason"]
     assert server.gateway("ada").list_clusters() == []
+
+
+def client_hello(server_name):
+    """The first bytes of a real TLS client for `server_name` (Python's own ClientHello)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    conn = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        conn.do_handshake()
+    return outgoing.read()
+
+
+def test_a_held_client_hello_is_no_client(server):
+    # Anyone who knows a cluster's name can start a TLS handshake with its scheduler through
+    # the proxy; holding it open without the cluster's credentials keeps nothing alive.
+    gw = server.gateway("ada")
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    c.close()
+    holders = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection((server.host, server.scheduler_port), timeout=30)
+            s.sendall(client_hello(f"daskgateway-{name}"))
+            assert s.recv(5)[:1] == b"\x16", "the scheduler answered the ClientHello"
+            holders.append(s)
+        wait_for(lambda: details(server, "ada", name)["status"] in ("STOPPED", "STOPPING"),
+                 60, what="stopped without clients")
+        assert "no client connected for 8" in details(server, "ada", name)["reason"]
+    finally:
+        for s in holders:
+            s.close()

@@ -40,6 +40,7 @@ mod rewind;
 mod routes;
 pub mod sni;
 mod tls;
+mod turns;
 
 use std::time::Duration;
 

@@ -385,10 +385,23 @@ async fn splice(
         return;
     }
     drop(prefix);
-    let _counted = routes.connections().map(|c| c.opened(cluster));
     tracing::debug!(cluster = %cluster, %peer, target = %target, "scheduler connection spliced");
-    // Zero-copy through kernel pipes (see relay.rs).
-    match crate::relay::relay(client, upstream).await {
+    // Zero-copy through kernel pipes (see relay.rs). The connection counts as a client of the
+    // cluster once its TLS handshake has completed (see turns.rs), not at its ClientHello.
+    let turns = crate::turns::Turns::default();
+    let relay = crate::relay::relay(client, upstream, &turns);
+    tokio::pin!(relay);
+    let mut counted = None;
+    let ended = loop {
+        tokio::select! {
+            ended = &mut relay => break ended,
+            _ = turns.established(), if counted.is_none() => {
+                counted = Some(routes.connections().map(|c| c.opened(cluster)));
+            }
+        }
+    };
+    drop(counted);
+    match ended {
         Ok((up, down)) => {
             tracing::debug!(cluster = %cluster, %peer, bytes_up = up, bytes_down = down, "scheduler connection closed")
         }

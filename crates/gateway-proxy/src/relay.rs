@@ -13,6 +13,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::turns::{Turns, FIRST_FLIGHT_PEEK};
+
 /// Bytes moved per `splice` call: the default pipe capacity. (A 256 KiB pipe measured no
 /// better: wake-ups follow how the peers write, not the pipe size.)
 const CHUNK: usize = 64 * 1024;
@@ -64,13 +66,51 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Moves `src → dst` until `src` ends; then half-closes `dst`. Returns the bytes moved.
-async fn pump(src: &TcpStream, dst: &TcpStream, pipe: &Pipe) -> io::Result<u64> {
+/// Which end a direction of the relay reads from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum From {
+    Client,
+    Scheduler,
+}
+
+/// One non-blocking `recv(MSG_PEEK)`: what `src` has to read, left in place.
+fn peek(src: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv into a live buffer of the given length.
+    let n = unsafe {
+        libc::recv(
+            src,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Moves `src → dst` until `src` ends; then half-closes `dst`. Returns the bytes moved. What
+/// it moves is reported to `turns`, with a peek at the scheduler's first bytes.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    from: From,
+    turns: &Turns,
+) -> io::Result<u64> {
     let mut total = 0u64;
+    let mut first = [0u8; FIRST_FLIGHT_PEEK];
     loop {
+        let peek_first = from == From::Scheduler && turns.awaits_first_flight();
+        let mut peeked = 0;
         let n = loop {
             src.readable().await?;
             match src.try_io(Interest::READABLE, || {
+                if peek_first {
+                    peeked = peek(src.as_raw_fd(), &mut first)?;
+                }
                 splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
             }) {
                 Ok(n) => break n,
@@ -82,6 +122,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream, pipe: &Pipe) -> io::Result<u64> 
             // SAFETY: shutdown(2) on a descriptor we borrow; errors (e.g. already closed) are moot.
             unsafe { libc::shutdown(dst.as_raw_fd(), libc::SHUT_WR) };
             return Ok(total);
+        }
+        match from {
+            From::Client => turns.client_sent(n),
+            From::Scheduler => turns.server_sent(n, peek_first.then_some(&first[..peeked])),
         }
         let mut left = n;
         while left > 0 {
@@ -99,15 +143,25 @@ async fn pump(src: &TcpStream, dst: &TcpStream, pipe: &Pipe) -> io::Result<u64> 
     }
 }
 
-/// Relays `a ⇄ b` until both directions have ended; returns the bytes moved `(a→b, b→a)`.
-pub(crate) async fn relay(mut a: TcpStream, mut b: TcpStream) -> io::Result<(u64, u64)> {
+/// Relays `client ⇄ scheduler` until both directions have ended; returns the bytes moved
+/// `(client→scheduler, scheduler→client)`. The turns of the exchange go to `turns` (where
+/// they cannot be watched, the handshake is taken as complete at once).
+pub(crate) async fn relay(
+    mut client: TcpStream,
+    mut scheduler: TcpStream,
+    turns: &Turns,
+) -> io::Result<(u64, u64)> {
     match (Pipe::new(), Pipe::new()) {
-        (Ok(ab), Ok(ba)) => tokio::try_join!(pump(&a, &b, &ab), pump(&b, &a, &ba)),
+        (Ok(up), Ok(down)) => tokio::try_join!(
+            pump(&client, &scheduler, &up, From::Client, turns),
+            pump(&scheduler, &client, &down, From::Scheduler, turns)
+        ),
         (Err(e), _) | (_, Err(e)) => {
             tracing::debug!(error = %e, "no pipes for splice(2); copying in user space");
+            turns.establish();
             tokio::io::copy_bidirectional_with_sizes(
-                &mut a,
-                &mut b,
+                &mut client,
+                &mut scheduler,
                 FALLBACK_BUFFER,
                 FALLBACK_BUFFER,
             )
@@ -134,7 +188,7 @@ mod tests {
     async fn relays_large_streams_both_ways_with_half_close() {
         let (mut client, front) = pair().await;
         let (back, mut server) = pair().await;
-        let relay = tokio::spawn(relay(front, back));
+        let relay = tokio::spawn(async move { relay(front, back, &Turns::default()).await });
         let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let expected = data.clone();
         // Echo server: reads everything until EOF, then writes it back and closes.
@@ -163,7 +217,7 @@ mod tests {
     async fn a_reset_ends_the_relay() {
         let (client, front) = pair().await;
         let (back, server) = pair().await;
-        let relay = tokio::spawn(relay(front, back));
+        let relay = tokio::spawn(async move { relay(front, back, &Turns::default()).await });
         // Abort the server side with a reset (linger 0) while the client stays open.
         #[allow(deprecated)] // a zero linger resets at once; nothing blocks on drop
         server.set_linger(Some(std::time::Duration::ZERO)).unwrap();
