@@ -358,6 +358,14 @@ pub trait ClusterBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Tells the backend whether the gateway takes new connections now. While it cannot (its
+    /// listeners turn connections away, or cannot accept them), schedulers' heartbeats cannot
+    /// reach it, and a backend that fails silent schedulers must not count that time against
+    /// them. Called about once a second; the default ignores it.
+    fn set_reachable(&self, reachable: bool) {
+        let _ = reachable;
+    }
+
     /// Whether the backend's store or platform answers (health checks).
     async fn healthy(&self) -> bool;
 

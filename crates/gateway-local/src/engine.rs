@@ -23,7 +23,7 @@ use gateway_model::{
     ClusterEvent, ClusterStatus, ClusterUsage, EventType, Heartbeat, RunningUnit, UsageMeter,
 };
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
@@ -326,6 +326,11 @@ pub struct LocalBackend {
     counters: Counters,
     /// When usage past its retention was last forgotten, ms since the Unix epoch.
     usage_forgotten_at: AtomicI64,
+    /// Set while the gateway cannot take connections (see [`ClusterBackend::set_reachable`]):
+    /// heartbeat and start timeouts wait meanwhile.
+    unreachable: AtomicBool,
+    /// Since when it could not.
+    unreachable_since: Mutex<Option<Instant>>,
     /// To hand `Arc<Self>` to the tasks it spawns.
     me: Weak<LocalBackend>,
 }
@@ -347,6 +352,8 @@ impl LocalBackend {
             config,
             counters: Counters::default(),
             usage_forgotten_at: AtomicI64::new(0),
+            unreachable: AtomicBool::new(false),
+            unreachable_since: Mutex::new(None),
             me: me.clone(),
         });
         backend.recover()?;
@@ -452,7 +459,10 @@ impl LocalBackend {
         c.last_reconciled = c.last_reconciled.max(now);
         let start_timeout = Duration::from_secs_f64(self.config.timing.start_timeout);
         let heartbeat_timeout = self.heartbeat_timeout(&c.record);
+        // Schedulers cannot reach a gateway that turns connections away: no timeout meanwhile.
+        let hearing = !self.unreachable.load(Ordering::Acquire);
         let timeout = match c.record.status {
+            _ if !hearing => None,
             ClusterStatus::Pending if now.duration_since(c.pending_since) > start_timeout => {
                 Some(format!(
                     "the scheduler did not start within {} s",
@@ -996,6 +1006,36 @@ impl LocalBackend {
 impl ClusterBackend for LocalBackend {
     fn kind(&self) -> &'static str {
         "local"
+    }
+
+    fn set_reachable(&self, reachable: bool) {
+        let mut since = self
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match (reachable, *since) {
+            (false, None) => {
+                *since = Some(Instant::now());
+                self.unreachable.store(true, Ordering::Release);
+                warn!("schedulers' heartbeats cannot reach the gateway while it turns connections away: their timeouts wait");
+            }
+            (true, Some(from)) => {
+                *since = None;
+                drop(since);
+                // The time nothing could be heard is not the schedulers' silence.
+                let now = Instant::now();
+                let gap = now.saturating_duration_since(from);
+                let mut clusters = self.lock();
+                for c in clusters.values_mut() {
+                    c.last_heartbeat = (c.last_heartbeat + gap).min(now);
+                    c.pending_since = (c.pending_since + gap).min(now);
+                }
+                self.unreachable.store(false, Ordering::Release);
+                drop(clusters);
+                warn!("heartbeat timeouts resume from now, after {:.1} s without connections", gap.as_secs_f64());
+            }
+            _ => {}
+        }
     }
 
     async fn create(&self, request: NewCluster) -> Result<ClusterView, BackendError> {

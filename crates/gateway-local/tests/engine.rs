@@ -489,6 +489,36 @@ async fn a_gateway_that_stood_still_does_not_blame_the_schedulers() {
 }
 
 #[tokio::test]
+async fn while_the_gateway_turns_connections_away_no_scheduler_is_blamed_for_silence() {
+    let cfg = EngineConfig {
+        timing: ClusterTiming {
+            heartbeat_timeout: 0.3,
+            ..config().timing
+        },
+        ..config()
+    };
+    let (b, _, _) = start("unreachable", cfg).await;
+    let c = b.create(request()).await.unwrap();
+    b.heartbeat(&c.name, &heartbeat(0, &[], &[], &[]), 0)
+        .await
+        .unwrap();
+    // Connections are turned away (an exhausted connection or descriptor limit) for three
+    // heartbeat timeouts: the heartbeats could not arrive, and nobody fails for it.
+    b.set_reachable(false);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(status(&b, &c.name), ClusterStatus::Running);
+    // Taking connections again, the timeout runs from then: a scheduler that is really
+    // silent still fails, one timeout later.
+    b.set_reachable(true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(status(&b, &c.name), ClusterStatus::Running);
+    eventually("the silent cluster to fail", || {
+        status(&b, &c.name) == ClusterStatus::Failed
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_scheduler_started_with_a_longer_heartbeat_period_is_judged_by_it() {
     let (b, procs, db) = start("period-change", config()).await;
     let c = b.create(request()).await.unwrap();

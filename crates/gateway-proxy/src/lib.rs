@@ -32,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+mod capacity;
 mod connections;
 mod forward;
 mod listener;
@@ -44,6 +45,7 @@ mod turns;
 
 use std::time::Duration;
 
+pub use capacity::{raise_open_file_limit, ConnectionLimit};
 pub use connections::{ClientConnections, Clients, ConnectionGuard};
 pub use forward::HttpForwarder;
 pub use listener::{bind, serve_scheduler, serve_shared, ConnMeta};

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use crate::capacity::ConnectionLimit;
 use crate::rewind::Rewind;
 use crate::routes::RouteSource;
 use crate::sni::{self, SniError, Sniff};
@@ -31,6 +32,10 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(200);
 
 /// Interval of HTTP/2 keep-alive pings (a peer that does not answer is dropped).
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// How often an HTTP/2 connection checks whether it has been idle for [`HTTP_HEADER_TIMEOUT`]
+/// (no stream open, none started): such a connection is closed, as an idle HTTP/1 one is.
+const H2_IDLE_CHECK: Duration = Duration::from_secs(5);
 
 /// Facts about the client connection a request arrived on, inserted as a request extension
 /// (next to `axum::extract::ConnectInfo<SocketAddr>`) by [`serve_shared`].
@@ -149,9 +154,11 @@ fn is_connection_error(e: &io::Error) -> bool {
 }
 
 /// Run an accept loop, spawning `handle` per connection, until `shutdown` resolves. The
-/// returned receiver side of the shutdown signal is handed to each connection.
+/// returned receiver side of the shutdown signal is handed to each connection. A connection
+/// over `limit` is closed at once.
 async fn accept_loop<H, Fut>(
     listener: TcpListener,
+    limit: Arc<ConnectionLimit>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     handle: H,
 ) where
@@ -168,14 +175,24 @@ async fn accept_loop<H, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Some(slot) = limit.try_acquire() else {
+                    tracing::debug!(%peer, limit = limit.max(), "connection limit reached; closing");
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, stop_rx.clone()));
+                let connection = handle(stream, peer, stop_rx.clone());
+                tokio::spawn(async move {
+                    connection.await;
+                    drop(slot);
+                });
             }
             Err(e) if is_connection_error(&e) => {
                 tracing::debug!(error = %e, "accept: connection error");
             }
             Err(e) => {
-                tracing::warn!(error = %e, listen = ?local, "accept failed; pausing");
+                limit.note_turned_away();
+                tracing::warn!(error = %e, listen = ?local, open = limit.open(), "accept failed; pausing");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
             }
         }
@@ -193,16 +210,18 @@ async fn accept_loop<H, Fut>(
 /// first. Requests carry `ConnectInfo<SocketAddr>` and [`ConnMeta`] extensions.
 ///
 /// Runs until `shutdown` resolves; HTTP connections then shut down gracefully, spliced scheduler
-/// connections are left running.
+/// connections are left running. At most `limit` connections are held at once (shared with
+/// the other listeners given the same limit).
 pub async fn serve_shared(
     listener: TcpListener,
     routes: Arc<dyn RouteSource>,
     app: Router,
     http_tls: Option<Arc<rustls::ServerConfig>>,
+    limit: Arc<ConnectionLimit>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let acceptor = http_tls.map(tokio_rustls::TlsAcceptor::from);
-    accept_loop(listener, shutdown, move |stream, peer, stop| {
+    accept_loop(listener, limit, shutdown, move |stream, peer, stop| {
         handle_shared(
             stream,
             peer,
@@ -216,13 +235,14 @@ pub async fn serve_shared(
 }
 
 /// Accept loop for a dedicated scheduler port: only `daskgateway-*` TLS is routed; anything
-/// else is closed.
+/// else is closed. At most `limit` connections are held at once (see [`serve_shared`]).
 pub async fn serve_scheduler(
     listener: TcpListener,
     routes: Arc<dyn RouteSource>,
+    limit: Arc<ConnectionLimit>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    accept_loop(listener, shutdown, move |mut stream, peer, _stop| {
+    accept_loop(listener, limit, shutdown, move |mut stream, peer, _stop| {
         let routes = routes.clone();
         async move {
             let mut buf = Vec::with_capacity(4096);
@@ -313,21 +333,38 @@ async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(meta.peer));
-        req.extensions_mut().insert(meta);
-        app.clone().oneshot(req)
-    });
+    let activity = Arc::new(Activity::default());
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(meta.peer));
+            req.extensions_mut().insert(meta);
+            // The stream is open until its response body is done (or dropped).
+            let open = Activity::stream_opened(&activity);
+            let response = app.clone().oneshot(req);
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| axum::body::Body::new(OpenStream { body, _open: open })),
+                )
+            }
+        })
+    };
     let io = TokioIo::new(io);
     let peer = meta.peer;
 
     macro_rules! drive {
-        ($conn:expr) => {{
+        ($conn:expr, $idle:expr) => {{
             let conn = $conn;
             tokio::pin!(conn);
             let result = tokio::select! {
                 res = conn.as_mut() => res,
                 _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = $idle => {
+                    tracing::debug!(%peer, "idle HTTP/2 connection; closing");
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -344,13 +381,95 @@ async fn serve_http<I>(
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(H2_KEEPALIVE))
             .keep_alive_timeout(Duration::from_secs(20));
-        drive!(builder.serve_connection(io, service));
+        drive!(
+            builder.serve_connection(io, service),
+            activity.idle_for(HTTP_HEADER_TIMEOUT)
+        );
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(HTTP_HEADER_TIMEOUT);
-        drive!(builder.serve_connection(io, service).with_upgrades());
+        // hyper's header timeout closes an idle HTTP/1 connection itself.
+        drive!(
+            builder.serve_connection(io, service).with_upgrades(),
+            std::future::pending::<()>()
+        );
+    }
+}
+
+/// The streams of one HTTP connection: how many are open, and when the last one closed.
+#[derive(Debug)]
+struct Activity {
+    open: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            last: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    /// Counts a new stream, open until the returned guard is dropped.
+    fn stream_opened(this: &Arc<Self>) -> StreamGuard {
+        this.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        StreamGuard(this.clone())
+    }
+
+    /// Resolves once no stream has been open for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            tokio::time::sleep(H2_IDLE_CHECK).await;
+            let last = *self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if self.open.load(std::sync::atomic::Ordering::Acquire) == 0 && last.elapsed() >= limit
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// One open stream of a connection (see [`Activity`]).
+#[derive(Debug)]
+struct StreamGuard(Arc<Activity>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its stream counted as open until it is done or dropped.
+struct OpenStream {
+    body: axum::body::Body,
+    _open: StreamGuard,
+}
+
+impl hyper::body::Body for OpenStream {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -414,6 +533,25 @@ async fn splice(
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_only_with_no_stream_open_for_the_whole_limit() {
+        let activity = Arc::new(Activity::default());
+        let limit = Duration::from_secs(30);
+        // A stream open (a long response) for two minutes: not idle meanwhile.
+        let stream = Activity::stream_opened(&activity);
+        let idle = tokio::time::timeout(Duration::from_secs(120), activity.idle_for(limit)).await;
+        assert!(idle.is_err(), "idle while a stream was open");
+        drop(stream);
+        // Then idle once the limit has passed since it closed, not before.
+        let closed = Instant::now();
+        activity.idle_for(limit).await;
+        let after = closed.elapsed();
+        assert!(
+            after >= limit && after <= limit + H2_IDLE_CHECK,
+            "{after:?}"
+        );
+    }
     use std::os::fd::AsRawFd;
 
     #[tokio::test]

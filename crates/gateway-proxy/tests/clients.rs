@@ -88,6 +88,7 @@ async fn only_a_completed_handshake_counts_as_a_client() {
         Arc::new(routes),
         Router::new(),
         None,
+        gateway_proxy::ConnectionLimit::new(1000),
         std::future::pending(),
     ));
 

@@ -300,6 +300,7 @@ async fn dedicated_scheduler_port() {
     let task = tokio::spawn(gateway_proxy::serve_scheduler(
         listener,
         std::sync::Arc::new(routes),
+        gateway_proxy::ConnectionLimit::new(1000),
         async {
             let _ = rx.await;
         },
@@ -382,5 +383,87 @@ async fn silent_and_stalled_clients_are_dropped() {
         assert!(t.await.unwrap().is_empty());
     }
     assert!(start.elapsed() >= gateway_proxy::SNIFF_TIMEOUT - Duration::from_millis(100));
+    assert!(http_get(addr, "/hello").await.ends_with("hello world"));
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_like_an_idle_http1_one() {
+    // A client that answers every keep-alive ping but sends no request held its connection
+    // (and a descriptor) for ever.
+    let (addr, _stop, _task) = start_shared(RouteTable::new(), app(), None).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{addr}/hello"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(60), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the idle connection is still open after 60 s"
+    );
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_secs(25),
+        "closed after {after:?}, before it was idle"
+    );
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_and_places_come_back() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limit = gateway_proxy::ConnectionLimit::new(64);
+    tokio::spawn(gateway_proxy::serve_shared(
+        listener,
+        Arc::new(RouteTable::new()),
+        app(),
+        None,
+        limit.clone(),
+        std::future::pending(),
+    ));
+    // 64 connections that have begun a request and hold it.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /hello HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while limit.open() < 64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} open",
+            limit.open()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The next one is closed without an answer, and the gateway knows it turned it away.
+    let mut over = TcpStream::connect(addr).await.unwrap();
+    over.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), over.read_to_end(&mut out)).await;
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert!(limit.take_turned_away());
+    // Places come back as connections end.
+    held.truncate(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while limit.open() > 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} open",
+            limit.open()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(http_get(addr, "/hello").await.ends_with("hello world"));
 }

@@ -31,7 +31,7 @@ use start::local::start_local_backend;
 use start::BackendRoutes;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// How often the gateway checks clusters against their maximum lifetime and no-client timeout.
 const LIFETIME_SWEEP: Duration = Duration::from_secs(1);
@@ -42,6 +42,21 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let metrics_token = config.metrics.token()?;
+    // Every connection costs descriptors: use all the process may have, and hold no more
+    // connections than they allow (see gateway_proxy::ConnectionLimit).
+    let open_files = gateway_proxy::raise_open_file_limit().unwrap_or_else(|e| {
+        warn!("reading the open-file limit: {e}");
+        1024
+    });
+    let connection_limit = match config.max_connections {
+        Some(n) => gateway_proxy::ConnectionLimit::new(n),
+        None => gateway_proxy::ConnectionLimit::for_open_files(open_files),
+    };
+    info!(
+        open_files,
+        max_connections = connection_limit.max(),
+        "connection limit"
+    );
     // Kubernetes: a client, and the CRD checked before anything is written.
     let kube = match config.backend {
         BackendKind::Kubernetes => {
@@ -171,6 +186,34 @@ pub async fn run(
         })
     };
 
+    // While the listeners turn connections away, heartbeats cannot arrive: the backend is told,
+    // so that it blames no scheduler for that silence.
+    let reachability = {
+        let backend = backend.clone();
+        let limit = connection_limit.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LIFETIME_SWEEP);
+            let mut reachable = true;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let now = !limit.take_turned_away();
+                        if now != reachable {
+                            if now {
+                                info!(open = limit.open(), "taking connections again");
+                            } else {
+                                warn!(open = limit.open(), max_connections = limit.max(), "turning connections away: the connection limit is reached, or the open-file limit");
+                            }
+                            reachable = now;
+                        }
+                        backend.set_reachable(now);
+                    }
+                    _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+                }
+            }
+        })
+    };
     // The idle backstop (clusters::idleness): its questions to schedulers take network time,
     // so it runs beside the lifetime sweeper, not in it.
     let idle_checker = {
@@ -256,6 +299,7 @@ pub async fn run(
         servers.push(tokio::spawn(gateway_proxy::serve_scheduler(
             listener,
             routes.clone(),
+            connection_limit.clone(),
             stopped(stop_rx.clone()),
         )));
     }
@@ -270,6 +314,7 @@ pub async fn run(
         routes,
         app,
         http_tls,
+        connection_limit,
         stopped(stop_rx),
     )));
 
@@ -291,6 +336,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     let _ = idle_checker.await;
+    let _ = reachability.await;
     let _ = pool_keeper.await;
     // Local pools are this process's alone; on Kubernetes the other replicas keep using them.
     if config.backend == BackendKind::Local {

@@ -87,6 +87,7 @@ pub async fn start_shared(
         Arc::new(routes),
         app,
         http_tls,
+        gateway_proxy::ConnectionLimit::new(1000),
         async {
             let _ = rx.await;
         },

@@ -75,6 +75,9 @@ pub struct GatewayConfig {
     pub metrics: MetricsConfig,
     /// Seconds one API request may take, reading its body included (408 after that).
     pub request_timeout: f64,
+    /// Connections the public listeners hold at once; one more is closed at once (`None`:
+    /// as many as the process's open-file limit allows, see `gateway_proxy::ConnectionLimit`).
+    pub max_connections: Option<usize>,
     /// Seconds usage (hourly core- and memory-seconds per cluster) is kept on the local
     /// backend; 0 keeps it forever. On Kubernetes usage lives in the DaskCluster records and
     /// goes with them (`cluster.retention`).
@@ -110,6 +113,7 @@ impl Default for GatewayConfig {
             dashboard_csp: DEFAULT_DASHBOARD_CSP.into(),
             metrics: MetricsConfig::default(),
             request_timeout: 60.0,
+            max_connections: None,
             usage_retention: 400.0 * 86400.0,
             auth: AuthConfig::default(),
             backend: BackendKind::Local,
