@@ -222,6 +222,12 @@ def test_dashboard_through_gateway(cluster, server):
     first = asyncio.run(handshake())
     assert '"msgtype": "ACK"' in first or '"msgtype":"ACK"' in first
 
+    # The dashboard's root redirects to its status page, under the cluster's route.
+    for root in (f"/clusters/{cluster.name}", f"/clusters/{cluster.name}/"):
+        r = server.http("GET", root)
+        assert r.status in (301, 302, 303, 307, 308), r
+        assert r.headers["Location"] == f"{server.prefix}/clusters/{cluster.name}/status", r
+
 
 def test_scale_to_four(cluster, client):
     cluster.scale(4)

@@ -1032,7 +1032,10 @@ impl ClusterBackend for LocalBackend {
                 }
                 self.unreachable.store(false, Ordering::Release);
                 drop(clusters);
-                warn!("heartbeat timeouts resume from now, after {:.1} s without connections", gap.as_secs_f64());
+                warn!(
+                    "heartbeat timeouts resume from now, after {:.1} s without connections",
+                    gap.as_secs_f64()
+                );
             }
             _ => {}
         }

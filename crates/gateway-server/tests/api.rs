@@ -176,6 +176,9 @@ async fn health_version_and_challenge() {
 
     let r = gw.get("/api/v1/clusters/", &basic("alice", "pw")).await;
     assert_eq!(r.status(), 200);
+    // API answers (a cluster's carries its key) are never cached, nor sniffed as HTML.
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
     let cookie = r.headers()["set-cookie"]
         .to_str()
         .unwrap()

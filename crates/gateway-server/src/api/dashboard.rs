@@ -86,10 +86,28 @@ async fn dashboard(State(state): State<AppState>, name: String, mut req: Request
         path.push('?');
         path.push_str(q);
     }
+    // Where the dashboard lives for the browser: the path up to the cluster's name.
+    let public_base = {
+        let original = req
+            .extensions()
+            .get::<axum::extract::OriginalUri>()
+            .map_or(req.uri().path(), |o| o.0.path());
+        original
+            .find(&marker)
+            .map(|at| original[..at + marker.len()].to_string())
+            .unwrap_or(marker.clone())
+    };
     req.headers_mut().remove(header::AUTHORIZATION);
     state.auth.strip_session_cookie(req.headers_mut());
     let mut resp = state.forwarder.forward(req, &target, &path).await;
     let headers = resp.headers_mut();
+    if let Some(location) = headers
+        .get(header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .and_then(|l| dashboard_location(l, &target, &public_base))
+    {
+        headers.insert(header::LOCATION, location);
+    }
     let set_cookies: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
@@ -111,4 +129,60 @@ async fn dashboard(State(state): State<AppState>, name: String, mut req: Request
         headers.append(header::CONTENT_SECURITY_POLICY, csp.clone());
     }
     resp
+}
+
+/// A dashboard redirect as the browser must follow it: a path of the dashboard's own
+/// (`/status`), or a URL naming its address inside the cluster network, moves under the
+/// cluster's public base (`/clusters/<name>/status`). Other locations stay as they are.
+fn dashboard_location(location: &str, target: &str, public_base: &str) -> Option<HeaderValue> {
+    let own_path = if location.starts_with('/') && !location.starts_with("//") {
+        location
+    } else {
+        let rest = location
+            .strip_prefix("http://")
+            .and_then(|r| r.strip_prefix(target))?;
+        if rest.is_empty() {
+            "/"
+        } else if rest.starts_with(['/', '?']) {
+            rest
+        } else {
+            return None;
+        }
+    };
+    if own_path.starts_with(public_base) {
+        return None;
+    }
+    HeaderValue::from_str(&format!("{public_base}{own_path}")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dashboard_location;
+
+    #[test]
+    fn dashboard_redirects_stay_under_the_clusters_route() {
+        let base = "/gw/clusters/abc";
+        let to = |l: &str| {
+            dashboard_location(l, "10.0.0.5:8787", base).map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(to("/status").as_deref(), Some("/gw/clusters/abc/status"));
+        assert_eq!(
+            to("/status?x=1").as_deref(),
+            Some("/gw/clusters/abc/status?x=1")
+        );
+        assert_eq!(
+            to("http://10.0.0.5:8787/info/main").as_deref(),
+            Some("/gw/clusters/abc/info/main")
+        );
+        assert_eq!(
+            to("http://10.0.0.5:8787").as_deref(),
+            Some("/gw/clusters/abc/")
+        );
+        // Already public, elsewhere, or relative: left alone.
+        assert_eq!(to("/gw/clusters/abc/status"), None);
+        assert_eq!(to("https://docs.dask.org/"), None);
+        assert_eq!(to("http://10.0.0.5:87870/x"), None);
+        assert_eq!(to("//evil.example/x"), None);
+        assert_eq!(to("status"), None);
+    }
 }

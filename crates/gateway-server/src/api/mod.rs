@@ -338,13 +338,27 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
             async move {
                 let resp = next.run(req).await;
                 if api {
-                    json_error_body(resp).await
+                    let mut resp = json_error_body(resp).await;
+                    api_headers(resp.headers_mut());
+                    resp
                 } else {
                     resp
                 }
             }
         },
     ))
+}
+
+/// Headers of every API answer: its JSON is never to be sniffed as anything else (errors echo
+/// what a request sent), and never kept by a cache (a cluster's answer carries its key).
+fn api_headers(headers: &mut axum::http::HeaderMap) {
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(header::HeaderValue::from_static("no-store"));
 }
 
 /// An API error answer as `{"error": ...}`, whoever made it: axum's own refusals (an unknown

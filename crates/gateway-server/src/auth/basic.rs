@@ -29,8 +29,7 @@ impl Basic {
                 return Err(AuthError::Invalid);
             }
         }
-        // User names become process environment (USER) and log fields: refuse control characters.
-        if name.is_empty() || name.chars().any(char::is_control) {
+        if !super::is_usable_user_name(name) {
             return Err(AuthError::Invalid);
         }
         Ok(name.to_string())
@@ -81,8 +80,14 @@ mod tests {
         // Latin-1 (the stock Python client's BasicAuth): 0xEB is ë.
         let name = a.auth_now(&basic_bytes(b"zo\xeb:")).unwrap().user.name;
         assert_eq!(name, "zoë");
-        // Control characters stay refused in either encoding.
-        for raw in [&b"a\x1bb:"[..], "a\u{85}b:".as_bytes(), b"a\x7fb:"] {
+        // Control characters stay refused in either encoding, and so do overlong names.
+        let long = format!("{}:", "a".repeat(super::super::MAX_USER_NAME + 1));
+        for raw in [
+            &b"a\x1bb:"[..],
+            "a\u{85}b:".as_bytes(),
+            b"a\x7fb:",
+            long.as_bytes(),
+        ] {
             assert_eq!(
                 a.auth_now(&basic_bytes(raw)).unwrap_err(),
                 AuthError::Invalid

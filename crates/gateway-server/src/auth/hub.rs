@@ -237,6 +237,12 @@ impl HubAuthenticator {
         } else {
             format!("{kind}:{}", model.name)
         };
+        if !super::is_usable_user_name(&name) {
+            return Err(HubError::Refused(format!(
+                "JupyterHub's name for this token ({} bytes) cannot be a gateway user's",
+                name.len()
+            )));
+        }
         Ok(HubUser {
             name,
             groups: model.groups,

@@ -109,10 +109,6 @@ fn parse_jwks(text: &str) -> Result<HashMap<String, (DecodingKey, Algorithm)>, S
     Ok(out)
 }
 
-/// The longest user name a token may carry, in bytes (it goes into session cookies, listings
-/// and labels).
-const MAX_USER_NAME: usize = 256;
-
 /// Whether the token's header lists critical parameters (`crit`): none is understood here,
 /// and a token that has them must be refused (RFC 7515, 4.1.11).
 fn critical_header(token: &str) -> bool {
@@ -313,9 +309,7 @@ impl JwtVerifier {
         let name = claims
             .get(&self.config.username_claim)
             .and_then(Value::as_str)
-            .filter(|n| {
-                !n.is_empty() && n.len() <= MAX_USER_NAME && !n.chars().any(char::is_control)
-            })
+            .filter(|n| super::is_usable_user_name(n))
             .ok_or_else(|| {
                 format!(
                     "the token has no usable user name claim ({})",
@@ -447,7 +441,7 @@ mod tests {
             ),
             (with("nbf", json!(format!("{}", now() + 600))), "malformed"),
             (
-                with("sub", json!("a".repeat(MAX_USER_NAME + 1))),
+                with("sub", json!("a".repeat(crate::auth::MAX_USER_NAME + 1))),
                 "user name",
             ),
             (

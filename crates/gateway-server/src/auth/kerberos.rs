@@ -42,7 +42,7 @@ pub fn user_name(principal: &str, keep_realm: bool) -> Option<String> {
     } else {
         principal.rsplit_once('@').map_or(principal, |(n, _)| n)
     };
-    (!name.is_empty() && !name.chars().any(char::is_control)).then(|| name.to_string())
+    super::is_usable_user_name(name).then(|| name.to_string())
 }
 
 #[cfg(feature = "kerberos")]

@@ -26,6 +26,16 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// The longest user name any method accepts, in bytes (names go into session cookies, process
+/// environments, listings and labels).
+pub const MAX_USER_NAME: usize = 256;
+
+/// Whether `name` can be a user's: not empty, at most [`MAX_USER_NAME`] bytes, no control
+/// characters (names become process environment and log fields).
+pub(crate) fn is_usable_user_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_USER_NAME && !name.chars().any(char::is_control)
+}
+
 /// An authenticated user.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {
