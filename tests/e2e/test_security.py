@@ -218,3 +218,22 @@ fetch("{target}", {{method: "POST", mode: "no-cors", credentials: "include",
     finally:
         site.shutdown()
     assert all_clusters(gw) == before, "nothing may be created in the victim's name"
+
+
+@pytest.mark.local_only  # the local gateway listens on loopback; on Kubernetes on all addresses
+def test_a_rebound_host_name_reaches_nothing(srv):
+    # DNS rebinding: a page at attacker.example points its own name at the gateway's loopback
+    # address, then uses the API as its "own origin" from a visitor's browser.
+    before = len(srv.gateway(ALICE).list_clusters())
+    for path, method in [("/api/v1/clusters/", "GET"), ("/api/v1/clusters/", "POST"),
+                         ("/", "GET"), ("/api/health", "GET")]:
+        port = f":{srv.port}"
+        r = srv.http(method, path, user=ALICE, body={} if method == "POST" else None,
+                     headers={"Host": f"attacker.example{port}",
+                              "Origin": f"http://attacker.example{port}"})
+        assert r.status == 403, (path, r.status, r.body)
+    assert len(srv.gateway(ALICE).list_clusters()) == before
+    # The gateway's own names still work: its address and localhost.
+    for host in (f"127.0.0.1:{srv.port}", f"localhost:{srv.port}"):
+        r = srv.http("GET", "/api/v1/clusters/", user=ALICE, headers={"Host": host})
+        assert r.status == 200, (host, r.status, r.body)

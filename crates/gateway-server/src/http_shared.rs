@@ -59,6 +59,69 @@ pub struct AppStateFields {
     pub api_requests: Arc<std::sync::atomic::AtomicU64>,
     /// When the gateway started.
     pub started: std::time::Instant,
+    /// Which `Host` names requests may carry.
+    pub hosts: HostRule,
+}
+
+/// Which `Host` names the gateway answers. A web page can point its own name at a gateway on a
+/// private or loopback address (DNS rebinding) and then reach it from a visitor's browser as
+/// "its own origin"; a gateway that answers only the names it is known by is safe from that.
+///
+/// Addresses (`127.0.0.1:8000`, `[::1]`) are always answered: a page cannot rebind one. Names
+/// listed in `names` or `also` are answered (`*.example.org` matches any name below it).
+/// Without `names`, a gateway that listens on loopback only answers `localhost` and nothing
+/// else by name, and one that listens on other addresses answers every name.
+#[derive(Clone, Debug, Default)]
+pub struct HostRule {
+    /// The names answered, as configured (lower case, no port); none: see above.
+    pub names: Vec<String>,
+    /// Names answered in any case (the API URL's host, which the schedulers use).
+    pub also: Vec<String>,
+    /// Whether the gateway listens on a loopback address only.
+    pub loopback_only: bool,
+}
+
+impl HostRule {
+    /// Whether a request addressed to `host` (a `Host` value: a name or address, with or
+    /// without a port) is answered.
+    pub fn allows(&self, host: &str) -> bool {
+        let host = host.trim();
+        let name = match host.strip_prefix('[') {
+            // [v6]:port
+            Some(rest) => rest.split(']').next().unwrap_or(rest),
+            None => host.rsplit_once(':').map_or(host, |(n, port)| {
+                if port.bytes().all(|b| b.is_ascii_digit()) {
+                    n
+                } else {
+                    host
+                }
+            }),
+        };
+        if name.parse::<std::net::IpAddr>().is_ok() {
+            return true;
+        }
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let listed = self
+            .names
+            .iter()
+            .chain(&self.also)
+            .any(|n| match n.strip_prefix("*.") {
+                Some(parent) => {
+                    name.len() > parent.len() + 1
+                        && name.ends_with(parent)
+                        && name.as_bytes()[name.len() - parent.len() - 1] == b'.'
+                }
+                None => *n == name,
+            });
+        if listed {
+            return true;
+        }
+        if self.loopback_only {
+            name == "localhost" || name.ends_with(".localhost")
+        } else {
+            self.names.is_empty()
+        }
+    }
 }
 
 impl AppStateFields {
@@ -80,6 +143,7 @@ impl AppStateFields {
             event_followers: Arc::default(),
             api_requests: Arc::default(),
             started: std::time::Instant::now(),
+            hosts: HostRule::default(),
         }
     }
 }
@@ -182,5 +246,74 @@ pub fn set_session_cookie(
                 resp.headers_mut().append(header::SET_COOKIE, cookie);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::HostRule;
+
+    #[test]
+    fn a_loopback_gateway_answers_addresses_and_localhost_only() {
+        let rule = HostRule {
+            names: vec![],
+            also: vec!["gw.internal".into()],
+            loopback_only: true,
+        };
+        for ok in [
+            "127.0.0.1:8000",
+            "127.0.0.1",
+            "[::1]:8000",
+            "localhost:8000",
+            "LOCALHOST",
+            "a.localhost",
+            "10.1.2.3:80",
+            "gw.internal:8000",
+        ] {
+            assert!(rule.allows(ok), "{ok}");
+        }
+        for bad in [
+            "attacker.example:8000",
+            "attacker.example",
+            "localhost.attacker.example",
+            "",
+            "gw.example.org",
+        ] {
+            assert!(!rule.allows(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listed_names_and_their_subdomains_are_answered() {
+        let rule = HostRule {
+            names: vec!["gw.example.org".into(), "*.dask.example.org".into()],
+            also: vec![],
+            loopback_only: false,
+        };
+        for ok in [
+            "gw.example.org",
+            "GW.example.org.:443",
+            "a.dask.example.org",
+            "b.a.dask.example.org",
+            "192.0.2.1",
+        ] {
+            assert!(rule.allows(ok), "{ok}");
+        }
+        for bad in [
+            "dask.example.org",
+            "evildask.example.org",
+            "attacker.example",
+            "localhost",
+        ] {
+            assert!(!rule.allows(bad), "{bad}");
+        }
+        // No list, not loopback: any name (the gateway cannot know its public names), also
+        // when the API URL has a name of its own.
+        assert!(HostRule::default().allows("anything.example"));
+        let rule = HostRule {
+            also: vec!["gw.svc".into()],
+            ..HostRule::default()
+        };
+        assert!(rule.allows("anything.example"));
     }
 }

@@ -279,6 +279,7 @@ pub async fn run(
         metrics_token,
         metrics: Arc::new(metrics),
         request_timeout: Duration::from_secs_f64(config.request_timeout),
+        hosts: host_rule(&config),
         ..AppStateFields::new(clusters, Arc::new(authenticator))
     });
     let app = api::router(state.clone(), &config.prefix(), metrics_listener.is_none());
@@ -353,5 +354,30 @@ pub async fn run(
     match controller_stopped {
         Some(why) => Err(StartError::ControllerStopped(why)),
         None => Ok(()),
+    }
+}
+
+/// The host names requests may carry: the configured ones and the host of the API URL the
+/// schedulers report to (see [`http_shared::HostRule`]).
+fn host_rule(config: &CheckedConfig) -> http_shared::HostRule {
+    let names = config
+        .allowed_hosts
+        .iter()
+        .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+        .collect();
+    let also = config
+        .api_url()
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| {
+            u.host()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+        })
+        .into_iter()
+        .collect();
+    http_shared::HostRule {
+        names,
+        also,
+        loopback_only: config.address.ip().is_loopback(),
     }
 }

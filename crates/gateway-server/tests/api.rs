@@ -476,7 +476,7 @@ async fn a_trickled_request_body_times_out() {
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let auth = basic("alice", "pw");
     let head = format!(
-        "POST /api/v1/clusters/ HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+        "POST /api/v1/clusters/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {auth}\r\n\
          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
     );
     s.write_all(head.as_bytes()).await.unwrap();

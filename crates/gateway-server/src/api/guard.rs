@@ -51,7 +51,7 @@ async fn drain_body(req: Request) {
 }
 
 /// The host (and port) a browser addressed: `Host`, or the URI authority on HTTP/2.
-fn request_host(req: &Request) -> Option<String> {
+pub(super) fn request_host(req: &Request) -> Option<String> {
     req.headers()
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())

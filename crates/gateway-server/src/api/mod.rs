@@ -276,6 +276,7 @@ pub fn metrics_router(state: AppState) -> Router {
 /// The complete HTTP application, mounted under `prefix` (empty or `/something`);
 /// `with_metrics` serves `/metrics` on it too.
 pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
+    let hosts = state.hosts.clone();
     let user_routes = Router::new()
         .route("/api/v1/options", get(options))
         .route("/api/v1/clusters/", get(list_clusters).post(create_cluster))
@@ -333,6 +334,22 @@ pub fn router(state: AppState, prefix: &str, with_metrics: bool) -> Router {
     };
     let api_root = format!("{prefix}/api/");
     app.layer(middleware::from_fn(
+        move |req: Request, next: middleware::Next| {
+            let allowed = guard::request_host(&req).is_none_or(|h| hosts.allows(&h));
+            async move {
+                if allowed {
+                    next.run(req).await
+                } else {
+                    ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "This gateway does not answer requests for that host name (see allowed_hosts)",
+                    )
+                    .into_response()
+                }
+            }
+        },
+    ))
+    .layer(middleware::from_fn(
         move |req: Request, next: middleware::Next| {
             let api = req.uri().path().starts_with(&api_root);
             async move {

@@ -75,6 +75,10 @@ pub struct GatewayConfig {
     pub metrics: MetricsConfig,
     /// Seconds one API request may take, reading its body included (408 after that).
     pub request_timeout: f64,
+    /// Host names requests may be addressed to, besides addresses (`*.example.org` for every
+    /// name below one). Empty: `localhost` only when listening on loopback, any name otherwise
+    /// (see `http_shared::HostRule`). The host of `api_url` is always answered.
+    pub allowed_hosts: Vec<String>,
     /// Connections the public listeners hold at once; one more is closed at once (`None`:
     /// as many as the process's open-file limit allows, see `gateway_proxy::ConnectionLimit`).
     pub max_connections: Option<usize>,
@@ -114,6 +118,7 @@ impl Default for GatewayConfig {
             metrics: MetricsConfig::default(),
             request_timeout: 60.0,
             max_connections: None,
+            allowed_hosts: Vec::new(),
             usage_retention: 400.0 * 86400.0,
             auth: AuthConfig::default(),
             backend: BackendKind::Local,
@@ -269,6 +274,19 @@ impl GatewayConfig {
             return bad("metrics.address must differ from address".into());
         }
         self.auth.check()?;
+        for host in &self.allowed_hosts {
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            let plain = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+            if !plain {
+                return Err(ConfigError::Invalid(format!(
+                    "allowed_hosts: {host:?} is not a host name (no scheme, port or path; `*.` \
+                     may lead)"
+                )));
+            }
+        }
         if !(self.request_timeout.is_finite() && self.request_timeout >= 25.0) {
             return bad(format!(
                 "request_timeout must be at least 25 seconds (a ?wait request is held 20 s), got {}",
