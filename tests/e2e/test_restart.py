@@ -259,6 +259,32 @@ def test_a_clusters_deleted_files_come_back_for_its_new_workers(server):
     c.close()
 
 
+@pytest.mark.local_only  # processes on the gateway's machine
+def test_a_process_a_scheduler_starts_in_a_session_of_its_own_stops_with_the_cluster(server):
+    gw = server.gateway(USER)
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+
+    def escape():
+        import subprocess
+        return subprocess.Popen(["sleep", "777"], start_new_session=True).pid
+
+    with c.get_client(set_as_default=False) as client:
+        pid = client.run_on_scheduler(escape)
+    stray = psutil.Process(pid)
+    assert stray.is_running() and os.getpgid(pid) == pid, "out of the scheduler's group"
+    c.shutdown()
+    wait_status(gw, name, "STOPPED")
+
+    def gone():
+        try:
+            return not stray.is_running() or stray.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(gone, 30, what="the scheduler's stray process to be stopped with its cluster")
+
+
 def test_sigterm_with_stop_clusters_on_shutdown(module_servers):
     srv = module_servers("stop-on-shutdown", stop_clusters_on_shutdown=True)
     gw = srv.gateway(USER)

@@ -661,6 +661,20 @@ impl LocalBackend {
             tokio::spawn(async move {
                 let waits = procs.into_iter().map(|p| me.processes.terminate(p, grace));
                 futures_util::future::join_all(waits).await;
+                // What the cluster's own processes started in sessions of their own (and so
+                // outside their process groups) in its directory goes with it too.
+                let strays: Vec<ProcessId> = me
+                    .processes
+                    .unknown_processes(&HashSet::new())
+                    .into_iter()
+                    .filter(|(cluster, _)| *cluster == name)
+                    .map(|(_, id)| id)
+                    .collect();
+                for id in &strays {
+                    warn!(cluster = %name, pid = id.pid, "stopping a process the cluster's processes left behind in its directory");
+                }
+                let waits = strays.into_iter().map(|p| me.processes.terminate(p, grace));
+                futures_util::future::join_all(waits).await;
                 me.finish_stop(&name);
             });
         }
