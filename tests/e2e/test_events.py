@@ -89,6 +89,13 @@ def test_a_lifecycle_is_told_in_order_and_followed_live(server):
     exited = by_reason["WorkerExited"]
     assert exited["type"] == "Warning" and "SIGKILL" in exited["message"], exited
     assert by_reason["Stopped"]["message"] == f"stopped by {OWNER}"
+    # Each of the three workers running at the stop is told about, before the cluster's end.
+    stopping = got.index("Stopping")
+    assert got[stopping:].count("WorkerStopped") == 3, got
+    assert got[-1] == "Stopped", got
+    # Workers go first, then the scheduler, which then ends by itself (not killed).
+    log = server.data_dir / "clusters" / cluster.name / "logs" / "scheduler.log"
+    assert "End scheduler" in log.read_text(), log.read_text()[-2000:]
 
     # The follower saw the same events as they came, and ended when the cluster finished.
     out, err = follower.communicate(timeout=30)

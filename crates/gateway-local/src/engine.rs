@@ -273,7 +273,16 @@ struct Effects {
     /// Processes to terminate (each exit is reported back as an event).
     terminate: Vec<ProcessId>,
     /// Clusters whose processes must all go before they reach their final status.
-    teardown: Vec<(String, Vec<ProcessId>)>,
+    teardown: Vec<Teardown>,
+}
+
+/// What a stopping cluster's teardown ends: its workers first, then its scheduler (a scheduler
+/// told to stop while its workers stop under it can hang in closing their connections until
+/// it is killed).
+struct Teardown {
+    cluster: String,
+    workers: Vec<ProcessId>,
+    scheduler: Option<ProcessId>,
 }
 
 impl Effects {
@@ -491,7 +500,11 @@ impl LocalBackend {
         }
         if c.record.status == ClusterStatus::Stopping && !c.tearing_down {
             c.tearing_down = true;
-            fx.teardown.push((c.record.name.clone(), c.processes()));
+            fx.teardown.push(Teardown {
+                cluster: c.record.name.clone(),
+                workers: c.workers.values().map(|w| w.process).collect(),
+                scheduler: c.record.scheduler,
+            });
         }
         self.account(c);
         fx
@@ -656,11 +669,19 @@ impl LocalBackend {
         for id in fx.terminate {
             tokio::spawn(self.processes.terminate(id, grace));
         }
-        for (name, procs) in fx.teardown {
+        for teardown in fx.teardown {
             let Some(me) = self.me.upgrade() else { return };
             tokio::spawn(async move {
-                let waits = procs.into_iter().map(|p| me.processes.terminate(p, grace));
+                let Teardown {
+                    cluster: name,
+                    workers,
+                    scheduler,
+                } = teardown;
+                let waits = workers.into_iter().map(|p| me.processes.terminate(p, grace));
                 futures_util::future::join_all(waits).await;
+                if let Some(scheduler) = scheduler {
+                    me.processes.terminate(scheduler, grace).await;
+                }
                 // What the cluster's own processes started in sessions of their own (and so
                 // outside their process groups) in its directory goes with it too.
                 let strays: Vec<ProcessId> = me
@@ -696,6 +717,13 @@ impl LocalBackend {
             if let Err(e) = self.store.delete_worker(name, w) {
                 error!(cluster = %name, "forgetting worker: {e}");
             }
+            // Its exit is not reported yet (it ended moments ago): told here, with the cluster.
+            self.event(
+                name,
+                EventType::Normal,
+                "WorkerStopped",
+                &format!("worker {w} stopped with the cluster"),
+            );
         }
         c.workers.clear();
         // Written before the status turns final: whoever sees it final finds the event too.
