@@ -139,7 +139,7 @@ def test_tunnel_serves_a_plain_distributed_client(srv, cli_cluster):
 def test_scale_adapt_list_and_formats(srv, cli_cluster):
     name = cli_cluster["name"]
     r = run_json(srv, "scale", name, "1")
-    assert r["ok"] is True
+    assert r["ok"] is True and r["requested"] == 1, r
     wait_for(lambda: workers_of(srv, name).get("workers") == 1, 90, what="1 worker")
     r = run_json(srv, "adapt", name, "--min", "2", "--max", "2")
     assert r["ok"] is True
@@ -185,6 +185,7 @@ def test_settings_from_dask_environment_variables(srv):
     [
         (["info", "0123456789abcdef0123456789abcdef"], 3, "not found"),
         (["scale", "0123456789abcdef0123456789abcdef", "1"], 3, "not found"),
+        (["stop", "0123456789abcdef0123456789abcdef"], 3, "not found"),
         (["new-cluster", "--opt", "worker_cores=99"], 5, "worker_cores"),
         (["new-cluster", "--opt", "nonsense"], 2, "KEY=VALUE"),
         (["adapt", "x", "--min", "5", "--max", "2"], 2, "above"),
@@ -216,6 +217,15 @@ def test_stop_all(srv):
     names = [gw.submit() for _ in range(2)]
     r = run_json(srv, "stop", "--all")
     assert set(names) <= {row["name"] for row in r}
+    assert {row["status"] for row in r} <= {"STOPPING", "STOPPED"}, r
+    # Output into a reader that stops early ends the command quietly.
+    env = {**os.environ, "DASK_CONFIG": "/nonexistent", "DASK_GATEWAY_PASSWORD": PASSWORD}
+    piped = subprocess.run(
+        ["bash", "-c", f"'{cli_binary()}' --address {srv.url} --user {USER} list --all -o json"
+                       " | true; echo ${PIPESTATUS[0]}"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert "panicked" not in piped.stderr, piped.stderr
+    assert piped.stdout.strip() in ("0", "141"), piped
     time.sleep(0.5)
     assert run_json(srv, "list") == []
 

@@ -205,6 +205,13 @@ impl From<ClientError> for Failure {
 }
 
 fn main() {
+    // Output piped into a reader that stops early (`| head`, `| true`) ends the program
+    // quietly, as it does any Unix tool, instead of a panic on the next print. Sockets are
+    // written with MSG_NOSIGNAL and never raise the signal.
+    // SAFETY: setting a signal's disposition to its default, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -476,7 +483,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Scale { name, count } => {
             let r = client.scale(&name, count).await?;
-            printer.record(&json!({"name": name, "workers": count, "ok": r.ok, "message": r.msg}));
+            // What was asked; where a limit or quota cut it, `ok` is false and the message
+            // says to how many.
+            printer.record(&json!({"name": name, "requested": count, "ok": r.ok, "message": r.msg}));
         }
         Command::Adapt { name, min, max } => {
             if let (Some(lo), Some(hi)) = (min, max) {
@@ -489,7 +498,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Stop { name, all } => {
             let names: Vec<String> = match (name, all) {
-                (Some(n), _) => vec![n],
+                // A name that names no cluster of yours is an error, not a stop.
+                (Some(n), _) => vec![client.get(&n).await?.name],
                 (None, _) => client
                     .list(&[ClusterStatus::Pending, ClusterStatus::Running])
                     .await?
@@ -500,9 +510,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let mut rows = Vec::new();
             for n in names {
                 client.stop(&n).await?;
-                rows.push(json!({"name": n, "stopped": true}));
+                let status = client.get(&n).await.map(|m| m.status.as_str().to_string());
+                rows.push(json!({"name": n, "status": status.unwrap_or_else(|_| "STOPPED".into())}));
             }
-            printer.table(&rows, &["name", "stopped"]);
+            printer.table(&rows, &["name", "status"]);
         }
         Command::Options => {
             let options = client.options().await?;
