@@ -485,7 +485,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let r = client.scale(&name, count).await?;
             // What was asked; where a limit or quota cut it, `ok` is false and the message
             // says to how many.
-            printer.record(&json!({"name": name, "requested": count, "ok": r.ok, "message": r.msg}));
+            printer
+                .record(&json!({"name": name, "requested": count, "ok": r.ok, "message": r.msg}));
         }
         Command::Adapt { name, min, max } => {
             if let (Some(lo), Some(hi)) = (min, max) {
@@ -511,7 +512,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             for n in names {
                 client.stop(&n).await?;
                 let status = client.get(&n).await.map(|m| m.status.as_str().to_string());
-                rows.push(json!({"name": n, "status": status.unwrap_or_else(|_| "STOPPED".into())}));
+                rows.push(
+                    json!({"name": n, "status": status.unwrap_or_else(|_| "STOPPED".into())}),
+                );
             }
             printer.table(&rows, &["name", "status"]);
         }

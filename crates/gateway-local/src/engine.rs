@@ -677,7 +677,9 @@ impl LocalBackend {
                     workers,
                     scheduler,
                 } = teardown;
-                let waits = workers.into_iter().map(|p| me.processes.terminate(p, grace));
+                let waits = workers
+                    .into_iter()
+                    .map(|p| me.processes.terminate(p, grace));
                 futures_util::future::join_all(waits).await;
                 if let Some(scheduler) = scheduler {
                     me.processes.terminate(scheduler, grace).await;

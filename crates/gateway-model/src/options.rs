@@ -203,10 +203,10 @@ impl OptionField {
                     return err(format!("{f} must be a number, got {}", py_repr(value)));
                 };
                 if let Some(lo) = min.filter(|lo| v < *lo) {
-                    return err(format!("{f} must be >= {lo:.6}, got {v}"));
+                    return err(format!("{f} must be >= {lo:.6}, got {}", py_repr(value)));
                 }
                 if let Some(hi) = max.filter(|hi| v > *hi) {
-                    return err(format!("{f} must be <= {hi:.6}, got {v}"));
+                    return err(format!("{f} must be <= {hi:.6}, got {}", py_repr(value)));
                 }
                 Ok(json!(v))
             }
@@ -372,6 +372,10 @@ mod tests {
             "worker_cores must be <= 4, got 8",
         );
         check(json!({"worker_memory": 9}), "worker_memory must be <= 8");
+        check(
+            json!({"worker_memory": 1e308}),
+            "worker_memory must be <= 8.000000, got 1e+308",
+        );
         check(json!({"image": 3}), "image must be a string, got 3");
         check(json!({"gpu": 1}), "gpu must be a bool");
         check(json!({"size": "xl"}), "'xl' is not a valid option for size");
