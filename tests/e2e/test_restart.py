@@ -187,7 +187,8 @@ def restart_and_finish(server, name):
     wait_status(gw, name, "STOPPED")
 
 
-def test_sigterm_keeps_clusters_by_default(server):
+def a_cluster_then_sigterm(server):
+    """A running cluster (its name and scheduler processes), then the gateway stopped."""
     gw = server.gateway(USER)
     c = new_cluster(gw, shutdown_on_close=False)
     name = c.name
@@ -195,27 +196,33 @@ def test_sigterm_keeps_clusters_by_default(server):
     sched = server.cluster_processes(name, "scheduler")
     server.terminate()
     assert server.proc.returncode is not None
+    return name, sched
+
+
+def refused_restart(server, sched, why):
+    """The gateway refuses to start, saying `why`, and leaves the cluster's scheduler alone."""
+    with pytest.raises(pytest.fail.Exception, match="exited with"):
+        server.start(timeout=30)
+    log = server.log_tail()
+    assert why in log, log
+    assert all(p.is_running() for p in sched), "the cluster's scheduler was left alone"
+
+
+def test_sigterm_keeps_clusters_by_default(server):
+    name, sched = a_cluster_then_sigterm(server)
     assert all(p.is_running() for p in sched)
     restart_and_finish(server, name)
 
 
 @pytest.mark.local_only  # the local backend's state database
 def test_a_lost_state_database_stops_the_restart_not_the_clusters(server):
-    gw = server.gateway(USER)
-    c = new_cluster(gw, shutdown_on_close=False)
-    name = c.name
-    c.close()
-    sched = server.cluster_processes(name, "scheduler")
-    server.terminate()
+    name, sched = a_cluster_then_sigterm(server)
     files = [server.data_dir / f"gateway.sqlite{s}" for s in ("", "-wal", "-shm")]
     moved = [(f, f.with_name(f.name + ".moved")) for f in files if f.exists()]
     for f, away in moved:
         f.rename(away)
     # Starting would make an empty database and stop every process no record accounts for.
-    with pytest.raises(pytest.fail.Exception, match="exited with"):
-        server.start(timeout=30)
-    assert "gateway.sqlite is missing" in server.log_tail()
-    assert all(p.is_running() for p in sched), "the cluster's scheduler was left alone"
+    refused_restart(server, sched, "gateway.sqlite is missing")
     for f, away in moved:
         away.rename(f)
     restart_and_finish(server, name)
@@ -223,21 +230,12 @@ def test_a_lost_state_database_stops_the_restart_not_the_clusters(server):
 
 @pytest.mark.local_only  # the local backend's state database
 def test_a_damaged_record_stops_the_restart_naming_its_cluster(server):
-    gw = server.gateway(USER)
-    c = new_cluster(gw, shutdown_on_close=False)
-    name = c.name
-    c.close()
-    sched = server.cluster_processes(name, "scheduler")
-    server.terminate()
+    name, sched = a_cluster_then_sigterm(server)
     db = sqlite3.connect(server.data_dir / "gateway.sqlite")
     (settings,) = db.execute("SELECT settings FROM clusters WHERE name = ?", (name,)).fetchone()
     with db:
         db.execute("UPDATE clusters SET settings = '{oops' WHERE name = ?", (name,))
-    with pytest.raises(pytest.fail.Exception, match="exited with"):
-        server.start(timeout=30)
-    log = server.log_tail()
-    assert f"the record of cluster {name} is damaged (column settings:" in log, log
-    assert all(p.is_running() for p in sched), "the cluster's scheduler was left alone"
+    refused_restart(server, sched, f"the record of cluster {name} is damaged (column settings:")
     with db:
         db.execute("UPDATE clusters SET settings = ? WHERE name = ?", (settings, name))
     db.close()

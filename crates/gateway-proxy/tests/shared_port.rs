@@ -72,16 +72,31 @@ async fn keep_alive_requests_on_one_connection() {
     assert_eq!(out.matches("hello world").count(), 2, "{out}");
 }
 
-#[tokio::test]
-async fn http2_prior_knowledge_reaches_the_app() {
-    let (addr, _stop, _task) = start_shared(RouteTable::new(), app(), None).await;
+/// An HTTP/2 (prior knowledge) client connection to `addr`: its request sender, and the
+/// connection to drive (it answers the server's pings while driven).
+async fn h2_connect(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    hyper::client::conn::http2::Connection<
+        hyper_util::rt::TokioIo<TcpStream>,
+        http_body_util::Empty<bytes::Bytes>,
+        hyper_util::rt::TokioExecutor,
+    >,
+) {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+    hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tcp),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_reaches_the_app() {
+    let (addr, _stop, _task) = start_shared(RouteTable::new(), app(), None).await;
+    let (mut sender, conn) = h2_connect(addr).await;
     tokio::spawn(conn);
     let req = http::Request::get(format!("http://{addr}/hello"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -391,13 +406,7 @@ async fn an_idle_http2_connection_is_closed_like_an_idle_http1_one() {
     // A client that answers every keep-alive ping but sends no request held its connection
     // (and a descriptor) for ever.
     let (addr, _stop, _task) = start_shared(RouteTable::new(), app(), None).await;
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
+    let (mut sender, conn) = h2_connect(addr).await;
     let conn = tokio::spawn(conn);
     let req = http::Request::get(format!("http://{addr}/hello"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())

@@ -173,61 +173,38 @@ pub async fn run(
     };
     let sweeper = {
         let clusters = clusters.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LIFETIME_SWEEP);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => clusters.enforce_lifetimes().await,
-                    _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
-                }
-            }
+        every(LIFETIME_SWEEP, stop_rx.clone(), move || {
+            let clusters = clusters.clone();
+            async move { clusters.enforce_lifetimes().await }
         })
     };
-
     // While the listeners turn connections away, heartbeats cannot arrive: the backend is told,
     // so that it blames no scheduler for that silence.
     let reachability = {
         let backend = backend.clone();
         let limit = connection_limit.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LIFETIME_SWEEP);
-            let mut reachable = true;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        let now = !limit.take_turned_away();
-                        if now != reachable {
-                            if now {
-                                info!(open = limit.open(), "taking connections again");
-                            } else {
-                                warn!(open = limit.open(), max_connections = limit.max(), "turning connections away: the connection limit is reached, or the open-file limit");
-                            }
-                            reachable = now;
-                        }
-                        backend.set_reachable(now);
-                    }
-                    _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+        let mut reachable = true;
+        every(LIFETIME_SWEEP, stop_rx.clone(), move || {
+            let now = !limit.take_turned_away();
+            if now != reachable {
+                if now {
+                    info!(open = limit.open(), "taking connections again");
+                } else {
+                    warn!(open = limit.open(), max_connections = limit.max(), "turning connections away: the connection limit is reached, or the open-file limit");
                 }
+                reachable = now;
             }
+            backend.set_reachable(now);
+            std::future::ready(())
         })
     };
     // The idle backstop (clusters::idleness): its questions to schedulers take network time,
     // so it runs beside the lifetime sweeper, not in it.
     let idle_checker = {
         let clusters = clusters.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LIFETIME_SWEEP);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = async { tick.tick().await; clusters.check_idleness().await } => {}
-                    _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
-                }
-            }
+        every(LIFETIME_SWEEP, stop_rx.clone(), move || {
+            let clusters = clusters.clone();
+            async move { clusters.check_idleness().await }
         })
     };
 
@@ -380,4 +357,27 @@ fn host_rule(config: &CheckedConfig) -> http_shared::HostRule {
         also,
         loopback_only: config.address.ip().is_loopback(),
     }
+}
+
+/// Runs `job` every `period` (a run that takes longer delays the next one) until `stop` turns
+/// true; a run in progress then is abandoned.
+fn every<F, Fut>(
+    period: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut job: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = async { tick.tick().await; job().await } => {}
+                _ = async { let _ = stop.wait_for(|v| *v).await; } => break,
+            }
+        }
+    })
 }
