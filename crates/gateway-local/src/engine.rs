@@ -978,6 +978,23 @@ impl LocalBackend {
         let mut dirty = false;
         let mut now_running = false;
         if c.record.status == ClusterStatus::Pending && !hb.scheduler_address.is_empty() {
+            // The proxy will dial these addresses for anyone holding the cluster's name: they
+            // must be where this backend starts schedulers (loopback), nowhere else.
+            if let Some(odd) = [
+                &hb.scheduler_address,
+                &hb.dashboard_address,
+                &hb.api_address,
+            ]
+            .into_iter()
+            .find(|a| !a.is_empty() && !is_loopback_address(a))
+            {
+                let reason = format!(
+                    "the scheduler reported the address {odd:?}, which is not on this \
+                     machine's loopback interface where local schedulers listen"
+                );
+                self.begin_stop(c, StopRequest::failed(reason.clone()));
+                return Err(BackendError::Invalid(reason));
+            }
             c.record.scheduler_address = Some(hb.scheduler_address.clone());
             c.record.dashboard_address =
                 Some(hb.dashboard_address.clone()).filter(|d| !d.is_empty());
@@ -1410,6 +1427,44 @@ impl ClusterBackend for LocalBackend {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Whether `address` (`tls://host:port`, `http://host:port`) names a port on a loopback IP.
+fn is_loopback_address(address: &str) -> bool {
+    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    authority
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_address;
+
+    #[test]
+    fn only_loopback_ip_addresses_are_local_scheduler_addresses() {
+        for ok in [
+            "tls://127.0.0.1:39211",
+            "http://127.0.0.1:8787",
+            "http://127.0.0.1:8787/status",
+            "tls://[::1]:4000",
+        ] {
+            assert!(is_loopback_address(ok), "{ok}");
+        }
+        for bad in [
+            "tls://10.0.0.5:8786",
+            "http://169.254.169.254:80",
+            "http://localhost.evil.example:80",
+            "http://127.0.0.1.nip.io:80",
+            "http://127.0.0.1",
+            "http://user@127.0.0.1:80",
+            "tls://0.0.0.0:8786",
+            "garbage",
+        ] {
+            assert!(!is_loopback_address(bad), "{bad}");
         }
     }
 }

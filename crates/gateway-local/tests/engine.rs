@@ -260,6 +260,29 @@ async fn first_heartbeat_makes_the_cluster_running_and_routable() {
 }
 
 #[tokio::test]
+async fn a_scheduler_reporting_addresses_off_loopback_fails_and_is_never_routed() {
+    let (b, _procs, _) = start("off-loopback", config()).await;
+    let c = b.create(request()).await.unwrap();
+    let mut hb = heartbeat(0, &[], &[], &[]);
+    hb.dashboard_address = "http://169.254.169.254:80".into();
+    let err = b.heartbeat(&c.name, &hb, 0).await.unwrap_err();
+    assert!(err.to_string().contains("169.254.169.254"), "{err}");
+    assert!(b.route(&c.name).is_none());
+    let v = b.get(&c.name).unwrap();
+    assert_eq!(v.status, ClusterStatus::Stopping);
+    assert!(v.reason.as_deref().unwrap_or_default().contains("loopback"));
+    // A later, proper heartbeat does not bring it back.
+    b.heartbeat(&c.name, &heartbeat(0, &[], &[], &[]), 0)
+        .await
+        .unwrap();
+    assert!(b.route(&c.name).is_none());
+    eventually("the cluster failed", || {
+        status(&b, &c.name) == ClusterStatus::Failed
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn workers_follow_the_target_and_the_scheduler_retires_them() {
     let (b, procs, _) = start("workers", config()).await;
     let c = b.create(request()).await.unwrap();

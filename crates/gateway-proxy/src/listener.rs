@@ -454,7 +454,9 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         // The time is stored before the count drops, so an idle check that sees no open
         // stream also sees this one's end.
-        self.0.last_closed_ms.fetch_max(self.0.now_ms(), Ordering::AcqRel);
+        self.0
+            .last_closed_ms
+            .fetch_max(self.0.now_ms(), Ordering::AcqRel);
         self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
