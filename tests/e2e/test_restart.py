@@ -258,17 +258,18 @@ def test_a_clusters_deleted_files_come_back_for_its_new_workers(server):
 
 
 @pytest.mark.local_only  # processes on the gateway's machine
-def test_a_process_a_scheduler_starts_in_a_session_of_its_own_stops_with_the_cluster(server):
+@pytest.mark.parametrize("cwd", [None, "/"], ids=["in-its-directory", "gone-elsewhere"])
+def test_a_process_a_scheduler_starts_in_a_session_of_its_own_stops_with_the_cluster(server, cwd):
     gw = server.gateway(USER)
     c = new_cluster(gw, shutdown_on_close=False)
     name = c.name
 
-    def escape():
+    def escape(cwd):
         import subprocess
-        return subprocess.Popen(["sleep", "777"], start_new_session=True).pid
+        return subprocess.Popen(["sleep", "777"], start_new_session=True, cwd=cwd).pid
 
     with c.get_client(set_as_default=False) as client:
-        pid = client.run_on_scheduler(escape)
+        pid = client.run_on_scheduler(escape, cwd)
     stray = psutil.Process(pid)
     assert stray.is_running() and os.getpgid(pid) == pid, "out of the scheduler's group"
     c.shutdown()

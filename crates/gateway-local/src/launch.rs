@@ -419,7 +419,7 @@ impl Launcher {
             "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION".into(),
             "True".into(),
         );
-        env.insert("DASK_DISTRIBUTED__COMM__TLS__CA_FILE".into(), crt.clone());
+        env.insert(crate::process::CLUSTER_PATH_VARIABLE.into(), crt.clone());
         env.insert(
             "DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT".into(),
             crt.clone(),

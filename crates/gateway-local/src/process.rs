@@ -103,9 +103,16 @@ impl ProcessId {
     }
 }
 
-/// Live process-group leaders whose working directory is inside `root/<cluster>/`, with the
-/// cluster name: every scheduler and worker this backend starts is one. Used after a restart to
-/// find processes the state store does not know (e.g. started just before a crash).
+/// The environment variable every scheduler and worker gets whose value is a path inside its
+/// cluster's directory (its CA file). Processes they start inherit it, wherever they go.
+pub const CLUSTER_PATH_VARIABLE: &str = "DASK_DISTRIBUTED__COMM__TLS__CA_FILE";
+
+/// Live process-group leaders of `root/<cluster>/`, with the cluster name: those whose working
+/// directory is inside it, or whose environment at start named a path inside it
+/// ([`CLUSTER_PATH_VARIABLE`], inherited by what they start). Every scheduler and worker this
+/// backend starts is one, and so is a process they start in a session of its own that then
+/// changes directory. Used after a restart to find processes the state store does not know
+/// (e.g. started just before a crash), and at a stop for what the cluster left behind.
 pub fn group_leaders_under(root: &std::path::Path) -> Vec<(String, ProcessId)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -119,13 +126,11 @@ pub fn group_leaders_under(root: &std::path::Path) -> Vec<(String, ProcessId)> {
         else {
             continue;
         };
-        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
-            continue;
-        };
-        let Ok(rel) = cwd.strip_prefix(root) else {
-            continue;
-        };
-        let Some(cluster) = rel.components().next().and_then(|c| c.as_os_str().to_str()) else {
+        let Some(cluster) = std::fs::read_link(entry.path().join("cwd"))
+            .ok()
+            .and_then(|cwd| cluster_of(&cwd, root))
+            .or_else(|| cluster_in_environment(&entry.path(), root))
+        else {
             continue;
         };
         match stat_fields(pid) {
@@ -142,6 +147,37 @@ pub fn group_leaders_under(root: &std::path::Path) -> Vec<(String, ProcessId)> {
         }
     }
     found
+}
+
+/// The cluster whose directory under `root` holds `path`.
+fn cluster_of(path: &std::path::Path, root: &std::path::Path) -> Option<String> {
+    let rel = path.strip_prefix(root).ok()?;
+    let first = rel.components().next()?;
+    match first {
+        std::path::Component::Normal(name) => name.to_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The cluster named by [`CLUSTER_PATH_VARIABLE`] in the start environment of the process at
+/// `proc_dir` (`/proc/<pid>`), if it is a path under `root`.
+fn cluster_in_environment(proc_dir: &std::path::Path, root: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let environ = std::fs::read(proc_dir.join("environ")).ok()?;
+    let prefix = format!("{CLUSTER_PATH_VARIABLE}=");
+    let value = environ
+        .split(|b| *b == 0)
+        .find_map(|entry| entry.strip_prefix(prefix.as_bytes()))?;
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(value));
+    // A relative or climbing path names no cluster.
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return None;
+    }
+    cluster_of(path, root)
 }
 
 /// Watches a process that is not our child (adopted after a gateway restart) by polling
@@ -215,6 +251,32 @@ mod tests {
         id.terminate(Duration::from_secs(5)).await;
         child.wait().await.unwrap();
         assert!(group_leaders_under(&root).is_empty());
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[tokio::test]
+    async fn finds_group_leaders_that_left_by_their_environment() {
+        let root = std::env::temp_dir().join(format!("dgrs-leaders-env-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("c7/.certs")).unwrap();
+        let marker = root.join("c7/.certs/dask.crt");
+        let spawn = |value: &std::path::Path| {
+            tokio::process::Command::new("sleep")
+                .arg("30")
+                .current_dir("/")
+                .env(CLUSTER_PATH_VARIABLE, value)
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        let mut left = spawn(&marker);
+        // Paths that only look inside the root name no cluster.
+        let mut climbing = spawn(&root.join("c7/../../etc/dask.crt"));
+        let mut elsewhere = spawn(std::path::Path::new("/etc/dask.crt"));
+        let id = ProcessId::of(left.id().unwrap()).unwrap();
+        assert_eq!(group_leaders_under(&root), vec![("c7".to_string(), id)]);
+        for child in [&mut left, &mut climbing, &mut elsewhere] {
+            child.kill().await.unwrap();
+        }
         let _ = std::fs::remove_dir_all(root);
     }
 
