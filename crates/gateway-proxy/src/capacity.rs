@@ -87,6 +87,18 @@ impl ConnectionLimit {
 #[derive(Debug)]
 pub(crate) struct Slot(Arc<ConnectionLimit>);
 
+/// A connection's place under the limit, as a request extension: whatever outlives the
+/// connection's HTTP serving with its socket (an upgraded WebSocket relay) keeps a clone, and
+/// the place is given back when the last clone is gone.
+#[derive(Clone, Debug)]
+pub struct HeldConnection(#[allow(dead_code)] Arc<Slot>);
+
+impl HeldConnection {
+    pub(crate) fn new(slot: Slot) -> Self {
+        HeldConnection(Arc::new(slot))
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);

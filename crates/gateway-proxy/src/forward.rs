@@ -13,6 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::capacity::HeldConnection;
 use crate::listener::ConnMeta;
 use crate::DIAL_TIMEOUT;
 
@@ -205,6 +206,9 @@ async fn forward_upgrade(
     *req.uri_mut() = origin_form
         .parse()
         .map_err(|_| ForwardError::InvalidTarget(origin_form.clone()))?;
+    // The client connection's place under the connection limit: its socket lives on in the
+    // relay after its HTTP serving ends, and so does the place.
+    let held = req.extensions().get::<HeldConnection>().cloned();
     let mut resp = sender.send_request(req).await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let mut resp = resp.map(Body::new);
@@ -217,6 +221,7 @@ async fn forward_upgrade(
     tokio::spawn(async move {
         // Keep the backend connection's request handle alive until the upgrade completes.
         let _sender = sender;
+        let _held = held;
         let (client_io, backend_io) = match tokio::try_join!(client_upgrade, backend_upgrade) {
             Ok(pair) => pair,
             Err(e) => {

@@ -45,7 +45,7 @@ mod turns;
 
 use std::time::Duration;
 
-pub use capacity::{raise_open_file_limit, ConnectionLimit};
+pub use capacity::{raise_open_file_limit, ConnectionLimit, HeldConnection};
 pub use connections::{ClientConnections, Clients, ConnectionGuard};
 pub use forward::HttpForwarder;
 pub use listener::{bind, serve_scheduler, serve_shared, ConnMeta};

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::capacity::ConnectionLimit;
+use crate::capacity::{ConnectionLimit, HeldConnection};
 use crate::rewind::Rewind;
 use crate::routes::RouteSource;
 use crate::sni::{self, SniError, Sniff};
@@ -163,7 +163,7 @@ async fn accept_loop<H, Fut>(
     shutdown: impl Future<Output = ()> + Send + 'static,
     handle: H,
 ) where
-    H: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut,
+    H: Fn(TcpStream, SocketAddr, watch::Receiver<bool>, HeldConnection) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -182,11 +182,10 @@ async fn accept_loop<H, Fut>(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = handle(stream, peer, stop_rx.clone());
-                tokio::spawn(async move {
-                    connection.await;
-                    drop(slot);
-                });
+                // The place is held by the connection's task, and by anything that outlives
+                // the task with the connection's socket (see HeldConnection).
+                let connection = handle(stream, peer, stop_rx.clone(), HeldConnection::new(slot));
+                tokio::spawn(connection);
             }
             Err(e) if is_connection_error(&e) => {
                 tracing::debug!(error = %e, "accept: connection error");
@@ -222,16 +221,22 @@ pub async fn serve_shared(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let acceptor = http_tls.map(tokio_rustls::TlsAcceptor::from);
-    accept_loop(listener, limit, shutdown, move |stream, peer, stop| {
-        handle_shared(
-            stream,
-            peer,
-            routes.clone(),
-            app.clone(),
-            acceptor.clone(),
-            stop,
-        )
-    })
+    accept_loop(
+        listener,
+        limit,
+        shutdown,
+        move |stream, peer, stop, held| {
+            handle_shared(
+                stream,
+                peer,
+                routes.clone(),
+                app.clone(),
+                acceptor.clone(),
+                stop,
+                held,
+            )
+        },
+    )
     .await
 }
 
@@ -243,9 +248,10 @@ pub async fn serve_scheduler(
     limit: Arc<ConnectionLimit>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    accept_loop(listener, limit, shutdown, move |mut stream, peer, _stop| {
+    accept_loop(listener, limit, shutdown, move |mut stream, peer, _stop, held| {
         let routes = routes.clone();
         async move {
+            let _held = held;
             let mut buf = Vec::with_capacity(4096);
             match sniff_stream(&mut stream, &mut buf).await {
                 Sniffed::Tls { sni: Some(sni) } => match cluster_from_sni(&sni) {
@@ -273,6 +279,7 @@ async fn handle_shared(
     app: Router,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     stop: watch::Receiver<bool>,
+    held: HeldConnection,
 ) {
     let mut buf = Vec::with_capacity(4096);
     match sniff_stream(&mut stream, &mut buf).await {
@@ -298,11 +305,11 @@ async fn handle_shared(
                 }
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-            serve_http(tls, h2, ConnMeta { peer, tls: true }, app, stop).await;
+            serve_http(tls, h2, ConnMeta { peer, tls: true }, held, app, stop).await;
         }
         Sniffed::Plain { h2 } => {
             let io = Rewind::new(buf, stream);
-            serve_http(io, h2, ConnMeta { peer, tls: false }, app, stop).await;
+            serve_http(io, h2, ConnMeta { peer, tls: false }, held, app, stop).await;
         }
         Sniffed::BadTls(e) => {
             tracing::debug!(%peer, error = %e, "malformed TLS ClientHello; closing");
@@ -329,6 +336,7 @@ async fn serve_http<I>(
     io: I,
     h2: bool,
     meta: ConnMeta,
+    held: HeldConnection,
     app: Router,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -340,6 +348,7 @@ async fn serve_http<I>(
         hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(meta.peer));
             req.extensions_mut().insert(meta);
+            req.extensions_mut().insert(held.clone());
             // The stream is open until its response body is done (or dropped).
             let open = Activity::stream_opened(&activity);
             let response = app.clone().oneshot(req);

@@ -112,6 +112,14 @@ async fn start_backend(release: std::sync::Arc<Notify>) -> SocketAddr {
 /// The front: `/clusters/{name}/...` forwarded to the named backend (table in state), served by
 /// `serve_shared` so ConnectInfo is present.
 async fn start_front(targets: Vec<(&'static str, SocketAddr)>) -> SocketAddr {
+    start_front_limited(targets, gateway_proxy::ConnectionLimit::new(1000)).await
+}
+
+/// [`start_front`] holding at most `limit` connections.
+async fn start_front_limited(
+    targets: Vec<(&'static str, SocketAddr)>,
+    limit: std::sync::Arc<gateway_proxy::ConnectionLimit>,
+) -> SocketAddr {
     let fwd = HttpForwarder::new();
     let targets = std::sync::Arc::new(targets);
     let handler = move |req: Request| {
@@ -136,7 +144,7 @@ async fn start_front(targets: Vec<(&'static str, SocketAddr)>) -> SocketAddr {
         .route("/clusters/{name}", any(handler.clone()))
         .route("/clusters/{name}/", any(handler.clone()))
         .route("/clusters/{name}/{*rest}", any(handler));
-    let (addr, stop, _task) = start_shared(RouteTable::new(), app, None).await;
+    let (addr, stop, _task) = start_shared_limited(RouteTable::new(), app, None, limit).await;
     std::mem::forget(stop);
     addr
 }
@@ -351,6 +359,31 @@ async fn websocket_round_trip() {
         .unwrap();
     if let Some(first) = rest.first() {
         assert_eq!(first & 0x0f, 0x8, "only a close frame may follow");
+    }
+}
+
+/// An upgraded connection outlives its HTTP serving; it keeps its place under the connection
+/// limit until the relay ends.
+#[tokio::test]
+async fn a_websocket_relay_holds_its_place_under_the_connection_limit() {
+    let backend = start_backend(std::sync::Arc::new(Notify::new())).await;
+    let limit = gateway_proxy::ConnectionLimit::new(64);
+    let front = start_front_limited(vec![("abc", backend)], limit.clone()).await;
+    let (head, mut s) = ws_handshake(front, "/clusters/abc/ws").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws_send(&mut s, 0x1, b"hello").await;
+    assert_eq!(ws_recv(&mut s).await.1, b"echo:hello");
+    // Long after the upgrade, the relay still counts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(limit.open(), 1);
+    drop(s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while limit.open() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -79,6 +79,22 @@ pub async fn start_shared(
     app: axum::Router,
     http_tls: Option<Arc<rustls::ServerConfig>>,
 ) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
+    start_shared_limited(
+        routes,
+        app,
+        http_tls,
+        gateway_proxy::ConnectionLimit::new(1000),
+    )
+    .await
+}
+
+/// [`start_shared`] holding at most `limit` connections.
+pub async fn start_shared_limited(
+    routes: RouteTable,
+    app: axum::Router,
+    http_tls: Option<Arc<rustls::ServerConfig>>,
+    limit: Arc<gateway_proxy::ConnectionLimit>,
+) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
@@ -87,7 +103,7 @@ pub async fn start_shared(
         Arc::new(routes),
         app,
         http_tls,
-        gateway_proxy::ConnectionLimit::new(1000),
+        limit,
         async {
             let _ = rx.await;
         },
