@@ -5,10 +5,11 @@
 
 import urllib.error
 import urllib.request
+from urllib.parse import urlparse
 
 import pytest
 
-from conftest import free_port, new_cluster, tls_probe, wait_workers
+from conftest import free_port, new_cluster, tls_probe, wait_status, wait_workers
 
 
 def run_work(cluster):
@@ -67,3 +68,48 @@ def test_url_prefix(module_servers):
         assert r.status == 200 and cluster.name in r.json(), r
     finally:
         cluster.shutdown()
+
+
+# Code that runs in a scheduler before its first heartbeat (here through the `environment`
+# option's PYTHONPATH) decides what the heartbeat says.
+REPORT_ELSEWHERE = '''
+import os
+import dask_gateway.scheduler_preload as preload
+
+if os.environ.get("REPORTED_DASHBOARD"):
+    preload.GatewaySchedulerService.dashboard_address = property(
+        lambda self: os.environ["REPORTED_DASHBOARD"])
+if os.environ.get("REPORTED_SCHEDULER"):
+    heartbeat = preload.GatewayClient.heartbeat
+
+    async def reported(self, msg):
+        return await heartbeat(self, dict(msg, scheduler_address=os.environ["REPORTED_SCHEDULER"]))
+
+    preload.GatewayClient.heartbeat = reported
+'''
+
+
+@pytest.mark.local_only  # the local backend takes the addresses from the first heartbeat
+@pytest.mark.parametrize("field", ["REPORTED_DASHBOARD", "REPORTED_SCHEDULER"])
+def test_a_scheduler_cannot_point_the_proxy_at_another_port(shared_server, tmp_path, field):
+    """A scheduler that reports the gateway's own port (a proxy loop that ran the gateway out of
+    connections) or any other service's: the cluster fails, saying why, and nothing is routed."""
+    (tmp_path / "sitecustomize.py").write_text(REPORT_ELSEWHERE)
+    tmp_path.chmod(0o755)
+    own = urlparse(shared_server.url)
+    reported = {
+        "REPORTED_DASHBOARD": f"http://127.0.0.1:{own.port}",
+        "REPORTED_SCHEDULER": f"tls://127.0.0.1:{own.port}",
+    }[field]
+    gw = shared_server.gateway("address-user")
+    name = gw.submit(environment={"PYTHONPATH": str(tmp_path), field: reported})
+    wait_status(gw, name, "FAILED", timeout=90)
+    details = shared_server.http(
+        "GET", f"/api/v1/clusters/{name}/details", user="address-user"
+    ).json()
+    why = details.get("reason") or ""
+    assert reported in why and "is not a port its own processes listen on" in why, details
+    # No route was made: the dashboard path is refused, the gateway answers as before.
+    r = shared_server.http("GET", f"/clusters/{name}/status", user="address-user")
+    assert r.status in (404, 502, 503), r
+    assert shared_server.health()

@@ -966,6 +966,36 @@ impl LocalBackend {
         Ok(())
     }
 
+    /// Checks the addresses of a scheduler's first heartbeat (see [`Self::observe_heartbeat`]):
+    /// the scheduler's `tls://` address and its `http://` dashboard and API addresses (host and
+    /// port, nothing more), each on loopback and listened on by the scheduler's own processes.
+    fn check_reported_addresses(&self, c: &Cluster, hb: &Heartbeat) -> Result<(), String> {
+        let scheduler = c.record.scheduler;
+        let reported = [
+            ("tls", "scheduler", &hb.scheduler_address, false),
+            ("http", "dashboard", &hb.dashboard_address, true),
+            ("http", "API", &hb.api_address, true),
+        ];
+        for (scheme, what, address, may_be_empty) in reported {
+            if address.is_empty() && may_be_empty {
+                continue;
+            }
+            let refused = |why: &str| {
+                format!("the scheduler reported {what} address {address:?}, which {why}")
+            };
+            let Some(socket) = loopback_socket(address, scheme) else {
+                return Err(refused(&format!(
+                    "is not {scheme}://<loopback IP>:<port>, where local schedulers listen"
+                )));
+            };
+            let owned = scheduler.is_some_and(|id| self.processes.listens_on(id, socket));
+            if !owned {
+                return Err(refused("is not a port its own processes listen on"));
+            }
+        }
+        Ok(())
+    }
+
     /// Records a heartbeat's observations; see wire-protocol 9.4.
     fn observe_heartbeat(
         &self,
@@ -978,20 +1008,11 @@ impl LocalBackend {
         let mut dirty = false;
         let mut now_running = false;
         if c.record.status == ClusterStatus::Pending && !hb.scheduler_address.is_empty() {
-            // The proxy will dial these addresses for anyone holding the cluster's name: they
-            // must be where this backend starts schedulers (loopback), nowhere else.
-            if let Some(odd) = [
-                &hb.scheduler_address,
-                &hb.dashboard_address,
-                &hb.api_address,
-            ]
-            .into_iter()
-            .find(|a| !a.is_empty() && !is_loopback_address(a))
-            {
-                let reason = format!(
-                    "the scheduler reported the address {odd:?}, which is not on this \
-                     machine's loopback interface where local schedulers listen"
-                );
+            // The proxy will dial these addresses for anyone holding the cluster's name, and
+            // the heartbeat is whatever code runs in the scheduler says: each must be a
+            // loopback port the scheduler's own processes listen on (not the gateway's own
+            // port, nor another service on this machine).
+            if let Err(reason) = self.check_reported_addresses(c, hb) {
                 self.begin_stop(c, StopRequest::failed(reason.clone()));
                 return Err(BackendError::Invalid(reason));
             }
@@ -1431,40 +1452,42 @@ impl ClusterBackend for LocalBackend {
     }
 }
 
-/// Whether `address` (`tls://host:port`, `http://host:port`) names a port on a loopback IP.
-fn is_loopback_address(address: &str) -> bool {
-    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or_default();
-    authority
-        .parse::<std::net::SocketAddr>()
-        .is_ok_and(|a| a.ip().is_loopback())
+/// The socket address of `scheme://host:port` (exactly that: no path, no user, no name) when
+/// the host is a loopback IP.
+fn loopback_socket(address: &str, scheme: &str) -> Option<std::net::SocketAddr> {
+    let authority = address.strip_prefix(scheme)?.strip_prefix("://")?;
+    let socket = authority.parse::<std::net::SocketAddr>().ok()?;
+    socket.ip().is_loopback().then_some(socket)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::is_loopback_address;
+    use super::loopback_socket;
 
     #[test]
     fn only_loopback_ip_addresses_are_local_scheduler_addresses() {
-        for ok in [
-            "tls://127.0.0.1:39211",
-            "http://127.0.0.1:8787",
-            "http://127.0.0.1:8787/status",
-            "tls://[::1]:4000",
+        for (ok, scheme) in [
+            ("tls://127.0.0.1:39211", "tls"),
+            ("http://127.0.0.1:8787", "http"),
+            ("tls://[::1]:4000", "tls"),
         ] {
-            assert!(is_loopback_address(ok), "{ok}");
+            assert!(loopback_socket(ok, scheme).is_some(), "{ok}");
         }
-        for bad in [
-            "tls://10.0.0.5:8786",
-            "http://169.254.169.254:80",
-            "http://localhost.evil.example:80",
-            "http://127.0.0.1.nip.io:80",
-            "http://127.0.0.1",
-            "http://user@127.0.0.1:80",
-            "tls://0.0.0.0:8786",
-            "garbage",
+        for (bad, scheme) in [
+            ("tls://10.0.0.5:8786", "tls"),
+            ("http://169.254.169.254:80", "http"),
+            ("http://localhost.evil.example:80", "http"),
+            ("http://127.0.0.1.nip.io:80", "http"),
+            ("http://127.0.0.1", "http"),
+            ("http://127.0.0.1:8787/status", "http"),
+            ("http://127.0.0.1:8787/clusters/x", "http"),
+            ("http://user@127.0.0.1:80", "http"),
+            ("tls://0.0.0.0:8786", "tls"),
+            ("http://127.0.0.1:8786", "tls"),
+            ("tcp://127.0.0.1:8786", "tls"),
+            ("garbage", "http"),
         ] {
-            assert!(!is_loopback_address(bad), "{bad}");
+            assert!(loopback_socket(bad, scheme).is_none(), "{bad}");
         }
     }
 }

@@ -148,6 +148,9 @@ pub trait Processes: Send + Sync + 'static {
     /// Live processes in cluster directories that are not in `known` (a crash between starting a
     /// process and recording it leaves such orphans).
     fn unknown_processes(&self, known: &HashSet<ProcessId>) -> Vec<(String, ProcessId)>;
+    /// Whether `address` is a port that `process` (or its process group) itself listens on:
+    /// the proxy dials a scheduler's reported addresses only if they are its own.
+    fn listens_on(&self, process: ProcessId, address: std::net::SocketAddr) -> bool;
 }
 
 /// The gateway's variables that Dask processes inherit, with `prefix` leading `PATH`.
@@ -713,6 +716,10 @@ impl Processes for Launcher {
 
     fn terminate(&self, id: ProcessId, grace: Duration) -> BoxFuture {
         Box::pin(async move { id.terminate(grace).await })
+    }
+
+    fn listens_on(&self, process: ProcessId, address: std::net::SocketAddr) -> bool {
+        process.is_alive() && crate::process::group_listens_on(process.pid, address)
     }
 
     fn unknown_processes(&self, known: &HashSet<ProcessId>) -> Vec<(String, ProcessId)> {

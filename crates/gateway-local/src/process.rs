@@ -180,6 +180,81 @@ fn cluster_in_environment(proc_dir: &std::path::Path, root: &std::path::Path) ->
     cluster_of(path, root)
 }
 
+/// Whether a process of the process group led by `leader` holds a listening TCP socket bound
+/// to `address` (or to the unspecified address of its family, on that port). Read from the
+/// leader's `/proc/<pid>/net/tcp{,6}` (its own network namespace) and the group's descriptors.
+pub fn group_listens_on(leader: u32, address: std::net::SocketAddr) -> bool {
+    use std::collections::HashSet;
+    let table = if address.is_ipv4() { "tcp" } else { "tcp6" };
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{leader}/net/{table}")) else {
+        return false;
+    };
+    let inodes: HashSet<u64> = text
+        .lines()
+        .skip(1)
+        .filter_map(parse_listening_socket)
+        .filter(|(bound, _)| {
+            bound.port() == address.port()
+                && (bound.ip() == address.ip() || bound.ip().is_unspecified())
+        })
+        .map(|(_, inode)| inode)
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let holds = |pid: u32| {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| {
+                target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|inode| inodes.contains(&inode))
+            })
+        })
+    };
+    if holds(leader) {
+        return true;
+    }
+    // The listener may be a child in the group (a wrapper that did not exec, say).
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != leader)
+        .any(|pid| stat_fields(pid).is_some_and(|(_, group, _)| group == leader) && holds(pid))
+}
+
+/// A line of `/proc/<pid>/net/tcp{,6}` in the LISTEN state: its bound address and socket inode.
+fn parse_listening_socket(line: &str) -> Option<(std::net::SocketAddr, u64)> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+    if fields.len() < 10 || fields[3] != "0A" {
+        return None;
+    }
+    let (ip_hex, port_hex) = fields[1].split_once(':')?;
+    let port = u16::from_str_radix(port_hex, 16).ok()?;
+    // The kernel prints the address as 32-bit words in this machine's byte order.
+    let mut bytes = Vec::with_capacity(16);
+    for word in ip_hex.as_bytes().chunks(8) {
+        let word = std::str::from_utf8(word).ok()?;
+        bytes.extend_from_slice(&u32::from_str_radix(word, 16).ok()?.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    let inode = fields[9].parse().ok()?;
+    Some((std::net::SocketAddr::new(ip, port), inode))
+}
+
 /// Watches a process that is not our child (adopted after a gateway restart) by polling
 /// `/proc`, and reports its exit once on `events`.
 pub fn watch_adopted(
@@ -252,6 +327,60 @@ mod tests {
         child.wait().await.unwrap();
         assert!(group_leaders_under(&root).is_empty());
         let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn a_process_group_listens_only_on_its_own_sockets() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let me = std::process::id();
+        assert!(group_listens_on(me, addr));
+        // A port this process does not hold, another address, and a process without it.
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other_addr = other.local_addr().unwrap();
+        drop(other);
+        assert!(!group_listens_on(me, other_addr));
+        assert!(!group_listens_on(
+            me,
+            std::net::SocketAddr::new([127, 0, 0, 2].into(), addr.port())
+        ));
+        let child = ChildGuard(
+            std::process::Command::new("sleep")
+                .arg("5")
+                .spawn()
+                .unwrap(),
+        );
+        assert!(!group_listens_on(child.0.id(), addr));
+        drop(child);
+        // A connected (not listening) socket is no listener.
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        assert!(!group_listens_on(me, client.local_addr().unwrap()));
+    }
+
+    /// Kills the child when dropped.
+    struct ChildGuard(std::process::Child);
+    impl Drop for ChildGuard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn listening_lines_of_proc_net_tcp_are_read() {
+        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 123456 1 0000000000000000 100 0 0 10 0";
+        let (addr, inode) = parse_listening_socket(v4).unwrap();
+        assert_eq!(addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(inode, 123456);
+        let v6 = "   1: 00000000000000000000000001000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(
+            parse_listening_socket(v6).unwrap().0,
+            "[::1]:80".parse().unwrap()
+        );
+        // Established, not listening.
+        let est = v4.replacen(" 0A ", " 01 ", 1);
+        assert!(parse_listening_socket(&est).is_none());
+        assert!(parse_listening_socket("garbage").is_none());
     }
 
     #[tokio::test]

@@ -162,6 +162,12 @@ impl Processes for FakeProcesses {
             }
         })
     }
+    /// A live fake scheduler listens on the ports [`heartbeat`] reports, and nothing else.
+    fn listens_on(&self, process: ProcessId, address: std::net::SocketAddr) -> bool {
+        let alive = self.alive.lock().unwrap().contains_key(&process);
+        alive && address.ip().is_loopback() && (40000..=40002).contains(&address.port())
+    }
+
     fn unknown_processes(&self, known: &HashSet<ProcessId>) -> Vec<(String, ProcessId)> {
         self.alive
             .lock()
@@ -260,26 +266,55 @@ async fn first_heartbeat_makes_the_cluster_running_and_routable() {
 }
 
 #[tokio::test]
-async fn a_scheduler_reporting_addresses_off_loopback_fails_and_is_never_routed() {
-    let (b, _procs, _) = start("off-loopback", config()).await;
-    let c = b.create(request()).await.unwrap();
-    let mut hb = heartbeat(0, &[], &[], &[]);
-    hb.dashboard_address = "http://169.254.169.254:80".into();
-    let err = b.heartbeat(&c.name, &hb, 0).await.unwrap_err();
-    assert!(err.to_string().contains("169.254.169.254"), "{err}");
-    assert!(b.route(&c.name).is_none());
-    let v = b.get(&c.name).unwrap();
-    assert_eq!(v.status, ClusterStatus::Stopping);
-    assert!(v.reason.as_deref().unwrap_or_default().contains("loopback"));
-    // A later, proper heartbeat does not bring it back.
-    b.heartbeat(&c.name, &heartbeat(0, &[], &[], &[]), 0)
-        .await
-        .unwrap();
-    assert!(b.route(&c.name).is_none());
-    eventually("the cluster failed", || {
-        status(&b, &c.name) == ClusterStatus::Failed
-    })
-    .await;
+async fn a_scheduler_reporting_addresses_not_its_own_fails_and_is_never_routed() {
+    let (b, _procs, _) = start("not-its-own", config()).await;
+    let cases = [
+        (
+            "dashboard",
+            "http://169.254.169.254:80",
+            "is not http://<loopback IP>:<port>",
+        ),
+        (
+            "dashboard",
+            "http://127.0.0.1:40001/clusters/x",
+            "is not http://",
+        ),
+        // A loopback port the scheduler does not hold: the gateway's own, say.
+        (
+            "scheduler",
+            "tls://127.0.0.1:8000",
+            "not a port its own processes listen on",
+        ),
+        (
+            "api",
+            "http://127.0.0.1:9100",
+            "not a port its own processes listen on",
+        ),
+    ];
+    for (field, address, why) in cases {
+        let c = b.create(request()).await.unwrap();
+        let mut hb = heartbeat(0, &[], &[], &[]);
+        match field {
+            "dashboard" => hb.dashboard_address = address.into(),
+            "scheduler" => hb.scheduler_address = address.into(),
+            _ => hb.api_address = address.into(),
+        }
+        let err = b.heartbeat(&c.name, &hb, 0).await.unwrap_err().to_string();
+        assert!(err.contains(address) && err.contains(why), "{err}");
+        assert!(b.route(&c.name).is_none());
+        let v = b.get(&c.name).unwrap();
+        assert_eq!(v.status, ClusterStatus::Stopping);
+        assert_eq!(v.reason.as_deref(), Some(err.as_str()));
+        // A later, proper heartbeat does not bring it back.
+        b.heartbeat(&c.name, &heartbeat(0, &[], &[], &[]), 0)
+            .await
+            .unwrap();
+        assert!(b.route(&c.name).is_none());
+        eventually("the cluster failed", || {
+            status(&b, &c.name) == ClusterStatus::Failed
+        })
+        .await;
+    }
 }
 
 #[tokio::test]
