@@ -450,6 +450,35 @@ async fn backend_failures_reach_the_caller_and_leave_nothing() {
 }
 
 #[tokio::test]
+async fn a_request_clipped_by_the_cap_and_the_quota_reports_both_steps() {
+    let (svc, b) = service("max_workers: 4\nmax_workers_per_user: 2");
+    let (api, _comm) = fake_scheduler_api().await;
+    let a = running_cluster(&svc, &b, "alice", &api).await;
+    let alice = user("alice");
+    let msg = svc
+        .scale(&alice, &a, &json!(10))
+        .await
+        .unwrap()
+        .msg
+        .unwrap();
+    assert!(
+        msg.starts_with("Scale request of 10 workers would exceed resource limit of 4 workers.")
+            && msg.contains("Scale request of 4 workers would exceed the quota of 2 workers per user. Scaling to 2 instead."),
+        "{msg}"
+    );
+    let msg = svc
+        .adapt(&alice, &a, &json!(0), &json!(50), true)
+        .await
+        .unwrap()
+        .msg
+        .unwrap();
+    assert!(
+        msg.contains("maximum=50") && msg.contains("quota of 2 workers per user"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
 async fn per_user_quotas_clip_scale_adapt_and_heartbeats_even_concurrently() {
     let (svc, b) = service(
         "max_workers_per_user: 3\nmax_cores_per_user: 6\nscheduler_cores: 1\nworker_cores: 1",

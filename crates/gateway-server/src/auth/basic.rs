@@ -36,20 +36,6 @@ impl Basic {
     }
 }
 
-/// The user name Basic `credentials` claim, password unchecked (to tell whether they are
-/// someone else's than a session's).
-pub(super) fn claimed_name(credentials: &str) -> Option<String> {
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(credentials.trim())
-        .ok()?;
-    let text = decode_credentials(decoded);
-    Some(
-        text.split_once(':')
-            .map_or(text.as_str(), |(n, _)| n)
-            .to_string(),
-    )
-}
-
 /// Basic credentials as text: UTF-8 when they are valid UTF-8 (browsers and most clients),
 /// otherwise Latin-1 (the stock Python client's `BasicAuth` encodes Latin-1, where every byte
 /// is the code point of the same value).
@@ -83,7 +69,11 @@ mod tests {
         // Control characters stay refused in either encoding, and so do overlong names.
         let long = format!("{}:", "a".repeat(super::super::MAX_USER_NAME + 1));
         for raw in [
-            &b"a\x1bb:"[..],
+            &b" :"[..],
+            b"admin :",
+            b" admin:",
+            "admin\u{3000}:".as_bytes(),
+            b"a\x1bb:",
             "a\u{85}b:".as_bytes(),
             b"a\x7fb:",
             long.as_bytes(),

@@ -292,7 +292,9 @@ impl JwtVerifier {
                     ErrorKind::InvalidSignature => "bad signature",
                     ErrorKind::MissingRequiredClaim(c) if c == "iss" => "wrong issuer",
                     ErrorKind::MissingRequiredClaim(c) if c == "aud" => "wrong audience",
-                    ErrorKind::MissingRequiredClaim(_) => "a required claim (exp) is missing",
+                    ErrorKind::MissingRequiredClaim(_) => {
+                        "the expiry (exp) is missing or not a time in seconds since 1970"
+                    }
                     ErrorKind::InvalidAlgorithm => "algorithm not allowed",
                     _ => "malformed token",
                 }
@@ -339,21 +341,6 @@ impl JwtVerifier {
             groups,
             expires,
         })
-    }
-
-    /// The user name `token` claims, unverified (to tell whether it is someone else's than a
-    /// session's; only [`JwtVerifier::verify`] says whether it is true).
-    pub fn claimed_name(&self, token: &str) -> Option<String> {
-        use base64::Engine as _;
-        let payload = token.trim().split('.').nth(1)?;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()?;
-        let claims: Map<String, Value> = serde_json::from_slice(&bytes).ok()?;
-        claims
-            .get(&self.config.username_claim)?
-            .as_str()
-            .map(str::to_string)
     }
 
     /// Whether these groups make their member an admin.
@@ -423,6 +410,8 @@ mod tests {
         };
         for (t, why) in [
             (with("exp", json!(now() - 60)), "expired"),
+            (with("exp", json!(-1)), "not a time in seconds"),
+            (with("exp", json!(1e30)), "not a time in seconds"),
             (with("nbf", json!(now() + 600)), "not valid yet"),
             (with("aud", json!("other")), "wrong audience"),
             (with("iss", json!("https://evil")), "wrong issuer"),

@@ -31,9 +31,13 @@ use std::time::Duration;
 pub const MAX_USER_NAME: usize = 256;
 
 /// Whether `name` can be a user's: not empty, at most [`MAX_USER_NAME`] bytes, no control
-/// characters (names become process environment and log fields).
+/// characters (names become process environment and log fields), no white space at either end
+/// (`"admin "` would read as `admin` in every listing).
 pub(crate) fn is_usable_user_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= MAX_USER_NAME && !name.chars().any(char::is_control)
+    !name.is_empty()
+        && name.len() <= MAX_USER_NAME
+        && !name.chars().any(char::is_control)
+        && name.trim() == name
 }
 
 /// An authenticated user.
@@ -257,23 +261,6 @@ impl Authenticator {
         }
     }
 
-    /// Whether the `Authorization` header says it is someone other than `session_user` (Basic
-    /// and JWT name their user; a hub token or a Kerberos ticket does not without asking, and
-    /// the session stands). A browser behind a proxy that adds the signed-in user's token keeps
-    /// the previous user's cookie: the token decides.
-    fn header_names_another_user(&self, headers: &HeaderMap, session_user: &str) -> bool {
-        let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
-            return false;
-        };
-        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-        let claimed = match &self.method {
-            Method::Basic(_) if scheme.eq_ignore_ascii_case("basic") => basic::claimed_name(rest),
-            Method::Jwt(jwt) if scheme.eq_ignore_ascii_case("bearer") => jwt.claimed_name(rest),
-            _ => None,
-        };
-        claimed.is_some_and(|name| name != session_user)
-    }
-
     /// A successful login: the user and a session for its cookie.
     fn logged_in(&self, user: User) -> Authenticated {
         self.logged_in_until(user, None)
@@ -290,31 +277,43 @@ impl Authenticator {
         }
     }
 
-    /// Authenticates a request: a valid session cookie wins, unless the `Authorization` header
-    /// names another user; otherwise the header, in the configured method's scheme (`Basic`,
-    /// `Bearer` with JWT, ...).
+    /// Authenticates a request. Credentials in the `Authorization` header, in the configured
+    /// method's scheme (`Basic`, `Bearer` with JWT, ...), decide: they are verified, and a
+    /// session cookie beside them counts for nothing (a fresher token with fewer rights, or
+    /// another user's, is not overruled by an older session). Without such a header, a valid
+    /// session cookie stands in for the credentials it was made from.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Authenticated, AuthError> {
-        if let Some(user) = self.session_user(headers) {
-            if !self.header_names_another_user(headers, &user.name) {
-                return Ok(Authenticated {
+        let session = self.session_user(headers);
+        let credentials = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|value| value.split_once(' ').unwrap_or((value, "")))
+            .filter(|(scheme, _)| {
+                self.method
+                    .schemes()
+                    .iter()
+                    .any(|s| scheme.eq_ignore_ascii_case(s))
+            });
+        let Some((_, rest)) = credentials else {
+            return match session {
+                Some(user) => Ok(Authenticated {
                     user,
                     new_session: None,
                     negotiate_reply: None,
-                });
-            }
-        }
-        let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
-            return Err(AuthError::Required);
+                }),
+                None => Err(AuthError::Required),
+            };
         };
-        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-        if !self
-            .method
-            .schemes()
-            .iter()
-            .any(|s| scheme.eq_ignore_ascii_case(s))
-        {
-            return Err(AuthError::Required);
+        let mut done = self.verify_credentials(rest).await?;
+        if session.as_ref() == Some(&done.user) {
+            // The session already says exactly this: no new cookie on every request.
+            done.new_session = None;
         }
+        Ok(done)
+    }
+
+    /// Verifies `rest`, the credentials after the scheme of an `Authorization` header.
+    async fn verify_credentials(&self, rest: &str) -> Result<Authenticated, AuthError> {
         match &self.method {
             Method::Basic(basic) => {
                 let name = basic.user_name(rest)?;

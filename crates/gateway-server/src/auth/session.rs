@@ -365,6 +365,7 @@ mod tests {
             kind: crate::config::AuthKind::Jwt,
             jwt: Some(crate::config::JwtConfig {
                 secret_file: Some(path.clone()),
+                admin_groups: vec!["ops".into()],
                 ..Default::default()
             }),
             cookie_max_age: 300,
@@ -417,8 +418,67 @@ mod tests {
                 .unwrap(),
         );
         assert_eq!(a.authenticate(&h).await.unwrap().user.name, "next-user");
+        // A fresher token of the same user with fewer rights: they apply at once.
+        let token = |groups: &[&str]| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &serde_json::json!({"sub": "op", "groups": groups, "exp": now + 600}),
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        let mut h = HeaderMap::new();
+        let admin_token = format!("Bearer {}", token(&["ops"]));
+        h.insert(http::header::AUTHORIZATION, admin_token.parse().unwrap());
+        let admin = a.authenticate(&h).await.unwrap();
+        assert!(admin.user.admin);
+        h.insert(
+            COOKIE,
+            format!("{}={}", a.cookie_name, admin.new_session.unwrap())
+                .parse()
+                .unwrap(),
+        );
+        let demoted = format!("Bearer {}", token(&[]));
+        h.insert(http::header::AUTHORIZATION, demoted.parse().unwrap());
+        let now_plain = a.authenticate(&h).await.unwrap();
+        assert!(!now_plain.user.admin);
+        assert!(now_plain.new_session.is_some(), "the session is replaced");
         let long = expiries[1];
         assert!((now + 299..=now + 301).contains(&long), "{long}");
+    }
+
+    #[test]
+    fn credentials_beside_a_session_decide() {
+        let a = auth(Some("pw"));
+        let root = a
+            .auth_now(&basic("root", "pw"))
+            .unwrap()
+            .new_session
+            .unwrap();
+        let with_session = |mut h: HeaderMap| {
+            h.insert(COOKIE, format!("{}={root}", a.cookie_name).parse().unwrap());
+            h
+        };
+        // Alone, the session stands for root.
+        let alone = a.auth_now(&with_session(HeaderMap::new())).unwrap();
+        assert!(alone.user.admin && alone.new_session.is_none());
+        // Root's own credentials again: root, and no new cookie on every request.
+        let again = a.auth_now(&with_session(basic("root", "pw"))).unwrap();
+        assert!(again.user.admin && again.new_session.is_none());
+        // Another user's: that user, with a session of their own.
+        let bob = a.auth_now(&with_session(basic("bob", "pw"))).unwrap();
+        assert_eq!((bob.user.name.as_str(), bob.user.admin), ("bob", false));
+        assert!(bob.new_session.is_some());
+        // Wrong credentials are refused, whatever the session says.
+        assert_eq!(
+            a.auth_now(&with_session(basic("root", "nope")))
+                .unwrap_err(),
+            AuthError::Invalid
+        );
+        // A header in another scheme is no credential of this method: the session stands.
+        let mut other = HeaderMap::new();
+        other.insert(http::header::AUTHORIZATION, "Bearer x.y.z".parse().unwrap());
+        assert_eq!(a.auth_now(&with_session(other)).unwrap().user.name, "root");
     }
 
     #[test]

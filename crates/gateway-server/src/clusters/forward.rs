@@ -36,7 +36,7 @@ impl ClusterService {
         let requested = n;
         let (n, clipped) = view.settings.limits.clip_scale(&view.settings.resources, n);
         let (n, quota_clip) = self.grant_workers(&view, n, Asker::Request).await;
-        let clipped = quota_clip.or(clipped);
+        let clipped = both_clips(clipped, quota_clip);
         self.forward(&view, &SchedulerMessage::Scale { count: n })
             .await?;
         self.note(
@@ -114,7 +114,7 @@ impl ClusterService {
                     new_max.unwrap_or(room),
                     new_min.unwrap_or(0)
                 );
-                (new_min, new_max, Some(msg))
+                (new_min, new_max, both_clips(clipped, Some(msg)))
             }
             _ => (min, max, clipped),
         };
@@ -185,5 +185,14 @@ impl ClusterService {
             warn!(cluster = %name, "could not stop the unreachable cluster: {e}");
         }
         Err(ClusterError::NotRunning(name.clone()))
+    }
+}
+
+/// The report of a request clipped first to the cluster's cap and then to the owner's quota:
+/// both steps, in order, so that the numbers in each are the ones it saw.
+fn both_clips(cap: Option<String>, quota: Option<String>) -> Option<String> {
+    match (cap, quota) {
+        (Some(cap), Some(quota)) => Some(format!("{cap} {quota}")),
+        (cap, quota) => quota.or(cap),
     }
 }
