@@ -120,6 +120,22 @@ def test_the_hub_decides_and_refusals_change_nothing(env):
     assert after == before
 
 
+def test_a_hub_token_beside_another_users_session_is_its_own_user(env):
+    """A browser that kept alice's session cookie, behind something that adds bob's token:
+    the token decides, and a revoked or unknown one is refused even beside a valid session."""
+    server, hub = env
+    r = raw(server, "GET", "/api/v1/me", hub.token("alice"))
+    assert r.status == 200 and r.json()["name"] == "alice", r
+    cookie = "; ".join(f"{k}={v}" for k, v in cookies_of(r).items())
+    assert cookie, r.headers
+    with_cookie = {"Cookie": cookie}
+    assert raw(server, "GET", "/api/v1/me", headers=with_cookie).json()["name"] == "alice"
+    r = raw(server, "GET", "/api/v1/me", hub.token("bob"), headers=with_cookie)
+    assert r.status == 200 and r.json()["name"] == "bob", r
+    r = raw(server, "GET", "/api/v1/me", "0123456789abcdef0123456789abcdef", headers=with_cookie)
+    assert r.status == 401, r
+
+
 def cookies_of(resp):
     jar = SimpleCookie()
     for value in resp.headers.get_all("Set-Cookie") or []:
