@@ -98,6 +98,9 @@ def test_pool_members_count_against_nobody_and_cannot_be_reached(server):
     for name in unclaimed:
         r = server.http("GET", f"/api/v1/clusters/{name}", user=ADMIN)
         assert r.status == 404, (name, r)
+        # Nor its dashboard, to anyone who learnt the name.
+        r = server.http("GET", f"/clusters/{name}/status")
+        assert r.status == 404, (name, r)
         # Stopping an unknown cluster is done (204), and stops nothing.
         r = server.http("DELETE", f"/api/v1/clusters/{name}", user=ADMIN)
         assert r.status == 204, (name, r)
