@@ -63,6 +63,9 @@ def test_health_and_version(server, G):
     assert set(v) == {"server", "client"}
     assert isinstance(v["server"]["version"], str) and v["server"]["version"]
     assert "version" in v["client"]
+    # The log goes to a file here, not a terminal: no colour codes in it.
+    if getattr(server, "log_path", None) is not None:
+        assert b"\x1b[" not in server.log_path.read_bytes()
 
 
 # 2 -----------------------------------------------------------------------------------------

@@ -410,6 +410,14 @@ impl UsageReport {
             row.cores_now += c.cores_now;
             row.memory_now += c.memory_now;
         }
+        // Sums of decimal fractions (0.1 + 0.2 cores) carry binary noise; a millionth of a
+        // core (or a byte) is below anything a report means.
+        for row in &mut rows {
+            row.cores_now = to_millionths(row.cores_now);
+            row.core_seconds = to_millionths(row.core_seconds);
+            row.memory_now = row.memory_now.round();
+            row.memory_byte_seconds = row.memory_byte_seconds.round();
+        }
         rows.sort_by(|a, b| {
             b.core_seconds
                 .total_cmp(&a.core_seconds)
@@ -456,6 +464,11 @@ fn csv_field(s: &str) -> String {
         s.to_string()
     };
     format!("\"{}\"", guarded.replace('"', "\"\""))
+}
+
+/// `x` rounded to millionths.
+fn to_millionths(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
 }
 
 #[cfg(test)]
@@ -611,6 +624,13 @@ mod tests {
         assert_eq!(r.rows[1].group, None);
         let r = UsageReport::build(0, 100, UsageGrouping::Cluster, &all);
         assert_eq!(r.rows.len(), 3);
+        // Decimal fractions add up as written, not as binary floats do (0.30000000000000004).
+        let mut scheduler = c("d", "carol", None, 5, 0.0);
+        scheduler.cores_now = 0.1;
+        let mut worker = c("e", "carol", None, 5, 0.0);
+        worker.cores_now = 0.2;
+        let r = UsageReport::build(0, 100, UsageGrouping::User, &[scheduler, worker]);
+        assert_eq!(r.rows[0].cores_now.to_string(), "0.3");
     }
 
     #[test]

@@ -74,8 +74,11 @@ enum Command {
 fn init_logging(config: &GatewayConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    use std::io::IsTerminal;
+    // Colour codes only for a person at a terminal, not in `kubectl logs` or a journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
