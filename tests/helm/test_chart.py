@@ -10,7 +10,6 @@ Run by tests/helm/run (tests/run calls it inside tests/kube-env/ci).
 """
 
 import base64
-import copy
 import gc
 import json
 import os
@@ -591,6 +590,43 @@ def test_replicas_with_a_separate_controller(namespace):
             wait_clusters_finished(namespace, "split")
         finally:
             uninstall(name, namespace)
+
+
+def test_uninstall_removes_the_warm_pool_but_not_claimed_clusters(namespace):
+    """`helm uninstall` removes the gateway's rights before its pods stop, so the gateway
+    cannot stop its warm schedulers then; they hang on the installation's Lease instead and
+    go with it (garbage collection). A member a user claimed is the user's: it stays."""
+    name = "pooled"
+    helm("install", name, str(CHART), "-n", namespace, *SMALL, "--set", "crds.install=false",
+         "--set", "clusters.instance=pooled", "--set", "clusters.warmSchedulers=1",
+         "--wait", "--timeout", "180s")
+    pool_label = "dask-gateway-rs.io/pool"
+
+    def clusters():
+        return json.loads(kubectl("get", "daskclusters.dask-gateway-rs.io", "-n", namespace,
+                                  "-l", "dask-gateway-rs.io/instance=pooled",
+                                  "-o", "json").stdout)["items"]
+
+    def members():
+        return [o for o in clusters() if pool_label in o["metadata"].get("labels", {})]
+
+    try:
+        wait_for("a warm scheduler", lambda: members(), timeout=120)
+        # Claimed by the first create (the defaults fit the pool), used and stopped.
+        use_a_cluster(gateway_url(namespace, name), "pool-user", "", workers=1)
+        claimed = [o["metadata"]["name"] for o in clusters()
+                   if o["spec"].get("user") == "pool-user"]
+        assert claimed, clusters()
+        wait_for("the pool to refill", lambda: members(), timeout=120)
+    finally:
+        uninstall(name, namespace)
+    wait_for("the warm schedulers to go with the installation", lambda: not members(),
+             timeout=90)
+    wait_for("their pods to go too", lambda: not json.loads(kubectl(
+        "get", "pods", "-n", namespace, "-l", "dask-gateway-rs.io/instance=pooled",
+        "-o", "json").stdout)["items"], timeout=90)
+    left = [o["metadata"]["name"] for o in clusters()]
+    assert set(claimed) <= set(left), (claimed, left)
 
 
 def test_uninstall_leaves_only_the_crd_and_finished_cluster_records(namespace, release):

@@ -14,6 +14,7 @@ use gateway_backend::{
 };
 use gateway_model::{ClusterEvent, ClusterStatus, ClusterUsage, Heartbeat, UsageAmount};
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -43,6 +44,14 @@ pub struct GatewayRuntime {
     /// The clusters' timing: the periods schedulers are told, the seconds a scheduler may take
     /// to become ready, and the worker pods failing in a row that fail the cluster.
     pub timing: ClusterTiming,
+    /// The installation's owner object ([`crate::installation_owner`]): what it owns is
+    /// deleted by Kubernetes when the installation is uninstalled, even though the gateway's
+    /// own rights are gone by the time it hears of it. Unclaimed warm-pool members are owned by
+    /// it; so is every cluster with [`GatewayRuntime::clusters_go_with_installation`].
+    pub installation_owner: Option<OwnerReference>,
+    /// Every cluster goes with the installation (`stop_clusters_on_shutdown`), not only the
+    /// unclaimed warm-pool members.
+    pub clusters_go_with_installation: bool,
 }
 
 /// A cluster's credentials, from its Secret.
@@ -495,6 +504,9 @@ impl KubeBackend {
             labels.insert(names::LABEL_POOL.to_string(), pool.clone());
         }
         dc.metadata.labels = Some(labels);
+        if request.pool.is_some() || self.runtime.clusters_go_with_installation {
+            dc.metadata.owner_references = self.runtime.installation_owner.clone().map(|o| vec![o]);
+        }
         dc.metadata.annotations = Some(BTreeMap::from([
             (names::ANNOTATION_USER.to_string(), user),
             (
@@ -503,6 +515,15 @@ impl KubeBackend {
             ),
         ]));
         Ok(dc)
+    }
+
+    /// The owner references of a claimed warm-pool member (see
+    /// [`GatewayRuntime::installation_owner`]).
+    fn claimed_owners(&self) -> Vec<OwnerReference> {
+        match &self.runtime.installation_owner {
+            Some(owner) if self.runtime.clusters_go_with_installation => vec![owner.clone()],
+            _ => Vec::new(),
+        }
     }
 
     /// Sets one annotation on the DaskCluster of public name `name`.
@@ -859,6 +880,9 @@ impl ClusterBackend for KubeBackend {
                 {"op": "add", "path": label(names::LABEL_USER), "value": names::user_label(&claim.owner)},
                 {"op": "add", "path": annotation(names::ANNOTATION_USER), "value": claim.owner},
                 {"op": "add", "path": annotation(names::ANNOTATION_CREATED_MS), "value": now_ms().to_string()},
+                // The claimer's cluster outlives an uninstall as user clusters do, unless
+                // every cluster goes with the installation.
+                {"op": "add", "path": "/metadata/ownerReferences", "value": self.claimed_owners()},
             ]))
             .expect("a well-formed JSON patch");
             self.counters.spec_patches.inc();

@@ -11,6 +11,7 @@ use crate::crd::{DaskClusterStatus, StatusAddresses};
 use crate::mock_api::{ApiServer, Call};
 use gateway_backend::ClusterSettings;
 use http::Method;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::ByteString;
 use serde_json::{Map, Value};
 use std::future::Future;
@@ -26,6 +27,14 @@ const MERGE: &str = "application/merge-patch+json";
 const JSON_PATCH: &str = "application/json-patch+json";
 
 fn backend() -> (Arc<KubeBackend>, ApiServer) {
+    backend_with(None, false)
+}
+
+/// [`backend`] with an installation owner, and every cluster hung on it or only pool members.
+fn backend_with(
+    installation_owner: Option<OwnerReference>,
+    clusters_go_with_installation: bool,
+) -> (Arc<KubeBackend>, ApiServer) {
     let (client, api) = crate::mock_api::pair();
     let config = KubeConfig {
         instance: "gw".into(),
@@ -35,6 +44,8 @@ fn backend() -> (Arc<KubeBackend>, ApiServer) {
     let runtime = GatewayRuntime {
         api_url: "http://gateway:8000/api".into(),
         timing: gateway_backend::ClusterTiming::default(),
+        installation_owner,
+        clusters_go_with_installation,
     };
     (
         KubeBackend::new(client, config, "dask".into(), runtime),
@@ -291,6 +302,57 @@ async fn a_create_posts_one_daskcluster_with_owner_options_settings_and_labels()
     assert_eq!(b.list(Some("alice@example.org")), [view]);
     assert_eq!(b.counters.creates.get(), 1);
     api.silent().await;
+}
+
+/// Warm-pool members hang on the installation's owner (its Lease), so that uninstalling removes
+/// them by garbage collection; user clusters do only when every cluster goes with it.
+#[tokio::test]
+async fn pool_members_and_only_they_go_with_the_installation_unless_all_clusters_do() {
+    let lease = OwnerReference {
+        api_version: "coordination.k8s.io/v1".into(),
+        kind: "Lease".into(),
+        name: "gw-controller".into(),
+        uid: "lease-uid".into(),
+        ..OwnerReference::default()
+    };
+    for all in [false, true] {
+        let (b, mut api) = backend_with(Some(lease.clone()), all);
+        let mut pooled = NewCluster::owned("", options(), settings());
+        pooled.pool = Some("default".into());
+        for (request, hung) in [
+            (pooled, true),
+            (NewCluster::owned("alice", options(), settings()), all),
+        ] {
+            let task = spawn(&b, |b| async move { b.create(request).await });
+            let c = api.next().await;
+            let owners = &c.body["metadata"]["ownerReferences"];
+            if hung {
+                assert_eq!(owners[0]["uid"], "lease-uid", "{}", c.body);
+                assert_eq!(owners[0]["kind"], "Lease");
+            } else {
+                assert!(owners.is_null(), "{owners}");
+            }
+            c.echo();
+            done(task).await.unwrap();
+        }
+        // A claimed member keeps the owner only when every cluster goes with the installation.
+        let current = running(member(D, "default", 1_000));
+        listed(&b, vec![current.clone()], vec![credentials(D)]);
+        let task = spawn(&b, |b| async move {
+            b.claim("default", NewCluster::owned("bob", options(), settings()))
+                .await
+        });
+        let c = api.next().await;
+        let last = c.body.as_array().unwrap().last().unwrap().clone();
+        let expected = if all { json!([lease]) } else { json!([]) };
+        assert_eq!(
+            last,
+            json!({"op": "add", "path": "/metadata/ownerReferences", "value": expected})
+        );
+        apply(c, &current);
+        done(task).await.unwrap().expect("claimed");
+        api.silent().await;
+    }
 }
 
 #[tokio::test]
@@ -660,6 +722,7 @@ fn claim_patch(owner: &str) -> Value {
         {"op": "add", "path": "/metadata/labels/dask-gateway-rs.io~1user", "value": names::user_label(owner)},
         {"op": "add", "path": "/metadata/annotations/dask-gateway-rs.io~1user", "value": owner},
         {"op": "add", "path": "/metadata/annotations/dask-gateway-rs.io~1created-ms", "value": "<now>"},
+        {"op": "add", "path": "/metadata/ownerReferences", "value": []},
     ])
 }
 

@@ -46,4 +46,4 @@ pub use config::{KubeConfig, Profile};
 pub use crd::{DaskCluster, DaskClusterSpec, DaskClusterStatus, Phase, PodTemplate};
 pub use metrics::LiveContext;
 pub use runtime::{check_crd, run_controller, ControllerError, CrdError};
-pub use session_key::{shared_session_key, SessionKeyError};
+pub use session_key::{installation_owner, shared_session_key, SessionKeyError};

@@ -37,6 +37,30 @@ pub enum SessionKeyError {
     Malformed(String),
 }
 
+/// A reference to the installation's controller Lease, for objects that should go when the
+/// installation is uninstalled (garbage collection deletes what a deleted owner owned, with
+/// the collector's own rights: nothing of the gateway's, whose RBAC an uninstall removes
+/// first, is needed). `None` when the Lease is missing (plain manifests without it) or
+/// unreadable.
+pub async fn installation_owner(
+    client: &Client,
+    namespace: &str,
+    instance: &str,
+) -> Option<OwnerReference> {
+    let lease = Api::<Lease>::namespaced(client.clone(), namespace)
+        .get_opt(&crate::runtime::lease_name(instance))
+        .await
+        .ok()
+        .flatten();
+    lease
+        .and_then(|l| l.controller_owner_ref(&()))
+        .map(|mut o| {
+            o.controller = None;
+            o.block_owner_deletion = None;
+            o
+        })
+}
+
 /// The installation's session key: read from its Secret in `namespace`, or made (64 random
 /// alphanumeric characters) by the first replica that finds none. Two replicas racing to make
 /// it both end with the one that was created first.
@@ -54,19 +78,7 @@ pub async fn shared_session_key(
     if let Some(secret) = api.get_opt(&name).await.map_err(api_error)? {
         return key_of(&secret).ok_or_else(|| SessionKeyError::Malformed(name.clone()));
     }
-    // The Lease may be missing (plain manifests without it) or unreadable: then no owner.
-    let lease = Api::<Lease>::namespaced(client.clone(), namespace)
-        .get_opt(&crate::runtime::lease_name(instance))
-        .await
-        .ok()
-        .flatten();
-    let owner = lease
-        .and_then(|l| l.controller_owner_ref(&()))
-        .map(|mut o| {
-            o.controller = None;
-            o.block_owner_deletion = None;
-            o
-        });
+    let owner = installation_owner(client, namespace, instance).await;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.clone()),

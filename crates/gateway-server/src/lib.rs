@@ -124,13 +124,15 @@ pub async fn run(
                 );
             }
             info!(namespace = %namespace, instance = %config.kubernetes.instance, controller = config.kubernetes.controller, "kubernetes backend");
-            gateway_kube::KubeBackend::start(
-                client,
-                config.kubernetes.clone(),
-                namespace,
-                gateway_runtime(&config),
-            )
-            .await
+            let mut runtime = gateway_runtime(&config);
+            runtime.installation_owner =
+                gateway_kube::installation_owner(&client, &namespace, &config.kubernetes.instance)
+                    .await;
+            if runtime.installation_owner.is_none() {
+                warn!(instance = %config.kubernetes.instance, "no controller Lease to hang warm schedulers on: removing the installation will leave them running");
+            }
+            gateway_kube::KubeBackend::start(client, config.kubernetes.clone(), namespace, runtime)
+                .await
         }
     };
     let connections = Arc::new(ClientConnections::default());

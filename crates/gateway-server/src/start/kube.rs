@@ -115,11 +115,15 @@ pub(crate) fn spawn_controller(
     Ok(ControllerThread(Some(joined)))
 }
 
-/// What pods need from the gateway's own configuration.
+/// What pods need from the gateway's own configuration, and which clusters go with the
+/// installation (its owner object is looked up by the caller, see
+/// [`gateway_kube::installation_owner`]).
 pub(crate) fn gateway_runtime(config: &GatewayConfig) -> gateway_kube::GatewayRuntime {
     gateway_kube::GatewayRuntime {
         api_url: config.api_url(),
         timing: config.cluster.timing(),
+        installation_owner: None,
+        clusters_go_with_installation: config.stop_clusters_on_shutdown,
     }
 }
 
