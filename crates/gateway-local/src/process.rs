@@ -183,42 +183,51 @@ fn cluster_in_environment(proc_dir: &std::path::Path, root: &std::path::Path) ->
 /// Whether a process of the process group led by `leader` holds a listening TCP socket bound
 /// to `address` (or to the unspecified address of its family, on that port). Read from the
 /// leader's `/proc/<pid>/net/tcp{,6}` (its own network namespace) and the group's descriptors.
+/// Where those descriptors cannot be read (a gateway running as root without
+/// `CAP_SYS_PTRACE`, with the leader under another uid), the socket's owner decides: the
+/// leader's uid, which must not be the gateway's own.
 pub fn group_listens_on(leader: u32, address: std::net::SocketAddr) -> bool {
-    use std::collections::HashSet;
+    use std::collections::HashMap;
     let table = if address.is_ipv4() { "tcp" } else { "tcp6" };
     let Ok(text) = std::fs::read_to_string(format!("/proc/{leader}/net/{table}")) else {
         return false;
     };
-    let inodes: HashSet<u64> = text
+    // Listening sockets on that address: inode -> owner uid.
+    let sockets: HashMap<u64, u32> = text
         .lines()
         .skip(1)
         .filter_map(parse_listening_socket)
-        .filter(|(bound, _)| {
-            bound.port() == address.port()
-                && (bound.ip() == address.ip() || bound.ip().is_unspecified())
+        .filter(|l| {
+            l.address.port() == address.port()
+                && (l.address.ip() == address.ip() || l.address.ip().is_unspecified())
         })
-        .map(|(_, inode)| inode)
+        .map(|l| (l.inode, l.uid))
         .collect();
-    if inodes.is_empty() {
+    if sockets.is_empty() {
         return false;
     }
-    let holds = |pid: u32| {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            return false;
-        };
-        fds.flatten().any(|fd| {
+    // Some(true/false): the process's descriptors say; None: they cannot be read.
+    let holds = |pid: u32| -> Option<bool> {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        Some(fds.flatten().any(|fd| {
             std::fs::read_link(fd.path()).is_ok_and(|target| {
                 target
                     .to_str()
                     .and_then(|t| t.strip_prefix("socket:["))
                     .and_then(|t| t.strip_suffix(']'))
                     .and_then(|n| n.parse::<u64>().ok())
-                    .is_some_and(|inode| inodes.contains(&inode))
+                    .is_some_and(|inode| sockets.contains_key(&inode))
             })
-        })
+        }))
     };
-    if holds(leader) {
-        return true;
+    match holds(leader) {
+        Some(true) => return true,
+        Some(false) => {}
+        None => {
+            // SAFETY: geteuid has no preconditions.
+            let gateway_uid = unsafe { libc::geteuid() };
+            return owned_by_another_uid(process_uid(leader), gateway_uid, sockets.values());
+        }
     }
     // The listener may be a child in the group (a wrapper that did not exec, say).
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -228,11 +237,39 @@ pub fn group_listens_on(leader: u32, address: std::net::SocketAddr) -> bool {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != leader)
-        .any(|pid| stat_fields(pid).is_some_and(|(_, group, _)| group == leader) && holds(pid))
+        .any(|pid| {
+            stat_fields(pid).is_some_and(|(_, group, _)| group == leader)
+                && holds(pid) == Some(true)
+        })
 }
 
-/// A line of `/proc/<pid>/net/tcp{,6}` in the LISTEN state: its bound address and socket inode.
-fn parse_listening_socket(line: &str) -> Option<(std::net::SocketAddr, u64)> {
+/// Whether one of the sockets (by owner uid) belongs to `leader_uid`, a uid that is not the
+/// gateway's own (which would let the gateway's own ports pass).
+fn owned_by_another_uid<'a>(
+    leader_uid: Option<u32>,
+    gateway_uid: u32,
+    mut owners: impl Iterator<Item = &'a u32>,
+) -> bool {
+    leader_uid.is_some_and(|uid| uid != gateway_uid && owners.any(|&owner| owner == uid))
+}
+
+/// The real uid of process `pid`.
+fn process_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A listening TCP socket, as `/proc/<pid>/net/tcp{,6}` shows it.
+#[derive(Debug, PartialEq)]
+struct ListeningSocket {
+    address: std::net::SocketAddr,
+    uid: u32,
+    inode: u64,
+}
+
+/// A line of `/proc/<pid>/net/tcp{,6}` in the LISTEN state.
+fn parse_listening_socket(line: &str) -> Option<ListeningSocket> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
     if fields.len() < 10 || fields[3] != "0A" {
@@ -251,8 +288,11 @@ fn parse_listening_socket(line: &str) -> Option<(std::net::SocketAddr, u64)> {
         16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
         _ => return None,
     };
-    let inode = fields[9].parse().ok()?;
-    Some((std::net::SocketAddr::new(ip, port), inode))
+    Some(ListeningSocket {
+        address: std::net::SocketAddr::new(ip, port),
+        uid: fields[7].parse().ok()?,
+        inode: fields[9].parse().ok()?,
+    })
 }
 
 /// Watches a process that is not our child (adopted after a gateway restart) by polling
@@ -366,14 +406,31 @@ mod tests {
     }
 
     #[test]
+    fn unreadable_descriptors_leave_it_to_the_sockets_owner() {
+        let owners = [1001u32, 0];
+        // The leader's uid owns one: its port. The gateway's uid: never, even if it owns one.
+        assert!(owned_by_another_uid(Some(1001), 0, owners.iter()));
+        assert!(!owned_by_another_uid(Some(0), 0, owners.iter()));
+        assert!(!owned_by_another_uid(Some(1002), 0, owners.iter()));
+        assert!(!owned_by_another_uid(None, 0, owners.iter()));
+        let me = std::process::id();
+        assert_eq!(process_uid(me), Some(unsafe { libc::getuid() }));
+    }
+
+    #[test]
     fn listening_lines_of_proc_net_tcp_are_read() {
-        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 123456 1 0000000000000000 100 0 0 10 0";
-        let (addr, inode) = parse_listening_socket(v4).unwrap();
-        assert_eq!(addr, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(inode, 123456);
+        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 123456 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(
+            parse_listening_socket(v4).unwrap(),
+            ListeningSocket {
+                address: "127.0.0.1:8080".parse().unwrap(),
+                uid: 1001,
+                inode: 123456
+            }
+        );
         let v6 = "   1: 00000000000000000000000001000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
         assert_eq!(
-            parse_listening_socket(v6).unwrap().0,
+            parse_listening_socket(v6).unwrap().address,
             "[::1]:80".parse().unwrap()
         );
         // Established, not listening.
