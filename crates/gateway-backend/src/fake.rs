@@ -170,7 +170,10 @@ impl ClusterBackend for FakeBackend {
     }
 
     fn route(&self, name: &str) -> Option<SchedulerAddresses> {
-        self.lock().get(name).and_then(|e| e.view.addresses.clone())
+        self.lock()
+            .get(name)
+            .filter(|e| e.view.pool.is_none())
+            .and_then(|e| e.view.addresses.clone())
     }
 
     fn subscribe(&self, name: &str) -> Option<watch::Receiver<ClusterStatus>> {

@@ -244,8 +244,9 @@ pub trait ClusterBackend: Send + Sync + 'static {
     /// Every known cluster of `owner` (every cluster for `None`), oldest first.
     fn list(&self, owner: Option<&str>) -> Vec<ClusterView>;
 
-    /// The scheduler addresses of a RUNNING cluster: the proxy's route. Called once per new
-    /// proxied connection, so it must be a map lookup.
+    /// The scheduler addresses of a RUNNING cluster: the proxy's route (scheduler TLS and
+    /// dashboard). None for an unclaimed warm-pool member, which belongs to nobody yet. Called
+    /// once per new proxied connection, so it must be a map lookup.
     fn route(&self, name: &str) -> Option<SchedulerAddresses>;
 
     /// Status updates of one cluster, for `?wait` and for DELETE waiting on the teardown.

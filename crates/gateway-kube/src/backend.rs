@@ -672,7 +672,9 @@ impl ClusterBackend for KubeBackend {
         let id = self.id(name)?;
         let cache = self.lock();
         let e = cache.clusters.get(id)?;
-        if public_status(&e.cluster, &cache.secrets) != ClusterStatus::Running {
+        if public_status(&e.cluster, &cache.secrets) != ClusterStatus::Running
+            || e.cluster.spec.pool.is_some()
+        {
             return None;
         }
         let a = e.cluster.status.as_ref()?.addresses.clone()?;

@@ -1248,7 +1248,10 @@ impl ClusterBackend for LocalBackend {
     }
 
     fn route(&self, name: &str) -> Option<SchedulerAddresses> {
-        self.lock().get(name).and_then(Cluster::addresses)
+        self.lock()
+            .get(name)
+            .filter(|c| c.record.pool.is_none())
+            .and_then(Cluster::addresses)
     }
 
     fn subscribe(&self, name: &str) -> Option<watch::Receiver<ClusterStatus>> {

@@ -46,15 +46,6 @@ async fn dashboard(State(state): State<AppState>, name: String, mut req: Request
     let Some(target) = route.flatten() else {
         return not_found();
     };
-    // An unclaimed warm scheduler belongs to nobody: its dashboard is nobody's to see.
-    let pooled = state
-        .clusters
-        .backend()
-        .get(&name)
-        .is_some_and(|v| v.pool.is_some());
-    if pooled {
-        return not_found();
-    }
     if state.dashboard_auth {
         match state.auth.authenticate(req.headers()).await {
             Ok(a) if state.clusters.may_access(&a.user, &name) => {}
