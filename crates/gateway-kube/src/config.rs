@@ -95,7 +95,7 @@ impl Default for KubeConfig {
         KubeConfig {
             namespace: None,
             instance: "dask-gateway".into(),
-            image: "ghcr.io/dask-gateway-rs/dask:2026.8.0".into(),
+            image: "ghcr.io/dask-gateway-rs/dask:2026.11.0".into(),
             image_pull_policy: None,
             image_pull_secrets: Vec::new(),
             service_account: None,
