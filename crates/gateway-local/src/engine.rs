@@ -763,7 +763,12 @@ impl LocalBackend {
                     let Some(w) = c.workers.get(worker).filter(|w| w.process == exit.id) else {
                         return;
                     };
-                    let expected = w.state.exit_expected();
+                    // A worker that ran and then exited 0 was closed on purpose (retired by a
+                    // client or by adaptive scaling, its `--lifetime` over) even when its exit
+                    // arrives before the heartbeat that reports it closed. One that exits 0
+                    // before it ever ran still counts: a start that keeps ending is a failure.
+                    let clean_stop = exit.code == Some(0) && w.state == WorkerState::Running;
+                    let expected = w.state.exit_expected() || clean_stop;
                     c.workers.remove(worker);
                     if let Err(e) = self.store.delete_worker(&exit.cluster, worker) {
                         error!(cluster = %exit.cluster, "forgetting worker: {e}");

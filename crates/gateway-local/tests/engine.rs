@@ -432,6 +432,50 @@ async fn a_crashed_worker_is_replaced_until_the_failure_limit() {
 }
 
 #[tokio::test]
+async fn running_workers_that_exit_cleanly_are_no_failures() {
+    // Retired workers exit 0, often before the heartbeat that reports them closed: however
+    // many at once, the cluster keeps running and they are replaced as any stopped worker.
+    let (b, procs, _) = start("clean-exits", config()).await;
+    let c = b.create(request()).await.unwrap();
+    b.heartbeat(&c.name, &heartbeat(4, &[], &[], &[]), 4)
+        .await
+        .unwrap();
+    let names: Vec<String> = procs.workers_of(&c.name).into_keys().collect();
+    let running: Vec<&str> = names.iter().map(String::as_str).collect();
+    b.heartbeat(&c.name, &heartbeat(4, &running, &[], &[]), 4)
+        .await
+        .unwrap();
+    let first: Vec<_> = procs.workers_of(&c.name).into_values().collect();
+    for id in &first {
+        procs.crash(*id, 0);
+    }
+    eventually("four replacements", || {
+        let now = procs.workers_of(&c.name);
+        now.len() == 4 && now.values().all(|p| !first.contains(p))
+    })
+    .await;
+    assert_eq!(status(&b, &c.name), ClusterStatus::Running);
+    // A worker that exits 0 before it ever ran is still a failed start.
+    for round in 1..=3 {
+        let starting: Vec<_> = procs.workers_of(&c.name).into_values().collect();
+        procs.crash(starting[0], 0);
+        if round < 3 {
+            eventually("a replacement", || {
+                !procs
+                    .workers_of(&c.name)
+                    .values()
+                    .any(|p| *p == starting[0])
+            })
+            .await;
+        }
+    }
+    eventually("the cluster to fail", || {
+        status(&b, &c.name) == ClusterStatus::Failed
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_worker_that_joins_resets_the_failure_count() {
     let (b, procs, _) = start("reset", config()).await;
     let c = b.create(request()).await.unwrap();
