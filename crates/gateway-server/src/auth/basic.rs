@@ -76,6 +76,9 @@ mod tests {
             b"a\x1bb:",
             "a\u{85}b:".as_bytes(),
             b"a\x7fb:",
+            "admin\u{200b}:".as_bytes(),
+            "mal\u{202e}yrollam:".as_bytes(),
+            "\u{feff}admin:".as_bytes(),
             long.as_bytes(),
         ] {
             assert_eq!(

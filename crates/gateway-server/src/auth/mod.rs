@@ -32,12 +32,24 @@ pub const MAX_USER_NAME: usize = 256;
 
 /// Whether `name` can be a user's: not empty, at most [`MAX_USER_NAME`] bytes, no control
 /// characters (names become process environment and log fields), no white space at either end
-/// (`"admin "` would read as `admin` in every listing).
+/// (`"admin "` would read as `admin` in every listing), and no invisible formatting characters
+/// (`"admin\u{200b}"` would read as `admin` too, and a right-to-left override turns a name
+/// around on screen).
 pub(crate) fn is_usable_user_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_USER_NAME
-        && !name.chars().any(char::is_control)
+        && !name
+            .chars()
+            .any(|c| c.is_control() || is_invisible_format(c))
         && name.trim() == name
+}
+
+/// Characters that show nothing themselves but change how text around them reads: zero-width
+/// spaces and joiners, soft hyphens, and the bidirectional embeddings, overrides and isolates.
+pub(crate) fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// An authenticated user.
