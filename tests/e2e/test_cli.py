@@ -3,9 +3,11 @@ stock Python client: clusters made by one are usable from the other."""
 
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,7 @@ def srv(module_servers):
 def run(srv, *args, user=USER, password=PASSWORD, env=None, timeout=180, address=True):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
     full_env["DASK_CONFIG"] = "/nonexistent"  # no user config files leak in
+    full_env["HOME"] = "/nonexistent"
     full_env["DASK_GATEWAY_PASSWORD"] = password
     full_env.update(env or {})
     cmd = [cli_binary()]
@@ -136,6 +139,101 @@ def test_tunnel_serves_a_plain_distributed_client(srv, cli_cluster):
     assert not Path(info["tls_client_key"]).exists(), "the key is removed on exit"
 
 
+def read_json_record(stream):
+    """The first JSON document a process prints (pretty-printed over several lines)."""
+    text = ""
+    while True:
+        line = stream.readline()
+        assert line, "the process exited before printing"
+        text += line
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            continue
+
+
+def test_tunnel_credentials_are_private_and_gone_when_the_terminal_closes(srv, cli_cluster,
+                                                                          tmp_path):
+    name = cli_cluster["name"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    env.update(DASK_CONFIG="/nonexistent", DASK_GATEWAY_PASSWORD=PASSWORD)
+    base = [cli_binary(), "--address", srv.url, "--user", USER, "-o", "json", "tunnel", name]
+    # A directory others may write to is refused, and nothing is written into it.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    r = subprocess.run(base + ["--credentials-dir", str(shared)], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 5 and "not a private directory" in r.stderr, r
+    assert list(shared.iterdir()) == []
+    proc = subprocess.Popen(base, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        info = read_json_record(proc.stdout)
+        folder = Path(info["tls_client_key"]).parent
+        # A new directory of a name nobody could guess and make first.
+        assert str(proc.pid) not in folder.name, folder
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not folder.exists(), "SIGHUP (a closed terminal) removes the credentials"
+
+
+def test_new_cluster_checks_everything_before_creating(srv):
+    before = {c["name"] for c in run_json(srv, "list", "--all")}
+    for args in (["--adapt", "5:1"], ["--wait", "--timeout=-1"], ["--wait", "--timeout", "nan"],
+                 ["--wait", "--timeout", "1e19"]):
+        r = run(srv, "new-cluster", *args)
+        assert r.returncode == 2, (args, r)
+        assert "panicked" not in r.stderr, r
+    assert {c["name"] for c in run_json(srv, "list", "--all")} == before
+
+
+def test_a_new_cluster_that_cannot_be_made_ready_is_stopped(srv):
+    active = {c["name"] for c in run_json(srv, "list")}
+    r = run(srv, "new-cluster", "--wait", "--timeout", "0")
+    assert r.returncode == 7, r
+    assert "was created, but" in r.stderr and "it has been stopped" in r.stderr, r
+    assert r.stdout == ""
+    wait_for(lambda: {c["name"] for c in run_json(srv, "list")} <= active, 60,
+             what="the unfinished cluster stopped")
+
+
+def test_settings_are_read_as_the_python_client_reads_them(srv, tmp_path):
+    """Templates filled from the environment, default cluster options, `$DASK_CONFIG` added to
+    the user's config directory rather than replacing it."""
+    home = tmp_path / "home"
+    (home / ".config" / "dask").mkdir(parents=True)
+    host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+    (home / ".config" / "dask" / "gateway.yaml").write_text(
+        f"gateway:\n  address: 'http://{{CLI_TEST_HOST}}:{port}'\n")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "cluster.yaml").write_text(
+        "gateway:\n  auth:\n    kwargs: {username: '{CLI_TEST_USER}', password: '{CLI_TEST_PW}'}\n"
+        "  cluster:\n    options: {worker_cores: 2}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    env.update(HOME=str(home), DASK_CONFIG=str(extra), CLI_TEST_HOST=host,
+               CLI_TEST_USER=USER, CLI_TEST_PW=PASSWORD)
+    r = subprocess.run([cli_binary(), "-o", "json", "new-cluster"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r
+    name = json.loads(r.stdout)["name"]
+    try:
+        info = run_json(srv, "info", name)
+        assert info["options"]["worker_cores"] == 2, info
+        # The Python client reads the same files the same way.
+        script = ("from dask_gateway import Gateway; "
+                  "print(Gateway().cluster_options()['worker_cores'])")
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "2", out
+    finally:
+        run(srv, "stop", name)
+
+
 def test_scale_adapt_list_and_formats(srv, cli_cluster):
     name = cli_cluster["name"]
     r = run_json(srv, "scale", name, "1")
@@ -189,6 +287,7 @@ def test_settings_from_dask_environment_variables(srv):
         (["new-cluster", "--opt", "worker_cores=99"], 5, "worker_cores"),
         (["new-cluster", "--opt", "nonsense"], 2, "KEY=VALUE"),
         (["adapt", "x", "--min", "5", "--max", "2"], 2, "above"),
+        (["info", ".."], 5, "not a cluster name"),
         (["scale", "x", "-1"], 2, ""),
         (["frobnicate"], 2, ""),
         (["list", "--status", "sleeping"], 2, "sleeping"),
@@ -210,6 +309,9 @@ def test_wrong_credentials_and_no_address(srv):
                        capture_output=True, text=True, timeout=60,
                        env={**os.environ, "DASK_CONFIG": "/nonexistent"})
     assert r.returncode == 1 and "cannot reach" in r.stderr, r
+    # A password in the address would go with every request and into every printed address.
+    r = run(srv, "list", address=False, env={"DASK_GATEWAY__ADDRESS": "http://u:p@127.0.0.1:1"})
+    assert r.returncode == 5 and "user name or password" in r.stderr, r
 
 
 def test_stop_all(srv):

@@ -1,10 +1,12 @@
 //! `gateway-cli`: manage Dask Gateway clusters from a terminal, over the same REST API and
 //! proxy protocol as the Python client (see the `gateway-client` crate).
 
+mod credentials;
 mod output;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use gateway_client::config::{auth_from, DaskConfig};
+use credentials::CredentialFiles;
+use gateway_client::config::{DaskConfig, Overrides};
 use gateway_client::tunnel::Tunnel;
 use gateway_client::{ClientConfig, ClientError, ClusterStatus, GatewayClient};
 use output::{Format, Printer};
@@ -86,8 +88,8 @@ enum Command {
         /// Wait until the cluster is running.
         #[arg(long)]
         wait: bool,
-        /// Seconds to wait.
-        #[arg(long, default_value_t = 300.0)]
+        /// Seconds to wait (up to a year).
+        #[arg(long, default_value_t = 300.0, value_parser = seconds)]
         timeout: f64,
     },
     /// List your clusters (all users' for admins).
@@ -176,11 +178,11 @@ enum Command {
         /// Local port (0: any free port).
         #[arg(long, default_value_t = 0)]
         port: u16,
-        /// Local address to listen on.
+        /// Local address to listen on (an IPv4 or IPv6 address).
         #[arg(long, default_value = "127.0.0.1")]
         bind: String,
-        /// Directory for the cluster's certificate and key (private; default: a temporary
-        /// directory removed on exit).
+        /// Directory for the cluster's certificate and key: yours, and closed to others
+        /// (created 0700 if missing) [default: a new temporary directory, removed on exit].
         #[arg(long)]
         credentials_dir: Option<PathBuf>,
     },
@@ -196,6 +198,34 @@ enum Command {
 enum Failure {
     Client(ClientError),
     Usage(String),
+    /// A cluster was created, but what `new-cluster` was asked to do with it failed.
+    AfterCreate(Box<AfterCreate>),
+    /// Several clusters of `stop --all` could not be stopped (each already reported).
+    Partial(i32),
+}
+
+/// A cluster `new-cluster` created, whose waiting, scaling or adapting failed (or was
+/// interrupted); it was then stopped, as the Python client stops a cluster it could not start.
+struct AfterCreate {
+    name: String,
+    /// What failed; `None`: Ctrl-C.
+    error: Option<ClientError>,
+    /// Why the cluster ended, when it ended while waited for.
+    reason: Option<String>,
+    /// Whether stopping it worked.
+    stopped: Result<(), ClientError>,
+}
+
+/// The exit code of a Ctrl-C, as shells report it.
+const INTERRUPTED: i32 = 130;
+
+/// `--timeout`: a number of seconds, from 0 up to a year.
+fn seconds(text: &str) -> Result<f64, String> {
+    const YEAR: f64 = 365.0 * 24.0 * 3600.0;
+    match text.trim().parse::<f64>() {
+        Ok(s) if (0.0..=YEAR).contains(&s) => Ok(s),
+        _ => Err(format!("expected a number of seconds from 0 to {YEAR}")),
+    }
 }
 
 impl From<ClientError> for Failure {
@@ -213,11 +243,13 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // The cookie store logs each session cookie it takes at debug: a usable credential, in
+    // logs that users paste into bug reports.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_CLI_LOG")
+        .unwrap_or_else(|_| "warn".into())
+        .add_directive("cookie_store=warn".parse().expect("a valid directive"));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GATEWAY_CLI_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     if let Command::Completions { shell } = &cli.command {
@@ -237,50 +269,54 @@ fn main() {
     let code = match runtime.block_on(run(cli)) {
         Ok(()) => 0,
         Err(Failure::Client(e)) => {
-            eprintln!("gateway-cli: {e}");
+            eprintln!("gateway-cli: {}", output::printable(&e.to_string()));
             e.exit_code()
         }
         Err(Failure::Usage(m)) => {
-            eprintln!("gateway-cli: {m}");
+            eprintln!("gateway-cli: {}", output::printable(&m));
             2
         }
+        Err(Failure::AfterCreate(failed)) => {
+            let AfterCreate {
+                name,
+                error,
+                reason,
+                stopped,
+            } = *failed;
+            let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+            let after = match stopped {
+                Ok(()) => "it has been stopped".to_string(),
+                Err(e) => {
+                    format!("stopping it failed too ({e}): stop it with `gateway-cli stop {name}`")
+                }
+            };
+            let what = match &error {
+                Some(e) => e.to_string(),
+                None => "waiting for it was interrupted".to_string(),
+            };
+            eprintln!(
+                "gateway-cli: cluster {name} was created, but {}{}; {after}",
+                output::printable(&what),
+                output::printable(&why)
+            );
+            error.map_or(INTERRUPTED, |e| e.exit_code())
+        }
+        Err(Failure::Partial(code)) => code,
     };
     std::process::exit(code);
 }
 
 /// The client configuration: flags over environment over dask config files.
-fn client_config(cli: &Cli) -> Result<ClientConfig, ClientError> {
-    let dask = DaskConfig::load();
-    let address = cli
-        .address
-        .clone()
-        .or_else(|| dask.string(&["gateway", "address"]))
-        .ok_or_else(|| {
-            ClientError::Config(
-                "no gateway address: pass --address, or set DASK_GATEWAY__ADDRESS or gateway.address in a dask config file".into(),
-            )
-        })?;
-    let mut config = ClientConfig::new(address);
-    config.proxy_address = cli
-        .proxy_address
-        .clone()
-        .or_else(|| dask.string(&["gateway", "proxy-address"]));
-    config.public_address = dask.string(&["gateway", "public-address"]);
-    let kind = cli
-        .auth
-        .clone()
-        .or_else(|| dask.string(&["gateway", "auth", "type"]))
-        .unwrap_or_else(|| "basic".into());
-    let kwarg = |k: &str| -> Option<String> {
-        match k {
-            "username" if cli.user.is_some() => cli.user.clone(),
-            "password" if cli.password.is_some() => cli.password.clone(),
-            "token" | "api_token" if cli.token.is_some() => cli.token.clone(),
-            _ => dask.string(&["gateway", "auth", "kwargs", k]),
-        }
+fn client_config(cli: &Cli, dask: &DaskConfig) -> Result<ClientConfig, ClientError> {
+    let flags = Overrides {
+        address: cli.address.clone(),
+        proxy_address: cli.proxy_address.clone(),
+        auth_type: cli.auth.clone(),
+        username: cli.user.clone(),
+        password: cli.password.clone(),
+        token: cli.token.clone(),
     };
-    config.auth = auth_from(&kind, &kwarg)?;
-    Ok(config)
+    ClientConfig::resolve(dask, &flags)
 }
 
 /// Parses `--opt KEY=VALUE` pairs.
@@ -306,7 +342,50 @@ fn parse_bounds(text: &str) -> Result<(Option<u64>, Option<u64>), Failure> {
             s.parse().map(Some).map_err(|_| bad())
         }
     };
-    Ok((num(lo)?, num(hi)?))
+    let (lo, hi) = (num(lo)?, num(hi)?);
+    if let (Some(lo), Some(hi)) = (lo, hi) {
+        if lo > hi {
+            return Err(Failure::Usage(format!(
+                "--adapt {text:?}: the minimum {lo} is above the maximum {hi}"
+            )));
+        }
+    }
+    Ok((lo, hi))
+}
+
+/// What `new-cluster` does once the cluster exists: waits for it, scales or adapts it, and
+/// gives the row to print with the gateway's notes (a request clipped by a limit).
+async fn finish_new_cluster(
+    client: &GatewayClient,
+    name: &str,
+    wait: bool,
+    timeout: f64,
+    workers: Option<u64>,
+    bounds: Option<(Option<u64>, Option<u64>)>,
+) -> Result<(Value, Vec<String>), ClientError> {
+    let mut model = client.get(name).await?;
+    if wait {
+        let bar = spinner(format!("waiting for cluster {name} to start"));
+        let waited = client
+            .wait_until_running(name, Duration::from_secs_f64(timeout))
+            .await;
+        bar.finish_and_clear();
+        model = waited?;
+    }
+    let mut notes = Vec::new();
+    if let Some(n) = workers {
+        notes.extend(client.scale(name, n).await?.msg);
+    }
+    if let Some((lo, hi)) = bounds {
+        notes.extend(client.adapt(name, lo, hi).await?.msg);
+    }
+    let row = json!({
+        "name": name,
+        "status": model.status.as_str(),
+        "address": client.scheduler_address(name)?,
+        "dashboard": client.dashboard_url(&model),
+    });
+    Ok((row, notes))
 }
 
 fn spinner(message: String) -> indicatif::ProgressBar {
@@ -318,7 +397,8 @@ fn spinner(message: String) -> indicatif::ProgressBar {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let printer = Printer::new(cli.output);
-    let client = GatewayClient::new(client_config(&cli)?)?;
+    let dask = DaskConfig::load();
+    let client = GatewayClient::new(client_config(&cli, &dask)?)?;
     match cli.command {
         Command::NewCluster {
             opts,
@@ -327,37 +407,40 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             wait,
             timeout,
         } => {
-            let options = parse_options(&opts)?;
+            // Everything is checked before the cluster exists.
+            let mut options = dask.cluster_options()?;
+            options.extend(parse_options(&opts)?);
             let bounds = adapt.as_deref().map(parse_bounds).transpose()?;
             let name = client.create(options).await?;
-            let mut model = client.get(&name).await?;
-            if wait || workers.is_some() || bounds.is_some() {
-                let bar = spinner(format!("waiting for cluster {name} to start"));
-                let waited = client
-                    .wait_until_running(&name, Duration::from_secs_f64(timeout))
-                    .await;
-                bar.finish_and_clear();
-                model = waited?;
+            let wait = wait || workers.is_some() || bounds.is_some();
+            let finish = finish_new_cluster(&client, &name, wait, timeout, workers, bounds);
+            let finished = tokio::select! {
+                r = finish => r.map_err(Some),
+                _ = tokio::signal::ctrl_c() => Err(None),
+            };
+            match finished {
+                Ok((row, notes)) => {
+                    for n in &notes {
+                        eprintln!("gateway-cli: {}", output::printable(n));
+                    }
+                    printer.record(&row);
+                }
+                Err(error) => {
+                    let reason = match &error {
+                        Some(ClientError::ClusterEnded { .. }) => {
+                            client.details(&name).await.ok().and_then(|d| d.reason)
+                        }
+                        _ => None,
+                    };
+                    let stopped = client.stop(&name).await;
+                    return Err(Failure::AfterCreate(Box::new(AfterCreate {
+                        name,
+                        error,
+                        reason,
+                        stopped,
+                    })));
+                }
             }
-            let mut notes = Vec::new();
-            if let Some(n) = workers {
-                let r = client.scale(&name, n).await?;
-                notes.extend(r.msg);
-            }
-            if let Some((lo, hi)) = bounds {
-                let r = client.adapt(&name, lo, hi).await?;
-                notes.extend(r.msg);
-            }
-            for n in &notes {
-                eprintln!("gateway-cli: {n}");
-            }
-            let row = json!({
-                "name": name,
-                "status": model.status.as_str(),
-                "address": client.scheduler_address(&name)?,
-                "dashboard": client.dashboard_url(&model),
-            });
-            printer.record(&row);
         }
         Command::List { status, all } => {
             let statuses: Vec<ClusterStatus> = if all {
@@ -419,15 +502,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 row["expires_at"] = json!(d.expires_at);
             }
             if model.status == ClusterStatus::Running {
-                let id = client.scheduler_identity(&name).await?;
-                row["workers"] = json!(id.workers.len());
-                row["threads"] = json!(id.threads());
-                row["memory"] = json!(gateway_client::model::format_memory(id.memory()));
-                row["worker_details"] = serde_json::to_value(&id.workers).unwrap_or_default();
+                // What the gateway knows is shown even when the scheduler cannot be asked.
+                match client.scheduler_identity(&name).await {
+                    Ok(id) => {
+                        row["workers"] = json!(id.workers.len());
+                        row["threads"] = json!(id.threads());
+                        row["memory"] = json!(gateway_client::model::format_memory(id.memory()));
+                        row["worker_details"] =
+                            serde_json::to_value(&id.workers).unwrap_or_default();
+                    }
+                    Err(e) => eprintln!(
+                        "gateway-cli: workers unknown: {}",
+                        output::printable(&e.to_string())
+                    ),
+                }
             }
             printer.record(&row);
         }
         Command::Events { name, follow } => {
+            let structured = printer.format() != Format::Table;
             if follow {
                 let format = printer.format();
                 client
@@ -435,7 +528,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .await?;
             } else {
                 let events = client.events(&name).await?;
-                let rows: Vec<Value> = events.iter().map(output::event_row).collect();
+                let rows: Vec<Value> = events
+                    .iter()
+                    .map(|e| output::event_row(e, structured))
+                    .collect();
                 printer.table(&rows, &["time", "type", "reason", "source", "message"]);
             }
         }
@@ -459,7 +555,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             let report = client.usage(&request).await?;
             if csv {
-                print!("{}", report.to_csv());
+                print!("{}", output::printable_lines(&report.to_csv()));
             } else {
                 let rows: Vec<Value> = report.rows.iter().map(output::usage_row).collect();
                 let key: &[&str] = match by {
@@ -508,15 +604,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .map(|c| c.name)
                     .collect(),
             };
+            // Every cluster is tried; the failures are told, and the first one's code is the
+            // exit code.
             let mut rows = Vec::new();
+            let mut failed = None;
             for n in names {
-                client.stop(&n).await?;
+                if let Err(e) = client.stop(&n).await {
+                    eprintln!(
+                        "gateway-cli: stopping {n}: {}",
+                        output::printable(&e.to_string())
+                    );
+                    failed.get_or_insert(e.exit_code());
+                    continue;
+                }
                 let status = client.get(&n).await.map(|m| m.status.as_str().to_string());
                 rows.push(
                     json!({"name": n, "status": status.unwrap_or_else(|_| "STOPPED".into())}),
                 );
             }
             printer.table(&rows, &["name", "status"]);
+            if let Some(code) = failed {
+                return Err(Failure::Partial(code));
+            }
         }
         Command::Options => {
             let options = client.options().await?;
@@ -565,8 +674,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Writes the cluster's credentials privately, serves the tunnel until Ctrl-C or SIGTERM, then
-/// removes the credentials it wrote.
+/// Writes the cluster's credentials privately, serves the tunnel until Ctrl-C, SIGTERM, SIGHUP
+/// (the terminal closed) or SIGQUIT, then removes the credentials it wrote.
 async fn tunnel(
     client: &GatewayClient,
     printer: &Printer,
@@ -575,36 +684,26 @@ async fn tunnel(
     bind: String,
     credentials_dir: Option<PathBuf>,
 ) -> Result<(), Failure> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let local: std::net::SocketAddr = format!("{bind}:{port}")
+    let ip: std::net::IpAddr = bind
+        .trim_start_matches('[')
+        .trim_end_matches(']')
         .parse()
         .map_err(|_| Failure::Usage(format!("--bind {bind:?} is not an IP address")))?;
+    let local = std::net::SocketAddr::new(ip, port);
+    let listen = |kind| {
+        tokio::signal::unix::signal(kind)
+            .map_err(|e| ClientError::Config(format!("installing a signal handler: {e}")))
+    };
+    use tokio::signal::unix::SignalKind;
+    let mut interrupt = listen(SignalKind::interrupt())?;
+    let mut terminate = listen(SignalKind::terminate())?;
+    let mut hangup = listen(SignalKind::hangup())?;
+    let mut quit = listen(SignalKind::quit())?;
     let tls = client.credentials(&name).await?;
     let tunnel = Tunnel::bind(local, client.proxy_address()?, name.clone(), tls.clone()).await?;
-    let (dir, temporary) = match credentials_dir {
-        Some(d) => (d, false),
-        None => (
-            std::env::temp_dir().join(format!("gateway-cli-{}-{}", name, std::process::id())),
-            true,
-        ),
-    };
-    let io = |e: std::io::Error| ClientError::Config(format!("writing {}: {e}", dir.display()));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(io)?;
-    let (cert, key) = (dir.join("dask.crt"), dir.join("dask.pem"));
-    for (path, text) in [(&cert, &tls.cert_pem), (&key, &tls.key_pem)] {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io)?;
-        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io)?;
-    }
+    let files = CredentialFiles::write(credentials_dir, &name, &tls.cert_pem, &tls.key_pem)
+        .map_err(ClientError::Config)?;
+    let (cert, key) = (&files.cert, &files.key);
     let address = format!("tls://{}", tunnel.local_addr());
     let info = json!({
         "name": name,
@@ -628,19 +727,15 @@ async fn tunnel(
         printer.record(&info);
     }
     let stop = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("a SIGTERM handler");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+            _ = hangup.recv() => {}
+            _ = quit.recv() => {}
         }
     };
     tunnel.run(stop).await;
-    if temporary {
-        let _ = std::fs::remove_dir_all(&dir);
-    } else {
-        let _ = std::fs::remove_file(&key);
-    }
+    files.remove();
     Ok(())
 }
 
@@ -679,7 +774,7 @@ mod tests {
             "options",
         ]);
         assert_eq!(
-            client_config(&cli).unwrap().auth,
+            client_config(&cli, &DaskConfig::default()).unwrap().auth,
             gateway_client::Auth::None
         );
     }

@@ -2,6 +2,7 @@
 
 use clap::ValueEnum;
 use serde_json::Value;
+use std::borrow::Cow;
 
 /// `--output` formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -59,7 +60,7 @@ impl Printer {
             if k == "worker_details" {
                 continue;
             }
-            println!("{k:<width$}  {}", cell(v));
+            println!("{:<width$}  {}", printable(k), cell(v));
         }
     }
 
@@ -99,12 +100,55 @@ impl Printer {
     }
 }
 
+/// A value as a table cell: text as it reads ([`printable`]), whole numbers without `.0`.
 fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => printable(s).into_owned(),
+        Value::Number(n) => match n.as_f64() {
+            Some(x) if n.is_f64() && x.fract() == 0.0 && x.abs() < 1e15 => format!("{x:.0}"),
+            _ => n.to_string(),
+        },
+        other => printable(&other.to_string()).into_owned(),
     }
+}
+
+/// Text from the gateway as it may go to a terminal: control characters (which could move
+/// the cursor, retitle the window or clear the screen) and invisible formatting characters
+/// (which make one name read as another) are written as `\u{..}` escapes; everything else
+/// is kept.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    escape(text, false)
+}
+
+/// [`printable`] for multi-line output such as CSV: line ends are kept.
+pub fn printable_lines(text: &str) -> Cow<'_, str> {
+    escape(text, true)
+}
+
+fn escape(text: &str, keep_lines: bool) -> Cow<'_, str> {
+    let bad = |c: char| {
+        (c.is_control() && !(keep_lines && matches!(c, '\n' | '\r'))) || invisible_format(c)
+    };
+    if !text.chars().any(bad) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if bad(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Zero-width and bidirectional formatting characters (as the gateway refuses in user names).
+fn invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// A usage report row for printing: the API's fields plus core-hours and GiB-hours.
@@ -124,11 +168,17 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// How long ago a millisecond timestamp was, e.g. `42s`, `5m`, `3h`, `2d`.
-/// A cluster event as a row: its time in UTC to the second.
-pub fn event_row(event: &gateway_client::ClusterEvent) -> Value {
+/// A cluster event as a row: its time in UTC, to the second for a table, as RFC 3339 with
+/// milliseconds for JSON and YAML (`structured`).
+pub fn event_row(event: &gateway_client::ClusterEvent, structured: bool) -> Value {
     let time = jiff::Timestamp::from_millisecond(event.time)
-        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+        .map(|t| {
+            if structured {
+                t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+            } else {
+                t.strftime("%Y-%m-%d %H:%M:%S").to_string()
+            }
+        })
         .unwrap_or_else(|_| event.time.to_string());
     serde_json::json!({
         "time": time,
@@ -142,24 +192,28 @@ pub fn event_row(event: &gateway_client::ClusterEvent) -> Value {
     })
 }
 
-/// One followed event as it arrives: a line of JSON for scripts, else tab-separated columns.
+/// One followed event as it arrives: columns for a table, a line of JSON for each event, or a
+/// YAML document each (the same fields as `events` without `--follow`).
 pub fn event_line(format: Format, event: &gateway_client::ClusterEvent) {
-    let row = event_row(event);
-    if format == Format::Table {
-        let col = |k: &str| row[k].as_str().unwrap_or_default().to_string();
-        println!(
-            "{}  {:<7}  {:<16}  {:<8}  {}",
-            col("time"),
-            col("type"),
-            col("reason"),
-            col("source"),
-            col("message")
-        );
-    } else {
-        println!("{}", serde_json::to_string(event).unwrap_or_default());
+    let row = event_row(event, format != Format::Table);
+    match format {
+        Format::Table => {
+            let col = |k: &str| cell(&row[k]);
+            println!(
+                "{}  {:<7}  {:<16}  {:<8}  {}",
+                col("time"),
+                col("type"),
+                col("reason"),
+                col("source"),
+                col("message")
+            );
+        }
+        Format::Json => println!("{}", serde_json::to_string(&row).unwrap_or_default()),
+        Format::Yaml => print!("---\n{}", serde_yaml::to_string(&row).unwrap_or_default()),
     }
 }
 
+/// How long ago a millisecond timestamp was, e.g. `42s`, `5m`, `3h`, `2d`.
 pub fn age(start_ms: i64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -187,5 +241,21 @@ mod tests {
         assert_eq!(age(now - 5_000), "5s");
         assert_eq!(age(now - 600_000), "10m");
         assert_eq!(age(now + 5_000), "0s");
+    }
+
+    #[test]
+    fn server_text_cannot_drive_the_terminal() {
+        assert_eq!(printable("plain é 日本"), "plain é 日本");
+        assert_eq!(
+            printable("Im\u{1b}[31mage\u{1b}]0;PWNED\u{7}"),
+            "Im\\u{1b}[31mage\\u{1b}]0;PWNED\\u{7}"
+        );
+        assert_eq!(printable("mal\u{202e}yrollam"), "mal\\u{202e}yrollam");
+        assert_eq!(printable("a\nb\u{9b}c"), "a\\u{a}b\\u{9b}c");
+        assert_eq!(printable_lines("a,b\r\n\u{1b}c\n"), "a,b\r\n\\u{1b}c\n");
+        assert_eq!(cell(&serde_json::json!("x\u{1b}")), "x\\u{1b}");
+        assert_eq!(cell(&serde_json::json!(2.0)), "2");
+        assert_eq!(cell(&serde_json::json!(0.25)), "0.25");
+        assert_eq!(cell(&serde_json::json!(7)), "7");
     }
 }

@@ -27,7 +27,7 @@ pub enum ClientError {
         message: String,
     },
     /// The gateway could not be reached.
-    #[error("cannot reach the gateway at {address}: {source}")]
+    #[error("cannot reach the gateway at {address}: {}", crate::error_chain(.source))]
     Connect {
         /// The address tried.
         address: String,

@@ -19,7 +19,7 @@ pub mod config;
 pub mod error;
 pub mod tunnel;
 
-pub use config::{Auth, ClientConfig};
+pub use config::{Auth, ClientConfig, HttpProxy};
 pub use error::ClientError;
 /// Dask's comm protocol (the requests this library sends to schedulers).
 pub use gateway_comm::protocol as comm;
@@ -58,20 +58,34 @@ pub struct GatewayClient {
 }
 
 impl GatewayClient {
-    /// A client for `config`.
+    /// A client for `config`: its address must be an `http://` or `https://` URL with a host
+    /// and no user name or password in it, and its request timeout a positive number of
+    /// seconds.
     pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
-        if !(config.address.starts_with("http://") || config.address.starts_with("https://")) {
+        check_address(&config.address)?;
+        let timeout = config.request_timeout;
+        if !(timeout.is_finite() && timeout > 0.0 && timeout <= MAX_REQUEST_TIMEOUT) {
             return Err(ClientError::Config(format!(
-                "the gateway address {:?} must start with http:// or https://",
-                config.address
+                "the request timeout must be a number of seconds above 0 and at most {MAX_REQUEST_TIMEOUT}, not {timeout}"
             )));
         }
-        let http = reqwest::Client::builder()
+        // Trusted: the system's certificate store (or `SSL_CERT_FILE` / `SSL_CERT_DIR`, as
+        // Python's `ssl` reads them) and the Mozilla roots compiled in.
+        let mut http = reqwest::Client::builder()
             .cookie_store(true)
-            .timeout(Duration::from_secs_f64(config.request_timeout.max(1.0)))
-            .no_proxy()
+            .timeout(Duration::from_secs_f64(timeout.max(1.0)));
+        http = match &config.http_proxy {
+            HttpProxy::FromEnvironment => http,
+            HttpProxy::Off => http.no_proxy(),
+            HttpProxy::Url(url) => {
+                http.no_proxy().proxy(reqwest::Proxy::all(url).map_err(|e| {
+                    ClientError::Config(format!("the HTTP proxy {url:?} is not usable: {e}"))
+                })?)
+            }
+        };
+        let http = http
             .build()
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+            .map_err(|e| ClientError::Config(error_chain(&e)))?;
         Ok(GatewayClient { config, http })
     }
 
@@ -100,10 +114,7 @@ impl GatewayClient {
                     req = req.header(reqwest::header::AUTHORIZATION, h);
                 }
             }
-            let resp = req.send().await.map_err(|source| ClientError::Connect {
-                address: self.config.address.clone(),
-                source,
-            })?;
+            let resp = req.send().await.map_err(|e| self.transport_error(e))?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !with_auth && self.config.auth != Auth::None {
                 with_auth = true;
@@ -112,10 +123,12 @@ impl GatewayClient {
             if status == StatusCode::NO_CONTENT {
                 return Ok(None);
             }
-            let bytes = resp.bytes().await.map_err(|source| ClientError::Connect {
-                address: self.config.address.clone(),
-                source,
-            })?;
+            let limit = if status.is_success() {
+                MAX_ANSWER_BYTES
+            } else {
+                MAX_ERROR_BYTES
+            };
+            let bytes = self.read_body(resp, limit).await?;
             if status.is_success() {
                 return serde_json::from_slice(&bytes)
                     .map(Some)
@@ -126,6 +139,50 @@ impl GatewayClient {
             }
             return Err(error_from(status, &bytes));
         }
+    }
+
+    /// A failed request as a typed error: a timeout, or the gateway out of reach.
+    fn transport_error(&self, source: reqwest::Error) -> ClientError {
+        if source.is_timeout() {
+            ClientError::Timeout(format!(
+                "the gateway at {} did not answer within {} s",
+                self.config.address, self.config.request_timeout
+            ))
+        } else {
+            ClientError::Connect {
+                address: self.config.address.clone(),
+                source,
+            }
+        }
+    }
+
+    /// A response body, refused once it grows past `limit` bytes (a gateway's answers are
+    /// small; a peer that streams without end must not fill the memory). Error bodies are
+    /// read up to their limit and cut there.
+    async fn read_body(
+        &self,
+        mut resp: reqwest::Response,
+        limit: usize,
+    ) -> Result<Vec<u8>, ClientError> {
+        let status = resp.status();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport_error(e))? {
+            if body.len() + chunk.len() > limit {
+                if !status.is_success() {
+                    body.extend_from_slice(&chunk[..limit - body.len()]);
+                    return Ok(body);
+                }
+                return Err(ClientError::Server {
+                    status: status.as_u16(),
+                    message: format!(
+                        "the answer is larger than {} MiB, more than any gateway answer",
+                        limit >> 20
+                    ),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -226,7 +283,9 @@ impl GatewayClient {
 
     /// Follows a cluster's events (`?follow`, server-sent events): `on_event` gets the history
     /// and then each new event as it happens; returns once the gateway ends the stream (the
-    /// cluster has finished).
+    /// cluster has finished). Credentials go as for every call (after a 401). The gateway
+    /// sends a keep-alive every 15 s: a stream silent for [`FOLLOW_IDLE_TIMEOUT`] is a
+    /// connection lost, and an error.
     pub async fn follow_events(
         &self,
         name: &str,
@@ -237,35 +296,56 @@ impl GatewayClient {
             self.config.address,
             check_name(name)?
         );
-        let connect = |source| ClientError::Connect {
-            address: self.config.address.clone(),
-            source,
+        let mut with_auth = false;
+        let mut resp = loop {
+            // The stream lasts as long as the cluster: no overall timeout, only the idle one.
+            let mut req = self
+                .http
+                .get(&url)
+                .timeout(Duration::from_secs(365 * 24 * 3600));
+            if with_auth {
+                if let Some(h) = self.config.auth.header() {
+                    req = req.header(reqwest::header::AUTHORIZATION, h);
+                }
+            }
+            let resp = tokio::time::timeout(FOLLOW_IDLE_TIMEOUT, req.send())
+                .await
+                .map_err(|_| self.silent(FOLLOW_IDLE_TIMEOUT))?
+                .map_err(|e| self.transport_error(e))?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && !with_auth && self.config.auth != Auth::None {
+                with_auth = true;
+                continue;
+            }
+            if !status.is_success() {
+                let bytes = self.read_body(resp, MAX_ERROR_BYTES).await?;
+                return Err(error_from(status, &bytes));
+            }
+            break resp;
         };
-        // The stream lasts as long as the cluster: no overall timeout.
-        let mut req = self
-            .http
-            .get(&url)
-            .timeout(Duration::from_secs(365 * 24 * 3600));
-        if let Some(h) = self.config.auth.header() {
-            req = req.header(reqwest::header::AUTHORIZATION, h);
-        }
-        let mut resp = req.send().await.map_err(connect)?;
-        let status = resp.status();
-        if !status.is_success() {
-            let bytes = resp.bytes().await.map_err(connect)?;
-            return Err(error_from(status, &bytes));
-        }
-        let mut buffer = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(connect)? {
-            buffer.extend_from_slice(&chunk);
-            while let Some(end) = find_blank_line(&buffer) {
-                let block: Vec<u8> = buffer.drain(..end).collect();
+        let mut events = SseBuffer::default();
+        loop {
+            let chunk = tokio::time::timeout(FOLLOW_IDLE_TIMEOUT, resp.chunk())
+                .await
+                .map_err(|_| self.silent(FOLLOW_IDLE_TIMEOUT))?
+                .map_err(|e| self.transport_error(e))?;
+            let Some(chunk) = chunk else {
+                return Ok(());
+            };
+            for block in events.push(&chunk)? {
                 if let Some(event) = parse_sse_event(&block) {
                     on_event(event);
                 }
             }
         }
-        Ok(())
+    }
+
+    fn silent(&self, idle: Duration) -> ClientError {
+        ClientError::Timeout(format!(
+            "the gateway at {} sent nothing for {} s (the connection is lost)",
+            self.config.address,
+            idle.as_secs()
+        ))
     }
 
     /// Creates a cluster with the given option values; returns its name.
@@ -296,9 +376,12 @@ impl GatewayClient {
         timeout: Duration,
     ) -> Result<ClusterModel, ClientError> {
         let name = check_name(name)?;
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to add to the clock waits without end.
+        let deadline = Instant::now().checked_add(timeout);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
             if left.is_zero() {
                 return Err(ClientError::Timeout(format!(
                     "cluster {name} was not running after {:.0} s",
@@ -401,26 +484,10 @@ impl GatewayClient {
     /// `host:port` of the scheduler proxy: configured, or the gateway address's own (a bare
     /// port means the address's host with that port).
     pub fn proxy_address(&self) -> Result<String, ClientError> {
-        let rest = self
-            .config
-            .address
-            .split_once("://")
-            .map(|(_, r)| r)
-            .unwrap_or(&self.config.address);
-        let authority = rest.split('/').next().unwrap_or(rest);
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                (h.to_string(), p.to_string())
-            }
-            _ => (
-                authority.to_string(),
-                if self.config.address.starts_with("https") {
-                    "443".into()
-                } else {
-                    "80".into()
-                },
-            ),
-        };
+        let url = check_address(&self.config.address)?;
+        // IPv6 hosts come in brackets, as `host:port` needs them.
+        let host = url.host_str().unwrap_or_default();
+        let port = url.port_or_known_default().unwrap_or(80);
         Ok(match self.config.proxy_address.as_deref() {
             None => format!("{host}:{port}"),
             Some(p) if p.chars().all(|c| c.is_ascii_digit()) => format!("{host}:{p}"),
@@ -454,13 +521,24 @@ impl GatewayClient {
     }
 
     /// Connects to the scheduler and asks for its identity: id, workers, threads and memory.
+    /// A scheduler (or a peer) that does not answer within [`IDENTITY_TIMEOUT`] is an error.
     pub async fn scheduler_identity(&self, name: &str) -> Result<SchedulerIdentity, ClientError> {
         let tls = self.credentials(name).await?;
-        let mut stream = self.connect_scheduler(name, &tls).await?;
-        comm::handshake(&mut stream).await?;
-        let id = comm::identity(&mut stream).await?;
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
-        Ok(id)
+        let ask = async {
+            let mut stream = self.connect_scheduler(name, &tls).await?;
+            comm::handshake(&mut stream).await?;
+            let id = comm::identity(&mut stream).await?;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+            Ok(id)
+        };
+        tokio::time::timeout(IDENTITY_TIMEOUT, ask)
+            .await
+            .map_err(|_| {
+                ClientError::Timeout(format!(
+                    "the scheduler of cluster {name} did not tell its workers within {} s",
+                    IDENTITY_TIMEOUT.as_secs()
+                ))
+            })?
     }
 }
 
@@ -475,9 +553,59 @@ pub async fn connect_via_proxy(
     Ok(gateway_comm::connect(proxy, &sni, tls, Duration::from_secs(20)).await?)
 }
 
-/// Cluster names go into URL paths: refuse anything but the characters names are made of.
+/// The longest request timeout a configuration may set (a day), in seconds.
+pub const MAX_REQUEST_TIMEOUT: f64 = 86_400.0;
+/// The largest successful API answer read (a listing of thousands of clusters is far less).
+const MAX_ANSWER_BYTES: usize = 16 << 20;
+/// How much of an error answer is read (its message is shown to the user).
+const MAX_ERROR_BYTES: usize = 64 << 10;
+/// The largest single server-sent event.
+const MAX_EVENT_BYTES: usize = 1 << 20;
+/// How long a followed event stream may stay silent (the gateway's keep-alive comes every
+/// 15 s) before it counts as lost.
+pub const FOLLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long asking a scheduler for its identity may take, TLS through the proxy included.
+pub const IDENTITY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The gateway address as a URL: `http` or `https`, with a host, and without credentials
+/// (they would be sent with every request, and printed in every scheduler address).
+fn check_address(address: &str) -> Result<reqwest::Url, ClientError> {
+    let bad = |why: &str| ClientError::Config(format!("the gateway address {address:?} {why}"));
+    let url = reqwest::Url::parse(address).map_err(|e| bad(&format!("is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("must start with http:// or https://"));
+    }
+    if url.host().is_none() {
+        return Err(bad("has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad(
+            "holds a user name or password: give them with --user / --password or the auth settings instead",
+        ));
+    }
+    Ok(url)
+}
+
+/// An error and its causes, outermost first (`a: b: c`), for one-line messages.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Cluster names go into URL paths: refuse anything but the characters names are made of,
+/// and names of dots only (`.` and `..` are path steps).
 fn check_name(name: &str) -> Result<&str, ClientError> {
     let ok = !name.is_empty()
+        && !name.chars().all(|c| c == '.')
         && name.len() <= 253
         && name
             .chars()
@@ -491,11 +619,20 @@ fn check_name(name: &str) -> Result<&str, ClientError> {
     }
 }
 
-/// The typed error for an API answer that is not a success, with the server's message.
+/// The typed error for an API answer that is not a success, with the server's message (a
+/// body that is no gateway error, such as a proxy's HTML page, is cut to its start).
 fn error_from(status: StatusCode, body: &[u8]) -> ClientError {
+    const SHOWN: usize = 300;
     let message = serde_json::from_slice::<ErrorBody>(body)
         .map(|b| b.error)
-        .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_string());
+        .unwrap_or_else(|_| {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            match text.char_indices().nth(SHOWN) {
+                Some((cut, _)) => format!("{}… ({} bytes)", &text[..cut], body.len()),
+                None => text.to_string(),
+            }
+        });
     match status.as_u16() {
         401 => ClientError::Unauthorized(message),
         403 => ClientError::Forbidden(message),
@@ -509,6 +646,44 @@ fn error_from(status: StatusCode, body: &[u8]) -> ClientError {
 /// Where the first server-sent event in `buffer` ends (after its blank line).
 fn find_blank_line(buffer: &[u8]) -> Option<usize> {
     buffer.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}
+
+/// Bytes of a server-sent event stream, cut into event blocks as they complete. Each byte is
+/// searched once, and an event may not grow past [`MAX_EVENT_BYTES`].
+#[derive(Default)]
+struct SseBuffer {
+    pending: Vec<u8>,
+    /// How far `pending` has been searched for a blank line.
+    searched: usize,
+}
+
+impl SseBuffer {
+    /// Adds `chunk`; returns the blocks it completed.
+    fn push(&mut self, chunk: &[u8]) -> Result<Vec<Vec<u8>>, ClientError> {
+        self.pending.extend_from_slice(chunk);
+        let mut blocks = Vec::new();
+        loop {
+            // A blank line may straddle the previous search's end.
+            let from = self.searched.saturating_sub(1);
+            match find_blank_line(&self.pending[from..]) {
+                Some(end) => {
+                    blocks.push(self.pending.drain(..from + end).collect());
+                    self.searched = 0;
+                }
+                None => {
+                    self.searched = self.pending.len();
+                    break;
+                }
+            }
+        }
+        if self.pending.len() > MAX_EVENT_BYTES {
+            return Err(ClientError::Protocol(format!(
+                "the event stream sent more than {} KiB without ending an event",
+                MAX_EVENT_BYTES >> 10
+            )));
+        }
+        Ok(blocks)
+    }
 }
 
 /// The cluster event in one server-sent event block (`data:` lines joined); `None` for
@@ -563,6 +738,11 @@ mod tests {
         assert_eq!(p("http://gw:8000", Some("8786")), "gw:8786");
         assert_eq!(p("http://gw:8000", Some("tls://proxy:443")), "proxy:443");
         assert_eq!(p("http://[::1]:8000", None), "[::1]:8000");
+        assert_eq!(p("http://[::1]", None), "[::1]:80");
+        assert_eq!(
+            p("https://[2001:db8::1]/x", Some("8786")),
+            "[2001:db8::1]:8786"
+        );
         assert_eq!(
             client("http://gw:8000", None)
                 .scheduler_address("abc")
@@ -574,10 +754,88 @@ mod tests {
     #[test]
     fn names_and_addresses_are_checked() {
         assert!(check_name("ns.abc-1").is_ok());
-        for bad in ["", "../x", "a/b", "a?b", "a b"] {
+        for bad in ["", "../x", "a/b", "a?b", "a b", ".", "..", "..."] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
-        assert!(GatewayClient::new(ClientConfig::new("gw:8000")).is_err());
+        assert!(check_name("a..b").is_ok());
+        for bad in [
+            "gw:8000",
+            "ftp://gw",
+            "http://",
+            "http://u:p@gw:8000",
+            "http://u@gw:8000",
+        ] {
+            assert!(
+                matches!(
+                    GatewayClient::new(ClientConfig::new(bad)),
+                    Err(ClientError::Config(_))
+                ),
+                "{bad}"
+            );
+        }
+        for timeout in [f64::NAN, f64::INFINITY, -1.0, 0.0, 1e19] {
+            let mut c = ClientConfig::new("http://gw:8000");
+            c.request_timeout = timeout;
+            assert!(
+                matches!(GatewayClient::new(c), Err(ClientError::Config(_))),
+                "{timeout}"
+            );
+        }
+    }
+
+    #[test]
+    fn event_streams_are_cut_once_and_bounded() {
+        let mut b = SseBuffer::default();
+        assert!(b.push(b"data: 1\n").unwrap().is_empty());
+        // The blank line arrives split over two chunks.
+        let blocks = b.push(b"\ndata: 2\n\n: keep-alive\n").unwrap();
+        assert_eq!(
+            blocks,
+            vec![b"data: 1\n\n".to_vec(), b"data: 2\n\n".to_vec()]
+        );
+        assert_eq!(b.push(b"\n").unwrap(), vec![b": keep-alive\n\n".to_vec()]);
+        let mut endless = SseBuffer::default();
+        let chunk = vec![b'x'; 64 << 10];
+        let mut failed = false;
+        for _ in 0..20 {
+            if endless.push(&chunk).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "an event without an end is refused past its limit");
+    }
+
+    #[test]
+    fn error_bodies_are_cut() {
+        let page = format!("<html>{}</html>", "x".repeat(5000));
+        let ClientError::Server { message, .. } =
+            error_from(StatusCode::BAD_GATEWAY, page.as_bytes())
+        else {
+            panic!("a server error")
+        };
+        assert!(
+            message.len() < 400 && message.ends_with("(5013 bytes)"),
+            "{message}"
+        );
+        let ClientError::NotFound(m) =
+            error_from(StatusCode::NOT_FOUND, br#"{"error": "no such cluster"}"#)
+        else {
+            panic!("not found")
+        };
+        assert_eq!(m, "no such cluster");
+    }
+
+    #[tokio::test]
+    async fn waiting_without_end_does_not_overflow_the_clock() {
+        // Nothing listens on port 9 of this host: the wait fails at once, and without a panic.
+        let c = client("http://127.0.0.1:9", None);
+        let e = c
+            .wait_until_running("abc", Duration::MAX)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Connect { .. }), "{e}");
+        assert!(e.to_string().contains("onnect"), "the cause is told: {e}");
     }
 }
 

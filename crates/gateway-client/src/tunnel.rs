@@ -4,13 +4,22 @@
 //! `tls://127.0.0.1:<port>` with the cluster's certificate and key, as Dask's TLS does; the
 //! tunnel ends that TLS (accepting only clients presenting the cluster's certificate), opens
 //! its own TLS through the proxy with SNI `daskgateway-<name>`, and relays bytes both ways.
+//! A local connection gets [`HANDSHAKE_TIMEOUT`] to finish its TLS, and at most
+//! [`MAX_CONNECTIONS`] are open at once, so idle sockets of another local user cannot pile up.
 
 use crate::error::ClientError;
 use crate::tls::ClusterTls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// How long a local client has to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most connections relayed (or in their handshake) at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// A bound, not yet running tunnel.
 pub struct Tunnel {
@@ -52,6 +61,7 @@ impl Tunnel {
     /// Serves connections until `shutdown` resolves; each one is relayed on its own task.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = &mut shutdown => return,
@@ -64,15 +74,26 @@ impl Tunnel {
                     }
                 },
             };
+            let Ok(place) = places.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "tunnel: {MAX_CONNECTIONS} connections open; closing this one");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = self.acceptor.clone();
             let (proxy, cluster, tls) =
                 (self.proxy.clone(), self.cluster.clone(), self.tls.clone());
             tokio::spawn(async move {
-                let local = match acceptor.accept(tcp).await {
-                    Ok(s) => s,
-                    Err(e) => {
+                let _place = place;
+                let local = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
                         tracing::info!(%peer, "tunnel: local TLS refused: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "tunnel: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
                         return;
                     }
                 };
