@@ -338,3 +338,28 @@ def test_help_documents_exit_codes_and_completions_work():
     r = subprocess.run([cli_binary(), "completions", "bash"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 0 and "gateway-cli" in r.stdout
+
+
+def test_https_is_checked_against_ssl_cert_file_as_python_does(module_servers, tmp_path):
+    """A gateway with a certificate of a private CA: refused, with the reason, until the user
+    names the CA the way Python's ssl reads it (SSL_CERT_FILE)."""
+    ca, ca_key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    cert, key, csr = tmp_path / "gw.crt", tmp_path / "gw.key", tmp_path / "gw.csr"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (
+        ["req", "-x509", *ec, "-days", "2", "-subj", "/CN=test CA", "-keyout", ca_key,
+         "-out", ca],
+        ["req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days",
+         "2", "-extfile", "/dev/stdin", "-out", cert],
+    ):
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True,
+                       input=b"subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    tls_srv = module_servers("cli-tls", password=PASSWORD,
+                             tls={"cert": str(cert), "key": str(key)})
+    https = f"https://127.0.0.1:{tls_srv.port}"
+    r = run(tls_srv, "list", address=False, env={"DASK_GATEWAY__ADDRESS": https})
+    assert r.returncode == 1 and "certificate" in r.stderr.lower(), r
+    r = run(tls_srv, "-o", "json", "list", address=False,
+            env={"DASK_GATEWAY__ADDRESS": https, "SSL_CERT_FILE": str(ca)})
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r

@@ -26,8 +26,10 @@ Exit codes:
   7  timed out
 
 Settings come from flags, then DASK_GATEWAY__* environment variables, then the dask config
-files the Python client reads (~/.config/dask/*.yaml: gateway.address, gateway.proxy-address,
-gateway.auth.type, gateway.auth.kwargs).
+files the Python client reads, read as it reads them (/etc/dask, ~/.config/dask, $DASK_CONFIG:
+gateway.address, gateway.proxy-address, gateway.auth.type, gateway.auth.kwargs,
+gateway.http-client.proxy, gateway.cluster.options; {VAR} templates). HTTPS trusts the system's
+certificates, or SSL_CERT_FILE / SSL_CERT_DIR.
 
 Examples:
   gateway-cli --address http://gateway:8000 new-cluster --opt worker_cores=2 --workers 2 --wait
