@@ -128,7 +128,8 @@ pub fn printable_lines(text: &str) -> Cow<'_, str> {
 
 fn escape(text: &str, keep_lines: bool) -> Cow<'_, str> {
     let bad = |c: char| {
-        (c.is_control() && !(keep_lines && matches!(c, '\n' | '\r'))) || invisible_format(c)
+        (c.is_control() && !(keep_lines && matches!(c, '\n' | '\r')))
+            || gateway_client::model::text::is_invisible_format(c)
     };
     if !text.chars().any(bad) {
         return Cow::Borrowed(text);
@@ -142,13 +143,6 @@ fn escape(text: &str, keep_lines: bool) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
-}
-
-/// Zero-width and bidirectional formatting characters (as the gateway refuses in user names).
-fn invisible_format(c: char) -> bool {
-    matches!(c,
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// A usage report row for printing: the API's fields plus core-hours and GiB-hours.

@@ -2,8 +2,8 @@
 //!
 //! Everything here is plain data plus the pure rules that go with it: the cluster status
 //! machine ([`status`]), the JSON shapes of the REST API ([`api`]), the typed cluster options
-//! and their validation ([`options`]), per-cluster resource limits ([`limits`]), and usage
-//! accounting ([`usage`]). No I/O.
+//! and their validation ([`options`]), per-cluster resource limits ([`limits`]), usage
+//! accounting ([`usage`]) and the rules for text people read ([`text`]). No I/O.
 
 #![warn(missing_docs)]
 
@@ -11,6 +11,7 @@ pub mod api;
 pub mod limits;
 pub mod options;
 pub mod status;
+pub mod text;
 pub mod usage;
 
 pub use api::*;

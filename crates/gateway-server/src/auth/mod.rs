@@ -40,16 +40,8 @@ pub(crate) fn is_usable_user_name(name: &str) -> bool {
         && name.len() <= MAX_USER_NAME
         && !name
             .chars()
-            .any(|c| c.is_control() || is_invisible_format(c))
+            .any(|c| c.is_control() || gateway_model::text::is_invisible_format(c))
         && name.trim() == name
-}
-
-/// Characters that show nothing themselves but change how text around them reads: zero-width
-/// spaces and joiners, soft hyphens, and the bidirectional embeddings, overrides and isolates.
-pub(crate) fn is_invisible_format(c: char) -> bool {
-    matches!(c,
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// An authenticated user.
