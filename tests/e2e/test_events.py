@@ -102,6 +102,13 @@ def test_a_lifecycle_is_told_in_order_and_followed_live(server):
     assert follower.returncode == 0, err
     followed = [json.loads(line) for line in out.splitlines()]
     assert followed == evs
+    # Without --follow, JSON is the same API objects.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    env["DASK_CONFIG"] = "/nonexistent"
+    listed = subprocess.run([cli_binary(), "--address", server.url, "--user", OWNER, "-o",
+                             "json", "events", cluster.name], env=env, text=True,
+                            capture_output=True, timeout=60)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == evs, listed
 
 
 def test_only_the_owner_and_admins_see_a_clusters_events(server):

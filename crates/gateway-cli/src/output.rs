@@ -162,17 +162,15 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// A cluster event as a row: its time in UTC, to the second for a table, as RFC 3339 with
-/// milliseconds for JSON and YAML (`structured`).
+/// A cluster event as a row: for a table, its time in UTC to the second; for JSON and YAML
+/// (`structured`), the API's own event object (`time` in milliseconds since 1970), with or
+/// without `--follow`.
 pub fn event_row(event: &gateway_client::ClusterEvent, structured: bool) -> Value {
+    if structured {
+        return serde_json::to_value(event).unwrap_or_default();
+    }
     let time = jiff::Timestamp::from_millisecond(event.time)
-        .map(|t| {
-            if structured {
-                t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-            } else {
-                t.strftime("%Y-%m-%d %H:%M:%S").to_string()
-            }
-        })
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_else(|_| event.time.to_string());
     serde_json::json!({
         "time": time,
