@@ -179,6 +179,21 @@ def test_tunnel_credentials_are_private_and_gone_when_the_terminal_closes(srv, c
         if proc.poll() is None:
             proc.kill()
     assert not folder.exists(), "SIGHUP (a closed terminal) removes the credentials"
+    # Under nohup (SIGHUP ignored) the tunnel outlives its terminal.
+    proc = subprocess.Popen(["nohup", *base], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        info = read_json_record(proc.stdout)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None, "a nohup tunnel ended on SIGHUP"
+        assert Path(info["tls_client_key"]).exists()
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not Path(info["tls_client_key"]).parent.exists()
 
 
 def test_new_cluster_checks_everything_before_creating(srv):

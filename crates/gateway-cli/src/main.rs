@@ -699,7 +699,12 @@ async fn tunnel(
     use tokio::signal::unix::SignalKind;
     let mut interrupt = listen(SignalKind::interrupt())?;
     let mut terminate = listen(SignalKind::terminate())?;
-    let mut hangup = listen(SignalKind::hangup())?;
+    // A tunnel started under `nohup` (SIGHUP ignored) keeps running when the terminal closes.
+    let mut hangup = if signal_ignored(libc::SIGHUP) {
+        None
+    } else {
+        Some(listen(SignalKind::hangup())?)
+    };
     let mut quit = listen(SignalKind::quit())?;
     let tls = client.credentials(&name).await?;
     let tunnel = Tunnel::bind(local, client.proxy_address()?, name.clone(), tls.clone()).await?;
@@ -732,13 +737,28 @@ async fn tunnel(
         tokio::select! {
             _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
-            _ = hangup.recv() => {}
+            _ = async {
+                match hangup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
             _ = quit.recv() => {}
         }
     };
     tunnel.run(stop).await;
     files.remove();
     Ok(())
+}
+
+/// Whether `signal` is ignored in this process (as `nohup` leaves SIGHUP).
+fn signal_ignored(signal: libc::c_int) -> bool {
+    // SAFETY: reads the current disposition only (no new action is given).
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 #[cfg(test)]
