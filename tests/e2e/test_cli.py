@@ -166,7 +166,10 @@ def test_tunnel_credentials_are_private_and_gone_when_the_terminal_closes(srv, c
                        text=True, timeout=60)
     assert r.returncode == 5 and "not a private directory" in r.stderr, r
     assert list(shared.iterdir()) == []
-    proc = subprocess.Popen(base, env=env, stdout=subprocess.PIPE, text=True)
+    # As from a terminal: SIGHUP has its default action (the test run itself may be under
+    # nohup, whose ignored SIGHUP the tunnel would inherit and keep).
+    proc = subprocess.Popen(base, env=env, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         info = read_json_record(proc.stdout)
         folder = Path(info["tls_client_key"]).parent
