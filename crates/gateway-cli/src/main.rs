@@ -202,7 +202,8 @@ enum Failure {
     Usage(String),
     /// A cluster was created, but what `new-cluster` was asked to do with it failed.
     AfterCreate(Box<AfterCreate>),
-    /// Several clusters of `stop --all` could not be stopped (each already reported).
+    /// One or more clusters of `stop --all` could not be stopped (each already reported); the
+    /// exit code to end with.
     Partial(i32),
 }
 
