@@ -898,6 +898,18 @@ def wait_status(gateway: Gateway, name, status, timeout=60):
     return seen[-1]
 
 
+def scheduler_log(server, name):
+    """What cluster `name`'s scheduler has logged so far."""
+    if KUBE:
+        pods = [p["metadata"]["name"] for p in server.kube_objects("pods", name)
+                if p["metadata"]["labels"]["app.kubernetes.io/component"] == "dask-scheduler"]
+        if not pods:
+            return ""
+        return KubeEnv.get().kubectl("logs", "-n", server.namespace, pods[0], check=False).stdout
+    path = server.data_dir / "clusters" / name / "logs" / "scheduler.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 # -- per-test server log slices -----------------------------------------------------------
 
 

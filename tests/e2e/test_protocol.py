@@ -14,9 +14,12 @@ from conftest import (
     EXPECTED_OPTIONS,
     SHARED_PASSWORD,
     check_options,
+    cluster_status,
     n_workers,
     new_cluster,
+    scheduler_log,
     wait_for,
+    wait_status,
     wait_workers,
 )
 from dask_gateway import GatewayClusterError, GatewayWarning
@@ -301,3 +304,24 @@ def test_idle_timeout_stops_cluster(module_servers):
     )
     assert status == "STOPPED"
     assert gw.get_cluster(name).stop_time is not None
+
+
+def test_work_waiting_for_workers_is_not_idle(module_servers):
+    # Dask queues tasks that have no worker yet; the stock preload's idle test does not count
+    # them, so it asks the gateway to stop a cluster whose workers take longer than the
+    # timeout to start. The gateway asks Dask itself and keeps the cluster.
+    srv = module_servers("idle", cluster={"idle_timeout": 5})
+    gw = srv.gateway("idle-queued")
+    c = new_cluster(gw, shutdown_on_close=False)
+    name = c.name
+    with c.get_client(set_as_default=False) as client:
+        fut = client.submit(sum, [1, 2, 3], pure=False)
+        # The preload asks twice: its first request was answered without a stop.
+        wait_for(lambda: scheduler_log(srv, name).count("has been idle") >= 2, 60,
+                 what="the scheduler to ask twice to be stopped as idle")
+        assert cluster_status(gw, name) == "RUNNING"
+        c.scale(1)
+        assert fut.result(timeout=120) == 6
+    # With its work done it is idle, and stopped.
+    wait_status(gw, name, "STOPPED", timeout=60)
+    gw.close()

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from conftest import (KUBE, KubeEnv, connect, new_cluster, wait_computes, wait_for,
+from conftest import (connect, new_cluster, scheduler_log, wait_computes, wait_for,
                       wait_status, wait_workers)
 
 pytestmark = pytest.mark.process_control
@@ -107,22 +107,10 @@ def test_cluster_stopped_while_gateway_down_is_failed_after_restart(server):
     assert name not in [x.name for x in gw2.list_clusters()]
 
 
-def scheduler_log(server, name):
-    """What cluster `name`'s scheduler has logged so far."""
-    if KUBE:
-        pods = [p["metadata"]["name"] for p in server.kube_objects("pods", name)
-                if p["metadata"]["labels"]["app.kubernetes.io/component"] == "dask-scheduler"]
-        if not pods:
-            return ""
-        return KubeEnv.get().kubectl("logs", "-n", server.namespace, pods[0], check=False).stdout
-    path = server.data_dir / "clusters" / name / "logs" / "scheduler.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
 def test_an_idle_timeout_that_passes_while_the_gateway_is_down_still_stops_the_cluster(
         module_servers):
     # The scheduler asks once to be stopped when idle; that request meets a dead gateway.
-    srv = module_servers("idle-restart", cluster={"idle_timeout": 3})
+    srv = module_servers("idle-restart", cluster={"idle_timeout": 5})
     gw = srv.gateway(USER)
     c = new_cluster(gw, shutdown_on_close=False)
     name = c.name
@@ -139,13 +127,13 @@ def test_an_idle_timeout_that_passes_while_the_gateway_is_down_still_stops_the_c
     assert r.status == 200, (r.status, r.body)
     messages = [e["message"] for e in r.json()["events"]]
     assert any("request to stop never arrived" in m for m in messages), messages
-    # A cluster that works is not stopped however long it runs past the timeout.
+    # A cluster that works is not stopped however long it runs past the timeout, including
+    # while its work waits for a worker that takes longer than the timeout to start.
     busy = new_cluster(gw2, shutdown_on_close=False)
-    busy.scale(1)
     with busy.get_client(set_as_default=False) as client:
-        wait_workers(client, 1, timeout=90)
-        fut = client.submit(time.sleep, 15, pure=False)
-        fut.result(timeout=60)
+        fut = client.submit(time.sleep, 12, pure=False)
+        busy.scale(1)
+        fut.result(timeout=120)
         assert gw2.get_cluster(busy.name).status.name == "RUNNING"
     busy.shutdown()
 

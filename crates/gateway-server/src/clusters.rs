@@ -332,6 +332,11 @@ impl ClusterService {
                 if view.pool.is_some() || (held_ms as f64) < view.settings.idle_timeout * 1000.0 {
                     return Ok(());
                 }
+                // The preload does not count queued tasks as work; Dask itself does.
+                if self.scheduler_says_busy(&view).await {
+                    debug!(cluster = %name, "idle stop request declined: the scheduler has work");
+                    return Ok(());
+                }
                 "stopped by its scheduler (idle timeout)".to_string()
             }
         };

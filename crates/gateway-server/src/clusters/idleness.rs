@@ -10,6 +10,13 @@
 //! preload's request always comes first when it can come at all: it fires at most a quarter of
 //! the timeout after the timeout, and the gateway waits that long plus [`HEAD_START`] from the
 //! moment it first saw the scheduler idle, which is never before the scheduler really was.
+//!
+//! The preload's own test of idleness misses one kind of work: tasks that wait in the
+//! scheduler's queue for workers (Dask queues root tasks by default, and a cluster whose
+//! workers are still starting holds its whole graph there). Its request to stop is therefore
+//! checked against Dask's answer first ([`ClusterService::scheduler_says_busy`]): a cluster
+//! with queued, unrunnable or running tasks is not stopped, and the preload asks again a
+//! quarter of a timeout later, when its test still finds it idle.
 
 use super::*;
 use futures_util::stream::{self, StreamExt};
@@ -121,6 +128,23 @@ async fn ask_if_idle(name: &str, scheduler: &str, tls: &TlsPair) -> Finding {
 }
 
 impl ClusterService {
+    /// Whether cluster `view`'s scheduler answers that it has work (Dask's own idle check:
+    /// tasks queued, unrunnable or running, or a graph arriving). A scheduler that cannot be
+    /// asked, or does not answer this question, counts as not busy.
+    pub(super) async fn scheduler_says_busy(&self, view: &ClusterView) -> bool {
+        let (Some(addresses), Some(tls)) = (&view.addresses, &view.tls) else {
+            return false;
+        };
+        match ask_if_idle(&view.name, &addresses.scheduler, tls).await {
+            Finding::Busy => true,
+            Finding::Idle(_) => false,
+            Finding::Refused(why) | Finding::NoAnswer(why) => {
+                debug!(cluster = %view.name, "no answer to an idle check: {why}");
+                false
+            }
+        }
+    }
+
     /// Asks the running schedulers whose check is due whether they are idle, and stops the
     /// clusters idle past their timeout whose own request to stop never came (see the module
     /// docs). Unclaimed warm schedulers are not asked: they wait for a user. Called about
