@@ -12,6 +12,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest message accepted (a scheduler with very many workers stays far below it).
 const MAX_MESSAGE: u64 = 256 * 1024 * 1024;
+/// Largest answer to a question whose answer is a few fields (the handshake, `check_idle`):
+/// the gateway asks these of schedulers that run their users' code, and must not hold a
+/// quarter of a gigabyte per question because one of them says so.
+const MAX_SHORT_ANSWER: u64 = 64 * 1024;
 
 /// What a scheduler says about itself.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -69,8 +73,16 @@ pub async fn write_message<S: AsyncWrite + Unpin>(
 
 /// Reads one message (its first frame, decoded).
 pub async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Value, CommError> {
+    read_message_of_at_most(stream, MAX_MESSAGE).await
+}
+
+/// Reads one message of at most `limit` bytes, frames and prelude included.
+async fn read_message_of_at_most<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: u64,
+) -> Result<Value, CommError> {
     let first = read_u64(stream).await?;
-    if !(8..=MAX_MESSAGE).contains(&first) {
+    if !(8..=limit).contains(&first) {
         return Err(CommError::Protocol(format!("bad message length {first}")));
     }
     let mut head = vec![0u8; first as usize];
@@ -87,7 +99,7 @@ pub async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Value,
         .iter()
         .try_fold(0u64, |sum, l| sum.checked_add(*l))
         .unwrap_or(u64::MAX);
-    if total > MAX_MESSAGE {
+    if total.saturating_add(prelude) > limit {
         return Err(CommError::Protocol("message too large".into()));
     }
     // Frames not covered by the first length follow on their own.
@@ -158,7 +170,7 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Res
         ("pickle-protocol", Value::from(5)),
     ]);
     write_message(stream, &info).await?;
-    let remote = read_message(stream).await?;
+    let remote = read_message_of_at_most(stream, MAX_SHORT_ANSWER).await?;
     if get(&remote, "compression").is_none() && get(&remote, "pickle-protocol").is_none() {
         return Err(CommError::Protocol(
             "the peer did not answer the Dask handshake".into(),
@@ -221,7 +233,7 @@ pub async fn check_idle<S: AsyncRead + AsyncWrite + Unpin>(
         ("reply", Value::Boolean(true)),
     ]);
     write_message(stream, &request).await?;
-    match read_message(stream).await? {
+    match read_message_of_at_most(stream, MAX_SHORT_ANSWER).await? {
         Value::Nil => Ok(None),
         Value::F64(t) if t.is_finite() => Ok(Some(t)),
         Value::F32(t) if t.is_finite() => Ok(Some(f64::from(t))),
@@ -327,5 +339,43 @@ mod tests {
                 Some("check_idle")
             );
         }
+    }
+
+    #[tokio::test]
+    async fn short_questions_refuse_long_answers_before_reading_them() {
+        // A scheduler announcing a 200 MiB answer to `check_idle` or the handshake gets an
+        // error at once: nothing that size is read or allocated.
+        for long in [200u64 << 20, MAX_SHORT_ANSWER + 1] {
+            let (mut a, mut b) = tokio::io::duplex(1 << 16);
+            let peer = tokio::spawn(async move {
+                let _ = read_message(&mut b).await;
+                b.write_all(&long.to_le_bytes()).await.unwrap();
+                b
+            });
+            let err = check_idle(&mut a).await.unwrap_err().to_string();
+            assert!(err.contains("bad message length"), "{err}");
+            drop(peer.await.unwrap());
+        }
+        // Frames that add up past the limit after a small first length.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let peer = tokio::spawn(async move {
+            let _ = read_message(&mut b).await;
+            let mut wire = Vec::new();
+            wire.extend_from_slice(&24u64.to_le_bytes());
+            wire.extend_from_slice(&2u64.to_le_bytes());
+            wire.extend_from_slice(&8u64.to_le_bytes());
+            wire.extend_from_slice(&(100u64 << 20).to_le_bytes());
+            b.write_all(&wire).await.unwrap();
+            b
+        });
+        let err = handshake(&mut a).await.unwrap_err().to_string();
+        assert!(err.contains("too large"), "{err}");
+        drop(peer.await.unwrap());
+        // A message of the same size is fine where no limit is asked for.
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        let big = Value::Binary(vec![7; (MAX_SHORT_ANSWER + 10) as usize]);
+        let sent = big.clone();
+        tokio::spawn(async move { write_message(&mut a, &sent).await.unwrap() });
+        assert_eq!(read_message(&mut b).await.unwrap(), big);
     }
 }

@@ -83,6 +83,9 @@ pub struct ClusterService {
     client_recorded: Mutex<HashMap<String, Instant>>,
     /// What this process has seen of each running cluster's idleness ([`idleness`]).
     idle_watches: Mutex<HashMap<String, idleness::IdleWatch>>,
+    /// Clusters whose scheduler is being asked, for its own request to stop, whether it has
+    /// work: one question per cluster at a time ([`idleness`]).
+    stop_checks: Mutex<std::collections::HashSet<String>>,
     /// Client for the schedulers' `/api/comm` (plain HTTP inside the cluster network).
     http: reqwest::Client,
     /// One lock per user, held while counting that user's clusters and creating one, so
@@ -123,6 +126,7 @@ impl ClusterService {
             unattended_since: Mutex::new(HashMap::new()),
             client_recorded: Mutex::new(HashMap::new()),
             idle_watches: Mutex::new(HashMap::new()),
+            stop_checks: Mutex::new(Default::default()),
             http,
             admission: Mutex::new(HashMap::new()),
             counters: Counters::default(),

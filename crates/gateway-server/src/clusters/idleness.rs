@@ -103,6 +103,30 @@ impl IdleWatch {
     }
 }
 
+/// A question out to one cluster's scheduler; the cluster is free for the next when dropped.
+struct OneQuestion<'a> {
+    out: &'a Mutex<std::collections::HashSet<String>>,
+    name: String,
+}
+
+impl<'a> OneQuestion<'a> {
+    /// Marks a question to `name` as out, or `None` if one already is.
+    fn start(out: &'a Mutex<std::collections::HashSet<String>>, name: &str) -> Option<Self> {
+        let mut set = out.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(name.to_string()).then(|| OneQuestion {
+            out,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for OneQuestion<'_> {
+    fn drop(&mut self) {
+        let mut set = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.name);
+    }
+}
+
 /// Asks cluster `name`'s scheduler at `scheduler` (`tls://host:port`) whether it is idle.
 async fn ask_if_idle(name: &str, scheduler: &str, tls: &TlsPair) -> Finding {
     let credentials = match ClusterTls::from_pem(&tls.cert, &tls.key) {
@@ -130,10 +154,15 @@ async fn ask_if_idle(name: &str, scheduler: &str, tls: &TlsPair) -> Finding {
 impl ClusterService {
     /// Whether cluster `view`'s scheduler answers that it has work (Dask's own idle check:
     /// tasks queued, unrunnable or running, or a graph arriving). A scheduler that cannot be
-    /// asked, or does not answer this question, counts as not busy.
+    /// asked, or does not answer this question, counts as not busy. While one question to a
+    /// cluster is out, another request of its scheduler's counts as busy: the preload asks
+    /// one at a time, and a flood of requests with the cluster's token asks nothing more.
     pub(super) async fn scheduler_says_busy(&self, view: &ClusterView) -> bool {
         let (Some(addresses), Some(tls)) = (&view.addresses, &view.tls) else {
             return false;
+        };
+        let Some(_asking) = OneQuestion::start(&self.stop_checks, &view.name) else {
+            return true;
         };
         match ask_if_idle(&view.name, &addresses.scheduler, tls).await {
             Finding::Busy => true,
@@ -305,6 +334,18 @@ mod tests {
         ));
         assert_eq!(w.spell, None);
         assert_eq!(w.next, Some(start + PATIENCE + REFUSED_RETRY));
+    }
+
+    #[test]
+    fn one_question_per_cluster_at_a_time() {
+        let out = Mutex::new(std::collections::HashSet::new());
+        let first = OneQuestion::start(&out, "a").unwrap();
+        assert!(OneQuestion::start(&out, "a").is_none());
+        let other = OneQuestion::start(&out, "b").unwrap();
+        drop(first);
+        assert!(OneQuestion::start(&out, "a").is_some());
+        drop(other);
+        assert!(out.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
