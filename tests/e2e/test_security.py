@@ -8,6 +8,7 @@ user is: it answers the gateway's Basic prompt, gets the session cookie, and kee
 import http.server
 import json
 import threading
+import urllib.parse
 
 import pytest
 
@@ -34,7 +35,7 @@ def add_page(client, path, html=None, echo_headers=False):
             def get(self):
                 if echo:
                     self.set_header("Content-Type", "application/json")
-                    self.set_header("Set-Cookie", "planted=1; Path=/")
+                    self.set_header("Set-Cookie", "planted=1; Path=/; Domain=127.0.0.1")
                     self.finish(_json.dumps({k: v for k, v in self.request.headers.get_all()}))
                 else:
                     self.set_header("Content-Type", "text/html")
@@ -124,8 +125,12 @@ def test_dashboard_requests_carry_no_gateway_credentials(srv, mallory_cluster, a
     assert seen.get("cookie") == "theirs=1", seen
     assert r.headers["Content-Security-Policy"].startswith("sandbox allow-scripts"), r.headers
     assert "allow-same-origin" not in r.headers["Content-Security-Policy"]
-    # The scheduler's own cookies pass; one named like the gateway's session would not.
-    assert r.headers.get_all("Set-Cookie") == ["planted=1; Path=/"]
+    # The scheduler's own cookies pass, confined to its route (no other page of the gateway,
+    # and no other user's dashboard, receives them); one named like the gateway's session
+    # would not pass.
+    route = urllib.parse.urlsplit(mallory_cluster.dashboard_link).path.rsplit("/status", 1)[0]
+    assert route.endswith(f"/clusters/{mallory_cluster.name}"), route
+    assert r.headers.get_all("Set-Cookie") == [f"planted=1; Path={route}/"]
 
 
 def test_bokeh_dashboard_works_in_its_sandbox(srv, alice):

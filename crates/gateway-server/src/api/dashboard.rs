@@ -108,19 +108,21 @@ async fn dashboard(State(state): State<AppState>, name: String, mut req: Request
     {
         headers.insert(header::LOCATION, location);
     }
+    // A dashboard's cookies stay under its own route: it may neither set the gateway's
+    // session nor cookies that other dashboards or the gateway's own pages would receive.
     let set_cookies: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
         .cloned()
         .collect();
-    if set_cookies
-        .iter()
-        .any(|c| state.auth.is_session_set_cookie(c))
-    {
+    if !set_cookies.is_empty() {
         headers.remove(header::SET_COOKIE);
         for c in set_cookies {
-            if !state.auth.is_session_set_cookie(&c) {
-                headers.append(header::SET_COOKIE, c);
+            if state.auth.is_session_set_cookie(&c) {
+                continue;
+            }
+            if let Some(scoped) = scoped_cookie(&c, &public_base) {
+                headers.append(header::SET_COOKIE, scoped);
             }
         }
     }
@@ -155,9 +157,73 @@ fn dashboard_location(location: &str, target: &str, public_base: &str) -> Option
     HeaderValue::from_str(&format!("{public_base}{own_path}")).ok()
 }
 
+/// A dashboard's `Set-Cookie` confined to the cluster's route: its `Path` moves under
+/// `public_base` (a cookie without one gets the route itself) and a `Domain` is dropped, so
+/// the browser sends it back to this dashboard only. `None` for a header that is not text.
+fn scoped_cookie(cookie: &HeaderValue, public_base: &str) -> Option<HeaderValue> {
+    let text = cookie.to_str().ok()?;
+    let mut parts = text.split(';');
+    let mut out = parts.next()?.trim().to_string();
+    let mut path = None;
+    for attribute in parts.map(str::trim).filter(|a| !a.is_empty()) {
+        let key = attribute.split('=').next().unwrap_or_default().trim();
+        if key.eq_ignore_ascii_case("domain") {
+            continue;
+        }
+        if key.eq_ignore_ascii_case("path") {
+            path = attribute.split_once('=').map(|(_, v)| v.trim().to_string());
+            continue;
+        }
+        out.push_str("; ");
+        out.push_str(attribute);
+    }
+    let own = path.filter(|p| p.starts_with('/')).unwrap_or_default();
+    let scoped = if own.starts_with(&format!("{public_base}/")) {
+        own
+    } else {
+        format!("{public_base}{}", if own.is_empty() { "/" } else { &own })
+    };
+    out.push_str("; Path=");
+    out.push_str(&scoped);
+    HeaderValue::from_str(&out).ok()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::dashboard_location;
+    use super::{dashboard_location, scoped_cookie};
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn dashboard_cookies_stay_under_the_clusters_route() {
+        let base = "/gw/clusters/abc";
+        let scope = |c: &str| {
+            scoped_cookie(&HeaderValue::from_str(c).unwrap(), base)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            scope("_xsrf=2|ab; Path=/; Domain=example.org; Max-Age=600").as_deref(),
+            Some("_xsrf=2|ab; Max-Age=600; Path=/gw/clusters/abc/")
+        );
+        assert_eq!(scope("a=b").as_deref(), Some("a=b; Path=/gw/clusters/abc/"));
+        assert_eq!(
+            scope("a=b; path=/status; HttpOnly").as_deref(),
+            Some("a=b; HttpOnly; Path=/gw/clusters/abc/status")
+        );
+        // Already under the route (a dashboard that knows its prefix) it stays.
+        assert_eq!(
+            scope("a=b; Path=/gw/clusters/abc/lab").as_deref(),
+            Some("a=b; Path=/gw/clusters/abc/lab")
+        );
+        // The route's name as a prefix of another cluster's is no escape.
+        assert_eq!(
+            scope("a=b; Path=/gw/clusters/abcd/").as_deref(),
+            Some("a=b; Path=/gw/clusters/abc/gw/clusters/abcd/")
+        );
+        assert_eq!(
+            scope("a=b; Path=relative").as_deref(),
+            Some("a=b; Path=/gw/clusters/abc/")
+        );
+    }
 
     #[test]
     fn dashboard_redirects_stay_under_the_clusters_route() {
