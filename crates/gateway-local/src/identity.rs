@@ -178,6 +178,14 @@ fn system_account(user: &str) -> Result<Identity, LocalError> {
             "{user:?} is a root account: clusters never run as root"
         )));
     }
+    // A name service may answer for names that are not the account's own (`Alice` for
+    // `alice` where names ignore case, `DOMAIN\alice`): two gateway users would then share
+    // one account, and each other's files. Only the account's exact name counts.
+    let account = (!pwd.pw_name.is_null())
+        // SAFETY: a NUL-terminated string inside `buf`.
+        .then(|| unsafe { CStr::from_ptr(pwd.pw_name) })
+        .and_then(|s| s.to_str().ok());
+    exactly_named(user, account)?;
     let home = (!pwd.pw_dir.is_null())
         // SAFETY: a NUL-terminated string inside `buf`.
         .then(|| unsafe { CStr::from_ptr(pwd.pw_dir) })
@@ -191,9 +199,34 @@ fn system_account(user: &str) -> Result<Identity, LocalError> {
     })
 }
 
+/// Refuses an account the name service found for `user` under another name.
+fn exactly_named(user: &str, account: Option<&str>) -> Result<(), LocalError> {
+    if account == Some(user) {
+        return Ok(());
+    }
+    Err(LocalError::Identity(format!(
+        "the system account found for {user:?} is named {:?}: a user runs only as the \
+         account of exactly their name",
+        account.unwrap_or("?")
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_account_found_under_another_name_is_refused() {
+        assert!(exactly_named("alice", Some("alice")).is_ok());
+        for found in [Some("Alice"), Some("alice "), None] {
+            let err = exactly_named("alice", found).unwrap_err().to_string();
+            assert!(err.contains("exactly their name"), "{err}");
+        }
+        let err = exactly_named("Alice", Some("alice"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("named \"alice\""), "{err}");
+    }
 
     #[test]
     fn shared_mode_runs_as_the_gateway() {
