@@ -41,6 +41,9 @@ pub async fn run(
     config: CheckedConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    for exposure in config.exposures() {
+        warn!("insecure setting: {exposure}");
+    }
     let metrics_token = config.metrics.token()?;
     // Every connection costs descriptors: use all the process may have, and hold no more
     // connections than they allow (see gateway_proxy::ConnectionLimit).

@@ -353,6 +353,39 @@ impl GatewayConfig {
         home.join(".local/share/dask-gateway-rs")
     }
 
+    /// Settings that are valid but leave users exposed to each other or to anyone who can
+    /// reach the gateway, each in a sentence for the start-up log.
+    pub fn exposures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let open_door = self.auth.kind == AuthKind::Simple && self.auth.password.is_none();
+        if open_door && !self.address.ip().is_loopback() {
+            out.push(format!(
+                "auth.type simple without a password on {}: anyone who can reach this address \
+                 can sign in as any user and reach their clusters (fine for a trial, not for \
+                 several users)",
+                self.address
+            ));
+        }
+        if open_door && !(self.auth.admin_users.is_empty() && self.auth.admin_groups.is_empty()) {
+            out.push(
+                "admin users or groups with auth.type simple and no password: anyone can sign \
+                 in as an admin"
+                    .to_string(),
+            );
+        }
+        if self.metrics.usage_by_user
+            && self.metrics.address.is_none()
+            && self.metrics.token_file.is_none()
+        {
+            out.push(
+                "metrics.usage_by_user on a /metrics without metrics.address or \
+                 metrics.token_file: every user's name and usage is public"
+                    .to_string(),
+            );
+        }
+        out
+    }
+
     /// `DASK_GATEWAY_API_URL` for schedulers.
     pub fn api_url(&self) -> String {
         if let Some(u) = &self.api_url {
@@ -418,6 +451,37 @@ mod tests {
         assert_eq!(c.api_url(), "http://127.0.0.1:8000/api");
         assert_eq!(c.cluster.threads(), 1);
     }
+    #[test]
+    fn exposures_name_open_doors_and_nothing_else() {
+        let parse = |y: &str| {
+            serde_yaml::from_str::<GatewayConfig>(y)
+                .unwrap()
+                .exposures()
+        };
+        // The default listens on loopback: a single-user trial.
+        assert!(GatewayConfig::default().exposures().is_empty());
+        let open = parse("address: 0.0.0.0:8000");
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert!(open[0].contains("anyone who can reach"), "{open:?}");
+        let admins = parse("auth: {admin_users: [root]}");
+        assert_eq!(admins.len(), 1, "{admins:?}");
+        assert!(admins[0].contains("as an admin"), "{admins:?}");
+        assert!(
+            parse("address: 0.0.0.0:8000\nauth: {password: s, admin_users: [root]}").is_empty()
+        );
+        assert!(parse(
+            "address: 0.0.0.0:8000\nauth: {type: jwt, jwt: {secret_file: /k}, admin_users: [a]}"
+        )
+        .is_empty());
+        let usage = parse("metrics: {usage_by_user: true}");
+        assert!(
+            usage.iter().any(|e| e.contains("usage_by_user")),
+            "{usage:?}"
+        );
+        assert!(parse("metrics: {usage_by_user: true, token_file: /t}").is_empty());
+        assert!(parse("metrics: {usage_by_user: true, address: 127.0.0.1:9100}").is_empty());
+    }
+
     #[test]
     fn parses_full_example() {
         let c: GatewayConfig = serde_yaml::from_str(
