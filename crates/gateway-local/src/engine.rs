@@ -767,7 +767,12 @@ impl LocalBackend {
                     // client or by adaptive scaling, its `--lifetime` over) even when its exit
                     // arrives before the heartbeat that reports it closed. One that exits 0
                     // before it ever ran still counts: a start that keeps ending is a failure.
-                    let clean_stop = exit.code == Some(0) && w.state == WorkerState::Running;
+                    // A worker adopted from an earlier gateway process (no exit code: not this
+                    // process's child) was running when adopted, and its end is judged the
+                    // same way: a retirement after a restart is no failure. Starts that keep
+                    // failing are this process's own children, whose codes it sees.
+                    let clean_stop =
+                        matches!(exit.code, Some(0) | None) && w.state == WorkerState::Running;
                     let expected = w.state.exit_expected() || clean_stop;
                     c.workers.remove(worker);
                     if let Err(e) = self.store.delete_worker(&exit.cluster, worker) {

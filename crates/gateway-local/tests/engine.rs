@@ -86,6 +86,18 @@ impl FakeProcesses {
         }
     }
 
+    /// An adopted process ends: its end is seen, its exit code is not (as `/proc` shows it).
+    fn vanish(&self, id: ProcessId) {
+        if let Some((cluster, role)) = self.alive.lock().unwrap().remove(&id) {
+            let _ = self.exits.send(ProcessExit {
+                cluster,
+                role,
+                id,
+                code: None,
+            });
+        }
+    }
+
     fn scheduler_of(&self, cluster: &str) -> Option<ProcessId> {
         self.alive
             .lock()
@@ -750,6 +762,42 @@ async fn a_restarted_engine_readopts_running_clusters_and_fails_dead_ones() {
         .await
         .unwrap();
     assert_eq!(procs2.workers_of(&alive.name).len(), 3);
+}
+
+#[tokio::test]
+async fn adopted_workers_that_end_after_a_restart_are_no_failures() {
+    // Workers retired after a restart end without an exit code this gateway can read (they
+    // are not its children): however many end at once, the cluster keeps running.
+    let (b, procs, db) = start("adopted-ends", config()).await;
+    let c = b.create(request()).await.unwrap();
+    b.heartbeat(&c.name, &heartbeat(4, &[], &[], &[]), 4)
+        .await
+        .unwrap();
+    let names: Vec<String> = procs.workers_of(&c.name).into_keys().collect();
+    let running: Vec<&str> = names.iter().map(String::as_str).collect();
+    b.heartbeat(&c.name, &heartbeat(4, &running, &[], &[]), 4)
+        .await
+        .unwrap();
+    drop(b);
+    let (procs2, exits) = procs.reattach();
+    let b =
+        LocalBackend::start(config(), Store::open(&db).unwrap(), procs2.clone(), exits).unwrap();
+    let adopted: Vec<_> = procs2.workers_of(&c.name).into_values().collect();
+    assert_eq!(adopted.len(), 4);
+    for id in &adopted {
+        procs2.vanish(*id);
+    }
+    eventually("four replacements", || {
+        let now = procs2.workers_of(&c.name);
+        now.len() == 4 && now.values().all(|p| !adopted.contains(p))
+    })
+    .await;
+    assert_eq!(status(&b, &c.name), ClusterStatus::Running);
+    let events = b.events(&c.name).await.unwrap();
+    assert!(
+        !events.iter().any(|e| e.reason == "WorkerExited"),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
