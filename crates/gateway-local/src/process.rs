@@ -108,7 +108,8 @@ impl ProcessId {
 pub const CLUSTER_PATH_VARIABLE: &str = "DASK_DISTRIBUTED__COMM__TLS__CA_FILE";
 
 /// Live process-group leaders of `root/<cluster>/`, with the cluster name: those whose working
-/// directory is inside it, or whose environment at start named a path inside it
+/// directory is inside its `work/` (where its processes start; an operator's shell reading
+/// the cluster's logs is not one), or whose environment at start named a path inside it
 /// ([`CLUSTER_PATH_VARIABLE`], inherited by what they start). Every scheduler and worker this
 /// backend starts is one, and so is a process they start in a session of its own that then
 /// changes directory. Used after a restart to find processes the state store does not know
@@ -128,7 +129,7 @@ pub fn group_leaders_under(root: &std::path::Path) -> Vec<(String, ProcessId)> {
         };
         let Some(cluster) = std::fs::read_link(entry.path().join("cwd"))
             .ok()
-            .and_then(|cwd| cluster_of(&cwd, root))
+            .and_then(|cwd| cluster_working_in(&cwd, root))
             .or_else(|| cluster_in_environment(&entry.path(), root))
         else {
             continue;
@@ -147,6 +148,13 @@ pub fn group_leaders_under(root: &std::path::Path) -> Vec<(String, ProcessId)> {
         }
     }
     found
+}
+
+/// The cluster whose processes' working directory (`root/<cluster>/work`) holds `path`.
+fn cluster_working_in(path: &std::path::Path, root: &std::path::Path) -> Option<String> {
+    let cluster = cluster_of(path, root)?;
+    path.starts_with(root.join(&cluster).join("work"))
+        .then_some(cluster)
 }
 
 /// The cluster whose directory under `root` holds `path`.
@@ -353,19 +361,29 @@ mod tests {
     #[tokio::test]
     async fn finds_group_leaders_by_working_directory() {
         let root = std::env::temp_dir().join(format!("dgrs-leaders-{}", std::process::id()));
-        std::fs::create_dir_all(root.join("c9")).unwrap();
-        let mut child = tokio::process::Command::new("sleep")
-            .arg("30")
-            .current_dir(root.join("c9"))
-            .process_group(0)
-            .spawn()
-            .unwrap();
+        std::fs::create_dir_all(root.join("c9/work/sub")).unwrap();
+        std::fs::create_dir_all(root.join("c9/logs")).unwrap();
+        let spawn = |dir: std::path::PathBuf| {
+            tokio::process::Command::new("sleep")
+                .arg("30")
+                .current_dir(dir)
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        let mut child = spawn(root.join("c9/work/sub"));
+        // An operator's shell in the cluster's logs, or in its directory, is no cluster's.
+        let mut in_logs = spawn(root.join("c9/logs"));
+        let mut in_cluster = spawn(root.join("c9"));
         let id = ProcessId::of(child.id().unwrap()).unwrap();
         let found = group_leaders_under(&root);
         assert_eq!(found, vec![("c9".to_string(), id)]);
         id.terminate(Duration::from_secs(5)).await;
         child.wait().await.unwrap();
         assert!(group_leaders_under(&root).is_empty());
+        for other in [&mut in_logs, &mut in_cluster] {
+            other.kill().await.unwrap();
+        }
         let _ = std::fs::remove_dir_all(root);
     }
 
