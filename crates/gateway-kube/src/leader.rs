@@ -14,6 +14,7 @@ use kube::api::{Api, PostParams};
 use kube::Client;
 use std::future::Future;
 use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// A Lease not renewed for this long may be taken over.
@@ -22,6 +23,13 @@ pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 pub const RENEW_EVERY: Duration = Duration::from_secs(4);
 /// How often a candidate retries.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
+/// How long a holder trusts a renewal, counted from when it sent the request (the renewal
+/// time it writes is taken then): others may take over after [`LEASE_DURATION`], and the
+/// margin covers a renewal still on its way and clocks that differ a little.
+const TRUST_RENEWAL_FOR: Duration = Duration::from_secs(11);
+/// How long a holder that shuts down waits for its work to finish its passes in flight
+/// before it gives the Lease up: a successor must not start while those writes can land.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// One candidate for the Lease `name` in `namespace`.
 pub struct LeaderElection {
@@ -144,43 +152,176 @@ impl LeaderElection {
         tokio::pin!(shutdown);
         loop {
             // Wait for the Lease.
-            loop {
-                match self.try_acquire().await {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    Err(e) => warn!(lease = %self.name, "leader election: {e}"),
+            let acquired_at = loop {
+                let attempt = Instant::now();
+                match tokio::time::timeout(TRUST_RENEWAL_FOR, self.try_acquire()).await {
+                    Ok(Ok(true)) => break attempt,
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => warn!(lease = %self.name, "leader election: {e}"),
+                    Err(_) => warn!(lease = %self.name, "leader election: no answer in time"),
                 }
                 tokio::select! {
                     _ = &mut shutdown => return,
                     _ = tokio::time::sleep(RETRY_EVERY) => {}
                 }
-            }
+            };
             info!(lease = %self.name, identity = %self.identity, "leading: controller running");
             let renew = async {
-                let mut last_ok = tokio::time::Instant::now();
+                // Ours until then, as far as we may assume: a renewal that has not answered
+                // by then (a hung connection) ends the term as surely as a refused one.
+                let mut trusted_until = acquired_at + TRUST_RENEWAL_FOR;
                 loop {
                     tokio::time::sleep(RENEW_EVERY).await;
-                    match self.try_acquire().await {
-                        Ok(true) => last_ok = tokio::time::Instant::now(),
-                        Ok(false) => return "another candidate holds the lease",
-                        Err(e) => warn!(lease = %self.name, "renewing the lease: {e}"),
+                    let attempt = Instant::now();
+                    let left = trusted_until.saturating_duration_since(attempt);
+                    match tokio::time::timeout(left, self.try_acquire()).await {
+                        Ok(Ok(true)) => trusted_until = attempt + TRUST_RENEWAL_FOR,
+                        Ok(Ok(false)) => return "another candidate holds the lease",
+                        Ok(Err(e)) => warn!(lease = %self.name, "renewing the lease: {e}"),
+                        Err(_) => {}
                     }
-                    if last_ok.elapsed() > LEASE_DURATION - RENEW_EVERY {
+                    if Instant::now() + RENEW_EVERY >= trusted_until {
                         return "the lease could not be renewed in time";
                     }
                 }
             };
+            let term = work();
+            tokio::pin!(term);
             tokio::select! {
                 _ = &mut shutdown => {
+                    // The work stops on the same signal and finishes its passes in flight.
+                    if tokio::time::timeout(STOP_GRACE, &mut term).await.is_err() {
+                        warn!(lease = %self.name, "the controller did not stop within {STOP_GRACE:?}");
+                    }
                     self.release().await;
                     return;
                 }
-                _ = work() => {
+                _ = &mut term => {
                     self.release().await;
                     return;
                 }
                 why = renew => warn!(lease = %self.name, "lost leadership ({why}); controller stopped"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock_api;
+    use http::Method;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// Set when dropped: the work of a term, to see when the term ends.
+    struct Flag(Arc<AtomicBool>);
+
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    async fn until(flag: &AtomicBool) {
+        while !flag.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Answers the first acquisition (no Lease yet: created); the Lease as written.
+    async fn acquire(api: &mut mock_api::ApiServer) -> serde_json::Value {
+        let get = api.next().await;
+        assert_eq!(get.method, Method::GET);
+        get.status(404, "NotFound");
+        let create = api.next().await;
+        assert_eq!(create.method, Method::POST);
+        let lease = create.body.clone();
+        create.echo();
+        lease
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_never_answers_ends_the_term_before_others_may_take_over() {
+        let (client, mut api) = mock_api::pair();
+        let election = LeaderElection::new(client, "dask", "ctl", "me");
+        let ended = Arc::new(AtomicBool::new(false));
+        let flag = ended.clone();
+        let run = tokio::spawn(async move {
+            let work = move || {
+                let f = Flag(flag.clone());
+                async move {
+                    let _f = f;
+                    std::future::pending::<()>().await
+                }
+            };
+            election.run(work, std::future::pending()).await
+        });
+        let lease = acquire(&mut api).await;
+        // One renewal answered: the Lease is ours until 15 s after it.
+        let get = api.next().await;
+        let renewed = Instant::now();
+        get.ok(lease);
+        let put = api.next().await;
+        assert_eq!(put.method, Method::PUT);
+        put.echo();
+        // The next renewal is never answered (a hung connection).
+        let hung = api.next().await;
+        assert_eq!(hung.method, Method::GET);
+        tokio::time::timeout(Duration::from_secs(60), until(&ended))
+            .await
+            .expect("the term outlived a renewal that never answered");
+        // Trusted for 11 s from the renewal (seen here to within the 50 ms of `until`),
+        // well before another candidate may take the Lease over (15 s).
+        let held = renewed.elapsed();
+        assert!(
+            held <= TRUST_RENEWAL_FOR + Duration::from_millis(50),
+            "{held:?}"
+        );
+        assert!(held < LEASE_DURATION - Duration::from_secs(3), "{held:?}");
+        drop(hung);
+        run.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_that_shuts_down_lets_its_work_finish_then_releases() {
+        let (client, mut api) = mock_api::pair();
+        let election = LeaderElection::new(client, "dask", "ctl", "me");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|v| *v).await;
+            }
+        };
+        let shutdown = stopped();
+        let run = tokio::spawn(async move {
+            let work = move || {
+                let (stopped, done) = (stopped(), done.clone());
+                async move {
+                    // A pass in flight when the signal comes takes another second.
+                    stopped.await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    done.store(true, Ordering::SeqCst);
+                }
+            };
+            election.run(work, shutdown).await
+        });
+        let lease = acquire(&mut api).await;
+        stop_tx.send(true).unwrap();
+        // The release reads the Lease only once the work has finished.
+        let get = api.next().await;
+        assert_eq!(get.method, Method::GET);
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "released before the work finished"
+        );
+        get.ok(lease);
+        let put = api.next().await;
+        assert_eq!(put.body["spec"]["holderIdentity"], serde_json::Value::Null);
+        put.echo();
+        run.await.unwrap();
     }
 }

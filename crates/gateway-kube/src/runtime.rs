@@ -476,9 +476,14 @@ pub async fn run_controller(
     };
     tokio::pin!(shutdown);
     if !config.leader_election {
+        let term = run_term(client, config, namespace, live, stopped());
+        tokio::pin!(term);
         tokio::select! {
-            _ = run_term(client, config, namespace, live, stopped()) => {}
-            _ = &mut shutdown => {}
+            _ = &mut term => {}
+            _ = &mut shutdown => {
+                // The term stops on the same signal: let it finish its passes in flight.
+                let _ = tokio::time::timeout(crate::leader::STOP_GRACE, &mut term).await;
+            }
         }
         return Ok(());
     }
