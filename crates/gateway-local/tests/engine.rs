@@ -443,20 +443,30 @@ async fn a_crashed_worker_is_replaced_until_the_failure_limit() {
     assert!(!procs.credentials.lock().unwrap().contains(&c.name));
 }
 
+/// A new cluster whose `n` workers have started and joined its scheduler.
+async fn with_running_workers(
+    b: &LocalBackend,
+    procs: &FakeProcesses,
+    n: u64,
+) -> gateway_backend::ClusterView {
+    let c = b.create(request()).await.unwrap();
+    b.heartbeat(&c.name, &heartbeat(n as i64, &[], &[], &[]), n)
+        .await
+        .unwrap();
+    let names: Vec<String> = procs.workers_of(&c.name).into_keys().collect();
+    let running: Vec<&str> = names.iter().map(String::as_str).collect();
+    b.heartbeat(&c.name, &heartbeat(n as i64, &running, &[], &[]), n)
+        .await
+        .unwrap();
+    c
+}
+
 #[tokio::test]
 async fn running_workers_that_exit_cleanly_are_no_failures() {
     // Retired workers exit 0, often before the heartbeat that reports them closed: however
     // many at once, the cluster keeps running and they are replaced as any stopped worker.
     let (b, procs, _) = start("clean-exits", config()).await;
-    let c = b.create(request()).await.unwrap();
-    b.heartbeat(&c.name, &heartbeat(4, &[], &[], &[]), 4)
-        .await
-        .unwrap();
-    let names: Vec<String> = procs.workers_of(&c.name).into_keys().collect();
-    let running: Vec<&str> = names.iter().map(String::as_str).collect();
-    b.heartbeat(&c.name, &heartbeat(4, &running, &[], &[]), 4)
-        .await
-        .unwrap();
+    let c = with_running_workers(&b, &procs, 4).await;
     let first: Vec<_> = procs.workers_of(&c.name).into_values().collect();
     for id in &first {
         procs.crash(*id, 0);
@@ -769,15 +779,7 @@ async fn adopted_workers_that_end_after_a_restart_are_no_failures() {
     // Workers retired after a restart end without an exit code this gateway can read (they
     // are not its children): however many end at once, the cluster keeps running.
     let (b, procs, db) = start("adopted-ends", config()).await;
-    let c = b.create(request()).await.unwrap();
-    b.heartbeat(&c.name, &heartbeat(4, &[], &[], &[]), 4)
-        .await
-        .unwrap();
-    let names: Vec<String> = procs.workers_of(&c.name).into_keys().collect();
-    let running: Vec<&str> = names.iter().map(String::as_str).collect();
-    b.heartbeat(&c.name, &heartbeat(4, &running, &[], &[]), 4)
-        .await
-        .unwrap();
+    let c = with_running_workers(&b, &procs, 4).await;
     drop(b);
     let (procs2, exits) = procs.reattach();
     let b =
