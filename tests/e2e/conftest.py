@@ -299,6 +299,13 @@ class KubeEnv:
     def delete_namespace(self, ns):
         self.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
+    def forget_unanswered(self, namespace, service):
+        """Deletes the node's conntrack entries of connections to the Service's node ports that
+        never got an answer (see tests/kube-env/forget-unanswered): made while it had no ready
+        endpoint, they would send a later connection from the same source port past kube-proxy."""
+        subprocess.run([str(self.HERE / "forget-unanswered"), namespace, service], check=True,
+                       text=True, stdout=sys.stderr, stderr=sys.stderr, timeout=60)
+
     def bare_namespace(self, name):
         ns = re.sub(r"[^a-z0-9-]", "-", f"e2e-{name}".lower())[:50].strip("-")
         ns = f"{ns}-{os.urandom(3).hex()}"
@@ -710,13 +717,18 @@ class HelmServer(GatewayServer):
                            env={**os.environ, "KUBECONFIG": KubeEnv.get().admin_kubeconfig})
         if r.returncode != 0:
             pytest.fail(f"helm install of {self.name} failed: {r.stderr}")
-        svc = KubeEnv.get().get_json("svc", "-n", self.namespace,
-                                     f"{self.release}-dask-gateway-rs")
+        svc = KubeEnv.get().get_json("svc", "-n", self.namespace, self.service)
         self.node_port = svc["spec"]["ports"][0]["nodePort"]
         if self not in _RUNNING:
             _RUNNING.append(self)
         wait_for(lambda: self.health().status == 200, 60, what=f"{self.name} to answer")
+        KubeEnv.get().forget_unanswered(self.namespace, self.service)
         return self
+
+    @property
+    def service(self):
+        """The release's gateway Service."""
+        return f"{self.release}-dask-gateway-rs"
 
     def is_alive(self):
         return bool(getattr(self, "node_port", None))
@@ -734,6 +746,13 @@ class HelmServer(GatewayServer):
         return [p["metadata"]["uid"] for p in items
                 if not p["metadata"].get("deletionTimestamp")]
 
+    def ready_endpoint_pods(self):
+        """The uids of the pods among the gateway Service's ready endpoints."""
+        slices = KubeEnv.get().get_json("endpointslices", "-n", self.namespace,
+                                        "-l", f"kubernetes.io/service-name={self.service}")
+        return {e["targetRef"]["uid"] for sl in slices["items"] for e in sl.get("endpoints") or []
+                if e.get("conditions", {}).get("ready") and e.get("targetRef")}
+
     def kill_gateway_pods(self, timeout=180):
         """Deletes the gateway pods with no grace period (their processes get SIGKILL) and
         waits for the Deployment's replacement to answer through the Service."""
@@ -743,12 +762,16 @@ class HelmServer(GatewayServer):
             "-l", f"app.kubernetes.io/instance={self.release},{self.GATEWAY_PODS}")
 
         def replaced():
+            # The Service's ready endpoints are new pods only: until then a request may still
+            # reach a killed pod whose process the kubelet has not stopped yet.
             now = set(self.gateway_pods())
-            return bool(now) and not (now & old)
+            serving = self.ready_endpoint_pods()
+            return bool(serving) and serving <= now and not (serving & old)
 
         wait_for(replaced, timeout, what=f"{self.name}'s gateway pod to be replaced")
         wait_for(lambda: self.health().status == 200, timeout,
                  what=f"{self.name}'s new gateway pod to answer")
+        KubeEnv.get().forget_unanswered(self.namespace, self.service)
         return old
 
     def terminate(self, timeout=30):

@@ -84,10 +84,13 @@ def test_an_open_client_survives_losing_gateway_pods_one_at_a_time(module_server
             wait_computes(client, 25, what=f"the open client to compute after {pod} went")
             wait_for(lambda: len(pod_names()) == 2 and pod not in pod_names(), 120,
                      what="two ready replicas again")
+            # Connections kube-proxy sent to the gone pod must not catch later ones.
+            kube.forget_unanswered(srv.namespace, srv.service)
         kube.kubectl("rollout", "restart", "deployment", "-n", srv.namespace,
                      f"{srv.release}-dask-gateway-rs")
         kube.kubectl("rollout", "status", "deployment", "-n", srv.namespace,
                      f"{srv.release}-dask-gateway-rs", "--timeout=180s", timeout=200)
+        kube.forget_unanswered(srv.namespace, srv.service)
         wait_computes(client, 25, what="the open client to compute after the rollout")
         assert client.status == "running"
         client.close()
