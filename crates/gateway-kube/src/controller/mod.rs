@@ -14,8 +14,8 @@
 //!   are start failures, and `workerFailureLimit` of them in a row fail the cluster; surplus
 //!   workers that are not running yet are deleted. At most `worker_batch` pods are created per
 //!   pass, concurrently, so a huge scale-up proceeds in slices and other clusters get their turn.
-//! * **Stopping** (`spec.active: false`, or a failure): delete every child, then `Stopped` or
-//!   `Failed` with the completion time. Finished DaskClusters are deleted after the retention.
+//! * **Stopping** (`spec.active: false`, or a failure, whose reason is written before anything
+//!   is deleted): delete every child, then `Stopped` or `Failed` with the completion time. Finished DaskClusters are deleted after the retention.
 //!
 //! Writes go through a token bucket ([`RateLimiter`]) at which the clusters take turns. The
 //! watch caches lag behind our own writes, so creations and deletions made in a pass are
@@ -292,9 +292,16 @@ pub async fn reconcile(dc: Arc<DaskCluster>, ctx: Arc<Context>) -> Result<Action
             }
         }
     }
-    // When to look again if nothing happens before: a stopping cluster as its teardown says;
-    // otherwise after this long.
-    let (teardown, look_again) = if next.phase == Phase::Stopping {
+    // A failure this pass found (the spec still wants the cluster) is written before anything
+    // is deleted, and the next pass tears down: a controller stopped in between would leave
+    // its successor only the missing scheduler pod to report, not why the cluster failed. A
+    // stop the spec asks for keeps its reason there and tears down at once.
+    let failed_now = dc.spec.active && status.phase != Phase::Stopping;
+    // When to look again if nothing happens before: a stopping cluster as its teardown says
+    // (at once after a failure is written); otherwise after this long.
+    let (teardown, look_again) = if next.phase == Phase::Stopping && failed_now {
+        (None, Duration::ZERO)
+    } else if next.phase == Phase::Stopping {
         let action = tear_down(&ctx, &ns, &id, &observed, &mut next).await?;
         (Some(action), Duration::ZERO)
     } else if next.phase == Phase::Pending {

@@ -321,7 +321,7 @@ pub(super) async fn write_status(
     Ok(StatusWrite::Written)
 }
 
-/// Moves `next` to Stopping because of a failure (teardown follows in the same pass).
+/// Moves `next` to Stopping because of a failure (written at once; the next pass tears down).
 pub(super) fn fail(ctx: &Context, id: &str, next: &mut DaskClusterStatus, reason: String) {
     warn!(cluster = %id, %reason, "cluster failed");
     ctx.metrics.clusters_failed.inc();

@@ -557,7 +557,7 @@ async fn failed_workers_are_replaced_until_the_limit() {
     c.echo();
     pass.await.unwrap().unwrap();
 
-    // Two failures already counted; the third fails the cluster and tears it down.
+    // Two failures already counted; the third fails the cluster (the next pass tears down).
     let (ctx, mut api, mut caches) = context(10);
     let mut st = dc.status.clone().unwrap();
     st.worker_failures = 2;
@@ -586,11 +586,16 @@ async fn failed_workers_are_replaced_until_the_limit() {
         paths.push(c.path.clone());
         c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
     }
-    assert!(paths
-        .iter()
-        .any(|p| p.ends_with(&names::scheduler_pod_name(ID))));
-    assert!(paths.iter().any(|p| p.ends_with(&names::secret_name(ID))));
-    pass.await.unwrap().unwrap();
+    // Written before the teardown (the next pass's), which the dead-scheduler test follows.
+    assert!(
+        !paths
+            .iter()
+            .any(|p| p.ends_with(&names::scheduler_pod_name(ID))
+                || p.ends_with(&names::secret_name(ID))),
+        "{paths:?}"
+    );
+    let action = pass.await.unwrap().unwrap();
+    assert_eq!(action, Action::requeue(Duration::ZERO));
 }
 
 #[tokio::test]
@@ -703,23 +708,50 @@ async fn a_dead_scheduler_fails_the_cluster_with_its_last_log_lines() {
         .ends_with(&format!("pods/{}/log", names::scheduler_pod_name(ID))));
     assert!(c.query.contains("tailLines=12"), "{}", c.query);
     c.text("Traceback (most recent call last):\nValueError: no such preload\n");
-    let reason = loop {
-        let c = api.next().await;
-        if c.method == Method::PUT {
-            let st = written_status(&c);
-            assert_eq!(st.phase, Phase::Stopping);
-            assert!(st.addresses.is_none());
-            c.echo();
-            break st.reason.unwrap();
-        }
-        assert_eq!(c.method, Method::DELETE);
-        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
-    };
+    // The failure is written before anything is deleted: a controller that stops after this
+    // pass leaves the reason for its successor, which only tears down.
+    let c = api.next().await;
+    let st = written_status(&c);
+    c.echo();
+    assert_eq!(st.phase, Phase::Stopping);
+    assert!(st.stop_failed);
+    assert!(st.addresses.is_none());
+    let reason = st.reason.clone().unwrap();
     assert!(
         reason.starts_with("the scheduler exited (exit code 1, Error)"),
         "{reason}"
     );
     assert!(reason.contains("ValueError: no such preload"), "{reason}");
+    let action = pass.await.unwrap().unwrap();
+    assert_eq!(
+        action,
+        Action::requeue(Duration::ZERO),
+        "the teardown comes next"
+    );
+
+    // The next pass (here a new controller's) deletes the children and keeps the reason.
+    let (ctx, mut api, mut caches) = context(10);
+    let mut dc = with_status(cluster(ID), Phase::Running);
+    dc.status = Some(st);
+    caches.children_of(&dc);
+    caches.pod(ready_scheduler(&dc));
+    let pass = run(dc, &ctx).await;
+    let mut deleted = Vec::new();
+    for _ in 0..3 {
+        let c = api.next().await;
+        assert_eq!(c.method, Method::DELETE, "{}", c.path);
+        deleted.push(c.path.clone());
+        c.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    }
+    for child in [
+        names::scheduler_pod_name(ID),
+        names::service_name(ID),
+        names::secret_name(ID),
+    ] {
+        assert!(deleted.iter().any(|p| p.ends_with(&child)), "{deleted:?}");
+    }
+    // The scheduler pod is still terminating: nothing new to write, the reason stays.
+    api.silent().await;
     pass.await.unwrap().unwrap();
 }
 
