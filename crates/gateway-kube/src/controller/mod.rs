@@ -15,7 +15,8 @@
 //!   workers that are not running yet are deleted. At most `worker_batch` pods are created per
 //!   pass, concurrently, so a huge scale-up proceeds in slices and other clusters get their turn.
 //! * **Stopping** (`spec.active: false`, or a failure, whose reason is written before anything
-//!   is deleted): delete every child, then `Stopped` or `Failed` with the completion time. Finished DaskClusters are deleted after the retention.
+//!   is deleted): delete every child, then `Stopped` or `Failed` with the completion time.
+//!   Finished DaskClusters are deleted after the retention.
 //!
 //! Writes go through a token bucket ([`RateLimiter`]) at which the clusters take turns. The
 //! watch caches lag behind our own writes, so creations and deletions made in a pass are
