@@ -64,14 +64,25 @@ impl ProcessId {
         matches!(stat(self.pid), Some((state, start)) if start == self.start_ticks && state != 'Z' && state != 'X')
     }
 
-    /// Sends `signal` to the process group this process leads (only if it is still ours).
+    /// Sends `signal` once to the process group this process leads, or to the process alone
+    /// if it leads none (only if it is still ours). Once: Dask's processes take a second
+    /// SIGTERM as "exit now" and skip their orderly close, so a process must never get the
+    /// group's signal and its own.
     pub fn signal_group(&self, signal: i32) {
-        if self.is_alive() {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe {
-                libc::kill(-(self.pid as i32), signal);
-                libc::kill(self.pid as i32, signal);
-            }
+        let Some((state, group, start)) = stat_fields(self.pid) else {
+            return;
+        };
+        if start != self.start_ticks || state == 'Z' || state == 'X' {
+            return;
+        }
+        let target = if group == self.pid {
+            -(self.pid as i32)
+        } else {
+            self.pid as i32
+        };
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(target, signal);
         }
     }
 
@@ -356,6 +367,49 @@ mod tests {
         let status = child.wait().await.unwrap();
         assert!(!status.success());
         assert!(!id.is_alive());
+    }
+
+    #[tokio::test]
+    async fn a_group_leader_gets_each_signal_once() {
+        // A real-time signal queues once per send while it is blocked: the child blocks it,
+        // and once signalled counts how many it can take (two sends, to the group and to the
+        // process, would count 2).
+        let dir = std::env::temp_dir().join(format!("dgrs-signal-once-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str| dir.join(name).display().to_string();
+        let signal = libc::SIGRTMIN() + 3;
+        let script = "import os, signal, sys, time\n\
+                      sig = int(sys.argv[1])\n\
+                      signal.pthread_sigmask(signal.SIG_BLOCK, {sig})\n\
+                      open(sys.argv[2], 'w').close()\n\
+                      while not os.path.exists(sys.argv[3]): time.sleep(0.02)\n\
+                      n = 0\n\
+                      while signal.sigtimedwait([sig], 0) is not None: n += 1\n\
+                      open(sys.argv[4] + '.tmp', 'w').write(str(n))\n\
+                      os.rename(sys.argv[4] + '.tmp', sys.argv[4])\n";
+        let mut child = tokio::process::Command::new("python3")
+            .args(["-c", script, &signal.to_string()])
+            .args([file("ready"), file("go"), file("count")])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let appears = |name: &str| {
+            let path = dir.join(name);
+            async move {
+                while !path.exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        appears("ready").await;
+        let id = ProcessId::of(child.id().unwrap()).unwrap();
+        id.signal_group(signal);
+        std::fs::write(dir.join("go"), "").unwrap();
+        appears("count").await;
+        let count = std::fs::read_to_string(dir.join("count")).unwrap();
+        child.wait().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(count, "1");
     }
 
     #[tokio::test]
